@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with Python 3.11+:
+#   make demo   runs the demo on ./l2-demo-data
+#   make test   runs the whole test suite
+# Each creates .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m l2_stores demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/python -m ruff check l2_stores tests bench
+
+lint: $(STAMP)
+	$(VENV)/bin/python -m mypy
+	$(VENV)/bin/python -m ruff check l2_stores tests bench
+
+clean:
+	rm -rf $(VENV) l2-demo-data .pytest_cache .mypy_cache .ruff_cache build *.egg-info
