@@ -1,0 +1,51 @@
+"""l2_stores: crash-safe embedded stores for layer-2 rollup nodes.
+
+A Python port of the store functors of the Octez layer-2 store library
+(``Indexed_store``). The factories take a store name and ``construct`` codecs
+and return store classes; see ``shared/API.md`` and the guide in ``doc/``.
+"""
+
+from .codecs import fixed
+from .errors import (
+    CannotLoadStore,
+    CannotReadFromStore,
+    CannotWriteToStore,
+    CodecError,
+    DecodingError,
+    GcFailed,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreError,
+    StoreLockedError,
+)
+from .factories import make_indexable, make_indexable_removable, make_singleton
+from .idle_waiter import IdleWaiter
+from .mode import Mode
+from .stores.base import Store
+from .stores.indexable import IndexableRemovableStore, IndexableStore
+from .stores.singleton import SingletonStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CannotLoadStore",
+    "CannotReadFromStore",
+    "CannotWriteToStore",
+    "CodecError",
+    "DecodingError",
+    "GcFailed",
+    "IdleWaiter",
+    "IndexableRemovableStore",
+    "IndexableStore",
+    "Mode",
+    "ReadOnlyError",
+    "SingletonStore",
+    "Store",
+    "StoreClosedError",
+    "StoreError",
+    "StoreLockedError",
+    "fixed",
+    "make_indexable",
+    "make_indexable_removable",
+    "make_singleton",
+]

@@ -1,0 +1,313 @@
+"""The sorted data file: every binding merged so far, sorted by key hash.
+
+Layout of ``data.<generation>`` (integers little-endian; n rows, k fan-out
+bits, R = key size + value size + 4)::
+
+    offset          size          section
+    0               64            file header (see ``framing``), magic
+                                  ``L2SDATA\\0``, count = n, fan-out bits = k
+    H = 64          4 n           hash column: u32 hash of each row's key,
+                                  ascending; rows of equal hash by key
+    W = H + 4 n     R n           rows: key | value | crc32(key | value)
+    F = W + R n     8 (2^k + 1)   fan-out: u64 index of the first row of
+                                  each bucket, then n; bucket = hash >> (32 - k)
+    C = F + ...     4 2^k         crc32 of each bucket's slice of the hash column
+    E = C + 4 2^k   4             crc32 of the fan-out and bucket checksums
+
+A lookup hashes the key, reads its bucket's bounds from the fan-out, checks
+the bucket's hash slice against its checksum, bisects the slice (in C, on a
+``memoryview`` of the mmap'd file) and compares the key of each row of equal
+hash, checking the row's checksum. Nothing but the file header is read at
+open, apart from the fan-out checksum; the file is never loaded whole.
+Buckets hold about ``BUCKET_ROWS`` rows, so a bucket's hash slice is a page
+or less.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import struct
+import sys
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from ..errors import CannotLoadStore, CannotReadFromStore
+from .framing import (
+    CRC_RESIDUE,
+    CRC_SIZE,
+    HEADER_SIZE,
+    Expected,
+    FileHeader,
+    crc32,
+    decode_header,
+)
+
+MAGIC = b"L2SDATA\0"
+HASH_SIZE = 4
+FANOUT_ENTRY_SIZE = 8
+BUCKET_ROWS = 64
+MAX_FANOUT_BITS = 24
+WRITE_BUFFER = 1 << 20
+
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+key_hash = crc32
+
+
+def fanout_bits_for(count: int) -> int:
+    """Fan-out bits giving buckets of at most about ``BUCKET_ROWS`` rows."""
+    bits = 0
+    while (count >> bits) > BUCKET_ROWS and bits < MAX_FANOUT_BITS:
+        bits += 1
+    return bits
+
+
+def row_size(expected: Expected) -> int:
+    """Bytes of one row for the given encoding sizes."""
+    return expected.key_size + expected.value_size + CRC_SIZE
+
+
+class _Sections:
+    """Offsets of the sections of a data file of ``count`` rows."""
+
+    def __init__(self, count: int, bits: int, row: int) -> None:
+        self.hashes = HEADER_SIZE
+        self.rows = self.hashes + HASH_SIZE * count
+        self.fanout = self.rows + row * count
+        self.bucket_crcs = self.fanout + FANOUT_ENTRY_SIZE * ((1 << bits) + 1)
+        self.footer = self.bucket_crcs + CRC_SIZE * (1 << bits)
+        self.size = self.footer + CRC_SIZE
+
+
+class _LittleEndianView(Sequence[int]):
+    """Integers of a little-endian column, for big-endian hosts."""
+
+    def __init__(self, buffer: memoryview, width: int) -> None:
+        self._buffer = buffer
+        self._struct = struct.Struct("<Q" if width == 8 else "<I")
+        self._width = width
+
+    def __len__(self) -> int:
+        return len(self._buffer) // self._width
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._struct.unpack_from(self._buffer, index * self._width)[0]
+
+
+def _int_column(buffer: memoryview, width: int) -> Sequence[int]:
+    if _LITTLE_ENDIAN_HOST:
+        return buffer.cast("Q" if width == 8 else "I")
+    return _LittleEndianView(buffer, width)
+
+
+class DataFile:
+    """A read-only, mmap'd data file."""
+
+    def __init__(self, path: str, expected: Expected) -> None:
+        self.path = path
+        self._expected = expected
+        self._key_size = expected.key_size
+        self._row_size = row_size(expected)
+        with open(path, "rb") as file:
+            header = decode_header(file.read(HEADER_SIZE), MAGIC, path, expected)
+            self.generation = header.generation
+            self.count = header.count
+            bits = header.fanout_bits
+            sections = _Sections(self.count, bits, self._row_size)
+            size = os.fstat(file.fileno()).st_size
+            if size != sections.size or bits > MAX_FANOUT_BITS:
+                raise self._load_error(
+                    f"data file of {size} bytes, {sections.size} expected for "
+                    f"{self.count} rows and {bits} fan-out bits",
+                    min(size, sections.size),
+                )
+            self._mm = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(self._mm)
+        if crc32(view[sections.fanout : sections.footer]) != int.from_bytes(
+            view[sections.footer :], "little"
+        ):
+            view.release()
+            self._mm.close()
+            raise self._load_error("fan-out checksum mismatch", sections.fanout)
+        self._view = view
+        self._sections = sections
+        self._shift = 32 - bits
+        self._buckets = 1 << bits
+        self._hash_bytes = view[sections.hashes : sections.rows]
+        self._hashes = _int_column(self._hash_bytes, HASH_SIZE)
+        self._fanout = _int_column(view[sections.fanout : sections.bucket_crcs], 8)
+        self._bucket_crcs = _int_column(view[sections.bucket_crcs : sections.footer], 4)
+        if self._fanout[0] != 0 or self._fanout[self._buckets] != self.count:
+            raise self._load_error("fan-out does not span the rows", sections.fanout)
+
+    def _load_error(self, what: str, offset: int) -> CannotLoadStore:
+        return CannotLoadStore(
+            f"{what} (file {self.path}, offset {offset})", name=self._expected.name,
+            path=self.path,
+        )
+
+    def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
+        return CannotReadFromStore(
+            f"{what} (file {self.path}, offset {offset})", name=self._expected.name,
+            path=self.path,
+        )
+
+    def _bucket_bounds(self, bucket: int) -> tuple[int, int]:
+        low = self._fanout[bucket]
+        high = self._fanout[bucket + 1]
+        if not low <= high <= self.count:
+            raise self._read_error(
+                f"fan-out entry {bucket} out of order",
+                self._sections.fanout + FANOUT_ENTRY_SIZE * bucket,
+            )
+        if crc32(self._hash_bytes[low * HASH_SIZE : high * HASH_SIZE]) != self._bucket_crcs[bucket]:
+            raise self._read_error(
+                f"hash column checksum mismatch in bucket {bucket}",
+                self._sections.hashes + HASH_SIZE * low,
+            )
+        return low, high
+
+    def _row(self, index: int) -> bytes:
+        offset = self._sections.rows + index * self._row_size
+        row = self._mm[offset : offset + self._row_size]
+        if crc32(row) != CRC_RESIDUE:
+            raise self._read_error(f"row {index} checksum mismatch", offset)
+        return row
+
+    def find(self, key: bytes) -> bytes | None:
+        """The value bound to ``key``, or None."""
+        hashed = key_hash(key)
+        low, high = self._bucket_bounds(hashed >> self._shift)
+        hashes = self._hashes
+        index = bisect_left(hashes, hashed, low, high)
+        key_size = self._key_size
+        while index < high and hashes[index] == hashed:
+            row = self._row(index)
+            if row[:key_size] == key:
+                return row[key_size:-CRC_SIZE]
+            index += 1
+        return None
+
+    def locate(self, hashed: int, key: bytes) -> tuple[int, bool]:
+        """Index of the first row not before ``(hashed, key)``, and whether it holds ``key``."""
+        hashes = self._hashes
+        index = bisect_left(hashes, hashed)
+        key_size = self._key_size
+        while index < self.count and hashes[index] == hashed:
+            found = self._row(index)[:key_size]
+            if found == key:
+                return index, True
+            if found > key:
+                break
+            index += 1
+        return index, False
+
+    def verify_hash_column(self) -> None:
+        """Check every bucket of the hash column against its checksum."""
+        for bucket in range(self._buckets):
+            self._bucket_bounds(bucket)
+
+    def hash_slice(self, low: int, high: int) -> memoryview:
+        """The hash column of rows ``low`` to ``high``, as bytes."""
+        return self._hash_bytes[low * HASH_SIZE : high * HASH_SIZE]
+
+    def row_slice(self, low: int, high: int) -> memoryview:
+        """Rows ``low`` to ``high``, checksums included, as bytes."""
+        start = self._sections.rows
+        return self._view[start + low * self._row_size : start + high * self._row_size]
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) row, in file order, each checked."""
+        key_size = self._key_size
+        for index in range(self.count):
+            row = self._row(index)
+            yield row[:key_size], row[key_size:-CRC_SIZE]
+
+    def close(self) -> None:
+        """Unmap the file; a slice still held elsewhere keeps the mapping until freed."""
+        for column in (self._hashes, self._fanout, self._bucket_crcs):
+            if isinstance(column, memoryview):
+                column.release()
+        self._hash_bytes.release()
+        self._view.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+
+
+class DataFileWriter:
+    """Writes a data file from its hash column and rows, then its fan-out."""
+
+    def __init__(self, path: str, expected: Expected, generation: int, count: int) -> None:
+        self.path = path
+        self._expected = expected
+        self._count = count
+        self._bits = fanout_bits_for(count)
+        self._row_size = row_size(expected)
+        self._sections = _Sections(count, self._bits, self._row_size)
+        header = FileHeader(
+            MAGIC, expected.key_size, expected.value_size, expected.header_size, generation,
+            count, self._bits,
+        )
+        self._raw = io.FileIO(path, "x+")
+        self._out = io.BufferedWriter(self._raw, WRITE_BUFFER)
+        self._out.write(header.encode())
+
+    def write_hashes(self, chunks: Iterable[bytes | memoryview]) -> None:
+        """Write the whole hash column, ascending."""
+        for chunk in chunks:
+            self._out.write(chunk)
+
+    def write_rows(self, chunks: Iterable[bytes | memoryview]) -> None:
+        """Write every row, in the order of the hash column."""
+        for chunk in chunks:
+            self._out.write(chunk)
+
+    def finish(self, fsync: bool) -> None:
+        """Write the fan-out and checksums, then close (and fsync) the file."""
+        out = self._out
+        out.flush()
+        if out.tell() != self._sections.fanout:
+            raise AssertionError(
+                f"data file {self.path}: {out.tell()} bytes written, "
+                f"{self._sections.fanout} expected before the fan-out"
+            )
+        bits, count = self._bits, self._count
+        buckets = 1 << bits
+        shift = 32 - bits
+        with mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                hash_bytes = view[self._sections.hashes : self._sections.rows]
+                hashes = _int_column(hash_bytes, HASH_SIZE)
+                fanout = [0] * (buckets + 1)
+                fanout[buckets] = count
+                for bucket in range(1, buckets):
+                    fanout[bucket] = bisect_left(hashes, bucket << shift, fanout[bucket - 1])
+                bucket_crcs = [
+                    crc32(hash_bytes[fanout[b] * HASH_SIZE : fanout[b + 1] * HASH_SIZE])
+                    for b in range(buckets)
+                ]
+                del hashes, hash_bytes
+            finally:
+                view.release()
+        tail = struct.pack(f"<{buckets + 1}Q{buckets}I", *fanout, *bucket_crcs)
+        out.write(tail)
+        out.write(crc32(tail).to_bytes(CRC_SIZE, "little"))
+        out.flush()
+        if fsync:
+            os.fsync(self._raw.fileno())
+        out.close()
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file."""
+        try:
+            self._out.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

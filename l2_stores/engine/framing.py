@@ -1,0 +1,136 @@
+"""File headers and checksums shared by every file of the engine.
+
+Every engine file starts with the same 64-byte header, little-endian::
+
+    offset  size  field
+         0     8  magic            identifies the kind of file (log, data, ...)
+         8     2  format version   FORMAT_VERSION
+        10     2  flags            reserved, zero
+        12     4  key size         bytes of an encoded key
+        16     4  value size       bytes of an engine value (encoded value,
+                                   or an indexed file's index entry)
+        20     4  header size      bytes of an indexed file's header, else 0
+        24     8  generation       the generation the file belongs to
+        32     8  count            kind-specific (data file: number of rows)
+        40     1  fan-out bits     kind-specific (data file: log2 of buckets)
+        41    19  reserved         zero
+        60     4  crc32            of bytes 0..59
+
+Records are checksummed with CRC-32 (zlib) stored little-endian right after
+the bytes it covers. CRC-32 has a fixed residue: the CRC of
+``data + crc32(data).to_bytes(4, "little")`` is always ``CRC_RESIDUE``, so a
+record is checked with one ``crc32`` call over the whole record.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import CannotLoadStore
+
+FORMAT_VERSION = 1
+HEADER_FORMAT = "<8sHHIIIQQB19xI"
+HEADER_STRUCT = struct.Struct(HEADER_FORMAT)
+HEADER_SIZE = 64
+assert HEADER_STRUCT.size == HEADER_SIZE
+
+CRC_SIZE = 4
+CRC_RESIDUE = 0x2144DF1C
+assert zlib.crc32(b"l2" + zlib.crc32(b"l2").to_bytes(4, "little")) == CRC_RESIDUE
+
+crc32 = zlib.crc32
+
+
+def with_crc(data: bytes) -> bytes:
+    """Return ``data`` followed by its CRC-32, little-endian."""
+    return data + crc32(data).to_bytes(CRC_SIZE, "little")
+
+
+def crc_ok(record: bytes | memoryview) -> bool:
+    """True when ``record`` ends with the valid CRC-32 of what precedes it."""
+    return crc32(record) == CRC_RESIDUE
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """The decoded 64-byte header of an engine file."""
+
+    magic: bytes
+    key_size: int
+    value_size: int
+    header_size: int
+    generation: int
+    count: int = 0
+    fanout_bits: int = 0
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        """The 64 bytes of this header, checksum included."""
+        body = HEADER_STRUCT.pack(
+            self.magic,
+            self.version,
+            0,
+            self.key_size,
+            self.value_size,
+            self.header_size,
+            self.generation,
+            self.count,
+            self.fanout_bits,
+            0,
+        )[: HEADER_SIZE - CRC_SIZE]
+        return with_crc(body)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a store expects to find in the headers of its files."""
+
+    name: str
+    key_size: int
+    value_size: int
+    header_size: int = 0
+
+
+def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> FileHeader:
+    """Decode and check the header at the start of ``file``.
+
+    Raises :class:`CannotLoadStore` when the header is missing, corrupted, of
+    another kind or version, or written for other encoding sizes.
+    """
+
+    def fail(what: str) -> CannotLoadStore:
+        return CannotLoadStore(f"{what} (file {file}, offset 0)", name=expected.name, path=file)
+
+    if len(raw) < HEADER_SIZE:
+        raise fail(f"file header cut short: {len(raw)} of {HEADER_SIZE} bytes")
+    raw = raw[:HEADER_SIZE]
+    if raw[:8] != magic:
+        kind = magic.rstrip(b"\0").decode()
+        raise fail(f"not a {kind} file: magic {raw[:8]!r}")
+    if not crc_ok(raw):
+        raise fail("file header checksum mismatch")
+    (_, version, _, key_size, value_size, header_size, generation, count, bits, _) = (
+        HEADER_STRUCT.unpack(raw)
+    )
+    if version != FORMAT_VERSION:
+        raise fail(f"format version {version} found, version {FORMAT_VERSION} expected")
+    found = (key_size, value_size, header_size)
+    wanted = (expected.key_size, expected.value_size, expected.header_size)
+    if found != wanted:
+        raise fail(
+            "encoding sizes differ: expected key {} B, value {} B, header {} B; "
+            "found key {} B, value {} B, header {} B".format(*wanted, *found)
+        )
+    return FileHeader(magic, key_size, value_size, header_size, generation, count, bits, version)
+
+
+def fsync_directory(path: str) -> None:
+    """Make the directory entries of ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,401 @@
+"""The index engine: a log, a sorted data file, and merges between them.
+
+State: the data file of generation D (``data.D``, absent while D is 0), the
+*active* log ``log.G`` that takes new bindings, and, during a merge, the
+*frozen* log ``log.D`` (then G = D + 1). Each log's bindings are also held in
+a dict, so memory is bounded by ``buffer_size`` records per log.
+
+Merge: when the active log holds ``buffer_size`` records it is frozen and a
+new active log ``log.D+1`` is created; a background thread writes
+``data.D+1.tmp`` from ``data.D`` and the frozen dict, fsyncs it and renames it
+to ``data.D+1``. The switch, in the store's exclusive section, maps the new
+file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
+on during the merge (active dict, frozen dict, old data file); a writer that
+fills the active log again before the merge ends waits for it.
+
+Recovery: the newest data file is complete (it is renamed into place only
+once written and fsynced) and holds every log older than itself; the logs of
+its generation and above are replayed in order, torn tails dropped; older
+files and ``.tmp`` leftovers are deleted; two logs mean a merge was cut short
+and it is started again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import ContextManager
+
+from ..errors import CannotLoadStore, CannotWriteToStore
+from . import layout
+from .datafile import DataFile
+from .framing import Expected, fsync_directory
+from .lock import WriterLock
+from .log import LogScan, LogWriter, read_log
+from .merge import install, merge
+
+logger = logging.getLogger("l2_stores.engine")
+
+_MISSING = object()
+_RELOAD_ATTEMPTS = 50
+
+
+class Index:
+    """The engine of indexable stores (see the module docstring)."""
+
+    def __init__(
+        self,
+        directory: str,
+        expected: Expected,
+        *,
+        readonly: bool,
+        buffer_size: int = 10_000,
+        fsync: bool = False,
+        exclusive: Callable[[], ContextManager[None]] | None = None,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"index_buffer_size must be at least 1, got {buffer_size}")
+        self.directory = directory
+        self._expected = expected
+        self._name = expected.name
+        self._readonly = readonly
+        self._buffer_size = buffer_size
+        self._fsync = fsync
+        self._exclusive = exclusive or contextlib.nullcontext
+        self._active: dict[bytes, bytes | None] = {}
+        self._frozen: dict[bytes, bytes | None] | None = None
+        self._data: DataFile | None = None
+        self._log: LogWriter | None = None
+        self._lock: WriterLock | None = None
+        self._closed = False
+        # merge state
+        self._merge_thread: threading.Thread | None = None
+        self._merge_ready = threading.Event()
+        self._merge_outcome: DataFile | BaseException | None = None
+        self._merge_ticket = 0
+        # read-only state: the listing and scans seen at the last (re)load
+        self._seen: tuple[int, tuple[int, ...]] | None = None
+        self._scans: list[LogScan] = []
+        if readonly:
+            self._load_readonly()
+        else:
+            self._open_writer()
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value bound to ``key``, or None."""
+        value = self._active.get(key, _MISSING)
+        if value is _MISSING:
+            frozen = self._frozen
+            if frozen is not None:
+                value = frozen.get(key, _MISSING)
+            if value is _MISSING:
+                data = self._data
+                return data.find(key) if data is not None else None
+        return value  # type: ignore[return-value]
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """A snapshot of every live binding, taken now, iterated lazily."""
+        logged = dict(self._frozen) if self._frozen is not None else {}
+        logged.update(self._active)
+        return self._iterate(logged, self._data)
+
+    @staticmethod
+    def _iterate(
+        logged: dict[bytes, bytes | None], data: DataFile | None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in logged.items():
+            if value is not None:
+                yield key, value
+        if data is not None:
+            for key, value in data.items():
+                if key not in logged:
+                    yield key, value
+
+    @property
+    def generation(self) -> int:
+        """Generation of the current data file (0 before the first merge)."""
+        return self._data.generation if self._data is not None else 0
+
+    # --------------------------------------------------------------- writes
+
+    def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
+        """Bind ``key`` to ``value``."""
+        log = self._writable_log()
+        log.append_set(key, value, flush)
+        self._active[key] = value
+        self._after_append(log)
+
+    def remove(self, key: bytes, *, flush: bool) -> None:
+        """Unbind ``key`` (a record is logged even if it looks absent)."""
+        log = self._writable_log()
+        log.append_remove(key, flush)
+        self._active[key] = None
+        self._after_append(log)
+
+    def flush(self) -> None:
+        """Hand every pending record to the OS (and the disk with fsync)."""
+        if self._log is not None:
+            self._log.flush()
+
+    def _writable_log(self) -> LogWriter:
+        log = self._log
+        if log is None:
+            raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
+        if log.records >= self._buffer_size:
+            self._make_room()
+            log = self._log
+            assert log is not None
+        return log
+
+    def _after_append(self, log: LogWriter) -> None:
+        if log.records >= self._buffer_size and self._merge_thread is None and self._frozen is None:
+            self._freeze_and_merge()
+
+    def _make_room(self) -> None:
+        """The active log is full: finish the running merge, then start the next."""
+        if self._merge_thread is not None:
+            self._finish_merge()
+        if self._frozen is not None:  # the last merge failed: try it again first
+            self._start_merge_thread()
+            self._finish_merge()
+        self._freeze_and_merge()
+
+    # ---------------------------------------------------------------- merge
+
+    def _freeze_and_merge(self) -> None:
+        log = self._log
+        assert log is not None and self._frozen is None
+        log.close()
+        next_log = LogWriter.create(
+            os.path.join(self.directory, layout.log_name(log.generation + 1)),
+            log.generation + 1,
+            self._expected,
+            self._fsync,
+        )
+        self._frozen, self._active = self._active, {}
+        self._log = next_log
+        self._start_merge_thread()
+
+    def _start_merge_thread(self) -> None:
+        assert self._frozen is not None and self._log is not None
+        self._merge_ticket += 1
+        self._merge_ready.clear()
+        self._merge_outcome = None
+        thread = threading.Thread(
+            target=self._merge_worker,
+            args=(self._merge_ticket, self._data, self._frozen, self._log.generation),
+            name=f"l2_stores merge {self._name}",
+            daemon=True,
+        )
+        self._merge_thread = thread
+        thread.start()
+
+    def _merge_worker(
+        self,
+        ticket: int,
+        old: DataFile | None,
+        frozen: dict[bytes, bytes | None],
+        generation: int,
+    ) -> None:
+        final = os.path.join(self.directory, layout.data_name(generation))
+        temporary = os.path.join(self.directory, layout.temporary_name(generation))
+        outcome: DataFile | BaseException
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            merge(old, frozen, temporary, self._expected, generation, fsync=True)
+            install(temporary, final, fsync=True)
+            outcome = DataFile(final, self._expected)
+        except BaseException as error:  # reported to the writer
+            logger.exception("merge of %s into %s failed", self._name, final)
+            outcome = error
+        self._merge_outcome = outcome
+        self._merge_ready.set()
+        with self._exclusive():
+            if self._merge_ticket == ticket and self._merge_thread is not None:
+                self._switch()
+
+    def _finish_merge(self) -> None:
+        """Wait for the running merge and switch to its result (exclusive section)."""
+        self._merge_ready.wait()
+        self._switch()
+        error = self._merge_outcome
+        if isinstance(error, BaseException):
+            raise CannotWriteToStore(
+                f"merge into the data file failed: {error}", name=self._name, path=self.directory
+            ) from error
+
+    def _switch(self) -> None:
+        """Swap in the merged data file; called with the store's exclusive section held."""
+        if self._merge_thread is None or not self._merge_ready.is_set():
+            return
+        self._merge_thread = None
+        outcome = self._merge_outcome
+        if not isinstance(outcome, DataFile):
+            return  # failed: the frozen log stays and is merged again later
+        old, frozen_log = self._data, self._log.generation - 1 if self._log else None
+        self._data = outcome
+        self._frozen = None
+        self._merge_outcome = None
+        with contextlib.suppress(FileNotFoundError):
+            if frozen_log is not None:
+                os.unlink(os.path.join(self.directory, layout.log_name(frozen_log)))
+            if old is not None:
+                os.unlink(old.path)
+
+    def wait_merge(self) -> None:
+        """Block until no merge runs (tests and tools)."""
+        thread = self._merge_thread
+        if thread is not None:
+            self._merge_ready.wait()
+            with self._exclusive():
+                self._switch()
+
+    # ------------------------------------------------------------- load
+
+    def _open_writer(self) -> None:
+        directory = self.directory
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            raise CannotLoadStore(
+                f"cannot create directory: {error}", name=self._name, path=directory
+            ) from error
+        self._lock = WriterLock(os.path.join(directory, layout.LOCK), self._name)
+        try:
+            self._recover()
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+
+    def _recover(self) -> None:
+        directory = self.directory
+        listing = layout.scan(directory)
+        generation = listing.data_generation
+        logs = [g for g in listing.logs if g >= generation]
+        self._check_logs(logs, generation)
+        if generation:
+            self._data = DataFile(os.path.join(directory, layout.data_name(generation)), self._expected)
+        scans = [self._read_log(g) for g in logs]
+        stale = [layout.data_name(g) for g in listing.data if g < generation]
+        stale += [layout.log_name(g) for g in listing.logs if g < generation]
+        for name in listing.temporaries + stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+        if not scans:
+            self._log = LogWriter.create(
+                os.path.join(directory, layout.log_name(generation)),
+                generation,
+                self._expected,
+                self._fsync,
+            )
+            if self._fsync:
+                fsync_directory(directory)
+            return
+        last = scans[-1]
+        self._log = LogWriter.reopen(
+            os.path.join(directory, layout.log_name(last.generation)), last, self._expected,
+            self._fsync,
+        )
+        self._active = last.bindings
+        if len(scans) == 2:  # a merge was cut short: run it again
+            self._frozen = scans[0].bindings
+            self._start_merge_thread()
+
+    def _check_logs(self, logs: list[int], generation: int) -> None:
+        if len(logs) > 2 or (logs and logs[-1] - logs[0] != len(logs) - 1):
+            raise CannotLoadStore(
+                f"unexpected log generations {logs} beside data generation {generation}",
+                name=self._name,
+                path=self.directory,
+            )
+
+    def _read_log(self, generation: int) -> LogScan:
+        path = os.path.join(self.directory, layout.log_name(generation))
+        scan = read_log(path, self._expected)
+        if scan.generation != generation:
+            raise CannotLoadStore(
+                f"log {path} says generation {scan.generation}", name=self._name, path=path
+            )
+        if scan.torn_bytes:
+            logger.warning("%s: dropping a torn tail of %d bytes in %s", self._name,
+                           scan.torn_bytes, path)
+        return scan
+
+    def _load_readonly(self) -> None:
+        """Read the files as they are now, touching nothing."""
+        if not os.path.isdir(self.directory):
+            self._seen = (0, ())
+            return
+        for _ in range(_RELOAD_ATTEMPTS):
+            try:
+                self._read_state()
+                return
+            except FileNotFoundError:
+                continue  # the writer switched files meanwhile: read again
+        raise CannotLoadStore(
+            "files kept changing while loading", name=self._name, path=self.directory
+        )
+
+    def _read_state(self) -> None:
+        listing = layout.scan(self.directory)
+        generation = listing.data_generation
+        logs = tuple(g for g in listing.logs if g >= generation)
+        self._check_logs(list(logs), generation)
+        data = (
+            DataFile(os.path.join(self.directory, layout.data_name(generation)), self._expected)
+            if generation
+            else None
+        )
+        scans = [self._read_log(g) for g in logs]
+        self._data = data
+        self._frozen = scans[0].bindings if len(scans) == 2 else None
+        self._active = scans[-1].bindings if scans else {}
+        self._scans = scans
+        self._seen = (generation, logs)
+
+    def sync(self) -> None:
+        """Read-only: pick up what the writer flushed since the last load."""
+        if not self._readonly:
+            return
+        if not os.path.isdir(self.directory):
+            return
+        listing = layout.scan(self.directory)
+        generation = listing.data_generation
+        logs = tuple(g for g in listing.logs if g >= generation)
+        if (generation, logs) == self._seen and self._scans:
+            last = self._scans[-1]
+            path = os.path.join(self.directory, layout.log_name(last.generation))
+            try:
+                read_log(path, self._expected, scan=last)
+                return
+            except FileNotFoundError:
+                pass
+        self._load_readonly()
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Finish any merge, flush and close everything; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._merge_thread is not None:
+                self._merge_ready.wait()
+                self._switch()
+            if self._log is not None:
+                self._log.close()
+        finally:
+            if self._data is not None:
+                self._data.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+

@@ -1,0 +1,36 @@
+"""The small interface through which stores reach an engine.
+
+Keys and values are encoded bytes of fixed sizes. Writes and ``sync`` are
+called by the store under its idle-waiter's exclusive section; reads under a
+shared task. A second engine (SQLite, say) implements this and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class Engine(Protocol):
+    """Fixed-size byte keys to fixed-size byte values, on disk."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value bound to ``key``, or None."""
+
+    def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
+        """Bind ``key`` to ``value``; durable on return when ``flush``."""
+
+    def remove(self, key: bytes, *, flush: bool) -> None:
+        """Unbind ``key``; durable on return when ``flush``."""
+
+    def flush(self) -> None:
+        """Make every earlier write durable."""
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """A snapshot of every live binding, taken when called."""
+
+    def sync(self) -> None:
+        """Read-only engines: pick up what the writer flushed since."""
+
+    def close(self) -> None:
+        """Flush and release every resource; idempotent."""

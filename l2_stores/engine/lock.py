@@ -1,0 +1,90 @@
+"""The writer lock: one ``READ_WRITE`` store per path, across processes.
+
+The lock is an exclusive, non-blocking OS lock (``flock`` through
+portalocker) on a lock file, held for as long as the store is open. Such a
+lock conflicts with a second open of the same file in the same process too.
+The lock file holds no store data, only who holds it (little-endian)::
+
+    offset  size  field
+         0     8  magic ``L2SLOCK\\0``
+         8     2  format version
+        10     2  reserved, zero
+        12     4  pid of the holder
+        16     4  crc32 of bytes 0..15
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import IO
+
+import portalocker
+
+from ..errors import CannotLoadStore, StoreLockedError
+from .framing import FORMAT_VERSION, crc_ok, with_crc
+
+MAGIC = b"L2SLOCK\0"
+_LAYOUT = struct.Struct("<8sHHI")
+LOCK_FILE_SIZE = 20
+assert _LAYOUT.size + 4 == LOCK_FILE_SIZE
+
+
+class WriterLock:
+    """An exclusive lock on ``path``, released by :meth:`release`."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        try:
+            file: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - held while locked
+        except OSError as error:
+            raise CannotLoadStore(f"cannot open lock file: {error}", name=name, path=path) from error
+        try:
+            portalocker.lock(file, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+        except portalocker.LockException as error:
+            file.close()
+            holder = holder_pid(path)
+            who = f" (pid {holder})" if holder is not None else ""
+            raise StoreLockedError(
+                f"already opened for writing by another store{who}", name=name, path=path
+            ) from error
+        file.truncate(0)
+        file.write(with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid())))
+        file.flush()
+        self._file: IO[bytes] | None = file
+
+    def release(self) -> None:
+        """Release the lock; the lock file stays."""
+        if self._file is not None:
+            try:
+                portalocker.unlock(self._file)
+            finally:
+                self._file.close()
+                self._file = None
+
+
+def holder_pid(path: str) -> int | None:
+    """The pid written by the last holder of the lock at ``path``, if readable."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(LOCK_FILE_SIZE)
+    except OSError:
+        return None
+    if len(raw) != LOCK_FILE_SIZE or not crc_ok(raw) or raw[:8] != MAGIC:
+        return None
+    return int(_LAYOUT.unpack(raw[:-4])[3])
+
+
+def is_locked(path: str) -> bool:
+    """True when some process holds the writer lock at ``path``."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return False
+    with file:
+        try:
+            portalocker.lock(file, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING)
+        except portalocker.LockException:
+            return True
+        portalocker.unlock(file)
+        return False

@@ -1,0 +1,221 @@
+"""The append-only log of recent bindings.
+
+Layout of ``log.<generation>`` (integers little-endian)::
+
+    offset  size  field
+         0    64  file header (see ``framing``), magic ``L2SLOG\\0\\0``
+        64     R  record 0
+      64+R     R  record 1 ...
+
+    record (R = 1 + key size + value size + 4 bytes):
+         0     1  op: 1 = set, 2 = remove
+         1     K  key
+       1+K     V  value (zeros for a remove)
+     1+K+V     4  crc32 of the 1+K+V bytes before it
+
+Records are only ever appended. A kill can leave the last record cut short,
+or, on some file systems after a power loss, zero-filled: such a tail is torn
+and dropped at load. Any other record whose checksum fails is corruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from ..errors import CannotLoadStore, CannotWriteToStore
+from .framing import (
+    CRC_RESIDUE,
+    CRC_SIZE,
+    HEADER_SIZE,
+    Expected,
+    FileHeader,
+    crc32,
+    decode_header,
+    fsync_directory,
+)
+
+MAGIC = b"L2SLOG\0\0"
+OP_SET = 1
+OP_REMOVE = 2
+_OP_SET_BYTE = bytes([OP_SET])
+_OP_REMOVE_BYTE = bytes([OP_REMOVE])
+
+#: Pending bytes of unflushed appends (``flush=False``) handed to the OS
+#: once they reach this size, to bound memory.
+PENDING_LIMIT = 1 << 20
+
+
+def record_size(expected: Expected) -> int:
+    """Bytes of one log record for the given encoding sizes."""
+    return 1 + expected.key_size + expected.value_size + CRC_SIZE
+
+
+@dataclass
+class LogScan:
+    """What reading a log file found."""
+
+    generation: int
+    bindings: dict[bytes, bytes | None] = field(default_factory=dict)
+    records: int = 0
+    end: int = HEADER_SIZE
+    torn_bytes: int = 0
+
+
+def read_log(
+    path: str,
+    expected: Expected,
+    into: dict[bytes, bytes | None] | None = None,
+    scan: LogScan | None = None,
+) -> LogScan:
+    """Replay the records of the log at ``path``.
+
+    Bindings go into ``into`` (a remove as ``None``). With ``scan`` from an
+    earlier call, reading resumes at ``scan.end``. A torn tail is counted in
+    ``torn_bytes`` and left alone; a corrupted record raises
+    :class:`CannotLoadStore` with its offset.
+    """
+    with open(path, "rb") as file:
+        if scan is None:
+            head = file.read(HEADER_SIZE)
+            header = decode_header(head, MAGIC, path, expected)
+            scan = LogScan(header.generation, into if into is not None else {})
+        file.seek(scan.end)
+        buffer = file.read()
+    bindings = scan.bindings
+    size = record_size(expected)
+    key_end = 1 + expected.key_size
+    value_end = key_end + expected.value_size
+    complete = len(buffer) - len(buffer) % size
+    position = 0
+    while position < complete:
+        record = buffer[position : position + size]
+        op = record[0]
+        if crc32(record) != CRC_RESIDUE or op not in (OP_SET, OP_REMOVE):
+            if not any(buffer[position:]):
+                break  # zero-filled tail: torn
+            offset = scan.end + position
+            raise CannotLoadStore(
+                f"corrupted log record (file {path}, offset {offset})",
+                name=expected.name,
+                path=path,
+            )
+        key = record[1:key_end]
+        bindings[key] = record[key_end:value_end] if op == OP_SET else None
+        position += size
+    scan.records += position // size
+    scan.end += position
+    scan.torn_bytes = len(buffer) - position
+    return scan
+
+
+class LogWriter:
+    """Appends records to one log file; the writer owns the file's tail."""
+
+    def __init__(
+        self, path: str, fd: int, generation: int, expected: Expected, end: int, records: int,
+        fsync: bool,
+    ) -> None:
+        self.path = path
+        self.generation = generation
+        self.records = records
+        self._fd = fd
+        self._expected = expected
+        self._end = end
+        self._fsync = fsync
+        self._pending = bytearray()
+        self._prefix_set = _OP_SET_BYTE
+        self._zero_value = bytes(expected.value_size)
+
+    @classmethod
+    def create(cls, path: str, generation: int, expected: Expected, fsync: bool) -> LogWriter:
+        """Create a new, empty log file; it appears whole (header written) or not at all."""
+        header = FileHeader(
+            MAGIC, expected.key_size, expected.value_size, expected.header_size, generation
+        )
+        temporary = path + ".tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, header.encode())
+            if fsync:
+                os.fsync(fd)
+            os.rename(temporary, path)
+            if fsync:
+                fsync_directory(os.path.dirname(path))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        return cls(path, fd, generation, expected, HEADER_SIZE, 0, fsync)
+
+    @classmethod
+    def reopen(cls, path: str, scan: LogScan, expected: Expected, fsync: bool) -> LogWriter:
+        """Open an existing log for appending after ``scan``; a torn tail is cut off."""
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if scan.torn_bytes:
+                os.ftruncate(fd, scan.end)
+                if fsync:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, scan.generation, expected, scan.end, scan.records, fsync)
+
+    def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
+        """Append a binding of ``key`` to ``value``."""
+        body = self._prefix_set + key + value
+        self._append(body + crc32(body).to_bytes(CRC_SIZE, "little"), flush)
+
+    def append_remove(self, key: bytes, flush: bool) -> None:
+        """Append the removal of ``key``."""
+        body = _OP_REMOVE_BYTE + key + self._zero_value
+        self._append(body + crc32(body).to_bytes(CRC_SIZE, "little"), flush)
+
+    def _append(self, record: bytes, flush: bool) -> None:
+        if flush and not self._pending:
+            self._write(record)
+        else:
+            self._pending += record
+            if flush or len(self._pending) >= PENDING_LIMIT:
+                self.flush()
+        self.records += 1
+
+    def flush(self) -> None:
+        """Hand every pending record to the OS (and to the disk with ``fsync``)."""
+        if self._pending:
+            self._write(bytes(self._pending))
+            self._pending.clear()
+        elif self._fsync:
+            os.fsync(self._fd)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], self._end + written)
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as error:
+            # Leave no partial record behind a later append.
+            try:
+                os.ftruncate(self._fd, self._end)
+            except OSError:
+                pass
+            raise CannotWriteToStore(
+                f"cannot append to log {self.path}: {error}", name=self._expected.name,
+                path=self.path,
+            ) from error
+        self._end += len(data)
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1

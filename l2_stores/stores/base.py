@@ -1,0 +1,123 @@
+"""What every store has: a name, a path, a mode, a guard, views and closing."""
+
+from __future__ import annotations
+
+import copy
+from types import TracebackType
+from typing import Any, ClassVar, NoReturn, Self
+
+from ..codecs import Codec
+from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
+from ..idle_waiter import IdleWaiter
+from ..mode import Mode
+
+
+class _Lifetime:
+    """Open/closed state shared by a store and its read-only views."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self, closed: bool = False) -> None:
+        self.closed = closed
+
+
+_DETACHED = _Lifetime(closed=True)
+
+
+class Store:
+    """Base of every store kind.
+
+    Instances are made by the kind's ``load`` class method; every store is a
+    context manager that closes it.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, path: str, mode: Mode) -> None:
+        self.path = path
+        self.mode = mode
+        self._waiter = IdleWaiter()
+        self._lifetime = _Lifetime()
+        self._writable = mode is Mode.READ_WRITE
+        self._is_view = False
+
+    # -- views and lifetime
+
+    def readonly(self) -> Self:
+        """A view of this open store on which every write raises ReadOnlyError."""
+        self._check_open()
+        view = copy.copy(self)
+        view._writable = False
+        view._is_view = True
+        return view
+
+    @property
+    def closed(self) -> bool:
+        """True once this store (or this view) is closed."""
+        return self._lifetime.closed
+
+    def close(self) -> None:
+        """Close the store; idempotent. Closing a view only detaches the view."""
+        if self._is_view:
+            self._lifetime = _DETACHED
+            return
+        waiter = self._waiter
+        waiter.enter_exclusive()
+        try:
+            if self._lifetime.closed:
+                return
+            self._lifetime.closed = True
+            self._close_resources()
+        finally:
+            waiter.exit_exclusive()
+
+    def _close_resources(self) -> None:
+        """Release files and locks (called once, in the exclusive section)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.mode.name
+        view = ", view" if self._is_view else ""
+        return f"<{type(self).__name__} {self.name!r} at {self.path} ({state}{view})>"
+
+    # -- checks and errors, shared by the kinds
+
+    def _check_open(self) -> None:
+        if self._lifetime.closed:
+            self._raise_closed()
+
+    def _raise_closed(self) -> NoReturn:
+        raise StoreClosedError("store is closed", name=self.name, path=self.path)
+
+    def _check_writable(self, operation: str) -> None:
+        if not self._writable:
+            what = "a read-only view" if self._is_view else "loaded READ_ONLY"
+            raise ReadOnlyError(f"cannot {operation}: {what}", name=self.name, path=self.path)
+
+    def _codec_error(self, error: CodecError) -> CodecError:
+        return CodecError(error.reason, name=self.name, path=self.path)
+
+    def _decoding_error(self, error: DecodingError) -> DecodingError:
+        return DecodingError(error.reason, name=self.name, path=self.path)
+
+    def _encode(self, codec: Codec, value: Any) -> bytes:
+        try:
+            return codec.encode(value)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+
+    def _decode(self, codec: Codec, raw: bytes) -> Any:
+        try:
+            return codec.decode(raw)
+        except DecodingError as error:
+            raise self._decoding_error(error) from error

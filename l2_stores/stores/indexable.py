@@ -1,0 +1,187 @@
+"""Indexable stores: fixed-size keys to fixed-size values, on the index engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar, Self
+
+from ..codecs import Codec
+from ..engine.framing import Expected
+from ..engine.index import Index
+from ..engine.interface import Engine
+from ..errors import CodecError, DecodingError
+from ..mode import Mode
+from .base import Store
+
+DEFAULT_INDEX_BUFFER_SIZE = 10_000
+
+
+class IndexableStore(Store):
+    """Fixed-size keys bound to fixed-size values (``Make_indexable``).
+
+    ``path`` is a directory. Loading ``READ_WRITE`` creates it and takes the
+    writer lock; ``READ_ONLY`` creates nothing.
+    """
+
+    key_codec: ClassVar[Any]
+    value_codec: ClassVar[Any]
+    _key: ClassVar[Codec]
+    _value: ClassVar[Codec]
+    _engine: Engine
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Mode = Mode.READ_WRITE,
+        *,
+        index_buffer_size: int = DEFAULT_INDEX_BUFFER_SIZE,
+        fsync: bool = False,
+    ) -> Self:
+        """Open the store at directory ``path``.
+
+        ``index_buffer_size``: bindings kept in the in-memory write buffer
+        (the log) before a merge into the sorted data file (default 10,000).
+        ``fsync``: every flush also reaches stable storage (default False).
+        """
+        directory = os.fspath(path)
+        if not isinstance(mode, Mode):
+            raise TypeError(f"mode must be a Mode, got {mode!r}")
+        store = cls(directory, mode)
+        store._engine = Index(
+            directory,
+            Expected(cls.name, cls._key.size or 0, cls._value.size or 0),
+            readonly=mode is Mode.READ_ONLY,
+            buffer_size=index_buffer_size,
+            fsync=fsync,
+            exclusive=store._waiter.force_idle,
+        )
+        return store
+
+    # -- reads (shared tasks)
+
+    def find(self, key: Any) -> Any | None:
+        """The value bound to ``key``, or None."""
+        try:
+            encoded = self._key.encode(key)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+        waiter = self._waiter
+        waiter.enter_task()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
+            raw = self._engine.get(encoded)
+        finally:
+            waiter.exit_task()
+        if raw is None:
+            return None
+        try:
+            return self._value.decode(raw)
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` is bound."""
+        try:
+            encoded = self._key.encode(key)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+        waiter = self._waiter
+        waiter.enter_task()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
+            return self._engine.get(encoded) is not None
+        finally:
+            waiter.exit_task()
+
+    def _raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        with self._waiter.task():
+            self._check_open()
+            snapshot = self._engine.items()
+        lifetime = self._lifetime
+        for item in snapshot:
+            if lifetime.closed:
+                self._raise_closed()
+            yield item
+
+    def keys(self) -> Iterator[Any]:
+        """Every key bound when called, once each, in no particular order."""
+        decode = self._key.decode
+        try:
+            for key, _ in self._raw_items():
+                yield decode(key)
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value) bound when called, once each, in no particular order."""
+        decode_key, decode_value = self._key.decode, self._value.decode
+        try:
+            for key, value in self._raw_items():
+                yield decode_key(key), decode_value(value)
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
+
+    # -- writes (exclusive sections)
+
+    def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
+        """Bind ``key`` to ``value``, replacing any earlier binding.
+
+        With ``flush`` (the default) the binding survives a kill once this returns.
+        """
+        self._check_writable("add")
+        try:
+            encoded_key = self._key.encode(key)
+            encoded_value = self._value.encode(value)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+        waiter = self._waiter
+        waiter.enter_exclusive()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
+            self._engine.put(encoded_key, encoded_value, flush=flush)
+        finally:
+            waiter.exit_exclusive()
+
+    def flush(self) -> None:
+        """Make every earlier ``flush=False`` write survive a kill."""
+        self._check_writable("flush")
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.flush()
+
+    def sync(self) -> None:
+        """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.sync()
+
+    def _close_resources(self) -> None:
+        self._engine.close()
+
+
+class IndexableRemovableStore(IndexableStore):
+    """An indexable store whose bindings can also be removed."""
+
+    def remove(self, key: Any, *, flush: bool = True) -> None:
+        """Unbind ``key``; a no-op when it is not bound."""
+        self._check_writable("remove")
+        try:
+            encoded_key = self._key.encode(key)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+        waiter = self._waiter
+        waiter.enter_exclusive()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
+            if self._engine.get(encoded_key) is not None:
+                self._engine.remove(encoded_key, flush=flush)
+            elif flush:
+                self._engine.flush()
+        finally:
+            waiter.exit_exclusive()

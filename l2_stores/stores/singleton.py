@@ -1,0 +1,174 @@
+"""Singleton stores: one updatable value in one file (``Make_singleton``).
+
+Layout of the store file (little-endian)::
+
+    offset  size  field
+         0     8  magic ``L2SSING\\0``
+         8     2  format version
+        10     2  reserved, zero
+        12     4  value size: bytes of the value codec, 0xFFFFFFFF if variable
+        16     8  n: length of the encoded value
+        24     n  the encoded value
+      24+n     4  crc32 of bytes 0..24+n
+
+A write goes to ``<path>.tmp``, is fsynced, renamed over ``<path>`` and the
+directory fsynced: a reader or a crash sees the old file or the new one.
+``delete`` unlinks the file. The writer lock is ``<path>.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Any, ClassVar, Self
+
+from ..codecs import Codec
+from ..engine.framing import FORMAT_VERSION, crc_ok, fsync_directory, with_crc
+from ..engine.lock import WriterLock
+from ..errors import CannotLoadStore, CannotWriteToStore
+from ..mode import Mode
+from .base import Store
+
+MAGIC = b"L2SSING\0"
+VARIABLE_SIZE = 0xFFFFFFFF
+_HEADER = struct.Struct("<8sHHIQ")
+HEADER_SIZE = 24
+assert _HEADER.size == HEADER_SIZE
+
+
+class SingletonStore(Store):
+    """One value, or none, kept in one file and cached in memory."""
+
+    value_codec: ClassVar[Any]
+    _value: ClassVar[Codec]
+
+    def __init__(self, path: str, mode: Mode) -> None:
+        super().__init__(path, mode)
+        self._lock: WriterLock | None = None
+        self._cached: Any | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE) -> Self:
+        """Open the singleton stored in file ``path`` (parent directories are
+        created in ``READ_WRITE``)."""
+        if not isinstance(mode, Mode):
+            raise TypeError(f"mode must be a Mode, got {mode!r}")
+        store = cls(os.fspath(path), mode)
+        if mode is Mode.READ_WRITE:
+            directory = os.path.dirname(os.path.abspath(store.path))
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as error:
+                raise CannotLoadStore(
+                    f"cannot create directory: {error}", name=cls.name, path=store.path
+                ) from error
+            store._lock = WriterLock(store.path + ".lock", cls.name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.path + ".tmp")
+        try:
+            store._cached = store._read_file()
+        except BaseException:
+            store._release()
+            raise
+        return store
+
+    @property
+    def _value_size(self) -> int:
+        size = self._value.size
+        return VARIABLE_SIZE if size is None else size
+
+    def _read_file(self) -> Any | None:
+        try:
+            with open(self.path, "rb") as file:
+                raw = file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise CannotLoadStore(f"cannot read: {error}", name=self.name, path=self.path) from error
+
+        def fail(what: str, offset: int) -> CannotLoadStore:
+            return CannotLoadStore(
+                f"{what} (file {self.path}, offset {offset})", name=self.name, path=self.path
+            )
+
+        if len(raw) < HEADER_SIZE + 4:
+            raise fail(f"file cut short: {len(raw)} bytes", 0)
+        magic, version, _, value_size, length = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise fail(f"not a singleton file: magic {magic!r}", 0)
+        if len(raw) != HEADER_SIZE + length + 4 or not crc_ok(raw):
+            raise fail("checksum mismatch or wrong length", HEADER_SIZE)
+        if version != FORMAT_VERSION:
+            raise fail(f"format version {version} found, version {FORMAT_VERSION} expected", 8)
+        if value_size != self._value_size:
+            show = {VARIABLE_SIZE: "variable"}
+            raise fail(
+                f"encoding sizes differ: expected value {show.get(self._value_size, self._value_size)}"
+                f" B, found value {show.get(value_size, value_size)} B",
+                12,
+            )
+        return self._decode(self._value, raw[HEADER_SIZE:-4])
+
+    def read(self) -> Any | None:
+        """The value, or None when nothing was written or after ``delete``."""
+        with self._waiter.task():
+            self._check_open()
+            return self._cached
+
+    def write(self, value: Any) -> None:
+        """Replace the value, atomically and durably."""
+        self._check_writable("write")
+        encoded = self._encode(self._value, value)
+        record = with_crc(
+            _HEADER.pack(MAGIC, FORMAT_VERSION, 0, self._value_size, len(encoded)) + encoded
+        )
+        decoded = self._decode(self._value, encoded)
+        with self._waiter.force_idle():
+            self._check_open()
+            temporary = self.path + ".tmp"
+            try:
+                with open(temporary, "wb") as file:
+                    file.write(record)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+                fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise CannotWriteToStore(
+                    f"cannot write: {error}", name=self.name, path=self.path
+                ) from error
+            self._cached = decoded
+
+    def delete(self) -> None:
+        """Remove the value."""
+        self._check_writable("delete")
+        with self._waiter.force_idle():
+            self._check_open()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise CannotWriteToStore(
+                    f"cannot delete: {error}", name=self.name, path=self.path
+                ) from error
+            else:
+                fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+            self._cached = None
+
+    def sync(self) -> None:
+        """``READ_ONLY``: read the value the writer last wrote."""
+        with self._waiter.force_idle():
+            self._check_open()
+            self._cached = self._read_file()
+
+    def _close_resources(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
