@@ -76,6 +76,7 @@ class Index:
         self._merge_ready = threading.Event()
         self._merge_outcome: DataFile | BaseException | None = None
         self._merge_ticket = 0
+        self._switch_lock = threading.Lock()
         # read-only state: the listing and scans seen at the last (re)load
         self._seen: tuple[int, tuple[int, ...]] | None = None
         self._scans: list[LogScan] = []
@@ -232,6 +233,10 @@ class Index:
 
     def _switch(self) -> None:
         """Swap in the merged data file; called with the store's exclusive section held."""
+        with self._switch_lock:
+            self._switch_unlocked()
+
+    def _switch_unlocked(self) -> None:
         if self._merge_thread is None or not self._merge_ready.is_set():
             return
         self._merge_thread = None
@@ -250,11 +255,10 @@ class Index:
 
     def wait_merge(self) -> None:
         """Block until no merge runs (tests and tools)."""
-        thread = self._merge_thread
-        if thread is not None:
+        if self._merge_thread is not None:
             self._merge_ready.wait()
-            with self._exclusive():
-                self._switch()
+        with self._exclusive():
+            self._switch()
 
     # ------------------------------------------------------------- load
 

@@ -1,0 +1,356 @@
+"""Unit tests of the engine modules, each on its own."""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+
+from l2_stores.engine import datafile, framing, layout, lock, log, merge
+from l2_stores.engine.framing import HEADER_SIZE, Expected, FileHeader
+from l2_stores.engine.index import Index
+from l2_stores.errors import CannotLoadStore, CannotReadFromStore, StoreLockedError
+
+EXPECTED = Expected("unit", key_size=8, value_size=4)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(8, "big")
+
+
+def value(i: int) -> bytes:
+    return (i * 31 % 2**32).to_bytes(4, "big")
+
+
+# ------------------------------------------------------------------ framing
+
+
+def test_crc_residue_detects_any_single_bit_flip() -> None:
+    record = framing.with_crc(b"some record bytes")
+    assert framing.crc_ok(record)
+    for position in range(len(record)):
+        for bit in range(8):
+            flipped = bytearray(record)
+            flipped[position] ^= 1 << bit
+            assert not framing.crc_ok(bytes(flipped))
+
+
+def test_header_round_trip_and_checks(tmp_path: os.PathLike[str]) -> None:
+    header = FileHeader(b"L2SLOG\0\0", 8, 4, 0, generation=7, count=3, fanout_bits=2)
+    raw = header.encode()
+    assert len(raw) == HEADER_SIZE
+    assert framing.decode_header(raw, b"L2SLOG\0\0", "f", EXPECTED) == header
+    with pytest.raises(CannotLoadStore, match="expected key 8 B, value 5 B.*found key 8 B, value 4 B"):
+        framing.decode_header(raw, b"L2SLOG\0\0", "f", Expected("unit", 8, 5))
+    with pytest.raises(CannotLoadStore, match="not a L2SDATA file"):
+        framing.decode_header(raw, b"L2SDATA\0", "f", EXPECTED)
+    with pytest.raises(CannotLoadStore, match="cut short"):
+        framing.decode_header(raw[:40], b"L2SLOG\0\0", "f", EXPECTED)
+    other_version = bytearray(raw)
+    other_version[8:10] = (framing.FORMAT_VERSION + 1).to_bytes(2, "little")
+    other_version[60:64] = zlib.crc32(bytes(other_version[:60])).to_bytes(4, "little")
+    with pytest.raises(CannotLoadStore, match="format version 2 found, version 1 expected"):
+        framing.decode_header(bytes(other_version), b"L2SLOG\0\0", "f", EXPECTED)
+    flipped = bytearray(raw)
+    flipped[30] ^= 1
+    with pytest.raises(CannotLoadStore, match="checksum"):
+        framing.decode_header(bytes(flipped), b"L2SLOG\0\0", "f", EXPECTED)
+
+
+# ---------------------------------------------------------------------- log
+
+
+def test_log_append_and_replay(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
+    for i in range(10):
+        writer.append_set(key(i), value(i), flush=i % 3 == 0)
+    writer.append_remove(key(4), flush=False)
+    writer.append_set(key(2), value(99), flush=True)
+    writer.close()
+    scan = log.read_log(path, EXPECTED)
+    assert scan.records == 12 and scan.torn_bytes == 0
+    expected = {key(i): value(i) for i in range(10)}
+    expected[key(4)] = None
+    expected[key(2)] = value(99)
+    assert scan.bindings == expected
+    assert os.path.getsize(path) == HEADER_SIZE + 12 * log.record_size(EXPECTED)
+
+
+@pytest.mark.parametrize("tail", [b"\x01\x02\x03", bytes(17), bytes(log.record_size(EXPECTED))])
+def test_log_torn_tail_is_dropped_then_cut(tmp_path: os.PathLike[str], tail: bytes) -> None:
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
+    writer.append_set(key(1), value(1), flush=True)
+    writer.close()
+    with open(path, "ab") as file:
+        file.write(tail)
+    scan = log.read_log(path, EXPECTED)
+    assert scan.bindings == {key(1): value(1)}
+    assert scan.torn_bytes == len(tail)
+    log.LogWriter.reopen(path, scan, EXPECTED, fsync=False).close()
+    assert os.path.getsize(path) == HEADER_SIZE + log.record_size(EXPECTED)
+
+
+def test_log_corruption_in_the_middle_is_an_error(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
+    for i in range(3):
+        writer.append_set(key(i), value(i), flush=True)
+    writer.close()
+    offset = HEADER_SIZE + log.record_size(EXPECTED) + 3
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + log.record_size(EXPECTED)}"):
+        log.read_log(path, EXPECTED)
+
+
+def test_log_resumes_reading_after_earlier_scan(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
+    writer.append_set(key(1), value(1), flush=True)
+    scan = log.read_log(path, EXPECTED)
+    writer.append_set(key(2), value(2), flush=True)
+    writer.append_remove(key(1), flush=True)
+    log.read_log(path, EXPECTED, scan=scan)
+    assert scan.bindings == {key(1): None, key(2): value(2)}
+    assert scan.records == 3
+    writer.close()
+
+
+# ----------------------------------------------------------------- datafile
+
+
+def write_data(path: str, bindings: dict[bytes, bytes], generation: int = 1) -> None:
+    merge.merge(None, dict(bindings), path, EXPECTED, generation, fsync=False)
+
+
+def test_fanout_bits_keep_buckets_small() -> None:
+    assert datafile.fanout_bits_for(0) == 0
+    assert datafile.fanout_bits_for(datafile.BUCKET_ROWS) == 0
+    for count in (65, 1000, 10**6, 5 * 10**6):
+        bits = datafile.fanout_bits_for(count)
+        assert count >> bits <= datafile.BUCKET_ROWS < count >> (bits - 1)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 64, 65, 3000])
+def test_datafile_finds_every_key_and_no_other(tmp_path: os.PathLike[str], count: int) -> None:
+    path = os.path.join(tmp_path, "data.00000001")
+    bindings = {key(i): value(i) for i in range(0, 2 * count, 2)}
+    write_data(path, bindings)
+    data = datafile.DataFile(path, EXPECTED)
+    assert data.count == count
+    for i in range(2 * count + 2):
+        assert data.find(key(i)) == (value(i) if i % 2 == 0 and i < 2 * count else None)
+    assert dict(data.items()) == bindings
+    hashes = [datafile.key_hash(k) for k, _ in data.items()]
+    assert hashes == sorted(hashes)
+    size = os.path.getsize(path)
+    bits = datafile.fanout_bits_for(count)
+    assert size == HEADER_SIZE + count * (4 + 8 + 4 + 4) + 8 * (2**bits + 1) + 4 * 2**bits + 4
+    data.close()
+
+
+def test_datafile_handles_hash_collisions(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datafile, "key_hash", lambda k: k[0])
+    monkeypatch.setattr(merge, "key_hash", lambda k: k[0])
+    bindings = {bytes([i % 3]) + key(i)[1:]: value(i) for i in range(200)}
+    path = os.path.join(tmp_path, "data.00000001")
+    write_data(path, bindings)
+    data = datafile.DataFile(path, EXPECTED)
+    for k, v in bindings.items():
+        assert data.find(k) == v
+        assert data.locate(k[0], k) == (data.locate(k[0], k)[0], True)
+    assert data.find(b"\x01" + bytes(7)) is None
+    data.close()
+
+
+def test_datafile_rejects_wrong_size_and_fanout(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "data.00000001")
+    write_data(path, {key(i): value(i) for i in range(500)})
+    original = open(path, "rb").read()
+    with open(path, "ab") as file:
+        file.write(b"x")
+    with pytest.raises(CannotLoadStore, match="expected for 500 rows"):
+        datafile.DataFile(path, EXPECTED)
+    corrupted = bytearray(original)
+    corrupted[-20] ^= 1  # inside the bucket checksums
+    open(path, "wb").write(corrupted)
+    with pytest.raises(CannotLoadStore, match="fan-out checksum"):
+        datafile.DataFile(path, EXPECTED)
+
+
+def test_datafile_read_errors_carry_offsets(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "data.00000001")
+    bindings = {key(i): value(i) for i in range(100)}
+    write_data(path, bindings)
+    raw = bytearray(open(path, "rb").read())
+    rows_at = HEADER_SIZE + 4 * 100
+    raw[rows_at + 9] ^= 0x10  # value byte of row 0
+    open(path, "wb").write(raw)
+    data = datafile.DataFile(path, EXPECTED)
+    first_key = next(iter(sorted(bindings, key=lambda k: (datafile.key_hash(k), k))))
+    with pytest.raises(CannotReadFromStore, match=f"row 0 checksum mismatch .*offset {rows_at}"):
+        data.find(first_key)
+    data.close()
+    raw[rows_at + 9] ^= 0x10
+    raw[HEADER_SIZE + 2] ^= 0x01  # hash column
+    open(path, "wb").write(raw)
+    data = datafile.DataFile(path, EXPECTED)
+    with pytest.raises(CannotReadFromStore, match="hash column checksum"):
+        data.find(first_key)
+    data.close()
+
+
+# -------------------------------------------------------------------- merge
+
+
+def test_merge_inserts_replaces_and_removes(tmp_path: os.PathLike[str]) -> None:
+    rng = random.Random(5)
+    model = {key(i): value(i) for i in range(2000)}
+    old_path = os.path.join(tmp_path, "data.00000001")
+    write_data(old_path, model)
+    old = datafile.DataFile(old_path, EXPECTED)
+    updates: dict[bytes, bytes | None] = {}
+    for _ in range(700):
+        k = key(rng.randrange(3000))
+        updates[k] = None if rng.random() < 0.3 else value(rng.randrange(10**6))
+    new_path = os.path.join(tmp_path, "data.00000002")
+    merge.merge(old, updates, new_path, EXPECTED, 2, fsync=False)
+    for k, v in updates.items():
+        if v is None:
+            model.pop(k, None)
+        else:
+            model[k] = v
+    new = datafile.DataFile(new_path, EXPECTED)
+    assert new.generation == 2 and new.count == len(model)
+    assert dict(new.items()) == model
+    for i in range(3100):
+        assert new.find(key(i)) == model.get(key(i))
+    old.close()
+    new.close()
+
+
+def test_merge_refuses_to_carry_corruption(tmp_path: os.PathLike[str]) -> None:
+    old_path = os.path.join(tmp_path, "data.00000001")
+    write_data(old_path, {key(i): value(i) for i in range(300)})
+    raw = bytearray(open(old_path, "rb").read())
+    raw[HEADER_SIZE + 40] ^= 0x01
+    open(old_path, "wb").write(raw)
+    old = datafile.DataFile(old_path, EXPECTED)
+    new_path = os.path.join(tmp_path, "data.00000002")
+    with pytest.raises(CannotReadFromStore):
+        merge.merge(old, {key(5000): value(1)}, new_path, EXPECTED, 2, fsync=False)
+    assert not os.path.exists(new_path)
+    old.close()
+
+
+# ------------------------------------------------------------------- layout
+
+
+def test_layout_scan_sorts_and_ignores_foreign_files(tmp_path: os.PathLike[str]) -> None:
+    for name in [
+        layout.data_name(3), layout.data_name(12), layout.log_name(12), layout.log_name(13),
+        layout.temporary_name(14), "log.00000015.tmp", "notes.txt", "data.abc", layout.LOCK,
+    ]:
+        open(os.path.join(tmp_path, name), "w").close()
+    listing = layout.scan(os.fspath(tmp_path))
+    assert listing.data == [3, 12]
+    assert listing.logs == [12, 13]
+    assert sorted(listing.temporaries) == ["data.00000014.tmp", "log.00000015.tmp"]
+    assert listing.data_generation == 12
+
+
+# --------------------------------------------------------------------- lock
+
+
+def test_lock_is_exclusive_and_records_the_pid(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "lock")
+    first = lock.WriterLock(path, "unit")
+    assert lock.is_locked(path)
+    assert lock.holder_pid(path) == os.getpid()
+    with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+        lock.WriterLock(path, "unit")
+    first.release()
+    assert not lock.is_locked(path)
+    lock.WriterLock(path, "unit").release()
+
+
+# -------------------------------------------------------------------- index
+
+
+def open_index(directory: str, buffer_size: int = 4, readonly: bool = False) -> Index:
+    return Index(directory, EXPECTED, readonly=readonly, buffer_size=buffer_size)
+
+
+def test_index_merges_and_recovers(tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory)
+    for i in range(50):
+        index.put(key(i), value(i), flush=True)
+    index.remove(key(7), flush=True)
+    index.wait_merge()
+    assert index.generation > 0
+    assert index.get(key(7)) is None and index.get(key(8)) == value(8)
+    index.close()
+    listing = layout.scan(directory)
+    assert len(listing.data) == 1 and listing.logs == listing.data
+    again = open_index(directory)
+    assert dict(again.items()) == {key(i): value(i) for i in range(50) if i != 7}
+    again.close()
+
+
+def test_index_restarts_a_merge_cut_short(tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=1000)
+    for i in range(30):
+        index.put(key(i), value(i), flush=True)
+    index.close()
+    # What a kill during a merge leaves: a second log beside the first and a
+    # half-written data file.
+    second = log.LogWriter.create(os.path.join(directory, layout.log_name(1)), 1, EXPECTED, False)
+    second.append_set(key(100), value(100), flush=True)
+    second.append_set(key(3), value(333), flush=True)
+    second.close()
+    with open(os.path.join(directory, layout.temporary_name(1)), "wb") as file:
+        file.write(b"half a data file")
+    recovered = open_index(directory, buffer_size=1000)
+    recovered.wait_merge()
+    model = {key(i): value(i) for i in range(30)}
+    model[key(100)] = value(100)
+    model[key(3)] = value(333)
+    assert dict(recovered.items()) == model
+    listing = layout.scan(directory)
+    assert listing.data == [1] and listing.logs == [1] and listing.temporaries == []
+    recovered.close()
+
+
+def test_index_readonly_sees_flushed_state_after_sync(tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "index")
+    writer = open_index(directory, buffer_size=3)
+    reader = open_index(directory, readonly=True)
+    assert dict(reader.items()) == {}
+    model = {}
+    for round_ in range(5):
+        for i in range(7):
+            k = key(round_ * 5 + i)
+            writer.put(k, value(round_), flush=True)
+            model[k] = value(round_)
+        reader.sync()
+        assert dict(reader.items()) == model
+    writer.close()
+    reader.close()
+
+
+def test_index_readonly_on_missing_directory_creates_nothing(tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "nothing", "here")
+    reader = open_index(directory, readonly=True)
+    assert reader.get(key(1)) is None and list(reader.items()) == []
+    reader.sync()
+    reader.close()
+    assert not os.path.exists(os.path.join(tmp_path, "nothing"))
