@@ -1,0 +1,193 @@
+"""Benchmark of l2_stores on the indexable workload (not part of the tests).
+
+    python bench/bench.py [--n 1000000] [--dir DIR] [--json]
+
+Each store runs in its own subprocess, so that its memory is measured from
+a clean base. Workload A: N random 32-byte keys to 32-byte values, added one
+by one with ``flush=True`` (handed to the OS before the call returns, no
+fsync), then close, reopen, N random finds of present keys, N finds of
+absent keys. Reported: microseconds per operation, single-add latency
+percentiles (merges included), reopen time, peak process-private memory over
+the base (RssAnon, sampled every 10 ms: pages of mmap'd store files are page
+cache and do not count), and bytes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+KEY_SIZE = VALUE_SIZE = 32
+
+
+def rss_anon_bytes() -> int:
+    """Process-private resident memory (RssAnon) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Samples RssAnon in a thread; ``peak`` is the highest sample."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.peak = rss_anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, rss_anon_bytes())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon_bytes())
+        return self.peak
+
+
+def disk_usage(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def run_l2_stores(directory: str, n: int, seed: int) -> dict[str, Any]:
+    import construct as c
+
+    from l2_stores import make_indexable
+
+    store_class = make_indexable("bench", c.Bytes(KEY_SIZE), c.Bytes(VALUE_SIZE))
+    rng = random.Random(seed)
+    blob = rng.randbytes(KEY_SIZE * n)
+    misses = rng.randbytes(KEY_SIZE * n)
+    order = list(range(n))
+    rng.shuffle(order)
+    path = os.path.join(directory, "store")
+    base = rss_anon_bytes()
+    memory = PeakMemory()
+    result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "add(flush=True)"}
+
+    store = store_class.load(path)
+    add = store.add
+    latencies = []
+    clock = time.perf_counter
+    started = clock()
+    for i in range(0, n * KEY_SIZE, KEY_SIZE):
+        key = blob[i : i + KEY_SIZE]
+        before = clock()
+        add(key, key)
+        latencies.append(clock() - before)
+    result["add_us"] = (clock() - started) / n * 1e6
+    latencies.sort()
+    result["add_p999_us"] = percentile(latencies, 0.999) * 1e6
+    result["add_max_ms"] = latencies[-1] * 1e3
+    del latencies
+    started = clock()
+    store.close()
+    result["close_ms"] = (clock() - started) * 1e3
+
+    started = clock()
+    store = store_class.load(path)
+    result["reopen_ms"] = (clock() - started) * 1e3
+    find = store.find
+    started = clock()
+    for i in order:
+        if find(blob[i * KEY_SIZE : (i + 1) * KEY_SIZE]) is None:
+            raise AssertionError("a key was lost")
+    result["find_hit_us"] = (clock() - started) / n * 1e6
+    started = clock()
+    for i in range(0, n * KEY_SIZE, KEY_SIZE):
+        if find(misses[i : i + KEY_SIZE]) is not None:
+            raise AssertionError("found an absent key")
+    result["find_miss_us"] = (clock() - started) / n * 1e6
+    store.close()
+    result["peak_rss_over_base_mb"] = (memory.stop() - base) / 1e6
+    result["disk_bytes"] = disk_usage(path)
+    result["disk_over_raw"] = result["disk_bytes"] / (n * (KEY_SIZE + VALUE_SIZE))
+    return result
+
+
+RUNNERS: dict[str, Callable[[str, int, int], dict[str, Any]]] = {"l2_stores": run_l2_stores}
+
+COLUMNS = [
+    ("add_us", "add µs", "{:.2f}"),
+    ("add_p999_us", "add p99.9 µs", "{:.0f}"),
+    ("add_max_ms", "add max ms", "{:.1f}"),
+    ("close_ms", "close ms", "{:.1f}"),
+    ("reopen_ms", "reopen ms", "{:.1f}"),
+    ("find_hit_us", "hit µs", "{:.2f}"),
+    ("find_miss_us", "miss µs", "{:.2f}"),
+    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
+    ("disk_bytes", "disk MB", "{:.1f}"),
+    ("disk_over_raw", "disk/raw", "{:.2f}"),
+]
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = ["store", *[title for _, title, _ in COLUMNS]]
+    rows = []
+    for result in results:
+        row = [result["store"]]
+        for key, _, fmt in COLUMNS:
+            value = result[key] / 1e6 if key == "disk_bytes" else result[key]
+            row.append(fmt.format(value))
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000, help="bindings (default 1,000,000)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--stores", default=",".join(RUNNERS), help="comma-separated runners")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(RUNNERS[args.child](args.dir, args.n, args.seed)))
+        return
+    results = []
+    for name in args.stores.split(","):
+        scratch = tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.dir)
+        try:
+            output = subprocess.run(
+                [sys.executable, __file__, "--child", name, "--n", str(args.n),
+                 "--seed", str(args.seed), "--dir", scratch],
+                check=True, capture_output=True, text=True,
+            ).stdout
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    if args.json:
+        for result in results:
+            print(json.dumps(result))
+    else:
+        print(f"workload A: {args.n:,} random 32-byte keys -> 32-byte values, "
+              f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
