@@ -124,6 +124,16 @@ class Index:
 
     # --------------------------------------------------------------- writes
 
+    def reserve(self) -> None:
+        """If the active log is full and a merge runs, wait for its file.
+
+        Called before the writer's exclusive section, so that readers are not
+        held up while the writer waits; the switch then takes no time.
+        """
+        log = self._log
+        if log is not None and log.records >= self._buffer_size and self._merge_thread is not None:
+            self._merge_ready.wait()
+
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``."""
         log = self._writable_log()

@@ -17,6 +17,9 @@ class Engine(Protocol):
     def get(self, key: bytes) -> bytes | None:
         """The value bound to ``key``, or None."""
 
+    def reserve(self) -> None:
+        """Wait, before the exclusive section, until a write need not wait inside it."""
+
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``; durable on return when ``flush``."""
 

@@ -138,6 +138,7 @@ class IndexableStore(Store):
             encoded_value = self._value.encode(value)
         except CodecError as error:
             raise self._codec_error(error) from error
+        self._engine.reserve()
         waiter = self._waiter
         waiter.enter_exclusive()
         try:
@@ -174,6 +175,7 @@ class IndexableRemovableStore(IndexableStore):
             encoded_key = self._key.encode(key)
         except CodecError as error:
             raise self._codec_error(error) from error
+        self._engine.reserve()
         waiter = self._waiter
         waiter.enter_exclusive()
         try:
