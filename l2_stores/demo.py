@@ -99,7 +99,7 @@ def run(directory: str = "l2-demo-data", blocks: int = 2000) -> DemoReport:
     last = first + blocks - 1
     verified = verify(directory, last)
     with PendingMessages.load(os.path.join(directory, "pending_messages"), Mode.READ_ONLY) as p:
-        pending_count = sum(1 for _ in p.keys())
+        pending_count = len(list(p.keys()))
     return DemoReport(
         directory, first, last, seconds, verified, pending_count, _disk_usage(directory)
     )

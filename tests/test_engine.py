@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,9 @@ def test_header_round_trip_and_checks(tmp_path: os.PathLike[str]) -> None:
     raw = header.encode()
     assert len(raw) == HEADER_SIZE
     assert framing.decode_header(raw, b"L2SLOG\0\0", "f", EXPECTED) == header
-    with pytest.raises(CannotLoadStore, match="expected key 8 B, value 5 B.*found key 8 B, value 4 B"):
+    with pytest.raises(
+        CannotLoadStore, match=r"expected key 8 B, value 5 B.*found key 8 B, value 4 B"
+    ):
         framing.decode_header(raw, b"L2SLOG\0\0", "f", Expected("unit", 8, 5))
     with pytest.raises(CannotLoadStore, match="not a L2SDATA file"):
         framing.decode_header(raw, b"L2SDATA\0", "f", EXPECTED)
@@ -156,7 +159,9 @@ def test_datafile_finds_every_key_and_no_other(tmp_path: os.PathLike[str], count
     data.close()
 
 
-def test_datafile_handles_hash_collisions(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_datafile_handles_hash_collisions(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(datafile, "key_hash", lambda k: k[0])
     monkeypatch.setattr(merge, "key_hash", lambda k: k[0])
     bindings = {bytes([i % 3]) + key(i)[1:]: value(i) for i in range(200)}
@@ -173,14 +178,14 @@ def test_datafile_handles_hash_collisions(tmp_path: os.PathLike[str], monkeypatc
 def test_datafile_rejects_wrong_size_and_fanout(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "data.00000001")
     write_data(path, {key(i): value(i) for i in range(500)})
-    original = open(path, "rb").read()
+    original = Path(path).read_bytes()
     with open(path, "ab") as file:
         file.write(b"x")
     with pytest.raises(CannotLoadStore, match="expected for 500 rows"):
         datafile.DataFile(path, EXPECTED)
     corrupted = bytearray(original)
     corrupted[-20] ^= 1  # inside the bucket checksums
-    open(path, "wb").write(corrupted)
+    Path(path).write_bytes(corrupted)
     with pytest.raises(CannotLoadStore, match="fan-out checksum"):
         datafile.DataFile(path, EXPECTED)
 
@@ -189,10 +194,10 @@ def test_datafile_read_errors_carry_offsets(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "data.00000001")
     bindings = {key(i): value(i) for i in range(100)}
     write_data(path, bindings)
-    raw = bytearray(open(path, "rb").read())
+    raw = bytearray(Path(path).read_bytes())
     rows_at = HEADER_SIZE + 4 * 100
     raw[rows_at + 9] ^= 0x10  # value byte of row 0
-    open(path, "wb").write(raw)
+    Path(path).write_bytes(raw)
     data = datafile.DataFile(path, EXPECTED)
     first_key = next(iter(sorted(bindings, key=lambda k: (datafile.key_hash(k), k))))
     with pytest.raises(CannotReadFromStore, match=f"row 0 checksum mismatch .*offset {rows_at}"):
@@ -200,7 +205,7 @@ def test_datafile_read_errors_carry_offsets(tmp_path: os.PathLike[str]) -> None:
     data.close()
     raw[rows_at + 9] ^= 0x10
     raw[HEADER_SIZE + 2] ^= 0x01  # hash column
-    open(path, "wb").write(raw)
+    Path(path).write_bytes(raw)
     data = datafile.DataFile(path, EXPECTED)
     with pytest.raises(CannotReadFromStore, match="hash column checksum"):
         data.find(first_key)
@@ -239,9 +244,9 @@ def test_merge_inserts_replaces_and_removes(tmp_path: os.PathLike[str]) -> None:
 def test_merge_refuses_to_carry_corruption(tmp_path: os.PathLike[str]) -> None:
     old_path = os.path.join(tmp_path, "data.00000001")
     write_data(old_path, {key(i): value(i) for i in range(300)})
-    raw = bytearray(open(old_path, "rb").read())
+    raw = bytearray(Path(old_path).read_bytes())
     raw[HEADER_SIZE + 40] ^= 0x01
-    open(old_path, "wb").write(raw)
+    Path(old_path).write_bytes(raw)
     old = datafile.DataFile(old_path, EXPECTED)
     new_path = os.path.join(tmp_path, "data.00000002")
     with pytest.raises(CannotReadFromStore):
@@ -255,10 +260,17 @@ def test_merge_refuses_to_carry_corruption(tmp_path: os.PathLike[str]) -> None:
 
 def test_layout_scan_sorts_and_ignores_foreign_files(tmp_path: os.PathLike[str]) -> None:
     for name in [
-        layout.data_name(3), layout.data_name(12), layout.log_name(12), layout.log_name(13),
-        layout.temporary_name(14), "log.00000015.tmp", "notes.txt", "data.abc", layout.LOCK,
+        layout.data_name(3),
+        layout.data_name(12),
+        layout.log_name(12),
+        layout.log_name(13),
+        layout.temporary_name(14),
+        "log.00000015.tmp",
+        "notes.txt",
+        "data.abc",
+        layout.LOCK,
     ]:
-        open(os.path.join(tmp_path, name), "w").close()
+        Path(tmp_path, name).touch()
     listing = layout.scan(os.fspath(tmp_path))
     assert listing.data == [3, 12]
     assert listing.logs == [12, 13]

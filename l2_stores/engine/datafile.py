@@ -25,6 +25,7 @@ or less.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -144,13 +145,15 @@ class DataFile:
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
-            f"{what} (file {self.path}, offset {offset})", name=self._expected.name,
+            f"{what} (file {self.path}, offset {offset})",
+            name=self._expected.name,
             path=self.path,
         )
 
     def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
         return CannotReadFromStore(
-            f"{what} (file {self.path}, offset {offset})", name=self._expected.name,
+            f"{what} (file {self.path}, offset {offset})",
+            name=self._expected.name,
             path=self.path,
         )
 
@@ -232,10 +235,8 @@ class DataFile:
                 column.release()
         self._hash_bytes.release()
         self._view.release()
-        try:
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            pass
 
 
 class DataFileWriter:
@@ -249,8 +250,13 @@ class DataFileWriter:
         self._row_size = row_size(expected)
         self._sections = _Sections(count, self._bits, self._row_size)
         header = FileHeader(
-            MAGIC, expected.key_size, expected.value_size, expected.header_size, generation,
-            count, self._bits,
+            MAGIC,
+            expected.key_size,
+            expected.value_size,
+            expected.header_size,
+            generation,
+            count,
+            self._bits,
         )
         self._raw = io.FileIO(path, "x+")
         self._out = io.BufferedWriter(self._raw, WRITE_BUFFER)
@@ -307,7 +313,5 @@ class DataFileWriter:
         try:
             self._out.close()
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 from ..errors import CannotLoadStore, CannotWriteToStore
 from . import layout
@@ -54,7 +54,7 @@ class Index:
         readonly: bool,
         buffer_size: int = 10_000,
         fsync: bool = False,
-        exclusive: Callable[[], ContextManager[None]] | None = None,
+        exclusive: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"index_buffer_size must be at least 1, got {buffer_size}")
@@ -295,7 +295,9 @@ class Index:
         logs = [g for g in listing.logs if g >= generation]
         self._check_logs(logs, generation)
         if generation:
-            self._data = DataFile(os.path.join(directory, layout.data_name(generation)), self._expected)
+            self._data = DataFile(
+                os.path.join(directory, layout.data_name(generation)), self._expected
+            )
         scans = [self._read_log(g) for g in logs]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
@@ -314,7 +316,9 @@ class Index:
             return
         last = scans[-1]
         self._log = LogWriter.reopen(
-            os.path.join(directory, layout.log_name(last.generation)), last, self._expected,
+            os.path.join(directory, layout.log_name(last.generation)),
+            last,
+            self._expected,
             self._fsync,
         )
         self._active = last.bindings
@@ -338,8 +342,9 @@ class Index:
                 f"log {path} says generation {scan.generation}", name=self._name, path=path
             )
         if scan.torn_bytes:
-            logger.warning("%s: dropping a torn tail of %d bytes in %s", self._name,
-                           scan.torn_bytes, path)
+            logger.warning(
+                "%s: dropping a torn tail of %d bytes in %s", self._name, scan.torn_bytes, path
+            )
         return scan
 
     def _load_readonly(self) -> None:
@@ -412,4 +417,3 @@ class Index:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
-

@@ -38,9 +38,13 @@ class WriterLock:
         try:
             file: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - held while locked
         except OSError as error:
-            raise CannotLoadStore(f"cannot open lock file: {error}", name=name, path=path) from error
+            raise CannotLoadStore(
+                f"cannot open lock file: {error}", name=name, path=path
+            ) from error
         try:
-            portalocker.lock(file, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+            portalocker.lock(
+                file, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+            )
         except portalocker.LockException as error:
             file.close()
             holder = holder_pid(path)
@@ -83,7 +87,9 @@ def is_locked(path: str) -> bool:
         return False
     with file:
         try:
-            portalocker.lock(file, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING)
+            portalocker.lock(
+                file, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
+            )
         except portalocker.LockException:
             return True
         portalocker.unlock(file)

@@ -114,7 +114,13 @@ class LogWriter:
     """Appends records to one log file; the writer owns the file's tail."""
 
     def __init__(
-        self, path: str, fd: int, generation: int, expected: Expected, end: int, records: int,
+        self,
+        path: str,
+        fd: int,
+        generation: int,
+        expected: Expected,
+        end: int,
+        records: int,
         fsync: bool,
     ) -> None:
         self.path = path
@@ -200,12 +206,11 @@ class LogWriter:
                 os.fsync(self._fd)
         except OSError as error:
             # Leave no partial record behind a later append.
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._end)
-            except OSError:
-                pass
             raise CannotWriteToStore(
-                f"cannot append to log {self.path}: {error}", name=self._expected.name,
+                f"cannot append to log {self.path}: {error}",
+                name=self._expected.name,
                 path=self.path,
             ) from error
         self._end += len(data)

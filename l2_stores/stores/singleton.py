@@ -37,6 +37,10 @@ HEADER_SIZE = 24
 assert _HEADER.size == HEADER_SIZE
 
 
+def _show_size(size: int) -> str:
+    return "of variable size" if size == VARIABLE_SIZE else f"{size} B"
+
+
 class SingletonStore(Store):
     """One value, or none, kept in one file and cached in memory."""
 
@@ -85,7 +89,9 @@ class SingletonStore(Store):
         except FileNotFoundError:
             return None
         except OSError as error:
-            raise CannotLoadStore(f"cannot read: {error}", name=self.name, path=self.path) from error
+            raise CannotLoadStore(
+                f"cannot read: {error}", name=self.name, path=self.path
+            ) from error
 
         def fail(what: str, offset: int) -> CannotLoadStore:
             return CannotLoadStore(
@@ -102,10 +108,9 @@ class SingletonStore(Store):
         if version != FORMAT_VERSION:
             raise fail(f"format version {version} found, version {FORMAT_VERSION} expected", 8)
         if value_size != self._value_size:
-            show = {VARIABLE_SIZE: "variable"}
             raise fail(
-                f"encoding sizes differ: expected value {show.get(self._value_size, self._value_size)}"
-                f" B, found value {show.get(value_size, value_size)} B",
+                f"encoding sizes differ: expected value {_show_size(self._value_size)}, "
+                f"found value {_show_size(value_size)}",
                 12,
             )
         return self._decode(self._value, raw[HEADER_SIZE:-4])
