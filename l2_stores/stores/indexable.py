@@ -97,10 +97,14 @@ class IndexableStore(Store):
         finally:
             waiter.exit_task()
 
-    def _raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
+        """The engine's snapshot of every binding, taken now, checked lazily for close."""
         with self._waiter.task():
             self._check_open()
             snapshot = self._engine.items()
+        return self._while_open(snapshot)
+
+    def _while_open(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
         lifetime = self._lifetime
         for item in snapshot:
             if lifetime.closed:
@@ -108,20 +112,18 @@ class IndexableStore(Store):
             yield item
 
     def keys(self) -> Iterator[Any]:
-        """Every key bound when called, once each, in no particular order."""
-        decode = self._key.decode
-        try:
-            for key, _ in self._raw_items():
-                yield decode(key)
-        except DecodingError as error:
-            raise self._decoding_error(error) from error
+        """Every key bound at the time of the call, once each, in no particular order."""
+        return self._decoded(self._snapshot(), with_values=False)
 
     def items(self) -> Iterator[tuple[Any, Any]]:
-        """Every (key, value) bound when called, once each, in no particular order."""
+        """Every (key, value) bound at the time of the call, once each, in no particular order."""
+        return self._decoded(self._snapshot(), with_values=True)
+
+    def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
         decode_key, decode_value = self._key.decode, self._value.decode
         try:
-            for key, value in self._raw_items():
-                yield decode_key(key), decode_value(value)
+            for key, value in snapshot:
+                yield (decode_key(key), decode_value(value)) if with_values else decode_key(key)
         except DecodingError as error:
             raise self._decoding_error(error) from error
 
