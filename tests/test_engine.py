@@ -283,14 +283,14 @@ def test_layout_scan_sorts_and_ignores_foreign_files(tmp_path: os.PathLike[str])
 
 def test_lock_is_exclusive_and_records_the_pid(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "lock")
-    first = lock.WriterLock(path, "unit")
+    first = lock.WriterLock(path, "unit", os.fspath(tmp_path))
     assert lock.is_locked(path)
     assert lock.holder_pid(path) == os.getpid()
     with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
-        lock.WriterLock(path, "unit")
+        lock.WriterLock(path, "unit", os.fspath(tmp_path))
     first.release()
     assert not lock.is_locked(path)
-    lock.WriterLock(path, "unit").release()
+    lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
 
 
 # -------------------------------------------------------------------- index

@@ -257,10 +257,12 @@ class Index:
         self._data = outcome
         self._frozen = None
         self._merge_outcome = None
-        with contextlib.suppress(FileNotFoundError):
-            if frozen_log is not None:
+        # Leftovers of a failed unlink are deleted by the next writer load.
+        if frozen_log is not None:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.directory, layout.log_name(frozen_log)))
-            if old is not None:
+        if old is not None:
+            with contextlib.suppress(OSError):
                 os.unlink(old.path)
 
     def wait_merge(self) -> None:
@@ -280,7 +282,7 @@ class Index:
             raise CannotLoadStore(
                 f"cannot create directory: {error}", name=self._name, path=directory
             ) from error
-        self._lock = WriterLock(os.path.join(directory, layout.LOCK), self._name)
+        self._lock = WriterLock(os.path.join(directory, layout.LOCK), self._name, directory)
         try:
             self._recover()
         except BaseException:
@@ -294,10 +296,7 @@ class Index:
         generation = listing.data_generation
         logs = [g for g in listing.logs if g >= generation]
         self._check_logs(logs, generation)
-        if generation:
-            self._data = DataFile(
-                os.path.join(directory, layout.data_name(generation)), self._expected
-            )
+        self._data = self._open_data(generation)
         scans = [self._read_log(g) for g in logs]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
@@ -327,12 +326,31 @@ class Index:
             self._start_merge_thread()
 
     def _check_logs(self, logs: list[int], generation: int) -> None:
-        if len(logs) > 2 or (logs and logs[-1] - logs[0] != len(logs) - 1):
+        """The logs beside ``data.<generation>`` must be its own, and perhaps the next.
+
+        No crash leaves anything else: a missing data file or log means lost
+        bindings, so the load is refused rather than answering wrongly.
+        """
+        if logs == [] and generation == 0:
+            return  # a new store
+        if logs[:1] != [generation] or len(logs) > 2 or logs[-1] != logs[0] + len(logs) - 1:
+            data = layout.data_name(generation) if generation else "no data file"
             raise CannotLoadStore(
-                f"unexpected log generations {logs} beside data generation {generation}",
+                f"files missing: logs {[layout.log_name(g) for g in logs]} beside {data}",
                 name=self._name,
                 path=self.directory,
             )
+
+    def _open_data(self, generation: int) -> DataFile | None:
+        if not generation:
+            return None
+        data = DataFile(os.path.join(self.directory, layout.data_name(generation)), self._expected)
+        if data.generation != generation:
+            data.close()
+            raise CannotLoadStore(
+                f"{data.path} says generation {data.generation}", name=self._name, path=data.path
+            )
+        return data
 
     def _read_log(self, generation: int) -> LogScan:
         path = os.path.join(self.directory, layout.log_name(generation))
@@ -367,11 +385,7 @@ class Index:
         generation = listing.data_generation
         logs = tuple(g for g in listing.logs if g >= generation)
         self._check_logs(list(logs), generation)
-        data = (
-            DataFile(os.path.join(self.directory, layout.data_name(generation)), self._expected)
-            if generation
-            else None
-        )
+        data = self._open_data(generation)
         scans = [self._read_log(g) for g in logs]
         self._data = data
         self._frozen = scans[0].bindings if len(scans) == 2 else None

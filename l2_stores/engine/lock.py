@@ -33,13 +33,13 @@ assert _LAYOUT.size + 4 == LOCK_FILE_SIZE
 class WriterLock:
     """An exclusive lock on ``path``, released by :meth:`release`."""
 
-    def __init__(self, path: str, name: str) -> None:
+    def __init__(self, path: str, name: str, store_path: str) -> None:
         self.path = path
         try:
             file: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - held while locked
         except OSError as error:
             raise CannotLoadStore(
-                f"cannot open lock file: {error}", name=name, path=path
+                f"cannot open lock file: {error}", name=name, path=store_path
             ) from error
         try:
             portalocker.lock(
@@ -50,7 +50,7 @@ class WriterLock:
             holder = holder_pid(path)
             who = f" (pid {holder})" if holder is not None else ""
             raise StoreLockedError(
-                f"already opened for writing by another store{who}", name=name, path=path
+                f"already opened for writing by another store{who}", name=name, path=store_path
             ) from error
         file.truncate(0)
         file.write(with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid())))

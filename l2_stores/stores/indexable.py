@@ -106,9 +106,17 @@ class IndexableStore(Store):
 
     def _while_open(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
         lifetime = self._lifetime
-        for item in snapshot:
+        while True:
             if lifetime.closed:
                 self._raise_closed()
+            try:
+                item = next(snapshot)
+            except StopIteration:
+                return
+            except ValueError:  # the data file was unmapped by a concurrent close()
+                if lifetime.closed:
+                    self._raise_closed()
+                raise
             yield item
 
     def keys(self) -> Iterator[Any]:

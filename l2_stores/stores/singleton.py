@@ -67,14 +67,15 @@ class SingletonStore(Store):
                 raise CannotLoadStore(
                     f"cannot create directory: {error}", name=cls.name, path=store.path
                 ) from error
-            store._lock = WriterLock(store.path + ".lock", cls.name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(store.path + ".tmp")
+            store._lock = WriterLock(store.path + ".lock", cls.name, store.path)
         try:
             store._cached = store._read_file()
         except BaseException:
             store._release()
             raise
+        if mode is Mode.READ_WRITE:  # a write cut short by a crash
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.path + ".tmp")
         return store
 
     @property
