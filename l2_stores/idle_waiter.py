@@ -1,0 +1,290 @@
+"""Shared tasks and exclusive sections guarding a store (port of Octez's ``Lwt_idle_waiter``).
+
+Reads run as shared *tasks*; writes run alone, in an *exclusive* section:
+
+* :meth:`IdleWaiter.task` -- many tasks may run at once.  A task does not start
+  while a :meth:`~IdleWaiter.force_idle` is pending or an exclusive section runs.
+* :meth:`IdleWaiter.force_idle` -- waits until no task runs, holding back new
+  tasks meanwhile (so writers never starve), then runs alone.
+* :meth:`IdleWaiter.when_idle` -- waits until no task runs *without* holding back
+  new tasks (as ``Lwt_idle_waiter.when_idle``: under a continuous flow of
+  overlapping tasks it may wait indefinitely), then runs ``fn`` alone; tasks
+  started during ``fn`` wait until it ends.
+
+Fairness: exclusive callers are served one at a time, in FIFO order.  When an
+exclusive section ends, every task that was waiting for it is admitted before the
+next exclusive caller runs (as ``Lwt_idle_waiter`` wakes its pending tasks), so
+neither side starves the other.
+
+Reentrancy: the thread holding the exclusive section may open tasks and nested
+exclusive sections; they run immediately.  Two patterns deadlock and are NOT
+detected (detecting them would slow down :meth:`~IdleWaiter.task`):
+
+* calling ``force_idle``/``when_idle`` from inside a task of the same thread (the
+  exclusive section waits for that task to end);
+* opening a task nested in another task of the same thread while a
+  ``force_idle`` is pending (the nested task waits for the ``force_idle``, which
+  waits for the outer task) -- the same behaviour as ``Lwt_idle_waiter``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TypeVar
+
+__all__ = ["IdleWaiter"]
+
+T = TypeVar("T")
+
+_get_ident = threading.get_ident
+
+
+class _ExclusiveSection:
+    """The reusable context manager returned by :meth:`IdleWaiter.force_idle`."""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, waiter: IdleWaiter) -> None:
+        self._enter = waiter.enter_exclusive
+        self._exit = waiter.exit_exclusive
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit()
+
+
+class IdleWaiter:
+    """Lets many tasks run together, or one exclusive section run alone.
+
+    For speed, :meth:`task` returns the waiter itself: ``with waiter:`` is the
+    same as ``with waiter.task():`` (a shared task, not an exclusive section).
+    """
+
+    __slots__ = (
+        "_acquire",
+        "_blocked",
+        "_depth",
+        "_excl_cv",
+        "_exclusive_section",
+        "_lock",
+        "_next_ticket",
+        "_owner",
+        "_queue",
+        "_release",
+        "_task_cv",
+        "_task_gen",
+        "_tasks",
+        "_tasks_waiting",
+    )
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self._lock = lock
+        self._acquire = lock.acquire
+        self._release = lock.release
+        # Waiting tasks and waiting exclusive callers sleep on separate conditions.
+        self._task_cv = threading.Condition(lock)
+        self._excl_cv = threading.Condition(lock)
+        # Running tasks (including admitted ones not yet awake).
+        self._tasks = 0
+        # Pending force_idle callers, + 1 while an exclusive section runs:
+        # a new task starts at once only when it is 0.
+        self._blocked = 0
+        # Thread running the exclusive section, and its nesting depth.
+        self._owner: int | None = None
+        self._depth = 0
+        # Tickets of the exclusive callers waiting for their turn, oldest first.
+        self._queue: deque[int] = deque()
+        self._next_ticket = 0
+        # Tasks waiting for an exclusive section to end; bumping _task_gen admits them.
+        self._tasks_waiting = 0
+        self._task_gen = 0
+        self._exclusive_section = _ExclusiveSection(self)
+
+    # -- public API ----------------------------------------------------------
+
+    def task(self) -> AbstractContextManager[None]:
+        """A shared section: runs alongside other tasks, never with an exclusive one."""
+        return self
+
+    def force_idle(self) -> AbstractContextManager[None]:
+        """An exclusive section; new tasks are held back while it waits for running ones."""
+        return self._exclusive_section
+
+    def when_idle(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` alone once no task runs, without holding back tasks while waiting.
+
+        Returns ``fn``'s result and propagates its exception.
+        """
+        self.enter_exclusive(force=False)
+        try:
+            return fn()
+        finally:
+            self.exit_exclusive()
+
+    # -- low-level pairs (callers use try/finally) ---------------------------
+
+    def enter_task(self) -> None:
+        """Low-level: start a task; pair with :meth:`exit_task` in ``try``/``finally``."""
+        self._acquire()
+        try:
+            if not self._blocked:
+                self._tasks += 1
+                return
+        finally:
+            self._release()
+        self._enter_task_slow()
+
+    def exit_task(self) -> None:
+        """Low-level: end a task started by :meth:`enter_task`."""
+        self._acquire()
+        try:
+            n = self._tasks - 1
+            self._tasks = n
+            if not n and self._queue:
+                self._excl_cv.notify_all()
+        finally:
+            self._release()
+
+    __enter__ = enter_task
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Same body as exit_task, inlined: this is the hot path of ``with task()``.
+        self._acquire()
+        try:
+            n = self._tasks - 1
+            self._tasks = n
+            if not n and self._queue:
+                self._excl_cv.notify_all()
+        finally:
+            self._release()
+
+    def enter_exclusive(self, *, force: bool = True) -> None:
+        """Low-level: enter the exclusive section; pair with :meth:`exit_exclusive`.
+
+        With ``force`` (the default, as :meth:`force_idle`) new tasks are held back
+        while waiting; without it (as :meth:`when_idle`) they are not.
+        """
+        me = _get_ident()
+        with self._lock:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if force:
+                self._blocked += 1
+            if self._owner is not None or self._tasks or self._queue:
+                ticket = self._next_ticket
+                self._next_ticket = ticket + 1
+                queue = self._queue
+                queue.append(ticket)
+                try:
+                    while queue[0] != ticket or self._owner is not None or self._tasks:
+                        self._excl_cv.wait()
+                except BaseException:
+                    queue.remove(ticket)
+                    if force:
+                        self._blocked -= 1
+                    if self._owner is None:
+                        self._admit_waiting_tasks()
+                    self._excl_cv.notify_all()
+                    raise
+                queue.popleft()
+            if not force:
+                self._blocked += 1
+            self._owner = me
+            self._depth = 1
+
+    def exit_exclusive(self) -> None:
+        """Low-level: leave the exclusive section entered by :meth:`enter_exclusive`."""
+        with self._lock:
+            if self._owner != _get_ident():
+                raise RuntimeError("exit_exclusive() by a thread not holding the exclusive section")
+            self._depth -= 1
+            if self._depth:
+                return
+            self._owner = None
+            self._blocked -= 1
+            if not self._admit_waiting_tasks() and self._queue and not self._tasks:
+                self._excl_cv.notify_all()
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def running_tasks(self) -> int:
+        """Number of tasks currently running."""
+        return self._tasks
+
+    @property
+    def waiting_tasks(self) -> int:
+        """Number of tasks waiting for an exclusive section to end."""
+        return self._tasks_waiting
+
+    @property
+    def pending_exclusive(self) -> int:
+        """Number of force_idle/when_idle callers waiting for their turn."""
+        return len(self._queue)
+
+    @property
+    def exclusive_running(self) -> bool:
+        """Whether an exclusive section is running."""
+        return self._owner is not None
+
+    def is_idle(self) -> bool:
+        """Whether nothing runs or waits: no task, no exclusive section."""
+        with self._lock:
+            return (
+                not self._tasks
+                and self._owner is None
+                and not self._queue
+                and not self._tasks_waiting
+            )
+
+    # -- internals -----------------------------------------------------------
+
+    def _enter_task_slow(self) -> None:
+        with self._lock:
+            if not self._blocked or self._owner == _get_ident():
+                self._tasks += 1
+                return
+            gen = self._task_gen
+            self._tasks_waiting += 1
+            try:
+                while self._task_gen == gen:
+                    self._task_cv.wait()
+            except BaseException:
+                if self._task_gen == gen:
+                    self._tasks_waiting -= 1
+                else:
+                    # Already admitted and counted as running: give the slot back.
+                    self._tasks -= 1
+                    if not self._tasks and self._queue:
+                        self._excl_cv.notify_all()
+                raise
+            # Admitted by _admit_waiting_tasks, which already counted us in _tasks.
+
+    def _admit_waiting_tasks(self) -> bool:
+        """Start every waiting task (lock held, no exclusive running); True if any."""
+        n = self._tasks_waiting
+        if not n:
+            return False
+        self._tasks += n
+        self._tasks_waiting = 0
+        self._task_gen += 1
+        self._task_cv.notify_all()
+        return True

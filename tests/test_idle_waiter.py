@@ -1,0 +1,676 @@
+"""Tests of l2_stores.idle_waiter: shared tasks, exclusive sections, fairness, reentrancy."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+from l2_stores.idle_waiter import IdleWaiter
+
+# Deadlock guard only: every wait below normally ends in milliseconds.
+GUARD = 10.0
+
+
+class Runner:
+    """Runs ``fn`` in a daemon thread, keeping its result or exception."""
+
+    def __init__(self, fn: Callable[[], Any], name: str = "runner") -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as e:
+            self.error = e
+
+    def join(self) -> Any:
+        self.thread.join(GUARD)
+        assert not self.thread.is_alive(), f"{self.thread.name} deadlocked"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def fast_switch() -> Iterator[None]:
+    """Preempt threads often, so that stress tests see many interleavings."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def wait_until(pred: Callable[[], bool], what: str) -> None:
+    """Poll ``pred`` until true; fail (deadlock guard) if it never becomes true."""
+    deadline = time.monotonic() + GUARD
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.0005)
+
+
+def wait_event(ev: threading.Event, what: str) -> None:
+    assert ev.wait(GUARD), f"timed out waiting for: {what}"
+
+
+def pending_is(w: IdleWaiter, n: int) -> bool:
+    return w.pending_exclusive == n
+
+
+def hold_task(w: IdleWaiter, entered: threading.Event, release: threading.Event) -> Runner:
+    """A thread holding a task until ``release`` is set."""
+
+    def body() -> None:
+        with w.task():
+            entered.set()
+            wait_event(release, "release of held task")
+
+    r = Runner(body, "holder")
+    wait_event(entered, "holder entered its task")
+    return r
+
+
+# -- basics ------------------------------------------------------------------
+
+
+def test_fresh_waiter_is_idle() -> None:
+    w = IdleWaiter()
+    assert w.is_idle()
+    assert w.running_tasks == 0
+    assert w.pending_exclusive == 0
+    assert w.waiting_tasks == 0
+    assert not w.exclusive_running
+
+
+def test_sections_update_introspection() -> None:
+    w = IdleWaiter()
+    with w.task():
+        assert w.running_tasks == 1
+        assert not w.is_idle()
+        with w.task():
+            assert w.running_tasks == 2
+    assert w.is_idle()
+    with w.force_idle():
+        assert w.exclusive_running
+        assert not w.is_idle()
+    assert w.when_idle(lambda: w.exclusive_running) is True
+    w.enter_task()
+    try:
+        assert w.running_tasks == 1
+    finally:
+        w.exit_task()
+    w.enter_exclusive()
+    try:
+        assert w.exclusive_running
+    finally:
+        w.exit_exclusive()
+    assert w.is_idle()
+
+
+def test_tasks_overlap() -> None:
+    n = 8
+    w = IdleWaiter()
+    barrier = threading.Barrier(n, timeout=GUARD)
+    seen: list[int] = []
+
+    def body() -> None:
+        with w.task():
+            # Only passes if all n tasks are inside at the same time.
+            barrier.wait()
+            seen.append(w.running_tasks)
+            barrier.wait()
+
+    runners = [Runner(body, f"task{i}") for i in range(n)]
+    for r in runners:
+        r.join()
+    assert seen == [n] * n
+    assert w.is_idle()
+
+
+# -- exclusion ---------------------------------------------------------------
+
+
+class Monitor:
+    """Counts who is inside which section; records every violation of exclusion."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tasks = 0
+        self.exclusives = 0
+        self.violations: list[str] = []
+        self.task_count = 0
+        self.exclusive_count = 0
+
+    def enter_task(self) -> None:
+        with self.lock:
+            if self.exclusives:
+                self.violations.append(f"task started with {self.exclusives} exclusive(s)")
+            self.tasks += 1
+            self.task_count += 1
+
+    def exit_task(self) -> None:
+        with self.lock:
+            if self.exclusives:
+                self.violations.append(f"task ran with {self.exclusives} exclusive(s)")
+            self.tasks -= 1
+
+    def enter_exclusive(self) -> None:
+        with self.lock:
+            if self.tasks or self.exclusives:
+                self.violations.append(
+                    f"exclusive started with {self.tasks} task(s), {self.exclusives} exclusive(s)"
+                )
+            self.exclusives += 1
+            self.exclusive_count += 1
+
+    def exit_exclusive(self) -> None:
+        with self.lock:
+            if self.tasks or self.exclusives != 1:
+                self.violations.append(
+                    f"exclusive ran with {self.tasks} task(s), {self.exclusives} exclusive(s)"
+                )
+            self.exclusives -= 1
+
+
+@pytest.mark.usefixtures("fast_switch")
+def test_force_idle_runs_alone() -> None:
+    w = IdleWaiter()
+    m = Monitor()
+    stop = threading.Event()
+
+    def reader() -> None:
+        i = 0
+        while not stop.is_set() or i < 200:
+            with w.task():
+                m.enter_task()
+                time.sleep(0)  # let other threads interleave inside the section
+                m.exit_task()
+            i += 1
+
+    def writer(k: int) -> None:
+        for i in range(300):
+            if (i + k) % 3 == 0:
+
+                def fn() -> None:
+                    m.enter_exclusive()
+                    time.sleep(0)
+                    m.exit_exclusive()
+
+                w.when_idle(fn)
+            else:
+                with w.force_idle():
+                    m.enter_exclusive()
+                    time.sleep(0)
+                    m.exit_exclusive()
+
+    readers = [Runner(reader, f"reader{i}") for i in range(6)]
+    writers = [Runner(partial(writer, k), f"writer{k}") for k in range(3)]
+    try:
+        for r in writers:
+            r.join()
+    finally:
+        stop.set()
+    for r in readers:
+        r.join()
+    assert m.violations == []
+    assert m.exclusive_count == 900
+    assert m.task_count >= 1200
+    assert w.is_idle()
+
+
+def test_pending_force_idle_holds_back_new_tasks() -> None:
+    w = IdleWaiter()
+    order: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+
+    def exclusive() -> None:
+        with w.force_idle():
+            order.append("force_idle")
+
+    def late_task() -> None:
+        with w.task():
+            order.append("late task")
+
+    writer = Runner(exclusive, "writer")
+    wait_until(lambda: w.pending_exclusive == 1, "force_idle pending")
+    late = Runner(late_task, "late")
+    wait_until(lambda: w.waiting_tasks == 1, "late task held back")
+    assert order == []
+    assert w.running_tasks == 1
+    release.set()
+    holder.join()
+    writer.join()
+    late.join()
+    assert order == ["force_idle", "late task"]
+    assert w.is_idle()
+
+
+def test_writer_does_not_starve() -> None:
+    """Readers hand over so that a task is always running unless tasks are held back."""
+    w = IdleWaiter()
+    state = threading.Condition()
+    inside = 0
+    stop = threading.Event()
+    done = 0
+
+    def reader() -> None:
+        nonlocal inside
+        while not stop.is_set():
+            with w.task(), state:
+                inside += 1
+                # Leave only once another reader is inside, or once a reader is
+                # held back (a pending force_idle): without hold-back, readers
+                # always overlap and the writer could never run.
+                while not (inside >= 2 or w.waiting_tasks or stop.is_set()):
+                    state.wait(0.0005)
+                inside -= 1
+                state.notify_all()
+
+    def writer() -> None:
+        nonlocal done
+        for _ in range(50):
+            with w.force_idle():
+                done += 1
+
+    readers = [Runner(reader, f"reader{i}") for i in range(4)]
+    wait_until(lambda: w.running_tasks > 0, "readers running")
+    wr = Runner(writer, "writer")
+    try:
+        wr.thread.join(GUARD)
+        assert not wr.thread.is_alive(), f"writer starved after {done} force_idle"
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+        wr.join()
+    assert done == 50
+    assert w.is_idle()
+
+
+def test_exclusive_callers_are_served_in_fifo_order() -> None:
+    w = IdleWaiter()
+    order: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+
+    def force(name: str) -> None:
+        with w.force_idle():
+            order.append(name)
+
+    runners = []
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        if name == "b":
+            runners.append(Runner(lambda: w.when_idle(lambda: order.append("b")), name))
+        else:
+            runners.append(Runner(partial(force, name), name))
+        wait_until(partial(pending_is, w, i + 1), f"{name} pending")
+    release.set()
+    holder.join()
+    for r in runners:
+        r.join()
+    assert order == ["a", "b", "c", "d"]
+    assert w.is_idle()
+
+
+def test_tasks_waiting_for_an_exclusive_run_before_the_next_one() -> None:
+    w = IdleWaiter()
+    order: list[str] = []
+    in_first, release_first = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with w.force_idle():
+            in_first.set()
+            wait_event(release_first, "release of first exclusive")
+            order.append("first")
+
+    def reader() -> None:
+        with w.task():
+            order.append("task")
+
+    def second() -> None:
+        with w.force_idle():
+            order.append("second")
+
+    r1 = Runner(first, "first")
+    wait_event(in_first, "first exclusive running")
+    rt = Runner(reader, "reader")
+    wait_until(lambda: w.waiting_tasks == 1, "task waiting")
+    r2 = Runner(second, "second")
+    wait_until(lambda: w.pending_exclusive == 1, "second pending")
+    release_first.set()
+    for r in (r1, rt, r2):
+        r.join()
+    assert order == ["first", "task", "second"]
+    assert w.is_idle()
+
+
+# -- when_idle ---------------------------------------------------------------
+
+
+def test_when_idle_returns_fn_result() -> None:
+    w = IdleWaiter()
+    assert w.when_idle(lambda: 42) == 42
+    assert w.is_idle()
+
+
+def test_when_idle_waits_for_running_tasks() -> None:
+    w = IdleWaiter()
+    ran: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+
+    def fn() -> str:
+        ran.append(w.running_tasks)
+        return "done"
+
+    r = Runner(lambda: w.when_idle(fn), "when_idle")
+    wait_until(lambda: w.pending_exclusive == 1, "when_idle pending")
+    assert ran == []
+    release.set()
+    holder.join()
+    assert r.join() == "done"
+    assert ran == [0]
+    assert w.is_idle()
+
+
+def test_pending_when_idle_does_not_hold_back_tasks() -> None:
+    w = IdleWaiter()
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+    r = Runner(lambda: w.when_idle(lambda: "done"), "when_idle")
+    wait_until(lambda: w.pending_exclusive == 1, "when_idle pending")
+    # A new task starts at once, even though when_idle is waiting.
+    entered2, release2 = threading.Event(), threading.Event()
+    holder2 = hold_task(w, entered2, release2)
+    assert w.running_tasks == 2
+    assert w.pending_exclusive == 1
+    release.set()
+    holder.join()
+    assert w.pending_exclusive == 1  # still one task running
+    release2.set()
+    holder2.join()
+    assert r.join() == "done"
+    assert w.is_idle()
+
+
+def test_tasks_started_during_when_idle_fn_wait_for_it() -> None:
+    w = IdleWaiter()
+    order: list[str] = []
+    in_fn, release_fn = threading.Event(), threading.Event()
+
+    def fn() -> int:
+        in_fn.set()
+        wait_event(release_fn, "release of fn")
+        order.append("fn")
+        return 7
+
+    r = Runner(lambda: w.when_idle(fn), "when_idle")
+    wait_event(in_fn, "fn running")
+
+    def reader() -> None:
+        with w.task():
+            order.append("task")
+
+    rt = Runner(reader, "reader")
+    wait_until(lambda: w.waiting_tasks == 1, "task held back")
+    assert order == []
+    release_fn.set()
+    assert r.join() == 7
+    rt.join()
+    assert order == ["fn", "task"]
+    assert w.is_idle()
+
+
+# -- exceptions --------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def assert_usable(w: IdleWaiter) -> None:
+    assert w.is_idle()
+    assert w.running_tasks == 0
+
+    def force() -> str:
+        with w.force_idle(), w.task():
+            pass
+        return "ok"
+
+    assert Runner(force, "force").join() == "ok"
+    assert Runner(lambda: w.when_idle(lambda: "ok"), "when").join() == "ok"
+    assert w.is_idle()
+
+
+def test_exception_in_task_propagates_and_releases() -> None:
+    w = IdleWaiter()
+    with pytest.raises(Boom), w.task():
+        raise Boom
+    assert_usable(w)
+
+
+def test_exception_in_force_idle_propagates_and_releases() -> None:
+    w = IdleWaiter()
+    with pytest.raises(Boom), w.force_idle():
+        raise Boom
+    assert not w.exclusive_running
+    assert_usable(w)
+
+
+def test_exception_in_when_idle_propagates_and_releases() -> None:
+    w = IdleWaiter()
+
+    def fn() -> None:
+        raise Boom
+
+    with pytest.raises(Boom):
+        w.when_idle(fn)
+    assert_usable(w)
+
+
+def test_exception_in_nested_sections_releases_all() -> None:
+    w = IdleWaiter()
+
+    def fn() -> None:
+        with w.force_idle(), w.task():
+            raise Boom
+
+    def body() -> None:
+        with w.force_idle():
+            w.when_idle(fn)
+
+    with pytest.raises(Boom):
+        Runner(body, "owner").join()
+    assert_usable(w)
+
+
+def test_exception_in_force_idle_wakes_held_back_tasks() -> None:
+    w = IdleWaiter()
+    in_force, release = threading.Event(), threading.Event()
+
+    def failing() -> None:
+        with w.force_idle():
+            in_force.set()
+            wait_event(release, "release of force_idle")
+            raise Boom
+
+    def reader() -> str:
+        with w.task():
+            return "read"
+
+    rf = Runner(failing, "failing")
+    wait_event(in_force, "force_idle running")
+    rt = Runner(reader, "reader")
+    wait_until(lambda: w.waiting_tasks == 1, "task held back")
+    release.set()
+    with pytest.raises(Boom):
+        rf.join()
+    assert rt.join() == "read"
+    assert_usable(w)
+
+
+def test_exit_exclusive_by_another_thread_is_an_error() -> None:
+    w = IdleWaiter()
+    w.enter_exclusive()
+    try:
+        with pytest.raises(RuntimeError):
+            Runner(w.exit_exclusive, "intruder").join()
+        assert w.exclusive_running
+    finally:
+        w.exit_exclusive()
+    assert w.is_idle()
+
+
+# -- reentrancy --------------------------------------------------------------
+
+
+def test_task_inside_force_idle_runs() -> None:
+    w = IdleWaiter()
+
+    def body() -> int:
+        with w.force_idle():
+            with w.task():
+                n = w.running_tasks
+            w.enter_task()
+            w.exit_task()
+        return n
+
+    assert Runner(body, "owner").join() == 1
+    assert w.is_idle()
+
+
+def test_task_inside_when_idle_fn_runs() -> None:
+    w = IdleWaiter()
+
+    def fn() -> str:
+        with w.task():
+            return "nested"
+
+    assert Runner(lambda: w.when_idle(fn), "owner").join() == "nested"
+    assert w.is_idle()
+
+
+def test_nested_exclusive_sections_run() -> None:
+    w = IdleWaiter()
+
+    def body() -> str:
+        with w.force_idle(), w.force_idle():
+            r = w.when_idle(lambda: w.when_idle(lambda: "deep"))
+            with w.task(), w.force_idle():
+                pass
+        return r
+
+    assert Runner(body, "owner").join() == "deep"
+    assert w.is_idle()
+
+
+def test_owner_nested_task_does_not_let_other_tasks_in() -> None:
+    w = IdleWaiter()
+    order: list[str] = []
+    in_nested, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        with w.force_idle():
+            with w.task():
+                in_nested.set()
+                wait_event(release, "release of owner")
+                order.append("owner task")
+            order.append("owner")
+
+    def reader() -> None:
+        with w.task():
+            order.append("reader")
+
+    ro = Runner(owner, "owner")
+    wait_event(in_nested, "owner's nested task")
+    rr = Runner(reader, "reader")
+    wait_until(lambda: w.waiting_tasks == 1, "reader held back")
+    release.set()
+    ro.join()
+    rr.join()
+    assert order == ["owner task", "owner", "reader"]
+    assert w.is_idle()
+
+
+# -- randomized stress -------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast_switch")
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules_keep_exclusion(seed: int) -> None:
+    w = IdleWaiter()
+    m = Monitor()
+    n_threads, n_ops = 6, 250
+    expected = {"task": 0, "exclusive": 0}
+    plans: list[list[str]] = []
+    rng = random.Random(seed)
+    kinds = ["task", "task", "task", "low_task", "force", "when", "force_task", "low_force"]
+    for _ in range(n_threads):
+        plan = [rng.choice(kinds) for _ in range(n_ops)]
+        plans.append(plan)
+        for op in plan:
+            expected["task" if op in ("task", "low_task") else "exclusive"] += 1
+
+    def run(plan: list[str], yields: list[bool]) -> None:
+        for op, yld in zip(plan, yields, strict=True):
+            if op == "task":
+                with w.task():
+                    m.enter_task()
+                    if yld:
+                        time.sleep(0)
+                    m.exit_task()
+            elif op == "low_task":
+                w.enter_task()
+                try:
+                    m.enter_task()
+                    m.exit_task()
+                finally:
+                    w.exit_task()
+            elif op in ("force", "force_task", "low_force"):
+                if op == "low_force":
+                    w.enter_exclusive()
+                else:
+                    w.force_idle().__enter__()
+                try:
+                    m.enter_exclusive()
+                    if yld:
+                        time.sleep(0)
+                    if op == "force_task":
+                        # The owner's own task is allowed inside its exclusive section.
+                        with w.task():
+                            pass
+                    m.exit_exclusive()
+                finally:
+                    w.exit_exclusive()
+            else:
+
+                def fn(yld: bool = yld) -> None:
+                    m.enter_exclusive()
+                    if yld:
+                        time.sleep(0)
+                    m.exit_exclusive()
+
+                w.when_idle(fn)
+
+    runners = []
+    for i, plan in enumerate(plans):
+        yields = [rng.random() < 0.5 for _ in plan]
+        runners.append(Runner(partial(run, plan, yields), f"t{i}"))
+    for r in runners:
+        r.join()
+    assert m.violations == []
+    assert m.task_count == expected["task"]
+    assert m.exclusive_count == expected["exclusive"]
+    assert w.is_idle()
