@@ -41,6 +41,15 @@ def _show_size(size: int) -> str:
     return "of variable size" if size == VARIABLE_SIZE else f"{size} B"
 
 
+class _Cache:
+    """The decoded value, shared by a store and its read-only views."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any | None = None
+
+
 class SingletonStore(Store):
     """One value, or none, kept in one file and cached in memory."""
 
@@ -50,7 +59,7 @@ class SingletonStore(Store):
     def __init__(self, path: str, mode: Mode) -> None:
         super().__init__(path, mode)
         self._lock: WriterLock | None = None
-        self._cached: Any | None = None
+        self._cache = _Cache()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE) -> Self:
@@ -69,7 +78,7 @@ class SingletonStore(Store):
                 ) from error
             store._lock = WriterLock(store.path + ".lock", cls.name, store.path)
         try:
-            store._cached = store._read_file()
+            store._cache.value = store._read_file()
         except BaseException:
             store._release()
             raise
@@ -120,7 +129,7 @@ class SingletonStore(Store):
         """The value, or None when nothing was written or after ``delete``."""
         with self._waiter.task():
             self._check_open()
-            return self._cached
+            return self._cache.value
 
     def write(self, value: Any) -> None:
         """Replace the value, atomically and durably."""
@@ -146,7 +155,7 @@ class SingletonStore(Store):
                 raise CannotWriteToStore(
                     f"cannot write: {error}", name=self.name, path=self.path
                 ) from error
-            self._cached = decoded
+            self._cache.value = decoded
 
     def delete(self) -> None:
         """Remove the value."""
@@ -163,13 +172,13 @@ class SingletonStore(Store):
                 ) from error
             else:
                 fsync_directory(os.path.dirname(os.path.abspath(self.path)))
-            self._cached = None
+            self._cache.value = None
 
     def sync(self) -> None:
         """``READ_ONLY``: read the value the writer last wrote."""
         with self._waiter.force_idle():
             self._check_open()
-            self._cached = self._read_file()
+            self._cache.value = self._read_file()
 
     def _close_resources(self) -> None:
         self._release()
