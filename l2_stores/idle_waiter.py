@@ -2,8 +2,8 @@
 
 Reads run as shared *tasks*; writes run alone, in an *exclusive* section:
 
-* :meth:`IdleWaiter.task` -- many tasks may run at once.  A task does not start
-  while a :meth:`~IdleWaiter.force_idle` is pending or an exclusive section runs.
+* :meth:`IdleWaiter.task` -- many tasks may run at once.  A new task waits while
+  a :meth:`~IdleWaiter.force_idle` is pending or an exclusive section runs.
 * :meth:`IdleWaiter.force_idle` -- waits until no task runs, holding back new
   tasks meanwhile (so writers never starve), then runs alone.
 * :meth:`IdleWaiter.when_idle` -- waits until no task runs *without* holding back
@@ -11,10 +11,16 @@ Reads run as shared *tasks*; writes run alone, in an *exclusive* section:
   overlapping tasks it may wait indefinitely), then runs ``fn`` alone; tasks
   started during ``fn`` wait until it ends.
 
-Fairness: exclusive callers are served one at a time, in FIFO order.  When an
-exclusive section ends, every task that was waiting for it is admitted before the
-next exclusive caller runs (as ``Lwt_idle_waiter`` wakes its pending tasks), so
-neither side starves the other.
+Fairness: exclusive callers are served one at a time, in FIFO order (a
+``when_idle`` queued ahead of a ``force_idle`` runs first, once the tasks held
+back by that ``force_idle`` have drained).  When an exclusive section ends, every
+task that was waiting for it is admitted before the next exclusive caller runs
+(as ``Lwt_idle_waiter`` wakes its pending tasks), so ``force_idle`` callers and
+tasks never starve each other.
+
+Hot paths may use the low-level pairs :meth:`~IdleWaiter.enter_task` /
+:meth:`~IdleWaiter.exit_task` and :meth:`~IdleWaiter.enter_exclusive` /
+:meth:`~IdleWaiter.exit_exclusive` in ``try``/``finally`` instead of ``with``.
 
 Reentrancy: the thread holding the exclusive section may open tasks and nested
 exclusive sections; they run immediately.  Two patterns deadlock and are NOT
