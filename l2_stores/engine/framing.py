@@ -134,3 +134,19 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_directories(path: str, fsync: bool) -> None:
+    """Create ``path`` and its missing parents; with ``fsync``, durably."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    os.makedirs(path, exist_ok=True)
+    if fsync:
+        for directory in reversed(missing):
+            fsync_directory(os.path.dirname(directory))

@@ -29,10 +29,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
-from ..errors import CannotLoadStore, CannotWriteToStore
+from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import layout
 from .datafile import DataFile
-from .framing import Expected, fsync_directory
+from .framing import Expected, make_directories
 from .lock import WriterLock
 from .log import LogScan, LogWriter, read_log
 from .merge import install, merge
@@ -80,10 +80,15 @@ class Index:
         # read-only state: the listing and scans seen at the last (re)load
         self._seen: tuple[int, tuple[int, ...]] | None = None
         self._scans: list[LogScan] = []
-        if readonly:
-            self._load_readonly()
-        else:
-            self._open_writer()
+        try:
+            if readonly:
+                self._load_readonly()
+            else:
+                self._open_writer()
+        except OSError as error:
+            raise CannotLoadStore(
+                f"cannot load: {error}", name=self._name, path=directory
+            ) from error
 
     # ---------------------------------------------------------------- reads
 
@@ -164,30 +169,40 @@ class Index:
         return log
 
     def _after_append(self, log: LogWriter) -> None:
+        """Start a merge if the log is full; the write itself is done, so errors only log."""
         if log.records >= self._buffer_size and self._merge_thread is None and self._frozen is None:
-            self._freeze_and_merge()
+            try:
+                self._freeze_and_merge()
+            except Exception:
+                logger.exception("%s: cannot start a merge; the next write tries again", self._name)
 
     def _make_room(self) -> None:
         """The active log is full: finish the running merge, then start the next."""
-        if self._merge_thread is not None:
-            self._finish_merge()
-        if self._frozen is not None:  # the last merge failed: try it again first
-            self._start_merge_thread()
-            self._finish_merge()
-        self._freeze_and_merge()
+        try:
+            if self._merge_thread is not None:
+                self._finish_merge()
+            if self._frozen is not None:  # the last merge failed: try it again first
+                self._start_merge_thread()
+                self._finish_merge()
+            self._freeze_and_merge()
+        except OSError as error:
+            raise CannotWriteToStore(
+                f"cannot start a merge: {error}", name=self._name, path=self.directory
+            ) from error
 
     # ---------------------------------------------------------------- merge
 
     def _freeze_and_merge(self) -> None:
         log = self._log
         assert log is not None and self._frozen is None
-        log.close()
+        log.flush()  # on error nothing has changed
         next_log = LogWriter.create(
             os.path.join(self.directory, layout.log_name(log.generation + 1)),
             log.generation + 1,
             self._expected,
             self._fsync,
         )
+        log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
         self._log = next_log
         self._start_merge_thread()
@@ -204,7 +219,13 @@ class Index:
             daemon=True,
         )
         self._merge_thread = thread
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as error:  # no thread to be had: the frozen log waits
+            self._merge_thread = None
+            raise CannotWriteToStore(
+                f"cannot start the merge thread: {error}", name=self._name, path=self.directory
+            ) from error
 
     def _merge_worker(
         self,
@@ -277,7 +298,7 @@ class Index:
     def _open_writer(self) -> None:
         directory = self.directory
         try:
-            os.makedirs(directory, exist_ok=True)
+            make_directories(directory, self._fsync)
         except OSError as error:
             raise CannotLoadStore(
                 f"cannot create directory: {error}", name=self._name, path=directory
@@ -310,16 +331,10 @@ class Index:
                 self._expected,
                 self._fsync,
             )
-            if self._fsync:
-                fsync_directory(directory)
             return
         last = scans[-1]
-        self._log = LogWriter.reopen(
-            os.path.join(directory, layout.log_name(last.generation)),
-            last,
-            self._expected,
-            self._fsync,
-        )
+        path = os.path.join(directory, layout.log_name(last.generation))
+        self._log = LogWriter.reopen(path, last, self._expected, self._fsync)
         self._active = last.bindings
         if len(scans) == 2:  # a merge was cut short: run it again
             self._frozen = scans[0].bindings
@@ -397,6 +412,14 @@ class Index:
         """Read-only: pick up what the writer flushed since the last load."""
         if not self._readonly:
             return
+        try:
+            self._sync()
+        except OSError as error:
+            raise CannotReadFromStore(
+                f"cannot read: {error}", name=self._name, path=self.directory
+            ) from error
+
+    def _sync(self) -> None:
         if not os.path.isdir(self.directory):
             return
         listing = layout.scan(self.directory)
@@ -426,6 +449,8 @@ class Index:
             if self._log is not None:
                 self._log.close()
         finally:
+            if self._log is not None:
+                self._log.abandon()
             if self._data is not None:
                 self._data.close()
             if self._lock is not None:

@@ -52,9 +52,16 @@ class WriterLock:
             raise StoreLockedError(
                 f"already opened for writing by another store{who}", name=name, path=store_path
             ) from error
-        file.truncate(0)
-        file.write(with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid())))
-        file.flush()
+        try:
+            file.truncate(0)
+            file.write(with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid())))
+            file.flush()
+        except OSError as error:
+            portalocker.unlock(file)
+            file.close()
+            raise CannotLoadStore(
+                f"cannot write lock file {path}: {error}", name=name, path=store_path
+            ) from error
         self._file: IO[bytes] | None = file
 
     def release(self) -> None:

@@ -136,7 +136,12 @@ class LogWriter:
 
     @classmethod
     def create(cls, path: str, generation: int, expected: Expected, fsync: bool) -> LogWriter:
-        """Create a new, empty log file; it appears whole (header written) or not at all."""
+        """Create a new, empty log file; it appears whole (header written) or not at all.
+
+        The header and the directory entry are fsynced whatever ``fsync`` says
+        (once per merge), so that no power loss leaves a log without a header
+        beside the data file that replaced its predecessor.
+        """
         header = FileHeader(
             MAGIC, expected.key_size, expected.value_size, expected.header_size, generation
         )
@@ -144,11 +149,9 @@ class LogWriter:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, header.encode())
-            if fsync:
-                os.fsync(fd)
+            os.fsync(fd)
             os.rename(temporary, path)
-            if fsync:
-                fsync_directory(os.path.dirname(path))
+            fsync_directory(os.path.dirname(path))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -181,21 +184,33 @@ class LogWriter:
         self._append(body + crc32(body).to_bytes(CRC_SIZE, "little"), flush)
 
     def _append(self, record: bytes, flush: bool) -> None:
+        """Append ``record``; if this raises, the record is not in the log."""
         if flush and not self._pending:
             self._write(record)
         else:
+            mark = len(self._pending)
             self._pending += record
             if flush or len(self._pending) >= PENDING_LIMIT:
-                self.flush()
+                try:
+                    self.flush()
+                except BaseException:
+                    del self._pending[mark:]
+                    raise
         self.records += 1
 
     def flush(self) -> None:
-        """Hand every pending record to the OS (and to the disk with ``fsync``)."""
+        """Hand every pending record to the OS (and to the disk with ``fsync``).
+
+        On error the pending records stay pending, for a later flush.
+        """
         if self._pending:
             self._write(bytes(self._pending))
             self._pending.clear()
         elif self._fsync:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as error:
+                raise self._write_error(error) from error
 
     def _write(self, data: bytes) -> None:
         try:
@@ -208,19 +223,24 @@ class LogWriter:
             # Leave no partial record behind a later append.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._end)
-            raise CannotWriteToStore(
-                f"cannot append to log {self.path}: {error}",
-                name=self._expected.name,
-                path=self.path,
-            ) from error
+            raise self._write_error(error) from error
         self._end += len(data)
 
+    def _write_error(self, error: OSError) -> CannotWriteToStore:
+        return CannotWriteToStore(
+            f"cannot append to log {self.path}: {error}", name=self._expected.name, path=self.path
+        )
+
     def close(self) -> None:
-        """Flush and close the file."""
+        """Flush and close the file; if the flush fails, the file stays open."""
         if self._fd < 0:
             return
-        try:
-            self.flush()
-        finally:
-            os.close(self._fd)
+        self.flush()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Close the file without flushing (after a failed :meth:`close`)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             self._fd = -1

@@ -24,7 +24,13 @@ import struct
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
-from ..engine.framing import FORMAT_VERSION, crc_ok, fsync_directory, with_crc
+from ..engine.framing import (
+    FORMAT_VERSION,
+    crc_ok,
+    fsync_directory,
+    make_directories,
+    with_crc,
+)
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
@@ -71,7 +77,7 @@ class SingletonStore(Store):
         if mode is Mode.READ_WRITE:
             directory = os.path.dirname(os.path.abspath(store.path))
             try:
-                os.makedirs(directory, exist_ok=True)
+                make_directories(directory, fsync=True)
             except OSError as error:
                 raise CannotLoadStore(
                     f"cannot create directory: {error}", name=cls.name, path=store.path
@@ -148,14 +154,12 @@ class SingletonStore(Store):
                     file.flush()
                     os.fsync(file.fileno())
                 os.replace(temporary, self.path)
-                fsync_directory(os.path.dirname(os.path.abspath(self.path)))
             except OSError as error:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary)
-                raise CannotWriteToStore(
-                    f"cannot write: {error}", name=self.name, path=self.path
-                ) from error
-            self._cache.value = decoded
+                raise self._write_error("write", error) from error
+            self._cache.value = decoded  # the file is in place
+            self._fsync_directory("write")
 
     def delete(self) -> None:
         """Remove the value."""
@@ -165,14 +169,21 @@ class SingletonStore(Store):
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
-                pass
+                self._cache.value = None
+                return
             except OSError as error:
-                raise CannotWriteToStore(
-                    f"cannot delete: {error}", name=self.name, path=self.path
-                ) from error
-            else:
-                fsync_directory(os.path.dirname(os.path.abspath(self.path)))
-            self._cache.value = None
+                raise self._write_error("delete", error) from error
+            self._cache.value = None  # the file is gone
+            self._fsync_directory("delete")
+
+    def _write_error(self, operation: str, error: OSError) -> CannotWriteToStore:
+        return CannotWriteToStore(f"cannot {operation}: {error}", name=self.name, path=self.path)
+
+    def _fsync_directory(self, operation: str) -> None:
+        try:
+            fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as error:
+            raise self._write_error(f"make the {operation} durable", error) from error
 
     def sync(self) -> None:
         """``READ_ONLY``: read the value the writer last wrote."""

@@ -1,0 +1,153 @@
+"""Writes that fail (disk full, no thread to be had) leave the store as it was.
+
+Faults are injected by wrapping ``os`` in the engine modules; each test
+checks memory and, after a reload, the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import construct
+import pytest
+
+import l2_stores.engine.index as index_module
+import l2_stores.engine.log as log_module
+from l2_stores import (
+    CannotWriteToStore,
+    StoreError,
+    make_indexable,
+    make_indexable_removable,
+    make_singleton,
+)
+
+Store = make_indexable_removable("failures", construct.Bytes(4), construct.Bytes(4))
+
+
+class FailingOs:
+    """``os`` whose named calls raise ENOSPC while ``failures`` is positive."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+        self.failures = 0
+
+    def __getattr__(self, name: str) -> Any:
+        function = getattr(os, name)
+        if name not in self.names:
+            return function
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            if self.failures > 0:
+                self.failures -= 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return function(*args, **kwargs)
+
+        return failing
+
+
+@pytest.fixture
+def failing_log_writes(monkeypatch: pytest.MonkeyPatch) -> FailingOs:
+    fake = FailingOs("pwrite")
+    monkeypatch.setattr(log_module, "os", fake)
+    return fake
+
+
+def test_a_failed_remove_never_takes_effect_later(
+    tmp_path: Path, failing_log_writes: FailingOs
+) -> None:
+    store = Store.load(tmp_path / "s")
+    store.add(b"kkkk", b"v1v1")
+    store.add(b"xxxx", b"x1x1", flush=False)  # pending
+    failing_log_writes.failures = 1
+    with pytest.raises(CannotWriteToStore, match="No space left"):
+        store.remove(b"kkkk")
+    assert store.find(b"kkkk") == b"v1v1"
+    store.flush()  # the pending add goes out, the failed remove does not
+    store.close()
+    with Store.load(tmp_path / "s") as again:
+        assert again.find(b"kkkk") == b"v1v1"
+        assert again.find(b"xxxx") == b"x1x1"
+
+
+def test_a_failed_freeze_keeps_the_pending_records(
+    tmp_path: Path, failing_log_writes: FailingOs
+) -> None:
+    store = Store.load(tmp_path / "s", index_buffer_size=4)
+    for i in range(3):
+        store.add(bytes([i]) * 4, b"vvvv", flush=False)
+    failing_log_writes.failures = 1
+    # Fills the log; the freeze's flush fails, is logged, and the add stands.
+    store.add(b"\x03" * 4, b"vvvv", flush=False)
+    store.add(b"\x04" * 4, b"vvvv", flush=False)  # space is back: freeze, merge
+    store.flush()
+    store.close()
+    with Store.load(tmp_path / "s") as again:
+        assert sorted(again.keys()) == [bytes([i]) * 4 for i in range(5)]
+
+
+def test_no_merge_thread_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.load(tmp_path / "s", index_buffer_size=4)
+    real_start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith("l2_stores merge"):
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    for i in range(8):  # the 4th add cannot start its merge: logged, the adds stand
+        store.add(bytes([i]) * 4, b"vvvv")
+    with pytest.raises(CannotWriteToStore, match="merge thread"):
+        store.add(b"\x09" * 4, b"vvvv")  # needs room: the frozen log must merge first
+    assert store.find(b"\x09" * 4) is None
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    store.add(b"\x09" * 4, b"vvvv")
+    closer = threading.Thread(target=store.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung"
+    with Store.load(tmp_path / "s") as again:
+        assert len(list(again.keys())) == 9
+
+
+def test_os_errors_surface_as_store_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = make_indexable("oserrors", construct.Bytes(4), construct.Bytes(4))
+    fsyncing = plain.load(tmp_path / "a", fsync=True)
+    fake = FailingOs("fsync")
+    monkeypatch.setattr(log_module, "os", fake)
+    fake.failures = 1
+    with pytest.raises(CannotWriteToStore):
+        fsyncing.flush()
+    fsyncing.close()
+    broken = FailingOs("listdir")
+    broken.failures = 1
+    monkeypatch.setattr(index_module.layout, "os", broken)
+    with pytest.raises(StoreError, match="No space left"):
+        plain.load(tmp_path / "a")
+
+
+def test_singleton_delete_failure_keeps_cache_truthful(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import l2_stores.stores.singleton as singleton_module
+
+    head = make_singleton("head_failures", construct.Bytes(4))
+    store = head.load(tmp_path / "head")
+    store.write(b"abcd")
+    fake = FailingOs("unlink")
+    monkeypatch.setattr(singleton_module, "os", fake)
+    fake.failures = 1
+    with pytest.raises(CannotWriteToStore, match="cannot delete"):
+        store.delete()
+    assert store.read() == b"abcd"  # the file is still there
+    store.delete()
+    assert store.read() is None
+    store.close()
+    with head.load(tmp_path / "head") as again:
+        assert again.read() is None
