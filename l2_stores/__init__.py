@@ -18,11 +18,18 @@ from .errors import (
     StoreError,
     StoreLockedError,
 )
-from .factories import make_indexable, make_indexable_removable, make_singleton
+from .factories import (
+    make_indexable,
+    make_indexable_removable,
+    make_indexed_file,
+    make_simple_indexed_file,
+    make_singleton,
+)
 from .idle_waiter import IdleWaiter
 from .mode import Mode
 from .stores.base import Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
+from .stores.indexed_file import IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
 
 __version__ = "0.1.0"
@@ -37,8 +44,10 @@ __all__ = [
     "IdleWaiter",
     "IndexableRemovableStore",
     "IndexableStore",
+    "IndexedFile",
     "Mode",
     "ReadOnlyError",
+    "SimpleIndexedFile",
     "SingletonStore",
     "Store",
     "StoreClosedError",
@@ -47,5 +56,7 @@ __all__ = [
     "fixed",
     "make_indexable",
     "make_indexable_removable",
+    "make_indexed_file",
+    "make_simple_indexed_file",
     "make_singleton",
 ]

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .codecs import compile_codec
 from .stores.base import Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
+from .stores.indexed_file import IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
 
 _S = TypeVar("_S", bound=Store)
 
 
-def _bind(base: type[_S], name: str, **codecs: Any) -> type[_S]:
+def _bind(
+    base: type[_S], name: str, extra: dict[str, Any] | None = None, **codecs: Any
+) -> type[_S]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a store needs a non-empty name, got {name!r}")
-    attributes: dict[str, Any] = {"name": name, "__module__": base.__module__}
+    attributes: dict[str, Any] = {"name": name, "__module__": base.__module__, **(extra or {})}
     for role, (codec, require_fixed) in codecs.items():
         attributes[f"{role}_codec"] = codec
         attributes[f"_{role}"] = compile_codec(codec, role=role, require_fixed=require_fixed)
@@ -38,3 +42,36 @@ def make_indexable_removable(
 ) -> type[IndexableRemovableStore]:
     """An indexable store class with ``remove``; both codecs must be fixed-size."""
     return _bind(IndexableRemovableStore, name, key=(key_codec, True), value=(value_codec, True))
+
+
+def make_indexed_file(
+    name: str, key_codec: Any, value_codec: Any, header_codec: Any
+) -> type[IndexedFile]:
+    """An indexed-file store class: fixed-size keys and headers, values of any size."""
+    return _bind(
+        IndexedFile,
+        name,
+        key=(key_codec, True),
+        value=(value_codec, False),
+        header=(header_codec, True),
+    )
+
+
+def make_simple_indexed_file(
+    name: str,
+    key_codec: Any,
+    value_codec: Any,
+    header_codec: Any,
+    header_of: Callable[[Any], Any],
+) -> type[SimpleIndexedFile]:
+    """An indexed-file store class whose headers are ``header_of(value)``."""
+    if not callable(header_of):
+        raise TypeError(f"header_of must be callable, got {header_of!r}")
+    return _bind(
+        SimpleIndexedFile,
+        name,
+        {"header_of": staticmethod(header_of)},
+        key=(key_codec, True),
+        value=(value_codec, False),
+        header=(header_codec, True),
+    )

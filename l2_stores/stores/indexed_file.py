@@ -1,0 +1,271 @@
+"""Indexed files: fixed-size keys to variable-size values with a fixed-size header.
+
+A store directory holds ``index/`` (the index engine, whose entries are
+``offset u64 | length u32 | header``) and ``values.00000000`` (see
+``engine.values``). ``header`` and ``mem`` read only the index; ``read``
+reads the index, then the value's record with one ``pread``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Self
+
+from ..codecs import Codec
+from ..engine.framing import Expected
+from ..engine.index import Index
+from ..engine.interface import Engine
+from ..engine.values import POINTER, RECORD_OVERHEAD, ValuesFile
+from ..errors import CannotLoadStore, CodecError, DecodingError
+from ..mode import Mode
+from .base import Store
+from .indexable import DEFAULT_INDEX_BUFFER_SIZE
+
+DEFAULT_CACHE_SIZE = 1_000
+INDEX_DIRECTORY = "index"
+VALUES_FILE = "values.00000000"
+
+
+class _LruCache:
+    """The last ``capacity`` (value, header) pairs read or appended, by encoded key."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[Any, Any] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: bytes, entry: tuple[Any, Any]) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            if len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class IndexedFileBase(Store):
+    """What both indexed-file kinds share: everything but ``append``."""
+
+    key_codec: ClassVar[Any]
+    value_codec: ClassVar[Any]
+    header_codec: ClassVar[Any]
+    _key: ClassVar[Codec]
+    _value: ClassVar[Codec]
+    _header: ClassVar[Codec]
+    _engine: Engine
+    _values: ValuesFile
+    _cache: _LruCache
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        mode: Mode = Mode.READ_WRITE,
+        *,
+        index_buffer_size: int = DEFAULT_INDEX_BUFFER_SIZE,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        fsync: bool = False,
+    ) -> Self:
+        """Open the indexed file at directory ``path``.
+
+        ``index_buffer_size``: index bindings kept in memory before a merge
+        (default 10,000). ``cache_size``: recently read or appended
+        (value, header) pairs kept in an LRU cache (default 1,000).
+        ``fsync``: every value and every flush reaches stable storage.
+        """
+        if not isinstance(mode, Mode):
+            raise TypeError(f"mode must be a Mode, got {mode!r}")
+        directory = os.fspath(path)
+        store = cls(directory, mode)
+        header_size = cls._header.size or 0
+        expected = Expected(cls.name, cls._key.size or 0, POINTER.size + header_size, header_size)
+        readonly = mode is Mode.READ_ONLY
+        store._engine = Index(
+            os.path.join(directory, INDEX_DIRECTORY),
+            expected,
+            readonly=readonly,
+            buffer_size=index_buffer_size,
+            fsync=fsync,
+            exclusive=store._waiter.force_idle,
+        )
+        try:
+            store._values = ValuesFile(
+                os.path.join(directory, VALUES_FILE), expected, readonly=readonly, fsync=fsync
+            )
+            if store._values.torn_bytes:
+                store._cut_torn_tail()
+        except OSError as error:
+            store._engine.close()
+            raise CannotLoadStore(f"cannot load: {error}", name=cls.name, path=directory) from error
+        except BaseException:
+            store._engine.close()
+            raise
+        store._cache = _LruCache(cache_size)
+        return store
+
+    def _cut_torn_tail(self) -> None:
+        """Cut a torn values tail, unless the index points into it (corruption)."""
+        overhead = RECORD_OVERHEAD + (self._key.size or 0)
+        valid_end = self._values.valid_end
+        for _, entry in self._engine.items():
+            offset, length = POINTER.unpack_from(entry)
+            if offset + overhead + length > valid_end:
+                self._values.close()
+                raise CannotLoadStore(
+                    f"the index points at offset {offset} of {self._values.path}, past its "
+                    f"last whole record (offset {valid_end})",
+                    name=self.name,
+                    path=self.path,
+                )
+        self._values.cut_torn_tail()
+
+    # -- reads
+
+    def _encode_key(self, key: Any) -> bytes:
+        try:
+            return self._key.encode(key)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` has a value."""
+        encoded = self._encode_key(key)
+        with self._waiter.task():
+            self._check_open()
+            return self._engine.get(encoded) is not None
+
+    def header(self, key: Any) -> Any | None:
+        """The header of ``key``'s value, or None; never reads the value."""
+        encoded = self._encode_key(key)
+        with self._waiter.task():
+            self._check_open()
+            entry = self._engine.get(encoded)
+        if entry is None:
+            return None
+        return self._decode(self._header, entry[POINTER.size :])
+
+    def read(self, key: Any) -> tuple[Any, Any] | None:
+        """The ``(value, header)`` of ``key``, or None."""
+        encoded = self._encode_key(key)
+        with self._waiter.task():
+            self._check_open()
+            cached = self._cache.get(encoded)
+            if cached is not None:
+                return cached
+            entry = self._engine.get(encoded)
+            if entry is None:
+                return None
+            pair = self._read_entry(encoded, entry)
+            # Cached inside the task: no append can slip in between.
+            self._cache.put(encoded, pair)
+            return pair
+
+    def _read_entry(self, key: bytes, entry: bytes) -> tuple[Any, Any]:
+        offset, length = POINTER.unpack_from(entry)
+        raw = self._values.read(offset, length, key)
+        return self._decode(self._value, raw), self._decode(self._header, entry[POINTER.size :])
+
+    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
+        with self._waiter.task():
+            self._check_open()
+            return self._engine.items()
+
+    def keys(self) -> Iterator[Any]:
+        """Every key with a value at the time of the call, once each, in no particular order."""
+        return self._keys(self._snapshot())
+
+    def _keys(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[Any]:
+        lifetime = self._lifetime
+        for key, _ in snapshot:
+            if lifetime.closed:
+                self._raise_closed()
+            yield self._decode(self._key, key)
+
+    def items(self) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        """Every ``(key, (value, header))`` at the time of the call, in no particular order."""
+        return self._items(self._snapshot())
+
+    def _items(
+        self, snapshot: Iterator[tuple[bytes, bytes]]
+    ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        for key, entry in snapshot:
+            with self._waiter.task():
+                self._check_open()
+                pair = self._read_entry(key, entry)
+            yield self._decode(self._key, key), pair
+
+    # -- writes
+
+    def _append(self, key: Any, value: Any, header: Any, flush: bool) -> None:
+        self._check_writable("append")
+        try:
+            encoded_key = self._key.encode(key)
+            encoded_value = self._value.encode(value)
+            encoded_header = self._header.encode(header)
+        except CodecError as error:
+            raise self._codec_error(error) from error
+        try:  # what a read from disk will give
+            pair = (self._value.decode(encoded_value), self._header.decode(encoded_header))
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
+        self._engine.reserve()
+        with self._waiter.force_idle():
+            self._check_open()
+            offset = self._values.append(encoded_key, encoded_value)
+            entry = POINTER.pack(offset, len(encoded_value)) + encoded_header
+            self._engine.put(encoded_key, entry, flush=flush)
+            self._cache.put(encoded_key, pair)
+
+    def flush(self) -> None:
+        """Make every earlier ``flush=False`` append survive a kill."""
+        self._check_writable("flush")
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.flush()
+
+    def sync(self) -> None:
+        """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.sync()
+            self._values.reopen_if_missing()
+            self._cache.clear()
+
+    def _close_resources(self) -> None:
+        try:
+            self._engine.close()
+        finally:
+            self._values.close()
+
+
+class IndexedFile(IndexedFileBase):
+    """Keys to values with a header given at each append (``Make_indexed_file``)."""
+
+    def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+        """Append ``value`` with ``header`` for ``key``; a later append for the key wins."""
+        self._append(key, value, header, flush)
+
+
+class SimpleIndexedFile(IndexedFileBase):
+    """Keys to values whose header is derived from the value (``Make_simple_indexed_file``)."""
+
+    header_of: ClassVar[Callable[[Any], Any]]
+
+    def append(self, key: Any, value: Any, *, flush: bool = True) -> None:
+        """Append ``value`` for ``key`` with the header ``header_of(value)``."""
+        self._append(key, value, type(self).header_of(value), flush)
