@@ -124,7 +124,83 @@ def run_l2_stores(directory: str, n: int, seed: int) -> dict[str, Any]:
     return result
 
 
-RUNNERS: dict[str, Callable[[str, int, int], dict[str, Any]]] = {"l2_stores": run_l2_stores}
+HEADER_SIZE = 16
+VALUE_SIZES = (100, 8192)
+
+
+def run_l2_stores_indexed_file(directory: str, n: int, seed: int) -> dict[str, Any]:
+    """Workload B: n values of 100 B to 8 KiB with a 16-byte header."""
+    import construct as c
+
+    from l2_stores import make_indexed_file
+
+    store_class = make_indexed_file("bench_b", c.Bytes(KEY_SIZE), c.GreedyBytes, c.Bytes(16))
+    rng = random.Random(seed)
+    keys = rng.randbytes(KEY_SIZE * n)
+    source = rng.randbytes(2 * VALUE_SIZES[1])
+    sizes = array.array("I", (rng.randint(*VALUE_SIZES) for _ in range(n)))
+    starts = array.array("I", (rng.randrange(VALUE_SIZES[1]) for _ in range(n)))
+    order = list(range(n))
+    rng.shuffle(order)
+    path = os.path.join(directory, "store")
+    base = rss_anon_bytes()
+    memory = PeakMemory()
+    result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "append(flush=True)"}
+    clock = time.perf_counter
+
+    store = store_class.load(path)
+    append = store.append
+    started = clock()
+    for i in range(n):
+        key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
+        append(key, source[starts[i] : starts[i] + sizes[i]], key[:HEADER_SIZE])
+    result["append_us"] = (clock() - started) / n * 1e6
+    started = clock()
+    store.close()
+    result["close_ms"] = (clock() - started) * 1e3
+
+    started = clock()
+    store = store_class.load(path)
+    result["reopen_ms"] = (clock() - started) * 1e3
+    read, header = store.read, store.header
+    started = clock()
+    for i in order:
+        pair = read(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE])
+        if pair is None or len(pair[0]) != sizes[i]:
+            raise AssertionError("a value was lost")
+    result["read_value_us"] = (clock() - started) / n * 1e6
+    rng.shuffle(order)
+    started = clock()
+    for i in order:
+        key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
+        if header(key) != key[:HEADER_SIZE]:
+            raise AssertionError("a header was lost")
+    result["read_header_us"] = (clock() - started) / n * 1e6
+    store.close()
+    result["peak_rss_over_base_mb"] = (memory.stop() - base) / 1e6
+    result["disk_bytes"] = disk_usage(path)
+    raw = n * (KEY_SIZE + HEADER_SIZE) + sum(sizes)
+    result["disk_over_raw"] = result["disk_bytes"] / raw
+    return result
+
+
+RUNNERS: dict[str, Callable[[str, int, int], dict[str, Any]]] = {
+    "l2_stores": run_l2_stores,
+    "l2_stores_indexed_file": run_l2_stores_indexed_file,
+}
+WORKLOADS = {"A": ["l2_stores"], "B": ["l2_stores_indexed_file"]}
+DEFAULT_N = {"A": 1_000_000, "B": 100_000}
+
+COLUMNS_B = [
+    ("append_us", "append µs", "{:.2f}"),
+    ("close_ms", "close ms", "{:.1f}"),
+    ("reopen_ms", "reopen ms", "{:.1f}"),
+    ("read_value_us", "read value µs", "{:.2f}"),
+    ("read_header_us", "read header µs", "{:.2f}"),
+    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
+    ("disk_bytes", "disk MB", "{:.1f}"),
+    ("disk_over_raw", "disk/raw", "{:.2f}"),
+]
 
 COLUMNS = [
     ("add_us", "add µs", "{:.2f}"),
@@ -140,12 +216,12 @@ COLUMNS = [
 ]
 
 
-def print_table(results: list[dict[str, Any]]) -> None:
-    header = ["store", *[title for _, title, _ in COLUMNS]]
+def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    header = ["store", *[title for _, title, _ in columns]]
     rows = []
     for result in results:
         row = [result["store"]]
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = result[key] / 1e6 if key == "disk_bytes" else result[key]
             row.append(fmt.format(value))
         rows.append(row)
@@ -158,13 +234,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=1_000_000, help="bindings (default 1,000,000)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="A")
+    parser.add_argument(
+        "--n", type=int, default=None, help="bindings (default: 1,000,000 for A, 100,000 for B)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--stores", default=",".join(RUNNERS), help="comma-separated runners")
+    parser.add_argument("--stores", default=None, help="comma-separated runners")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.n is None:
+        args.n = DEFAULT_N[args.workload]
+    if args.stores is None:
+        args.stores = ",".join(WORKLOADS[args.workload])
     if args.child:
         print(json.dumps(RUNNERS[args.child](args.dir, args.n, args.seed)))
         return
@@ -196,11 +279,15 @@ def main() -> None:
         for result in results:
             print(json.dumps(result))
     else:
+        what = {
+            "A": "random 32-byte keys -> 32-byte values",
+            "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
+        }[args.workload]
         print(
-            f"workload A: {args.n:,} random 32-byte keys -> 32-byte values, "
+            f"workload {args.workload}: {args.n:,} {what}, "
             f"python {sys.version.split()[0]}, {os.cpu_count()} cores"
         )
-        print_table(results)
+        print_table(results, COLUMNS if args.workload == "A" else COLUMNS_B)
 
 
 if __name__ == "__main__":
