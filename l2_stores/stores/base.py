@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self
 
@@ -91,6 +92,22 @@ class Store:
         return f"<{type(self).__name__} {self.name!r} at {self.path} ({state}{view})>"
 
     # -- checks and errors, shared by the kinds
+
+    def _while_open(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        """Iterate ``snapshot``, raising StoreClosedError once the store is closed."""
+        lifetime = self._lifetime
+        while True:
+            if lifetime.closed:
+                self._raise_closed()
+            try:
+                item = next(snapshot)
+            except StopIteration:
+                return
+            except ValueError:  # the data file was unmapped by a concurrent close()
+                if lifetime.closed:
+                    self._raise_closed()
+                raise
+            yield item
 
     def _check_open(self) -> None:
         if self._lifetime.closed:

@@ -104,21 +104,6 @@ class IndexableStore(Store):
             snapshot = self._engine.items()
         return self._while_open(snapshot)
 
-    def _while_open(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
-        lifetime = self._lifetime
-        while True:
-            if lifetime.closed:
-                self._raise_closed()
-            try:
-                item = next(snapshot)
-            except StopIteration:
-                return
-            except ValueError:  # the data file was unmapped by a concurrent close()
-                if lifetime.closed:
-                    self._raise_closed()
-                raise
-            yield item
-
     def keys(self) -> Iterator[Any]:
         """Every key bound at the time of the call, once each, in no particular order."""
         return self._decoded(self._snapshot(), with_values=False)

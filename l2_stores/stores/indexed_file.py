@@ -183,17 +183,15 @@ class IndexedFileBase(Store):
     def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
         with self._waiter.task():
             self._check_open()
-            return self._engine.items()
+            snapshot = self._engine.items()
+        return self._while_open(snapshot)
 
     def keys(self) -> Iterator[Any]:
         """Every key with a value at the time of the call, once each, in no particular order."""
         return self._keys(self._snapshot())
 
     def _keys(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[Any]:
-        lifetime = self._lifetime
         for key, _ in snapshot:
-            if lifetime.closed:
-                self._raise_closed()
             yield self._decode(self._key, key)
 
     def items(self) -> Iterator[tuple[Any, tuple[Any, Any]]]:
