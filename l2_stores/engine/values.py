@@ -20,10 +20,10 @@ read) or a record cut short at the end (torn). A read checks the record's
 checksum, length and key against the index entry, so a wrong pointer or a
 flipped byte is an error, never wrong data.
 
-At a writer's load, the last record is checked through its trailing length.
-If that fails the tail is torn: the file is read forwards from the start,
-record by record, and cut after the last whole one; a bad record before the
-tail is corruption.
+At a writer's load the store keeps the file as it is when the index points
+at its last record (read backwards through the trailing length); otherwise
+it cuts the file after the furthest record the index points at: what lies
+beyond is orphans and torn bytes, none of it referenced.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import contextlib
 import os
 import struct
 
-from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
+from ..errors import CannotReadFromStore, CannotWriteToStore
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -71,7 +71,7 @@ class ValuesFile:
         self._fsync = fsync
         self._readonly = readonly
         self._fd = -1
-        self.end = self.valid_end = HEADER_SIZE
+        self.end = HEADER_SIZE
         if readonly:
             self._open_readonly()
         else:
@@ -86,6 +86,7 @@ class ValuesFile:
             return  # nothing appended yet: opened on a later sync()
         try:
             self._check_header(fd)
+            self.end = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
             raise
@@ -97,25 +98,36 @@ class ValuesFile:
         fd = os.open(self.path, os.O_RDWR)
         try:
             self._check_header(fd)
-            size = os.fstat(fd).st_size
-            self.valid_end = self._valid_end(fd, size)
+            self.end = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        self.end = size
 
-    @property
-    def torn_bytes(self) -> int:
-        """Bytes after the last whole record, found at a writer's load."""
-        return self.end - self.valid_end
+    def last_record(self) -> tuple[int, bytes, int] | None:
+        """``(offset, key, length)`` of a whole record ending the file, else None."""
+        overhead = RECORD_OVERHEAD + self._key_size
+        if self.end < HEADER_SIZE + overhead:
+            return None
+        (length,) = LENGTH.unpack(os.pread(self._fd, LENGTH.size, self.end - 8))
+        start = self.end - overhead - length
+        if start < HEADER_SIZE:
+            return None
+        record = os.pread(self._fd, overhead + length, start)
+        if crc32(record) != CRC_RESIDUE or LENGTH.unpack_from(record)[0] != length:
+            return None
+        return start, record[LENGTH.size : LENGTH.size + self._key_size], length
 
-    def cut_torn_tail(self) -> None:
-        """Cut the file after its last whole record (once the index agrees)."""
-        os.ftruncate(self._fd, self.valid_end)
+    def record_end(self, offset: int, length: int) -> int:
+        """Where the record of a value of ``length`` bytes at ``offset`` ends."""
+        return offset + RECORD_OVERHEAD + self._key_size + length
+
+    def cut(self, end: int) -> None:
+        """Cut the file at ``end`` (a writer's load dropping an unreferenced tail)."""
+        os.ftruncate(self._fd, end)
         if self._fsync:
             os.fsync(self._fd)
-        self.end = self.valid_end
+        self.end = end
 
     def _create(self) -> None:
         e = self._expected
@@ -130,46 +142,6 @@ class ValuesFile:
 
     def _check_header(self, fd: int) -> None:
         decode_header(os.pread(fd, HEADER_SIZE, 0), MAGIC, self.path, self._expected)
-
-    def _valid_end(self, fd: int, size: int) -> int:
-        """Where the last whole record ends (``size`` when the tail is whole)."""
-        if size == HEADER_SIZE:
-            return size
-        if size > HEADER_SIZE + RECORD_OVERHEAD + self._key_size:
-            trailer = os.pread(fd, 8, size - 8)
-            (length,) = LENGTH.unpack_from(trailer)
-            start = size - RECORD_OVERHEAD - self._key_size - length
-            if start >= HEADER_SIZE and self._record_ok(fd, start, length, size - start):
-                return size
-        return self._scan_forward(fd, size)
-
-    def _record_ok(self, fd: int, start: int, length: int, record_size: int) -> bool:
-        record = os.pread(fd, record_size, start)
-        return (
-            len(record) == record_size
-            and crc32(record) == CRC_RESIDUE
-            and LENGTH.unpack_from(record)[0] == length
-        )
-
-    def _scan_forward(self, fd: int, size: int) -> int:
-        """Offset just after the last whole record, reading from the start."""
-        position = HEADER_SIZE
-        overhead = RECORD_OVERHEAD + self._key_size
-        while position + LENGTH.size <= size:
-            (length,) = LENGTH.unpack(os.pread(fd, LENGTH.size, position))
-            end = position + overhead + length
-            if end > size:
-                break  # cut short: torn (unless the index says otherwise)
-            if not self._record_ok(fd, position, length, end - position):
-                if not any(os.pread(fd, size - position, position)):
-                    break  # zero-filled tail: torn
-                raise CannotLoadStore(
-                    f"corrupted value record (file {self.path}, offset {position})",
-                    name=self._name,
-                    path=self.path,
-                )
-            position = end
-        return position
 
     # -- reading and writing
 

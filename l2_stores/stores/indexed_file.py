@@ -8,6 +8,7 @@ reads the index, then the value's record with one ``pread``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -15,14 +16,16 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
-from ..engine.framing import Expected
+from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import Index
 from ..engine.interface import Engine
-from ..engine.values import POINTER, RECORD_OVERHEAD, ValuesFile
-from ..errors import CannotLoadStore, CodecError, DecodingError
+from ..engine.values import POINTER, ValuesFile
+from ..errors import CannotLoadStore, CodecError
 from ..mode import Mode
 from .base import Store
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
+
+logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 INDEX_DIRECTORY = "index"
@@ -30,21 +33,25 @@ VALUES_FILE = "values.00000000"
 
 
 class _LruCache:
-    """The last ``capacity`` (value, header) pairs read or appended, by encoded key."""
+    """The encoded (value, header) of the last ``capacity`` keys read or appended.
+
+    Encoded bytes are kept, not decoded objects, so that a caller changing a
+    returned value cannot change what later reads return.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: bytes) -> tuple[Any, Any] | None:
+    def get(self, key: bytes) -> tuple[bytes, bytes] | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: bytes, entry: tuple[Any, Any]) -> None:
+    def put(self, key: bytes, entry: tuple[bytes, bytes]) -> None:
         if self.capacity <= 0:
             return
         with self._lock:
@@ -95,6 +102,7 @@ class IndexedFileBase(Store):
         header_size = cls._header.size or 0
         expected = Expected(cls.name, cls._key.size or 0, POINTER.size + header_size, header_size)
         readonly = mode is Mode.READ_ONLY
+        index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
         store._engine = Index(
             os.path.join(directory, INDEX_DIRECTORY),
             expected,
@@ -107,8 +115,9 @@ class IndexedFileBase(Store):
             store._values = ValuesFile(
                 os.path.join(directory, VALUES_FILE), expected, readonly=readonly, fsync=fsync
             )
-            if store._values.torn_bytes:
-                store._cut_torn_tail()
+            store._check_halves(index_existed)
+            if not readonly:
+                store._drop_unreferenced_tail()
         except OSError as error:
             store._engine.close()
             raise CannotLoadStore(f"cannot load: {error}", name=cls.name, path=directory) from error
@@ -118,21 +127,54 @@ class IndexedFileBase(Store):
         store._cache = _LruCache(cache_size)
         return store
 
-    def _cut_torn_tail(self) -> None:
-        """Cut a torn values tail, unless the index points into it (corruption)."""
-        overhead = RECORD_OVERHEAD + (self._key.size or 0)
-        valid_end = self._values.valid_end
+    def _check_halves(self, index_existed: bool) -> None:
+        """Refuse values without an index, or an index without values (never a crash)."""
+        has_values = self._values.end > HEADER_SIZE
+        has_index = next(iter(self._engine.items()), None) is not None
+        if has_index and not os.path.exists(self._values.path):
+            raise CannotLoadStore(
+                f"the index has entries but {self._values.path} is missing",
+                name=self.name,
+                path=self.path,
+            )
+        if has_values and not index_existed:
+            raise CannotLoadStore(
+                f"{self._values.path} holds values but the index directory is missing",
+                name=self.name,
+                path=self.path,
+            )
+
+    def _drop_unreferenced_tail(self) -> None:
+        """Cut orphans and torn bytes after the last record the index points at."""
+        values = self._values
+        if values.end == HEADER_SIZE:
+            return
+        last = values.last_record()
+        if last is not None:
+            offset, key, length = last
+            entry = self._engine.get(key)
+            if entry is not None and POINTER.unpack_from(entry) == (offset, length):
+                return  # the file ends with a live record: nothing to cut
+        referenced_end = HEADER_SIZE
         for _, entry in self._engine.items():
             offset, length = POINTER.unpack_from(entry)
-            if offset + overhead + length > valid_end:
-                self._values.close()
-                raise CannotLoadStore(
-                    f"the index points at offset {offset} of {self._values.path}, past its "
-                    f"last whole record (offset {valid_end})",
-                    name=self.name,
-                    path=self.path,
-                )
-        self._values.cut_torn_tail()
+            referenced_end = max(referenced_end, values.record_end(offset, length))
+        if referenced_end > values.end:
+            values.close()
+            raise CannotLoadStore(
+                f"the index points past the end of {values.path} "
+                f"(offset {referenced_end}, file of {values.end} bytes)",
+                name=self.name,
+                path=self.path,
+            )
+        if referenced_end < values.end:
+            logger.warning(
+                "%s: dropping %d unreferenced bytes at the end of %s",
+                self.name,
+                values.end - referenced_end,
+                values.path,
+            )
+            values.cut(referenced_end)
 
     # -- reads
 
@@ -164,21 +206,19 @@ class IndexedFileBase(Store):
         encoded = self._encode_key(key)
         with self._waiter.task():
             self._check_open()
-            cached = self._cache.get(encoded)
-            if cached is not None:
-                return cached
-            entry = self._engine.get(encoded)
-            if entry is None:
-                return None
-            pair = self._read_entry(encoded, entry)
-            # Cached inside the task: no append can slip in between.
-            self._cache.put(encoded, pair)
-            return pair
+            raw = self._cache.get(encoded)
+            if raw is None:
+                entry = self._engine.get(encoded)
+                if entry is None:
+                    return None
+                raw = self._read_raw(encoded, entry)
+                # Cached inside the task: no append can slip in between.
+                self._cache.put(encoded, raw)
+        return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
 
-    def _read_entry(self, key: bytes, entry: bytes) -> tuple[Any, Any]:
+    def _read_raw(self, key: bytes, entry: bytes) -> tuple[bytes, bytes]:
         offset, length = POINTER.unpack_from(entry)
-        raw = self._values.read(offset, length, key)
-        return self._decode(self._value, raw), self._decode(self._header, entry[POINTER.size :])
+        return self._values.read(offset, length, key), entry[POINTER.size :]
 
     def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
         with self._waiter.task():
@@ -204,7 +244,8 @@ class IndexedFileBase(Store):
         for key, entry in snapshot:
             with self._waiter.task():
                 self._check_open()
-                pair = self._read_entry(key, entry)
+                value, header = self._read_raw(key, entry)
+            pair = (self._decode(self._value, value), self._decode(self._header, header))
             yield self._decode(self._key, key), pair
 
     # -- writes
@@ -217,17 +258,13 @@ class IndexedFileBase(Store):
             encoded_header = self._header.encode(header)
         except CodecError as error:
             raise self._codec_error(error) from error
-        try:  # what a read from disk will give
-            pair = (self._value.decode(encoded_value), self._header.decode(encoded_header))
-        except DecodingError as error:
-            raise self._decoding_error(error) from error
         self._engine.reserve()
         with self._waiter.force_idle():
             self._check_open()
             offset = self._values.append(encoded_key, encoded_value)
             entry = POINTER.pack(offset, len(encoded_value)) + encoded_header
             self._engine.put(encoded_key, entry, flush=flush)
-            self._cache.put(encoded_key, pair)
+            self._cache.put(encoded_key, (encoded_value, encoded_header))
 
     def flush(self) -> None:
         """Make every earlier ``flush=False`` append survive a kill."""
