@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self
 
 from ..codecs import Codec
+from ..engine.interface import Engine
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
@@ -138,3 +139,36 @@ class Store:
             return codec.decode(raw)
         except DecodingError as error:
             raise self._decoding_error(error) from error
+
+
+class EngineStore(Store):
+    """A store kept in an engine (see ``engine.interface``): flush, sync, snapshots."""
+
+    _engine: Engine
+
+    def flush(self) -> None:
+        """Make every earlier ``flush=False`` write survive a kill."""
+        self._check_writable("flush")
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.flush()
+
+    def sync(self) -> None:
+        """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
+        with self._waiter.force_idle():
+            self._check_open()
+            self._engine.sync()
+            self._after_sync()
+
+    def _after_sync(self) -> None:
+        """Refresh what the kind keeps beside the engine (in the exclusive section)."""
+
+    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
+        """The engine's snapshot of every binding, taken now, checked lazily for close."""
+        with self._waiter.task():
+            self._check_open()
+            snapshot = self._engine.items()
+        return self._while_open(snapshot)
+
+    def _close_resources(self) -> None:
+        self._engine.close()

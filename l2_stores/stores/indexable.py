@@ -9,15 +9,14 @@ from typing import Any, ClassVar, Self
 from ..codecs import Codec
 from ..engine.framing import Expected
 from ..engine.index import Index
-from ..engine.interface import Engine
 from ..errors import CodecError, DecodingError
 from ..mode import Mode
-from .base import Store
+from .base import EngineStore
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
 
 
-class IndexableStore(Store):
+class IndexableStore(EngineStore):
     """Fixed-size keys bound to fixed-size values (``Make_indexable``).
 
     ``path`` is a directory. Loading ``READ_WRITE`` creates it and takes the
@@ -28,7 +27,6 @@ class IndexableStore(Store):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
-    _engine: Engine
 
     @classmethod
     def load(
@@ -97,13 +95,6 @@ class IndexableStore(Store):
         finally:
             waiter.exit_task()
 
-    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
-        """The engine's snapshot of every binding, taken now, checked lazily for close."""
-        with self._waiter.task():
-            self._check_open()
-            snapshot = self._engine.items()
-        return self._while_open(snapshot)
-
     def keys(self) -> Iterator[Any]:
         """Every key bound at the time of the call, once each, in no particular order."""
         return self._decoded(self._snapshot(), with_values=False)
@@ -142,22 +133,6 @@ class IndexableStore(Store):
             self._engine.put(encoded_key, encoded_value, flush=flush)
         finally:
             waiter.exit_exclusive()
-
-    def flush(self) -> None:
-        """Make every earlier ``flush=False`` write survive a kill."""
-        self._check_writable("flush")
-        with self._waiter.force_idle():
-            self._check_open()
-            self._engine.flush()
-
-    def sync(self) -> None:
-        """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
-        with self._waiter.force_idle():
-            self._check_open()
-            self._engine.sync()
-
-    def _close_resources(self) -> None:
-        self._engine.close()
 
 
 class IndexableRemovableStore(IndexableStore):

@@ -18,11 +18,10 @@ from typing import Any, ClassVar, Self
 from ..codecs import Codec
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import Index
-from ..engine.interface import Engine
 from ..engine.values import POINTER, ValuesFile
 from ..errors import CannotLoadStore, CodecError
 from ..mode import Mode
-from .base import Store
+from .base import EngineStore
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 
 logger = logging.getLogger("l2_stores.indexed_file")
@@ -65,7 +64,7 @@ class _LruCache:
             self._entries.clear()
 
 
-class IndexedFileBase(Store):
+class IndexedFileBase(EngineStore):
     """What both indexed-file kinds share: everything but ``append``."""
 
     key_codec: ClassVar[Any]
@@ -74,7 +73,6 @@ class IndexedFileBase(Store):
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
     _header: ClassVar[Codec]
-    _engine: Engine
     _values: ValuesFile
     _cache: _LruCache
 
@@ -220,12 +218,6 @@ class IndexedFileBase(Store):
         offset, length = POINTER.unpack_from(entry)
         return self._values.read(offset, length, key), entry[POINTER.size :]
 
-    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
-        with self._waiter.task():
-            self._check_open()
-            snapshot = self._engine.items()
-        return self._while_open(snapshot)
-
     def keys(self) -> Iterator[Any]:
         """Every key with a value at the time of the call, once each, in no particular order."""
         return self._keys(self._snapshot())
@@ -266,20 +258,9 @@ class IndexedFileBase(Store):
             self._engine.put(encoded_key, entry, flush=flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
-    def flush(self) -> None:
-        """Make every earlier ``flush=False`` append survive a kill."""
-        self._check_writable("flush")
-        with self._waiter.force_idle():
-            self._check_open()
-            self._engine.flush()
-
-    def sync(self) -> None:
-        """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
-        with self._waiter.force_idle():
-            self._check_open()
-            self._engine.sync()
-            self._values.reopen_if_missing()
-            self._cache.clear()
+    def _after_sync(self) -> None:
+        self._values.reopen_if_missing()
+        self._cache.clear()
 
     def _close_resources(self) -> None:
         try:
