@@ -101,6 +101,8 @@ class IndexedFileBase(EngineStore):
         expected = Expected(cls.name, cls._key.size or 0, POINTER.size + header_size, header_size)
         readonly = mode is Mode.READ_ONLY
         index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
+        values_path = os.path.join(directory, VALUES_FILE)
+        values_existed = os.path.exists(values_path)
         store._engine = Index(
             os.path.join(directory, INDEX_DIRECTORY),
             expected,
@@ -110,10 +112,15 @@ class IndexedFileBase(EngineStore):
             exclusive=store._waiter.force_idle,
         )
         try:
-            store._values = ValuesFile(
-                os.path.join(directory, VALUES_FILE), expected, readonly=readonly, fsync=fsync
-            )
-            store._check_halves(index_existed)
+            if not values_existed:
+                store._refuse_index_without_values()
+            store._values = ValuesFile(values_path, expected, readonly=readonly, fsync=fsync)
+            if store._values.end > HEADER_SIZE and not index_existed:
+                raise CannotLoadStore(
+                    f"{values_path} holds values but the index directory is missing",
+                    name=cls.name,
+                    path=directory,
+                )
             if not readonly:
                 store._drop_unreferenced_tail()
         except OSError as error:
@@ -125,19 +132,11 @@ class IndexedFileBase(EngineStore):
         store._cache = _LruCache(cache_size)
         return store
 
-    def _check_halves(self, index_existed: bool) -> None:
-        """Refuse values without an index, or an index without values (never a crash)."""
-        has_values = self._values.end > HEADER_SIZE
-        has_index = next(iter(self._engine.items()), None) is not None
-        if has_index and not os.path.exists(self._values.path):
+    def _refuse_index_without_values(self) -> None:
+        """No crash leaves index entries without a values file: refuse, create nothing."""
+        if next(iter(self._engine.items()), None) is not None:
             raise CannotLoadStore(
-                f"the index has entries but {self._values.path} is missing",
-                name=self.name,
-                path=self.path,
-            )
-        if has_values and not index_existed:
-            raise CannotLoadStore(
-                f"{self._values.path} holds values but the index directory is missing",
+                f"the index has entries but {VALUES_FILE} is missing",
                 name=self.name,
                 path=self.path,
             )
@@ -176,22 +175,16 @@ class IndexedFileBase(EngineStore):
 
     # -- reads
 
-    def _encode_key(self, key: Any) -> bytes:
-        try:
-            return self._key.encode(key)
-        except CodecError as error:
-            raise self._codec_error(error) from error
-
     def mem(self, key: Any) -> bool:
         """True when ``key`` has a value."""
-        encoded = self._encode_key(key)
+        encoded = self._encode(self._key, key)
         with self._waiter.task():
             self._check_open()
             return self._engine.get(encoded) is not None
 
     def header(self, key: Any) -> Any | None:
         """The header of ``key``'s value, or None; never reads the value."""
-        encoded = self._encode_key(key)
+        encoded = self._encode(self._key, key)
         with self._waiter.task():
             self._check_open()
             entry = self._engine.get(encoded)
@@ -201,7 +194,7 @@ class IndexedFileBase(EngineStore):
 
     def read(self, key: Any) -> tuple[Any, Any] | None:
         """The ``(value, header)`` of ``key``, or None."""
-        encoded = self._encode_key(key)
+        encoded = self._encode(self._key, key)
         with self._waiter.task():
             self._check_open()
             raw = self._cache.get(encoded)
