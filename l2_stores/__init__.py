@@ -25,6 +25,7 @@ from .factories import (
     make_simple_indexed_file,
     make_singleton,
 )
+from .gc import Chain, Retain
 from .idle_waiter import IdleWaiter
 from .mode import Mode
 from .stores.base import Store
@@ -38,6 +39,7 @@ __all__ = [
     "CannotLoadStore",
     "CannotReadFromStore",
     "CannotWriteToStore",
+    "Chain",
     "CodecError",
     "DecodingError",
     "GcFailed",
@@ -47,6 +49,7 @@ __all__ = [
     "IndexedFile",
     "Mode",
     "ReadOnlyError",
+    "Retain",
     "SimpleIndexedFile",
     "SingletonStore",
     "Store",

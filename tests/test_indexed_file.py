@@ -59,7 +59,7 @@ STRUCT_VALUE = construct.Struct("level" / construct.Int32ub, "payload" / constru
 FILE_HEADER_SIZE = 64
 VALUES_FILE = "values.00000000"
 RECORD_OVERHEAD = 12  # n u32 | key | value | n u32 | crc32
-POINTER_SIZE = 12  # offset u64 | length u32
+POINTER_SIZE = 16  # offset u64 | length u32 | file number u32
 
 BUFFER_SIZES = [1, 2, 3, 5]
 CACHE_SIZES = [0, 1, 2, 1000]

@@ -5,7 +5,8 @@ bits, R = key size + value size + 4)::
 
     offset          size          section
     0               64            file header (see ``framing``), magic
-                                  ``L2SDATA\\0``, count = n, fan-out bits = k
+                                  ``L2SDATA\\0``, count = n, fan-out bits = k,
+                                  tag = the store's word (carried by merges)
     H = 64          4 n           hash column: u32 hash of each row's key,
                                   ascending; rows of equal hash by key
     W = H + 4 n     R n           rows: key | value | crc32(key | value)
@@ -115,6 +116,7 @@ class DataFile:
             header = decode_header(file.read(HEADER_SIZE), MAGIC, path, expected)
             self.generation = header.generation
             self.count = header.count
+            self.tag = header.tag
             bits = header.fanout_bits
             sections = _Sections(self.count, bits, self._row_size)
             size = os.fstat(file.fileno()).st_size
@@ -242,7 +244,9 @@ class DataFile:
 class DataFileWriter:
     """Writes a data file from its hash column and rows, then its fan-out."""
 
-    def __init__(self, path: str, expected: Expected, generation: int, count: int) -> None:
+    def __init__(
+        self, path: str, expected: Expected, generation: int, count: int, tag: int = 0
+    ) -> None:
         self.path = path
         self._expected = expected
         self._count = count
@@ -257,6 +261,7 @@ class DataFileWriter:
             generation,
             count,
             self._bits,
+            tag=tag,
         )
         self._raw = io.FileIO(path, "x+")
         self._out = io.BufferedWriter(self._raw, WRITE_BUFFER)

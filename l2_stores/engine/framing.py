@@ -5,7 +5,7 @@ Every engine file starts with the same 64-byte header, little-endian::
     offset  size  field
          0     8  magic            identifies the kind of file (log, data, ...)
          8     2  format version   FORMAT_VERSION
-        10     2  flags            reserved, zero
+        10     2  flags            kind-specific (values file: GC copy)
         12     4  key size         bytes of an encoded key
         16     4  value size       bytes of an engine value (encoded value,
                                    or an indexed file's index entry)
@@ -13,7 +13,10 @@ Every engine file starts with the same 64-byte header, little-endian::
         24     8  generation       the generation the file belongs to
         32     8  count            kind-specific (data file: number of rows)
         40     1  fan-out bits     kind-specific (data file: log2 of buckets)
-        41    19  reserved         zero
+        41     8  tag              kind-specific (data file: a word the store
+                                   keeps with it; indexed files keep their
+                                   values-file floor there)
+        49    11  reserved         zero
         60     4  crc32            of bytes 0..59
 
 Records are checksummed with CRC-32 (zlib) stored little-endian right after
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from ..errors import CannotLoadStore
 
 FORMAT_VERSION = 1
-HEADER_FORMAT = "<8sHHIIIQQB19xI"
+HEADER_FORMAT = "<8sHHIIIQQBQ11xI"
 HEADER_STRUCT = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = 64
 assert HEADER_STRUCT.size == HEADER_SIZE
@@ -66,19 +69,22 @@ class FileHeader:
     count: int = 0
     fanout_bits: int = 0
     version: int = FORMAT_VERSION
+    flags: int = 0
+    tag: int = 0
 
     def encode(self) -> bytes:
         """The 64 bytes of this header, checksum included."""
         body = HEADER_STRUCT.pack(
             self.magic,
             self.version,
-            0,
+            self.flags,
             self.key_size,
             self.value_size,
             self.header_size,
             self.generation,
             self.count,
             self.fanout_bits,
+            self.tag,
             0,
         )[: HEADER_SIZE - CRC_SIZE]
         return with_crc(body)
@@ -112,7 +118,7 @@ def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> Fi
         raise fail(f"not a {kind} file: magic {raw[:8]!r}")
     if not crc_ok(raw):
         raise fail("file header checksum mismatch")
-    (_, version, _, key_size, value_size, header_size, generation, count, bits, _) = (
+    (_, version, flags, key_size, value_size, header_size, generation, count, bits, tag, _) = (
         HEADER_STRUCT.unpack(raw)
     )
     if version != FORMAT_VERSION:
@@ -124,7 +130,9 @@ def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> Fi
             "encoding sizes differ: expected key {} B, value {} B, header {} B; "
             "found key {} B, value {} B, header {} B".format(*wanted, *found)
         )
-    return FileHeader(magic, key_size, value_size, header_size, generation, count, bits, version)
+    return FileHeader(
+        magic, key_size, value_size, header_size, generation, count, bits, version, flags, tag
+    )
 
 
 def fsync_directory(path: str) -> None:

@@ -13,6 +13,13 @@ file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
 on during the merge (active dict, frozen dict, old data file); a writer that
 fills the active log again before the merge ends waits for it.
 
+GC: ``begin_gc`` (in the exclusive section) returns a lookup into the
+bindings as they are and starts recording the keys written from then on;
+``collect`` (from the GC's thread) freezes the log and merges everything into
+the next data file through a ``Selection``: the retained keys, the touched
+keys, nothing else. It is an ordinary merge in every other respect, so a
+crash before its rename leaves the old content and one after it the new.
+
 Recovery: the newest data file is complete (it is renamed into place only
 once written and fsynced) and holds every log older than itself; the logs of
 its generation and above are replayed in order, torn tails dropped; older
@@ -26,7 +33,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
@@ -35,12 +42,21 @@ from .datafile import DataFile
 from .framing import Expected, make_directories
 from .lock import WriterLock
 from .log import LogScan, LogWriter, read_log
-from .merge import install, merge
+from .merge import Selection, install, merge
 
 logger = logging.getLogger("l2_stores.engine")
 
 _MISSING = object()
 _RELOAD_ATTEMPTS = 50
+
+
+class _GcMerge:
+    """A GC's merge: its selection, then its outcome once the merge thread is done."""
+
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
 
 class Index:
@@ -77,6 +93,8 @@ class Index:
         self._merge_outcome: DataFile | BaseException | None = None
         self._merge_ticket = 0
         self._switch_lock = threading.Lock()
+        # GC state: keys written since begin_gc(), until collect() freezes the log
+        self._touched: set[bytes] | None = None
         # read-only state: the listing and scans seen at the last (re)load
         self._seen: tuple[int, tuple[int, ...]] | None = None
         self._scans: list[LogScan] = []
@@ -127,6 +145,11 @@ class Index:
         """Generation of the current data file (0 before the first merge)."""
         return self._data.generation if self._data is not None else 0
 
+    @property
+    def tag(self) -> int:
+        """The tag of the current data file (0 before the first merge)."""
+        return self._data.tag if self._data is not None else 0
+
     # --------------------------------------------------------------- writes
 
     def reserve(self) -> None:
@@ -144,6 +167,8 @@ class Index:
         log = self._writable_log()
         log.append_set(key, value, flush)
         self._active[key] = value
+        if self._touched is not None:
+            self._touched.add(key)
         self._after_append(log)
 
     def remove(self, key: bytes, *, flush: bool) -> None:
@@ -151,6 +176,8 @@ class Index:
         log = self._writable_log()
         log.append_remove(key, flush)
         self._active[key] = None
+        if self._touched is not None:
+            self._touched.add(key)
         self._after_append(log)
 
     def flush(self) -> None:
@@ -192,7 +219,7 @@ class Index:
 
     # ---------------------------------------------------------------- merge
 
-    def _freeze_and_merge(self) -> None:
+    def _freeze_and_merge(self, gc: _GcMerge | None = None) -> None:
         log = self._log
         assert log is not None and self._frozen is None
         log.flush()  # on error nothing has changed
@@ -205,16 +232,16 @@ class Index:
         log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
         self._log = next_log
-        self._start_merge_thread()
+        self._start_merge_thread(gc)
 
-    def _start_merge_thread(self) -> None:
+    def _start_merge_thread(self, gc: _GcMerge | None = None) -> None:
         assert self._frozen is not None and self._log is not None
         self._merge_ticket += 1
         self._merge_ready.clear()
         self._merge_outcome = None
         thread = threading.Thread(
             target=self._merge_worker,
-            args=(self._merge_ticket, self._data, self._frozen, self._log.generation),
+            args=(self._merge_ticket, self._data, self._frozen, self._log.generation, gc),
             name=f"l2_stores merge {self._name}",
             daemon=True,
         )
@@ -233,14 +260,16 @@ class Index:
         old: DataFile | None,
         frozen: dict[bytes, bytes | None],
         generation: int,
+        gc: _GcMerge | None,
     ) -> None:
         final = os.path.join(self.directory, layout.data_name(generation))
         temporary = os.path.join(self.directory, layout.temporary_name(generation))
+        selection = gc.selection if gc is not None else None
         outcome: DataFile | BaseException
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-            merge(old, frozen, temporary, self._expected, generation, fsync=True)
+            merge(old, frozen, temporary, self._expected, generation, True, selection)
             install(temporary, final, fsync=True)
             outcome = DataFile(final, self._expected)
         except BaseException as error:  # reported to the writer
@@ -248,9 +277,14 @@ class Index:
             outcome = error
         self._merge_outcome = outcome
         self._merge_ready.set()
-        with self._exclusive():
-            if self._merge_ticket == ticket and self._merge_thread is not None:
-                self._switch()
+        try:
+            with self._exclusive():
+                if self._merge_ticket == ticket and self._merge_thread is not None:
+                    self._switch()
+        finally:
+            if gc is not None:
+                gc.error = outcome if isinstance(outcome, BaseException) else None
+                gc.done.set()
 
     def _finish_merge(self) -> None:
         """Wait for the running merge and switch to its result (exclusive section)."""
@@ -285,6 +319,73 @@ class Index:
         if old is not None:
             with contextlib.suppress(OSError):
                 os.unlink(old.path)
+
+    # ------------------------------------------------------------------- GC
+
+    def begin_gc(self) -> Callable[[bytes], bytes | None]:
+        """Record the keys written from now on; return a lookup of the bindings as they are.
+
+        Called in the exclusive section. The lookup never changes afterwards:
+        it holds a copy of the active log's bindings and the frozen log and
+        data file of this moment.
+        """
+        if self._log is None:
+            raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
+        self._touched = set()
+        active = dict(self._active)
+        frozen = self._frozen
+        data = self._data
+
+        def lookup(key: bytes) -> bytes | None:
+            value = active.get(key, _MISSING)
+            if value is _MISSING and frozen is not None:
+                value = frozen.get(key, _MISSING)
+            if value is _MISSING:
+                return data.find(key) if data is not None else None
+            return value  # type: ignore[return-value]
+
+        return lookup
+
+    def end_gc(self) -> None:
+        """Stop recording written keys (a GC given up; exclusive section)."""
+        self._touched = None
+
+    def collect(self, retained: Mapping[bytes, bytes | None], tag: int | None = None) -> None:
+        """Merge every binding into a data file keeping only ``retained`` and the touched keys.
+
+        Called from the GC's thread after ``begin_gc``; returns once the new
+        data file is in place, and raises if the merge failed, leaving the
+        store as it was. ``tag`` (default: the current one) tags the new file.
+        """
+        while True:
+            if self._merge_thread is not None:
+                self._merge_ready.wait()
+            with self._exclusive():
+                if self._merge_thread is not None and not self._merge_ready.is_set():
+                    continue  # another merge started meanwhile
+                self._switch()
+                if self._closed or self._log is None or self._touched is None:
+                    raise CannotWriteToStore("store closed", name=self._name, path=self.directory)
+                if self._frozen is not None:
+                    raise CannotWriteToStore(
+                        "an earlier merge failed and waits to be run again",
+                        name=self._name,
+                        path=self.directory,
+                    )
+                touched, self._touched = self._touched, None
+                gc = _GcMerge(Selection(retained, touched, self.tag if tag is None else tag))
+                try:
+                    self._freeze_and_merge(gc)
+                except OSError as error:
+                    raise CannotWriteToStore(
+                        f"cannot start the GC merge: {error}", name=self._name, path=self.directory
+                    ) from error
+                break
+        gc.done.wait()
+        if gc.error is not None:
+            raise CannotWriteToStore(
+                f"GC merge failed: {gc.error}", name=self._name, path=self.directory
+            ) from gc.error
 
     def wait_merge(self) -> None:
         """Block until no merge runs (tests and tools)."""

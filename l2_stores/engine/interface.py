@@ -7,7 +7,7 @@ shared task. A second engine (SQLite, say) implements this and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 
@@ -34,6 +34,23 @@ class Engine(Protocol):
 
     def sync(self) -> None:
         """Read-only engines: pick up what the writer flushed since."""
+
+    @property
+    def generation(self) -> int:
+        """A number that changes whenever the data file is replaced."""
+
+    @property
+    def tag(self) -> int:
+        """The word the store keeps with the engine's data (0 until set by a GC)."""
+
+    def begin_gc(self) -> Callable[[bytes], bytes | None]:
+        """Start recording written keys; return a lookup frozen at this moment."""
+
+    def end_gc(self) -> None:
+        """Stop recording written keys (a GC given up)."""
+
+    def collect(self, retained: Mapping[bytes, bytes | None], tag: int | None = None) -> None:
+        """Keep only ``retained`` (with new values where given) and the written keys."""
 
     def close(self) -> None:
         """Flush and release every resource; idempotent."""

@@ -7,12 +7,19 @@ removals) left out. Old rows are copied as bytes with their checksums, never
 decoded one by one, so a merge costs one bisection per logged binding plus a
 copy of the file; the old hash column is checked bucket by bucket first, so
 that no corruption is carried over under a fresh checksum.
+
+A GC merge is given a :class:`Selection`: only the retained and the touched
+keys are kept, from the old file and the log alike, and retained keys may get
+a new value (an indexed file's entry pointing at the value's new place). Its
+plan is made from one bisection per kept key, so it costs what is kept, not
+what is dropped.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
+from dataclasses import dataclass
 
 from .datafile import HASH_SIZE, DataFile, DataFileWriter, key_hash
 from .framing import Expected, fsync_directory, with_crc
@@ -20,6 +27,21 @@ from .framing import Expected, fsync_directory, with_crc
 # A plan is a list of steps: ``(low, high)`` copies old rows ``low:high``;
 # ``(hashed, row)`` inserts a new row.
 _Step = tuple[int, int] | tuple[int, bytes]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a GC merge keeps.
+
+    ``retained`` maps each key reachable at the GC's start to a new value, or
+    to None to keep its value; every ``touched`` key (written since the GC
+    started) keeps its value whatever ``retained`` says; other keys are
+    dropped. ``tag`` is the new file's tag.
+    """
+
+    retained: Mapping[bytes, bytes | None]
+    touched: Set[bytes]
+    tag: int
 
 
 def _plan(old: DataFile | None, updates: Mapping[bytes, bytes | None]) -> tuple[list[_Step], int]:
@@ -39,6 +61,50 @@ def _plan(old: DataFile | None, updates: Mapping[bytes, bytes | None]) -> tuple[
         steps.append((position, old.count))
         count += old.count - position
     return steps, count
+
+
+def _selected_plan(
+    old: DataFile | None, updates: Mapping[bytes, bytes | None], selection: Selection
+) -> tuple[list[_Step], int]:
+    retained, touched = selection.retained, selection.touched
+    entries: list[tuple[int, bytes, int | bytes]] = []
+    for key, value in updates.items():
+        if value is None:
+            continue
+        if key not in touched:
+            if key not in retained:
+                continue
+            replacement = retained[key]
+            if replacement is not None:
+                value = replacement
+        entries.append((key_hash(key), key, with_crc(key + value)))
+    if old is not None:
+        for key in (retained.keys() | touched) - updates.keys():
+            hashed = key_hash(key)
+            index, found = old.locate(hashed, key)
+            if not found:
+                continue
+            new_value = None if key in touched else retained[key]
+            row = index if new_value is None else with_crc(key + new_value)
+            entries.append((hashed, key, row))
+    entries.sort()
+    steps: list[_Step] = []
+    low = high = -1
+    for hashed, _, row in entries:
+        if isinstance(row, int):
+            if row != high:
+                if high > low:
+                    steps.append((low, high))
+                low = row
+            high = row + 1
+        else:
+            if high > low:
+                steps.append((low, high))
+            low = high = -1
+            steps.append((hashed, row))
+    if high > low:
+        steps.append((low, high))
+    return steps, len(entries)
 
 
 def _hash_chunks(old: DataFile | None, steps: list[_Step]) -> Iterator[bytes | memoryview]:
@@ -66,16 +132,24 @@ def merge(
     expected: Expected,
     generation: int,
     fsync: bool = True,
+    selection: Selection | None = None,
 ) -> None:
     """Write at ``path`` the data file of ``old`` updated by ``updates``.
 
-    A ``None`` value removes the key. The file is complete (and fsynced when
-    ``fsync``) when this returns; on error nothing is left at ``path``.
+    A ``None`` value removes the key; a ``selection`` keeps only what it
+    selects. The new file carries the selection's tag, else the old file's.
+    The file is complete (and fsynced when ``fsync``) when this returns; on
+    error nothing is left at ``path``.
     """
     if old is not None:
         old.verify_hash_column()
-    steps, count = _plan(old, updates)
-    writer = DataFileWriter(path, expected, generation, count)
+    if selection is None:
+        steps, count = _plan(old, updates)
+        tag = old.tag if old is not None else 0
+    else:
+        steps, count = _selected_plan(old, updates, selection)
+        tag = selection.tag
+    writer = DataFileWriter(path, expected, generation, count, tag)
     try:
         writer.write_hashes(_hash_chunks(old, steps))
         writer.write_rows(_row_chunks(old, steps))

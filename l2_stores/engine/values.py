@@ -1,10 +1,11 @@
 """The values file of an indexed file: variable-size values, appended.
 
-Layout of ``values.<generation>`` (integers little-endian)::
+Layout of ``values.<number>`` (integers little-endian)::
 
     offset  size  field
          0    64  file header (see ``framing``), magic ``L2SVALS\\0``,
-                  value size 0xFFFFFFFF (variable)
+                  value size 0xFFFFFFFF (variable), generation = the file's
+                  number, flags = GC_COPY for a file written by a GC
         64     .  records, one after the other
 
     record (K = key size, n = value length; 12 + K + n bytes):
@@ -32,7 +33,7 @@ import contextlib
 import os
 import struct
 
-from ..errors import CannotReadFromStore, CannotWriteToStore
+from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -51,8 +52,12 @@ RECORD_OVERHEAD = 2 * LENGTH.size + CRC_SIZE
 MAX_VALUE_SIZE = 0xFFFFFFFF - 1
 assert RECORD_OVERHEAD == 12
 
-#: Index entries of an indexed file: offset u64 | length u32 | header bytes.
-POINTER = struct.Struct("<QI")
+#: Index entries of an indexed file: offset u64 | length u32 | file number u32 | header.
+POINTER = struct.Struct("<QII")
+assert POINTER.size == 16
+
+#: Header flag of a values file written by a GC (see ``value_files``).
+GC_COPY = 1
 
 
 def values_expected(expected: Expected) -> Expected:
@@ -63,8 +68,19 @@ def values_expected(expected: Expected) -> Expected:
 class ValuesFile:
     """Appends records and reads them back at their offsets (``pread``/``pwrite``)."""
 
-    def __init__(self, path: str, expected: Expected, *, readonly: bool, fsync: bool) -> None:
+    def __init__(
+        self,
+        path: str,
+        expected: Expected,
+        *,
+        readonly: bool,
+        fsync: bool,
+        number: int = 0,
+        flags: int = 0,
+    ) -> None:
         self.path = path
+        self.number = number
+        self.flags = flags
         self._expected = values_expected(expected)
         self._name = expected.name
         self._key_size = expected.key_size
@@ -131,7 +147,9 @@ class ValuesFile:
 
     def _create(self) -> None:
         e = self._expected
-        header = FileHeader(MAGIC, e.key_size, e.value_size, e.header_size, generation=0)
+        header = FileHeader(
+            MAGIC, e.key_size, e.value_size, e.header_size, generation=self.number, flags=self.flags
+        )
         temporary = self.path + ".tmp"
         with open(temporary, "wb") as file:
             file.write(header.encode())
@@ -141,7 +159,15 @@ class ValuesFile:
         fsync_directory(os.path.dirname(self.path))
 
     def _check_header(self, fd: int) -> None:
-        decode_header(os.pread(fd, HEADER_SIZE, 0), MAGIC, self.path, self._expected)
+        header = decode_header(os.pread(fd, HEADER_SIZE, 0), MAGIC, self.path, self._expected)
+        if header.generation != self.number:
+            raise CannotLoadStore(
+                f"{self.path} says it is values file {header.generation} (file {self.path}, "
+                "offset 0)",
+                name=self._name,
+                path=self.path,
+            )
+        self.flags = header.flags
 
     # -- reading and writing
 
@@ -192,6 +218,15 @@ class ValuesFile:
             ) from error
         self.end = offset + len(record)
         return offset
+
+    @property
+    def opened(self) -> bool:
+        """False for a read-only file that did not exist when opened."""
+        return self._fd >= 0
+
+    def sync(self) -> None:
+        """Make every appended record durable."""
+        os.fsync(self._fd)
 
     def reopen_if_missing(self) -> None:
         """Read-only: open the file if the writer created it since."""

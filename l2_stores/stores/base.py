@@ -63,6 +63,7 @@ class Store:
         if self._is_view:
             self._lifetime = _DETACHED
             return
+        self._before_close()
         waiter = self._waiter
         waiter.enter_exclusive()
         try:
@@ -72,6 +73,9 @@ class Store:
             self._close_resources()
         finally:
             waiter.exit_exclusive()
+
+    def _before_close(self) -> None:
+        """Stop background work that needs the exclusive section (called before taking it)."""
 
     def _close_resources(self) -> None:
         """Release files and locks (called once, in the exclusive section)."""

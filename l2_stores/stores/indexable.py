@@ -11,12 +11,12 @@ from ..engine.framing import Expected
 from ..engine.index import Index
 from ..errors import CodecError, DecodingError
 from ..mode import Mode
-from .base import EngineStore
+from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
 
 
-class IndexableStore(EngineStore):
+class IndexableStore(Collectable):
     """Fixed-size keys bound to fixed-size values (``Make_indexable``).
 
     ``path`` is a directory. Loading ``READ_WRITE`` creates it and takes the

@@ -1,9 +1,14 @@
 """Indexed files: fixed-size keys to variable-size values with a fixed-size header.
 
 A store directory holds ``index/`` (the index engine, whose entries are
-``offset u64 | length u32 | header``) and ``values.00000000`` (see
-``engine.values``). ``header`` and ``mem`` read only the index; ``read``
-reads the index, then the value's record with one ``pread``.
+``offset u64 | length u32 | file number u32 | header``) and the values files
+``values.<number>`` (see ``engine.values`` and ``engine.value_files``).
+``header`` and ``mem`` read only the index; ``read`` reads the index, then
+the value's record with one ``pread``.
+
+GC copies the retained values into a new values file, then merges the index
+with their new places; the old values files are deleted once the merged
+index is in place.
 """
 
 from __future__ import annotations
@@ -16,19 +21,21 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
+from ..engine import layout
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import Index
-from ..engine.values import POINTER, ValuesFile
+from ..engine.value_files import ValueFiles, list_values
+from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError
 from ..mode import Mode
-from .base import EngineStore
+from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 
 logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 INDEX_DIRECTORY = "index"
-VALUES_FILE = "values.00000000"
+_RELOAD_ATTEMPTS = 50
 
 
 class _LruCache:
@@ -64,7 +71,7 @@ class _LruCache:
             self._entries.clear()
 
 
-class IndexedFileBase(EngineStore):
+class IndexedFileBase(Collectable):
     """What both indexed-file kinds share: everything but ``append``."""
 
     key_codec: ClassVar[Any]
@@ -73,8 +80,9 @@ class IndexedFileBase(EngineStore):
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
     _header: ClassVar[Codec]
-    _values: ValuesFile
+    _values: ValueFiles
     _cache: _LruCache
+    _gc_copy: int | None = None
 
     @classmethod
     def load(
@@ -101,8 +109,7 @@ class IndexedFileBase(EngineStore):
         expected = Expected(cls.name, cls._key.size or 0, POINTER.size + header_size, header_size)
         readonly = mode is Mode.READ_ONLY
         index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
-        values_path = os.path.join(directory, VALUES_FILE)
-        values_existed = os.path.exists(values_path)
+        values_existed = bool(list_values(directory)[0])
         store._engine = Index(
             os.path.join(directory, INDEX_DIRECTORY),
             expected,
@@ -114,64 +121,101 @@ class IndexedFileBase(EngineStore):
         try:
             if not values_existed:
                 store._refuse_index_without_values()
-            store._values = ValuesFile(values_path, expected, readonly=readonly, fsync=fsync)
-            if store._values.end > HEADER_SIZE and not index_existed:
+            store._open_values(expected, readonly, fsync)
+            if store._values.has_values and not index_existed:
                 raise CannotLoadStore(
-                    f"{values_path} holds values but the index directory is missing",
+                    f"{directory} holds values but the index directory is missing",
                     name=cls.name,
                     path=directory,
                 )
             if not readonly:
                 store._drop_unreferenced_tail()
         except OSError as error:
-            store._engine.close()
+            store._close_resources()
             raise CannotLoadStore(f"cannot load: {error}", name=cls.name, path=directory) from error
         except BaseException:
-            store._engine.close()
+            store._close_resources()
             raise
         store._cache = _LruCache(cache_size)
         return store
+
+    def _open_values(self, expected: Expected, readonly: bool, fsync: bool) -> None:
+        """Open the values files the index points into.
+
+        A read-only load retries when a writer's GC committed meanwhile, since
+        that deletes the files the index just read may point into.
+        """
+        engine = self._engine
+        for _ in range(_RELOAD_ATTEMPTS):
+            generation = engine.generation
+            self._values = ValueFiles(
+                self.path, expected, readonly=readonly, fsync=fsync, floor=engine.tag
+            )
+            if not readonly or not self._index_moved_since(generation):
+                return
+            self._values.close()
+            engine.sync()
+        raise CannotLoadStore("files kept changing while loading", name=self.name, path=self.path)
+
+    def _index_moved_since(self, generation: int) -> bool:
+        directory = os.path.join(self.path, INDEX_DIRECTORY)
+        if not os.path.isdir(directory):
+            return generation != 0
+        return layout.scan(directory).data_generation != generation
 
     def _refuse_index_without_values(self) -> None:
         """No crash leaves index entries without a values file: refuse, create nothing."""
         if next(iter(self._engine.items()), None) is not None:
             raise CannotLoadStore(
-                f"the index has entries but {VALUES_FILE} is missing",
+                "the index has entries but there is no values file",
                 name=self.name,
                 path=self.path,
             )
 
     def _drop_unreferenced_tail(self) -> None:
-        """Cut orphans and torn bytes after the last record the index points at."""
+        """Cut orphans and torn bytes after the last record the index points at.
+
+        Only the target (the file appends go to) can have them. Pointers into
+        files that are not there refuse the load.
+        """
         values = self._values
-        if values.end == HEADER_SIZE:
+        target = values.target
+        assert target is not None
+        if target.end == HEADER_SIZE:
             return
-        last = values.last_record()
+        last = target.last_record()
         if last is not None:
             offset, key, length = last
             entry = self._engine.get(key)
-            if entry is not None and POINTER.unpack_from(entry) == (offset, length):
+            if entry is not None and POINTER.unpack_from(entry) == (offset, length, target.number):
                 return  # the file ends with a live record: nothing to cut
         referenced_end = HEADER_SIZE
+        live = set(values.numbers)
         for _, entry in self._engine.items():
-            offset, length = POINTER.unpack_from(entry)
-            referenced_end = max(referenced_end, values.record_end(offset, length))
-        if referenced_end > values.end:
-            values.close()
+            offset, length, number = POINTER.unpack_from(entry)
+            if number == target.number:
+                referenced_end = max(referenced_end, target.record_end(offset, length))
+            elif number not in live:
+                raise CannotLoadStore(
+                    f"the index points into values file {number}, which is missing",
+                    name=self.name,
+                    path=self.path,
+                )
+        if referenced_end > target.end:
             raise CannotLoadStore(
-                f"the index points past the end of {values.path} "
-                f"(offset {referenced_end}, file of {values.end} bytes)",
+                f"the index points past the end of {target.path} "
+                f"(offset {referenced_end}, file of {target.end} bytes)",
                 name=self.name,
                 path=self.path,
             )
-        if referenced_end < values.end:
+        if referenced_end < target.end:
             logger.warning(
                 "%s: dropping %d unreferenced bytes at the end of %s",
                 self.name,
-                values.end - referenced_end,
-                values.path,
+                target.end - referenced_end,
+                target.path,
             )
-            values.cut(referenced_end)
+            target.cut(referenced_end)
 
     # -- reads
 
@@ -208,8 +252,8 @@ class IndexedFileBase(EngineStore):
         return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
 
     def _read_raw(self, key: bytes, entry: bytes) -> tuple[bytes, bytes]:
-        offset, length = POINTER.unpack_from(entry)
-        return self._values.read(offset, length, key), entry[POINTER.size :]
+        offset, length, number = POINTER.unpack_from(entry)
+        return self._values.read(number, offset, length, key), entry[POINTER.size :]
 
     def keys(self) -> Iterator[Any]:
         """Every key with a value at the time of the call, once each, in no particular order."""
@@ -246,20 +290,71 @@ class IndexedFileBase(EngineStore):
         self._engine.reserve()
         with self._waiter.force_idle():
             self._check_open()
-            offset = self._values.append(encoded_key, encoded_value)
-            entry = POINTER.pack(offset, len(encoded_value)) + encoded_header
+            number, offset = self._values.append(encoded_key, encoded_value)
+            entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
             self._engine.put(encoded_key, entry, flush=flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
     def _after_sync(self) -> None:
-        self._values.reopen_if_missing()
+        engine = self._engine
+        for _ in range(_RELOAD_ATTEMPTS):
+            generation = engine.generation
+            self._values.refresh(engine.tag)
+            if not self._index_moved_since(generation):
+                break
+            engine.sync()
         self._cache.clear()
 
     def _close_resources(self) -> None:
         try:
             self._engine.close()
         finally:
-            self._values.close()
+            values = getattr(self, "_values", None)
+            if values is not None:
+                values.close()
+
+    # -- GC
+
+    def _gc_begin(self) -> Lookup:
+        lookup = self._engine.begin_gc()
+        try:
+            self._gc_copy = self._values.begin_gc()
+        except BaseException:
+            self._engine.end_gc()
+            raise
+        return lookup
+
+    def _gc_value(self, key: bytes, entry: bytes) -> Any:
+        value, header = self._read_raw(key, entry)
+        return self._decode(self._value, value), self._decode(self._header, header)
+
+    def _gc_commit(self, retained: dict[bytes, bytes], check: Callable[[], None]) -> None:
+        """Copy the retained values into the GC's file, then merge the index onto it."""
+        number = self._gc_copy
+        assert number is not None
+        values = self._values
+        copy = values.create_copy(number)
+        relocated: dict[bytes, bytes | None] = {}
+        by_place = sorted(retained.items(), key=lambda item: POINTER.unpack_from(item[1])[::-1])
+        for key, entry in by_place:
+            check()
+            offset, length, source = POINTER.unpack_from(entry)
+            value = values.read(source, offset, length, key)
+            new_offset = copy.append(key, value)
+            relocated[key] = POINTER.pack(new_offset, length, number) + entry[POINTER.size :]
+        copy.sync()
+        check()
+        self._engine.collect(relocated, tag=number)
+        self._gc_copy = None
+        with self._waiter.force_idle():
+            freed = values.commit(number)
+        logger.info("%s: GC freed %d bytes of values files", self.name, freed)
+
+    def _gc_abandon(self) -> None:
+        self._engine.end_gc()
+        if self._gc_copy is not None:
+            self._values.drop_copy(self._gc_copy)
+            self._gc_copy = None
 
 
 class IndexedFile(IndexedFileBase):
