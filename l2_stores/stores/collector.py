@@ -1,17 +1,18 @@
 """GC of the engine-backed stores: the walk, the thread, failures and close.
 
-A GC runs in four steps; only the first and the switch inside the engine's
-merge take the store's exclusive section:
+A GC runs in four steps; only the first, the switch inside the engine's
+merge and the last take the store's exclusive section, each briefly:
 
-1. *begin* (exclusive): the engine starts recording the keys written from
-   now on and hands out a lookup frozen at this moment (an indexed file also
-   moves its appends to a new values file);
+1. *begin* (exclusive, in the caller's thread, so that every write made
+   after ``gc`` returns is kept): the engine starts recording the keys
+   written from now on and hands out a lookup frozen at this moment (an
+   indexed file also moves its appends to a new values file);
 2. *walk*: the spec is followed through that lookup, giving the retained
    bindings, while reads and writes go on;
 3. *commit*: the kind prepares what it keeps (an indexed file copies the
    retained values into a new file) and the engine merges its bindings into
    a new data file keeping only the retained and the written keys;
-4. *clean up*: files no longer referenced are deleted.
+4. *clean up* (exclusive): values files no longer referenced are deleted.
 
 A failure at any step before the merge's rename leaves the store as it was.
 """
@@ -89,9 +90,17 @@ class Collectable(EngineStore):
                 return
             state.idle.clear()
             state.cancelled = False
+        try:
+            lookup = self._begin()
+        except BaseException as error:
+            state.idle.set()
+            if isinstance(error, GcCancelled):
+                self._raise_closed()
+            raise GcFailed(f"GC failed: {error}", name=self.name, path=self.path) from error
         if not background:
+            state.runner = threading.get_ident()
             try:
-                self._run(plan)
+                self._run(plan, lookup)
             except GcCancelled:
                 self._raise_closed()
             except BaseException as error:
@@ -101,12 +110,13 @@ class Collectable(EngineStore):
                 state.idle.set()
             return
         thread = threading.Thread(
-            target=self._run_in_background, args=(plan,), name=f"l2_stores gc {self.name}"
+            target=self._run_in_background, args=(plan, lookup), name=f"l2_stores gc {self.name}"
         )
         thread.daemon = True
         try:
             thread.start()
         except RuntimeError as error:
+            self._abandon()
             state.idle.set()
             raise GcFailed(
                 f"cannot start the GC thread: {error}", name=self.name, path=self.path
@@ -142,10 +152,23 @@ class Collectable(EngineStore):
             return _Plan(spec, [self._encode(self._key, spec.first)])
         raise TypeError(f"{self.name}: gc expects Retain(...) or Chain(...), got {spec!r}")
 
-    def _run_in_background(self, plan: _Plan) -> None:
+    def _begin(self) -> Lookup:
+        """Step 1, in the caller's thread: every write after ``gc`` returns is kept."""
+        with self._waiter.force_idle():
+            if self._lifetime.closed:
+                raise GcCancelled
+            return self._gc_begin()
+
+    def _abandon(self) -> None:
+        with self._waiter.force_idle():
+            if not self._lifetime.closed:
+                self._gc_abandon()
+
+    def _run_in_background(self, plan: _Plan, lookup: Lookup) -> None:
         state = self._gc
+        state.runner = threading.get_ident()
         try:
-            self._run(plan)
+            self._run(plan, lookup)
         except GcCancelled:
             logger.info("%s: GC stopped by close(); the store is as it was", self.name)
         except BaseException as error:
@@ -158,21 +181,15 @@ class Collectable(EngineStore):
             state.runner = None
             state.idle.set()
 
-    def _run(self, plan: _Plan) -> None:
+    def _run(self, plan: _Plan, lookup: Lookup) -> None:
+        """Steps 2 to 4; on failure the GC's traces are undone."""
         state = self._gc
-        state.runner = threading.get_ident()
         started = time.monotonic()
-        with self._waiter.force_idle():
-            if self._lifetime.closed:
-                raise GcCancelled
-            lookup = self._gc_begin()
         try:
             retained = self._walk(plan, lookup)
             self._gc_commit(retained, self._check_cancelled)
         except BaseException:
-            with self._waiter.force_idle():
-                if not self._lifetime.closed:
-                    self._gc_abandon()
+            self._abandon()
             raise
         state.last_duration = time.monotonic() - started
         logger.info(
