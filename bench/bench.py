@@ -1,6 +1,6 @@
 """Benchmark of l2_stores on the indexable workload (not part of the tests).
 
-    python bench/bench.py [--n 1000000] [--dir DIR] [--json]
+    python bench/bench.py [--workload A|B|GC] [--n N] [--dir DIR] [--json]
 
 Each store runs in its own subprocess, so that its memory is measured from
 a clean base. Workload A: N random 32-byte keys to 32-byte values, added one
@@ -10,6 +10,12 @@ absent keys. Reported: microseconds per operation, single-add latency
 percentiles (merges included), reopen time, peak process-private memory over
 the base (RssAnon, sampled every 10 ms: pages of mmap'd store files are page
 cache and do not count), and bytes on disk.
+
+Workload B: N values of 100 B to 8 KiB with a 16-byte header, in an indexed
+file. Workload GC: N blocks chained by predecessor hash; a background Chain
+GC keeps the last 10 % while one thread does random finds: GC time, find
+latency (median, 99th percentile, max) before and during the GC, disk before
+and after.
 """
 
 from __future__ import annotations
@@ -184,12 +190,101 @@ def run_l2_stores_indexed_file(directory: str, n: int, seed: int) -> dict[str, A
     return result
 
 
+GC_KEEP = 0.10
+
+
+def percentile(samples: array.array[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def run_l2_stores_gc(directory: str, n: int, seed: int) -> dict[str, Any]:
+    """GC: n blocks chained by predecessor hash; a background Chain GC keeps the last 10 %."""
+    import construct as c
+
+    from l2_stores import Chain, make_indexable
+
+    store_class = make_indexable("bench_gc", c.Bytes(KEY_SIZE), c.Bytes(KEY_SIZE))
+    rng = random.Random(seed)
+    blob = rng.randbytes(KEY_SIZE * n)
+    keys = [blob[i : i + KEY_SIZE] for i in range(0, n * KEY_SIZE, KEY_SIZE)]
+    path = os.path.join(directory, "store")
+    result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "Chain GC, background"}
+    store = store_class.load(path)
+    previous = bytes(KEY_SIZE)
+    for key in keys:
+        store.add(key, previous, flush=False)
+        previous = key
+    store.close()
+    result["disk_before_bytes"] = disk_usage(path)
+    kept = max(1, int(n * GC_KEEP))
+    stop = keys[n - kept]
+
+    store = store_class.load(path)
+    find = store.find
+    clock = time.perf_counter
+    probes = [keys[rng.randrange(n)] for _ in range(200_000)]
+
+    def find_latencies(until: Callable[[], bool], limit: int = 1 << 62) -> array.array[float]:
+        samples: array.array[float] = array.array("d")
+        while len(samples) < limit:
+            for key in probes:
+                before = clock()
+                find(key)
+                samples.append(clock() - before)
+                if until():
+                    return samples
+        return samples
+
+    quiet = find_latencies(lambda: False, limit=len(probes))
+    result["find_median_idle_us"] = percentile(quiet, 0.5) * 1e6
+    result["find_p99_idle_us"] = percentile(quiet, 0.99) * 1e6
+
+    during: array.array[float] = array.array("d")
+    gc_started = threading.Event()
+
+    def reader() -> None:
+        gc_started.wait()
+        during.extend(find_latencies(store.is_gc_finished))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started = clock()
+    store.gc(Chain(keys[-1], lambda key, value: None if key == stop else value))
+    gc_started.set()
+    store.wait_gc_completion()
+    result["gc_s"] = clock() - started
+    thread.join()
+    result["finds_during_gc"] = len(during)
+    result["find_median_gc_us"] = percentile(during, 0.5) * 1e6
+    result["find_p99_gc_us"] = percentile(during, 0.99) * 1e6
+    result["find_max_gc_ms"] = max(during, default=0.0) * 1e3
+    if sum(1 for _ in store.items()) != kept:
+        raise AssertionError("the GC kept the wrong number of bindings")
+    store.close()
+    result["disk_after_bytes"] = disk_usage(path)
+    return result
+
+
 RUNNERS: dict[str, Callable[[str, int, int], dict[str, Any]]] = {
     "l2_stores": run_l2_stores,
     "l2_stores_indexed_file": run_l2_stores_indexed_file,
+    "l2_stores_gc": run_l2_stores_gc,
 }
-WORKLOADS = {"A": ["l2_stores"], "B": ["l2_stores_indexed_file"]}
-DEFAULT_N = {"A": 1_000_000, "B": 100_000}
+WORKLOADS = {"A": ["l2_stores"], "B": ["l2_stores_indexed_file"], "GC": ["l2_stores_gc"]}
+DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000}
+
+COLUMNS_GC = [
+    ("gc_s", "GC s", "{:.2f}"),
+    ("find_median_idle_us", "find med idle µs", "{:.2f}"),
+    ("find_p99_idle_us", "find p99 idle µs", "{:.2f}"),
+    ("finds_during_gc", "finds in GC", "{}"),
+    ("find_median_gc_us", "find med GC µs", "{:.2f}"),
+    ("find_p99_gc_us", "find p99 GC µs", "{:.1f}"),
+    ("find_max_gc_ms", "find max GC ms", "{:.1f}"),
+    ("disk_before_bytes", "disk before MB", "{:.1f}"),
+    ("disk_after_bytes", "disk after MB", "{:.1f}"),
+]
 
 COLUMNS_B = [
     ("append_us", "append µs", "{:.2f}"),
@@ -222,7 +317,8 @@ def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str
     for result in results:
         row = [result["store"]]
         for key, _, fmt in columns:
-            value = result[key] / 1e6 if key == "disk_bytes" else result[key]
+            in_megabytes = key.startswith("disk_") and key.endswith("bytes")
+            value = result[key] / 1e6 if in_megabytes else result[key]
             row.append(fmt.format(value))
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -282,12 +378,14 @@ def main() -> None:
         what = {
             "A": "random 32-byte keys -> 32-byte values",
             "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
+            "GC": "blocks chained by predecessor hash, a Chain GC keeping the last 10 %",
         }[args.workload]
         print(
             f"workload {args.workload}: {args.n:,} {what}, "
             f"python {sys.version.split()[0]}, {os.cpu_count()} cores"
         )
-        print_table(results, COLUMNS if args.workload == "A" else COLUMNS_B)
+        columns = {"A": COLUMNS, "B": COLUMNS_B, "GC": COLUMNS_GC}[args.workload]
+        print_table(results, columns)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ what is dropped.
 
 from __future__ import annotations
 
+import heapq
 import os
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
+from typing import Any
 
 from .datafile import HASH_SIZE, DataFile, DataFileWriter, key_hash
 from .framing import Expected, fsync_directory, with_crc
@@ -27,6 +29,25 @@ from .framing import Expected, fsync_directory, with_crc
 # A plan is a list of steps: ``(low, high)`` copies old rows ``low:high``;
 # ``(hashed, row)`` inserts a new row.
 _Step = tuple[int, int] | tuple[int, bytes]
+
+
+_SORT_CHUNK = 4096
+
+
+def sorted_in_steps(items: list[Any], key: Callable[[Any], Any] | None = None) -> Iterable[Any]:
+    """``items`` in order, sorted a chunk at a time.
+
+    One ``sort`` of 100,000 items holds the GIL for tens of milliseconds,
+    which readers in other threads would see as a stall; chunks and a lazy
+    merge keep every step short.
+    """
+    if len(items) <= _SORT_CHUNK:
+        return sorted(items, key=key)
+    chunks = [
+        sorted(items[start : start + _SORT_CHUNK], key=key)
+        for start in range(0, len(items), _SORT_CHUNK)
+    ]
+    return heapq.merge(*chunks, key=key)
 
 
 @dataclass(frozen=True)
@@ -87,10 +108,9 @@ def _selected_plan(
             new_value = None if key in touched else retained[key]
             row = index if new_value is None else with_crc(key + new_value)
             entries.append((hashed, key, row))
-    entries.sort()
     steps: list[_Step] = []
     low = high = -1
-    for hashed, _, row in entries:
+    for hashed, _, row in sorted_in_steps(entries):
         if isinstance(row, int):
             if row != high:
                 if high > low:

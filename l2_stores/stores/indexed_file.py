@@ -24,6 +24,7 @@ from ..codecs import Codec
 from ..engine import layout
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import Index
+from ..engine.merge import sorted_in_steps
 from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError
@@ -335,7 +336,9 @@ class IndexedFileBase(Collectable):
         values = self._values
         copy = values.create_copy(number)
         relocated: dict[bytes, bytes | None] = {}
-        by_place = sorted(retained.items(), key=lambda item: POINTER.unpack_from(item[1])[::-1])
+        by_place = sorted_in_steps(
+            list(retained.items()), key=lambda item: POINTER.unpack_from(item[1])[::-1]
+        )
         for key, entry in by_place:
             check()
             offset, length, source = POINTER.unpack_from(entry)
