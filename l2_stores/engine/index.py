@@ -53,8 +53,9 @@ _RELOAD_ATTEMPTS = 50
 class _GcMerge:
     """A GC's merge: its selection, then its outcome once the merge thread is done."""
 
-    def __init__(self, selection: Selection) -> None:
+    def __init__(self, selection: Selection, on_switch: Callable[[], None] | None) -> None:
         self.selection = selection
+        self.on_switch = on_switch
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -92,6 +93,7 @@ class Index:
         self._merge_ready = threading.Event()
         self._merge_outcome: DataFile | BaseException | None = None
         self._merge_ticket = 0
+        self._merge_gc: _GcMerge | None = None
         self._switch_lock = threading.Lock()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
@@ -246,6 +248,7 @@ class Index:
             daemon=True,
         )
         self._merge_thread = thread
+        self._merge_gc = gc
         try:
             thread.start()
         except RuntimeError as error:  # no thread to be had: the frozen log waits
@@ -306,8 +309,9 @@ class Index:
             return
         self._merge_thread = None
         outcome = self._merge_outcome
+        gc, self._merge_gc = self._merge_gc, None
         if not isinstance(outcome, DataFile):
-            return  # failed: the frozen log stays and is merged again later
+            return  # failed: the frozen log stays and is merged again later (without GC)
         old, frozen_log = self._data, self._log.generation - 1 if self._log else None
         self._data = outcome
         self._frozen = None
@@ -319,6 +323,11 @@ class Index:
         if old is not None:
             with contextlib.suppress(OSError):
                 os.unlink(old.path)
+        if gc is not None and gc.on_switch is not None:
+            try:
+                gc.on_switch()
+            except Exception:
+                logger.exception("%s: the GC's switch hook failed", self._name)
 
     # ------------------------------------------------------------------- GC
 
@@ -350,12 +359,18 @@ class Index:
         """Stop recording written keys (a GC given up; exclusive section)."""
         self._touched = None
 
-    def collect(self, retained: Mapping[bytes, bytes | None], tag: int | None = None) -> None:
+    def collect(
+        self,
+        retained: Mapping[bytes, bytes | None],
+        tag: int | None = None,
+        on_switch: Callable[[], None] | None = None,
+    ) -> None:
         """Merge every binding into a data file keeping only ``retained`` and the touched keys.
 
         Called from the GC's thread after ``begin_gc``; returns once the new
         data file is in place, and raises if the merge failed, leaving the
-        store as it was. ``tag`` (default: the current one) tags the new file.
+        store as it was. ``tag`` (default: the current one) tags the new file;
+        ``on_switch`` runs in the exclusive section that switches to it.
         """
         while True:
             if self._merge_thread is not None:
@@ -373,7 +388,8 @@ class Index:
                         path=self.directory,
                     )
                 touched, self._touched = self._touched, None
-                gc = _GcMerge(Selection(retained, touched, self.tag if tag is None else tag))
+                selection = Selection(retained, touched, self.tag if tag is None else tag)
+                gc = _GcMerge(selection, on_switch)
                 try:
                     self._freeze_and_merge(gc)
                 except OSError as error:

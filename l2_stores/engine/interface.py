@@ -49,7 +49,12 @@ class Engine(Protocol):
     def end_gc(self) -> None:
         """Stop recording written keys (a GC given up)."""
 
-    def collect(self, retained: Mapping[bytes, bytes | None], tag: int | None = None) -> None:
+    def collect(
+        self,
+        retained: Mapping[bytes, bytes | None],
+        tag: int | None = None,
+        on_switch: Callable[[], None] | None = None,
+    ) -> None:
         """Keep only ``retained`` (with new values where given) and the written keys."""
 
     def close(self) -> None:

@@ -347,7 +347,9 @@ class IndexedFileBase(Collectable):
             relocated[key] = POINTER.pack(new_offset, length, number) + entry[POINTER.size :]
         copy.sync()
         check()
-        self._engine.collect(relocated, tag=number)
+        # Cached values of dropped keys must go in the same exclusive section
+        # as the index switch, or a read could still return them.
+        self._engine.collect(relocated, tag=number, on_switch=self._cache.clear)
         self._gc_copy = None
         with self._waiter.force_idle():
             freed = values.commit(number)
