@@ -132,12 +132,15 @@ class ValueFiles:
             os.unlink(os.path.join(self.directory, name))
 
     def refresh(self, floor: int) -> None:
-        """Read-only: open the live files not yet open, close the dead ones."""
+        """Read-only: open the live files not yet open, forget the dead ones.
+
+        A forgotten file is closed once no snapshot reads it any more.
+        """
         self.floor = floor
         numbers, _ = list_values(self.directory)
         with self._open_lock:
             for number in [n for n in self._files if n < floor]:
-                self._files.pop(number).close()
+                del self._files[number]
             for number in numbers:
                 if number >= floor and number not in self._files:
                     with contextlib.suppress(FileNotFoundError):
@@ -167,6 +170,20 @@ class ValueFiles:
         file = self._files.get(number)
         if file is None:
             file = self._file_for_read(number, offset)
+        return file.read(offset, length, key)
+
+    def pin(self) -> dict[int, ValuesFile]:
+        """The files open now, for a snapshot that must read them after a GC deleted them."""
+        with self._open_lock:
+            return dict(self._files)
+
+    def read_pinned(
+        self, pinned: dict[int, ValuesFile], number: int, offset: int, length: int, key: bytes
+    ) -> bytes:
+        """Like :meth:`read`, from the files of :meth:`pin` first."""
+        file = pinned.get(number)
+        if file is None:
+            return self.read(number, offset, length, key)
         return file.read(offset, length, key)
 
     def _file_for_read(self, number: int, offset: int) -> ValuesFile:
@@ -224,14 +241,16 @@ class ValueFiles:
             os.unlink(self._path(number))
 
     def commit(self, floor: int) -> int:
-        """Close and delete the files below ``floor`` (the GC committed); return bytes freed."""
+        """Delete the files below ``floor`` (the GC committed); return bytes freed.
+
+        They are closed once no snapshot reads them any more.
+        """
         self.floor = floor
         freed = 0
         with self._open_lock:
             dead = [self._files.pop(n) for n in sorted(self._files) if n < floor]
         for file in dead:
             freed += file.end
-            file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(file.path)
         if dead:

@@ -266,17 +266,23 @@ class IndexedFileBase(Collectable):
 
     def items(self) -> Iterator[tuple[Any, tuple[Any, Any]]]:
         """Every ``(key, (value, header))`` at the time of the call, in no particular order."""
-        return self._items(self._snapshot())
+        with self._waiter.task():
+            self._check_open()
+            snapshot = self._engine.items()
+            pinned = self._values.pin()  # readable even after a GC deleted them
+        return self._items(self._while_open(snapshot), pinned)
 
     def _items(
-        self, snapshot: Iterator[tuple[bytes, bytes]]
+        self, snapshot: Iterator[tuple[bytes, bytes]], pinned: dict[int, Any]
     ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        read = self._values.read_pinned
         for key, entry in snapshot:
+            offset, length, number = POINTER.unpack_from(entry)
             with self._waiter.task():
                 self._check_open()
-                value, header = self._read_raw(key, entry)
-            pair = (self._decode(self._value, value), self._decode(self._header, header))
-            yield self._decode(self._key, key), pair
+                value = read(pinned, number, offset, length, key)
+            header = self._decode(self._header, entry[POINTER.size :])
+            yield self._decode(self._key, key), (self._decode(self._value, value), header)
 
     # -- writes
 
