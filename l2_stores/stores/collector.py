@@ -126,9 +126,13 @@ class Collectable(EngineStore):
         """Wait for the running GC; True when none runs any more.
 
         Raises ``GcFailed`` if a background GC failed since the last call.
+        Called from the GC's own ``next``, it does not wait (it would wait
+        for itself) and returns False.
         """
         self._check_open()
         state = self._gc
+        if state.runner == threading.get_ident():
+            return False
         finished = state.idle.wait(timeout)
         with state.lock:
             failure, state.failure = state.failure, None
