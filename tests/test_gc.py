@@ -1427,3 +1427,20 @@ def test_chain_gc_of_linked_blocks_with_concurrent_writers_and_readers(
                 assert lookup(store, h) == want[h]
             for h in order[:-KEEP:97]:
                 assert not store.mem(h)
+
+
+def test_wait_gc_completion_from_inside_next_does_not_wait_for_itself(tmp_path: Path) -> None:
+    cls = make_indexable("gc_self_wait", construct.Bytes(4), construct.Bytes(4))
+    answers: list[bool] = []
+    with cls.load(tmp_path / "store") as store:
+        store.add(b"aaaa", b"bbbb")
+        store.add(b"bbbb", b"aaaa")
+
+        def follow(key: bytes, value: bytes) -> bytes:
+            answers.append(store.wait_gc_completion())
+            return value
+
+        store.gc(Chain(b"aaaa", follow), background=True)
+        assert store.wait_gc_completion(timeout=60)
+        assert answers == [False, False]
+        assert dict(store.items()) == {b"aaaa": b"bbbb", b"bbbb": b"aaaa"}
