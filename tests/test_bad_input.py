@@ -593,11 +593,11 @@ def test_flipped_file_header_refused(
 
 @pytest.fixture
 def big_store(tmp_path: Path) -> tuple[Path, dict[bytes, bytes], DataLayout]:
-    """300 rows in the data file (8 buckets), 5 more bindings in the log."""
+    """2,400 rows in the data file (8 buckets), 5 more bindings in the log."""
     directory = tmp_path / "store"
-    state = build(directory, 305, buffer=100, seed="big")
+    state = build(directory, 2405, buffer=800, seed="big")
     layout = DataLayout(only(directory, "data."))
-    assert layout.count == 300 and layout.bits == 3
+    assert layout.count == 2400 and layout.bits == 3
     return directory, state, layout
 
 
