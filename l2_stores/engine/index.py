@@ -166,12 +166,16 @@ class Index:
 
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``."""
-        log = self._writable_log()
+        # The hot path of every add: _writable_log and _after_append only when needed.
+        log = self._log
+        if log is None or log.records >= self._buffer_size:
+            log = self._writable_log()
         log.append_set(key, value, flush)
         self._active[key] = value
         if self._touched is not None:
             self._touched.add(key)
-        self._after_append(log)
+        if log.records >= self._buffer_size:
+            self._after_append(log)
 
     def remove(self, key: bytes, *, flush: bool) -> None:
         """Unbind ``key`` (a record is logged even if it looks absent)."""
