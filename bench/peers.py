@@ -56,7 +56,7 @@ class Peer:
 
 class L2Stores(Peer):
     name = "l2_stores"
-    setting = "add(flush=True): one write() per add, no fsync"
+    setting = "flush=True: each add/append handed to the OS (write), no fsync"
     module = "l2_stores"
 
     def __init__(self, struct_value: bool = False) -> None:
