@@ -77,6 +77,7 @@ def build(
     with cls.load(directory, Mode.READ_WRITE, index_buffer_size=buffer) as store:
         for key, value in state.items():
             store.add(key, value)
+            store._engine.wait_merge()  # merges at every buffer_size adds, not when they end
     return state
 
 
