@@ -1,9 +1,13 @@
-"""Benchmark of l2_stores on the indexable workload (not part of the tests).
+"""Benchmark of l2_stores beside its peers, in one run (not part of the tests).
 
-    python bench/bench.py [--workload A|B|GC] [--n N] [--dir DIR] [--json]
+    pip install -e .[bench]
+    python bench/bench.py [--workload A|B|GC|all] [--n N] [--stores a,b] [--json]
 
-Each store runs in its own subprocess, so that its memory is measured from
-a clean base. Workload A: N random 32-byte keys to 32-byte values, added one
+Peers (see ``peers.py``): LMDB, rocksdict, sqlite3, diskcache, the
+interpreter's dbm, a dict (the in-memory limit) and a raw file (the file
+limit). Each store runs in its own subprocess, so that its memory is measured
+from a clean base; tables print each figure, then the ratios to the targets
+of issue 5. Workload A: N random 32-byte keys to 32-byte values, added one
 by one with ``flush=True`` (handed to the OS before the call returns, no
 fsync), then close, reopen, N random finds of present keys, N finds of
 absent keys. Reported: microseconds per operation, single-add latency
@@ -25,6 +29,7 @@ import array
 import heapq
 import json
 import os
+import platform
 import random
 import shutil
 import subprocess
@@ -34,6 +39,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import PEERS
 
 KEY_SIZE = VALUE_SIZE = 32
 
@@ -74,12 +82,10 @@ def disk_usage(path: str) -> int:
     return total
 
 
-def run_l2_stores(directory: str, n: int, seed: int) -> dict[str, Any]:
-    import construct as c
-
-    from l2_stores import make_indexable
-
-    store_class = make_indexable("bench", c.Bytes(KEY_SIZE), c.Bytes(VALUE_SIZE))
+def run_a(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
+    """Workload A (and A' for the Struct-valued l2_stores): add, close, reopen, hits, misses."""
+    peer = PEERS[slug]
+    struct_value = slug == "l2_stores_struct"
     rng = random.Random(seed)
     blob = rng.randbytes(KEY_SIZE * n)
     misses = rng.randbytes(KEY_SIZE * n)
@@ -89,17 +95,24 @@ def run_l2_stores(directory: str, n: int, seed: int) -> dict[str, Any]:
     latencies = array.array("d", bytes(8 * n))  # allocated before the base is taken
     base = rss_anon_bytes()
     memory = PeakMemory()
-    result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "add(flush=True)"}
+    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
 
-    store = store_class.load(path)
+    store = peer.open_a(path)
     add = store.add
     clock = time.perf_counter
     started = clock()
-    for j, i in enumerate(range(0, n * KEY_SIZE, KEY_SIZE)):
-        key = blob[i : i + KEY_SIZE]
-        before = clock()
-        add(key, key)
-        latencies[j] = clock() - before
+    if struct_value:
+        for j, i in enumerate(range(0, n * KEY_SIZE, KEY_SIZE)):
+            key = blob[i : i + KEY_SIZE]
+            before = clock()
+            add(key, {"level": j, "hash": key})
+            latencies[j] = clock() - before
+    else:
+        for j, i in enumerate(range(0, n * KEY_SIZE, KEY_SIZE)):
+            key = blob[i : i + KEY_SIZE]
+            before = clock()
+            add(key, key)
+            latencies[j] = clock() - before
     result["add_us"] = (clock() - started) / n * 1e6
     started = clock()
     store.close()
@@ -110,19 +123,21 @@ def run_l2_stores(directory: str, n: int, seed: int) -> dict[str, Any]:
     del slowest
 
     started = clock()
-    store = store_class.load(path)
+    store = peer.open_a(path)
     result["reopen_ms"] = (clock() - started) * 1e3
-    find = store.find
+    find = store.reader()
     started = clock()
     for i in order:
         if find(blob[i * KEY_SIZE : (i + 1) * KEY_SIZE]) is None:
-            raise AssertionError("a key was lost")
+            raise AssertionError(f"{peer.name}: a key was lost")
     result["find_hit_us"] = (clock() - started) / n * 1e6
+    find = store.reader()
     started = clock()
     for i in range(0, n * KEY_SIZE, KEY_SIZE):
         if find(misses[i : i + KEY_SIZE]) is not None:
-            raise AssertionError("found an absent key")
+            raise AssertionError(f"{peer.name}: found an absent key")
     result["find_miss_us"] = (clock() - started) / n * 1e6
+    del find
     store.close()
     result["peak_rss_over_base_mb"] = (memory.stop() - base) / 1e6
     result["disk_bytes"] = disk_usage(path)
@@ -134,13 +149,9 @@ HEADER_SIZE = 16
 VALUE_SIZES = (100, 8192)
 
 
-def run_l2_stores_indexed_file(directory: str, n: int, seed: int) -> dict[str, Any]:
+def run_b(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     """Workload B: n values of 100 B to 8 KiB with a 16-byte header."""
-    import construct as c
-
-    from l2_stores import make_indexed_file
-
-    store_class = make_indexed_file("bench_b", c.Bytes(KEY_SIZE), c.GreedyBytes, c.Bytes(16))
+    peer = PEERS[slug]
     rng = random.Random(seed)
     keys = rng.randbytes(KEY_SIZE * n)
     source = rng.randbytes(2 * VALUE_SIZES[1])
@@ -151,10 +162,10 @@ def run_l2_stores_indexed_file(directory: str, n: int, seed: int) -> dict[str, A
     path = os.path.join(directory, "store")
     base = rss_anon_bytes()
     memory = PeakMemory()
-    result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "append(flush=True)"}
+    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
     clock = time.perf_counter
 
-    store = store_class.load(path)
+    store = peer.open_b(path)
     append = store.append
     started = clock()
     for i in range(n):
@@ -166,22 +177,24 @@ def run_l2_stores_indexed_file(directory: str, n: int, seed: int) -> dict[str, A
     result["close_ms"] = (clock() - started) * 1e3
 
     started = clock()
-    store = store_class.load(path)
+    store = peer.open_b(path)
     result["reopen_ms"] = (clock() - started) * 1e3
-    read, header = store.read, store.header
+    read = store.value_reader()
     started = clock()
     for i in order:
         pair = read(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE])
-        if pair is None or len(pair[0]) != sizes[i]:
-            raise AssertionError("a value was lost")
+        if pair is None or len(pair[0]) != sizes[i]:  # type: ignore[index]
+            raise AssertionError(f"{peer.name}: a value was lost")
     result["read_value_us"] = (clock() - started) / n * 1e6
     rng.shuffle(order)
+    header = store.header_reader()
     started = clock()
     for i in order:
         key = keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]
         if header(key) != key[:HEADER_SIZE]:
-            raise AssertionError("a header was lost")
+            raise AssertionError(f"{peer.name}: a header was lost")
     result["read_header_us"] = (clock() - started) / n * 1e6
+    del read, header
     store.close()
     result["peak_rss_over_base_mb"] = (memory.stop() - base) / 1e6
     result["disk_bytes"] = disk_usage(path)
@@ -198,7 +211,7 @@ def percentile(samples: array.array[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
-def run_l2_stores_gc(directory: str, n: int, seed: int) -> dict[str, Any]:
+def run_gc(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     """GC: n blocks chained by predecessor hash; a background Chain GC keeps the last 10 %."""
     import construct as c
 
@@ -266,14 +279,55 @@ def run_l2_stores_gc(directory: str, n: int, seed: int) -> dict[str, Any]:
     return result
 
 
-RUNNERS: dict[str, Callable[[str, int, int], dict[str, Any]]] = {
-    "l2_stores": run_l2_stores,
-    "l2_stores_indexed_file": run_l2_stores_indexed_file,
-    "l2_stores_gc": run_l2_stores_gc,
+RUNNERS: dict[str, Callable[[str, str, int, int], dict[str, Any]]] = {
+    "A": run_a,
+    "B": run_b,
+    "GC": run_gc,
 }
-WORKLOADS = {"A": ["l2_stores"], "B": ["l2_stores_indexed_file"], "GC": ["l2_stores_gc"]}
+WORKLOADS = {
+    "A": [
+        "l2_stores",
+        "l2_stores_struct",
+        "lmdb",
+        "rocksdict",
+        "sqlite3",
+        "diskcache",
+        "dbm",
+        "dict",
+        "raw",
+    ],
+    "B": ["l2_stores", "lmdb", "rocksdict", "sqlite3", "diskcache", "dbm", "dict"],
+    "GC": ["l2_stores"],
+}
 DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000}
+TITLES = {
+    "A": "random 32-byte keys -> 32-byte values (A' = the l2_stores (Struct) row)",
+    "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
+    "GC": "blocks chained by predecessor hash, a background Chain GC keeping the last 10 %",
+}
 
+COLUMNS_A = [
+    ("add_us", "add µs", "{:.2f}"),
+    ("add_p999_us", "add p99.9 µs", "{:.0f}"),
+    ("add_max_ms", "add max ms", "{:.1f}"),
+    ("close_ms", "close ms", "{:.1f}"),
+    ("reopen_ms", "reopen ms", "{:.1f}"),
+    ("find_hit_us", "hit µs", "{:.2f}"),
+    ("find_miss_us", "miss µs", "{:.2f}"),
+    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
+    ("disk_bytes", "disk MB", "{:.1f}"),
+    ("disk_over_raw", "disk/raw", "{:.2f}"),
+]
+COLUMNS_B = [
+    ("append_us", "append µs", "{:.2f}"),
+    ("close_ms", "close ms", "{:.1f}"),
+    ("reopen_ms", "reopen ms", "{:.1f}"),
+    ("read_value_us", "read value µs", "{:.2f}"),
+    ("read_header_us", "read header µs", "{:.2f}"),
+    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
+    ("disk_bytes", "disk MB", "{:.1f}"),
+    ("disk_over_raw", "disk/raw", "{:.2f}"),
+]
 COLUMNS_GC = [
     ("gc_s", "GC s", "{:.2f}"),
     ("find_median_idle_us", "find med idle µs", "{:.2f}"),
@@ -285,29 +339,33 @@ COLUMNS_GC = [
     ("disk_before_bytes", "disk before MB", "{:.1f}"),
     ("disk_after_bytes", "disk after MB", "{:.1f}"),
 ]
+COLUMNS = {"A": COLUMNS_A, "B": COLUMNS_B, "GC": COLUMNS_GC}
 
-COLUMNS_B = [
-    ("append_us", "append µs", "{:.2f}"),
-    ("close_ms", "close ms", "{:.1f}"),
-    ("reopen_ms", "reopen ms", "{:.1f}"),
-    ("read_value_us", "read value µs", "{:.2f}"),
-    ("read_header_us", "read header µs", "{:.2f}"),
-    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
-    ("disk_bytes", "disk MB", "{:.1f}"),
-    ("disk_over_raw", "disk/raw", "{:.2f}"),
-]
-
-COLUMNS = [
-    ("add_us", "add µs", "{:.2f}"),
-    ("add_p999_us", "add p99.9 µs", "{:.0f}"),
-    ("add_max_ms", "add max ms", "{:.1f}"),
-    ("close_ms", "close ms", "{:.1f}"),
-    ("reopen_ms", "reopen ms", "{:.1f}"),
-    ("find_hit_us", "hit µs", "{:.2f}"),
-    ("find_miss_us", "miss µs", "{:.2f}"),
-    ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
-    ("disk_bytes", "disk MB", "{:.1f}"),
-    ("disk_over_raw", "disk/raw", "{:.2f}"),
+# The targets of issue 5: (workload, l2_stores row, figure, peer row or None, bound).
+# With a peer, the bound is on the ratio l2_stores / peer; without, on the figure.
+TARGETS: list[tuple[str, str, str, str | None, float]] = [
+    ("A", "l2_stores", "add_us", "rocksdict", 0.5),
+    ("A", "l2_stores", "add_us", "lmdb", 0.3),
+    ("A", "l2_stores", "add_us", "sqlite3", 0.15),
+    ("A", "l2_stores", "find_hit_us", "lmdb", 1.5),
+    ("A", "l2_stores", "find_hit_us", "rocksdict", 0.3),
+    ("A", "l2_stores", "find_hit_us", "sqlite3", 0.15),
+    ("A", "l2_stores", "find_miss_us", "lmdb", 1.5),
+    ("A", "l2_stores", "find_miss_us", "rocksdict", 0.3),
+    ("A", "l2_stores", "find_miss_us", "sqlite3", 0.15),
+    ("A", "l2_stores", "add_p999_us", None, 1000.0),
+    ("A", "l2_stores", "add_max_ms", None, 50.0),
+    ("A", "l2_stores", "reopen_ms", None, 10.0),
+    ("A", "l2_stores", "peak_rss_over_base_mb", None, 32.0),
+    ("A", "l2_stores", "disk_over_raw", None, 1.3),
+    ("A", "l2_stores_struct", "add_us", "l2_stores", 1.3),
+    ("A", "l2_stores_struct", "find_hit_us", "l2_stores", 1.3),
+    ("B", "l2_stores", "append_us", "lmdb", 0.5),
+    ("B", "l2_stores", "append_us", "rocksdict", 0.5),
+    ("B", "l2_stores", "read_value_us", "lmdb", 1.5),
+    ("B", "l2_stores", "read_header_us", "lmdb", 1.5),
+    ("B", "l2_stores", "reopen_ms", None, 10.0),
+    ("GC", "l2_stores", "find_p99_gc_us", None, 2000.0),
 ]
 
 
@@ -326,66 +384,87 @@ def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str
         print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
+def print_targets(workload: str, by_slug: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for name, slug, figure, peer, bound in TARGETS:
+        if name != workload or slug not in by_slug or (peer is not None and peer not in by_slug):
+            continue
+        value = by_slug[slug][figure]
+        if peer is None:
+            measured, what = value, f"{figure} of {slug}"
+        else:
+            measured, what = value / by_slug[peer][figure], f"{figure}: {slug} / {peer}"
+        verdict = "met" if measured <= bound else "NOT MET"
+        lines.append(f"  {what:<44} {measured:10.3f}  (target <= {bound:g})  {verdict}")
+    if lines:
+        print("targets:")
+        print("\n".join(lines))
+
+
+def run_child(workload: str, slug: str, n: int, seed: int, parent: str | None) -> dict[str, Any]:
+    scratch = tempfile.mkdtemp(prefix=f"bench-{workload}-{slug}-", dir=parent)
+    try:
+        completed = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{workload}:{slug}",
+                "--n",
+                str(n),
+                "--seed",
+                str(seed),
+                "--dir",
+                scratch,
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if completed.returncode != 0:
+        return {"store": PEERS[slug].name, "error": completed.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="A")
-    parser.add_argument(
-        "--n", type=int, default=None, help="bindings (default: 1,000,000 for A, 100,000 for B)"
-    )
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--n", type=int, default=None, help="bindings (default per workload)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--stores", default=None, help="comma-separated runners")
-    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--stores", default=None, help="comma-separated stores (default: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.n is None:
-        args.n = DEFAULT_N[args.workload]
-    if args.stores is None:
-        args.stores = ",".join(WORKLOADS[args.workload])
     if args.child:
-        print(json.dumps(RUNNERS[args.child](args.dir, args.n, args.seed)))
+        workload, slug = args.child.split(":", 1)
+        print(json.dumps(RUNNERS[workload](slug, args.dir, args.n, args.seed)))
         return
-    results = []
-    for name in args.stores.split(","):
-        scratch = tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.dir)
-        try:
-            output = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    name,
-                    "--n",
-                    str(args.n),
-                    "--seed",
-                    str(args.seed),
-                    "--dir",
-                    scratch,
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        results.append(json.loads(output.strip().splitlines()[-1]))
-    if args.json:
-        for result in results:
-            print(json.dumps(result))
-    else:
-        what = {
-            "A": "random 32-byte keys -> 32-byte values",
-            "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
-            "GC": "blocks chained by predecessor hash, a Chain GC keeping the last 10 %",
-        }[args.workload]
-        print(
-            f"workload {args.workload}: {args.n:,} {what}, "
-            f"python {sys.version.split()[0]}, {os.cpu_count()} cores"
-        )
-        columns = {"A": COLUMNS, "B": COLUMNS_B, "GC": COLUMNS_GC}[args.workload]
-        print_table(results, columns)
+    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {platform.platform()}")
+    for workload in workloads:
+        n = args.n or DEFAULT_N[workload]
+        slugs = WORKLOADS[workload]
+        if args.stores:
+            slugs = [slug for slug in args.stores.split(",") if slug in slugs]
+        results = {slug: run_child(workload, slug, n, args.seed, args.dir) for slug in slugs}
+        if args.json:
+            for slug, result in results.items():
+                print(json.dumps({"workload": workload, "slug": slug, **result}))
+            continue
+        print(f"\nworkload {workload}: {n:,} {TITLES[workload]}")
+        good = {slug: r for slug, r in results.items() if "error" not in r}
+        print_table(list(good.values()), COLUMNS[workload])
+        for slug, result in results.items():
+            if "error" in result:
+                print(f"  {slug}: failed: {result['error']}")
+        print_targets(workload, good)
+        print("settings:")
+        for result in good.values():
+            print(f"  {result['store']}: {result['setting']}")
 
 
 if __name__ == "__main__":

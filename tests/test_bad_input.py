@@ -77,6 +77,7 @@ def build(
     with cls.load(directory, Mode.READ_WRITE, index_buffer_size=buffer) as store:
         for key, value in state.items():
             store.add(key, value)
+            store._engine.wait_merge()  # merges at every buffer_size adds, not when they end
     return state
 
 
@@ -593,11 +594,11 @@ def test_flipped_file_header_refused(
 
 @pytest.fixture
 def big_store(tmp_path: Path) -> tuple[Path, dict[bytes, bytes], DataLayout]:
-    """300 rows in the data file (8 buckets), 5 more bindings in the log."""
+    """2,400 rows in the data file (8 buckets), 5 more bindings in the log."""
     directory = tmp_path / "store"
-    state = build(directory, 305, buffer=100, seed="big")
+    state = build(directory, 2405, buffer=800, seed="big")
     layout = DataLayout(only(directory, "data."))
-    assert layout.count == 300 and layout.bits == 3
+    assert layout.count == 2400 and layout.bits == 3
     return directory, state, layout
 
 

@@ -136,12 +136,13 @@ def write_data(path: str, bindings: dict[bytes, bytes], generation: int = 1) -> 
 def test_fanout_bits_keep_buckets_small() -> None:
     assert datafile.fanout_bits_for(0) == 0
     assert datafile.fanout_bits_for(datafile.BUCKET_ROWS) == 0
-    for count in (65, 1000, 10**6, 5 * 10**6):
+    rows = datafile.BUCKET_ROWS
+    for count in (rows + 1, 2 * rows + 1, 1000 * rows, 10**6, 5 * 10**6):
         bits = datafile.fanout_bits_for(count)
         assert count >> bits <= datafile.BUCKET_ROWS < count >> (bits - 1)
 
 
-@pytest.mark.parametrize("count", [0, 1, 2, 64, 65, 3000])
+@pytest.mark.parametrize("count", [0, 1, 2, 64, 65, 3000, 5000])
 def test_datafile_finds_every_key_and_no_other(tmp_path: os.PathLike[str], count: int) -> None:
     path = os.path.join(tmp_path, "data.00000001")
     bindings = {key(i): value(i) for i in range(0, 2 * count, 2)}

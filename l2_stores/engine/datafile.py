@@ -16,24 +16,24 @@ bits, R = key size + value size + 4)::
     E = C + 4 2^k   4             crc32 of the fan-out and bucket checksums
 
 A lookup hashes the key, reads its bucket's bounds from the fan-out, checks
-the bucket's hash slice against its checksum, bisects the slice (in C, on a
-``memoryview`` of the mmap'd file) and compares the key of each row of equal
-hash, checking the row's checksum. Nothing but the file header is read at
-open, apart from the fan-out checksum; the file is never loaded whole.
-Buckets hold about ``BUCKET_ROWS`` rows, so a bucket's hash slice is a page
-or less.
+the bucket's hash slice against its checksum the first time the bucket is
+used (the file never changes, so once is enough), bisects the slice (in C,
+on a ``memoryview`` of the mmap'd file) and compares the key of each row of
+equal hash, checking the row's checksum every time. Nothing but the file
+header is read at open, apart from the fan-out checksum; the file is never
+loaded whole. Buckets hold about ``BUCKET_ROWS`` rows, so a bucket's hash
+slice is half a page or less.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import mmap
 import os
 import struct
 import sys
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
@@ -50,9 +50,9 @@ from .framing import (
 MAGIC = b"L2SDATA\0"
 HASH_SIZE = 4
 FANOUT_ENTRY_SIZE = 8
-BUCKET_ROWS = 64
+BUCKET_ROWS = 512
 MAX_FANOUT_BITS = 24
-WRITE_BUFFER = 1 << 20
+IOV_MAX = 1024  # buffers per os.writev call (the POSIX minimum of IOV_MAX)
 
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 key_hash = crc32
@@ -142,6 +142,8 @@ class DataFile:
         self._hashes = _int_column(self._hash_bytes, HASH_SIZE)
         self._fanout = _int_column(view[sections.fanout : sections.bucket_crcs], 8)
         self._bucket_crcs = _int_column(view[sections.bucket_crcs : sections.footer], 4)
+        self._verified = bytearray(self._buckets)
+        self._rows_start = sections.rows
         if self._fanout[0] != 0 or self._fanout[self._buckets] != self.count:
             raise self._load_error("fan-out does not span the rows", sections.fanout)
 
@@ -162,6 +164,11 @@ class DataFile:
     def _bucket_bounds(self, bucket: int) -> tuple[int, int]:
         low = self._fanout[bucket]
         high = self._fanout[bucket + 1]
+        if not self._verified[bucket]:
+            self._verify_bucket(bucket, low, high)
+        return low, high
+
+    def _verify_bucket(self, bucket: int, low: int, high: int) -> None:
         if not low <= high <= self.count:
             raise self._read_error(
                 f"fan-out entry {bucket} out of order",
@@ -172,7 +179,7 @@ class DataFile:
                 f"hash column checksum mismatch in bucket {bucket}",
                 self._sections.hashes + HASH_SIZE * low,
             )
-        return low, high
+        self._verified[bucket] = 1
 
     def _row(self, index: int) -> bytes:
         offset = self._sections.rows + index * self._row_size
@@ -183,22 +190,32 @@ class DataFile:
 
     def find(self, key: bytes) -> bytes | None:
         """The value bound to ``key``, or None."""
+        # The hot path of every lookup: _bucket_bounds and _row, inlined.
         hashed = key_hash(key)
-        low, high = self._bucket_bounds(hashed >> self._shift)
+        bucket = hashed >> self._shift
+        fanout = self._fanout
+        low = fanout[bucket]
+        high = fanout[bucket + 1]
+        if not self._verified[bucket]:
+            self._verify_bucket(bucket, low, high)
         hashes = self._hashes
         index = bisect_left(hashes, hashed, low, high)
         key_size = self._key_size
+        row_size = self._row_size
         while index < high and hashes[index] == hashed:
-            row = self._row(index)
+            offset = self._rows_start + index * row_size
+            row = self._mm[offset : offset + row_size]
+            if crc32(row) != CRC_RESIDUE:
+                raise self._read_error(f"row {index} checksum mismatch", offset)
             if row[:key_size] == key:
                 return row[key_size:-CRC_SIZE]
             index += 1
         return None
 
-    def locate(self, hashed: int, key: bytes) -> tuple[int, bool]:
-        """Index of the first row not before ``(hashed, key)``, and whether it holds ``key``."""
+    def locate(self, hashed: int, key: bytes, low: int = 0) -> tuple[int, bool]:
+        """First row index from ``low`` not before ``(hashed, key)``; whether it holds ``key``."""
         hashes = self._hashes
-        index = bisect_left(hashes, hashed)
+        index = bisect_left(hashes, hashed, low)
         key_size = self._key_size
         while index < self.count and hashes[index] == hashed:
             found = self._row(index)[:key_size]
@@ -210,7 +227,7 @@ class DataFile:
         return index, False
 
     def verify_hash_column(self) -> None:
-        """Check every bucket of the hash column against its checksum."""
+        """Check every bucket of the hash column against its checksum (once per bucket)."""
         for bucket in range(self._buckets):
             self._bucket_bounds(bucket)
 
@@ -242,7 +259,12 @@ class DataFile:
 
 
 class DataFileWriter:
-    """Writes a data file from its hash column and rows, then its fan-out."""
+    """Writes a data file from its hash column and rows, then its fan-out.
+
+    Sections are handed over as lists of buffers (slices of the old file's
+    mapping and new rows) and written with ``os.writev``, many at a time,
+    without copying them into one buffer first.
+    """
 
     def __init__(
         self, path: str, expected: Expected, generation: int, count: int, tag: int = 0
@@ -263,33 +285,50 @@ class DataFileWriter:
             self._bits,
             tag=tag,
         )
-        self._raw = io.FileIO(path, "x+")
-        self._out = io.BufferedWriter(self._raw, WRITE_BUFFER)
-        self._out.write(header.encode())
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._written = 0
+        self._write([header.encode()])
 
-    def write_hashes(self, chunks: Iterable[bytes | memoryview]) -> None:
+    def _write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        fd = self._fd
+        for start in range(0, len(buffers), IOV_MAX):
+            batch = buffers[start : start + IOV_MAX]
+            size = sum(map(len, batch))
+            done = os.writev(fd, batch)
+            if done < size:  # a short write: finish this batch one buffer at a time
+                self._finish_short_write(batch, done)
+            self._written += size
+
+    def _finish_short_write(self, batch: Sequence[bytes | memoryview], done: int) -> None:
+        for buffer in batch:
+            view = memoryview(buffer)
+            if done >= len(view):
+                done -= len(view)
+                continue
+            view = view[done:]
+            done = 0
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def write_hashes(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write the whole hash column, ascending."""
-        for chunk in chunks:
-            self._out.write(chunk)
+        self._write(chunks)
 
-    def write_rows(self, chunks: Iterable[bytes | memoryview]) -> None:
+    def write_rows(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write every row, in the order of the hash column."""
-        for chunk in chunks:
-            self._out.write(chunk)
+        self._write(chunks)
 
     def finish(self, fsync: bool) -> None:
         """Write the fan-out and checksums, then close (and fsync) the file."""
-        out = self._out
-        out.flush()
-        if out.tell() != self._sections.fanout:
+        if self._written != self._sections.fanout:
             raise AssertionError(
-                f"data file {self.path}: {out.tell()} bytes written, "
+                f"data file {self.path}: {self._written} bytes written, "
                 f"{self._sections.fanout} expected before the fan-out"
             )
         bits, count = self._bits, self._count
         buckets = 1 << bits
         shift = 32 - bits
-        with mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
                 hash_bytes = view[self._sections.hashes : self._sections.rows]
@@ -306,17 +345,18 @@ class DataFileWriter:
             finally:
                 view.release()
         tail = struct.pack(f"<{buckets + 1}Q{buckets}I", *fanout, *bucket_crcs)
-        out.write(tail)
-        out.write(crc32(tail).to_bytes(CRC_SIZE, "little"))
-        out.flush()
+        self._write([tail, crc32(tail).to_bytes(CRC_SIZE, "little")])
         if fsync:
-            os.fsync(self._raw.fileno())
-        out.close()
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
 
     def abort(self) -> None:
         """Close and delete the unfinished file."""
         try:
-            self._out.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)

@@ -5,13 +5,15 @@ State: the data file of generation D (``data.D``, absent while D is 0), the
 *frozen* log ``log.D`` (then G = D + 1). Each log's bindings are also held in
 a dict, so memory is bounded by ``buffer_size`` records per log.
 
-Merge: when the active log holds ``buffer_size`` records it is frozen and a
-new active log ``log.D+1`` is created; a background thread writes
+Merge: when the active log holds ``buffer_size`` records and no merge runs,
+it is frozen and a new active log ``log.D+1`` is created; a background thread writes
 ``data.D+1.tmp`` from ``data.D`` and the frozen dict, fsyncs it and renames it
 to ``data.D+1``. The switch, in the store's exclusive section, maps the new
 file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
-on during the merge (active dict, frozen dict, old data file); a writer that
-fills the active log again before the merge ends waits for it.
+on during the merge (active dict, frozen dict, old data file); writes go on
+into the active log, which is frozen in turn once the merge is switched in.
+Only a writer that fills it to ``LOG_CAP_FACTOR`` times the buffer size
+before the merge ends waits for it, so memory stays bounded.
 
 GC: ``begin_gc`` (in the exclusive section) returns a lookup into the
 bindings as they are and starts recording the keys written from then on;
@@ -49,6 +51,11 @@ logger = logging.getLogger("l2_stores.engine")
 _MISSING = object()
 _RELOAD_ATTEMPTS = 50
 
+#: While a merge runs, the active log may grow to this many times the buffer
+#: size before a writer waits for the merge: writers are not stalled by a slow
+#: merge, and memory stays bounded.
+LOG_CAP_FACTOR = 2
+
 
 class _GcMerge:
     """A GC's merge: its selection, then its outcome once the merge thread is done."""
@@ -80,6 +87,7 @@ class Index:
         self._name = expected.name
         self._readonly = readonly
         self._buffer_size = buffer_size
+        self._log_cap = LOG_CAP_FACTOR * buffer_size
         self._fsync = fsync
         self._exclusive = exclusive or contextlib.nullcontext
         self._active: dict[bytes, bytes | None] = {}
@@ -161,17 +169,21 @@ class Index:
         held up while the writer waits; the switch then takes no time.
         """
         log = self._log
-        if log is not None and log.records >= self._buffer_size and self._merge_thread is not None:
+        if log is not None and log.records >= self._log_cap and self._merge_thread is not None:
             self._merge_ready.wait()
 
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``."""
-        log = self._writable_log()
+        # The hot path of every add: _writable_log and _after_append only when needed.
+        log = self._log
+        if log is None or log.records >= self._buffer_size:
+            log = self._writable_log()
         log.append_set(key, value, flush)
         self._active[key] = value
         if self._touched is not None:
             self._touched.add(key)
-        self._after_append(log)
+        if log.records >= self._buffer_size:
+            self._after_append(log)
 
     def remove(self, key: bytes, *, flush: bool) -> None:
         """Unbind ``key`` (a record is logged even if it looks absent)."""
@@ -191,7 +203,10 @@ class Index:
         log = self._log
         if log is None:
             raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
-        if log.records >= self._buffer_size:
+        records = log.records
+        if records >= self._buffer_size and (
+            self._merge_thread is None or records >= self._log_cap
+        ):
             self._make_room()
             log = self._log
             assert log is not None

@@ -214,8 +214,8 @@ class LogWriter:
 
     def _write(self, data: bytes) -> None:
         try:
-            written = 0
-            while written < len(data):
+            written = os.pwrite(self._fd, data, self._end)
+            while written < len(data):  # a short write: rare, so the slice copy is too
                 written += os.pwrite(self._fd, data[written:], self._end + written)
             if self._fsync:
                 os.fsync(self._fd)

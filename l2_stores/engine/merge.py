@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
 from .datafile import HASH_SIZE, DataFile, DataFileWriter, key_hash
 from .framing import Expected, fsync_directory, with_crc
-
-# A plan is a list of steps: ``(low, high)`` copies old rows ``low:high``;
-# ``(hashed, row)`` inserts a new row.
-_Step = tuple[int, int] | tuple[int, bytes]
-
 
 _SORT_CHUNK = 4096
 
@@ -65,28 +60,48 @@ class Selection:
     tag: int
 
 
-def _plan(old: DataFile | None, updates: Mapping[bytes, bytes | None]) -> tuple[list[_Step], int]:
-    steps: list[_Step] = []
-    count = 0
+class _Parts:
+    """The new file as two lists of buffers: hash column and rows, in the same order."""
+
+    def __init__(self, old: DataFile | None) -> None:
+        self.old = old
+        self.hashes: list[bytes | memoryview] = []
+        self.rows: list[bytes | memoryview] = []
+        self.count = 0
+
+    def copy(self, low: int, high: int) -> None:
+        """Old rows ``low`` to ``high``."""
+        assert self.old is not None
+        self.hashes.append(self.old.hash_slice(low, high))
+        self.rows.append(self.old.row_slice(low, high))
+        self.count += high - low
+
+    def insert(self, hashed: int, row: bytes) -> None:
+        """A new row (checksum included)."""
+        self.hashes.append(hashed.to_bytes(HASH_SIZE, "little"))
+        self.rows.append(row)
+        self.count += 1
+
+
+def _plan(old: DataFile | None, updates: Mapping[bytes, bytes | None]) -> _Parts:
+    parts = _Parts(old)
+    copy, insert = parts.copy, parts.insert
     position = 0
-    for hashed, key, value in sorted((key_hash(k), k, v) for k, v in updates.items()):
-        index, found = old.locate(hashed, key) if old is not None else (0, False)
+    for hashed, key, value in sorted([(key_hash(k), k, v) for k, v in updates.items()]):
+        index, found = old.locate(hashed, key, position) if old is not None else (0, False)
         if index > position:
-            steps.append((position, index))
-            count += index - position
+            copy(position, index)
         if value is not None:
-            steps.append((hashed, with_crc(key + value)))
-            count += 1
+            insert(hashed, with_crc(key + value))
         position = index + 1 if found else index
     if old is not None and old.count > position:
-        steps.append((position, old.count))
-        count += old.count - position
-    return steps, count
+        copy(position, old.count)
+    return parts
 
 
 def _selected_plan(
     old: DataFile | None, updates: Mapping[bytes, bytes | None], selection: Selection
-) -> tuple[list[_Step], int]:
+) -> _Parts:
     retained, touched = selection.retained, selection.touched
     entries: list[tuple[int, bytes, int | bytes]] = []
     for key, value in updates.items():
@@ -108,41 +123,23 @@ def _selected_plan(
             new_value = None if key in touched else retained[key]
             row = index if new_value is None else with_crc(key + new_value)
             entries.append((hashed, key, row))
-    steps: list[_Step] = []
+    parts = _Parts(old)
     low = high = -1
     for hashed, _, row in sorted_in_steps(entries):
         if isinstance(row, int):
             if row != high:
                 if high > low:
-                    steps.append((low, high))
+                    parts.copy(low, high)
                 low = row
             high = row + 1
         else:
             if high > low:
-                steps.append((low, high))
+                parts.copy(low, high)
             low = high = -1
-            steps.append((hashed, row))
+            parts.insert(hashed, row)
     if high > low:
-        steps.append((low, high))
-    return steps, len(entries)
-
-
-def _hash_chunks(old: DataFile | None, steps: list[_Step]) -> Iterator[bytes | memoryview]:
-    for first, second in steps:
-        if isinstance(second, bytes):
-            yield first.to_bytes(HASH_SIZE, "little")
-        else:
-            assert old is not None
-            yield old.hash_slice(first, second)
-
-
-def _row_chunks(old: DataFile | None, steps: list[_Step]) -> Iterator[bytes | memoryview]:
-    for first, second in steps:
-        if isinstance(second, bytes):
-            yield second
-        else:
-            assert old is not None
-            yield old.row_slice(first, second)
+        parts.copy(low, high)
+    return parts
 
 
 def merge(
@@ -164,15 +161,15 @@ def merge(
     if old is not None:
         old.verify_hash_column()
     if selection is None:
-        steps, count = _plan(old, updates)
+        parts = _plan(old, updates)
         tag = old.tag if old is not None else 0
     else:
-        steps, count = _selected_plan(old, updates, selection)
+        parts = _selected_plan(old, updates, selection)
         tag = selection.tag
-    writer = DataFileWriter(path, expected, generation, count, tag)
+    writer = DataFileWriter(path, expected, generation, parts.count, tag)
     try:
-        writer.write_hashes(_hash_chunks(old, steps))
-        writer.write_rows(_row_chunks(old, steps))
+        writer.write_hashes(parts.hashes)
+        writer.write_rows(parts.rows)
         writer.finish(fsync)
     except BaseException:
         writer.abort()

@@ -40,7 +40,8 @@ class IndexableStore(Collectable):
         """Open the store at directory ``path``.
 
         ``index_buffer_size``: bindings kept in the in-memory write buffer
-        (the log) before a merge into the sorted data file (default 10,000).
+        (the log) before a merge into the sorted data file (default 10,000;
+        while a merge runs the next log may hold up to twice as many).
         ``fsync``: every flush also reaches stable storage (default False).
         """
         directory = os.fspath(path)

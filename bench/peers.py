@@ -1,0 +1,364 @@
+"""The stores under benchmark, each behind the same small adapter.
+
+Every adapter's ``add``/``append`` hands the write to the OS before it
+returns and never fsyncs, so all run at the same durability; ``setting``
+says how each gets there. Read phases call ``reader()`` once and then its
+result per lookup (LMDB: one read transaction per phase).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+KEY_SIZE = 32
+HEADER_SIZE = 16
+
+
+@dataclass
+class OpenA:
+    """An open store of workload A: add, a reader factory, close."""
+
+    add: Callable[[bytes, Any], object]
+    reader: Callable[[], Callable[[bytes], object]]
+    close: Callable[[], None]
+
+
+@dataclass
+class OpenB:
+    """An open store of workload B: append, reader factories, close."""
+
+    append: Callable[[bytes, bytes, bytes], object]
+    value_reader: Callable[[], Callable[[bytes], object]]
+    header_reader: Callable[[], Callable[[bytes], object]]
+    close: Callable[[], None]
+
+
+class Peer:
+    """A store kind under benchmark."""
+
+    name = ""
+    setting = ""
+    module = ""  # what must import for the peer to run
+
+    def open_a(self, path: str) -> OpenA:
+        raise NotImplementedError
+
+    def open_b(self, path: str) -> OpenB:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ l2_stores
+
+
+class L2Stores(Peer):
+    name = "l2_stores"
+    setting = "flush=True: each add/append handed to the OS (write), no fsync"
+    module = "l2_stores"
+
+    def __init__(self, struct_value: bool = False) -> None:
+        self.struct_value = struct_value
+        if struct_value:
+            self.name = "l2_stores (Struct)"
+
+    def open_a(self, path: str) -> OpenA:
+        import construct as c
+
+        from l2_stores import make_indexable
+
+        if self.struct_value:
+            value = c.Struct("level" / c.Int32ub, "hash" / c.Bytes(32))
+        else:
+            value = c.Bytes(32)
+        store = make_indexable("bench", c.Bytes(KEY_SIZE), value).load(path)
+        return OpenA(store.add, lambda: store.find, store.close)
+
+    def open_b(self, path: str) -> OpenB:
+        import construct as c
+
+        from l2_stores import make_indexed_file
+
+        cls = make_indexed_file("bench_b", c.Bytes(KEY_SIZE), c.GreedyBytes, c.Bytes(HEADER_SIZE))
+        store = cls.load(path)
+        return OpenB(store.append, lambda: store.read, lambda: store.header, store.close)
+
+
+# ------------------------------------------------------------------ peers
+
+
+class Sqlite(Peer):
+    name = "sqlite3"
+    setting = "WAL, synchronous=OFF, one transaction per write"
+    module = "sqlite3"
+
+    def _connect(self, path: str) -> Any:
+        import sqlite3
+
+        os.makedirs(path, exist_ok=True)
+        connection = sqlite3.connect(os.path.join(path, "db.sqlite"), isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=OFF")
+        return connection
+
+    def open_a(self, path: str) -> OpenA:
+        db = self._connect(path)
+        db.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID")
+        execute = db.execute
+
+        def add(key: bytes, value: bytes) -> None:
+            execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))
+
+        def find(key: bytes) -> object:
+            row = execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+            return None if row is None else row[0]
+
+        return OpenA(add, lambda: find, db.close)
+
+    def open_b(self, path: str) -> OpenB:
+        db = self._connect(path)
+        db.execute("CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, h BLOB, v BLOB)")
+        execute = db.execute
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, header, value))
+
+        def read(key: bytes) -> object:
+            return execute("SELECT v, h FROM kv WHERE k = ?", (key,)).fetchone()
+
+        def header(key: bytes) -> object:
+            row = execute("SELECT h FROM kv WHERE k = ?", (key,)).fetchone()
+            return None if row is None else row[0]
+
+        return OpenB(append, lambda: read, lambda: header, db.close)
+
+
+class Lmdb(Peer):
+    name = "lmdb"
+    setting = "sync=False, metasync=False, one write transaction per put"
+    module = "lmdb"
+
+    def _env(self, path: str, dbs: int = 0) -> Any:
+        import lmdb
+
+        return lmdb.open(
+            path, map_size=1 << 36, sync=False, metasync=False, max_dbs=dbs, readahead=False
+        )
+
+    def open_a(self, path: str) -> OpenA:
+        env = self._env(path)
+        begin = env.begin
+
+        def add(key: bytes, value: bytes) -> None:
+            with begin(write=True) as txn:
+                txn.put(key, value)
+
+        def reader() -> Callable[[bytes], object]:
+            return begin(buffers=False).get
+
+        return OpenA(add, reader, env.close)
+
+    def open_b(self, path: str) -> OpenB:
+        env = self._env(path, dbs=2)
+        values = env.open_db(b"values")
+        headers = env.open_db(b"headers")
+        begin = env.begin
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            with begin(write=True) as txn:
+                txn.put(key, value, db=values)
+                txn.put(key, header, db=headers)
+
+        def value_reader() -> Callable[[bytes], object]:
+            txn = begin()
+            get = txn.get
+
+            def read(key: bytes) -> object:
+                value = get(key, db=values)
+                return None if value is None else (value, get(key, db=headers))
+
+            return read
+
+        def header_reader() -> Callable[[bytes], object]:
+            txn = begin()
+            get = txn.get
+            return lambda key: get(key, db=headers)
+
+        return OpenB(append, value_reader, header_reader, env.close)
+
+
+class RocksDict(Peer):
+    name = "rocksdict"
+    setting = "default put (WAL written per put, no sync), raw bytes mode"
+    module = "rocksdict"
+
+    def _open(self, path: str) -> Any:
+        from rocksdict import Options, Rdict
+
+        return Rdict(path, options=Options(raw_mode=True))
+
+    def open_a(self, path: str) -> OpenA:
+        db = self._open(path)
+        return OpenA(db.put, lambda: db.get, db.close)
+
+    def open_b(self, path: str) -> OpenB:
+        db = self._open(path)
+        put, get = db.put, db.get
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            put(key, header + value)
+
+        def read(key: bytes) -> object:
+            raw = get(key)
+            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
+
+        def header(key: bytes) -> object:
+            raw = get(key)
+            return None if raw is None else raw[:HEADER_SIZE]
+
+        return OpenB(append, lambda: read, lambda: header, db.close)
+
+
+class DumbDbm(Peer):
+    name = "dbm.dumb"
+    setting = "the interpreter's dbm (only dbm.dumb here): value written per set"
+    module = "dbm.dumb"
+
+    def _open(self, path: str) -> Any:
+        import dbm.dumb
+
+        os.makedirs(path, exist_ok=True)
+        return dbm.dumb.open(os.path.join(path, "db"), "c")
+
+    def open_a(self, path: str) -> OpenA:
+        db = self._open(path)
+        return OpenA(db.__setitem__, lambda: db.get, db.close)
+
+    def open_b(self, path: str) -> OpenB:
+        db = self._open(path)
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            db[key] = header + value
+
+        def read(key: bytes) -> object:
+            raw = db.get(key)
+            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
+
+        def header(key: bytes) -> object:
+            raw = db.get(key)
+            return None if raw is None else raw[:HEADER_SIZE]
+
+        return OpenB(append, lambda: read, lambda: header, db.close)
+
+
+class DiskCache(Peer):
+    name = "diskcache"
+    setting = "Cache defaults (SQLite WAL, synchronous=NORMAL)"
+    module = "diskcache"
+
+    def open_a(self, path: str) -> OpenA:
+        import diskcache
+
+        cache = diskcache.Cache(path)
+        return OpenA(cache.set, lambda: cache.get, cache.close)
+
+    def open_b(self, path: str) -> OpenB:
+        import diskcache
+
+        cache = diskcache.Cache(path)
+        set_, get = cache.set, cache.get
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            set_(key, header + value)
+
+        def read(key: bytes) -> object:
+            raw = get(key)
+            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
+
+        def header(key: bytes) -> object:
+            raw = get(key)
+            return None if raw is None else raw[:HEADER_SIZE]
+
+        return OpenB(append, lambda: read, lambda: header, cache.close)
+
+
+class InMemoryDict(Peer):
+    name = "dict"
+    setting = "in memory: the limit, nothing on disk"
+    module = "builtins"
+    _kept: dict[str, dict[bytes, Any]] = {}  # noqa: RUF012 - survives close/reopen in one run
+
+    def open_a(self, path: str) -> OpenA:
+        table = self._kept.setdefault(path, {})
+        return OpenA(table.__setitem__, lambda: table.get, lambda: None)
+
+    def open_b(self, path: str) -> OpenB:
+        table = self._kept.setdefault(path, {})
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            table[key] = (value, header)
+
+        def header(key: bytes) -> object:
+            pair = table.get(key)
+            return None if pair is None else pair[1]
+
+        return OpenB(append, lambda: table.get, lambda: header, lambda: None)
+
+
+class RawFile(Peer):
+    """Fixed records, one ``os.write`` each; reads through mmap at an offset from a dict."""
+
+    name = "raw file"
+    setting = "one os.write per record; mmap reads via a dict of offsets built at open"
+    module = "mmap"
+
+    def open_a(self, path: str) -> OpenA:
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, "records")
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(fd).st_size
+        record = 2 * KEY_SIZE
+        offsets: dict[bytes, int] = {}
+        maps: list[mmap.mmap] = []
+        if size:
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            maps.append(mm)
+            for offset in range(0, size, record):
+                offsets[mm[offset : offset + KEY_SIZE]] = offset
+        write = os.write
+
+        def add(key: bytes, value: bytes) -> None:
+            write(fd, key + value)
+
+        def reader() -> Callable[[bytes], object]:
+            mm = maps[0]
+            get = offsets.get
+
+            def find(key: bytes) -> object:
+                offset = get(key)
+                return None if offset is None else mm[offset + KEY_SIZE : offset + record]
+
+            return find
+
+        def close() -> None:
+            for mm in maps:
+                mm.close()
+            os.close(fd)
+
+        return OpenA(add, reader, close)
+
+
+#: Peers by the slug the command line uses.
+PEERS: dict[str, Peer] = {
+    "l2_stores": L2Stores(),
+    "l2_stores_struct": L2Stores(struct_value=True),
+    "lmdb": Lmdb(),
+    "rocksdict": RocksDict(),
+    "sqlite3": Sqlite(),
+    "diskcache": DiskCache(),
+    "dbm": DumbDbm(),
+    "dict": InMemoryDict(),
+    "raw": RawFile(),
+}
