@@ -569,8 +569,23 @@ class Index:
 
     # ------------------------------------------------------------ closing
 
+    def _merge_overgrown_log(self) -> None:
+        log = self._log
+        if log is None or log.records <= self._buffer_size or self._frozen is not None:
+            return
+        try:
+            self._freeze_and_merge()
+            self._merge_ready.wait()
+            self._switch()
+        except Exception:  # nothing is lost: a frozen log is merged at the next load
+            logger.exception("%s: merge at close failed", self._name)
+
     def close(self) -> None:
-        """Finish any merge, flush and close everything; idempotent."""
+        """Finish any merge, flush and close everything; idempotent.
+
+        A log that has grown past the buffer size while a merge ran is merged
+        too, so that the next load replays at most one buffer's worth.
+        """
         if self._closed:
             return
         self._closed = True
@@ -578,6 +593,7 @@ class Index:
             if self._merge_thread is not None:
                 self._merge_ready.wait()
                 self._switch()
+            self._merge_overgrown_log()
             if self._log is not None:
                 self._log.close()
         finally:
