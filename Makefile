@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m ruff check l2_stores tests bench
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[bench]'
+	$(VENV)/bin/python bench/bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m mypy
