@@ -1444,3 +1444,69 @@ def test_wait_gc_completion_from_inside_next_does_not_wait_for_itself(tmp_path: 
         assert store.wait_gc_completion(timeout=60)
         assert answers == [False, False]
         assert dict(store.items()) == {b"aaaa": b"bbbb", b"bbbb": b"aaaa"}
+
+
+def test_gc_merge_failing_after_its_rename_leaves_the_store_as_it_was(
+    tmp_path: Path, kind: Kind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GC's data file is renamed into place, then cannot be opened (EMFILE, say).
+
+    The GC fails, the store keeps its content, the old content is merged over
+    the GC's file, and a reload gives the content as it was.
+    """
+    from l2_stores.engine import index as index_module
+
+    path = tmp_path / "store"
+    real_data_file = index_module.DataFile
+    armed = threading.Event()
+
+    class FailingDataFile(real_data_file):  # type: ignore[misc,valid-type]
+        def __init__(self, file: str, expected: Any) -> None:
+            if armed.is_set():
+                armed.clear()
+                raise OSError(24, "Too many open files")
+            super().__init__(file, expected)
+
+    with load(kind, path, buffer=1000) as store:
+        want = build_loose(store, kind, "r", 20)
+        monkeypatch.setattr(index_module, "DataFile", FailingDataFile)
+        armed.set()
+        with pytest.raises(GcFailed) as raised:
+            store.gc(Retain([key("r", 0)]), background=False)
+        assert isinstance(raised.value.__cause__, index_module.GcMergeRenamed)
+        assert content(store) == want
+        store._engine.wait_merge()
+        assert reloaded(kind, path, Mode.READ_ONLY) == want
+        kind.write(store, key("r", 99), NULL)
+        want[key("r", 99)] = kind.want(key("r", 99), NULL)
+    assert reloaded(kind, path) == want
+    if kind.indexed:  # the GC's copy, an uncommitted file above the floor, is gone
+        assert len(values_numbers(path)) <= 2, os.listdir(path)
+
+
+def test_gc_asked_for_while_close_waits_raises_store_closed(tmp_path: Path, kind: Kind) -> None:
+    path = tmp_path / "store"
+    gate = Gate()
+    store = load(kind, path)
+    first = key("c", 0)
+    kind.write(store, first, NULL)
+
+    def follow(k: Any, v: Any) -> None:
+        gate.hold()
+        return None
+
+    store.gc(Chain(first, follow), background=True)
+    gate.wait_entered()
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    for _ in range(int(TIMEOUT * 100)):
+        if store._gc.closing:
+            break
+        threading.Event().wait(0.01)
+    assert store._gc.closing
+    with pytest.raises(StoreClosedError):
+        store.gc(Retain([first]))
+    gate.open()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("l2_stores gc")]

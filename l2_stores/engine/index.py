@@ -41,15 +41,24 @@ from contextlib import AbstractContextManager
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import layout
 from .datafile import DataFile
-from .framing import Expected, make_directories
+from .framing import Expected, fsync_directory, make_directories
 from .lock import WriterLock
 from .log import LogScan, LogWriter, read_log
-from .merge import Selection, install, merge
+from .merge import Selection, merge
 
 logger = logging.getLogger("l2_stores.engine")
 
 _MISSING = object()
 _RELOAD_ATTEMPTS = 50
+
+
+class GcMergeRenamed(CannotWriteToStore):
+    """A GC's merged data file was renamed into place, then could not be opened.
+
+    The next load sees the GC's result, so the files it points into must stay;
+    in memory the store goes on with the old content, and its next ordinary
+    merge supersedes the GC's file.
+    """
 
 #: While a merge runs, the active log may grow to this many times the buffer
 #: size before a writer waits for the merge: writers are not stalled by a slow
@@ -65,6 +74,7 @@ class _GcMerge:
         self.on_switch = on_switch
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.renamed = False
 
 
 class Index:
@@ -284,11 +294,17 @@ class Index:
         temporary = os.path.join(self.directory, layout.temporary_name(generation))
         selection = gc.selection if gc is not None else None
         outcome: DataFile | BaseException
+        renamed = False
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
-            install(temporary, final, fsync=True)
+            os.replace(temporary, final)
+            renamed = True  # from here on, a load sees the new file
+            try:
+                fsync_directory(self.directory)
+            except OSError:
+                logger.exception("%s: cannot sync the directory of %s", self._name, final)
             outcome = DataFile(final, self._expected)
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
@@ -302,6 +318,7 @@ class Index:
         finally:
             if gc is not None:
                 gc.error = outcome if isinstance(outcome, BaseException) else None
+                gc.renamed = renamed
                 gc.done.set()
 
     def _finish_merge(self) -> None:
@@ -387,6 +404,7 @@ class Index:
         store as it was. ``tag`` (default: the current one) tags the new file;
         ``on_switch`` runs in the exclusive section that switches to it.
         """
+        retried = False
         while True:
             if self._merge_thread is not None:
                 self._merge_ready.wait()
@@ -394,14 +412,20 @@ class Index:
                 if self._merge_thread is not None and not self._merge_ready.is_set():
                     continue  # another merge started meanwhile
                 self._switch()
-                if self._closed or self._log is None or self._touched is None:
+                if self._closed or self._log is None:
                     raise CannotWriteToStore("store closed", name=self._name, path=self.directory)
-                if self._frozen is not None:
+                if self._touched is None:
                     raise CannotWriteToStore(
-                        "an earlier merge failed and waits to be run again",
-                        name=self._name,
-                        path=self.directory,
+                        "no GC begun, or it was ended", name=self._name, path=self.directory
                     )
+                if self._frozen is not None:  # an earlier merge failed: run it again first
+                    if retried:
+                        raise CannotWriteToStore(
+                            "an earlier merge failed again", name=self._name, path=self.directory
+                        )
+                    retried = True
+                    self._start_merge_thread()
+                    continue
                 touched, self._touched = self._touched, None
                 selection = Selection(retained, touched, self.tag if tag is None else tag)
                 gc = _GcMerge(selection, on_switch)
@@ -413,10 +437,19 @@ class Index:
                     ) from error
                 break
         gc.done.wait()
-        if gc.error is not None:
+        if gc.error is None:
+            return
+        if not gc.renamed:
             raise CannotWriteToStore(
                 f"GC merge failed: {gc.error}", name=self._name, path=self.directory
             ) from gc.error
+        with self._exclusive():  # merge the old content again over the GC's file, now
+            if self._frozen is not None and self._merge_thread is None and not self._closed:
+                with contextlib.suppress(CannotWriteToStore):
+                    self._start_merge_thread()
+        raise GcMergeRenamed(
+            f"GC merge failed after its rename: {gc.error}", name=self._name, path=self.directory
+        ) from gc.error
 
     def wait_merge(self) -> None:
         """Block until no merge runs (tests and tools)."""
@@ -569,6 +602,16 @@ class Index:
 
     # ------------------------------------------------------------ closing
 
+    def _retry_failed_merge(self) -> None:
+        if self._frozen is None or self._log is None:
+            return
+        try:
+            self._start_merge_thread()
+            self._merge_ready.wait()
+            self._switch()
+        except Exception:  # nothing is lost: the frozen log is merged at the next load
+            logger.exception("%s: merge at close failed", self._name)
+
     def _merge_overgrown_log(self) -> None:
         log = self._log
         if log is None or log.records <= self._buffer_size or self._frozen is not None:
@@ -593,6 +636,7 @@ class Index:
             if self._merge_thread is not None:
                 self._merge_ready.wait()
                 self._switch()
+            self._retry_failed_merge()
             self._merge_overgrown_log()
             if self._log is not None:
                 self._log.close()

@@ -18,13 +18,12 @@ what is dropped.
 from __future__ import annotations
 
 import heapq
-import os
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
 from .datafile import HASH_SIZE, DataFile, DataFileWriter, key_hash
-from .framing import Expected, fsync_directory, with_crc
+from .framing import Expected, with_crc
 
 _SORT_CHUNK = 4096
 
@@ -174,10 +173,3 @@ def merge(
     except BaseException:
         writer.abort()
         raise
-
-
-def install(temporary: str, final: str, fsync: bool = True) -> None:
-    """Move a finished data file into place, durably when ``fsync``."""
-    os.replace(temporary, final)
-    if fsync:
-        fsync_directory(os.path.dirname(final))

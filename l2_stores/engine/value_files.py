@@ -134,7 +134,8 @@ class ValueFiles:
     def refresh(self, floor: int) -> None:
         """Read-only: open the live files not yet open, forget the dead ones.
 
-        A forgotten file is closed once no snapshot reads it any more.
+        A forgotten file is closed when the last snapshot reading it lets
+        it go (``ValuesFile.__del__``).
         """
         self.floor = floor
         numbers, _ = list_values(self.directory)
@@ -243,7 +244,8 @@ class ValueFiles:
     def commit(self, floor: int) -> int:
         """Delete the files below ``floor`` (the GC committed); return bytes freed.
 
-        They are closed once no snapshot reads them any more.
+        They are closed when the last snapshot reading them lets them go
+        (``ValuesFile.__del__``).
         """
         self.floor = floor
         freed = 0

@@ -47,6 +47,7 @@ class _GcState:
         self.idle = threading.Event()
         self.idle.set()
         self.cancelled = False
+        self.closing = False
         self.runner: int | None = None
         self.failure: BaseException | None = None
         self.last_duration: float | None = None
@@ -80,30 +81,36 @@ class Collectable(EngineStore):
         returns at once; otherwise it returns when the GC is done and raises
         ``GcFailed`` if it failed. A GC asked for while one runs is ignored.
         """
-        self._check_writable("gc")
         self._check_open()
+        self._check_writable("gc")
         plan = self._plan(spec)
         state = self._gc
         with state.lock:
+            if state.closing:
+                self._raise_closed()
             if not state.idle.is_set():
-                logger.info("%s: a GC is already running; this one is ignored", self.name)
+                logger.warning("%s: a GC is already running; this one is ignored", self.name)
                 return
             state.idle.clear()
             state.cancelled = False
         try:
             lookup = self._begin()
-        except BaseException as error:
+        except GcCancelled:
             state.idle.set()
-            if isinstance(error, GcCancelled):
-                self._raise_closed()
+            self._raise_closed()
+        except Exception as error:
+            state.idle.set()
             raise GcFailed(f"GC failed: {error}", name=self.name, path=self.path) from error
+        except BaseException:
+            state.idle.set()
+            raise
         if not background:
             state.runner = threading.get_ident()
             try:
                 self._run(plan, lookup)
             except GcCancelled:
                 self._raise_closed()
-            except BaseException as error:
+            except Exception as error:
                 raise GcFailed(f"GC failed: {error}", name=self.name, path=self.path) from error
             finally:
                 state.runner = None
@@ -207,9 +214,12 @@ class Collectable(EngineStore):
     def _walk(self, plan: _Plan, lookup: Lookup) -> dict[bytes, bytes]:
         """The retained bindings: key to engine entry, as they were at the GC's start."""
         retained: dict[bytes, bytes] = {}
+        state = self._gc
         if isinstance(plan.spec, Retain):
             absent = 0
             for named in plan.keys:
+                if state.cancelled:
+                    raise GcCancelled
                 entry = lookup(named)
                 if entry is None:
                     absent += 1
@@ -221,7 +231,6 @@ class Collectable(EngineStore):
             return retained
         follow = plan.spec.next
         key: bytes | None = plan.keys[0]
-        state = self._gc
         while key is not None and key not in retained:
             if state.cancelled:
                 raise GcCancelled
@@ -245,7 +254,9 @@ class Collectable(EngineStore):
     def _before_close(self) -> None:
         """Stop a running GC and wait until it has put the store back as it was."""
         state = self._gc
-        state.cancelled = True
+        with state.lock:  # no gc() starts from now on
+            state.closing = True
+            state.cancelled = True
         if state.runner != threading.get_ident():
             state.idle.wait()
 

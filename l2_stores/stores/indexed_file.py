@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Self
 from ..codecs import Codec
 from ..engine import layout
 from ..engine.framing import HEADER_SIZE, Expected
-from ..engine.index import Index
+from ..engine.index import GcMergeRenamed, Index
 from ..engine.merge import sorted_in_steps
 from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
@@ -70,6 +70,12 @@ class _LruCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def _file_order(item: tuple[bytes, bytes]) -> tuple[int, int]:
+    """(file number, offset) of an index entry: the order of a sequential copy."""
+    offset, _, number = POINTER.unpack_from(item[1])
+    return number, offset
 
 
 class IndexedFileBase(Collectable):
@@ -343,9 +349,7 @@ class IndexedFileBase(Collectable):
         values = self._values
         copy = values.create_copy(number)
         relocated: dict[bytes, bytes | None] = {}
-        by_place = sorted_in_steps(
-            list(retained.items()), key=lambda item: POINTER.unpack_from(item[1])[::-1]
-        )
+        by_place = sorted_in_steps(list(retained.items()), key=_file_order)
         for key, entry in by_place:
             check()
             offset, length, source = POINTER.unpack_from(entry)
@@ -356,7 +360,11 @@ class IndexedFileBase(Collectable):
         check()
         # Cached values of dropped keys must go in the same exclusive section
         # as the index switch, or a read could still return them.
-        self._engine.collect(relocated, tag=number, on_switch=self._cache.clear)
+        try:
+            self._engine.collect(relocated, tag=number, on_switch=self._cache.clear)
+        except GcMergeRenamed:
+            self._gc_copy = None  # a load would see the GC's index: keep its values file
+            raise
         self._gc_copy = None
         with self._waiter.force_idle():
             freed = values.commit(number)
