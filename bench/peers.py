@@ -51,6 +51,25 @@ class Peer:
         raise NotImplementedError
 
 
+def concatenated_b(
+    put: Callable[[bytes, bytes], object], get: Callable[[bytes], Any], close: Callable[[], None]
+) -> OpenB:
+    """Workload B on a plain key-value store: header and value stored together."""
+
+    def append(key: bytes, value: bytes, header: bytes) -> None:
+        put(key, header + value)
+
+    def read(key: bytes) -> object:
+        raw = get(key)
+        return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
+
+    def header(key: bytes) -> object:
+        raw = get(key)
+        return None if raw is None else raw[:HEADER_SIZE]
+
+    return OpenB(append, lambda: read, lambda: header, close)
+
+
 # ------------------------------------------------------------------ l2_stores
 
 
@@ -205,20 +224,7 @@ class RocksDict(Peer):
 
     def open_b(self, path: str) -> OpenB:
         db = self._open(path)
-        put, get = db.put, db.get
-
-        def append(key: bytes, value: bytes, header: bytes) -> None:
-            put(key, header + value)
-
-        def read(key: bytes) -> object:
-            raw = get(key)
-            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
-
-        def header(key: bytes) -> object:
-            raw = get(key)
-            return None if raw is None else raw[:HEADER_SIZE]
-
-        return OpenB(append, lambda: read, lambda: header, db.close)
+        return concatenated_b(db.put, db.get, db.close)
 
 
 class DumbDbm(Peer):
@@ -238,19 +244,7 @@ class DumbDbm(Peer):
 
     def open_b(self, path: str) -> OpenB:
         db = self._open(path)
-
-        def append(key: bytes, value: bytes, header: bytes) -> None:
-            db[key] = header + value
-
-        def read(key: bytes) -> object:
-            raw = db.get(key)
-            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
-
-        def header(key: bytes) -> object:
-            raw = db.get(key)
-            return None if raw is None else raw[:HEADER_SIZE]
-
-        return OpenB(append, lambda: read, lambda: header, db.close)
+        return concatenated_b(db.__setitem__, db.get, db.close)
 
 
 class DiskCache(Peer):
@@ -268,20 +262,7 @@ class DiskCache(Peer):
         import diskcache
 
         cache = diskcache.Cache(path)
-        set_, get = cache.set, cache.get
-
-        def append(key: bytes, value: bytes, header: bytes) -> None:
-            set_(key, header + value)
-
-        def read(key: bytes) -> object:
-            raw = get(key)
-            return None if raw is None else (raw[HEADER_SIZE:], raw[:HEADER_SIZE])
-
-        def header(key: bytes) -> object:
-            raw = get(key)
-            return None if raw is None else raw[:HEADER_SIZE]
-
-        return OpenB(append, lambda: read, lambda: header, cache.close)
+        return concatenated_b(cache.set, cache.get, cache.close)
 
 
 class InMemoryDict(Peer):
