@@ -42,7 +42,6 @@ class Peer:
 
     name = ""
     setting = ""
-    module = ""  # what must import for the peer to run
 
     def open_a(self, path: str) -> OpenA:
         raise NotImplementedError
@@ -76,7 +75,6 @@ def concatenated_b(
 class L2Stores(Peer):
     name = "l2_stores"
     setting = "flush=True: each add/append handed to the OS (write), no fsync"
-    module = "l2_stores"
 
     def __init__(self, struct_value: bool = False) -> None:
         self.struct_value = struct_value
@@ -111,7 +109,6 @@ class L2Stores(Peer):
 class Sqlite(Peer):
     name = "sqlite3"
     setting = "WAL, synchronous=OFF, one transaction per write"
-    module = "sqlite3"
 
     def _connect(self, path: str) -> Any:
         import sqlite3
@@ -157,7 +154,6 @@ class Sqlite(Peer):
 class Lmdb(Peer):
     name = "lmdb"
     setting = "sync=False, metasync=False, one write transaction per put"
-    module = "lmdb"
 
     def _env(self, path: str, dbs: int = 0) -> Any:
         import lmdb
@@ -211,7 +207,6 @@ class Lmdb(Peer):
 class RocksDict(Peer):
     name = "rocksdict"
     setting = "default put (WAL written per put, no sync), raw bytes mode"
-    module = "rocksdict"
 
     def _open(self, path: str) -> Any:
         from rocksdict import Options, Rdict
@@ -230,7 +225,6 @@ class RocksDict(Peer):
 class DumbDbm(Peer):
     name = "dbm.dumb"
     setting = "the interpreter's dbm (only dbm.dumb here): value written per set"
-    module = "dbm.dumb"
 
     def _open(self, path: str) -> Any:
         import dbm.dumb
@@ -250,7 +244,6 @@ class DumbDbm(Peer):
 class DiskCache(Peer):
     name = "diskcache"
     setting = "Cache defaults (SQLite WAL, synchronous=NORMAL)"
-    module = "diskcache"
 
     def open_a(self, path: str) -> OpenA:
         import diskcache
@@ -268,7 +261,6 @@ class DiskCache(Peer):
 class InMemoryDict(Peer):
     name = "dict"
     setting = "in memory: the limit, nothing on disk"
-    module = "builtins"
     _kept: dict[str, dict[bytes, Any]] = {}  # noqa: RUF012 - survives close/reopen in one run
 
     def open_a(self, path: str) -> OpenA:
@@ -293,7 +285,6 @@ class RawFile(Peer):
 
     name = "raw file"
     setting = "one os.write per record; mmap reads via a dict of offsets built at open"
-    module = "mmap"
 
     def open_a(self, path: str) -> OpenA:
         os.makedirs(path, exist_ok=True)

@@ -37,5 +37,3 @@ class Chain:
     def __repr__(self) -> str:
         return f"Chain(first={self.first!r}, next={self.next!r})"
 
-
-GcSpec = Retain | Chain

@@ -228,11 +228,6 @@ class ValuesFile:
         """Make every appended record durable."""
         os.fsync(self._fd)
 
-    def reopen_if_missing(self) -> None:
-        """Read-only: open the file if the writer created it since."""
-        if self._fd < 0:
-            self._open_readonly()
-
     def close(self) -> None:
         """Close the file."""
         if self._fd >= 0:

@@ -50,7 +50,6 @@ class _GcState:
         self.closing = False
         self.runner: int | None = None
         self.failure: BaseException | None = None
-        self.last_duration: float | None = None
 
 
 class _Plan:
@@ -194,7 +193,6 @@ class Collectable(EngineStore):
 
     def _run(self, plan: _Plan, lookup: Lookup) -> None:
         """Steps 2 to 4; on failure the GC's traces are undone."""
-        state = self._gc
         started = time.monotonic()
         try:
             retained = self._walk(plan, lookup)
@@ -202,9 +200,11 @@ class Collectable(EngineStore):
         except BaseException:
             self._abandon()
             raise
-        state.last_duration = time.monotonic() - started
         logger.info(
-            "%s: GC kept %d bindings in %.3f s", self.name, len(retained), state.last_duration
+            "%s: GC kept %d bindings in %.3f s",
+            self.name,
+            len(retained),
+            time.monotonic() - started,
         )
 
     def _check_cancelled(self) -> None:
