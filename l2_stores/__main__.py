@@ -1,31 +1,206 @@
-"""Command-line entry point: ``l2-stores`` / ``python -m l2_stores``."""
+"""The ``l2-stores`` command-line tool (also ``python -m l2_stores``).
+
+Exit codes: 0 done, 1 a problem was found (or an error stopped the work),
+2 bad usage. Errors go to stderr, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+from collections.abc import Callable
 
 from . import demo
 from .errors import StoreError
+from .progress import Progress
+from .tools import dump, info, snapshot, verify
+from .tools.on_disk import find_stores
+
+PROG = "l2-stores"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    report = demo.run(args.dir, args.blocks, args.gc_every, args.keep, args.readers)
+    print("\n".join(report.lines()))
+    return 0 if report.verified else 1
+
+
+def _info(args: argparse.Namespace) -> int:
+    described = [info.describe(store) for store in find_stores(args.path)]
+    if args.json:
+        print(json.dumps([store.as_json() for store in described], indent=1))
+    else:
+        print("\n\n".join("\n".join(store.lines()) for store in described))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    stores = find_stores(args.path)
+    logging.getLogger("l2_stores").setLevel(logging.ERROR)  # torn tails are reported as notes
+    with Progress("verify", unit="B") as bar:
+        result = verify.verify(stores, on_file=bar.update)
+    for finding in result.findings:
+        print(finding)
+    problems = len(result.problems)
+    if problems:
+        print(f"{problems} problem{'s' if problems != 1 else ''} in {result.stores} stores")
+        return 1
+    print(f"ok: {result.stores} stores, {result.files} files, {result.bytes:,} bytes checked")
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    stores = find_stores(args.path)
+    if len(stores) != 1 or os.path.normpath(stores[0].path) != os.path.normpath(args.path):
+        _error(f"{args.path} is a directory of {len(stores)} stores; dump takes one store")
+        return 1
+    for row in dump.bindings(stores[0], args.limit):
+        print(
+            json.dumps(row)
+            if args.json
+            else " ".join(row[k] for k in ("key", "header", "value") if k in row)
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with Progress("export", unit="B") as bar:
+        done = snapshot.export(args.dir, args.file, force=args.force, progress=bar.update)
+    print(
+        f"exported {done.stores} stores, {done.bindings} bindings, "
+        f"{done.bytes:,} bytes to {args.file}"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    with Progress("import", unit="bindings") as bar:
+        done = snapshot.import_(args.file, args.dir, force=args.force, progress=bar.update)
+    print(f"imported {done.stores} stores, {done.bindings} bindings into {args.dir}")
+    return 0
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the tool."""
+    top = argparse.ArgumentParser(
+        prog=PROG,
+        description="Crash-safe stores for layer-2 rollup nodes: run the demo node, "
+        "inspect, check, dump and copy stores.",
+        epilog="Exit codes: 0 done, 1 a problem was found, 2 bad usage.",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], int], summary: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("demo", _demo, "store a rollup node's blocks with GC, reopen and verify them")
+    sub.add_argument("--dir", default="l2-demo-data", help="data directory (default: %(default)s)")
+    sub.add_argument(
+        "--blocks", type=_positive, default=2000, help="blocks to add (default: %(default)s)"
+    )
+    sub.add_argument(
+        "--gc-every",
+        type=_positive,
+        default=1000,
+        metavar="K",
+        help="start a GC every K levels (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--keep",
+        type=_positive,
+        default=500,
+        metavar="L",
+        help="levels a GC keeps (default: %(default)s)",
+    )
+    sub.add_argument(
+        "--readers", type=_non_negative, default=2, help="reader threads (default: %(default)s)"
+    )
+
+    sub = command("info", _info, "describe a store, or every store under a directory")
+    sub.add_argument("path", help="a store, or a directory of stores")
+    sub.add_argument("--json", action="store_true", help="print a JSON array")
+
+    sub = command("verify", _verify, "check every record of every file; exit 1 on any problem")
+    sub.add_argument("path", help="a store, or a directory of stores")
+
+    sub = command("dump", _dump, "print every binding of one store, in hex")
+    sub.add_argument("path", help="one store")
+    sub.add_argument("--limit", type=_non_negative, metavar="N", help="print at most N bindings")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub = command(
+        "snapshot", lambda args: 2, "copy a directory of stores into one archive, and back"
+    )
+    actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="write the stores under DIR into FILE (no writer lock taken)",
+        description="Write a consistent copy of the stores under DIR into the archive FILE; "
+        "a writer may keep running.",
+    )
+    export.set_defaults(run=_export)
+    export.add_argument("dir", metavar="DIR")
+    export.add_argument(
+        "file", metavar="FILE", help="the archive (.tar, or .tar.gz / .tgz compressed)"
+    )
+    export.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    load = actions.add_parser(
+        "import",
+        help="rebuild the stores of FILE under DIR",
+        description="Check the archive FILE, then rebuild its stores under DIR.",
+    )
+    load.set_defaults(run=_import)
+    load.add_argument("file", metavar="FILE")
+    load.add_argument("dir", metavar="DIR")
+    load.add_argument("--force", action="store_true", help="replace stores that exist")
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="l2-stores", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser(
-        "demo", help="store a chain of L2 blocks, reopen and verify it"
-    )
-    demo_parser.add_argument("--dir", default="l2-demo-data", help="data directory")
-    demo_parser.add_argument("--blocks", type=int, default=2000, help="blocks to add")
-    args = parser.parse_args(argv)
+    """Run the tool; returns the exit code."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.WARNING)
     try:
-        report = demo.run(args.dir, args.blocks)
-    except (StoreError, AssertionError) as error:
-        print(f"l2-stores: {error}", file=sys.stderr)
+        code: int = args.run(args)
+        return code
+    except (StoreError, ValueError) as error:
+        _error(str(error))
         return 1
-    print("\n".join(report.lines()))
-    return 0
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (``dump ... | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as error:
+        _error(str(error))
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ class StoreError(Exception):
     """Base of every error raised by l2_stores.
 
     ``name`` is the store's name and ``path`` its location on disk, when known;
-    both appear in the message.
+    both appear in the message. A corruption error also carries the ``offset``
+    of the bad bytes in the file ``path``.
     """
 
     def __init__(
@@ -31,9 +32,11 @@ class StoreError(Exception):
         *,
         name: str | None = None,
         path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
     ) -> None:
         self.name = name
         self.path = os.fspath(path) if path is not None else None
+        self.offset = offset
         self.reason = message
         where = ""
         if name is not None:

@@ -43,8 +43,10 @@ from .framing import (
     HEADER_SIZE,
     Expected,
     FileHeader,
+    Finding,
     crc32,
     decode_header,
+    parse_header,
 )
 
 MAGIC = b"L2SDATA\0"
@@ -152,6 +154,7 @@ class DataFile:
             f"{what} (file {self.path}, offset {offset})",
             name=self._expected.name,
             path=self.path,
+            offset=offset,
         )
 
     def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
@@ -159,6 +162,7 @@ class DataFile:
             f"{what} (file {self.path}, offset {offset})",
             name=self._expected.name,
             path=self.path,
+            offset=offset,
         )
 
     def _bucket_bounds(self, bucket: int) -> tuple[int, int]:
@@ -360,3 +364,104 @@ class DataFileWriter:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+MAX_FINDINGS = 20
+
+
+def check_data_file(path: str, name: str = "") -> Iterator[Finding]:
+    """Check the data file at ``path`` whole: sections, fan-out, every checksum and the order.
+
+    Stops after ``MAX_FINDINGS`` problems.
+    """
+    with open(path, "rb") as file:
+        try:
+            header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
+        except CannotLoadStore as error:
+            yield Finding(path, 0, error.reason)
+            return
+        size = os.fstat(file.fileno()).st_size
+        row = header.key_size + header.value_size + CRC_SIZE
+        bits = header.fanout_bits
+        sections = _Sections(header.count, bits, row)
+        if size != sections.size or bits > MAX_FANOUT_BITS:
+            yield Finding(
+                path,
+                min(size, sections.size),
+                f"data file of {size} bytes, {sections.size} expected for {header.count} rows "
+                f"and {bits} fan-out bits",
+            )
+            return
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    try:
+        yield from _check_sections(path, view, header, sections)
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):
+            mapped.close()
+
+
+def _check_sections(
+    path: str, data: memoryview, header: FileHeader, sections: _Sections
+) -> Iterator[Finding]:
+    found = 0
+
+    def at(offset: int) -> memoryview:
+        return data[offset:]
+
+    fanout_bytes = at(sections.fanout)[: sections.footer - sections.fanout]
+    if crc32(fanout_bytes) != int.from_bytes(at(sections.footer)[:CRC_SIZE], "little"):
+        yield Finding(path, sections.fanout, "fan-out checksum mismatch")
+        return
+    count, buckets = header.count, 1 << header.fanout_bits
+    fanout = [int.from_bytes(fanout_bytes[8 * i : 8 * i + 8], "little") for i in range(buckets + 1)]
+    if fanout[0] != 0 or fanout[-1] != count or fanout != sorted(fanout):
+        yield Finding(
+            path, sections.fanout, "fan-out entries out of order or not spanning the rows"
+        )
+        return
+    hash_bytes = at(sections.hashes)[: HASH_SIZE * count]
+    hashes = _int_column(hash_bytes, HASH_SIZE)
+    shift = 32 - header.fanout_bits
+    for bucket in range(buckets):
+        low, high = fanout[bucket], fanout[bucket + 1]
+        expected_crc = int.from_bytes(
+            at(sections.bucket_crcs + CRC_SIZE * bucket)[:CRC_SIZE], "little"
+        )
+        if crc32(hash_bytes[HASH_SIZE * low : HASH_SIZE * high]) != expected_crc:
+            yield Finding(
+                path,
+                sections.hashes + HASH_SIZE * low,
+                f"hash column checksum mismatch in bucket {bucket}",
+            )
+            found += 1
+        elif any(hashed >> shift != bucket for hashed in hashes[low:high]):
+            yield Finding(
+                path, sections.hashes + HASH_SIZE * low, f"row hashed outside bucket {bucket}"
+            )
+            found += 1
+        if found >= MAX_FINDINGS:
+            return
+    row_size = header.key_size + header.value_size + CRC_SIZE
+    rows = at(sections.rows)
+    previous = (-1, b"")
+    for index in range(count):
+        offset = sections.rows + index * row_size
+        row = rows[index * row_size : (index + 1) * row_size]
+        what = ""
+        if crc32(row) != CRC_RESIDUE:
+            what = f"row {index} checksum mismatch"
+        else:
+            key = bytes(row[: header.key_size])
+            current = (key_hash(key), key)
+            if current[0] != hashes[index]:
+                what = f"row {index}: its key does not hash to the hash column's entry"
+            elif current <= previous:
+                what = f"row {index} out of order"
+            previous = current
+        if what:
+            yield Finding(path, offset, what)
+            found += 1
+            if found >= MAX_FINDINGS:
+                return

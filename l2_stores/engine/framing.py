@@ -100,15 +100,28 @@ class Expected:
     header_size: int = 0
 
 
-def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> FileHeader:
-    """Decode and check the header at the start of ``file``.
+@dataclass(frozen=True)
+class Finding:
+    """What a check of a file found at ``offset``: a problem, or a note when harmless."""
+
+    file: str
+    offset: int
+    what: str
+    problem: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.offset}: {'' if self.problem else 'note: '}{self.what}"
+
+
+def parse_header(raw: bytes, magic: bytes, file: str, name: str = "") -> FileHeader:
+    """Decode the header at the start of ``file``, checking magic, checksum and version.
 
     Raises :class:`CannotLoadStore` when the header is missing, corrupted, of
-    another kind or version, or written for other encoding sizes.
+    another kind or of another format version.
     """
 
     def fail(what: str) -> CannotLoadStore:
-        return CannotLoadStore(f"{what} (file {file}, offset 0)", name=expected.name, path=file)
+        return CannotLoadStore(f"{what} (file {file}, offset 0)", name=name, path=file, offset=0)
 
     if len(raw) < HEADER_SIZE:
         raise fail(f"file header cut short: {len(raw)} of {HEADER_SIZE} bytes")
@@ -123,16 +136,31 @@ def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> Fi
     )
     if version != FORMAT_VERSION:
         raise fail(f"format version {version} found, version {FORMAT_VERSION} expected")
-    found = (key_size, value_size, header_size)
-    wanted = (expected.key_size, expected.value_size, expected.header_size)
-    if found != wanted:
-        raise fail(
-            "encoding sizes differ: expected key {} B, value {} B, header {} B; "
-            "found key {} B, value {} B, header {} B".format(*wanted, *found)
-        )
     return FileHeader(
         magic, key_size, value_size, header_size, generation, count, bits, version, flags, tag
     )
+
+
+def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> FileHeader:
+    """Decode the header at the start of ``file`` and check it against ``expected``.
+
+    Raises :class:`CannotLoadStore` as :func:`parse_header` does, and when the
+    file was written for other encoding sizes.
+    """
+    header = parse_header(raw, magic, file, expected.name)
+    found = (header.key_size, header.value_size, header.header_size)
+    wanted = (expected.key_size, expected.value_size, expected.header_size)
+    if found != wanted:
+        raise CannotLoadStore(
+            "encoding sizes differ: expected key {} B, value {} B, header {} B; "
+            "found key {} B, value {} B, header {} B (file {}, offset 0)".format(
+                *wanted, *found, file
+            ),
+            name=expected.name,
+            path=file,
+            offset=0,
+        )
+    return header
 
 
 def fsync_directory(path: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import CannotLoadStore, CannotWriteToStore
@@ -31,9 +32,11 @@ from .framing import (
     HEADER_SIZE,
     Expected,
     FileHeader,
+    Finding,
     crc32,
     decode_header,
     fsync_directory,
+    parse_header,
 )
 
 MAGIC = b"L2SLOG\0\0"
@@ -100,6 +103,7 @@ def read_log(
                 f"corrupted log record (file {path}, offset {offset})",
                 name=expected.name,
                 path=path,
+                offset=offset,
             )
         key = record[1:key_end]
         bindings[key] = record[key_end:value_end] if op == OP_SET else None
@@ -244,3 +248,38 @@ class LogWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+def check_log(path: str, name: str = "") -> Iterator[Finding]:
+    """Check every record of the log at ``path``: header, framing, op codes, checksums.
+
+    A torn tail is a note, not a problem: the next writer load drops it.
+    """
+    with open(path, "rb") as file:
+        try:
+            header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
+        except CannotLoadStore as error:
+            yield Finding(path, 0, error.reason)
+            return
+        buffer = file.read()
+    size = 1 + header.key_size + header.value_size + CRC_SIZE
+    complete = len(buffer) - len(buffer) % size
+    for position in range(0, complete, size):
+        record = buffer[position : position + size]
+        if crc32(record) == CRC_RESIDUE and record[0] in (OP_SET, OP_REMOVE):
+            continue
+        offset = HEADER_SIZE + position
+        if not any(buffer[position:]):
+            yield Finding(
+                path, offset, "zero-filled tail (torn; dropped at the next writer load)", False
+            )
+            return
+        yield Finding(path, offset, "log record checksum mismatch or bad op code")
+    if complete < len(buffer):
+        yield Finding(
+            path,
+            HEADER_SIZE + complete,
+            f"torn record at the end, {len(buffer) - complete} of {size} bytes "
+            "(dropped at the next writer load)",
+            False,
+        )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from .framing import (
@@ -40,9 +41,11 @@ from .framing import (
     HEADER_SIZE,
     Expected,
     FileHeader,
+    Finding,
     crc32,
     decode_header,
     fsync_directory,
+    parse_header,
 )
 
 MAGIC = b"L2SVALS\0"
@@ -189,7 +192,10 @@ class ValuesFile:
 
     def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
         return CannotReadFromStore(
-            f"{what} (file {self.path}, offset {offset})", name=self._name, path=self.path
+            f"{what} (file {self.path}, offset {offset})",
+            name=self._name,
+            path=self.path,
+            offset=offset,
         )
 
     def append(self, key: bytes, value: bytes) -> int:
@@ -239,3 +245,44 @@ class ValuesFile:
         if getattr(self, "_fd", -1) >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
+
+
+def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
+    """Check the framing and checksum of every record of the values file at ``path``.
+
+    Records past the end of the file are a note (a torn tail, or records cut
+    off by a truncation: the index check tells which).
+    """
+    with open(path, "rb") as file:
+        try:
+            header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
+        except CannotLoadStore as error:
+            yield Finding(path, 0, error.reason)
+            return
+        if header.value_size != VARIABLE_SIZE:
+            yield Finding(path, 0, f"value size {header.value_size} in a values file header")
+            return
+        overhead = RECORD_OVERHEAD + header.key_size
+        offset = HEADER_SIZE
+        size = os.fstat(file.fileno()).st_size
+        while offset < size:
+            if offset + overhead > size:
+                break
+            (length,) = LENGTH.unpack(os.pread(file.fileno(), LENGTH.size, offset))
+            if offset + overhead + length > size:
+                break
+            record = os.pread(file.fileno(), overhead + length, offset)
+            if (
+                crc32(record) != CRC_RESIDUE
+                or LENGTH.unpack_from(record, len(record) - 8)[0] != length
+            ):
+                yield Finding(path, offset, "value record checksum or framing mismatch")
+                return  # the lengths that chain the records cannot be trusted past here
+            offset += overhead + length
+        if offset < size:
+            yield Finding(
+                path,
+                offset,
+                f"{size - offset} bytes at the end are not a whole record (torn, or cut short)",
+                False,
+            )

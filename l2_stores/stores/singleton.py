@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
 from ..engine.framing import (
     FORMAT_VERSION,
+    Finding,
     crc_ok,
     fsync_directory,
     make_directories,
@@ -99,37 +101,18 @@ class SingletonStore(Store):
         return VARIABLE_SIZE if size is None else size
 
     def _read_file(self) -> Any | None:
-        try:
-            with open(self.path, "rb") as file:
-                raw = file.read()
-        except FileNotFoundError:
+        found = read_singleton_file(self.path, self.name)
+        if found is None:
             return None
-        except OSError as error:
-            raise CannotLoadStore(
-                f"cannot read: {error}", name=self.name, path=self.path
-            ) from error
-
-        def fail(what: str, offset: int) -> CannotLoadStore:
-            return CannotLoadStore(
-                f"{what} (file {self.path}, offset {offset})", name=self.name, path=self.path
-            )
-
-        if len(raw) < HEADER_SIZE + 4:
-            raise fail(f"file cut short: {len(raw)} bytes", 0)
-        magic, version, _, value_size, length = _HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise fail(f"not a singleton file: magic {magic!r}", 0)
-        if len(raw) != HEADER_SIZE + length + 4 or not crc_ok(raw):
-            raise fail("checksum mismatch or wrong length", HEADER_SIZE)
-        if version != FORMAT_VERSION:
-            raise fail(f"format version {version} found, version {FORMAT_VERSION} expected", 8)
+        value_size, encoded = found
         if value_size != self._value_size:
-            raise fail(
+            raise CannotLoadStore(
                 f"encoding sizes differ: expected value {_show_size(self._value_size)}, "
-                f"found value {_show_size(value_size)}",
-                12,
+                f"found value {_show_size(value_size)} (file {self.path}, offset 12)",
+                name=self.name,
+                path=self.path,
             )
-        return self._decode(self._value, raw[HEADER_SIZE:-4])
+        return self._decode(self._value, encoded)
 
     def read(self) -> Any | None:
         """The value, or None when nothing was written or after ``delete``."""
@@ -198,3 +181,42 @@ class SingletonStore(Store):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def read_singleton_file(path: str, name: str = "") -> tuple[int, bytes] | None:
+    """``(value size, encoded value)`` of the singleton file at ``path``; None if absent.
+
+    Raises :class:`CannotLoadStore` when the file is cut short, corrupted or of
+    another format.
+    """
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise CannotLoadStore(f"cannot read: {error}", name=name, path=path) from error
+
+    def fail(what: str, offset: int) -> CannotLoadStore:
+        return CannotLoadStore(
+            f"{what} (file {path}, offset {offset})", name=name, path=path, offset=offset
+        )
+
+    if len(raw) < HEADER_SIZE + 4:
+        raise fail(f"file cut short: {len(raw)} bytes", 0)
+    magic, version, _, value_size, length = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise fail(f"not a singleton file: magic {magic!r}", 0)
+    if len(raw) != HEADER_SIZE + length + 4 or not crc_ok(raw):
+        raise fail("checksum mismatch or wrong length", HEADER_SIZE)
+    if version != FORMAT_VERSION:
+        raise fail(f"format version {version} found, version {FORMAT_VERSION} expected", 8)
+    return value_size, raw[HEADER_SIZE:-4]
+
+
+def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
+    """Check the singleton file at ``path``: framing, version and checksum."""
+    try:
+        read_singleton_file(path, name)
+    except CannotLoadStore as error:
+        yield Finding(path, error.offset or 0, error.reason.split(" (file ", 1)[0])

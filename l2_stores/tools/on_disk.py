@@ -1,0 +1,205 @@
+"""Stores as found on disk: what kind each path holds, its sizes, and raw store classes."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import construct
+
+from ..engine import datafile, log
+from ..engine.framing import HEADER_SIZE, FileHeader, parse_header
+from ..engine.layout import LOCK, data_name, log_name, scan
+from ..engine.value_files import list_values
+from ..errors import CannotLoadStore
+from ..factories import make_indexable_removable, make_indexed_file, make_singleton
+from ..mode import Mode
+from ..stores.base import Store
+from ..stores.indexed_file import INDEX_DIRECTORY
+from ..stores.singleton import MAGIC as SINGLETON_MAGIC
+from ..stores.singleton import VARIABLE_SIZE, read_singleton_file
+
+
+class Kind(enum.Enum):
+    """The kinds of store, as told apart on disk."""
+
+    SINGLETON = "singleton"
+    INDEXABLE = "indexable"  # removable or not: the same files
+    INDEXED_FILE = "indexed_file"  # simple or not: the same files
+
+    @property
+    def label(self) -> str:
+        """The kind in words."""
+        return self.value.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Encoding sizes found in a store's file headers (``value`` None when variable)."""
+
+    key: int | None
+    value: int | None
+    header: int = 0
+
+
+@dataclass(frozen=True)
+class StoreOnDisk:
+    """A store found at ``path``."""
+
+    path: str
+    kind: Kind
+
+    @property
+    def name(self) -> str:
+        """The store's name: the last component of its path."""
+        return os.path.basename(os.path.normpath(self.path)) or self.path
+
+    @property
+    def index_directory(self) -> str | None:
+        """The directory of the store's index (None for a singleton)."""
+        if self.kind is Kind.INDEXABLE:
+            return self.path
+        if self.kind is Kind.INDEXED_FILE:
+            return os.path.join(self.path, INDEX_DIRECTORY)
+        return None
+
+    @property
+    def lock_path(self) -> str:
+        """The store's writer lock file."""
+        if self.kind is Kind.SINGLETON:
+            return self.path + ".lock"
+        directory = self.index_directory
+        assert directory is not None
+        return os.path.join(directory, LOCK)
+
+    def files(self) -> dict[str, int]:
+        """Every file of the store (relative path to its store) and its size in bytes."""
+        if self.kind is Kind.SINGLETON:
+            found = {os.path.basename(self.path): os.path.getsize(self.path)}
+            if os.path.exists(self.lock_path):
+                found[os.path.basename(self.lock_path)] = os.path.getsize(self.lock_path)
+            return found
+        found = {}
+        for root, _, names in os.walk(self.path):
+            for name in names:
+                full = os.path.join(root, name)
+                try:
+                    found[os.path.relpath(full, self.path)] = os.path.getsize(full)
+                except FileNotFoundError:
+                    continue  # deleted by a running writer meanwhile
+        return dict(sorted(found.items()))
+
+    def sizes(self) -> Sizes:
+        """The encoding sizes of the store, read from a file header.
+
+        Raises :class:`CannotLoadStore` when the header cannot be read.
+        """
+        if self.kind is Kind.SINGLETON:
+            found = read_singleton_file(self.path, self.name)
+            if found is None:
+                raise CannotLoadStore("singleton file missing", name=self.name, path=self.path)
+            return Sizes(None, None if found[0] == VARIABLE_SIZE else found[0])
+        header = _index_header(self)
+        if header is None:
+            return Sizes(None, None, 0)
+        if self.kind is Kind.INDEXED_FILE:
+            return Sizes(header.key_size, None, header.header_size)
+        return Sizes(header.key_size, header.value_size)
+
+    def raw_class(self) -> type[Store] | None:
+        """A store class that reads this store as bytes; None when it has no bindings yet."""
+        sizes = self.sizes()
+        if self.kind is Kind.SINGLETON:
+            codec: Any = (
+                construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
+            )
+            return make_singleton(self.name, codec)
+        if sizes.key is None:
+            return None
+        key = construct.Bytes(sizes.key)
+        if self.kind is Kind.INDEXED_FILE:
+            return make_indexed_file(
+                self.name, key, construct.GreedyBytes, construct.Bytes(sizes.header)
+            )
+        assert sizes.value is not None
+        return make_indexable_removable(self.name, key, construct.Bytes(sizes.value))
+
+    def open(self, mode: Mode = Mode.READ_ONLY, **options: Any) -> Store | None:
+        """This store loaded with raw codecs; None when it has no bindings yet."""
+        cls = self.raw_class()
+        return None if cls is None else cls.load(self.path, mode, **options)  # type: ignore[attr-defined]
+
+
+def _index_header(store: StoreOnDisk) -> FileHeader | None:
+    directory = store.index_directory
+    assert directory is not None
+    if not os.path.isdir(directory):
+        return None
+    listing = scan(directory)
+    candidates = [(datafile.MAGIC, data_name(g)) for g in reversed(listing.data)]
+    candidates += [(log.MAGIC, log_name(g)) for g in reversed(listing.logs)]
+    for magic, name in candidates:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as file:
+                return parse_header(file.read(HEADER_SIZE), magic, path, store.name)
+        except FileNotFoundError:
+            continue  # replaced by a running writer meanwhile
+    return None
+
+
+def classify(path: str) -> Kind | None:
+    """The kind of store at ``path``, or None when it holds none."""
+    if os.path.isfile(path):
+        if path.endswith(".tmp"):
+            return None  # a singleton's write in progress
+        try:
+            with open(path, "rb") as file:
+                magic = file.read(len(SINGLETON_MAGIC))
+        except OSError:
+            return None
+        return Kind.SINGLETON if magic == SINGLETON_MAGIC else None
+    if not os.path.isdir(path):
+        return None
+    if os.path.isdir(os.path.join(path, INDEX_DIRECTORY)) and _is_index(
+        os.path.join(path, INDEX_DIRECTORY)
+    ):
+        return Kind.INDEXED_FILE
+    if list_values(path)[0]:
+        return Kind.INDEXED_FILE
+    return Kind.INDEXABLE if _is_index(path) else None
+
+
+def _is_index(directory: str) -> bool:
+    listing = scan(directory)
+    return bool(listing.data or listing.logs) or os.path.isfile(os.path.join(directory, LOCK))
+
+
+def find_stores(path: str) -> list[StoreOnDisk]:
+    """The store at ``path``, or every store below the directory ``path``, sorted by path.
+
+    Raises :class:`CannotLoadStore` when ``path`` is missing or holds no store.
+    """
+    if not os.path.exists(path):
+        raise CannotLoadStore("no such file or directory", path=path)
+    kind = classify(path)
+    if kind is not None:
+        return [StoreOnDisk(path, kind)]
+    found: list[StoreOnDisk] = []
+    if os.path.isdir(path):
+        _collect(path, found)
+    if not found:
+        raise CannotLoadStore("holds no store", path=path)
+    return found
+
+
+def _collect(directory: str, found: list[StoreOnDisk]) -> None:
+    for name in sorted(os.listdir(directory)):
+        child = os.path.join(directory, name)
+        kind = classify(child)
+        if kind is not None:
+            found.append(StoreOnDisk(child, kind))
+        elif os.path.isdir(child) and not os.path.islink(child):
+            _collect(child, found)

@@ -1,0 +1,390 @@
+"""``l2-stores snapshot``: a directory of stores as one archive, and back.
+
+An archive is a tar file (gzip-compressed when its name ends in ``.gz`` or
+``.tgz``) holding ``manifest.json`` and one member per store with its live
+bindings::
+
+    indexable     key | value                         (fixed sizes), repeated
+    indexed file  key | header | u32 length | value   (little-endian length), repeated
+    singleton     the encoded value
+
+The export reads each store through a ``READ_ONLY`` load, so it takes no
+writer lock and sees a state the writer had flushed: never a half-merged or
+half-collected one. Singletons are exported first, so a head read first
+names blocks that the stores read after it still hold. The import checks
+every member's size and SHA-256 before it writes anything, builds each store
+aside with the library's own stores (fsynced), then moves it into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ..engine.lock import WriterLock
+from ..errors import CannotLoadStore, CannotWriteToStore
+from ..mode import Mode
+from .on_disk import Kind, Sizes, StoreOnDisk, find_stores
+
+FORMAT = "l2_stores-snapshot"
+VERSION = 1
+MANIFEST = "manifest.json"
+VALUE_LENGTH = struct.Struct("<I")
+_STAGING = ".import-tmp"
+_CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What an export or an import did."""
+
+    stores: int
+    bindings: int
+    bytes: int
+
+
+def _open_for_writing(path: str, archive: str) -> tarfile.TarFile:
+    if archive.endswith((".gz", ".tgz")):
+        return tarfile.open(path, "w:gz")
+    return tarfile.open(path, "w")
+
+
+# -- export
+
+
+def export(
+    directory: str, archive: str, *, force: bool = False, progress: Progress | None = None
+) -> Summary:
+    """Write the stores found under ``directory`` into ``archive``.
+
+    Raises :class:`CannotWriteToStore` when ``archive`` exists and ``force``
+    is False, and :class:`CannotLoadStore` when ``directory`` holds no store.
+    """
+    if os.path.exists(archive) and not force:
+        raise CannotWriteToStore("archive exists (use --force to replace it)", path=archive)
+    stores = find_stores(directory)
+    stores.sort(key=lambda store: (store.kind is not Kind.SINGLETON, store.path))
+    entries: list[dict[str, Any]] = []
+    total_bindings = 0
+    target_directory = os.path.dirname(os.path.abspath(archive))
+    temporary = archive + ".tmp"
+    with tempfile.TemporaryDirectory(dir=target_directory, prefix=".l2-snapshot-") as scratch:
+        with _open_for_writing(temporary, archive) as tar:
+            for number, store in enumerate(stores):
+                member = f"stores/{number:04d}.records"
+                scratch_file = os.path.join(scratch, f"{number:04d}")
+                entry = _export_store(store, directory, scratch_file, progress)
+                entry["member"] = member
+                tar.add(scratch_file, arcname=member)
+                os.unlink(scratch_file)
+                entries.append(entry)
+                total_bindings += entry["bindings"]
+            manifest = json.dumps(
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    "stores": entries,
+                },
+                indent=1,
+            ).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size = len(manifest)
+            tar.addfile(info, io.BytesIO(manifest))
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, archive)
+    return Summary(len(stores), total_bindings, os.path.getsize(archive))
+
+
+def _relative_path(store: StoreOnDisk, directory: str) -> str:
+    relative = os.path.relpath(store.path, directory)
+    return store.name if relative == os.curdir else relative
+
+
+def _export_store(
+    store: StoreOnDisk, directory: str, scratch_file: str, progress: Progress | None
+) -> dict[str, Any]:
+    sizes = store.sizes()
+    digest = hashlib.sha256()
+    count = 0
+    with open(scratch_file, "wb") as out:
+
+        def write(data: bytes) -> None:
+            digest.update(data)
+            out.write(data)
+
+        opened = store.open()
+        if opened is not None:
+            with opened:
+                for record in _records(store.kind, opened):
+                    write(record)
+                    count += 1
+                    if progress is not None:
+                        progress(len(record))
+        size = out.tell()
+    return {
+        "path": _relative_path(store, directory),
+        "kind": store.kind.value,
+        "key_size": sizes.key,
+        "value_size": sizes.value,
+        "header_size": sizes.header,
+        "bindings": count,
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _records(kind: Kind, store: Any) -> Iterator[bytes]:
+    if kind is Kind.SINGLETON:
+        value = store.read()
+        if value is not None:
+            yield value
+    elif kind is Kind.INDEXED_FILE:
+        for key, (value, header) in store.items():
+            yield b"".join((key, header, VALUE_LENGTH.pack(len(value)), value))
+    else:
+        for key, value in store.items():
+            yield key + value
+
+
+# -- import
+
+
+def import_(
+    archive: str, directory: str, *, force: bool = False, progress: Progress | None = None
+) -> Summary:
+    """Rebuild the stores of ``archive`` under ``directory``.
+
+    Raises :class:`CannotLoadStore` for a damaged or foreign archive (nothing
+    is written then), :class:`CannotWriteToStore` when a store exists and
+    ``force`` is False, and :class:`StoreLockedError` when a writer holds a
+    store that ``force`` would replace.
+    """
+    try:
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the with below
+    except (OSError, tarfile.TarError) as error:
+        raise CannotLoadStore(f"cannot read archive: {error}", path=archive) from error
+    with tar:
+        entries = _checked_manifest(tar, archive)
+        targets = [os.path.join(directory, entry["path"]) for entry in entries]
+        existing = [target for target in targets if os.path.lexists(target)]
+        if existing and not force:
+            raise CannotWriteToStore(
+                f"{len(existing)} store(s) exist, {', '.join(existing)} (use --force to replace)",
+                path=directory,
+            )
+        os.makedirs(directory, exist_ok=True)
+        total = 0
+        for entry, target in zip(entries, targets, strict=True):
+            member = tar.extractfile(entry["member"])
+            assert member is not None
+            with member:
+                total += _import_store(entry, member, target, archive, progress)
+    return Summary(len(entries), total, os.path.getsize(archive))
+
+
+def _checked_manifest(tar: tarfile.TarFile, archive: str) -> list[dict[str, Any]]:
+    """The manifest's store entries, after checking every member against it."""
+
+    def fail(what: str) -> CannotLoadStore:
+        return CannotLoadStore(f"bad snapshot archive: {what}", path=archive)
+
+    try:
+        members = {member.name: member for member in tar.getmembers()}
+        if MANIFEST not in members:
+            raise fail("no manifest.json")
+        raw = tar.extractfile(members[MANIFEST])
+        assert raw is not None
+        manifest = json.loads(raw.read())
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise fail(str(error)) from error
+    except ValueError as error:
+        raise fail(f"manifest.json is not JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise fail("not an l2_stores snapshot")
+    if manifest.get("version") != VERSION:
+        raise fail(f"snapshot version {manifest.get('version')!r}, version {VERSION} expected")
+    entries = manifest.get("stores")
+    if not isinstance(entries, list) or not entries:
+        raise fail("the manifest lists no store")
+    for entry in entries:
+        _check_entry(entry, members, tar, fail)
+    paths = [os.path.normpath(entry["path"]) for entry in entries]
+    if len(set(paths)) != len(paths):
+        raise fail("a store path appears twice")
+    return entries
+
+
+def _check_entry(
+    entry: Any,
+    members: dict[str, tarfile.TarInfo],
+    tar: tarfile.TarFile,
+    fail: Callable[[str], CannotLoadStore],
+) -> None:
+    fields = {
+        "path": str, "kind": str, "header_size": int, "bindings": int, "member": str,
+        "bytes": int, "sha256": str,
+    }  # fmt: skip
+    if not isinstance(entry, dict) or any(
+        not isinstance(entry.get(name), kind) for name, kind in fields.items()
+    ):
+        raise fail(f"malformed store entry {entry!r}")
+    path = entry["path"]
+    if os.path.isabs(path) or os.pardir in path.split("/") or not path.strip("./"):
+        raise fail(f"unsafe store path {path!r}")
+    if entry["kind"] not in {kind.value for kind in Kind}:
+        raise fail(f"unknown store kind {entry['kind']!r}")
+    for name in ("key_size", "value_size"):
+        if entry.get(name) is not None and not isinstance(entry[name], int):
+            raise fail(f"malformed {name} in {entry!r}")
+    if (
+        entry["kind"] != Kind.SINGLETON.value
+        and entry["bindings"]
+        and entry.get("key_size") is None
+    ):
+        raise fail(f"no key size for {path!r}")
+    member = members.get(entry["member"])
+    if member is None or not member.isfile():
+        raise fail(f"member {entry['member']!r} of {path!r} is missing")
+    if member.size != entry["bytes"]:
+        raise fail(f"member {entry['member']!r} holds {member.size} bytes, {entry['bytes']} listed")
+    digest = hashlib.sha256()
+    data = tar.extractfile(member)
+    assert data is not None
+    with data:
+        while chunk := data.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != entry["sha256"]:
+        raise fail(f"member {entry['member']!r} of {path!r}: checksum mismatch")
+
+
+def _import_store(
+    entry: dict[str, Any], member: IO[bytes], target: str, archive: str, progress: Progress | None
+) -> int:
+    kind = Kind(entry["kind"])
+    store = StoreOnDisk(target + _STAGING, kind)
+    _remove(store.path)
+    if kind is Kind.SINGLETON:
+        _remove(store.lock_path)
+    sizes = Sizes(entry.get("key_size"), entry.get("value_size"), entry["header_size"])
+    count = 0
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    if sizes.key is not None or kind is Kind.SINGLETON:
+        cls = _raw_class(store, sizes)
+        options: dict[str, Any] = {} if kind is Kind.SINGLETON else {"fsync": True}
+        with cls.load(store.path, Mode.READ_WRITE, **options) as built:
+            for key, value, header in _reader(kind, sizes, member, entry, archive):
+                if kind is Kind.SINGLETON:
+                    built.write(value)
+                elif kind is Kind.INDEXED_FILE:
+                    built.append(key, value, header, flush=False)
+                else:
+                    built.add(key, value, flush=False)
+                count += 1
+                if progress is not None:
+                    progress(1)
+    if count != entry["bindings"]:
+        raise CannotLoadStore(
+            f"bad snapshot archive: {entry['path']!r} holds {count} bindings, "
+            f"{entry['bindings']} listed",
+            path=archive,
+        )
+    if kind is Kind.SINGLETON:
+        _remove(store.lock_path)
+    _move_into_place(store, target)
+    return count
+
+
+def _raw_class(store: StoreOnDisk, sizes: Sizes) -> Any:
+    import construct
+
+    from ..factories import make_indexable_removable, make_indexed_file, make_singleton
+
+    if store.kind is Kind.SINGLETON:
+        value = construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
+        return make_singleton(store.name, value)
+    assert sizes.key is not None
+    key = construct.Bytes(sizes.key)
+    if store.kind is Kind.INDEXED_FILE:
+        return make_indexed_file(
+            store.name, key, construct.GreedyBytes, construct.Bytes(sizes.header)
+        )
+    assert sizes.value is not None
+    return make_indexable_removable(store.name, key, construct.Bytes(sizes.value))
+
+
+def _reader(
+    kind: Kind, sizes: Sizes, member: IO[bytes], entry: dict[str, Any], archive: str
+) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """``(key, value, header)`` of each binding of a member."""
+
+    def exactly(size: int) -> bytes:
+        data = member.read(size)
+        if len(data) != size:
+            raise CannotLoadStore(
+                f"bad snapshot archive: {entry['path']!r} cut short", path=archive
+            )
+        return data
+
+    if kind is Kind.SINGLETON:
+        value = member.read()
+        if value or entry["bindings"]:
+            yield b"", value, b""
+        return
+    assert sizes.key is not None
+    while first := member.read(1):
+        key = first + exactly(sizes.key - 1)
+        if kind is Kind.INDEXED_FILE:
+            header = exactly(sizes.header)
+            (length,) = VALUE_LENGTH.unpack(exactly(VALUE_LENGTH.size))
+            yield key, exactly(length), header
+        else:
+            assert sizes.value is not None
+            yield key, exactly(sizes.value), b""
+
+
+def _move_into_place(built: StoreOnDisk, target: str) -> None:
+    """Replace ``target`` (if any) by the store built at ``built.path``, under its writer lock."""
+    old = StoreOnDisk(target, built.kind)
+    lock = None
+    if os.path.lexists(target) and built.kind is not Kind.SINGLETON:
+        lock = WriterLock(old.lock_path, old.name, target)  # refuses a store a writer holds
+    elif built.kind is Kind.SINGLETON and os.path.exists(old.lock_path):
+        lock = WriterLock(old.lock_path, old.name, target)
+    try:
+        if built.kind is Kind.SINGLETON:
+            os.replace(built.path, target)
+        else:
+            if os.path.lexists(target):
+                aside = target + ".import-old"
+                _remove(aside)
+                os.rename(target, aside)
+                os.rename(built.path, target)
+                _remove(aside)
+            else:
+                os.rename(built.path, target)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

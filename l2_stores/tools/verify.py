@@ -1,0 +1,163 @@
+"""``l2-stores verify``: read every record of every file of a store and check it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..engine.datafile import check_data_file
+from ..engine.framing import CRC_RESIDUE, Finding, crc32
+from ..engine.layout import LOCK, scan
+from ..engine.log import check_log
+from ..engine.value_files import list_values, values_name
+from ..engine.values import LENGTH, POINTER, RECORD_OVERHEAD, check_values_file
+from ..errors import StoreError
+from ..mode import Mode
+from ..stores.base import EngineStore
+from ..stores.indexed_file import INDEX_DIRECTORY
+from ..stores.singleton import check_singleton_file
+from .on_disk import Kind, StoreOnDisk
+
+
+@dataclass
+class Verification:
+    """What ``verify`` found in a set of stores."""
+
+    stores: int = 0
+    files: int = 0
+    bytes: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Finding]:
+        """The findings that are problems, not notes."""
+        return [finding for finding in self.findings if finding.problem]
+
+
+def verify(stores: list[StoreOnDisk], on_file: Callable[[int], None] | None = None) -> Verification:
+    """Check every file of ``stores``; ``on_file(bytes)`` is called after each file."""
+    result = Verification()
+    for store in stores:
+        result.stores += 1
+        found_before = len(result.findings)
+        for path, check in _file_checks(store):
+            try:
+                size = os.path.getsize(path)
+                result.findings.extend(check(path, store.name))
+            except FileNotFoundError:
+                result.findings.append(
+                    Finding(path, 0, "file vanished while checked (a writer is running?)", False)
+                )
+                continue
+            result.files += 1
+            result.bytes += size
+            if on_file is not None:
+                on_file(size)
+        if not any(finding.problem for finding in result.findings[found_before:]):
+            result.findings.extend(_check_as_loaded(store))
+    return result
+
+
+FileCheck = Callable[[str, str], Iterator[Finding]]
+
+
+def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
+    if store.kind is Kind.SINGLETON:
+        return [(store.path, check_singleton_file)]
+    index_directory = store.index_directory
+    assert index_directory is not None
+    checks = _index_checks(index_directory)
+    if store.kind is Kind.INDEXED_FILE:
+        numbers, temporaries = list_values(store.path)
+        checks += [(os.path.join(store.path, values_name(n)), check_values_file) for n in numbers]
+        checks += [(os.path.join(store.path, name), _leftover) for name in temporaries]
+        known = {INDEX_DIRECTORY, *map(values_name, numbers), *temporaries}
+        checks += [
+            (os.path.join(store.path, name), _unknown)
+            for name in sorted(os.listdir(store.path))
+            if name not in known
+        ]
+    return checks
+
+
+def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
+    if not os.path.isdir(directory):
+        return []
+    listing = scan(directory)
+    checks: list[tuple[str, FileCheck]] = []
+    checks += [(os.path.join(directory, f"data.{g:08d}"), check_data_file) for g in listing.data]
+    checks += [(os.path.join(directory, f"log.{g:08d}"), check_log) for g in listing.logs]
+    checks += [(os.path.join(directory, name), _leftover) for name in listing.temporaries]
+    known = {LOCK, *listing.temporaries}
+    known |= {f"data.{g:08d}" for g in listing.data} | {f"log.{g:08d}" for g in listing.logs}
+    checks += [
+        (os.path.join(directory, name), _unknown)
+        for name in sorted(os.listdir(directory))
+        if name not in known
+    ]
+    return checks
+
+
+def _leftover(path: str, name: str) -> Iterator[Finding]:
+    yield Finding(path, 0, "left by an interrupted write; deleted at the next writer load", False)
+
+
+def _unknown(path: str, name: str) -> Iterator[Finding]:
+    yield Finding(path, 0, "not a file of this store; left alone", False)
+
+
+def _check_as_loaded(store: StoreOnDisk) -> Iterator[Finding]:
+    """Load the store read-only and read every binding, as a user would."""
+    try:
+        opened = store.open(Mode.READ_ONLY)
+        if opened is None:
+            return
+        with opened:
+            if store.kind is Kind.INDEXED_FILE:
+                assert isinstance(opened, EngineStore)
+                yield from _check_value_pointers(store, opened)
+            elif store.kind is Kind.INDEXABLE:
+                for _ in opened.items():  # type: ignore[attr-defined]
+                    pass
+    except StoreError as error:
+        yield Finding(error.path or store.path, error.offset or 0, error.reason.split(" (file ")[0])
+
+
+def _check_value_pointers(store: StoreOnDisk, opened: EngineStore) -> Iterator[Finding]:
+    """Check that every index entry of an indexed file points at its value's record."""
+    sizes = store.sizes()
+    assert sizes.key is not None
+    pointers = []
+    for key, entry in opened._snapshot():
+        offset, length, number = POINTER.unpack_from(entry)
+        pointers.append((number, offset, length, key))
+    pointers.sort()  # file by file, in file order
+    files: dict[int, int] = {}
+    try:
+        for number, offset, length, key in pointers:
+            path = os.path.join(store.path, values_name(number))
+            if number not in files:
+                try:
+                    files[number] = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    files[number] = -1
+            fd = files[number]
+            if fd < 0:
+                yield Finding(path, offset, f"values file missing; key {key.hex()} points into it")
+                continue
+            size = RECORD_OVERHEAD + sizes.key + length
+            record = os.pread(fd, size, offset)
+            if len(record) < size:
+                what = f"value record of key {key.hex()} cut off by the end of the file"
+            elif crc32(record) != CRC_RESIDUE or LENGTH.unpack_from(record)[0] != length:
+                what = f"value record of key {key.hex()} does not match its index entry"
+            elif record[LENGTH.size : LENGTH.size + sizes.key] != key:
+                what = f"value record at this offset belongs to another key than {key.hex()}"
+            else:
+                continue
+            yield Finding(path, offset, what)
+    finally:
+        for fd in files.values():
+            if fd >= 0:
+                os.close(fd)
