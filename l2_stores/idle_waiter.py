@@ -181,13 +181,41 @@ class IdleWaiter:
         finally:
             self._release()
 
-    def enter_exclusive(self, *, force: bool = True) -> None:
+    def try_enter_task(self) -> bool:
+        """Low-level: start a task if that needs no wait; True when started."""
+        with self._lock:
+            if self._blocked and self._owner != _get_ident():
+                return False
+            self._tasks += 1
+            return True
+
+    def try_enter_exclusive(self, owner: int | None = None) -> bool:
+        """Low-level: enter the exclusive section if that needs no wait; True when entered.
+
+        ``owner`` as for :meth:`enter_exclusive`.
+        """
+        me = _get_ident() if owner is None else owner
+        with self._lock:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is not None or self._tasks or self._queue or self._blocked:
+                return False
+            self._blocked += 1
+            self._owner = me
+            self._depth = 1
+            return True
+
+    def enter_exclusive(self, *, force: bool = True, owner: int | None = None) -> None:
         """Low-level: enter the exclusive section; pair with :meth:`exit_exclusive`.
 
         With ``force`` (the default, as :meth:`force_idle`) new tasks are held back
-        while waiting; without it (as :meth:`when_idle`) they are not.
+        while waiting; without it (as :meth:`when_idle`) they are not. The
+        section belongs to the calling thread, or to ``owner`` when given (an
+        id that may leave the section from another thread; asyncio tasks use
+        negative ids, so they never collide with thread ids).
         """
-        me = _get_ident()
+        me = _get_ident() if owner is None else owner
         with self._lock:
             if self._owner == me:
                 self._depth += 1
@@ -216,10 +244,10 @@ class IdleWaiter:
             self._owner = me
             self._depth = 1
 
-    def exit_exclusive(self) -> None:
+    def exit_exclusive(self, owner: int | None = None) -> None:
         """Low-level: leave the exclusive section entered by :meth:`enter_exclusive`."""
         with self._lock:
-            if self._owner != _get_ident():
+            if self._owner != (_get_ident() if owner is None else owner):
                 raise RuntimeError("exit_exclusive() by a thread not holding the exclusive section")
             self._depth -= 1
             if self._depth:

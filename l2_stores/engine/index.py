@@ -182,6 +182,11 @@ class Index:
         if log is not None and log.records >= self._log_cap and self._merge_thread is not None:
             self._merge_ready.wait()
 
+    def can_put_at_once(self) -> bool:
+        """Whether a put now takes no merge step and no fsync (asyncio's inline path)."""
+        log = self._log
+        return log is not None and not self._fsync and log.records + 1 < self._buffer_size
+
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``."""
         # The hot path of every add: _writable_log and _after_append only when needed.

@@ -20,6 +20,9 @@ class Engine(Protocol):
     def reserve(self) -> None:
         """Wait, before the exclusive section, until a write need not wait inside it."""
 
+    def can_put_at_once(self) -> bool:
+        """Whether a put now takes no merge step and no fsync."""
+
     def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
         """Bind ``key`` to ``value``; durable on return when ``flush``."""
 

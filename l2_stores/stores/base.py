@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, NoReturn, Self, TypeVar
 
 from ..codecs import Codec
 from ..engine.interface import Engine
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
+
+
+class WouldBlock:
+    """The result of a ``_..._nowait`` call that could not complete without waiting."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "WOULD_BLOCK"
+
+
+#: Returned by the stores' ``_..._nowait`` entry points (asyncio's inline path)
+#: when the operation would have to wait; the caller then runs the plain
+#: method in a thread.
+WOULD_BLOCK = WouldBlock()
+
+T = TypeVar("T")
 
 
 class _Lifetime:
@@ -95,6 +112,33 @@ class Store:
         state = "closed" if self.closed else self.mode.name
         view = ", view" if self._is_view else ""
         return f"<{type(self).__name__} {self.name!r} at {self.path} ({state}{view})>"
+
+    # -- asyncio's inline path
+
+    def _in_task_nowait(self, body: Callable[[], T]) -> T | WouldBlock:
+        """Run ``body`` in a task if one can start without waiting."""
+        waiter = self._waiter
+        if not waiter.try_enter_task():
+            return WOULD_BLOCK
+        try:
+            self._check_open()
+            return body()
+        finally:
+            waiter.exit_task()
+
+    def _exclusive_nowait(self, ready: Callable[[], bool], body: Callable[[], None]) -> bool:
+        """Run ``body`` alone if the section is free and ``ready()`` holds in it; True if run."""
+        waiter = self._waiter
+        if not waiter.try_enter_exclusive():
+            return False
+        try:
+            self._check_open()
+            if not ready():
+                return False
+            body()
+            return True
+        finally:
+            waiter.exit_exclusive()
 
     # -- checks and errors, shared by the kinds
 

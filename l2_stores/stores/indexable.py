@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
@@ -11,6 +12,7 @@ from ..engine.framing import Expected
 from ..engine.index import Index
 from ..errors import CodecError, DecodingError
 from ..mode import Mode
+from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
@@ -96,6 +98,27 @@ class IndexableStore(Collectable):
         finally:
             waiter.exit_task()
 
+    def _find_nowait(self, key: Any) -> Any:
+        encoded = self._encode(self._key, key)
+        raw = self._in_task_nowait(partial(self._engine.get, encoded))
+        if raw is None or isinstance(raw, WouldBlock):
+            return raw
+        return self._decode(self._value, raw)
+
+    def _mem_nowait(self, key: Any) -> bool | WouldBlock:
+        encoded = self._encode(self._key, key)
+        raw = self._in_task_nowait(partial(self._engine.get, encoded))
+        return raw if raw is WOULD_BLOCK else raw is not None
+
+    def _add_nowait(self, key: Any, value: Any, flush: bool) -> bool:
+        self._check_writable("add")
+        encoded_key = self._encode(self._key, key)
+        encoded_value = self._encode(self._value, value)
+        engine = self._engine
+        return self._exclusive_nowait(
+            engine.can_put_at_once, partial(engine.put, encoded_key, encoded_value, flush=flush)
+        )
+
     def keys(self) -> Iterator[Any]:
         """Every key bound at the time of the call, once each, in no particular order."""
         return self._decoded(self._snapshot(), with_values=False)
@@ -158,3 +181,16 @@ class IndexableRemovableStore(IndexableStore):
                 self._engine.flush()
         finally:
             waiter.exit_exclusive()
+
+    def _remove_nowait(self, key: Any, flush: bool) -> bool:
+        self._check_writable("remove")
+        encoded_key = self._encode(self._key, key)
+        engine = self._engine
+
+        def remove() -> None:
+            if engine.get(encoded_key) is not None:
+                engine.remove(encoded_key, flush=flush)
+            elif flush:
+                engine.flush()
+
+        return self._exclusive_nowait(engine.can_put_at_once, remove)

@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
@@ -29,6 +30,7 @@ from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError
 from ..mode import Mode
+from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 
@@ -36,6 +38,8 @@ logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 INDEX_DIRECTORY = "index"
+#: Largest value that asyncio reads or appends on the event loop itself.
+INLINE_VALUE_SIZE = 16 * 1024
 _RELOAD_ATTEMPTS = 50
 
 
@@ -259,6 +263,40 @@ class IndexedFileBase(Collectable):
                 self._cache.put(encoded, raw)
         return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
 
+    def _mem_nowait(self, key: Any) -> bool | WouldBlock:
+        encoded = self._encode(self._key, key)
+        entry = self._in_task_nowait(partial(self._engine.get, encoded))
+        return entry if entry is WOULD_BLOCK else entry is not None
+
+    def _header_nowait(self, key: Any) -> Any:
+        encoded = self._encode(self._key, key)
+        entry = self._in_task_nowait(partial(self._engine.get, encoded))
+        if entry is None or isinstance(entry, WouldBlock):
+            return entry
+        return self._decode(self._header, entry[POINTER.size :])
+
+    def _read_nowait(self, key: Any) -> Any:
+        """``read`` when cached, absent or small (``INLINE_VALUE_SIZE``); else WOULD_BLOCK."""
+        encoded = self._encode(self._key, key)
+
+        def lookup() -> tuple[bytes, bytes] | WouldBlock | None:
+            raw = self._cache.get(encoded)
+            if raw is not None:
+                return raw
+            entry = self._engine.get(encoded)
+            if entry is None:
+                return None
+            if POINTER.unpack_from(entry)[1] > INLINE_VALUE_SIZE:
+                return WOULD_BLOCK
+            raw = self._read_raw(encoded, entry)
+            self._cache.put(encoded, raw)
+            return raw
+
+        raw = self._in_task_nowait(lookup)
+        if raw is None or isinstance(raw, WouldBlock):
+            return raw
+        return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
+
     def _read_raw(self, key: bytes, entry: bytes) -> tuple[bytes, bytes]:
         offset, length, number = POINTER.unpack_from(entry)
         return self._values.read(number, offset, length, key), entry[POINTER.size :]
@@ -308,6 +346,23 @@ class IndexedFileBase(Collectable):
             entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
             self._engine.put(encoded_key, entry, flush=flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
+
+    def _append_nowait(self, key: Any, value: Any, header: Any, flush: bool) -> bool:
+        """``append`` if it needs no wait, no fsync and the value is small; True if done."""
+        self._check_writable("append")
+        encoded_key = self._encode(self._key, key)
+        encoded_value = self._encode(self._value, value)
+        encoded_header = self._encode(self._header, header)
+        if len(encoded_value) > INLINE_VALUE_SIZE:
+            return False
+
+        def append() -> None:
+            number, offset = self._values.append(encoded_key, encoded_value)
+            entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
+            self._engine.put(encoded_key, entry, flush=flush)
+            self._cache.put(encoded_key, (encoded_value, encoded_header))
+
+        return self._exclusive_nowait(self._engine.can_put_at_once, append)
 
     def _after_sync(self) -> None:
         engine = self._engine

@@ -120,6 +120,9 @@ class SingletonStore(Store):
             self._check_open()
             return self._cache.value
 
+    def _read_nowait(self) -> Any:
+        return self._in_task_nowait(lambda: self._cache.value)
+
     def write(self, value: Any) -> None:
         """Replace the value, atomically and durably."""
         self._check_writable("write")

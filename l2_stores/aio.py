@@ -1,0 +1,443 @@
+"""The stores, awaited: every store kind offered to asyncio code.
+
+``wrap(store)`` gives the asyncio face of an open store; ``unwrap()`` gives
+the store back. Both faces may be used at once, from threads and from event
+loops: they share the store's idle-waiter.
+
+An operation that can complete at once runs on the event loop itself: a read
+that can start a task without waiting (a lookup, a cached or small value), a
+write that can enter its exclusive section without waiting and needs no
+merge step and no fsync. Everything else (waiting for the guard, merges,
+fsyncs, large values, loading, closing, GC) runs in a worker thread, so the
+loop is never blocked for long. A cancelled write that already runs in a
+thread still completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import itertools
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, cast
+
+from .gc import Chain, Retain
+from .idle_waiter import IdleWaiter
+from .mode import Mode
+from .stores.base import WOULD_BLOCK, Store
+from .stores.indexable import IndexableRemovableStore, IndexableStore
+from .stores.indexed_file import IndexedFile, SimpleIndexedFile
+from .stores.singleton import SingletonStore
+
+__all__ = [
+    "AsyncIdleWaiter",
+    "AsyncIndexableRemovableStore",
+    "AsyncIndexableStore",
+    "AsyncIndexedFile",
+    "AsyncSimpleIndexedFile",
+    "AsyncSingletonStore",
+    "AsyncStore",
+    "load",
+    "open",
+    "wrap",
+]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=Store)
+
+#: Bindings fetched per worker-thread hop by ``keys()`` and ``items()``.
+ITERATION_BATCH = 256
+#: Worker threads of the pool the stores' blocking work runs in. A pool of its
+#: own keeps operations that wait (for a merge, a lock) from starving the
+#: loop's default executor.
+WORKERS = 16
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="l2_stores-aio")
+    return _executor
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a worker thread, in the caller's context."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await loop.run_in_executor(_pool(), call)
+
+
+# -- stores
+
+
+class AsyncStore(Generic[S]):
+    """The asyncio face of an open store: the same methods, as coroutines."""
+
+    def __init__(self, store: S) -> None:
+        self._store = store
+
+    def unwrap(self) -> S:
+        """The synchronous store behind this face (the same open store)."""
+        return self._store
+
+    @property
+    def path(self) -> str:
+        """Where the store lives."""
+        return self._store.path
+
+    @property
+    def mode(self) -> Mode:
+        """The mode the store was loaded in."""
+        return self._store.mode
+
+    @property
+    def closed(self) -> bool:
+        """True once the store (or this view) is closed."""
+        return self._store.closed
+
+    @property
+    def name(self) -> str:
+        """The store's name."""
+        return self._store.name
+
+    def readonly(self) -> Self:
+        """The asyncio face of a read-only view of the store."""
+        return type(self)(self._store.readonly())
+
+    async def close(self) -> None:
+        """Close the store (in a worker thread: closing may finish a merge)."""
+        await _in_thread(self._store.close)
+
+    async def sync(self) -> None:
+        """``READ_ONLY``: pick up what a writer elsewhere flushed."""
+        await _in_thread(self._store.sync)  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<async {self._store!r}>"
+
+
+class AsyncSingletonStore(AsyncStore[SingletonStore]):
+    """The asyncio face of a :class:`~l2_stores.SingletonStore`."""
+
+    async def read(self) -> Any | None:
+        """The value, or None."""
+        value = self._store._read_nowait()
+        if value is WOULD_BLOCK:
+            return await _in_thread(self._store.read)
+        return value
+
+    async def write(self, value: Any) -> None:
+        """Replace the value, atomically and durably (fsync: in a worker thread)."""
+        await _in_thread(self._store.write, value)
+
+    async def delete(self) -> None:
+        """Remove the value."""
+        await _in_thread(self._store.delete)
+
+
+class _Collectable(AsyncStore[S]):
+    """What indexable stores and indexed files share: flush, iteration, GC."""
+
+    async def flush(self) -> None:
+        """Make every earlier ``flush=False`` write survive a kill."""
+        await _in_thread(self._store.flush)  # type: ignore[attr-defined]
+
+    def keys(self) -> AsyncIterator[Any]:
+        """Every key bound at the time of the call, once each, in no particular order."""
+        return _BatchedIterator(self._store.keys)  # type: ignore[attr-defined]
+
+    def items(self) -> AsyncIterator[Any]:
+        """Every binding at the time of the call, once each, in no particular order."""
+        return _BatchedIterator(self._store.items)  # type: ignore[attr-defined]
+
+    async def gc(self, spec: Retain | Chain, *, background: bool = True) -> None:
+        """Start a GC (``background``) or run one to its end; see the synchronous ``gc``."""
+        await _in_thread(self._store.gc, spec, background=background)  # type: ignore[attr-defined]
+
+    async def wait_gc_completion(self, timeout: float | None = None) -> bool:
+        """Wait for a running GC; True when none runs any more."""
+        result: bool = await _in_thread(self._store.wait_gc_completion, timeout)  # type: ignore[attr-defined]
+        return result
+
+    def is_gc_finished(self) -> bool:
+        """True when no GC runs."""
+        result: bool = self._store.is_gc_finished()  # type: ignore[attr-defined]
+        return result
+
+
+class AsyncIndexableStore(_Collectable[IndexableStore]):
+    """The asyncio face of an :class:`~l2_stores.IndexableStore`."""
+
+    async def mem(self, key: Any) -> bool:
+        """True when ``key`` is bound."""
+        found = self._store._mem_nowait(key)
+        if found is WOULD_BLOCK:
+            return await _in_thread(self._store.mem, key)
+        return bool(found)
+
+    async def find(self, key: Any) -> Any | None:
+        """The value bound to ``key``, or None."""
+        value = self._store._find_nowait(key)
+        if value is WOULD_BLOCK:
+            return await _in_thread(self._store.find, key)
+        return value
+
+    async def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
+        """Bind ``key`` to ``value``; durable on return with ``flush``."""
+        if not self._store._add_nowait(key, value, flush):
+            await _in_thread(self._store.add, key, value, flush=flush)
+
+
+class AsyncIndexableRemovableStore(AsyncIndexableStore):
+    """The asyncio face of an :class:`~l2_stores.IndexableRemovableStore`."""
+
+    async def remove(self, key: Any, *, flush: bool = True) -> None:
+        """Unbind ``key``; a no-op when it is not bound."""
+        store = cast(IndexableRemovableStore, self._store)
+        if not store._remove_nowait(key, flush):
+            await _in_thread(store.remove, key, flush=flush)
+
+
+class AsyncIndexedFile(_Collectable[IndexedFile]):
+    """The asyncio face of an :class:`~l2_stores.IndexedFile`."""
+
+    async def mem(self, key: Any) -> bool:
+        """True when ``key`` has a value."""
+        found = self._store._mem_nowait(key)
+        if found is WOULD_BLOCK:
+            return await _in_thread(self._store.mem, key)
+        return bool(found)
+
+    async def header(self, key: Any) -> Any | None:
+        """The header of ``key``'s value, or None."""
+        header = self._store._header_nowait(key)
+        if header is WOULD_BLOCK:
+            return await _in_thread(self._store.header, key)
+        return header
+
+    async def read(self, key: Any) -> tuple[Any, Any] | None:
+        """The ``(value, header)`` of ``key``, or None (large values: in a worker thread)."""
+        found = self._store._read_nowait(key)
+        if found is WOULD_BLOCK:
+            return await _in_thread(self._store.read, key)
+        return found  # type: ignore[no-any-return]
+
+    async def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+        """Append ``value`` with ``header`` for ``key``; a later append wins."""
+        if not self._store._append_nowait(key, value, header, flush):
+            await _in_thread(self._store.append, key, value, header, flush=flush)
+
+
+class AsyncSimpleIndexedFile(AsyncIndexedFile):
+    """The asyncio face of a :class:`~l2_stores.SimpleIndexedFile`."""
+
+    async def append(  # type: ignore[override]
+        self, key: Any, value: Any, *, flush: bool = True
+    ) -> None:
+        """Append ``value`` for ``key`` with the header ``header_of(value)``."""
+        store = cast(SimpleIndexedFile, self._store)
+        if not store._append_nowait(key, value, type(store).header_of(value), flush):
+            await _in_thread(store.append, key, value, flush=flush)
+
+
+class _BatchedIterator(AsyncIterator[Any]):
+    """An async iterator over a store's snapshot, fetched in batches in worker threads."""
+
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self._start = start
+        self._iterator: Iterator[Any] | None = None
+        self._batch: list[Any] = []
+        self._position = 0
+        self._done = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._position == len(self._batch):
+            if self._done:
+                raise StopAsyncIteration
+            self._batch = await _in_thread(self._fetch)
+            self._position = 0
+            if not self._batch:
+                self._done = True
+                raise StopAsyncIteration
+        item = self._batch[self._position]
+        self._position += 1
+        return item
+
+    def _fetch(self) -> list[Any]:
+        if self._iterator is None:
+            self._iterator = self._start()  # the snapshot is taken at the first step
+        return list(itertools.islice(self._iterator, ITERATION_BATCH))
+
+    async def aclose(self) -> None:
+        """Stop iterating and let go of the snapshot."""
+        self._done, self._batch, self._position = True, [], 0
+        iterator, self._iterator = self._iterator, None
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+_FACES: list[tuple[type[Store], type[AsyncStore[Any]]]] = [
+    (SimpleIndexedFile, AsyncSimpleIndexedFile),
+    (IndexedFile, AsyncIndexedFile),
+    (IndexableRemovableStore, AsyncIndexableRemovableStore),
+    (IndexableStore, AsyncIndexableStore),
+    (SingletonStore, AsyncSingletonStore),
+]
+
+
+def wrap(store: Store) -> Any:
+    """The asyncio face of the open ``store``."""
+    for kind, face in _FACES:
+        if isinstance(store, kind):
+            return face(store)
+    raise TypeError(f"not an l2_stores store: {store!r}")
+
+
+async def load(
+    cls: type[Store], path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE, **options: Any
+) -> Any:
+    """``cls.load(path, mode, **options)`` in a worker thread, as an asyncio store."""
+    store = await _in_thread(cls.load, path, mode, **options)  # type: ignore[attr-defined]
+    return wrap(store)
+
+
+@asynccontextmanager
+async def open(
+    cls: type[Store], path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE, **options: Any
+) -> AsyncIterator[Any]:
+    """Load the store as :func:`load` does, and close it on exit."""
+    store = await load(cls, path, mode, **options)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# -- the idle-waiter
+
+
+class AsyncIdleWaiter:
+    """An idle-waiter for asyncio: ``async with w.task()``, ``async with w.force_idle()``.
+
+    It guards the same way as :class:`~l2_stores.IdleWaiter` (shared tasks,
+    exclusive sections that hold back new tasks, ``when_idle``) and may wrap
+    one, to share a guard with threads. Waiting happens in a worker thread,
+    never on the loop. An exclusive section belongs to the asyncio task that
+    entered it: a nested ``force_idle`` in the same task runs at once.
+    """
+
+    def __init__(self, waiter: IdleWaiter | None = None) -> None:
+        self.waiter = waiter if waiter is not None else IdleWaiter()
+
+    def task(self) -> _AsyncSection:
+        """A shared section: runs alongside other tasks, never with an exclusive one."""
+        return _AsyncSection(self.waiter, exclusive=False)
+
+    def force_idle(self) -> _AsyncSection:
+        """An exclusive section; new tasks are held back while it waits for running ones."""
+        return _AsyncSection(self.waiter, exclusive=True)
+
+    async def when_idle(self, fn: Callable[[], T | Awaitable[T]]) -> T:
+        """Run ``fn`` (a function or a coroutine function) alone once no task runs.
+
+        New tasks are not held back while it waits.
+        """
+        owner = _task_owner()
+        await _enter_off_loop(
+            functools.partial(self.waiter.enter_exclusive, force=False, owner=owner),
+            functools.partial(self.waiter.exit_exclusive, owner),
+            functools.partial(self.waiter.try_enter_exclusive, owner),
+        )
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        finally:
+            self.waiter.exit_exclusive(owner)
+
+
+class _AsyncSection:
+    def __init__(self, waiter: IdleWaiter, exclusive: bool) -> None:
+        self._waiter = waiter
+        self._exclusive = exclusive
+        self._owner: int | None = None
+
+    async def __aenter__(self) -> None:
+        waiter = self._waiter
+        if self._exclusive:
+            owner = self._owner = _task_owner()
+            await _enter_off_loop(
+                functools.partial(waiter.enter_exclusive, owner=owner),
+                functools.partial(waiter.exit_exclusive, owner),
+                functools.partial(waiter.try_enter_exclusive, owner),
+            )
+        else:
+            await _enter_off_loop(waiter.enter_task, waiter.exit_task, waiter.try_enter_task)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._exclusive:
+            self._waiter.exit_exclusive(self._owner)
+        else:
+            self._waiter.exit_task()
+
+
+def _task_owner() -> int:
+    """The owner id of the current asyncio task's exclusive sections (negative)."""
+    task = asyncio.current_task()
+    return -id(task) if task is not None else -1
+
+
+async def _enter_off_loop(
+    enter: Callable[[], None], leave: Callable[[], None], try_enter: Callable[[], bool]
+) -> None:
+    """Enter at once if that needs no wait, else wait in a worker thread.
+
+    If the caller is cancelled while the thread waits, the section is left
+    as soon as the thread gets it.
+    """
+    if try_enter():
+        return
+    future = asyncio.get_running_loop().run_in_executor(_pool(), enter)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def leave_once_entered(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                leave()
+
+        future.add_done_callback(leave_once_entered)
+        raise
