@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint doc bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m ruff check l2_stores tests bench
+	$(VENV)/bin/python -m sphinx -W --keep-going -q -b html doc doc/_build/html
+
+# The guide, warnings as errors: open doc/_build/html/index.html
+doc: $(STAMP)
+	$(VENV)/bin/python -m sphinx -W --keep-going -q -b html doc doc/_build/html
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
@@ -33,4 +38,4 @@ lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check l2_stores tests bench
 
 clean:
-	rm -rf $(VENV) l2-demo-data .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) l2-demo-data doc/_build .pytest_cache .mypy_cache .ruff_cache build *.egg-info
