@@ -28,7 +28,7 @@ from ..engine.index import GcMergeRenamed, Index
 from ..engine.merge import sorted_in_steps
 from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
-from ..errors import CannotLoadStore, CodecError
+from ..errors import CannotLoadStore, CodecError, StoreLockedError
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable, Lookup
@@ -122,14 +122,17 @@ class IndexedFileBase(Collectable):
         readonly = mode is Mode.READ_ONLY
         index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
         values_existed = bool(list_values(directory)[0])
-        store._engine = Index(
-            os.path.join(directory, INDEX_DIRECTORY),
-            expected,
-            readonly=readonly,
-            buffer_size=index_buffer_size,
-            fsync=fsync,
-            exclusive=store._waiter.force_idle,
-        )
+        try:
+            store._engine = Index(
+                os.path.join(directory, INDEX_DIRECTORY),
+                expected,
+                readonly=readonly,
+                buffer_size=index_buffer_size,
+                fsync=fsync,
+                exclusive=store._waiter.force_idle,
+            )
+        except StoreLockedError as error:  # name the store, not its index directory
+            raise StoreLockedError(error.reason, name=cls.name, path=directory) from None
         try:
             if not values_existed:
                 store._refuse_index_without_values()
