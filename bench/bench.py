@@ -1,7 +1,7 @@
 """Benchmark of l2_stores beside its peers, in one run (not part of the tests).
 
     pip install -e .[bench]
-    python bench/bench.py [--workload A|B|GC|all] [--n N] [--stores a,b] [--json]
+    python bench/bench.py [--workload A|B|GC|AIO|all] [--n N] [--stores a,b] [--json]
 
 Peers (see ``peers.py``): LMDB, rocksdict, sqlite3, diskcache, the
 interpreter's dbm, a dict (the in-memory limit) and a raw file (the file
@@ -19,7 +19,9 @@ Workload B: N values of 100 B to 8 KiB with a 16-byte header, in an indexed
 file. Workload GC: N blocks chained by predecessor hash; a background Chain
 GC keeps the last 10 % while one thread does random finds: GC time, find
 latency (median, 99th percentile, max) before and during the GC, disk before
-and after.
+and after. Workload AIO: A's add and finds, and N/4 appends of 1 KiB values
+with header and value reads, through the synchronous store and through
+``l2_stores.aio`` (one coroutine awaiting each operation in turn).
 """
 
 from __future__ import annotations
@@ -279,10 +281,98 @@ def run_gc(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     return result
 
 
+AIO_VALUE_SIZE = 1024
+
+
+def run_aio(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
+    """Workload AIO: the same operations through the synchronous and the asyncio faces."""
+    import asyncio
+
+    import construct as c
+
+    from l2_stores import aio, make_indexable, make_indexed_file
+
+    peer = PEERS[slug]
+    rng = random.Random(seed)
+    keys = [rng.randbytes(KEY_SIZE) for _ in range(n)]
+    misses = [rng.randbytes(KEY_SIZE) for _ in range(n)]
+    files = n // 4
+    value = rng.randbytes(AIO_VALUE_SIZE)
+    header = bytes(HEADER_SIZE)
+    indexable = make_indexable("bench_aio", c.Bytes(KEY_SIZE), c.Bytes(VALUE_SIZE))
+    indexed = make_indexed_file("bench_aio_b", c.Bytes(KEY_SIZE), c.GreedyBytes, c.Bytes(16))
+    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
+    clock = time.perf_counter
+
+    def per_op(started: float, count: int) -> float:
+        return (clock() - started) / count * 1e6
+
+    if slug == "l2_stores":
+        with indexable.load(os.path.join(directory, "a")) as store:
+            started = clock()
+            for key in keys:
+                store.add(key, key)
+            result["add_us"] = per_op(started, n)
+            started = clock()
+            for key in keys:
+                store.find(key)
+            result["find_hit_us"] = per_op(started, n)
+            started = clock()
+            for key in misses:
+                store.find(key)
+            result["find_miss_us"] = per_op(started, n)
+        with indexed.load(os.path.join(directory, "b")) as file:
+            started = clock()
+            for key in keys[:files]:
+                file.append(key, value, header)
+            result["append_us"] = per_op(started, files)
+            started = clock()
+            for key in keys[:files]:
+                file.header(key)
+            result["read_header_us"] = per_op(started, files)
+            started = clock()
+            for key in keys[:files]:
+                file.read(key)
+            result["read_value_us"] = per_op(started, files)
+        return result
+
+    async def run() -> None:
+        async with aio.open(indexable, os.path.join(directory, "a")) as store:
+            started = clock()
+            for key in keys:
+                await store.add(key, key)
+            result["add_us"] = per_op(started, n)
+            started = clock()
+            for key in keys:
+                await store.find(key)
+            result["find_hit_us"] = per_op(started, n)
+            started = clock()
+            for key in misses:
+                await store.find(key)
+            result["find_miss_us"] = per_op(started, n)
+        async with aio.open(indexed, os.path.join(directory, "b")) as file:
+            started = clock()
+            for key in keys[:files]:
+                await file.append(key, value, header)
+            result["append_us"] = per_op(started, files)
+            started = clock()
+            for key in keys[:files]:
+                await file.header(key)
+            result["read_header_us"] = per_op(started, files)
+            started = clock()
+            for key in keys[:files]:
+                await file.read(key)
+            result["read_value_us"] = per_op(started, files)
+
+    asyncio.run(run())
+    return result
+
+
 RUNNERS: dict[str, Callable[[str, str, int, int], dict[str, Any]]] = {
     "A": run_a,
     "B": run_b,
     "GC": run_gc,
+    "AIO": run_aio,
 }
 WORKLOADS = {
     "A": [
@@ -298,12 +388,14 @@ WORKLOADS = {
     ],
     "B": ["l2_stores", "lmdb", "rocksdict", "sqlite3", "diskcache", "dbm", "dict"],
     "GC": ["l2_stores"],
+    "AIO": ["l2_stores", "l2_stores_aio"],
 }
-DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000}
+DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000, "AIO": 400_000}
 TITLES = {
     "A": "random 32-byte keys -> 32-byte values (A' = the l2_stores (Struct) row)",
     "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
     "GC": "blocks chained by predecessor hash, a background Chain GC keeping the last 10 %",
+    "AIO": "A's operations (and N/4 1 KiB appends) through the sync and the asyncio faces",
 }
 
 COLUMNS_A = [
@@ -339,7 +431,15 @@ COLUMNS_GC = [
     ("disk_before_bytes", "disk before MB", "{:.1f}"),
     ("disk_after_bytes", "disk after MB", "{:.1f}"),
 ]
-COLUMNS = {"A": COLUMNS_A, "B": COLUMNS_B, "GC": COLUMNS_GC}
+COLUMNS_AIO = [
+    ("add_us", "add µs", "{:.2f}"),
+    ("find_hit_us", "hit µs", "{:.2f}"),
+    ("find_miss_us", "miss µs", "{:.2f}"),
+    ("append_us", "append µs", "{:.2f}"),
+    ("read_header_us", "read header µs", "{:.2f}"),
+    ("read_value_us", "read value µs", "{:.2f}"),
+]
+COLUMNS = {"A": COLUMNS_A, "B": COLUMNS_B, "GC": COLUMNS_GC, "AIO": COLUMNS_AIO}
 
 # The targets of issue 5: (workload, l2_stores row, figure, peer row or None, bound).
 # With a peer, the bound is on the ratio l2_stores / peer; without, on the figure.
@@ -366,6 +466,8 @@ TARGETS: list[tuple[str, str, str, str | None, float]] = [
     ("B", "l2_stores", "read_header_us", "lmdb", 1.5),
     ("B", "l2_stores", "reopen_ms", None, 10.0),
     ("GC", "l2_stores", "find_p99_gc_us", None, 2000.0),
+    # issue 7: asyncio / sync, for operations that complete on the loop
+    *[("AIO", "l2_stores_aio", figure, "l2_stores", 2.0) for figure, _, _ in COLUMNS_AIO],
 ]
 
 

@@ -103,6 +103,11 @@ class L2Stores(Peer):
         return OpenB(store.append, lambda: store.read, lambda: store.header, store.close)
 
 
+class L2StoresAsyncio(L2Stores):
+    name = "l2_stores (asyncio)"
+    setting = "as l2_stores, each operation awaited through l2_stores.aio"
+
+
 # ------------------------------------------------------------------ peers
 
 
@@ -326,6 +331,7 @@ class RawFile(Peer):
 PEERS: dict[str, Peer] = {
     "l2_stores": L2Stores(),
     "l2_stores_struct": L2Stores(struct_value=True),
+    "l2_stores_aio": L2StoresAsyncio(),
     "lmdb": Lmdb(),
     "rocksdict": RocksDict(),
     "sqlite3": Sqlite(),
