@@ -188,12 +188,27 @@ def import_(
                 path=directory,
             )
         os.makedirs(directory, exist_ok=True)
-        total = 0
-        for entry, target in zip(entries, targets, strict=True):
-            member = tar.extractfile(entry["member"])
-            assert member is not None
-            with member:
-                total += _import_store(entry, member, target, archive, progress)
+        kinds = [Kind(entry["kind"]) for entry in entries]
+        locks = _lock_existing(targets, kinds)  # refuses a store a writer holds, up front
+        staged: list[StoreOnDisk] = []
+        try:
+            total = 0
+            for entry, target, kind in zip(entries, targets, kinds, strict=True):
+                member = tar.extractfile(entry["member"])
+                assert member is not None
+                staged.append(StoreOnDisk(target + _STAGING, kind))
+                with member:
+                    total += _build_store(entry, member, staged[-1], archive, progress)
+            for built, target in zip(staged, targets, strict=True):
+                _move_into_place(built, target)
+            staged.clear()
+        finally:
+            for leftover in staged:
+                _remove(leftover.path)
+                if leftover.kind is Kind.SINGLETON:
+                    _remove(leftover.lock_path)
+            for lock in locks:
+                lock.release()
     return Summary(len(entries), total, os.path.getsize(archive))
 
 
@@ -272,18 +287,41 @@ def _check_entry(
         raise fail(f"member {entry['member']!r} of {path!r}: checksum mismatch")
 
 
-def _import_store(
-    entry: dict[str, Any], member: IO[bytes], target: str, archive: str, progress: Progress | None
+def _lock_existing(targets: list[str], kinds: list[Kind]) -> list[WriterLock]:
+    """Take the writer lock of every store to be replaced; all or none."""
+    locks: list[WriterLock] = []
+    try:
+        for target, kind in zip(targets, kinds, strict=True):
+            store = StoreOnDisk(target, kind)
+            if os.path.lexists(target) and (
+                kind is not Kind.SINGLETON or os.path.exists(store.lock_path)
+            ):
+                locks.append(WriterLock(store.lock_path, store.name, target))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
+def _build_store(
+    entry: dict[str, Any],
+    member: IO[bytes],
+    store: StoreOnDisk,
+    archive: str,
+    progress: Progress | None,
 ) -> int:
-    kind = Kind(entry["kind"])
-    store = StoreOnDisk(target + _STAGING, kind)
+    """Write the bindings of ``member`` into a new store at ``store.path``; their number."""
+    kind = store.kind
     _remove(store.path)
     if kind is Kind.SINGLETON:
         _remove(store.lock_path)
     sizes = Sizes(entry.get("key_size"), entry.get("value_size"), entry["header_size"])
     count = 0
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    if sizes.key is not None or kind is Kind.SINGLETON:
+    os.makedirs(os.path.dirname(os.path.abspath(store.path)), exist_ok=True)
+    if sizes.key is None and kind is not Kind.SINGLETON:
+        os.makedirs(store.path)  # a store that never held a binding
+    else:
         cls = _raw_class(store, sizes)
         options: dict[str, Any] = {} if kind is Kind.SINGLETON else {"fsync": True}
         with cls.load(store.path, Mode.READ_WRITE, **options) as built:
@@ -297,15 +335,14 @@ def _import_store(
                 count += 1
                 if progress is not None:
                     progress(1)
+    if kind is Kind.SINGLETON:
+        _remove(store.lock_path)
     if count != entry["bindings"]:
         raise CannotLoadStore(
             f"bad snapshot archive: {entry['path']!r} holds {count} bindings, "
             f"{entry['bindings']} listed",
             path=archive,
         )
-    if kind is Kind.SINGLETON:
-        _remove(store.lock_path)
-    _move_into_place(store, target)
     return count
 
 
@@ -358,28 +395,17 @@ def _reader(
 
 
 def _move_into_place(built: StoreOnDisk, target: str) -> None:
-    """Replace ``target`` (if any) by the store built at ``built.path``, under its writer lock."""
-    old = StoreOnDisk(target, built.kind)
-    lock = None
-    if os.path.lexists(target) and built.kind is not Kind.SINGLETON:
-        lock = WriterLock(old.lock_path, old.name, target)  # refuses a store a writer holds
-    elif built.kind is Kind.SINGLETON and os.path.exists(old.lock_path):
-        lock = WriterLock(old.lock_path, old.name, target)
-    try:
-        if built.kind is Kind.SINGLETON:
-            os.replace(built.path, target)
-        else:
-            if os.path.lexists(target):
-                aside = target + ".import-old"
-                _remove(aside)
-                os.rename(target, aside)
-                os.rename(built.path, target)
-                _remove(aside)
-            else:
-                os.rename(built.path, target)
-    finally:
-        if lock is not None:
-            lock.release()
+    """Put the store built at ``built.path`` in place of ``target`` (the caller holds its lock)."""
+    if built.kind is Kind.SINGLETON:
+        os.replace(built.path, target)
+    elif os.path.lexists(target):
+        aside = target + ".import-old"
+        _remove(aside)
+        os.rename(target, aside)
+        os.rename(built.path, target)
+        _remove(aside)
+    else:
+        os.rename(built.path, target)
 
 
 def _remove(path: str) -> None:
