@@ -16,6 +16,7 @@ thread still completes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -33,7 +34,7 @@ from .idle_waiter import IdleWaiter
 from .mode import Mode
 from .stores.base import WOULD_BLOCK, Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
-from .stores.indexed_file import IndexedFile, SimpleIndexedFile
+from .stores.indexed_file import INLINE_VALUE_SIZE, IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
 
 __all__ = [
@@ -72,11 +73,43 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
+def _forget_pool() -> None:
+    global _executor
+    _executor = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` in a worker thread, in the caller's context."""
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     return await loop.run_in_executor(_pool(), call)
+
+
+async def _in_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread of its own: for waits that may last, so they never hold the pool."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as caught:  # handed to the awaiting coroutine
+            result, error = None, caught
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="l2_stores-aio-wait", daemon=True).start()
+    return await future
 
 
 # -- stores
@@ -166,20 +199,37 @@ class _Collectable(AsyncStore[S]):
         await _in_thread(self._store.flush)  # type: ignore[attr-defined]
 
     def keys(self) -> AsyncIterator[Any]:
-        """Every key bound at the time of the call, once each, in no particular order."""
-        return _BatchedIterator(self._store.keys)  # type: ignore[attr-defined]
+        """Every key bound at the time of the call, once each, in no particular order.
+
+        While a write holds or waits for the store, the snapshot is taken at
+        the first step instead (in a worker thread), not to block the loop.
+        """
+        store: Any = self._store
+        return _BatchedIterator(store, store.keys, store._keys_nowait())
 
     def items(self) -> AsyncIterator[Any]:
-        """Every binding at the time of the call, once each, in no particular order."""
-        return _BatchedIterator(self._store.items)  # type: ignore[attr-defined]
+        """Every binding at the time of the call, once each, in no particular order.
+
+        While a write holds or waits for the store, the snapshot is taken at
+        the first step instead (in a worker thread), not to block the loop.
+        """
+        store: Any = self._store
+        return _BatchedIterator(store, store.items, store._items_nowait())
 
     async def gc(self, spec: Retain | Chain, *, background: bool = True) -> None:
         """Start a GC (``background``) or run one to its end; see the synchronous ``gc``."""
         await _in_thread(self._store.gc, spec, background=background)  # type: ignore[attr-defined]
 
     async def wait_gc_completion(self, timeout: float | None = None) -> bool:
-        """Wait for a running GC; True when none runs any more."""
-        result: bool = await _in_thread(self._store.wait_gc_completion, timeout)  # type: ignore[attr-defined]
+        """Wait for a running GC; True when none runs any more.
+
+        Raises ``GcFailed`` if a background GC failed since the last call.
+        """
+        store: Any = self._store
+        if not store.is_gc_finished():
+            # Wait without taking the failure: a cancelled wait must not lose it.
+            await _in_own_thread(functools.partial(store._gc.idle.wait, timeout))
+        result: bool = store.wait_gc_completion(0)
         return result
 
     def is_gc_finished(self) -> bool:
@@ -247,7 +297,7 @@ class AsyncIndexedFile(_Collectable[IndexedFile]):
 
     async def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
         """Append ``value`` with ``header`` for ``key``; a later append wins."""
-        if not self._store._append_nowait(key, value, header, flush):
+        if _looks_large(value) or not self._store._append_nowait(key, value, header, flush):
             await _in_thread(self._store.append, key, value, header, flush=flush)
 
 
@@ -259,28 +309,56 @@ class AsyncSimpleIndexedFile(AsyncIndexedFile):
     ) -> None:
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
         store = cast(SimpleIndexedFile, self._store)
-        if not store._append_nowait(key, value, type(store).header_of(value), flush):
-            await _in_thread(store.append, key, value, flush=flush)
+        header = type(store).header_of(value)
+        if _looks_large(value) or not store._append_nowait(key, value, header, flush):
+            await _in_thread(store._append, key, value, header, flush)
+
+
+def _looks_large(value: Any) -> bool:
+    """Whether the bytes and strings in ``value`` exceed ``INLINE_VALUE_SIZE``.
+
+    Such values are encoded in a worker thread, not on the loop.
+    """
+    return _rough_size(value, 0) > INLINE_VALUE_SIZE
+
+
+def _rough_size(value: Any, depth: int) -> int:
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value)
+    if depth < 3 and isinstance(value, dict):
+        return sum(_rough_size(item, depth + 1) for item in value.values())
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return sum(_rough_size(item, depth + 1) for item in value)
+    return 0  # numbers and the like: a few bytes, which only the encoding tells
 
 
 class _BatchedIterator(AsyncIterator[Any]):
     """An async iterator over a store's snapshot, fetched in batches in worker threads."""
 
-    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+    def __init__(
+        self, store: Store, start: Callable[[], Iterator[Any]], started: Any = WOULD_BLOCK
+    ) -> None:
+        self._store = store
         self._start = start
-        self._iterator: Iterator[Any] | None = None
+        self._iterator: Iterator[Any] | None = None if started is WOULD_BLOCK else started
         self._batch: list[Any] = []
         self._position = 0
         self._done = False
+        self._fetching: asyncio.Future[list[Any]] | None = None
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Any:
+        self._store._check_open()  # as the synchronous iterator does at each step
         if self._position == len(self._batch):
             if self._done:
                 raise StopAsyncIteration
-            self._batch = await _in_thread(self._fetch)
+            if self._fetching is None:
+                self._fetching = asyncio.ensure_future(_in_thread(self._fetch))
+            # A cancelled step leaves the fetch running for the next step: no batch is lost.
+            self._batch = await asyncio.shield(self._fetching)
+            self._fetching = None
             self._position = 0
             if not self._batch:
                 self._done = True
@@ -400,7 +478,11 @@ class _AsyncSection:
                 functools.partial(waiter.try_enter_exclusive, owner),
             )
         else:
-            await _enter_off_loop(waiter.enter_task, waiter.exit_task, waiter.try_enter_task)
+            await _enter_off_loop(
+                waiter.enter_task,
+                waiter.exit_task,
+                functools.partial(waiter.try_enter_task, _task_owner()),
+            )
 
     async def __aexit__(
         self,
@@ -423,21 +505,30 @@ def _task_owner() -> int:
 async def _enter_off_loop(
     enter: Callable[[], None], leave: Callable[[], None], try_enter: Callable[[], bool]
 ) -> None:
-    """Enter at once if that needs no wait, else wait in a worker thread.
+    """Enter at once if that needs no wait, else wait in a thread of its own.
 
     If the caller is cancelled while the thread waits, the section is left
-    as soon as the thread gets it.
+    as soon as the thread gets it, by that thread (even if the loop is gone).
     """
     if try_enter():
         return
-    future = asyncio.get_running_loop().run_in_executor(_pool(), enter)
-    try:
-        await asyncio.shield(future)
-    except asyncio.CancelledError:
+    guard = threading.Lock()
+    state = {"entered": False, "abandoned": False}
 
-        def leave_once_entered(done: asyncio.Future[None]) -> None:
-            if not done.cancelled() and done.exception() is None:
+    def enter_or_give_back() -> None:
+        enter()
+        with guard:
+            if state["abandoned"]:
                 leave()
+            else:
+                state["entered"] = True
 
-        future.add_done_callback(leave_once_entered)
+    try:
+        await _in_own_thread(enter_or_give_back)
+    except asyncio.CancelledError:
+        with guard:
+            state["abandoned"] = True
+            entered = state["entered"]
+        if entered:
+            leave()
         raise

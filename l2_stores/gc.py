@@ -36,4 +36,3 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"Chain(first={self.first!r}, next={self.next!r})"
-

@@ -181,10 +181,14 @@ class IdleWaiter:
         finally:
             self._release()
 
-    def try_enter_task(self) -> bool:
-        """Low-level: start a task if that needs no wait; True when started."""
+    def try_enter_task(self, owner: int | None = None) -> bool:
+        """Low-level: start a task if that needs no wait; True when started.
+
+        The holder of the exclusive section (this thread, or ``owner``) may
+        always start one.
+        """
         with self._lock:
-            if self._blocked and self._owner != _get_ident():
+            if self._blocked and self._owner != (_get_ident() if owner is None else owner):
                 return False
             self._tasks += 1
             return True

@@ -60,6 +60,7 @@ class GcMergeRenamed(CannotWriteToStore):
     merge supersedes the GC's file.
     """
 
+
 #: While a merge runs, the active log may grow to this many times the buffer
 #: size before a writer waits for the merge: writers are not stalled by a slow
 #: merge, and memory stays bounded.

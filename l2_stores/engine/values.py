@@ -250,10 +250,11 @@ class ValuesFile:
 def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
     """Check the framing and checksum of every record of the values file at ``path``.
 
-    Records past the end of the file are a note (a torn tail, or records cut
-    off by a truncation: the index check tells which).
+    A torn tail (the last record cut short, or zero-filled) is a note; a
+    break in the chain of records followed by a whole record is a problem.
     """
     with open(path, "rb") as file:
+        fd = file.fileno()
         try:
             header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
         except CannotLoadStore as error:
@@ -263,26 +264,45 @@ def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
             yield Finding(path, 0, f"value size {header.value_size} in a values file header")
             return
         overhead = RECORD_OVERHEAD + header.key_size
+        size = os.fstat(fd).st_size
         offset = HEADER_SIZE
-        size = os.fstat(file.fileno()).st_size
+        whole = True
         while offset < size:
             if offset + overhead > size:
+                whole = False
                 break
-            (length,) = LENGTH.unpack(os.pread(file.fileno(), LENGTH.size, offset))
+            (length,) = LENGTH.unpack(os.pread(fd, LENGTH.size, offset))
             if offset + overhead + length > size:
+                whole = False
                 break
-            record = os.pread(file.fileno(), overhead + length, offset)
+            record = os.pread(fd, overhead + length, offset)
             if (
                 crc32(record) != CRC_RESIDUE
                 or LENGTH.unpack_from(record, len(record) - 8)[0] != length
             ):
-                yield Finding(path, offset, "value record checksum or framing mismatch")
-                return  # the lengths that chain the records cannot be trusted past here
+                break
             offset += overhead + length
-        if offset < size:
+        if offset >= size:
+            return
+        rest = os.pread(fd, size - offset, offset)
+        if not any(rest):
+            yield Finding(path, offset, "zero-filled tail (torn; never referenced)", False)
+        elif whole or _record_ends_file(fd, size, offset, overhead):
+            yield Finding(path, offset, "value record checksum or framing mismatch")
+        else:
             yield Finding(
                 path,
                 offset,
-                f"{size - offset} bytes at the end are not a whole record (torn, or cut short)",
+                f"torn record at the end, {size - offset} bytes (never referenced)",
                 False,
             )
+
+
+def _record_ends_file(fd: int, size: int, after: int, overhead: int) -> bool:
+    """Whether a whole, valid record that starts after ``after`` ends the file."""
+    (length,) = LENGTH.unpack(os.pread(fd, LENGTH.size, size - 8))
+    start = size - overhead - length
+    if start <= after:
+        return False
+    record = os.pread(fd, overhead + length, start)
+    return crc32(record) == CRC_RESIDUE and LENGTH.unpack_from(record)[0] == length

@@ -218,5 +218,10 @@ class EngineStore(Store):
             snapshot = self._engine.items()
         return self._while_open(snapshot)
 
+    def _snapshot_nowait(self) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
+        """``_snapshot`` if its task can start without waiting."""
+        snapshot = self._in_task_nowait(self._engine.items)
+        return snapshot if isinstance(snapshot, WouldBlock) else self._while_open(snapshot)
+
     def _close_resources(self) -> None:
         self._engine.close()

@@ -278,4 +278,3 @@ class Collectable(EngineStore):
     def _gc_abandon(self) -> None:
         """Undo what ``_gc_begin`` started (exclusive section)."""
         self._engine.end_gc()
-

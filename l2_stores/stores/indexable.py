@@ -127,6 +127,18 @@ class IndexableStore(Collectable):
         """Every (key, value) bound at the time of the call, once each, in no particular order."""
         return self._decoded(self._snapshot(), with_values=True)
 
+    def _keys_nowait(self) -> Iterator[Any] | WouldBlock:
+        snapshot = self._snapshot_nowait()
+        if isinstance(snapshot, WouldBlock):
+            return snapshot
+        return self._decoded(snapshot, with_values=False)
+
+    def _items_nowait(self) -> Iterator[tuple[Any, Any]] | WouldBlock:
+        snapshot = self._snapshot_nowait()
+        if isinstance(snapshot, WouldBlock):
+            return snapshot
+        return self._decoded(snapshot, with_values=True)
+
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
         decode_key, decode_value = self._key.decode, self._value.decode
         try:

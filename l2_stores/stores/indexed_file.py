@@ -320,6 +320,17 @@ class IndexedFileBase(Collectable):
             pinned = self._values.pin()  # readable even after a GC deleted them
         return self._items(self._while_open(snapshot), pinned)
 
+    def _keys_nowait(self) -> Iterator[Any] | WouldBlock:
+        snapshot = self._snapshot_nowait()
+        return snapshot if isinstance(snapshot, WouldBlock) else self._keys(snapshot)
+
+    def _items_nowait(self) -> Iterator[tuple[Any, tuple[Any, Any]]] | WouldBlock:
+        taken = self._in_task_nowait(lambda: (self._engine.items(), self._values.pin()))
+        if isinstance(taken, WouldBlock):
+            return taken
+        snapshot, pinned = taken
+        return self._items(self._while_open(snapshot), pinned)
+
     def _items(
         self, snapshot: Iterator[tuple[bytes, bytes]], pinned: dict[int, Any]
     ) -> Iterator[tuple[Any, tuple[Any, Any]]]:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..engine.framing import FORMAT_VERSION
-from ..engine.lock import holder_pid, is_locked
+from ..engine.lock import lock_holder
 from ..stores.base import EngineStore
 from ..stores.singleton import SingletonStore
 from .on_disk import Kind, StoreOnDisk
@@ -73,7 +73,7 @@ def describe(store: StoreOnDisk) -> StoreInfo:
                 generation = opened._engine.generation
     elif store.kind is not Kind.SINGLETON:
         generation = 0
-    writer = holder_pid(store.lock_path) if is_locked(store.lock_path) else None
+    writer = lock_holder(store.lock_path)
     return StoreInfo(
         path=store.path,
         name=store.name,

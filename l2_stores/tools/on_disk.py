@@ -195,8 +195,14 @@ def find_stores(path: str) -> list[StoreOnDisk]:
     return found
 
 
+#: Suffixes of the stores an import builds or sets aside (see ``snapshot``): not stores.
+IMPORT_LEFTOVERS = (".import-tmp", ".import-old")
+
+
 def _collect(directory: str, found: list[StoreOnDisk]) -> None:
     for name in sorted(os.listdir(directory)):
+        if name.endswith(IMPORT_LEFTOVERS):
+            continue
         child = os.path.join(directory, name)
         kind = classify(child)
         if kind is not None:

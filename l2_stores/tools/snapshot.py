@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from ..engine.framing import fsync_directory
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
@@ -41,7 +42,8 @@ FORMAT = "l2_stores-snapshot"
 VERSION = 1
 MANIFEST = "manifest.json"
 VALUE_LENGTH = struct.Struct("<I")
-_STAGING = ".import-tmp"
+_STAGING = ".import-tmp"  # a store being built by an import
+_ASIDE = ".import-old"  # a store being replaced by an import
 _CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
@@ -78,36 +80,57 @@ def export(
     stores = find_stores(directory)
     stores.sort(key=lambda store: (store.kind is not Kind.SINGLETON, store.path))
     entries: list[dict[str, Any]] = []
-    total_bindings = 0
     target_directory = os.path.dirname(os.path.abspath(archive))
     temporary = archive + ".tmp"
-    with tempfile.TemporaryDirectory(dir=target_directory, prefix=".l2-snapshot-") as scratch:
-        with _open_for_writing(temporary, archive) as tar:
-            for number, store in enumerate(stores):
-                member = f"stores/{number:04d}.records"
-                scratch_file = os.path.join(scratch, f"{number:04d}")
-                entry = _export_store(store, directory, scratch_file, progress)
-                entry["member"] = member
-                tar.add(scratch_file, arcname=member)
-                os.unlink(scratch_file)
-                entries.append(entry)
-                total_bindings += entry["bindings"]
-            manifest = json.dumps(
-                {
-                    "format": FORMAT,
-                    "version": VERSION,
-                    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "stores": entries,
-                },
-                indent=1,
-            ).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size = len(manifest)
-            tar.addfile(info, io.BytesIO(manifest))
+    try:
+        with tempfile.TemporaryDirectory(dir=target_directory, prefix=".l2-snapshot-") as scratch:
+            total_bindings = _write_archive(
+                directory, stores, temporary, archive, scratch, entries, progress
+            )
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, archive)
+        fsync_directory(target_directory)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     return Summary(len(stores), total_bindings, os.path.getsize(archive))
+
+
+def _write_archive(  # the members, then the manifest; returns the bindings written
+    directory: str,
+    stores: list[StoreOnDisk],
+    temporary: str,
+    archive: str,
+    scratch: str,
+    entries: list[dict[str, Any]],
+    progress: Progress | None,
+) -> int:
+    total_bindings = 0
+    with _open_for_writing(temporary, archive) as tar:
+        for number, store in enumerate(stores):
+            member = f"stores/{number:04d}.records"
+            scratch_file = os.path.join(scratch, f"{number:04d}")
+            entry = _export_store(store, directory, scratch_file, progress)
+            entry["member"] = member
+            tar.add(scratch_file, arcname=member)
+            os.unlink(scratch_file)
+            entries.append(entry)
+            total_bindings += entry["bindings"]
+        manifest = json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "stores": entries,
+            },
+            indent=1,
+        ).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    return total_bindings
 
 
 def _relative_path(store: StoreOnDisk, directory: str) -> str:
@@ -180,7 +203,9 @@ def import_(
         raise CannotLoadStore(f"cannot read archive: {error}", path=archive) from error
     with tar:
         entries = _checked_manifest(tar, archive)
-        targets = [os.path.join(directory, entry["path"]) for entry in entries]
+        targets = [os.path.join(directory, os.path.normpath(entry["path"])) for entry in entries]
+        for target in targets:
+            _finish_interrupted_import(target)
         existing = [target for target in targets if os.path.lexists(target)]
         if existing and not force:
             raise CannotWriteToStore(
@@ -199,6 +224,8 @@ def import_(
                 staged.append(StoreOnDisk(target + _STAGING, kind))
                 with member:
                     total += _build_store(entry, member, staged[-1], archive, progress)
+            for built in staged:
+                _fsync_tree(built.path)
             for built, target in zip(staged, targets, strict=True):
                 _move_into_place(built, target)
             staged.clear()
@@ -259,19 +286,18 @@ def _check_entry(
     ):
         raise fail(f"malformed store entry {entry!r}")
     path = entry["path"]
-    if os.path.isabs(path) or os.pardir in path.split("/") or not path.strip("./"):
+    normal = os.path.normpath(path)
+    if (
+        os.path.isabs(path)
+        or normal == os.curdir
+        or normal.split(os.sep)[0] == os.pardir
+        or normal.endswith((_STAGING, _ASIDE))
+    ):
         raise fail(f"unsafe store path {path!r}")
     if entry["kind"] not in {kind.value for kind in Kind}:
         raise fail(f"unknown store kind {entry['kind']!r}")
-    for name in ("key_size", "value_size"):
-        if entry.get(name) is not None and not isinstance(entry[name], int):
-            raise fail(f"malformed {name} in {entry!r}")
-    if (
-        entry["kind"] != Kind.SINGLETON.value
-        and entry["bindings"]
-        and entry.get("key_size") is None
-    ):
-        raise fail(f"no key size for {path!r}")
+    if entry["bindings"] < 0 or not _sizes_fit(entry):
+        raise fail(f"sizes or count that do not fit a {entry['kind']} store in {entry!r}")
     member = members.get(entry["member"])
     if member is None or not member.isfile():
         raise fail(f"member {entry['member']!r} of {path!r} is missing")
@@ -285,6 +311,24 @@ def _check_entry(
             digest.update(chunk)
     if digest.hexdigest() != entry["sha256"]:
         raise fail(f"member {entry['member']!r} of {path!r}: checksum mismatch")
+
+
+def _sizes_fit(entry: dict[str, Any]) -> bool:
+    """Whether the encoding sizes of a manifest entry fit its kind of store."""
+    kind = Kind(entry["kind"])
+    key, value, header = entry.get("key_size"), entry.get("value_size"), entry["header_size"]
+    empty = entry["bindings"] == 0
+
+    def size(found: Any, least: int = 0) -> bool:
+        return type(found) is int and least <= found < 0xFFFFFFFF
+
+    if kind is Kind.SINGLETON:
+        return key is None and header == 0 and (value is None or size(value))
+    if kind is Kind.INDEXABLE:
+        return header == 0 and (
+            (key is None and value is None and empty) or (size(key, 1) and size(value))
+        )
+    return value is None and size(header) and ((key is None and empty) or size(key, 1))
 
 
 def _lock_existing(targets: list[str], kinds: list[Kind]) -> list[WriterLock]:
@@ -323,8 +367,7 @@ def _build_store(
         os.makedirs(store.path)  # a store that never held a binding
     else:
         cls = _raw_class(store, sizes)
-        options: dict[str, Any] = {} if kind is Kind.SINGLETON else {"fsync": True}
-        with cls.load(store.path, Mode.READ_WRITE, **options) as built:
+        with cls.load(store.path, Mode.READ_WRITE) as built:  # fsynced whole before the move
             for key, value, header in _reader(kind, sizes, member, entry, archive):
                 if kind is Kind.SINGLETON:
                     built.write(value)
@@ -395,17 +438,49 @@ def _reader(
 
 
 def _move_into_place(built: StoreOnDisk, target: str) -> None:
-    """Put the store built at ``built.path`` in place of ``target`` (the caller holds its lock)."""
+    """Put the store built at ``built.path`` in place of ``target`` (the caller holds its lock).
+
+    A kill between the two renames of a replacement leaves the old store at
+    ``target + _ASIDE``; the next import puts it back first.
+    """
     if built.kind is Kind.SINGLETON:
         os.replace(built.path, target)
     elif os.path.lexists(target):
-        aside = target + ".import-old"
+        aside = target + _ASIDE
         _remove(aside)
         os.rename(target, aside)
         os.rename(built.path, target)
+        fsync_directory(os.path.dirname(os.path.abspath(target)))
         _remove(aside)
     else:
         os.rename(built.path, target)
+    fsync_directory(os.path.dirname(os.path.abspath(target)))
+
+
+def _finish_interrupted_import(target: str) -> None:
+    """Undo what a killed import left at ``target``: put the old store back, drop staging."""
+    aside = target + _ASIDE
+    if os.path.lexists(aside):
+        if os.path.lexists(target):
+            _remove(aside)  # the new store was in place
+        else:
+            os.rename(aside, target)
+    staging = target + _STAGING
+    _remove(staging)
+    _remove(staging + ".lock")
+
+
+def _fsync_tree(path: str) -> None:
+    """Make every file and directory under ``path`` (or the file ``path``) durable."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+        return
+    for root, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        fsync_directory(root)
 
 
 def _remove(path: str) -> None:

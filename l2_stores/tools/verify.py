@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine.datafile import check_data_file
-from ..engine.framing import CRC_RESIDUE, Finding, crc32
+from ..engine.framing import Finding
 from ..engine.layout import LOCK, scan
 from ..engine.log import check_log
 from ..engine.value_files import list_values, values_name
-from ..engine.values import LENGTH, POINTER, RECORD_OVERHEAD, check_values_file
-from ..errors import StoreError
+from ..engine.values import POINTER, check_values_file
+from ..errors import CannotReadFromStore, StoreError
 from ..mode import Mode
-from ..stores.base import EngineStore
 from ..stores.indexed_file import INDEX_DIRECTORY
 from ..stores.singleton import check_singleton_file
 from .on_disk import Kind, StoreOnDisk
@@ -115,7 +115,6 @@ def _check_as_loaded(store: StoreOnDisk) -> Iterator[Finding]:
             return
         with opened:
             if store.kind is Kind.INDEXED_FILE:
-                assert isinstance(opened, EngineStore)
                 yield from _check_value_pointers(store, opened)
             elif store.kind is Kind.INDEXABLE:
                 for _ in opened.items():  # type: ignore[attr-defined]
@@ -124,40 +123,30 @@ def _check_as_loaded(store: StoreOnDisk) -> Iterator[Finding]:
         yield Finding(error.path or store.path, error.offset or 0, error.reason.split(" (file ")[0])
 
 
-def _check_value_pointers(store: StoreOnDisk, opened: EngineStore) -> Iterator[Finding]:
-    """Check that every index entry of an indexed file points at its value's record."""
-    sizes = store.sizes()
-    assert sizes.key is not None
+def _check_value_pointers(store: StoreOnDisk, opened: Any) -> Iterator[Finding]:
+    """Check that every index entry of an indexed file points at its value's record.
+
+    The index snapshot and the values files are taken in one task, so a GC
+    committing meanwhile cannot make a file vanish under the check.
+    """
+    with opened._waiter.task():
+        opened._check_open()
+        snapshot = opened._engine.items()
+        pinned = opened._values.pin()
     pointers = []
-    for key, entry in opened._snapshot():
+    for key, entry in snapshot:
         offset, length, number = POINTER.unpack_from(entry)
         pointers.append((number, offset, length, key))
     pointers.sort()  # file by file, in file order
-    files: dict[int, int] = {}
-    try:
-        for number, offset, length, key in pointers:
+    for number, offset, length, key in pointers:
+        values = pinned.get(number)
+        if values is None or not values.opened:
             path = os.path.join(store.path, values_name(number))
-            if number not in files:
-                try:
-                    files[number] = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    files[number] = -1
-            fd = files[number]
-            if fd < 0:
-                yield Finding(path, offset, f"values file missing; key {key.hex()} points into it")
-                continue
-            size = RECORD_OVERHEAD + sizes.key + length
-            record = os.pread(fd, size, offset)
-            if len(record) < size:
-                what = f"value record of key {key.hex()} cut off by the end of the file"
-            elif crc32(record) != CRC_RESIDUE or LENGTH.unpack_from(record)[0] != length:
-                what = f"value record of key {key.hex()} does not match its index entry"
-            elif record[LENGTH.size : LENGTH.size + sizes.key] != key:
-                what = f"value record at this offset belongs to another key than {key.hex()}"
-            else:
-                continue
-            yield Finding(path, offset, what)
-    finally:
-        for fd in files.values():
-            if fd >= 0:
-                os.close(fd)
+            yield Finding(path, offset, f"values file missing; key {key.hex()} points into it")
+            continue
+        try:
+            values.read(offset, length, key)
+        except CannotReadFromStore as error:
+            yield Finding(
+                values.path, offset, f"key {key.hex()}: {error.reason.split(' (file ')[0]}"
+            )
