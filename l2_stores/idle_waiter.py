@@ -187,11 +187,14 @@ class IdleWaiter:
         The holder of the exclusive section (this thread, or ``owner``) may
         always start one.
         """
-        with self._lock:
+        self._acquire()
+        try:
             if self._blocked and self._owner != (_get_ident() if owner is None else owner):
                 return False
             self._tasks += 1
             return True
+        finally:
+            self._release()
 
     def try_enter_exclusive(self, owner: int | None = None) -> bool:
         """Low-level: enter the exclusive section if that needs no wait; True when entered.
