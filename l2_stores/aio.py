@@ -368,8 +368,10 @@ class _BatchedIterator(AsyncIterator[Any]):
         return item
 
     def _fetch(self) -> list[Any]:
+        if self._done:
+            return []
         if self._iterator is None:
-            self._iterator = self._start()  # the snapshot is taken at the first step
+            self._iterator = self._start()  # the snapshot could not be taken when called
         return list(itertools.islice(self._iterator, ITERATION_BATCH))
 
     async def aclose(self) -> None:
@@ -377,7 +379,13 @@ class _BatchedIterator(AsyncIterator[Any]):
         self._done, self._batch, self._position = True, [], 0
         iterator, self._iterator = self._iterator, None
         close = getattr(iterator, "close", None)
-        if close is not None:
+        if close is None:
+            return
+        fetching, self._fetching = self._fetching, None
+        if fetching is not None and not fetching.done():
+            # A cancelled step's fetch still runs the generator in a worker thread.
+            fetching.add_done_callback(lambda _: close())
+        else:
             close()
 
 
