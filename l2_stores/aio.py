@@ -350,6 +350,8 @@ class _BatchedIterator(AsyncIterator[Any]):
         return self
 
     async def __anext__(self) -> Any:
+        if self._done and self._position == len(self._batch):
+            raise StopAsyncIteration
         self._store._check_open()  # as the synchronous iterator does at each step
         if self._position == len(self._batch):
             if self._done:
