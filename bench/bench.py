@@ -386,7 +386,7 @@ WORKLOADS = {
         "dict",
         "raw",
     ],
-    "B": ["l2_stores", "lmdb", "rocksdict", "sqlite3", "diskcache", "dbm", "dict"],
+    "B": ["l2_stores", "lmdb", "rocksdict", "sqlite3", "diskcache", "dbm", "dict", "raw"],
     "GC": ["l2_stores"],
     "AIO": ["l2_stores", "l2_stores_aio"],
 }

@@ -326,6 +326,58 @@ class RawFile(Peer):
 
         return OpenA(add, reader, close)
 
+    def open_b(self, path: str) -> OpenB:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, "values"), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        head = KEY_SIZE + HEADER_SIZE + 4  # key | header | u32 length, then the value
+        places: dict[bytes, tuple[int, int]] = {}  # key -> (record offset, value length)
+        size = os.fstat(fd).st_size
+        maps: list[mmap.mmap] = []
+        if size:
+            maps.append(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+            mm, offset = maps[0], 0
+            while offset < size:
+                length = int.from_bytes(mm[offset + head - 4 : offset + head], "little")
+                places[mm[offset : offset + KEY_SIZE]] = (offset, length)
+                offset += head + length
+        end = [size]
+        write = os.write
+
+        def append(key: bytes, value: bytes, header: bytes) -> None:
+            write(fd, b"".join((key, header, len(value).to_bytes(4, "little"), value)))
+            places[key] = (end[0], len(value))
+            end[0] += head + len(value)
+
+        def value_reader() -> Callable[[bytes], object]:
+            mm, get = maps[0], places.get
+
+            def read(key: bytes) -> object:
+                place = get(key)
+                if place is None:
+                    return None
+                start = place[0] + head
+                return mm[start : start + place[1]], mm[start - head + KEY_SIZE : start - 4]
+
+            return read
+
+        def header_reader() -> Callable[[bytes], object]:
+            mm, get = maps[0], places.get
+
+            def header(key: bytes) -> object:
+                place = get(key)
+                if place is None:
+                    return None
+                return mm[place[0] + KEY_SIZE : place[0] + KEY_SIZE + HEADER_SIZE]
+
+            return header
+
+        def close() -> None:
+            for mm in maps:
+                mm.close()
+            os.close(fd)
+
+        return OpenB(append, value_reader, header_reader, close)
+
 
 #: Peers by the slug the command line uses.
 PEERS: dict[str, Peer] = {
