@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self, TypeVar
 
@@ -193,6 +194,7 @@ class EngineStore(Store):
     """A store kept in an engine (see ``engine.interface``): flush, sync, snapshots."""
 
     _engine: Engine
+    _key: ClassVar[Codec]
 
     def flush(self) -> None:
         """Make every earlier ``flush=False`` write survive a kill."""
@@ -217,6 +219,11 @@ class EngineStore(Store):
             self._check_open()
             snapshot = self._engine.items()
         return self._while_open(snapshot)
+
+    def _mem_nowait(self, key: Any) -> bool | WouldBlock:
+        encoded = self._encode(self._key, key)
+        found = self._in_task_nowait(partial(self._engine.get, encoded))
+        return found if isinstance(found, WouldBlock) else found is not None
 
     def _snapshot_nowait(self) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
         """``_snapshot`` if its task can start without waiting."""

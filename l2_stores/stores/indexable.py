@@ -112,11 +112,6 @@ class IndexableStore(Collectable):
             waiter.exit_task()
         return None if raw is None else self._decode(self._value, raw)
 
-    def _mem_nowait(self, key: Any) -> bool | WouldBlock:
-        encoded = self._encode(self._key, key)
-        raw = self._in_task_nowait(partial(self._engine.get, encoded))
-        return raw if raw is WOULD_BLOCK else raw is not None
-
     def _add_nowait(self, key: Any, value: Any, flush: bool) -> bool:
         self._check_writable("add")
         encoded_key = self._encode(self._key, key)

@@ -266,11 +266,6 @@ class IndexedFileBase(Collectable):
                 self._cache.put(encoded, raw)
         return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
 
-    def _mem_nowait(self, key: Any) -> bool | WouldBlock:
-        encoded = self._encode(self._key, key)
-        entry = self._in_task_nowait(partial(self._engine.get, encoded))
-        return entry if entry is WOULD_BLOCK else entry is not None
-
     def _header_nowait(self, key: Any) -> Any:
         encoded = self._encode(self._key, key)
         entry = self._in_task_nowait(partial(self._engine.get, encoded))

@@ -111,25 +111,27 @@ class StoreOnDisk:
     def raw_class(self) -> type[Store] | None:
         """A store class that reads this store as bytes; None when it has no bindings yet."""
         sizes = self.sizes()
-        if self.kind is Kind.SINGLETON:
-            codec: Any = (
-                construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
-            )
-            return make_singleton(self.name, codec)
-        if sizes.key is None:
+        if sizes.key is None and self.kind is not Kind.SINGLETON:
             return None
-        key = construct.Bytes(sizes.key)
-        if self.kind is Kind.INDEXED_FILE:
-            return make_indexed_file(
-                self.name, key, construct.GreedyBytes, construct.Bytes(sizes.header)
-            )
-        assert sizes.value is not None
-        return make_indexable_removable(self.name, key, construct.Bytes(sizes.value))
+        return raw_class(self.name, self.kind, sizes)
 
     def open(self, mode: Mode = Mode.READ_ONLY, **options: Any) -> Store | None:
         """This store loaded with raw codecs; None when it has no bindings yet."""
         cls = self.raw_class()
         return None if cls is None else cls.load(self.path, mode, **options)  # type: ignore[attr-defined]
+
+
+def raw_class(name: str, kind: Kind, sizes: Sizes) -> type[Store]:
+    """A store class of ``kind`` named ``name`` with byte codecs of ``sizes``."""
+    if kind is Kind.SINGLETON:
+        value: Any = construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
+        return make_singleton(name, value)
+    assert sizes.key is not None
+    key = construct.Bytes(sizes.key)
+    if kind is Kind.INDEXED_FILE:
+        return make_indexed_file(name, key, construct.GreedyBytes, construct.Bytes(sizes.header))
+    assert sizes.value is not None
+    return make_indexable_removable(name, key, construct.Bytes(sizes.value))
 
 
 def _index_header(store: StoreOnDisk) -> FileHeader | None:

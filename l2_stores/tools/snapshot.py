@@ -36,7 +36,7 @@ from ..engine.framing import fsync_directory
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
-from .on_disk import Kind, Sizes, StoreOnDisk, find_stores
+from .on_disk import Kind, Sizes, StoreOnDisk, find_stores, raw_class
 
 FORMAT = "l2_stores-snapshot"
 VERSION = 1
@@ -366,7 +366,7 @@ def _build_store(
     if sizes.key is None and kind is not Kind.SINGLETON:
         os.makedirs(store.path)  # a store that never held a binding
     else:
-        cls = _raw_class(store, sizes)
+        cls: Any = raw_class(store.name, kind, sizes)
         with cls.load(store.path, Mode.READ_WRITE) as built:  # fsynced whole before the move
             for key, value, header in _reader(kind, sizes, member, entry, archive):
                 if kind is Kind.SINGLETON:
@@ -387,24 +387,6 @@ def _build_store(
             path=archive,
         )
     return count
-
-
-def _raw_class(store: StoreOnDisk, sizes: Sizes) -> Any:
-    import construct
-
-    from ..factories import make_indexable_removable, make_indexed_file, make_singleton
-
-    if store.kind is Kind.SINGLETON:
-        value = construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
-        return make_singleton(store.name, value)
-    assert sizes.key is not None
-    key = construct.Bytes(sizes.key)
-    if store.kind is Kind.INDEXED_FILE:
-        return make_indexed_file(
-            store.name, key, construct.GreedyBytes, construct.Bytes(sizes.header)
-        )
-    assert sizes.value is not None
-    return make_indexable_removable(store.name, key, construct.Bytes(sizes.value))
 
 
 def _reader(

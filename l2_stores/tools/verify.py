@@ -9,7 +9,7 @@ from typing import Any
 
 from ..engine.datafile import check_data_file
 from ..engine.framing import Finding
-from ..engine.layout import LOCK, scan
+from ..engine.layout import LOCK, data_name, log_name, scan
 from ..engine.log import check_log
 from ..engine.value_files import list_values, values_name
 from ..engine.values import POINTER, check_values_file
@@ -86,11 +86,11 @@ def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
         return []
     listing = scan(directory)
     checks: list[tuple[str, FileCheck]] = []
-    checks += [(os.path.join(directory, f"data.{g:08d}"), check_data_file) for g in listing.data]
-    checks += [(os.path.join(directory, f"log.{g:08d}"), check_log) for g in listing.logs]
+    checks += [(os.path.join(directory, data_name(g)), check_data_file) for g in listing.data]
+    checks += [(os.path.join(directory, log_name(g)), check_log) for g in listing.logs]
     checks += [(os.path.join(directory, name), _leftover) for name in listing.temporaries]
     known = {LOCK, *listing.temporaries}
-    known |= {f"data.{g:08d}" for g in listing.data} | {f"log.{g:08d}" for g in listing.logs}
+    known |= {data_name(g) for g in listing.data} | {log_name(g) for g in listing.logs}
     checks += [
         (os.path.join(directory, name), _unknown)
         for name in sorted(os.listdir(directory))
