@@ -5,11 +5,15 @@
 
 PYTHON ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c
+STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
+# The engine's tests, again on the pure-Python paths (as without a C compiler).
+PURE_PYTHON_TESTS := tests/test_engine.py tests/test_model.py tests/test_gc_model.py \
+	tests/test_gc.py tests/test_crash.py
 
 .PHONY: demo test lint doc bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): $(BUILD_INPUTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[dev]'
@@ -21,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+	L2_STORES_PURE_PYTHON=1 $(VENV)/bin/python -m pytest -q $(PURE_PYTHON_TESTS)
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m ruff check l2_stores tests bench
 	$(VENV)/bin/python -m sphinx -W --keep-going -q -b html doc doc/_build/html
@@ -39,3 +44,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) l2-demo-data doc/_build .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -f l2_stores/engine/_accel.*.so

@@ -22,7 +22,10 @@ on a ``memoryview`` of the mmap'd file) and compares the key of each row of
 equal hash, checking the row's checksum every time. Nothing but the file
 header is read at open, apart from the fan-out checksum; the file is never
 loaded whole. Buckets hold about ``BUCKET_ROWS`` rows, so a bucket's hash
-slice is half a page or less.
+slice is half a page or less. With the C accelerator (see ``accel``) the
+whole lookup is one C call, reading the same bytes and checking the same
+checksums; a bucket not verified yet, or a corrupt row, is handed back to
+Python, which checks it and raises.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ import mmap
 import os
 import struct
 import sys
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
+from .accel import AcceleratedLookup
+
+if TYPE_CHECKING:
+    from ._accel import Lookup, MergePlan
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -106,14 +114,30 @@ def _int_column(buffer: memoryview, width: int) -> Sequence[int]:
     return _LittleEndianView(buffer, width)
 
 
+def _handback(reference: weakref.ref[DataFile]) -> Callable[[bytes, int], bytes | None]:
+    # A weak reference, so that the lookup does not keep its file alive.
+    def handback(key: bytes, code: int) -> bytes | None:
+        data = reference()
+        assert data is not None
+        return data._handback(key, code)
+
+    return handback
+
+
 class DataFile:
-    """A read-only, mmap'd data file."""
+    """A read-only, mmap'd data file.
+
+    ``find(key)`` gives the value bound to ``key``, or None (the C lookup when
+    there is one).
+    """
+
+    find: Callable[[bytes], bytes | None]
 
     def __init__(self, path: str, expected: Expected) -> None:
         self.path = path
         self._expected = expected
         self._key_size = expected.key_size
-        self._row_size = row_size(expected)
+        self._row_size = self.row_size = row_size(expected)
         with open(path, "rb") as file:
             header = decode_header(file.read(HEADER_SIZE), MAGIC, path, expected)
             self.generation = header.generation
@@ -148,6 +172,22 @@ class DataFile:
         self._rows_start = sections.rows
         if self._fanout[0] != 0 or self._fanout[self._buckets] != self.count:
             raise self._load_error("fan-out does not span the rows", sections.fanout)
+        self._lookup: Lookup | None = None
+        self.find = self._find
+        if AcceleratedLookup is not None:
+            self._lookup = AcceleratedLookup(
+                self._mm,
+                self._verified,
+                self._key_size,
+                self._row_size,
+                self.count,
+                sections.hashes,
+                sections.rows,
+                sections.fanout,
+                bits,
+                _handback(weakref.ref(self)),
+            )
+            self.find = self._lookup.find
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
@@ -192,9 +232,16 @@ class DataFile:
             raise self._read_error(f"row {index} checksum mismatch", offset)
         return row
 
-    def find(self, key: bytes) -> bytes | None:
-        """The value bound to ``key``, or None."""
-        # The hot path of every lookup: _bucket_bounds and _row, inlined.
+    def _handback(self, key: bytes, code: int) -> bytes | None:
+        # What the C lookup hands back: a bucket to verify first (which raises
+        # if it is corrupt), or a row whose checksum failed.
+        if code >= 0:
+            self._bucket_bounds(code)
+            return self._find(key)
+        raise self.row_error(-code - 1)
+
+    def _find(self, key: bytes) -> bytes | None:
+        # The pure-Python lookup: _bucket_bounds and _row, inlined.
         hashed = key_hash(key)
         bucket = hashed >> self._shift
         fanout = self._fanout
@@ -230,8 +277,37 @@ class DataFile:
             index += 1
         return index, False
 
+    def place(self, hashed: int, key: bytes, low: int = 0) -> tuple[int, bool]:
+        """As :meth:`locate`, bisecting only ``hashed``'s bucket; rows before ``low`` are smaller.
+
+        The bucket must have been verified (see :meth:`verify_hash_column`).
+        """
+        fanout = self._fanout
+        bucket = hashed >> self._shift
+        start = fanout[bucket]
+        index = bisect_left(self._hashes, hashed, low if low > start else start, fanout[bucket + 1])
+        if index < self.count and self._hashes[index] == hashed:
+            return self.locate(hashed, key, index)
+        return index, False
+
+    @property
+    def lookup(self) -> Lookup | None:
+        """The C lookup of this file, None when running pure Python."""
+        return self._lookup
+
+    def row_error(self, index: int) -> CannotReadFromStore:
+        """The error of row ``index`` failing its checksum."""
+        return self._read_error(
+            f"row {index} checksum mismatch", self._rows_start + index * self._row_size
+        )
+
     def verify_hash_column(self) -> None:
         """Check every bucket of the hash column against its checksum (once per bucket)."""
+        if self._lookup is not None:
+            bucket = self._lookup.verify_all()
+            if bucket < 0:
+                return
+            self._bucket_bounds(bucket)  # raises the bucket's error
         for bucket in range(self._buckets):
             self._bucket_bounds(bucket)
 
@@ -253,6 +329,8 @@ class DataFile:
 
     def close(self) -> None:
         """Unmap the file; a slice still held elsewhere keeps the mapping until freed."""
+        if self._lookup is not None:
+            self._lookup.release()
         for column in (self._hashes, self._fanout, self._bucket_crcs):
             if isinstance(column, memoryview):
                 column.release()
@@ -322,6 +400,13 @@ class DataFileWriter:
         """Write every row, in the order of the hash column."""
         self._write(chunks)
 
+    def write_plan(self, plan: MergePlan, fsync: bool) -> None:
+        """Write the hash column, rows and fan-out of a C merge plan, then close the file."""
+        tail = plan.write(self._fd, self._sections.hashes, self._bits)
+        self._written = self._sections.fanout
+        os.lseek(self._fd, self._written, os.SEEK_SET)
+        self._finish(tail, fsync)
+
     def finish(self, fsync: bool) -> None:
         """Write the fan-out and checksums, then close (and fsync) the file."""
         if self._written != self._sections.fanout:
@@ -348,7 +433,9 @@ class DataFileWriter:
                 del hashes, hash_bytes
             finally:
                 view.release()
-        tail = struct.pack(f"<{buckets + 1}Q{buckets}I", *fanout, *bucket_crcs)
+        self._finish(struct.pack(f"<{buckets + 1}Q{buckets}I", *fanout, *bucket_crcs), fsync)
+
+    def _finish(self, tail: bytes, fsync: bool) -> None:
         self._write([tail, crc32(tail).to_bytes(CRC_SIZE, "little")])
         if fsync:
             os.fsync(self._fd)

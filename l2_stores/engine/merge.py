@@ -8,6 +8,12 @@ decoded one by one, so a merge costs one bisection per logged binding plus a
 copy of the file; the old hash column is checked bucket by bucket first, so
 that no corruption is carried over under a fresh checksum.
 
+With the C accelerator (see ``accel``), an ordinary merge is one
+``MergePlan``: it sorts the log's bindings, frames their rows, then walks the
+old file and the new rows together, writing both columns and computing the
+fan-out with the GIL released; it writes the very bytes the Python path
+writes (the tests compare them).
+
 A GC merge is given a :class:`Selection`: only the retained and the touched
 keys are kept, from the old file and the log alike, and retained keys may get
 a new value (an indexed file's entry pointing at the value's new place). Its
@@ -20,10 +26,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .accel import AcceleratedMerge, CorruptRow
 from .datafile import HASH_SIZE, DataFile, DataFileWriter, key_hash
 from .framing import Expected, with_crc
+
+if TYPE_CHECKING:
+    from ._accel import MergePlan
 
 _SORT_CHUNK = 4096
 
@@ -83,18 +93,40 @@ class _Parts:
 
 
 def _plan(old: DataFile | None, updates: Mapping[bytes, bytes | None]) -> _Parts:
+    # The hot loop of every merge, one pass per logged binding: copy and
+    # insert of _Parts, inlined.
     parts = _Parts(old)
-    copy, insert = parts.copy, parts.insert
-    position = 0
-    for hashed, key, value in sorted([(key_hash(k), k, v) for k, v in updates.items()]):
-        index, found = old.locate(hashed, key, position) if old is not None else (0, False)
+    hashes, rows = parts.hashes, parts.rows
+    ordered = sorted(zip(map(key_hash, updates), updates, strict=True))
+    if old is None:
+        for hashed, key in ordered:
+            value = updates[key]
+            if value is not None:
+                hashes.append(hashed.to_bytes(HASH_SIZE, "little"))
+                rows.append(with_crc(key + value))
+        parts.count = len(rows)
+        return parts
+    place = old.place
+    hash_column, row_column = old.hash_slice(0, old.count), old.row_slice(0, old.count)
+    row = old.row_size
+    position = count = 0
+    for hashed, key in ordered:
+        index, found = place(hashed, key, position)
         if index > position:
-            copy(position, index)
+            hashes.append(hash_column[position * HASH_SIZE : index * HASH_SIZE])
+            rows.append(row_column[position * row : index * row])
+            count += index - position
+        value = updates[key]
         if value is not None:
-            insert(hashed, with_crc(key + value))
+            hashes.append(hashed.to_bytes(HASH_SIZE, "little"))
+            rows.append(with_crc(key + value))
+            count += 1
         position = index + 1 if found else index
-    if old is not None and old.count > position:
-        copy(position, old.count)
+    if old.count > position:
+        hashes.append(hash_column[position * HASH_SIZE :])
+        rows.append(row_column[position * row :])
+        count += old.count - position
+    parts.count = count
     return parts
 
 
@@ -159,6 +191,13 @@ def merge(
     """
     if old is not None:
         old.verify_hash_column()
+    if (
+        selection is None
+        and AcceleratedMerge is not None
+        and (old is None or old.lookup is not None)
+    ):
+        _merge_in_c(AcceleratedMerge, old, updates, path, expected, generation, fsync)
+        return
     if selection is None:
         parts = _plan(old, updates)
         tag = old.tag if old is not None else 0
@@ -170,6 +209,38 @@ def merge(
         writer.write_hashes(parts.hashes)
         writer.write_rows(parts.rows)
         writer.finish(fsync)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _merge_in_c(
+    plan_type: type[MergePlan],
+    old: DataFile | None,
+    updates: Mapping[bytes, bytes | None],
+    path: str,
+    expected: Expected,
+    generation: int,
+    fsync: bool,
+) -> None:
+    try:
+        plan = plan_type(
+            old.lookup if old is not None else None,
+            list(updates),
+            list(updates.values()),
+            expected.key_size,
+            expected.value_size,
+        )
+    except CorruptRow as error:
+        assert old is not None
+        raise old.row_error(error.args[0]) from None
+    writer = DataFileWriter(path, expected, generation, plan.count, old.tag if old else 0)
+    try:
+        try:
+            writer.write_plan(plan, fsync)
+        except CorruptRow as error:
+            assert old is not None
+            raise old.row_error(error.args[0]) from None
     except BaseException:
         writer.abort()
         raise

@@ -1,0 +1,773 @@
+/* Optional C accelerator of the data file's hot loops (see accel.py).
+
+   Lookup: the lookup of one key in a mapped data file (see datafile.py for
+   the layout): hash the key (CRC-32, as zlib), read its bucket's bounds from
+   the fan-out, bisect the bucket's slice of the hash column, then compare
+   the key of each row of equal hash, checking the row's checksum every
+   time. A bucket whose hash slice has not been verified yet, or whose
+   bounds are out of order, is handed back to Python, which checks it and
+   raises the store's error; so is a row whose checksum fails. Every read
+   is bounds-checked against the buffer, whatever the file says.
+
+   No state is shared between calls but the buffers, which the caller keeps
+   alive and unchanged (the data file is read-only once written). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+static uint32_t crc_table[8][256];
+
+static void
+crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = crc_table[0][n];
+        for (int t = 1; t < 8; t++) {
+            c = crc_table[0][c & 0xff] ^ (c >> 8);
+            crc_table[t][n] = c;
+        }
+    }
+}
+
+static inline uint32_t
+read_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+static inline uint64_t
+read_u64(const unsigned char *p)
+{
+    return (uint64_t)read_u32(p) | ((uint64_t)read_u32(p + 4) << 32);
+}
+
+/* CRC-32 of zlib (reflected 0xEDB88320, inverted in and out), sliced by 8;
+   crc32_update(crc32_update(0, a), b) is the CRC of a followed by b. */
+static uint32_t
+crc32_update(uint32_t crc, const unsigned char *p, Py_ssize_t n)
+{
+    uint32_t c = crc ^ 0xFFFFFFFFu;
+    while (n >= 8) {
+        uint32_t one = read_u32(p) ^ c;
+        uint32_t two = read_u32(p + 4);
+        c = crc_table[7][one & 0xff] ^ crc_table[6][(one >> 8) & 0xff] ^
+            crc_table[5][(one >> 16) & 0xff] ^ crc_table[4][one >> 24] ^
+            crc_table[3][two & 0xff] ^ crc_table[2][(two >> 8) & 0xff] ^
+            crc_table[1][(two >> 16) & 0xff] ^ crc_table[0][two >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0)
+        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+static inline uint32_t
+crc32_of(const unsigned char *p, Py_ssize_t n)
+{
+    return crc32_update(0, p, n);
+}
+
+static inline void
+write_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = v & 0xff;
+    p[1] = (v >> 8) & 0xff;
+    p[2] = (v >> 16) & 0xff;
+    p[3] = v >> 24;
+}
+
+static inline void
+write_u64(unsigned char *p, uint64_t v)
+{
+    write_u32(p, (uint32_t)v);
+    write_u32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* First index in [low, high) whose hash is not below `hashed`. */
+static inline Py_ssize_t
+bisect_hashes(const unsigned char *hashes, Py_ssize_t low, Py_ssize_t high, uint32_t hashed)
+{
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (read_u32(hashes + 4 * middle) < hashed)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+/* ------------------------------------------------------------------ Lookup */
+
+static PyTypeObject LookupType;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer file;     /* the whole mapped data file */
+    Py_buffer verified; /* one byte per bucket, nonzero once its hash slice is checked */
+    PyObject *handback; /* handback(key, code) answers what find hands back */
+    int held;
+    Py_ssize_t key_size, row_size, count;
+    Py_ssize_t hashes, rows, fanout, bucket_crcs; /* section offsets */
+    int shift;                       /* 32 - fan-out bits */
+    Py_ssize_t buckets;
+} Lookup;
+
+static void
+lookup_release_buffers(Lookup *self)
+{
+    if (self->held) {
+        PyBuffer_Release(&self->file);
+        PyBuffer_Release(&self->verified);
+        self->held = 0;
+    }
+    Py_CLEAR(self->handback);
+}
+
+static void
+lookup_dealloc(Lookup *self)
+{
+    lookup_release_buffers(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+lookup_init(Lookup *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"file",   "verified", "key_size", "row_size",
+                               "count",  "hashes",   "rows",     "fanout",
+                               "fanout_bits", "handback", NULL};
+    PyObject *file, *verified, *handback;
+    Py_ssize_t key_size, row_size, count, hashes, rows, fanout, bucket_crcs;
+    int bits;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnnnnniO", keywords, &file, &verified,
+                                     &key_size, &row_size, &count, &hashes, &rows, &fanout,
+                                     &bits, &handback))
+        return -1;
+    lookup_release_buffers(self);
+    if (!PyCallable_Check(handback)) {
+        PyErr_SetString(PyExc_TypeError, "Lookup: handback must be callable");
+        return -1;
+    }
+    if (bits < 0 || bits > 30 || key_size < 0 || row_size < key_size + 4 || count < 0 ||
+        hashes < 0 || rows < 0 || fanout < 0) {
+        PyErr_SetString(PyExc_ValueError, "Lookup: parameters out of range");
+        return -1;
+    }
+    if (PyObject_GetBuffer(file, &self->file, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(verified, &self->verified, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&self->file);
+        return -1;
+    }
+    self->held = 1;
+    Py_INCREF(handback);
+    self->handback = handback;
+    Py_ssize_t buckets = (Py_ssize_t)1 << bits;
+    Py_ssize_t size = self->file.len;
+    /* Every section must lie inside the buffer (overflow-safe comparisons). */
+    if (count > size || hashes > size || 4 * count > size - hashes || rows > size ||
+        (count > 0 && row_size > (size - rows) / count) || fanout > size ||
+        8 * (buckets + 1) > size - fanout || self->verified.len < buckets) {
+        lookup_release_buffers(self);
+        PyErr_SetString(PyExc_ValueError, "Lookup: sections outside the buffer");
+        return -1;
+    }
+    self->key_size = key_size;
+    self->row_size = row_size;
+    self->count = count;
+    self->hashes = hashes;
+    self->rows = rows;
+    self->fanout = fanout;
+    bucket_crcs = fanout + 8 * (buckets + 1);
+    self->bucket_crcs = bucket_crcs;
+    self->shift = 32 - bits;
+    self->buckets = buckets;
+    return 0;
+}
+
+static PyObject *
+hand_back(Lookup *self, PyObject *key, Py_ssize_t code)
+{
+    return PyObject_CallFunction(self->handback, "On", key, code);
+}
+
+/* find(key) -> value bytes | None, or what handback(key, code) returns for
+   a bucket b not verified yet or out of order (code b >= 0), or a row i whose
+   checksum failed (code -(i + 1)). */
+static PyObject *
+lookup_find(Lookup *self, PyObject *key)
+{
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "Lookup is released");
+        return NULL;
+    }
+    char *key_bytes;
+    Py_ssize_t key_length;
+    if (PyBytes_AsStringAndSize(key, &key_bytes, &key_length) < 0)
+        return NULL;
+    if (key_length != self->key_size) {
+        PyErr_Format(PyExc_ValueError, "key of %zd bytes, %zd expected", key_length,
+                     self->key_size);
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)self->file.buf;
+    uint32_t hashed = crc32_of((const unsigned char *)key_bytes, key_length);
+    Py_ssize_t bucket = (Py_ssize_t)((uint64_t)hashed >> self->shift);
+    const unsigned char *fanout = base + self->fanout + 8 * bucket;
+    uint64_t low = read_u64(fanout), high = read_u64(fanout + 8);
+    if (!((unsigned char *)self->verified.buf)[bucket] || low > high ||
+        high > (uint64_t)self->count)
+        return hand_back(self, key, bucket);
+    const unsigned char *hashes = base + self->hashes;
+    Py_ssize_t index = bisect_hashes(hashes, (Py_ssize_t)low, (Py_ssize_t)high, hashed);
+    Py_ssize_t row_size = self->row_size, key_size = self->key_size;
+    for (; index < (Py_ssize_t)high && read_u32(hashes + 4 * index) == hashed; index++) {
+        const unsigned char *row = base + self->rows + row_size * index;
+        if (crc32_of(row, row_size - 4) != read_u32(row + row_size - 4))
+            return hand_back(self, key, -(index + 1));
+        if (memcmp(row, key_bytes, key_size) == 0)
+            return PyBytes_FromStringAndSize((const char *)row + key_size,
+                                             row_size - key_size - 4);
+    }
+    Py_RETURN_NONE;
+}
+
+/* verify_all() -> int: check every bucket's hash slice against its checksum,
+   marking each verified; -1 when all pass, else the first failing bucket
+   (left unmarked, for the caller to report). */
+static PyObject *
+lookup_verify_all(Lookup *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "Lookup is released");
+        return NULL;
+    }
+    const unsigned char *base = (const unsigned char *)self->file.buf;
+    unsigned char *verified = (unsigned char *)self->verified.buf;
+    for (Py_ssize_t bucket = 0; bucket < self->buckets; bucket++) {
+        if (verified[bucket])
+            continue;
+        const unsigned char *fanout = base + self->fanout + 8 * bucket;
+        uint64_t low = read_u64(fanout), high = read_u64(fanout + 8);
+        if (low > high || high > (uint64_t)self->count ||
+            crc32_of(base + self->hashes + 4 * low, (Py_ssize_t)(4 * (high - low))) !=
+                read_u32(base + self->bucket_crcs + 4 * bucket))
+            return PyLong_FromSsize_t(bucket);
+        verified[bucket] = 1;
+    }
+    return PyLong_FromLong(-1);
+}
+
+static PyObject *
+lookup_release(Lookup *self, PyObject *Py_UNUSED(ignored))
+{
+    lookup_release_buffers(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef lookup_methods[] = {
+    {"find", (PyCFunction)lookup_find, METH_O,
+     "find(key) -> value | None: the value bound to key, or None."},
+    {"verify_all", (PyCFunction)lookup_verify_all, METH_NOARGS,
+     "verify_all() -> int: check every bucket; -1, or the first failing bucket."},
+    {"release", (PyCFunction)lookup_release, METH_NOARGS,
+     "Let go of the buffers; find raises afterwards."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LookupType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.Lookup",
+    .tp_basicsize = sizeof(Lookup),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lookups of keys in one mapped data file.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lookup_init,
+    .tp_dealloc = (destructor)lookup_dealloc,
+    .tp_methods = lookup_methods,
+};
+
+/* --------------------------------------------------------------- MergePlan */
+
+static PyObject *CorruptRow; /* CorruptRow(index): an old row failed its checksum */
+
+typedef struct {
+    uint32_t hash;
+    const char *key;
+    Py_ssize_t index;
+} Entry;
+
+static Py_ssize_t sort_key_size; /* qsort has no context argument; set under the GIL */
+
+static int
+compare_entries(const void *a, const void *b)
+{
+    const Entry *x = a, *y = b;
+    if (x->hash != y->hash)
+        return x->hash < y->hash ? -1 : 1;
+    return memcmp(x->key, y->key, sort_key_size);
+}
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer old;       /* the old data file, or len 0 when there is none */
+    int holds_old;
+    Py_ssize_t old_count, old_hashes, old_rows;
+    Py_ssize_t n, count, key_size, row_size;
+    uint32_t *hashes;        /* the new rows' hashes, sorted */
+    unsigned char *rows;     /* the new rows, key | value | crc, in the same order */
+    unsigned char *removed;  /* 1 where the binding is a removal */
+} MergePlan;
+
+/* Output of one pass: counts only (fd < 0), or writes both columns with
+   pwrite and records the fan-out and bucket checksums. */
+typedef struct {
+    int fd;
+    Py_ssize_t count;
+    unsigned char *hash_buffer, *row_buffer;
+    Py_ssize_t hash_used, row_used, capacity;
+    off_t hash_at, row_at;
+    int shift;
+    Py_ssize_t buckets, bucket;
+    uint32_t bucket_crc;
+    uint64_t *fanout;
+    uint32_t *bucket_crcs;
+    int error; /* errno of a failed write */
+} Output;
+
+static int
+write_all(int fd, const unsigned char *p, Py_ssize_t n, off_t at)
+{
+    while (n > 0) {
+        ssize_t done = pwrite(fd, p, (size_t)n, at);
+        if (done < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        p += done;
+        n -= done;
+        at += done;
+    }
+    return 0;
+}
+
+static void
+out_bytes(Output *out, int rows, const unsigned char *p, Py_ssize_t n)
+{
+    if (out->error)
+        return;
+    unsigned char *buffer = rows ? out->row_buffer : out->hash_buffer;
+    Py_ssize_t *used = rows ? &out->row_used : &out->hash_used;
+    off_t *at = rows ? &out->row_at : &out->hash_at;
+    if (*used + n > out->capacity) {
+        if ((out->error = write_all(out->fd, buffer, *used, *at)))
+            return;
+        *at += *used;
+        *used = 0;
+    }
+    if (n >= out->capacity) {
+        if ((out->error = write_all(out->fd, p, n, *at)))
+            return;
+        *at += n;
+        return;
+    }
+    memcpy(buffer + *used, p, (size_t)n);
+    *used += n;
+}
+
+/* The hashes of rows [position, position + n), all of one bucket. */
+static void
+out_bucket_segment(Output *out, Py_ssize_t bucket, const unsigned char *hashes, Py_ssize_t n)
+{
+    while (out->bucket < bucket) {
+        out->bucket_crcs[out->bucket] = out->bucket_crc;
+        out->bucket++;
+        out->fanout[out->bucket] = (uint64_t)out->count;
+        out->bucket_crc = 0;
+    }
+    out->bucket_crc = crc32_update(out->bucket_crc, hashes, 4 * n);
+}
+
+/* Emit rows whose hashes (little-endian, ascending) and rows are given. */
+static void
+emit(Output *out, const unsigned char *hashes, const unsigned char *rows, Py_ssize_t n,
+     Py_ssize_t row_size)
+{
+    if (n <= 0)
+        return;
+    if (out->fd >= 0) {
+        Py_ssize_t start = 0;
+        while (start < n) {
+            uint64_t bucket = (uint64_t)read_u32(hashes + 4 * start) >> out->shift;
+            Py_ssize_t end = n;
+            if (bucket + 1 < (uint64_t)out->buckets)
+                end = bisect_hashes(hashes, start, n, (uint32_t)((bucket + 1) << out->shift));
+            out_bucket_segment(out, (Py_ssize_t)bucket, hashes + 4 * start, end - start);
+            out->count += end - start;
+            start = end;
+        }
+        out_bytes(out, 0, hashes, 4 * n);
+        out_bytes(out, 1, rows, row_size * n);
+    }
+    else
+        out->count += n;
+}
+
+/* The merge walk: old rows and new rows in (hash, key) order. Returns 0, or
+   -1 with *bad_row set when an old row compared by key fails its checksum. */
+static int
+walk(MergePlan *plan, Output *out, Py_ssize_t *bad_row)
+{
+    const unsigned char *old = (const unsigned char *)plan->old.buf;
+    const unsigned char *old_hashes = old + plan->old_hashes;
+    const unsigned char *old_rows = old + plan->old_rows;
+    Py_ssize_t i = 0, j = 0, row_size = plan->row_size, key_size = plan->key_size;
+    unsigned char hash_bytes[4];
+    while (i < plan->old_count || j < plan->n) {
+        if (j == plan->n) {
+            emit(out, old_hashes + 4 * i, old_rows + row_size * i, plan->old_count - i,
+                 row_size);
+            break;
+        }
+        uint32_t new_hash = plan->hashes[j];
+        const unsigned char *new_row = plan->rows + row_size * j;
+        int order = 1; /* old row first (< 0), new row first (> 0), same key (0) */
+        if (i < plan->old_count) {
+            uint32_t old_hash = read_u32(old_hashes + 4 * i);
+            if (old_hash < new_hash) {
+                Py_ssize_t end = bisect_hashes(old_hashes, i, plan->old_count, new_hash);
+                emit(out, old_hashes + 4 * i, old_rows + row_size * i, end - i, row_size);
+                i = end;
+                continue;
+            }
+            if (old_hash == new_hash) {
+                const unsigned char *row = old_rows + row_size * i;
+                if (crc32_of(row, row_size - 4) != read_u32(row + row_size - 4)) {
+                    *bad_row = i;
+                    return -1;
+                }
+                order = memcmp(row, new_row, (size_t)key_size);
+            }
+        }
+        if (order < 0) {
+            emit(out, old_hashes + 4 * i, old_rows + row_size * i, 1, row_size);
+            i++;
+            continue;
+        }
+        if (!plan->removed[j]) {
+            write_u32(hash_bytes, new_hash);
+            emit(out, hash_bytes, new_row, 1, row_size);
+        }
+        if (order == 0)
+            i++;
+        j++;
+    }
+    return 0;
+}
+
+static void
+plan_free_arrays(MergePlan *self)
+{
+    PyMem_RawFree(self->hashes);
+    PyMem_RawFree(self->rows);
+    PyMem_RawFree(self->removed);
+    self->hashes = NULL;
+    self->rows = NULL;
+    self->removed = NULL;
+    if (self->holds_old) {
+        PyBuffer_Release(&self->old);
+        self->holds_old = 0;
+    }
+}
+
+static void
+plan_dealloc(MergePlan *self)
+{
+    plan_free_arrays(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"old", "keys", "values", "key_size", "value_size", NULL};
+    PyObject *old, *keys, *values;
+    Py_ssize_t key_size, value_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!nn", keywords, &old, &PyList_Type,
+                                     &keys, &PyList_Type, &values, &key_size, &value_size))
+        return -1;
+    plan_free_arrays(self);
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(values) != n || key_size < 0 || value_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "MergePlan: keys and values differ in length");
+        return -1;
+    }
+    Py_ssize_t row_size = key_size + value_size + 4;
+    self->key_size = key_size;
+    self->row_size = row_size;
+    self->n = n;
+    self->old_count = 0;
+    if (old != Py_None) {
+        if (!PyObject_TypeCheck(old, &LookupType)) {
+            PyErr_SetString(PyExc_TypeError, "MergePlan: old must be a Lookup or None");
+            return -1;
+        }
+        Lookup *lookup = (Lookup *)old;
+        if (!lookup->held || lookup->row_size != row_size || lookup->key_size != key_size) {
+            PyErr_SetString(PyExc_ValueError, "MergePlan: old file released or of other sizes");
+            return -1;
+        }
+        if (PyObject_GetBuffer(lookup->file.obj, &self->old, PyBUF_SIMPLE) < 0)
+            return -1;
+        self->holds_old = 1;
+        self->old_count = lookup->count;
+        self->old_hashes = lookup->hashes;
+        self->old_rows = lookup->rows;
+    }
+    Entry *entries = PyMem_RawMalloc(sizeof(Entry) * (size_t)(n ? n : 1));
+    self->hashes = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
+    self->rows = PyMem_RawMalloc((size_t)(row_size * (n ? n : 1)));
+    self->removed = PyMem_RawMalloc((size_t)(n ? n : 1));
+    if (!entries || !self->hashes || !self->rows || !self->removed) {
+        PyMem_RawFree(entries);
+        plan_free_arrays(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != key_size) {
+            PyMem_RawFree(entries);
+            plan_free_arrays(self);
+            PyErr_Format(PyExc_ValueError, "MergePlan: key %zd is not %zd bytes", i, key_size);
+            return -1;
+        }
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (value != Py_None && (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != value_size)) {
+            PyMem_RawFree(entries);
+            plan_free_arrays(self);
+            PyErr_Format(PyExc_ValueError, "MergePlan: value %zd is not %zd bytes", i,
+                         value_size);
+            return -1;
+        }
+        entries[i].key = PyBytes_AS_STRING(key);
+        entries[i].hash = crc32_of((const unsigned char *)entries[i].key, key_size);
+        entries[i].index = i;
+    }
+    sort_key_size = key_size;
+    qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        unsigned char *row = self->rows + row_size * j;
+        PyObject *value = PyList_GET_ITEM(values, entries[j].index);
+        memcpy(row, entries[j].key, (size_t)key_size);
+        if (value == Py_None)
+            memset(row + key_size, 0, (size_t)value_size);
+        else
+            memcpy(row + key_size, PyBytes_AS_STRING(value), (size_t)value_size);
+        write_u32(row + row_size - 4, crc32_of(row, row_size - 4));
+        self->hashes[j] = entries[j].hash;
+        self->removed[j] = value == Py_None;
+        if (j > 0 && self->hashes[j] == self->hashes[j - 1] &&
+            memcmp(row, row - row_size, (size_t)key_size) == 0) {
+            PyMem_RawFree(entries);
+            plan_free_arrays(self);
+            PyErr_SetString(PyExc_ValueError, "MergePlan: a key is given twice");
+            return -1;
+        }
+    }
+    PyMem_RawFree(entries);
+    Output counter = {.fd = -1};
+    Py_ssize_t bad_row = -1;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = walk(self, &counter, &bad_row);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        plan_free_arrays(self);
+        PyObject *error = PyObject_CallFunction(CorruptRow, "n", bad_row);
+        if (error) {
+            PyErr_SetObject(CorruptRow, error);
+            Py_DECREF(error);
+        }
+        return -1;
+    }
+    self->count = counter.count;
+    return 0;
+}
+
+/* write(fd, offset, fanout_bits) -> bytes: write the hash column at offset and
+   the rows right after it; return the fan-out (u64 each) and bucket checksums
+   (u32 each) of what was written, little-endian. */
+static PyObject *
+plan_write(MergePlan *self, PyObject *args)
+{
+    int fd, bits;
+    long long offset;
+    if (!PyArg_ParseTuple(args, "iLi", &fd, &offset, &bits))
+        return NULL;
+    if (self->hashes == NULL) {
+        PyErr_SetString(PyExc_ValueError, "MergePlan is not ready");
+        return NULL;
+    }
+    if (bits < 0 || bits > 30 || offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "MergePlan.write: parameters out of range");
+        return NULL;
+    }
+    Py_ssize_t buckets = (Py_ssize_t)1 << bits;
+    Output out = {.fd = fd, .capacity = 1 << 20, .shift = 32 - bits, .buckets = buckets};
+    out.hash_at = (off_t)offset;
+    out.row_at = (off_t)offset + 4 * (off_t)self->count;
+    out.hash_buffer = PyMem_RawMalloc((size_t)out.capacity);
+    out.row_buffer = PyMem_RawMalloc((size_t)out.capacity);
+    out.fanout = PyMem_RawCalloc((size_t)buckets + 1, sizeof(uint64_t));
+    out.bucket_crcs = PyMem_RawCalloc((size_t)buckets, sizeof(uint32_t));
+    PyObject *tail = NULL;
+    if (!out.hash_buffer || !out.row_buffer || !out.fanout || !out.bucket_crcs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t bad_row = -1;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = walk(self, &out, &bad_row);
+    if (!failed && !out.error) {
+        out_bucket_segment(&out, buckets - 1, NULL, 0);
+        out.bucket_crcs[buckets - 1] = out.bucket_crc;
+        out.fanout[buckets] = (uint64_t)out.count;
+        if (!(out.error = write_all(fd, out.hash_buffer, out.hash_used, out.hash_at)))
+            out.error = write_all(fd, out.row_buffer, out.row_used, out.row_at);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyObject *error = PyObject_CallFunction(CorruptRow, "n", bad_row);
+        if (error) {
+            PyErr_SetObject(CorruptRow, error);
+            Py_DECREF(error);
+        }
+        goto done;
+    }
+    if (out.error) {
+        errno = out.error;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    if (out.count != self->count) {
+        PyErr_SetString(PyExc_RuntimeError, "MergePlan.write: count changed between passes");
+        goto done;
+    }
+    tail = PyBytes_FromStringAndSize(NULL, 8 * (buckets + 1) + 4 * buckets);
+    if (tail) {
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(tail);
+        for (Py_ssize_t b = 0; b <= buckets; b++)
+            write_u64(p + 8 * b, out.fanout[b]);
+        for (Py_ssize_t b = 0; b < buckets; b++)
+            write_u32(p + 8 * (buckets + 1) + 4 * b, out.bucket_crcs[b]);
+    }
+done:
+    PyMem_RawFree(out.hash_buffer);
+    PyMem_RawFree(out.row_buffer);
+    PyMem_RawFree(out.fanout);
+    PyMem_RawFree(out.bucket_crcs);
+    return tail;
+}
+
+static PyObject *
+plan_count(MergePlan *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->count);
+}
+
+static PyMethodDef plan_methods[] = {
+    {"write", (PyCFunction)plan_write, METH_VARARGS,
+     "write(fd, offset, fanout_bits) -> bytes: write the merged columns; the fan-out tail."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef plan_getset[] = {
+    {"count", (getter)plan_count, NULL, "Rows of the merged file.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MergePlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.MergePlan",
+    .tp_basicsize = sizeof(MergePlan),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The merge of sorted new bindings into a data file.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)plan_init,
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_methods = plan_methods,
+    .tp_getset = plan_getset,
+};
+
+/* --------------------------------------------------------------- functions */
+
+static PyObject *
+accel_crc32(PyObject *Py_UNUSED(module), PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint32_t crc = crc32_of((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+static PyMethodDef accel_functions[] = {
+    {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef accel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "l2_stores.engine._accel",
+    .m_doc = "Optional C accelerator of the data file's lookups.",
+    .m_size = -1,
+    .m_methods = accel_functions,
+};
+
+PyMODINIT_FUNC
+PyInit__accel(void)
+{
+    crc_init();
+    if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&accel_module);
+    if (module == NULL)
+        return NULL;
+    CorruptRow = PyErr_NewException("l2_stores.engine._accel.CorruptRow", PyExc_ValueError, NULL);
+    if (CorruptRow == NULL || PyModule_AddObject(module, "CorruptRow", CorruptRow) < 0) {
+        Py_XDECREF(CorruptRow);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(CorruptRow);
+    Py_INCREF(&MergePlanType);
+    if (PyModule_AddObject(module, "MergePlan", (PyObject *)&MergePlanType) < 0) {
+        Py_DECREF(&MergePlanType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&LookupType);
+    if (PyModule_AddObject(module, "Lookup", (PyObject *)&LookupType) < 0) {
+        Py_DECREF(&LookupType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

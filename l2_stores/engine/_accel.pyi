@@ -1,0 +1,36 @@
+from collections.abc import Callable
+from mmap import mmap
+
+def crc32(data: bytes | bytearray | memoryview | mmap, /) -> int: ...
+
+class Lookup:
+    def __init__(
+        self,
+        file: mmap | bytes | memoryview,
+        verified: bytearray,
+        key_size: int,
+        row_size: int,
+        count: int,
+        hashes: int,
+        rows: int,
+        fanout: int,
+        fanout_bits: int,
+        handback: Callable[[bytes, int], bytes | None],
+    ) -> None: ...
+    def find(self, key: bytes, /) -> bytes | None: ...
+    def verify_all(self) -> int: ...
+    def release(self) -> None: ...
+
+class CorruptRow(ValueError): ...
+
+class MergePlan:
+    count: int
+    def __init__(
+        self,
+        old: Lookup | None,
+        keys: list[bytes],
+        values: list[bytes | None],
+        key_size: int,
+        value_size: int,
+    ) -> None: ...
+    def write(self, fd: int, offset: int, fanout_bits: int, /) -> bytes: ...

@@ -1,0 +1,43 @@
+"""The optional C accelerator of the data file's lookups and merges.
+
+``_accel`` is built from ``_accel.c`` when the package is installed with a C
+compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
+environment, every path is pure Python. Both paths read the same bytes and
+check the same checksums; the tests run both.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+ENV_PURE_PYTHON = "L2_STORES_PURE_PYTHON"
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0"):
+        return None
+    try:
+        from . import _accel
+    except ImportError:
+        return None
+    return _accel
+
+
+_module = _load()
+if _module is not None:
+    from ._accel import CorruptRow, Lookup, MergePlan
+
+    #: The accelerated lookup and merge types, or None when running pure Python.
+    AcceleratedLookup: type[Lookup] | None = Lookup
+    AcceleratedMerge: type[MergePlan] | None = MergePlan
+else:
+    AcceleratedLookup = AcceleratedMerge = None
+
+    class CorruptRow(ValueError):  # type: ignore[no-redef]
+        """Never raised without the accelerator."""
+
+__all__ = ["ENV_PURE_PYTHON", "AcceleratedLookup", "AcceleratedMerge", "CorruptRow"]
