@@ -131,8 +131,6 @@ class DataFile:
     there is one).
     """
 
-    find: Callable[[bytes], bytes | None]
-
     def __init__(self, path: str, expected: Expected) -> None:
         self.path = path
         self._expected = expected
@@ -173,7 +171,6 @@ class DataFile:
         if self._fanout[0] != 0 or self._fanout[self._buckets] != self.count:
             raise self._load_error("fan-out does not span the rows", sections.fanout)
         self._lookup: Lookup | None = None
-        self.find = self._find
         if AcceleratedLookup is not None:
             self._lookup = AcceleratedLookup(
                 self._mm,
@@ -187,7 +184,7 @@ class DataFile:
                 bits,
                 _handback(weakref.ref(self)),
             )
-            self.find = self._lookup.find
+            self.find = self._lookup.find  # type: ignore[method-assign,assignment]
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
@@ -262,6 +259,9 @@ class DataFile:
                 return row[key_size:-CRC_SIZE]
             index += 1
         return None
+
+    #: The value bound to ``key``, or None; the C lookup replaces it per instance.
+    find = _find
 
     def locate(self, hashed: int, key: bytes, low: int = 0) -> tuple[int, bool]:
         """First row index from ``low`` not before ``(hashed, key)``; whether it holds ``key``."""
