@@ -24,13 +24,15 @@ _accel = pytest.importorskip(
 EXPECTED = Expected("accel", key_size=8, value_size=4)
 
 
-def colliding_keys(groups: int, seed: int = 7) -> list[list[bytes]]:
-    """``groups`` pairs of distinct 8-byte keys of equal CRC-32 (a birthday search)."""
+def colliding_keys(
+    groups: int, seed: int = 7, size: int = 8, prefix: bytes = b""
+) -> list[list[bytes]]:
+    """``groups`` pairs of distinct keys of equal CRC-32 (a birthday search)."""
     rng = random.Random(seed)
     seen: dict[int, bytes] = {}
     found: list[list[bytes]] = []
     while len(found) < groups:
-        key = rng.randbytes(8)
+        key = prefix + rng.randbytes(size - len(prefix))
         hashed = zlib.crc32(key)
         other = seen.setdefault(hashed, key)
         if other != key:
@@ -226,9 +228,11 @@ def test_lookup_and_plan_refuse_bad_arguments(
         _accel.Lookup(b"\0" * 100, bytearray(1), 8, 4, 0, 64, 64, 64, 0, handback)
     with pytest.raises(TypeError):
         _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 64, 0, None)
+    # no room for the bucket checksums after the fan-out
+    with pytest.raises(ValueError, match="outside the buffer"):
+        _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 90, 0, handback)
     lookup = _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 64, 0, handback)
-    with pytest.raises(ValueError, match="key of 3 bytes"):
-        lookup.find(b"abc")
+    assert lookup.find(b"abc") is None  # no key of another size is bound, as in Python
     lookup.release()
     with pytest.raises(ValueError, match="released"):
         lookup.find(b"12345678")
@@ -240,6 +244,13 @@ def test_lookup_and_plan_refuse_bad_arguments(
         _accel.MergePlan(None, [b"12345678"], [b"abc"], 8, 4)
     with pytest.raises(ValueError, match="differ in length"):
         _accel.MergePlan(None, [b"12345678"], [], 8, 4)
+    with pytest.raises(ValueError, match="sizes out of range"):
+        _accel.MergePlan(None, [b"12345678"] * 16, [None] * 16, 8, 2**60)
+    plan = _accel.MergePlan(None, [b"12345678"], [b"abcd"], 8, 4)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        plan.__init__(None, [b"87654321"], [b"abcd"], 8, 4)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="out of range"):
+        plan.write(-1, 64, 0)
     path = tmp_path / "data.1"
     write(path, None, {b"12345678": b"abcd"}, c=True, monkeypatch=monkeypatch)
     data = open_data(path, c=True, monkeypatch=monkeypatch)
@@ -248,3 +259,102 @@ def test_lookup_and_plan_refuse_bad_arguments(
     data.close()
     with pytest.raises(ValueError, match="released"):
         _accel.MergePlan(data.lookup, [], [], 8, 4)
+
+
+def keys_hashing(count: int, low: int, high: int, size: int = 8, seed: int = 5) -> list[bytes]:
+    """``count`` random keys whose CRC-32 lies in ``[low, high)``."""
+    rng = random.Random(seed)
+    keys: list[bytes] = []
+    while len(keys) < count:
+        key = rng.randbytes(size)
+        if low <= zlib.crc32(key) < high:
+            keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("case", "expected", "base_keys", "update_keys"),
+    [
+        # empty trailing buckets, then empty leading ones (fan-out bits 3 and more)
+        ("low hashes", EXPECTED, keys_hashing(6000, 0, 2**29), keys_hashing(700, 0, 2**29, seed=6)),
+        (
+            "high hashes",
+            EXPECTED,
+            keys_hashing(6000, 2**31 + 2**30, 2**32),
+            keys_hashing(700, 2**31 + 2**30, 2**32, seed=6),
+        ),
+        # 50,000 rows: 7 fan-out bits
+        (
+            "many rows",
+            EXPECTED,
+            keys_hashing(50_000, 0, 2**32),
+            keys_hashing(5000, 0, 2**32, seed=6),
+        ),
+        # rows of 4 KiB: the output passes the C merge's 1 MiB buffers, both branches
+        (
+            "big rows, few updates",
+            Expected("accel", key_size=8, value_size=4096),
+            keys_hashing(1500, 0, 2**32),
+            keys_hashing(3, 0, 2**32, seed=6),
+        ),
+        (
+            "big rows, many updates",
+            Expected("accel", key_size=8, value_size=4096),
+            keys_hashing(1500, 0, 2**32),
+            keys_hashing(300, 0, 2**32, seed=6),
+        ),
+        # another key size, with colliding keys that share their first 16 bytes
+        (
+            "24-byte keys",
+            Expected("accel", key_size=24, value_size=4),
+            keys_hashing(3000, 0, 2**32, size=24),
+            [k for pair in colliding_keys(4, size=24, prefix=bytes(16)) for k in pair]
+            + keys_hashing(300, 0, 2**32, size=24, seed=6),
+        ),
+    ],
+)
+def test_c_and_python_agree_across_fanouts_and_sizes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    expected: Expected,
+    base_keys: list[bytes],
+    update_keys: list[bytes],
+) -> None:
+    value_of = {key: key[:1] * expected.value_size for key in base_keys}
+    updates: dict[bytes, bytes | None] = {
+        key: key[-1:] * expected.value_size for key in update_keys
+    }
+    for i, key in enumerate(base_keys[: min(200, len(update_keys))]):  # replace, remove
+        updates[key] = None if i % 2 else bytes(expected.value_size)
+    outputs: dict[bool, tuple[bytes, bytes]] = {}
+    for c in (True, False):
+        with monkeypatch.context() as patch:
+            if not c:
+                patch.setattr(merge, "AcceleratedMerge", None)
+            first = tmp_path / f"{c}.1"
+            merge.merge(None, dict(value_of), str(first), expected, 1, fsync=False)
+            old = datafile.DataFile(str(first), expected)
+            second = tmp_path / f"{c}.2"
+            merge.merge(old, updates, str(second), expected, 2, fsync=False)
+            old.close()
+            outputs[c] = (first.read_bytes(), second.read_bytes())
+    assert outputs[True] == outputs[False], case
+    merged = datafile.DataFile(str(tmp_path / "True.2"), expected)
+    final = {**value_of, **updates}
+    for key in list(final)[:2000]:
+        assert merged.find(key) == final[key]
+    merged.close()
+
+
+def test_c_find_answers_as_python_for_odd_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "data.1"
+    write(path, None, {b"12345678": b"abcd"}, c=True, monkeypatch=monkeypatch)
+    for c in (True, False):
+        data = open_data(path, c=c, monkeypatch=monkeypatch)
+        assert data.find(b"1234") is None
+        assert data.find(bytearray(b"12345678")) == b"abcd"  # type: ignore[arg-type]
+        assert data.find(memoryview(b"12345678")) == b"abcd"  # type: ignore[arg-type]
+        data.close()

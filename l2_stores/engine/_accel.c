@@ -180,7 +180,9 @@ lookup_init(Lookup *self, PyObject *args, PyObject *kwds)
     /* Every section must lie inside the buffer (overflow-safe comparisons). */
     if (count > size || hashes > size || 4 * count > size - hashes || rows > size ||
         (count > 0 && row_size > (size - rows) / count) || fanout > size ||
-        8 * (buckets + 1) > size - fanout || self->verified.len < buckets) {
+        8 * (buckets + 1) > size - fanout || 4 * buckets > size - fanout - 8 * (buckets + 1) ||
+        self->verified.len < buckets) {
+        /* (the last two: the bucket checksums after the fan-out, and a flag per bucket) */
         lookup_release_buffers(self);
         PyErr_SetString(PyExc_ValueError, "Lookup: sections outside the buffer");
         return -1;
@@ -201,7 +203,11 @@ lookup_init(Lookup *self, PyObject *args, PyObject *kwds)
 static PyObject *
 hand_back(Lookup *self, PyObject *key, Py_ssize_t code)
 {
-    return PyObject_CallFunction(self->handback, "On", key, code);
+    PyObject *handback = self->handback; /* release() may drop the lookup's reference */
+    Py_INCREF(handback);
+    PyObject *result = PyObject_CallFunction(handback, "On", key, code);
+    Py_DECREF(handback);
+    return result;
 }
 
 /* find(key) -> value bytes | None, or what handback(key, code) returns for
@@ -214,15 +220,18 @@ lookup_find(Lookup *self, PyObject *key)
         PyErr_SetString(PyExc_ValueError, "Lookup is released");
         return NULL;
     }
-    char *key_bytes;
-    Py_ssize_t key_length;
-    if (PyBytes_AsStringAndSize(key, &key_bytes, &key_length) < 0)
-        return NULL;
-    if (key_length != self->key_size) {
-        PyErr_Format(PyExc_ValueError, "key of %zd bytes, %zd expected", key_length,
-                     self->key_size);
-        return NULL;
+    if (!PyBytes_Check(key)) { /* other buffers: as bytes, like the Python lookup */
+        PyObject *copy = PyBytes_FromObject(key);
+        if (copy == NULL)
+            return NULL;
+        PyObject *found = lookup_find(self, copy);
+        Py_DECREF(copy);
+        return found;
     }
+    const char *key_bytes = PyBytes_AS_STRING(key);
+    Py_ssize_t key_length = PyBytes_GET_SIZE(key);
+    if (key_length != self->key_size) /* no key of another size is bound */
+        Py_RETURN_NONE;
     const unsigned char *base = (const unsigned char *)self->file.buf;
     uint32_t hashed = crc32_of((const unsigned char *)key_bytes, key_length);
     Py_ssize_t bucket = (Py_ssize_t)((uint64_t)hashed >> self->shift);
@@ -304,13 +313,14 @@ static PyTypeObject LookupType = {
 
 static PyObject *CorruptRow; /* CorruptRow(index): an old row failed its checksum */
 
+#define MAX_FIELD ((Py_ssize_t)1 << 30) /* bytes of a key or a value, at most */
+
 typedef struct {
     uint32_t hash;
     const char *key;
     Py_ssize_t index;
+    Py_ssize_t key_size; /* qsort has no context argument */
 } Entry;
-
-static Py_ssize_t sort_key_size; /* qsort has no context argument; set under the GIL */
 
 static int
 compare_entries(const void *a, const void *b)
@@ -318,7 +328,7 @@ compare_entries(const void *a, const void *b)
     const Entry *x = a, *y = b;
     if (x->hash != y->hash)
         return x->hash < y->hash ? -1 : 1;
-    return memcmp(x->key, y->key, sort_key_size);
+    return memcmp(x->key, y->key, (size_t)x->key_size);
 }
 
 typedef struct {
@@ -330,6 +340,7 @@ typedef struct {
     uint32_t *hashes;        /* the new rows' hashes, sorted */
     unsigned char *rows;     /* the new rows, key | value | crc, in the same order */
     unsigned char *removed;  /* 1 where the binding is a removal */
+    int started, ready;      /* __init__ runs once; write() only once it is done */
 } MergePlan;
 
 /* Output of one pass: counts only (fd < 0), or writes both columns with
@@ -358,6 +369,8 @@ write_all(int fd, const unsigned char *p, Py_ssize_t n, off_t at)
                 continue;
             return errno;
         }
+        if (done == 0)
+            return EIO; /* no progress: never loop forever */
         p += done;
         n -= done;
         at += done;
@@ -510,10 +523,19 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!nn", keywords, &old, &PyList_Type,
                                      &keys, &PyList_Type, &values, &key_size, &value_size))
         return -1;
-    plan_free_arrays(self);
+    if (self->started) {
+        PyErr_SetString(PyExc_RuntimeError, "MergePlan: already initialised");
+        return -1;
+    }
+    self->started = 1;
     Py_ssize_t n = PyList_GET_SIZE(keys);
-    if (PyList_GET_SIZE(values) != n || key_size < 0 || value_size < 0) {
+    if (PyList_GET_SIZE(values) != n) {
         PyErr_SetString(PyExc_ValueError, "MergePlan: keys and values differ in length");
+        return -1;
+    }
+    if (key_size < 0 || value_size < 0 || key_size > MAX_FIELD || value_size > MAX_FIELD ||
+        (key_size + value_size + 4) > PY_SSIZE_T_MAX / (n ? n : 1)) {
+        PyErr_SetString(PyExc_ValueError, "MergePlan: sizes out of range");
         return -1;
     }
     Py_ssize_t row_size = key_size + value_size + 4;
@@ -534,6 +556,11 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
         if (PyObject_GetBuffer(lookup->file.obj, &self->old, PyBUF_SIMPLE) < 0)
             return -1;
         self->holds_old = 1;
+        if (self->old.len != lookup->file.len || self->old.buf != lookup->file.buf) {
+            plan_free_arrays(self);
+            PyErr_SetString(PyExc_ValueError, "MergePlan: the old file's buffer changed");
+            return -1;
+        }
         self->old_count = lookup->count;
         self->old_hashes = lookup->hashes;
         self->old_rows = lookup->rows;
@@ -567,8 +594,8 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
         entries[i].key = PyBytes_AS_STRING(key);
         entries[i].hash = crc32_of((const unsigned char *)entries[i].key, key_size);
         entries[i].index = i;
+        entries[i].key_size = key_size;
     }
-    sort_key_size = key_size;
     qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
     for (Py_ssize_t j = 0; j < n; j++) {
         unsigned char *row = self->rows + row_size * j;
@@ -606,6 +633,7 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->count = counter.count;
+    self->ready = 1;
     return 0;
 }
 
@@ -619,11 +647,11 @@ plan_write(MergePlan *self, PyObject *args)
     long long offset;
     if (!PyArg_ParseTuple(args, "iLi", &fd, &offset, &bits))
         return NULL;
-    if (self->hashes == NULL) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_ValueError, "MergePlan is not ready");
         return NULL;
     }
-    if (bits < 0 || bits > 30 || offset < 0) {
+    if (bits < 0 || bits > 30 || offset < 0 || fd < 0) {
         PyErr_SetString(PyExc_ValueError, "MergePlan.write: parameters out of range");
         return NULL;
     }

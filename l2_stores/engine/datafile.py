@@ -118,7 +118,8 @@ def _handback(reference: weakref.ref[DataFile]) -> Callable[[bytes, int], bytes 
     # A weak reference, so that the lookup does not keep its file alive.
     def handback(key: bytes, code: int) -> bytes | None:
         data = reference()
-        assert data is not None
+        if data is None:
+            raise RuntimeError("lookup used after its data file was dropped")
         return data._handback(key, code)
 
     return handback
