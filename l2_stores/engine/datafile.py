@@ -42,9 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
 from .accel import AcceleratedLookup
-
-if TYPE_CHECKING:
-    from ._accel import Lookup, MergePlan
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -56,6 +53,9 @@ from .framing import (
     decode_header,
     parse_header,
 )
+
+if TYPE_CHECKING:
+    from ._accel import Lookup, MergePlan
 
 MAGIC = b"L2SDATA\0"
 HASH_SIZE = 4
@@ -227,7 +227,7 @@ class DataFile:
         offset = self._sections.rows + index * self._row_size
         row = self._mm[offset : offset + self._row_size]
         if crc32(row) != CRC_RESIDUE:
-            raise self._read_error(f"row {index} checksum mismatch", offset)
+            raise self.row_error(index)
         return row
 
     def _handback(self, key: bytes, code: int) -> bytes | None:
@@ -255,7 +255,7 @@ class DataFile:
             offset = self._rows_start + index * row_size
             row = self._mm[offset : offset + row_size]
             if crc32(row) != CRC_RESIDUE:
-                raise self._read_error(f"row {index} checksum mismatch", offset)
+                raise self.row_error(index)
             if row[:key_size] == key:
                 return row[key_size:-CRC_SIZE]
             index += 1
