@@ -231,16 +231,12 @@ def _merge_in_c(
             expected.key_size,
             expected.value_size,
         )
-    except CorruptRow as error:
-        assert old is not None
-        raise old.row_error(error.args[0]) from None
-    writer = DataFileWriter(path, expected, generation, plan.count, old.tag if old else 0)
-    try:
+        writer = DataFileWriter(path, expected, generation, plan.count, old.tag if old else 0)
         try:
             writer.write_plan(plan, fsync)
-        except CorruptRow as error:
-            assert old is not None
-            raise old.row_error(error.args[0]) from None
-    except BaseException:
-        writer.abort()
-        raise
+        except BaseException:
+            writer.abort()
+            raise
+    except CorruptRow as error:  # an old row compared by key failed its checksum
+        assert old is not None
+        raise old.row_error(error.args[0]) from None
