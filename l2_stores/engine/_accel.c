@@ -256,7 +256,9 @@ lookup_find(Lookup *self, PyObject *key)
 
 /* verify_all() -> int: check every bucket's hash slice against its checksum,
    marking each verified; -1 when all pass, else the first failing bucket
-   (left unmarked, for the caller to report). */
+   (left unmarked, for the caller to report). The checks run without the GIL
+   (a merge verifies megabytes): they only read the file, through a buffer of
+   their own, and the flags are set once the GIL is back. */
 static PyObject *
 lookup_verify_all(Lookup *self, PyObject *Py_UNUSED(ignored))
 {
@@ -264,20 +266,37 @@ lookup_verify_all(Lookup *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_ValueError, "Lookup is released");
         return NULL;
     }
-    const unsigned char *base = (const unsigned char *)self->file.buf;
-    unsigned char *verified = (unsigned char *)self->verified.buf;
-    for (Py_ssize_t bucket = 0; bucket < self->buckets; bucket++) {
-        if (verified[bucket])
-            continue;
-        const unsigned char *fanout = base + self->fanout + 8 * bucket;
-        uint64_t low = read_u64(fanout), high = read_u64(fanout + 8);
-        if (low > high || high > (uint64_t)self->count ||
-            crc32_of(base + self->hashes + 4 * low, (Py_ssize_t)(4 * (high - low))) !=
-                read_u32(base + self->bucket_crcs + 4 * bucket))
-            return PyLong_FromSsize_t(bucket);
-        verified[bucket] = 1;
+    Py_buffer file;
+    if (PyObject_GetBuffer(self->file.obj, &file, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (file.buf != self->file.buf || file.len != self->file.len) {
+        PyBuffer_Release(&file);
+        PyErr_SetString(PyExc_ValueError, "Lookup: the file's buffer changed");
+        return NULL;
     }
-    return PyLong_FromLong(-1);
+    const unsigned char *base = (const unsigned char *)file.buf;
+    Py_ssize_t buckets = self->buckets, count = self->count;
+    Py_ssize_t fanout_at = self->fanout, hashes_at = self->hashes, crcs_at = self->bucket_crcs;
+    Py_ssize_t failing = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t bucket = 0; bucket < buckets; bucket++) {
+        const unsigned char *fanout = base + fanout_at + 8 * bucket;
+        uint64_t low = read_u64(fanout), high = read_u64(fanout + 8);
+        if (low > high || high > (uint64_t)count ||
+            crc32_of(base + hashes_at + 4 * low, (Py_ssize_t)(4 * (high - low))) !=
+                read_u32(base + crcs_at + 4 * bucket)) {
+            failing = bucket;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&file);
+    /* release() or a new __init__ may have run meanwhile */
+    if (self->held && self->buckets == buckets && (const unsigned char *)self->file.buf == base) {
+        unsigned char *verified = (unsigned char *)self->verified.buf;
+        memset(verified, 1, (size_t)(failing < 0 ? buckets : failing));
+    }
+    return PyLong_FromSsize_t(failing);
 }
 
 static PyObject *
@@ -318,7 +337,7 @@ static PyObject *CorruptRow; /* CorruptRow(index): an old row failed its checksu
 typedef struct {
     uint32_t hash;
     const char *key;
-    Py_ssize_t index;
+    const char *value; /* NULL for a removal */
     Py_ssize_t key_size; /* qsort has no context argument */
 } Entry;
 
@@ -565,76 +584,84 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
         self->old_hashes = lookup->hashes;
         self->old_rows = lookup->rows;
     }
+    /* Tuples hold the keys and values alive, whatever happens to the lists,
+       while the sort and the framing run without the GIL. */
+    PyObject *key_tuple = PyList_AsTuple(keys);
+    PyObject *value_tuple = key_tuple ? PyList_AsTuple(values) : NULL;
     Entry *entries = PyMem_RawMalloc(sizeof(Entry) * (size_t)(n ? n : 1));
     self->hashes = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
     self->rows = PyMem_RawMalloc((size_t)(row_size * (n ? n : 1)));
     self->removed = PyMem_RawMalloc((size_t)(n ? n : 1));
-    if (!entries || !self->hashes || !self->rows || !self->removed) {
-        PyMem_RawFree(entries);
-        plan_free_arrays(self);
-        PyErr_NoMemory();
-        return -1;
+    if (!key_tuple || !value_tuple || !entries || !self->hashes || !self->rows ||
+        !self->removed) {
+        if (key_tuple && value_tuple)
+            PyErr_NoMemory();
+        goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *key = PyTuple_GET_ITEM(key_tuple, i);
         if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != key_size) {
-            PyMem_RawFree(entries);
-            plan_free_arrays(self);
             PyErr_Format(PyExc_ValueError, "MergePlan: key %zd is not %zd bytes", i, key_size);
-            return -1;
+            goto fail;
         }
-        PyObject *value = PyList_GET_ITEM(values, i);
+        PyObject *value = PyTuple_GET_ITEM(value_tuple, i);
         if (value != Py_None && (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != value_size)) {
-            PyMem_RawFree(entries);
-            plan_free_arrays(self);
             PyErr_Format(PyExc_ValueError, "MergePlan: value %zd is not %zd bytes", i,
                          value_size);
-            return -1;
+            goto fail;
         }
         entries[i].key = PyBytes_AS_STRING(key);
-        entries[i].hash = crc32_of((const unsigned char *)entries[i].key, key_size);
-        entries[i].index = i;
+        entries[i].value = value == Py_None ? NULL : PyBytes_AS_STRING(value);
         entries[i].key_size = key_size;
     }
-    qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
-    for (Py_ssize_t j = 0; j < n; j++) {
-        unsigned char *row = self->rows + row_size * j;
-        PyObject *value = PyList_GET_ITEM(values, entries[j].index);
-        memcpy(row, entries[j].key, (size_t)key_size);
-        if (value == Py_None)
-            memset(row + key_size, 0, (size_t)value_size);
-        else
-            memcpy(row + key_size, PyBytes_AS_STRING(value), (size_t)value_size);
-        write_u32(row + row_size - 4, crc32_of(row, row_size - 4));
-        self->hashes[j] = entries[j].hash;
-        self->removed[j] = value == Py_None;
-        if (j > 0 && self->hashes[j] == self->hashes[j - 1] &&
-            memcmp(row, row - row_size, (size_t)key_size) == 0) {
-            PyMem_RawFree(entries);
-            plan_free_arrays(self);
-            PyErr_SetString(PyExc_ValueError, "MergePlan: a key is given twice");
-            return -1;
-        }
-    }
-    PyMem_RawFree(entries);
+    int twice = 0, failed;
     Output counter = {.fd = -1};
     Py_ssize_t bad_row = -1;
-    int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = walk(self, &counter, &bad_row);
+    for (Py_ssize_t i = 0; i < n; i++)
+        entries[i].hash = crc32_of((const unsigned char *)entries[i].key, key_size);
+    qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
+    for (Py_ssize_t j = 0; j < n && !twice; j++) {
+        unsigned char *row = self->rows + row_size * j;
+        memcpy(row, entries[j].key, (size_t)key_size);
+        if (entries[j].value == NULL)
+            memset(row + key_size, 0, (size_t)value_size);
+        else
+            memcpy(row + key_size, entries[j].value, (size_t)value_size);
+        write_u32(row + row_size - 4, crc32_of(row, row_size - 4));
+        self->hashes[j] = entries[j].hash;
+        self->removed[j] = entries[j].value == NULL;
+        twice = j > 0 && self->hashes[j] == self->hashes[j - 1] &&
+                memcmp(row, row - row_size, (size_t)key_size) == 0;
+    }
+    failed = twice ? 0 : walk(self, &counter, &bad_row);
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(entries);
+    entries = NULL;
+    Py_CLEAR(key_tuple);
+    Py_CLEAR(value_tuple);
+    if (twice) {
+        PyErr_SetString(PyExc_ValueError, "MergePlan: a key is given twice");
+        goto fail;
+    }
     if (failed) {
-        plan_free_arrays(self);
         PyObject *error = PyObject_CallFunction(CorruptRow, "n", bad_row);
         if (error) {
             PyErr_SetObject(CorruptRow, error);
             Py_DECREF(error);
         }
-        return -1;
+        goto fail;
     }
     self->count = counter.count;
     self->ready = 1;
     return 0;
+
+fail:
+    PyMem_RawFree(entries);
+    Py_XDECREF(key_tuple);
+    Py_XDECREF(value_tuple);
+    plan_free_arrays(self);
+    return -1;
 }
 
 /* write(fd, offset, fanout_bits) -> bytes: write the hash column at offset and
