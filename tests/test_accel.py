@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2_stores.engine import accel, datafile, merge
+from l2_stores.engine import accel, datafile, framing, merge
 from l2_stores.engine.framing import HEADER_SIZE, Expected
 from l2_stores.errors import CannotReadFromStore
 
@@ -70,14 +70,34 @@ def test_crc32_is_zlibs(data: bytes) -> None:
     assert _accel.crc32(memoryview(data)) == zlib.crc32(data)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=8))
+def test_framed_is_the_parts_then_their_crc(parts: list[bytes]) -> None:
+    record = _accel.framed(*parts)
+    assert record == framing._framed(*parts)
+    body = b"".join(parts)
+    assert record == body + zlib.crc32(body).to_bytes(4, "little")
+    assert _accel.framed(*map(bytearray, parts)) == record
+    assert _accel.framed(*[memoryview(part) for part in parts]) == record
+
+
+def test_framed_refuses_what_is_not_bytes() -> None:
+    with pytest.raises(TypeError):
+        _accel.framed(b"ok", "text")
+    with pytest.raises(TypeError, match="at most 8"):
+        _accel.framed(*[b"x"] * 9)
+    assert framing.framed is _accel.framed
+
+
 def test_accelerator_is_in_use_unless_turned_off() -> None:
     assert accel.AcceleratedLookup is _accel.Lookup
     code = (
-        "from l2_stores.engine import accel; print(accel.AcceleratedLookup, accel.AcceleratedMerge)"
+        "from l2_stores.engine import accel; "
+        "print(accel.AcceleratedLookup, accel.AcceleratedMerge, accel.accelerated_framed)"
     )
     env = dict(os.environ, **{accel.ENV_PURE_PYTHON: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["None", "None"], out.stderr
+    assert out.stdout.split() == ["None", "None", "None"], out.stderr
 
 
 COLLIDING = [key for pair in colliding_keys(40, seed=3) for key in pair]

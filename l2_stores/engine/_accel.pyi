@@ -2,6 +2,7 @@ from collections.abc import Callable
 from mmap import mmap
 
 def crc32(data: bytes | bytearray | memoryview | mmap, /) -> int: ...
+def framed(*parts: bytes | bytearray | memoryview) -> bytes: ...
 
 class Lookup:
     def __init__(

@@ -1,4 +1,4 @@
-"""The optional C accelerator of the data file's lookups and merges.
+"""The optional C accelerator of the data file's lookups and merges, and of record framing.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
 compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
 ENV_PURE_PYTHON = "L2_STORES_PURE_PYTHON"
@@ -29,15 +30,23 @@ def _load() -> ModuleType | None:
 
 _module = _load()
 if _module is not None:
-    from ._accel import CorruptRow, Lookup, MergePlan
+    from ._accel import CorruptRow, Lookup, MergePlan, framed
 
     #: The accelerated lookup and merge types, or None when running pure Python.
     AcceleratedLookup: type[Lookup] | None = Lookup
     AcceleratedMerge: type[MergePlan] | None = MergePlan
+    accelerated_framed: Callable[..., bytes] | None = framed
 else:
-    AcceleratedLookup = AcceleratedMerge = None
+    AcceleratedLookup = AcceleratedMerge = accelerated_framed = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
 
-__all__ = ["ENV_PURE_PYTHON", "AcceleratedLookup", "AcceleratedMerge", "CorruptRow"]
+
+__all__ = [
+    "ENV_PURE_PYTHON",
+    "AcceleratedLookup",
+    "AcceleratedMerge",
+    "CorruptRow",
+    "accelerated_framed",
+]

@@ -35,6 +35,7 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
+    framed,
     fsync_directory,
     parse_header,
 )
@@ -135,7 +136,6 @@ class LogWriter:
         self._end = end
         self._fsync = fsync
         self._pending = bytearray()
-        self._prefix_set = _OP_SET_BYTE
         self._zero_value = bytes(expected.value_size)
 
     @classmethod
@@ -179,13 +179,11 @@ class LogWriter:
 
     def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
         """Append a binding of ``key`` to ``value``."""
-        body = self._prefix_set + key + value
-        self._append(body + crc32(body).to_bytes(CRC_SIZE, "little"), flush)
+        self._append(framed(_OP_SET_BYTE, key, value), flush)
 
     def append_remove(self, key: bytes, flush: bool) -> None:
         """Append the removal of ``key``."""
-        body = _OP_REMOVE_BYTE + key + self._zero_value
-        self._append(body + crc32(body).to_bytes(CRC_SIZE, "little"), flush)
+        self._append(framed(_OP_REMOVE_BYTE, key, self._zero_value), flush)
 
     def _append(self, record: bytes, flush: bool) -> None:
         """Append ``record``; if this raises, the record is not in the log."""
