@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import zlib
 from pathlib import Path
 
@@ -343,8 +344,66 @@ def test_index_restarts_a_merge_cut_short(tmp_path: os.PathLike[str]) -> None:
     model[key(3)] = value(333)
     assert dict(recovered.items()) == model
     listing = layout.scan(directory)
-    assert listing.data == [1] and listing.logs == [1] and listing.temporaries == []
+    # the merge prepared the next log under a temporary name; close deletes it
+    assert listing.data == [1] and listing.logs == [1]
+    assert listing.temporaries == [layout.log_name(2) + ".tmp"]
     recovered.close()
+    assert layout.scan(directory).temporaries == []
+
+
+def test_index_freezes_into_the_log_a_merge_prepared(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=10)
+    for i in range(10):  # the first freeze creates log 1; its merge prepares log 2
+        index.put(key(i), value(i), flush=True)
+    index.wait_merge()
+    assert layout.scan(directory).temporaries == [layout.log_name(2) + ".tmp"]
+
+    def no_create(*args: object) -> log.LogWriter:
+        raise AssertionError("the writer created a log although a spare was ready")
+
+    monkeypatch.setattr(log.LogWriter, "create", no_create)
+    for i in range(10, 20):  # the second freeze renames the spare into place
+        index.put(key(i), value(i), flush=True)
+    index.wait_merge()
+    assert layout.scan(directory).logs == [2]
+    assert log.read_log(os.path.join(directory, layout.log_name(2)), EXPECTED).generation == 2
+    index.put(key(20), value(20), flush=True)
+    index.close()
+    monkeypatch.undo()
+    again = open_index(directory, buffer_size=10)
+    assert dict(again.items()) == {key(i): value(i) for i in range(21)}
+    again.close()
+    assert layout.scan(directory).temporaries == []
+
+
+def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = os.path.join(tmp_path, "index")
+    created: list[str] = []
+    real_prepare = log.SpareLog.prepare
+
+    def failing_in_merges(path: str, generation: int, expected: Expected) -> log.SpareLog:
+        if "merge" in threading.current_thread().name:
+            raise OSError("no room for a spare")
+        created.append(path)
+        return real_prepare(path, generation, expected)
+
+    monkeypatch.setattr(log.SpareLog, "prepare", failing_in_merges)
+    index = open_index(directory, buffer_size=5)
+    for i in range(30):
+        index.put(key(i), value(i), flush=True)
+        if i % 5 == 4:
+            index.wait_merge()
+    index.close()
+    # the first log, then one per freeze, each created by the writer itself
+    assert [os.path.basename(path) for path in created] == [layout.log_name(g) for g in range(7)]
+    again = open_index(directory, buffer_size=5)
+    assert dict(again.items()) == {key(i): value(i) for i in range(30)}
+    again.close()
 
 
 def test_index_readonly_sees_flushed_state_after_sync(tmp_path: os.PathLike[str]) -> None:

@@ -43,7 +43,7 @@ from . import layout
 from .datafile import DataFile
 from .framing import Expected, fsync_directory, make_directories
 from .lock import WriterLock
-from .log import LogScan, LogWriter, read_log
+from .log import LogScan, LogWriter, SpareLog, read_log
 from .merge import Selection, merge
 
 logger = logging.getLogger("l2_stores.engine")
@@ -113,6 +113,9 @@ class Index:
         self._merge_outcome: DataFile | BaseException | None = None
         self._merge_ticket = 0
         self._merge_gc: _GcMerge | None = None
+        # The next log, prepared by the last merge, and the one its successor prepares.
+        self._spare: SpareLog | None = None
+        self._merge_spare: SpareLog | None = None
         self._switch_lock = threading.Lock()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
@@ -256,16 +259,26 @@ class Index:
         log = self._log
         assert log is not None and self._frozen is None
         log.flush()  # on error nothing has changed
-        next_log = LogWriter.create(
-            os.path.join(self.directory, layout.log_name(log.generation + 1)),
-            log.generation + 1,
-            self._expected,
-            self._fsync,
-        )
+        next_log = self._next_log(log.generation + 1)
         log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
         self._log = next_log
         self._start_merge_thread(gc)
+
+    def _next_log(self, generation: int) -> LogWriter:
+        """The log of ``generation``: the spare a merge prepared, else a new one.
+
+        A spare is renamed into place without a directory sync (unless
+        ``fsync``): the merge now starting syncs the directory before its
+        data file supersedes the frozen log.
+        """
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.generation == generation:
+            return LogWriter.install(spare, self._expected, self._fsync, False)
+        if spare is not None:
+            spare.discard()
+        path = os.path.join(self.directory, layout.log_name(generation))
+        return LogWriter.create(path, generation, self._expected, self._fsync)
 
     def _start_merge_thread(self, gc: _GcMerge | None = None) -> None:
         assert self._frozen is not None and self._log is not None
@@ -305,6 +318,9 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
+            # The active log's name may not be durable yet (see _next_log); it
+            # must be before the new data file supersedes the frozen log.
+            fsync_directory(self.directory)
             os.replace(temporary, final)
             renamed = True  # from here on, a load sees the new file
             try:
@@ -315,6 +331,8 @@ class Index:
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
             outcome = error
+        if isinstance(outcome, DataFile):
+            self._merge_spare = self._prepare_spare(generation + 1)
         self._merge_outcome = outcome
         self._merge_ready.set()
         try:
@@ -326,6 +344,17 @@ class Index:
                 gc.error = outcome if isinstance(outcome, BaseException) else None
                 gc.renamed = renamed
                 gc.done.set()
+
+    def _prepare_spare(self, generation: int) -> SpareLog | None:
+        """The log the next freeze will need, made now, off the writer's path."""
+        path = os.path.join(self.directory, layout.log_name(generation))
+        try:
+            return SpareLog.prepare(path, generation, self._expected)
+        except OSError:
+            logger.exception(
+                "%s: cannot prepare the next log; the writer will create it", self._name
+            )
+            return None
 
     def _finish_merge(self) -> None:
         """Wait for the running merge and switch to its result (exclusive section)."""
@@ -348,8 +377,13 @@ class Index:
         self._merge_thread = None
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
+        spare, self._merge_spare = self._merge_spare, None
         if not isinstance(outcome, DataFile):
             return  # failed: the frozen log stays and is merged again later (without GC)
+        if spare is not None:
+            if self._spare is not None:
+                self._spare.discard()
+            self._spare = spare
         old, frozen_log = self._data, self._log.generation - 1 if self._log else None
         self._data = outcome
         self._frozen = None
@@ -649,6 +683,10 @@ class Index:
         finally:
             if self._log is not None:
                 self._log.abandon()
+            for spare in (self._spare, self._merge_spare):
+                if spare is not None:
+                    spare.discard()
+            self._spare = self._merge_spare = None
             if self._data is not None:
                 self._data.close()
             if self._lock is not None:

@@ -115,6 +115,51 @@ def read_log(
     return scan
 
 
+class SpareLog:
+    """An empty log prepared ahead under a temporary name, its header fsynced.
+
+    A merge prepares the next log this way, so that the writer that freezes
+    the log only renames it into place.
+    """
+
+    def __init__(self, temporary: str, path: str, fd: int, generation: int) -> None:
+        self.temporary = temporary
+        self.path = path
+        self.generation = generation
+        self._fd = fd
+
+    @classmethod
+    def prepare(cls, path: str, generation: int, expected: Expected) -> SpareLog:
+        """Write the header of log ``path`` at ``path.tmp`` and fsync it."""
+        header = FileHeader(
+            MAGIC, expected.key_size, expected.value_size, expected.header_size, generation
+        )
+        temporary = path + ".tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        spare = cls(temporary, path, fd, generation)
+        try:
+            os.write(fd, header.encode())
+            os.fsync(fd)
+        except BaseException:
+            spare.discard()
+            raise
+        return spare
+
+    def take_fd(self) -> int:
+        """The file descriptor, now the caller's to close."""
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (a leftover is deleted at the next load)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.temporary)
+
+
 class LogWriter:
     """Appends records to one log file; the writer owns the file's tail."""
 
@@ -142,26 +187,31 @@ class LogWriter:
     def create(cls, path: str, generation: int, expected: Expected, fsync: bool) -> LogWriter:
         """Create a new, empty log file; it appears whole (header written) or not at all.
 
-        The header and the directory entry are fsynced whatever ``fsync`` says
-        (once per merge), so that no power loss leaves a log without a header
-        beside the data file that replaced its predecessor.
+        The header and the directory entry are fsynced whatever ``fsync`` says,
+        so that no power loss leaves a log without a header beside the data
+        file that replaced its predecessor.
         """
-        header = FileHeader(
-            MAGIC, expected.key_size, expected.value_size, expected.header_size, generation
-        )
-        temporary = path + ".tmp"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        return cls.install(SpareLog.prepare(path, generation, expected), expected, fsync, True)
+
+    @classmethod
+    def install(
+        cls, spare: SpareLog, expected: Expected, fsync: bool, sync_directory: bool
+    ) -> LogWriter:
+        """Rename a prepared ``spare`` into place and append to it; on error it is discarded.
+
+        ``sync_directory`` (or ``fsync``) fsyncs the directory entry too;
+        without it, the caller makes the name durable later (a merge syncs
+        the directory before renaming the data file that supersedes the
+        previous log).
+        """
         try:
-            os.write(fd, header.encode())
-            os.fsync(fd)
-            os.rename(temporary, path)
-            fsync_directory(os.path.dirname(path))
+            os.rename(spare.temporary, spare.path)
+            if fsync or sync_directory:
+                fsync_directory(os.path.dirname(spare.path))
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+            spare.discard()
             raise
-        return cls(path, fd, generation, expected, HEADER_SIZE, 0, fsync)
+        return cls(spare.path, spare.take_fd(), spare.generation, expected, HEADER_SIZE, 0, fsync)
 
     @classmethod
     def reopen(cls, path: str, scan: LogScan, expected: Expected, fsync: bool) -> LogWriter:
