@@ -6,7 +6,8 @@ An index directory holds::
     data.<generation>    the sorted data file of that generation (``datafile``)
     log.<generation>     a log of bindings added after data.<generation> (``log``)
     *.tmp                a data file being written by a merge, or a log being
-                         created; deleted at the next writer load
+                         created or prepared ahead for the next freeze;
+                         deleted at the next writer load
 
 Generations are decimal, zero-padded to eight digits. ``data.G`` holds every
 binding of the logs of generations below G; the live bindings are those of
