@@ -1,4 +1,4 @@
-"""The optional C accelerator of the data file's lookups and merges, and of record framing.
+"""The optional C accelerator of the data file's lookups and merges, and of checksums.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
 compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
@@ -30,14 +30,15 @@ def _load() -> ModuleType | None:
 
 _module = _load()
 if _module is not None:
-    from ._accel import CorruptRow, Lookup, MergePlan, framed
+    from ._accel import CorruptRow, Lookup, MergePlan, crc32, framed
 
     #: The accelerated lookup and merge types, or None when running pure Python.
     AcceleratedLookup: type[Lookup] | None = Lookup
     AcceleratedMerge: type[MergePlan] | None = MergePlan
     accelerated_framed: Callable[..., bytes] | None = framed
+    accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
 else:
-    AcceleratedLookup = AcceleratedMerge = accelerated_framed = None
+    AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -48,5 +49,6 @@ __all__ = [
     "AcceleratedLookup",
     "AcceleratedMerge",
     "CorruptRow",
+    "accelerated_crc32",
     "accelerated_framed",
 ]

@@ -44,6 +44,7 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
+    framed,
     fsync_directory,
     parse_header,
 )
@@ -206,8 +207,7 @@ class ValuesFile:
                 f"value of {length} bytes is too large", name=self._name, path=self.path
             )
         packed = LENGTH.pack(length)
-        body = b"".join((packed, key, value, packed))
-        record = body + crc32(body).to_bytes(CRC_SIZE, "little")
+        record = framed(packed, key, value, packed)
         offset = self.end
         try:
             written = 0
