@@ -70,6 +70,33 @@ def test_crc32_is_zlibs(data: bytes) -> None:
     assert _accel.crc32(memoryview(data)) == zlib.crc32(data)
 
 
+def test_crc32_is_zlibs_at_every_length_and_alignment() -> None:
+    # 64 bytes and more go through the carry-less multiplication where the CPU
+    # has it; the remainder (and everything shorter) through the tables
+    rng = random.Random(3)
+    block = rng.randbytes(1 << 17)
+    for length in [*range(300), 1023, 4096, 4111, 65536, 65537, (1 << 17) - 3]:
+        for start in (0, 1, 7):
+            data = block[start : start + length]
+            assert _accel.crc32(data) == zlib.crc32(data), (length, start)
+    assert framing.crc32 is _accel.crc32
+
+
+def test_crc32_tables_alone_agree_with_zlib() -> None:
+    code = (
+        "import random, zlib\n"
+        "from l2_stores.engine import _accel\n"
+        "assert not _accel.clmul()\n"
+        "block = random.Random(4).randbytes(5000)\n"
+        "for n in range(0, 5000, 37):\n"
+        "    assert _accel.crc32(block[:n]) == zlib.crc32(block[:n]), n\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, L2_STORES_NO_CLMUL="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_framed_is_the_parts_then_their_crc(parts: list[bytes]) -> None:

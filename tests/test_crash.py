@@ -368,7 +368,7 @@ def test_indexable_killed_during_merges(tmp_path: Path) -> None:
             recover_in_parent=recover,
         )
         if (
-            any(n.endswith(".tmp") for n in listing)
+            any(n.startswith("data.") and n.endswith(".tmp") for n in listing)
             or sum(n.startswith("log.") for n in listing) > 1
         ):
             interrupted += 1

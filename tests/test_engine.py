@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from l2_stores.engine import datafile, framing, layout, lock, log, merge
+from l2_stores.engine import index as index_module
 from l2_stores.engine.framing import HEADER_SIZE, Expected, FileHeader
 from l2_stores.engine.index import Index
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore, StoreLockedError
@@ -404,6 +405,84 @@ def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
     again = open_index(directory, buffer_size=5)
     assert dict(again.items()) == {key(i): value(i) for i in range(30)}
     again.close()
+
+
+def test_a_merge_syncs_the_directory_before_its_data_file_supersedes_the_log(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without fsync, a spare is renamed into place with no directory sync: the
+    # merge's sync must come before its rename, or a power loss could keep
+    # data.D+1 and lose log.D+1's name.
+    events: list[str] = []
+    real_replace, real_sync = os.replace, index_module.fsync_directory
+
+    def replace(source: str, target: str) -> None:
+        events.append("rename " + os.path.basename(target))
+        real_replace(source, target)
+
+    def sync(directory: str) -> None:
+        events.append("sync")
+        real_sync(directory)
+
+    monkeypatch.setattr(index_module.os, "replace", replace)
+    monkeypatch.setattr(index_module, "fsync_directory", sync)
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=5)
+    for i in range(5):
+        index.put(key(i), value(i), flush=True)
+    index.wait_merge()
+    index.close()
+    assert events == ["sync", "rename " + layout.data_name(1), "sync"]
+
+
+def test_with_fsync_the_writer_syncs_the_directory_of_a_spare_it_installs(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced_by: list[str] = []
+    real_sync = log.fsync_directory
+
+    def sync(directory: str) -> None:
+        synced_by.append(threading.current_thread().name)
+        real_sync(directory)
+
+    directory = os.path.join(tmp_path, "index")
+    index = Index(directory, EXPECTED, readonly=False, buffer_size=5, fsync=True)
+    for i in range(5):
+        index.put(key(i), value(i), flush=True)
+    index.wait_merge()
+    monkeypatch.setattr(log, "fsync_directory", sync)
+    for i in range(5, 10):  # this freeze installs the spare log 2
+        index.put(key(i), value(i), flush=True)
+    assert synced_by == [threading.current_thread().name]
+    index.close()
+
+
+def test_a_spare_that_cannot_be_prepared_never_stops_the_merge(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_prepare = log.SpareLog.prepare
+
+    def no_memory_in_merges(path: str, generation: int, expected: Expected) -> log.SpareLog:
+        if "merge" in threading.current_thread().name:
+            raise MemoryError("no memory for a spare")
+        return real_prepare(path, generation, expected)
+
+    monkeypatch.setattr(log.SpareLog, "prepare", no_memory_in_merges)
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=5)
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(30):
+            index.put(key(i), value(i), flush=True)
+        index.wait_merge()
+        done.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done.is_set(), "a writer hangs on a merge whose thread died"
+    index.close()
 
 
 def test_index_readonly_sees_flushed_state_after_sync(tmp_path: os.PathLike[str]) -> None:

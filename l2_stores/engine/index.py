@@ -8,12 +8,14 @@ a dict, so memory is bounded by ``buffer_size`` records per log.
 Merge: when the active log holds ``buffer_size`` records and no merge runs,
 it is frozen and a new active log ``log.D+1`` takes its place (renamed from
 ``log.D+1.tmp``, which the previous merge prepared, header fsynced); a
-background thread writes ``data.D+1.tmp`` from ``data.D`` and the frozen
-dict, fsyncs it, syncs the directory (so ``log.D+1``'s name is durable first)
-and renames it to ``data.D+1``, then prepares ``log.D+2.tmp``. The switch,
+background thread prepares ``log.D+2.tmp`` for the next freeze, writes
+``data.D+1.tmp`` from ``data.D`` and the frozen dict, fsyncs it, syncs the
+directory (so ``log.D+1``'s name is durable first) and renames it to
+``data.D+1``. The switch,
 in the store's exclusive section, maps the new file, forgets the frozen dict
-and deletes ``log.D`` and ``data.D``. Reads go on during the merge (active dict, frozen dict, old data file); writes go on
-into the active log, which is frozen in turn once the merge is switched in.
+and deletes ``log.D`` and ``data.D``. Reads go on during the merge (active
+dict, frozen dict, old data file); writes go on into the active log, which
+is frozen in turn once the merge is switched in.
 Only a writer that fills it to ``LOG_CAP_FACTOR`` times the buffer size
 before the merge ends waits for it, so memory stays bounded.
 
@@ -316,7 +318,9 @@ class Index:
         selection = gc.selection if gc is not None else None
         outcome: DataFile | BaseException
         renamed = False
+        spare: SpareLog | None = None
         try:
+            spare = self._prepare_spare(generation + 1)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
@@ -333,8 +337,10 @@ class Index:
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
             outcome = error
-        if isinstance(outcome, DataFile):
-            self._merge_spare = self._prepare_spare(generation + 1)
+            if spare is not None:
+                spare.discard()
+                spare = None
+        self._merge_spare = spare
         self._merge_outcome = outcome
         self._merge_ready.set()
         try:
@@ -348,11 +354,15 @@ class Index:
                 gc.done.set()
 
     def _prepare_spare(self, generation: int) -> SpareLog | None:
-        """The log the next freeze will need, made now, off the writer's path."""
+        """The log the next freeze will need, made now, off the writer's path.
+
+        Made before the merge, so that a writer waiting for the merge does
+        not wait for this file too; a failure only costs the writer the work.
+        """
         path = os.path.join(self.directory, layout.log_name(generation))
         try:
             return SpareLog.prepare(path, generation, self._expected)
-        except OSError:
+        except Exception:
             logger.exception(
                 "%s: cannot prepare the next log; the writer will create it", self._name
             )

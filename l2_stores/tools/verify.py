@@ -100,7 +100,12 @@ def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
 
 
 def _leftover(path: str, name: str) -> Iterator[Finding]:
-    yield Finding(path, 0, "left by an interrupted write; deleted at the next writer load", False)
+    what = (
+        "the next log, prepared by a merge (or left by an interrupted write)"
+        if os.path.basename(path).startswith("log.")
+        else "left by an interrupted write"
+    )
+    yield Finding(path, 0, f"{what}; deleted at the next writer load", False)
 
 
 def _unknown(path: str, name: str) -> Iterator[Finding]:
