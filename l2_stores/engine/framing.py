@@ -57,8 +57,7 @@ def with_crc(data: bytes) -> bytes:
 
 
 def _framed(*parts: bytes) -> bytes:
-    data = b"".join(parts)
-    return data + crc32(data).to_bytes(CRC_SIZE, "little")
+    return with_crc(b"".join(parts))
 
 
 #: ``framed(*parts)``: the parts one after the other, then their CRC-32
