@@ -11,11 +11,10 @@ it is frozen and a new active log ``log.D+1`` takes its place (renamed from
 background thread prepares ``log.D+2.tmp`` for the next freeze, writes
 ``data.D+1.tmp`` from ``data.D`` and the frozen dict, fsyncs it, syncs the
 directory (so ``log.D+1``'s name is durable first) and renames it to
-``data.D+1``. The switch,
-in the store's exclusive section, maps the new file, forgets the frozen dict
-and deletes ``log.D`` and ``data.D``. Reads go on during the merge (active
-dict, frozen dict, old data file); writes go on into the active log, which
-is frozen in turn once the merge is switched in.
+``data.D+1``. The switch, in the store's exclusive section, maps the new
+file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
+on during the merge (active dict, frozen dict, old data file); writes go on
+into the active log, which is frozen in turn once the merge is switched in.
 Only a writer that fills it to ``LOG_CAP_FACTOR`` times the buffer size
 before the merge ends waits for it, so memory stays bounded.
 
