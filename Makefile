@@ -5,7 +5,7 @@
 
 PYTHON ?= python3
 VENV := .venv
-BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c
+BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c l2_stores/_idle_core.c
 STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 # The engine's tests, again on the pure-Python paths (as without a C compiler).
 PURE_PYTHON_TESTS := tests/test_engine.py tests/test_model.py tests/test_gc_model.py \

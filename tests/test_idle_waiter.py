@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -12,7 +14,12 @@ from typing import Any
 
 import pytest
 
+import l2_stores.idle_waiter as idle_waiter
 from l2_stores.idle_waiter import IdleWaiter
+
+IMPLEMENTATIONS = [idle_waiter.PyIdleWaiter]
+if idle_waiter.CIdleWaiter is not None:
+    IMPLEMENTATIONS.append(idle_waiter.CIdleWaiter)
 
 # Deadlock guard only: every wait below normally ends in milliseconds.
 GUARD = 10.0
@@ -39,6 +46,22 @@ class Runner:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS, ids=lambda cls: cls.__name__)
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every test runs on the pure-Python waiter and on the C-state one (when built)."""
+    monkeypatch.setitem(globals(), "IdleWaiter", request.param)
+    return request.param
+
+
+def test_the_stores_use_the_c_state_waiter_when_it_is_built() -> None:
+    expected = idle_waiter.CIdleWaiter or idle_waiter.PyIdleWaiter
+    assert idle_waiter.IdleWaiter is expected
+    code = "import l2_stores; print(l2_stores.IdleWaiter.__name__)"
+    env = dict(os.environ, L2_STORES_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PyIdleWaiter", out.stderr
 
 
 @pytest.fixture
@@ -667,4 +690,79 @@ def test_random_schedules_keep_exclusion(seed: int) -> None:
     assert m.violations == []
     assert m.task_count == expected["task"]
     assert m.exclusive_count == expected["exclusive"]
+    assert w.is_idle()
+
+
+# -- interrupted waits ---------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptOnce:
+    """Stands in for a condition: the first wait raises, as a signal handler would."""
+
+    def __init__(self, condition: threading.Condition) -> None:
+        self.condition = condition
+        self.fired = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.fired.is_set():
+            self.fired.set()
+            raise Interrupted
+        return self.condition.wait(timeout)
+
+    def notify_all(self) -> None:
+        self.condition.notify_all()
+
+
+def test_an_exclusive_caller_interrupted_while_waiting_leaves_the_line() -> None:
+    w = IdleWaiter()
+    w._excl_cv = InterruptOnce(w._excl_cv)  # type: ignore[assignment]
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+
+    def writer() -> None:
+        with w.force_idle():
+            pass
+
+    interrupted = Runner(writer, "interrupted writer")
+    with pytest.raises(Interrupted):
+        interrupted.join()
+    assert w.pending_exclusive == 0
+    # Its hold on new tasks is gone: a task starts at once, and the next writer gets in.
+    assert w.try_enter_task()
+    w.exit_task()
+    release.set()
+    holder.join()
+    Runner(writer, "next writer").join()
+    assert w.is_idle()
+
+
+def test_a_task_interrupted_while_waiting_gives_its_place_back() -> None:
+    w = IdleWaiter()
+    w._task_cv = InterruptOnce(w._task_cv)  # type: ignore[assignment]
+    in_section, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with w.force_idle():
+            in_section.set()
+            wait_event(release, "release of the writer")
+
+    held = Runner(writer, "writer")
+    wait_event(in_section, "writer in its section")
+
+    def reader() -> None:
+        with w.task():
+            pass
+
+    interrupted = Runner(reader, "interrupted reader")
+    with pytest.raises(Interrupted):
+        interrupted.join()
+    assert w.waiting_tasks == 0
+    release.set()
+    held.join()
+    assert w.is_idle()
+    Runner(reader, "next reader").join()
     assert w.is_idle()

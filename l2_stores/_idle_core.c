@@ -1,0 +1,663 @@
+/* The state of an idle-waiter, kept in C (see idle_waiter.py).
+
+   Core holds the counters of IdleWaiter: running tasks, blocked (pending
+   force_idle callers, + 1 while an exclusive section runs), the owner and
+   depth of the exclusive section, the FIFO of exclusive callers' tickets,
+   and the tasks waiting for an exclusive section to end.
+
+   Every method is one state transition. None of them releases the GIL or
+   runs Python code while it reads or changes the state, so each transition
+   is atomic: the GIL is the lock of the hot paths, and an uncontended task
+   or exclusive section costs two C calls. When a caller must wait, or must
+   wake others, the transition is done first and then a Python method of the
+   subclass is called (_wait_exclusive, _enter_task_slow, _notify_tasks,
+   _notify_exclusive). Those sleep and notify on conditions of one Python
+   lock, and test their wake-up condition with a transition made while
+   holding it: since every notify happens under that lock after the change
+   it announces, no wake-up is lost.
+
+   Without a GIL (a free-threaded build) the transitions would not be
+   atomic, so the module refuses to load there and IdleWaiter stays in
+   pure Python. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef Py_GIL_DISABLED
+#error "the idle-waiter core relies on the GIL; free-threaded builds use the Python one"
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t tasks;         /* running tasks, admitted ones not yet awake included */
+    Py_ssize_t blocked;       /* a new task starts at once only when 0 */
+    Py_ssize_t depth;         /* nesting depth of the exclusive section */
+    Py_ssize_t tasks_waiting; /* tasks waiting for the exclusive section to end */
+    uint64_t owner;           /* holder of the exclusive section, when has_owner */
+    int has_owner;
+    uint64_t task_gen;        /* bumped to admit the waiting tasks */
+    uint64_t next_ticket;
+    uint64_t *queue;          /* tickets of waiting exclusive callers, oldest first */
+    Py_ssize_t queue_head, queue_len, queue_cap;
+} Core;
+
+static PyObject *str_wait_exclusive, *str_enter_task_slow, *str_notify_tasks,
+    *str_notify_exclusive;
+
+/* The owner id of the calling thread, or of the given owner (an int). */
+static int
+owner_id(PyObject *owner, uint64_t *out)
+{
+    if (owner == NULL || owner == Py_None) {
+        *out = (uint64_t)PyThread_get_thread_ident();
+        return 0;
+    }
+    if (!PyLong_Check(owner)) {
+        PyErr_Format(PyExc_TypeError, "owner must be an int, not %.100s", Py_TYPE(owner)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long value = PyLong_AsLongLongAndOverflow(owner, &overflow);
+    if (overflow > 0) {
+        unsigned long long big = PyLong_AsUnsignedLongLong(owner);
+        if (big == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        *out = (uint64_t)big;
+        return 0;
+    }
+    if (overflow < 0 || (value == -1 && PyErr_Occurred())) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "owner out of range");
+        return -1;
+    }
+    *out = (uint64_t)value;
+    return 0;
+}
+
+static inline int
+owned_by(Core *self, uint64_t me)
+{
+    return self->has_owner && self->owner == me;
+}
+
+static int
+queue_push(Core *self, uint64_t ticket)
+{
+    if (self->queue_head + self->queue_len == self->queue_cap) {
+        if (self->queue_head > 0) {
+            memmove(self->queue, self->queue + self->queue_head,
+                    (size_t)self->queue_len * sizeof(uint64_t));
+            self->queue_head = 0;
+        }
+        else {
+            Py_ssize_t cap = self->queue_cap ? 2 * self->queue_cap : 8;
+            uint64_t *grown = PyMem_Realloc(self->queue, (size_t)cap * sizeof(uint64_t));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->queue = grown;
+            self->queue_cap = cap;
+        }
+    }
+    self->queue[self->queue_head + self->queue_len++] = ticket;
+    return 0;
+}
+
+static void
+queue_pop_front(Core *self)
+{
+    self->queue_head++;
+    if (--self->queue_len == 0)
+        self->queue_head = 0;
+}
+
+/* Remove ``ticket`` from the line; 0 if it was not in it. */
+static int
+queue_remove(Core *self, uint64_t ticket)
+{
+    uint64_t *q = self->queue + self->queue_head;
+    for (Py_ssize_t i = 0; i < self->queue_len; i++) {
+        if (q[i] == ticket) {
+            memmove(q + i, q + i + 1, (size_t)(self->queue_len - i - 1) * sizeof(uint64_t));
+            if (--self->queue_len == 0)
+                self->queue_head = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Admit every waiting task (no exclusive section runs); 1 if any. */
+static int
+admit_waiting_tasks(Core *self)
+{
+    if (!self->tasks_waiting)
+        return 0;
+    self->tasks += self->tasks_waiting;
+    self->tasks_waiting = 0;
+    self->task_gen++;
+    return 1;
+}
+
+static PyObject *
+call_slow(PyObject *self, PyObject *name)
+{
+    return PyObject_CallMethodNoArgs(self, name);
+}
+
+/* -- tasks */
+
+static PyObject *
+core_enter_task(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->blocked) {
+        self->tasks++;
+        Py_RETURN_NONE;
+    }
+    return call_slow((PyObject *)self, str_enter_task_slow);
+}
+
+static PyObject *
+exit_task(Core *self)
+{
+    if (--self->tasks == 0 && self->queue_len)
+        return call_slow((PyObject *)self, str_notify_exclusive);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_exit_task(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    return exit_task(self);
+}
+
+static PyObject *
+core_exit(Core *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    return exit_task(self);
+}
+
+static PyObject *
+core_try_enter_task(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"owner"};
+    PyObject *owner = NULL;
+    if (nargs > 1 || (kwnames && (PyTuple_GET_SIZE(kwnames) != 1 || nargs ||
+                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                                   names[0]) != 0))) {
+        PyErr_SetString(PyExc_TypeError, "try_enter_task(owner=None)");
+        return NULL;
+    }
+    if (nargs == 1 || kwnames)
+        owner = args[0];
+    uint64_t me;
+    if (owner_id(owner, &me) < 0)
+        return NULL;
+    if (self->blocked && !owned_by(self, me))
+        Py_RETURN_FALSE;
+    self->tasks++;
+    Py_RETURN_TRUE;
+}
+
+/* Under the Python lock: start the task now (None), or count it as waiting
+   and return the generation whose bump admits it. */
+static PyObject *
+core_register_task(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->blocked || owned_by(self, (uint64_t)PyThread_get_thread_ident())) {
+        self->tasks++;
+        Py_RETURN_NONE;
+    }
+    self->tasks_waiting++;
+    return PyLong_FromUnsignedLongLong(self->task_gen);
+}
+
+/* Under the Python lock, when a waiting task is interrupted: give up its
+   place (or its slot, if it was admitted meanwhile). True when exclusive
+   callers must be notified. */
+static PyObject *
+core_abandon_task_wait(Core *self, PyObject *arg)
+{
+    unsigned long long gen = PyLong_AsUnsignedLongLong(arg);
+    if (gen == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->task_gen == gen) {
+        self->tasks_waiting--;
+        Py_RETURN_FALSE;
+    }
+    self->tasks--;
+    return PyBool_FromLong(self->tasks == 0 && self->queue_len);
+}
+
+/* -- exclusive sections */
+
+static int
+parse_exclusive(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int *force,
+                PyObject **owner)
+{
+    if (nargs) {
+        PyErr_SetString(PyExc_TypeError, "enter_exclusive() takes keyword arguments only");
+        return -1;
+    }
+    Py_ssize_t n = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "force") == 0) {
+            int truth = PyObject_IsTrue(args[i]);
+            if (truth < 0)
+                return -1;
+            *force = truth;
+        }
+        else if (PyUnicode_CompareWithASCIIString(name, "owner") == 0)
+            *owner = args[i];
+        else {
+            PyErr_Format(PyExc_TypeError, "enter_exclusive() got an unexpected keyword %R", name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+enter_exclusive(Core *self, uint64_t me, PyObject *owner, int force)
+{
+    if (owned_by(self, me)) {
+        self->depth++;
+        Py_RETURN_NONE;
+    }
+    if (self->has_owner || self->tasks || self->queue_len) {
+        uint64_t ticket = self->next_ticket;
+        if (queue_push(self, ticket) < 0)
+            return NULL;
+        self->next_ticket = ticket + 1;
+        if (force)
+            self->blocked++;
+        PyObject *py_ticket = PyLong_FromUnsignedLongLong(ticket);
+        PyObject *py_owner = owner && owner != Py_None ? (Py_INCREF(owner), owner)
+                                                       : PyLong_FromUnsignedLongLong(me);
+        PyObject *result = NULL;
+        if (py_ticket != NULL && py_owner != NULL) {
+            /* call[0] is the scratch slot PY_VECTORCALL_ARGUMENTS_OFFSET allows. */
+            PyObject *call[5] = {NULL, (PyObject *)self, py_ticket,
+                                 force ? Py_True : Py_False, py_owner};
+            result = PyObject_VectorcallMethod(str_wait_exclusive, call + 1,
+                                               4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+        else {
+            /* Nothing waits for us yet: take the ticket back as if interrupted. */
+            queue_remove(self, ticket);
+            if (force)
+                self->blocked--;
+        }
+        Py_XDECREF(py_ticket);
+        Py_XDECREF(py_owner);
+        return result;
+    }
+    self->blocked++;
+    self->owner = me;
+    self->has_owner = 1;
+    self->depth = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    int force = 1;
+    PyObject *owner = NULL;
+    uint64_t me;
+    if (parse_exclusive(args, nargs, kwnames, &force, &owner) < 0 || owner_id(owner, &me) < 0)
+        return NULL;
+    return enter_exclusive(self, me, owner, force);
+}
+
+static PyObject *
+exit_exclusive(Core *self, uint64_t me)
+{
+    if (!owned_by(self, me)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "exit_exclusive() by a thread not holding the exclusive section");
+        return NULL;
+    }
+    if (--self->depth)
+        Py_RETURN_NONE;
+    self->has_owner = 0;
+    self->blocked--;
+    if (admit_waiting_tasks(self))
+        return call_slow((PyObject *)self, str_notify_tasks);
+    if (self->queue_len && !self->tasks)
+        return call_slow((PyObject *)self, str_notify_exclusive);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_exit_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *owner = NULL;
+    if (nargs > 1 || (kwnames && (nargs || PyTuple_GET_SIZE(kwnames) != 1 ||
+                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                                   "owner") != 0))) {
+        PyErr_SetString(PyExc_TypeError, "exit_exclusive(owner=None)");
+        return NULL;
+    }
+    if (nargs == 1 || kwnames)
+        owner = args[0];
+    uint64_t me;
+    if (owner_id(owner, &me) < 0)
+        return NULL;
+    return exit_exclusive(self, me);
+}
+
+static PyObject *
+core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *owner = NULL;
+    if (nargs > 1 || (kwnames && (nargs || PyTuple_GET_SIZE(kwnames) != 1 ||
+                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                                   "owner") != 0))) {
+        PyErr_SetString(PyExc_TypeError, "try_enter_exclusive(owner=None)");
+        return NULL;
+    }
+    if (nargs == 1 || kwnames)
+        owner = args[0];
+    uint64_t me;
+    if (owner_id(owner, &me) < 0)
+        return NULL;
+    if (owned_by(self, me)) {
+        self->depth++;
+        Py_RETURN_TRUE;
+    }
+    if (self->has_owner || self->tasks || self->queue_len || self->blocked)
+        Py_RETURN_FALSE;
+    self->blocked++;
+    self->owner = me;
+    self->has_owner = 1;
+    self->depth = 1;
+    Py_RETURN_TRUE;
+}
+
+/* Under the Python lock: take the section if ``ticket`` is first in line
+   and nothing runs; True when taken. Args: ticket, force, owner. */
+static PyObject *
+core_take_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_take_exclusive(ticket, force, owner)");
+        return NULL;
+    }
+    unsigned long long ticket = PyLong_AsUnsignedLongLong(args[0]);
+    if (ticket == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int force = PyObject_IsTrue(args[1]);
+    uint64_t me;
+    if (force < 0 || owner_id(args[2], &me) < 0)
+        return NULL;
+    if (!self->queue_len || self->queue[self->queue_head] != ticket || self->has_owner ||
+        self->tasks)
+        Py_RETURN_FALSE;
+    queue_pop_front(self);
+    if (!force)
+        self->blocked++;
+    self->owner = me;
+    self->has_owner = 1;
+    self->depth = 1;
+    Py_RETURN_TRUE;
+}
+
+/* Under the Python lock, when a waiting exclusive caller is interrupted:
+   leave the line. True when waiting tasks were admitted (to be notified);
+   exclusive callers are to be notified in any case. Args: ticket, force. */
+static PyObject *
+core_cancel_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_cancel_exclusive(ticket, force)");
+        return NULL;
+    }
+    unsigned long long ticket = PyLong_AsUnsignedLongLong(args[0]);
+    if (ticket == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int force = PyObject_IsTrue(args[1]);
+    if (force < 0)
+        return NULL;
+    if (!queue_remove(self, ticket)) {
+        /* Interrupted just after taking the section: give it back. */
+        self->has_owner = 0;
+        self->depth = 0;
+        self->blocked--;
+        return PyBool_FromLong(admit_waiting_tasks(self));
+    }
+    if (force)
+        self->blocked--;
+    return PyBool_FromLong(!self->has_owner && admit_waiting_tasks(self));
+}
+
+/* -- introspection */
+
+static PyObject *
+core_is_idle(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(!self->tasks && !self->has_owner && !self->queue_len &&
+                           !self->tasks_waiting);
+}
+
+static PyObject *
+core_get_running_tasks(Core *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->tasks);
+}
+
+static PyObject *
+core_get_waiting_tasks(Core *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->tasks_waiting);
+}
+
+static PyObject *
+core_get_pending_exclusive(Core *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->queue_len);
+}
+
+static PyObject *
+core_get_exclusive_running(Core *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->has_owner);
+}
+
+static PyObject *
+core_get_task_gen(Core *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->task_gen);
+}
+
+static void
+core_dealloc(Core *self)
+{
+    PyMem_Free(self->queue);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef core_methods[] = {
+    {"enter_task", (PyCFunction)core_enter_task, METH_NOARGS,
+     "Low-level: start a task; pair with exit_task in try/finally."},
+    {"exit_task", (PyCFunction)core_exit_task, METH_NOARGS,
+     "Low-level: end a task started by enter_task."},
+    {"__enter__", (PyCFunction)core_enter_task, METH_NOARGS, "Start a task."},
+    {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL, "End a task."},
+    {"try_enter_task", (PyCFunction)(void (*)(void))core_try_enter_task,
+     METH_FASTCALL | METH_KEYWORDS, "Low-level: start a task if that needs no wait."},
+    {"enter_exclusive", (PyCFunction)(void (*)(void))core_enter_exclusive,
+     METH_FASTCALL | METH_KEYWORDS,
+     "Low-level: enter the exclusive section; pair with exit_exclusive."},
+    {"exit_exclusive", (PyCFunction)(void (*)(void))core_exit_exclusive,
+     METH_FASTCALL | METH_KEYWORDS, "Low-level: leave the exclusive section."},
+    {"try_enter_exclusive", (PyCFunction)(void (*)(void))core_try_enter_exclusive,
+     METH_FASTCALL | METH_KEYWORDS,
+     "Low-level: enter the exclusive section if that needs no wait."},
+    {"is_idle", (PyCFunction)core_is_idle, METH_NOARGS,
+     "Whether nothing runs or waits: no task, no exclusive section."},
+    {"_register_task", (PyCFunction)core_register_task, METH_NOARGS, NULL},
+    {"_abandon_task_wait", (PyCFunction)core_abandon_task_wait, METH_O, NULL},
+    {"_take_exclusive", (PyCFunction)(void (*)(void))core_take_exclusive, METH_FASTCALL, NULL},
+    {"_cancel_exclusive", (PyCFunction)(void (*)(void))core_cancel_exclusive, METH_FASTCALL,
+     NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"running_tasks", (getter)core_get_running_tasks, NULL, "Number of tasks currently running.",
+     NULL},
+    {"waiting_tasks", (getter)core_get_waiting_tasks, NULL,
+     "Number of tasks waiting for an exclusive section to end.", NULL},
+    {"pending_exclusive", (getter)core_get_pending_exclusive, NULL,
+     "Number of force_idle/when_idle callers waiting for their turn.", NULL},
+    {"exclusive_running", (getter)core_get_exclusive_running, NULL,
+     "Whether an exclusive section is running.", NULL},
+    {"_task_gen", (getter)core_get_task_gen, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores._idle_core.Core",
+    .tp_doc = "The state of an idle-waiter; subclassed by idle_waiter.CIdleWaiter.",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+    .tp_getset = core_getset,
+};
+
+/* -- the reusable context manager of force_idle() */
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+} Section;
+
+static PyObject *
+section_enter(Section *self, PyObject *Py_UNUSED(ignored))
+{
+    return enter_exclusive(self->core, (uint64_t)PyThread_get_thread_ident(), NULL, 1);
+}
+
+static PyObject *
+section_exit(Section *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    return exit_exclusive(self->core, (uint64_t)PyThread_get_thread_ident());
+}
+
+static int
+section_init(Section *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *core;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "O!", &CoreType, &core))
+        return -1;
+    Py_INCREF(core);
+    Py_XSETREF(self->core, (Core *)core);
+    return 0;
+}
+
+static int
+section_traverse(Section *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->core);
+    return 0;
+}
+
+static int
+section_clear(Section *self)
+{
+    Py_CLEAR(self->core);
+    return 0;
+}
+
+static void
+section_dealloc(Section *self)
+{
+    PyObject_GC_UnTrack(self);
+    section_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+section_checked_enter(Section *self, PyObject *ignored)
+{
+    if (self->core == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "section of no idle-waiter");
+        return NULL;
+    }
+    return section_enter(self, ignored);
+}
+
+static PyObject *
+section_checked_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->core == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "section of no idle-waiter");
+        return NULL;
+    }
+    return section_exit(self, args, nargs);
+}
+
+static PyMethodDef section_methods[] = {
+    {"__enter__", (PyCFunction)section_checked_enter, METH_NOARGS, "Enter the exclusive section."},
+    {"__exit__", (PyCFunction)(void (*)(void))section_checked_exit, METH_FASTCALL,
+     "Leave the exclusive section."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SectionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores._idle_core.Section",
+    .tp_doc = "Section(core): the exclusive section of core, as a context manager.",
+    .tp_basicsize = sizeof(Section),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)section_init,
+    .tp_dealloc = (destructor)section_dealloc,
+    .tp_traverse = (traverseproc)section_traverse,
+    .tp_clear = (inquiry)section_clear,
+    .tp_methods = section_methods,
+};
+
+static struct PyModuleDef idle_core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "l2_stores._idle_core",
+    .m_doc = "The state of an idle-waiter, with transitions made atomic by the GIL.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__idle_core(void)
+{
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
+        return NULL;
+    str_wait_exclusive = PyUnicode_InternFromString("_wait_exclusive");
+    str_enter_task_slow = PyUnicode_InternFromString("_enter_task_slow");
+    str_notify_tasks = PyUnicode_InternFromString("_notify_tasks");
+    str_notify_exclusive = PyUnicode_InternFromString("_notify_exclusive");
+    if (!str_wait_exclusive || !str_enter_task_slow || !str_notify_tasks || !str_notify_exclusive)
+        return NULL;
+    PyObject *module = PyModule_Create(&idle_core_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(module, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&SectionType);
+    if (PyModule_AddObject(module, "Section", (PyObject *)&SectionType) < 0) {
+        Py_DECREF(&SectionType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
