@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -114,6 +115,70 @@ def test_framed_refuses_what_is_not_bytes() -> None:
     with pytest.raises(TypeError, match="at most 8"):
         _accel.framed(*[b"x"] * 9)
     assert framing.framed is _accel.framed
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    st.integers(min_value=0, max_value=5000),
+    st.sampled_from([_accel.write_framed, framing._write_framed]),
+)
+def test_write_framed_writes_framed_at_the_offset(
+    tmp_path_factory: pytest.TempPathFactory,
+    parts: list[bytes],
+    offset: int,
+    write_framed: object,
+) -> None:
+    path = tmp_path_factory.mktemp("w") / "file"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"\xaa" * 10)
+        size = write_framed(fd, offset, *parts)  # type: ignore[operator]
+    finally:
+        os.close(fd)
+    record = framing._framed(*parts)
+    assert size == len(record)
+    end = offset + len(record)
+    before = b"\xaa" * 10 + bytes(max(0, offset - 10))
+    assert path.read_bytes() == before[:offset] + record + before[end:]
+
+
+def test_write_framed_refusals_and_errors(tmp_path: Path) -> None:
+    assert framing.write_framed is _accel.write_framed
+    with pytest.raises(TypeError, match="1 to 8 parts"):
+        _accel.write_framed(0, 0)
+    with pytest.raises(TypeError, match="1 to 8 parts"):
+        _accel.write_framed(0, 0, *[b"x"] * 9)
+    with pytest.raises(ValueError, match="negative offset"):
+        _accel.write_framed(0, -1, b"x")
+    with pytest.raises(ValueError, match="bad file descriptor"):
+        _accel.write_framed(-1, 0, b"x")
+    with pytest.raises(TypeError):
+        _accel.write_framed(0, 0, "text")
+    read_only = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as caught:
+            _accel.write_framed(read_only, 0, b"abc")
+        assert caught.value.errno == errno.EBADF
+    finally:
+        os.close(read_only)
+
+
+def test_write_framed_resumes_a_short_write_then_reports_the_error(tmp_path: Path) -> None:
+    # A file size limit cuts the pwritev short; the next call fails with EFBIG.
+    code = f"""
+import errno, os, resource, signal
+from l2_stores.engine import _accel
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+fd = os.open({str(tmp_path / "f")!r}, os.O_RDWR | os.O_CREAT)
+try:
+    _accel.write_framed(fd, 90, b"0123456789", b"abcdefghij")
+except OSError as error:
+    print(error.errno == errno.EFBIG, os.pread(fd, 100, 90))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "True b'0123456789'", out.stderr
 
 
 def test_accelerator_is_in_use_unless_turned_off() -> None:

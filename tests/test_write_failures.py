@@ -51,8 +51,20 @@ class FailingOs:
 
 @pytest.fixture
 def failing_log_writes(monkeypatch: pytest.MonkeyPatch) -> FailingOs:
+    """Log writes fail while ``failures`` is positive, as on a full disk."""
     fake = FailingOs("pwrite")
-    monkeypatch.setattr(log_module, "os", fake)
+
+    def failing(write: Any) -> Any:
+        def write_or_fail(*args: Any) -> Any:
+            if fake.failures > 0:
+                fake.failures -= 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args)
+
+        return write_or_fail
+
+    monkeypatch.setattr(log_module, "pwrite_all", failing(log_module.pwrite_all))
+    monkeypatch.setattr(log_module, "write_framed", failing(log_module.write_framed))
     return fake
 
 

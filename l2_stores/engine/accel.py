@@ -30,15 +30,17 @@ def _load() -> ModuleType | None:
 
 _module = _load()
 if _module is not None:
-    from ._accel import CorruptRow, Lookup, MergePlan, crc32, framed
+    from ._accel import CorruptRow, Lookup, MergePlan, crc32, framed, write_framed
 
     #: The accelerated lookup and merge types, or None when running pure Python.
     AcceleratedLookup: type[Lookup] | None = Lookup
     AcceleratedMerge: type[MergePlan] | None = MergePlan
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
+    accelerated_write_framed: Callable[..., int] | None = write_framed
 else:
     AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
+    accelerated_write_framed = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -51,4 +53,5 @@ __all__ = [
     "CorruptRow",
     "accelerated_crc32",
     "accelerated_framed",
+    "accelerated_write_framed",
 ]

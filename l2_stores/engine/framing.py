@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CannotLoadStore
-from .accel import accelerated_crc32, accelerated_framed
+from .accel import accelerated_crc32, accelerated_framed, accelerated_write_framed
 
 FORMAT_VERSION = 1
 HEADER_FORMAT = "<8sHHIIIQQBQ11xI"
@@ -63,6 +63,27 @@ def _framed(*parts: bytes) -> bytes:
 #: ``framed(*parts)``: the parts one after the other, then their CRC-32
 #: (little-endian); a whole record in one call (in C with the accelerator).
 framed: Callable[..., bytes] = accelerated_framed or _framed
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd``, resuming short writes."""
+    written = os.pwrite(fd, data, offset)
+    if written < len(data):  # rare, so the view's slices are too
+        view = memoryview(data)
+        while written < len(data):
+            written += os.pwrite(fd, view[written:], offset + written)
+
+
+def _write_framed(fd: int, offset: int, *parts: bytes) -> int:
+    record = _framed(*parts)
+    pwrite_all(fd, record, offset)
+    return len(record)
+
+
+#: ``write_framed(fd, offset, *parts)``: ``framed(*parts)`` written at
+#: ``offset`` of ``fd``; returns its size. Raises OSError, having written
+#: any part of it. In C with the accelerator: one ``pwritev``, no copy.
+write_framed: Callable[..., int] = accelerated_write_framed or _write_framed
 
 
 def crc_ok(record: bytes | memoryview) -> bool:

@@ -38,6 +38,8 @@ from .framing import (
     framed,
     fsync_directory,
     parse_header,
+    pwrite_all,
+    write_framed,
 )
 
 MAGIC = b"L2SLOG\0\0"
@@ -229,19 +231,25 @@ class LogWriter:
 
     def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
         """Append a binding of ``key`` to ``value``."""
-        self._append(framed(_OP_SET_BYTE, key, value), flush)
+        self._append(flush, _OP_SET_BYTE, key, value)
 
     def append_remove(self, key: bytes, flush: bool) -> None:
         """Append the removal of ``key``."""
-        self._append(framed(_OP_REMOVE_BYTE, key, self._zero_value), flush)
+        self._append(flush, _OP_REMOVE_BYTE, key, self._zero_value)
 
-    def _append(self, record: bytes, flush: bool) -> None:
-        """Append ``record``; if this raises, the record is not in the log."""
+    def _append(self, flush: bool, *parts: bytes) -> None:
+        """Append the record of ``parts``; if this raises, the record is not in the log."""
         if flush and not self._pending:
-            self._write(record)
+            try:
+                size = write_framed(self._fd, self._end, *parts)
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as error:
+                raise self._failed_write(error) from error
+            self._end += size
         else:
             mark = len(self._pending)
-            self._pending += record
+            self._pending += framed(*parts)
             if flush or len(self._pending) >= PENDING_LIMIT:
                 try:
                     self.flush()
@@ -266,17 +274,18 @@ class LogWriter:
 
     def _write(self, data: bytes) -> None:
         try:
-            written = os.pwrite(self._fd, data, self._end)
-            while written < len(data):  # a short write: rare, so the slice copy is too
-                written += os.pwrite(self._fd, data[written:], self._end + written)
+            pwrite_all(self._fd, data, self._end)
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as error:
-            # Leave no partial record behind a later append.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._end)
-            raise self._write_error(error) from error
+            raise self._failed_write(error) from error
         self._end += len(data)
+
+    def _failed_write(self, error: OSError) -> CannotWriteToStore:
+        """Cut what the failed write left behind, so no later append follows it."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._end)
+        return self._write_error(error)
 
     def _write_error(self, error: OSError) -> CannotWriteToStore:
         return CannotWriteToStore(

@@ -44,9 +44,9 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
-    framed,
     fsync_directory,
     parse_header,
+    write_framed,
 )
 
 MAGIC = b"L2SVALS\0"
@@ -207,13 +207,9 @@ class ValuesFile:
                 f"value of {length} bytes is too large", name=self._name, path=self.path
             )
         packed = LENGTH.pack(length)
-        record = framed(packed, key, value, packed)
         offset = self.end
         try:
-            written = 0
-            view = memoryview(record)
-            while written < len(record):
-                written += os.pwrite(self._fd, view[written:], offset + written)
+            size = write_framed(self._fd, offset, packed, key, value, packed)
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as error:
@@ -222,7 +218,7 @@ class ValuesFile:
             raise CannotWriteToStore(
                 f"cannot append value: {error}", name=self._name, path=self.path
             ) from error
-        self.end = offset + len(record)
+        self.end = offset + size
         return offset
 
     @property
