@@ -504,6 +504,8 @@ def print_targets(workload: str, by_slug: dict[str, dict[str, Any]]) -> None:
 
 
 def run_child(workload: str, slug: str, n: int, seed: int, parent: str | None) -> dict[str, Any]:
+    # Every store starts with no dirty pages left by the one before it.
+    os.sync()
     scratch = tempfile.mkdtemp(prefix=f"bench-{workload}-{slug}-", dir=parent)
     try:
         completed = subprocess.run(

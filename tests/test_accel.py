@@ -181,6 +181,76 @@ except OSError as error:
     assert out.stdout.strip() == "True b'0123456789'", out.stderr
 
 
+def values_record(key: bytes, value: bytes) -> bytes:
+    n = len(value).to_bytes(4, "little")
+    return framing._framed(n, key, value, n)
+
+
+def python_value_of_record(buffer: bytes, offset: int, length: int, key: bytes) -> bytes | None:
+    size = 12 + len(key) + length
+    record = buffer[offset : offset + size]
+    if (
+        offset < 0
+        or len(record) != size
+        or zlib.crc32(record) != framing.CRC_RESIDUE
+        or int.from_bytes(record[:4], "little") != length
+        or record[4 : 4 + len(key)] != key
+    ):
+        return None
+    return record[4 + len(key) : 4 + len(key) + length]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(min_size=8, max_size=8),
+    st.binary(max_size=200),
+    st.integers(min_value=0, max_value=40),
+    st.one_of(
+        st.none(),
+        st.tuples(st.integers(min_value=0, max_value=300), st.integers(min_value=1, max_value=255)),
+    ),
+    st.sampled_from(["same", "other key", "other length", "offset", "cut"]),
+)
+def test_value_of_record_checks_like_python(
+    key: bytes, value: bytes, before: int, flip: tuple[int, int] | None, ask: str
+) -> None:
+    buffer = bytearray(b"\x55" * before + values_record(key, value) + b"\x66" * 3)
+    if flip is not None and flip[0] < len(buffer):
+        buffer[flip[0]] ^= flip[1]
+    offset, length, probe = before, len(value), key
+    if ask == "other key":
+        probe = bytes(8)
+    elif ask == "other length":
+        length += 1
+    elif ask == "offset":
+        offset += 1
+    elif ask == "cut":
+        del buffer[before + 12 + 8 + len(value) - 1 :]
+    data = bytes(buffer)
+    expected = python_value_of_record(data, offset, length, probe)
+    assert _accel.value_of_record(data, offset, length, probe) == expected
+    if flip is None and ask == "same":
+        assert expected == value
+
+
+def test_value_of_record_refusals() -> None:
+    record = values_record(b"k" * 8, b"value")
+    assert _accel.value_of_record(record, 0, 5, b"k" * 8) == b"value"
+    assert _accel.value_of_record(record, -1, 5, b"k" * 8) is None
+    assert _accel.value_of_record(record, 0, -1, b"k" * 8) is None
+    assert _accel.value_of_record(record, 1 << 40, 5, b"k" * 8) is None
+    # A well-checksummed record whose length field is not the index's length.
+    lying = framing._framed(
+        (6).to_bytes(4, "little"), b"k" * 8, b"value", (5).to_bytes(4, "little")
+    )
+    assert _accel.value_of_record(lying, 0, 5, b"k" * 8) is None
+    assert python_value_of_record(lying, 0, 5, b"k" * 8) is None
+    with pytest.raises(TypeError, match="key must be bytes"):
+        _accel.value_of_record(record, 0, 5, bytearray(b"k" * 8))
+    with pytest.raises(TypeError):
+        _accel.value_of_record(record, 0, 5)
+
+
 def test_accelerator_is_in_use_unless_turned_off() -> None:
     assert accel.AcceleratedLookup is _accel.Lookup
     code = (

@@ -1491,3 +1491,56 @@ def test_read_only_load_of_missing_path_creates_nothing(tmp_path: Path, kind_id:
             assert plain(reader.read(b"k" * 32)) == kind.pair(value, header)
     finally:
         reader.close()
+
+
+# --------------------------------------------------------------------------
+# Reads through the values file's map
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["map", "pread"])
+def test_values_file_reads_records_appended_after_its_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
+) -> None:
+    """A writer and a READ_ONLY reader read every record, however the file grew
+    after its map was made: the tail by pread, then through a new map."""
+    from l2_stores.engine import values as values_module
+    from l2_stores.engine.framing import Expected
+
+    if not mapped:
+        monkeypatch.setattr(values_module, "value_of_record", None)
+    elif values_module.value_of_record is None:
+        pytest.skip("the C accelerator is not built")
+    monkeypatch.setattr(values_module, "REMAP_STEP", 1 << 16)
+    expected = Expected("growing", 8, 0, 4)
+    path = str(tmp_path / "values.0")
+    writer = values_module.ValuesFile(path, expected, readonly=False, fsync=False)
+    reader = values_module.ValuesFile(path, expected, readonly=True, fsync=False)
+    rng = random.Random(5)
+    records: list[tuple[int, bytes, bytes]] = []
+    map_sizes: dict[str, set[int]] = {"writer": set(), "reader": set()}
+    try:
+        for round_size in [1, 3, 40, 2, 200, 1, 600]:
+            for _ in range(round_size):
+                key, value = rng.randbytes(8), rng.randbytes(rng.randrange(0, 700))
+                records.append((writer.append(key, value), key, value))
+            for offset, key, value in rng.sample(records, len(records)):
+                assert writer.read(offset, len(value), key) == value
+                assert reader.read(offset, len(value), key) == value
+            for name, file in (("writer", writer), ("reader", reader)):
+                mapping = file._map
+                map_sizes[name].add(len(mapping) if mapping is not None else 0)
+        offset, key, value = records[-1]
+        with pytest.raises(CannotReadFromStore, match=re.escape(f"offset {offset}")):
+            reader.read(offset, len(value), bytes(8))
+        with pytest.raises(CannotReadFromStore, match="does not match"):
+            writer.read(offset, len(value) + 1, key)
+    finally:
+        writer.close()
+        reader.close()
+    for name, sizes in map_sizes.items():
+        if mapped:
+            # mapped again as the file grew, never past what was written
+            assert len(sizes) >= 3, (name, sizes)
+            assert max(sizes) <= os.path.getsize(path)
+        else:
+            assert sizes == {0}, (name, sizes)

@@ -1022,12 +1022,74 @@ done:
     return result;
 }
 
+/* CRC-32 of a record followed by its own CRC (little-endian): framing.CRC_RESIDUE. */
+#define CRC_RESIDUE 0x2144DF1Cu
+
+/* value_of_record(buffer, offset, length, key) -> bytes | None: the value of
+   the values-file record at ``offset`` (see values.py: n, key, value, n,
+   crc), when the record lies inside the buffer, its length is ``length``,
+   its key is ``key`` and its checksum holds; else None. */
+static PyObject *
+accel_value_of_record(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "value_of_record(buffer, offset, length, key)");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t length = PyLong_AsSsize_t(args[2]);
+    if (length == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "value_of_record(): key must be bytes");
+        return NULL;
+    }
+    const char *key = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t key_size = PyBytes_GET_SIZE(args[3]);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t size = 12 + key_size + length;
+    const unsigned char *record = NULL;
+    if (offset >= 0 && length >= 0 && length <= 0xFFFFFFFEL && offset <= view.len &&
+        size <= view.len - offset)
+        record = (const unsigned char *)view.buf + offset;
+    if (record == NULL || read_u32(record) != (uint32_t)length ||
+        memcmp(record + 4, key, (size_t)key_size) != 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    uint32_t residue;
+    if (size > CRC_GIL_FREE) {
+        Py_BEGIN_ALLOW_THREADS
+        residue = crc32_of(record, size);
+        Py_END_ALLOW_THREADS
+    }
+    else
+        residue = crc32_of(record, size);
+    if (residue != CRC_RESIDUE) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize((const char *)record + 4 + key_size, length);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,
      "clmul() -> bool: whether long runs are checksummed by carry-less multiplication."},
     {"framed", (PyCFunction)(void (*)(void))accel_framed, METH_FASTCALL,
      "framed(*parts) -> bytes: the parts, then the CRC-32 of them all (little-endian)."},
+    {"value_of_record", (PyCFunction)(void (*)(void))accel_value_of_record, METH_FASTCALL,
+     "value_of_record(buffer, offset, length, key) -> bytes | None: a checked value."},
     {"write_framed", (PyCFunction)(void (*)(void))accel_write_framed, METH_FASTCALL,
      "write_framed(fd, offset, *parts) -> int: framed(*parts) written at offset, in place."},
     {NULL, NULL, 0, NULL},

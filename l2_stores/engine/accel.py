@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from mmap import mmap
     from types import ModuleType
 
 ENV_PURE_PYTHON = "L2_STORES_PURE_PYTHON"
@@ -30,7 +31,15 @@ def _load() -> ModuleType | None:
 
 _module = _load()
 if _module is not None:
-    from ._accel import CorruptRow, Lookup, MergePlan, crc32, framed, write_framed
+    from ._accel import (
+        CorruptRow,
+        Lookup,
+        MergePlan,
+        crc32,
+        framed,
+        value_of_record,
+        write_framed,
+    )
 
     #: The accelerated lookup and merge types, or None when running pure Python.
     AcceleratedLookup: type[Lookup] | None = Lookup
@@ -38,9 +47,11 @@ if _module is not None:
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
+    #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
+    checked_value: Callable[[mmap, int, int, bytes], bytes | None] | None = value_of_record
 else:
     AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
-    accelerated_write_framed = None
+    accelerated_write_framed = checked_value = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -54,4 +65,5 @@ __all__ = [
     "accelerated_crc32",
     "accelerated_framed",
     "accelerated_write_framed",
+    "checked_value",
 ]

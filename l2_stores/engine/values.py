@@ -30,11 +30,13 @@ beyond is orphans and torn bytes, none of it referenced.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
+from .accel import checked_value as value_of_record
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -63,6 +65,10 @@ assert POINTER.size == 16
 #: Header flag of a values file written by a GC (see ``value_files``).
 GC_COPY = 1
 
+#: Reads of records past a values file's map use ``pread`` until the unmapped
+#: tail reaches an eighth of the map or this size; then the file is mapped again.
+REMAP_STEP = 16 << 20
+
 
 def values_expected(expected: Expected) -> Expected:
     """The header fields of a values file for an indexed file's sizes."""
@@ -70,7 +76,12 @@ def values_expected(expected: Expected) -> Expected:
 
 
 class ValuesFile:
-    """Appends records and reads them back at their offsets (``pread``/``pwrite``)."""
+    """Appends records and reads them back at their offsets.
+
+    Reads go through a read-only map of the file when the C accelerator
+    checks the records (one call: bounds, length, key, checksum), else
+    through ``pread``.
+    """
 
     def __init__(
         self,
@@ -91,6 +102,7 @@ class ValuesFile:
         self._fsync = fsync
         self._readonly = readonly
         self._fd = -1
+        self._map: mmap.mmap | None = None
         self.end = HEADER_SIZE
         if readonly:
             self._open_readonly()
@@ -144,6 +156,7 @@ class ValuesFile:
 
     def cut(self, end: int) -> None:
         """Cut the file at ``end`` (a writer's load dropping an unreferenced tail)."""
+        self._map = None
         os.ftruncate(self._fd, end)
         if self._fsync:
             os.fsync(self._fd)
@@ -178,6 +191,15 @@ class ValuesFile:
     def read(self, offset: int, length: int, key: bytes) -> bytes:
         """The value of ``length`` bytes recorded for ``key`` at ``offset``."""
         size = RECORD_OVERHEAD + self._key_size + length
+        mapped = self._map
+        if mapped is None or offset + size > len(mapped):
+            mapped = self._map_covering(offset + size)
+        if mapped is not None:
+            assert value_of_record is not None
+            value = value_of_record(mapped, offset, length, key)
+            if value is None:
+                raise self._read_error("value record does not match its index entry", offset)
+            return value
         if self._fd < 0:
             raise self._read_error("values file missing", offset)
         record = os.pread(self._fd, size, offset)
@@ -190,6 +212,24 @@ class ValuesFile:
         ):
             raise self._read_error("value record does not match its index entry", offset)
         return record[key_end : key_end + length]
+
+    def _map_covering(self, needed: int) -> mmap.mmap | None:
+        """A map of the file covering ``needed`` bytes, if one is worth making; else None.
+
+        Records past the map are read with ``pread`` until the unmapped tail
+        is an eighth of the map, or ``REMAP_STEP``; then the file is mapped
+        again, whole (a map only ever covers bytes already written).
+        """
+        if value_of_record is None or self._fd < 0:
+            return None
+        size = os.fstat(self._fd).st_size if self._readonly else self.end
+        mapped = self._map
+        mapped_size = len(mapped) if mapped is not None else 0
+        if needed > size or size - mapped_size < min(REMAP_STEP, mapped_size // 8):
+            return None
+        mapped = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+        self._map = mapped
+        return mapped
 
     def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
         return CannotReadFromStore(
@@ -232,6 +272,7 @@ class ValuesFile:
 
     def close(self) -> None:
         """Close the file."""
+        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
