@@ -231,7 +231,18 @@ class LogWriter:
 
     def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
         """Append a binding of ``key`` to ``value``."""
-        self._append(flush, _OP_SET_BYTE, key, value)
+        if flush and not self._pending:
+            # _append's first branch, inlined: this is every flushed add.
+            try:
+                size = write_framed(self._fd, self._end, _OP_SET_BYTE, key, value)
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as error:
+                raise self._failed_write(error) from error
+            self._end += size
+            self.records += 1
+        else:
+            self._append(flush, _OP_SET_BYTE, key, value)
 
     def append_remove(self, key: bytes, flush: bool) -> None:
         """Append the removal of ``key``."""
