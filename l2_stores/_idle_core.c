@@ -9,12 +9,15 @@
    runs Python code while it reads or changes the state, so each transition
    is atomic: the GIL is the lock of the hot paths, and an uncontended task
    or exclusive section costs two C calls. When a caller must wait, or must
-   wake others, the transition is done first and then a Python method of the
-   subclass is called (_wait_exclusive, _enter_task_slow, _notify_tasks,
-   _notify_exclusive). Those sleep and notify on conditions of one Python
-   lock, and test their wake-up condition with a transition made while
-   holding it: since every notify happens under that lock after the change
-   it announces, no wake-up is lost.
+   wake others, a Python method of the subclass is called (_wait_exclusive,
+   _enter_task_slow, _notify_tasks, _notify_exclusive). Those sleep and
+   notify on conditions of one Python lock, and test their wake-up
+   condition with a transition made while holding it: since every notify
+   happens under that lock after the change it announces, no wake-up is
+   lost. A caller that must wait changes nothing before that Python method
+   runs: it queues itself there, inside the try that undoes it, and the
+   transition that queues it also records what to undo in a list the
+   method holds, so an exception (Ctrl-C) at any point of the wait finds it.
 
    Without a GIL (a free-threaded build) the transitions would not be
    atomic, so the module refuses to load there and IdleWaiter stays in
@@ -202,17 +205,35 @@ core_try_enter_task(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
     Py_RETURN_TRUE;
 }
 
-/* Under the Python lock: start the task now (None), or count it as waiting
-   and return the generation whose bump admits it. */
+/* The generation just before ``gen``: recorded for a task that started at
+   once, it reads as "admitted" to _abandon_task_wait. */
+#define GENERATION_PAST(gen) ((gen) - 1)
+
+/* Under the Python lock: _register_task(pending) starts the task now (True),
+   or counts it as waiting for the bump of the current generation (False).
+   Either way the generation goes into the list ``pending`` as part of the
+   transition, so that an exception raised any time after it finds what to
+   give back with _abandon_task_wait. */
 static PyObject *
-core_register_task(Core *self, PyObject *Py_UNUSED(ignored))
+core_register_task(Core *self, PyObject *pending)
 {
-    if (!self->blocked || owned_by(self, (uint64_t)PyThread_get_thread_ident())) {
-        self->tasks++;
-        Py_RETURN_NONE;
+    if (!PyList_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "_register_task(pending): a list");
+        return NULL;
     }
-    self->tasks_waiting++;
-    return PyLong_FromUnsignedLongLong(self->task_gen);
+    int at_once = !self->blocked || owned_by(self, (uint64_t)PyThread_get_thread_ident());
+    PyObject *gen = PyLong_FromUnsignedLongLong(
+        at_once ? GENERATION_PAST(self->task_gen) : self->task_gen);
+    if (gen == NULL || PyList_Append(pending, gen) < 0) {
+        Py_XDECREF(gen);
+        return NULL;
+    }
+    Py_DECREF(gen);
+    if (at_once)
+        self->tasks++;
+    else
+        self->tasks_waiting++;
+    return PyBool_FromLong(at_once);
 }
 
 /* Under the Python lock, when a waiting task is interrupted: give up its
@@ -269,31 +290,17 @@ enter_exclusive(Core *self, uint64_t me, PyObject *owner, int force)
         Py_RETURN_NONE;
     }
     if (self->has_owner || self->tasks || self->queue_len) {
-        uint64_t ticket = self->next_ticket;
-        if (queue_push(self, ticket) < 0)
-            return NULL;
-        self->next_ticket = ticket + 1;
-        if (force)
-            self->blocked++;
-        PyObject *py_ticket = PyLong_FromUnsignedLongLong(ticket);
+        /* Contended: the Python side takes a ticket under its lock, inside
+           the try that gives it back if the wait is interrupted. */
         PyObject *py_owner = owner && owner != Py_None ? (Py_INCREF(owner), owner)
                                                        : PyLong_FromUnsignedLongLong(me);
-        PyObject *result = NULL;
-        if (py_ticket != NULL && py_owner != NULL) {
-            /* call[0] is the scratch slot PY_VECTORCALL_ARGUMENTS_OFFSET allows. */
-            PyObject *call[5] = {NULL, (PyObject *)self, py_ticket,
-                                 force ? Py_True : Py_False, py_owner};
-            result = PyObject_VectorcallMethod(str_wait_exclusive, call + 1,
-                                               4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        }
-        else {
-            /* Nothing waits for us yet: take the ticket back as if interrupted. */
-            queue_remove(self, ticket);
-            if (force)
-                self->blocked--;
-        }
-        Py_XDECREF(py_ticket);
-        Py_XDECREF(py_owner);
+        if (py_owner == NULL)
+            return NULL;
+        /* call[0] is the scratch slot PY_VECTORCALL_ARGUMENTS_OFFSET allows. */
+        PyObject *call[4] = {NULL, (PyObject *)self, force ? Py_True : Py_False, py_owner};
+        PyObject *result = PyObject_VectorcallMethod(str_wait_exclusive, call + 1,
+                                                     3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(py_owner);
         return result;
     }
     self->blocked++;
@@ -379,6 +386,45 @@ core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, Py
     Py_RETURN_TRUE;
 }
 
+/* Under the Python lock: _enqueue_exclusive(force, owner, pending) takes a
+   ticket and either the section at once (True) or a place in line (False).
+   The ticket goes into the list ``pending`` as part of the transition, so
+   that an exception raised any time after it finds what to give back with
+   _cancel_exclusive (a ticket no longer in line is a section taken). */
+static PyObject *
+core_enqueue_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "_enqueue_exclusive(force, owner, pending)");
+        return NULL;
+    }
+    int force = PyObject_IsTrue(args[0]);
+    uint64_t me;
+    if (force < 0 || owner_id(args[1], &me) < 0)
+        return NULL;
+    uint64_t ticket = self->next_ticket;
+    PyObject *py_ticket = PyLong_FromUnsignedLongLong(ticket);
+    if (py_ticket == NULL)
+        return NULL;
+    int at_once = !self->has_owner && !self->tasks && !self->queue_len;
+    if ((!at_once && queue_push(self, ticket) < 0) || PyList_Append(args[2], py_ticket) < 0) {
+        if (!at_once)
+            queue_remove(self, ticket);
+        Py_DECREF(py_ticket);
+        return NULL;
+    }
+    Py_DECREF(py_ticket);
+    self->next_ticket = ticket + 1;
+    if (at_once || force)
+        self->blocked++;
+    if (at_once) {
+        self->owner = me;
+        self->has_owner = 1;
+        self->depth = 1;
+    }
+    return PyBool_FromLong(at_once);
+}
+
 /* Under the Python lock: take the section if ``ticket`` is first in line
    and nothing runs; True when taken. Args: ticket, force, owner. */
 static PyObject *
@@ -408,31 +454,35 @@ core_take_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* Under the Python lock, when a waiting exclusive caller is interrupted:
-   leave the line. True when waiting tasks were admitted (to be notified);
-   exclusive callers are to be notified in any case. Args: ticket, force. */
+   leave the line, or give back the section if the ticket was served. True
+   when waiting tasks were admitted (to be notified); exclusive callers are
+   to be notified in any case. Args: ticket, force, owner. */
 static PyObject *
 core_cancel_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_cancel_exclusive(ticket, force)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_cancel_exclusive(ticket, force, owner)");
         return NULL;
     }
     unsigned long long ticket = PyLong_AsUnsignedLongLong(args[0]);
     if (ticket == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     int force = PyObject_IsTrue(args[1]);
-    if (force < 0)
+    uint64_t me;
+    if (force < 0 || owner_id(args[2], &me) < 0)
         return NULL;
-    if (!queue_remove(self, ticket)) {
-        /* Interrupted just after taking the section: give it back. */
+    if (queue_remove(self, ticket)) {
+        if (force)
+            self->blocked--;
+        return PyBool_FromLong(!self->has_owner && admit_waiting_tasks(self));
+    }
+    if (owned_by(self, me) && self->depth == 1) {
         self->has_owner = 0;
         self->depth = 0;
         self->blocked--;
         return PyBool_FromLong(admit_waiting_tasks(self));
     }
-    if (force)
-        self->blocked--;
-    return PyBool_FromLong(!self->has_owner && admit_waiting_tasks(self));
+    Py_RETURN_FALSE;
 }
 
 /* -- introspection */
@@ -500,8 +550,10 @@ static PyMethodDef core_methods[] = {
      "Low-level: enter the exclusive section if that needs no wait."},
     {"is_idle", (PyCFunction)core_is_idle, METH_NOARGS,
      "Whether nothing runs or waits: no task, no exclusive section."},
-    {"_register_task", (PyCFunction)core_register_task, METH_NOARGS, NULL},
+    {"_register_task", (PyCFunction)core_register_task, METH_O, NULL},
     {"_abandon_task_wait", (PyCFunction)core_abandon_task_wait, METH_O, NULL},
+    {"_enqueue_exclusive", (PyCFunction)(void (*)(void))core_enqueue_exclusive, METH_FASTCALL,
+     NULL},
     {"_take_exclusive", (PyCFunction)(void (*)(void))core_take_exclusive, METH_FASTCALL, NULL},
     {"_cancel_exclusive", (PyCFunction)(void (*)(void))core_cancel_exclusive, METH_FASTCALL,
      NULL},

@@ -357,7 +357,7 @@ CIdleWaiter: type[Core] | None = None
 if _core_is_built():
     from ._idle_core import Core, Section
 
-    class _CIdleWaiter(Core):
+    class CIdleWaiter(Core):  # type: ignore[no-redef]
         """:class:`PyIdleWaiter`'s behaviour, with the state and its transitions in C.
 
         Uncontended tasks and exclusive sections are two C calls. Waits and
@@ -392,25 +392,30 @@ if _core_is_built():
         # -- called by the core: waits and wake-ups
 
         def _enter_task_slow(self) -> None:
+            pending: list[int] = []  # the generation, recorded by the transition itself
             with self._lock:
-                gen = self._register_task()
-                if gen is None:
-                    return
                 try:
+                    if self._register_task(pending):
+                        return
+                    gen = pending[0]
                     while self._task_gen == gen:
                         self._task_cv.wait()
                 except BaseException:
-                    if self._abandon_task_wait(gen):
+                    if pending and self._abandon_task_wait(pending[0]):
                         self._excl_cv.notify_all()
                     raise
 
-        def _wait_exclusive(self, ticket: int, force: bool, owner: int) -> None:
+        def _wait_exclusive(self, force: bool, owner: int) -> None:
+            pending: list[int] = []  # the ticket, recorded by the transition itself
             with self._lock:
                 try:
+                    if self._enqueue_exclusive(force, owner, pending):
+                        return
+                    ticket = pending[0]
                     while not self._take_exclusive(ticket, force, owner):
                         self._excl_cv.wait()
                 except BaseException:
-                    if self._cancel_exclusive(ticket, force):
+                    if pending and self._cancel_exclusive(pending[0], force, owner):
                         self._task_cv.notify_all()
                     self._excl_cv.notify_all()
                     raise
@@ -422,8 +427,6 @@ if _core_is_built():
         def _notify_exclusive(self) -> None:
             with self._lock:
                 self._excl_cv.notify_all()
-
-    CIdleWaiter = _CIdleWaiter
 
 
 if TYPE_CHECKING:

@@ -10,14 +10,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 import l2_stores.idle_waiter as idle_waiter
 from l2_stores.idle_waiter import IdleWaiter
 
-IMPLEMENTATIONS = [idle_waiter.PyIdleWaiter]
+IMPLEMENTATIONS: list[type[Any]] = [idle_waiter.PyIdleWaiter]
 if idle_waiter.CIdleWaiter is not None:
     IMPLEMENTATIONS.append(idle_waiter.CIdleWaiter)
 
@@ -765,4 +765,99 @@ def test_a_task_interrupted_while_waiting_gives_its_place_back() -> None:
     held.join()
     assert w.is_idle()
     Runner(reader, "next reader").join()
+    assert w.is_idle()
+
+
+C_ONLY = pytest.mark.skipif(idle_waiter.CIdleWaiter is None, reason="the C core is not built")
+
+
+def flaky_c_waiter(where: str) -> Any:
+    """A CIdleWaiter raising once at ``where`` in its slow paths, as Ctrl-C may."""
+    assert idle_waiter.CIdleWaiter is not None
+
+    class Flaky(idle_waiter.CIdleWaiter):  # type: ignore[misc,valid-type]
+        armed: ClassVar[list[bool]] = [True]
+
+        def _fire(self, here: str) -> None:
+            if where == here and self.armed[0]:
+                self.armed[0] = False
+                raise Interrupted(here)
+
+        def _wait_exclusive(self, force: bool, owner: int) -> None:
+            self._fire("wait entry")
+            super()._wait_exclusive(force, owner)
+
+        def _enqueue_exclusive(self, force: bool, owner: int, pending: list[int]) -> bool:
+            taken: bool = super()._enqueue_exclusive(force, owner, pending)
+            self._fire("after enqueue")
+            return taken
+
+        def _enter_task_slow(self) -> None:
+            self._fire("task entry")
+            super()._enter_task_slow()
+
+        def _register_task(self, pending: list[int]) -> bool:
+            started: bool = super()._register_task(pending)
+            self._fire("after register")
+            return started
+
+    return Flaky()
+
+
+@C_ONLY
+@pytest.mark.parametrize("where", ["wait entry", "after enqueue"])
+def test_c_waiter_exclusive_caller_interrupted_around_queueing(where: str) -> None:
+    w = flaky_c_waiter(where)
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+    with pytest.raises(Interrupted):
+        w.enter_exclusive()
+    assert w.pending_exclusive == 0
+    assert not w.exclusive_running
+    assert w.try_enter_task()  # no hold on new tasks is left behind
+    w.exit_task()
+    release.set()
+    holder.join()
+    Runner(lambda: w.force_idle().__enter__() or w.exit_exclusive(), "next writer").join()
+    assert w.is_idle()
+
+
+@C_ONLY
+def test_c_waiter_section_taken_at_once_then_interrupted_is_given_back() -> None:
+    w = flaky_c_waiter("after enqueue")
+    with pytest.raises(Interrupted):
+        w._wait_exclusive(True, threading.get_ident())
+    assert not w.exclusive_running
+    assert w.is_idle()
+    assert w.try_enter_task()
+    w.exit_task()
+
+
+@C_ONLY
+@pytest.mark.parametrize("where", ["task entry", "after register"])
+def test_c_waiter_task_interrupted_around_registering(where: str) -> None:
+    w = flaky_c_waiter(where)
+    in_section, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with w.force_idle():
+            in_section.set()
+            wait_event(release, "release of the writer")
+
+    held = Runner(writer, "writer")
+    wait_event(in_section, "writer in its section")
+    with pytest.raises(Interrupted):
+        w.enter_task()
+    assert w.waiting_tasks == 0
+    release.set()
+    held.join()
+    assert w.is_idle()  # no task slot was left counted
+
+
+@C_ONLY
+def test_c_waiter_task_started_at_once_then_interrupted_is_given_back() -> None:
+    w = flaky_c_waiter("after register")
+    with pytest.raises(Interrupted):
+        w._enter_task_slow()
+    assert w.running_tasks == 0
     assert w.is_idle()
