@@ -153,8 +153,13 @@ def test_write_framed_refusals_and_errors(tmp_path: Path) -> None:
         _accel.write_framed(0, -1, b"x")
     with pytest.raises(ValueError, match="bad file descriptor"):
         _accel.write_framed(-1, 0, b"x")
-    with pytest.raises(TypeError):
-        _accel.write_framed(0, 0, "text")
+    for write_framed in (_accel.write_framed, framing._write_framed):
+        with pytest.raises(TypeError):
+            write_framed(0, 0, "text")
+        with pytest.raises(TypeError):  # could change while the GIL is released
+            write_framed(0, 0, b"ok", bytearray(b"mutable"))
+        with pytest.raises(TypeError):
+            write_framed(0, 0)
     read_only = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT)
     try:
         with pytest.raises(OSError) as caught:

@@ -163,3 +163,66 @@ def test_singleton_delete_failure_keeps_cache_truthful(
     store.close()
     with head.load(tmp_path / "head") as again:
         assert again.read() is None
+
+
+FILE_SIZE_CHILD = """
+import os, resource, signal, sys
+import construct
+from l2_stores import CannotWriteToStore, make_indexable, make_indexed_file
+
+kind, directory, target, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+if kind == "indexable":
+    cls = make_indexable("fsize", construct.Bytes(4), construct.Bytes(4))
+else:
+    cls = make_indexed_file("fsize", construct.Bytes(4), construct.GreedyBytes, construct.Bytes(4))
+store = cls.load(directory)
+before = os.path.getsize(target)
+resource.setrlimit(resource.RLIMIT_FSIZE, (before + limit, resource.RLIM_INFINITY))
+try:
+    if kind == "indexable":
+        store.add(b"late", b"LATE")
+    else:
+        store.append(b"late", b"L" * 100, b"hhhh")
+except CannotWriteToStore as error:
+    print("refused", "File too large" in str(error), os.path.getsize(target) == before)
+store.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["indexable", "indexed"])
+def test_a_write_cut_short_by_the_disk_leaves_no_partial_record(tmp_path: Path, kind: str) -> None:
+    """A real short write (a file-size limit cuts the record mid-way, then EFBIG):
+    the refused write is cut off the file, and the store loads without it."""
+    import subprocess
+    import sys
+
+    from l2_stores import make_indexed_file
+
+    directory = tmp_path / "store"
+    if kind == "indexable":
+        cls: Any = make_indexable("fsize", construct.Bytes(4), construct.Bytes(4))
+    else:
+        cls = make_indexed_file(
+            "fsize", construct.Bytes(4), construct.GreedyBytes, construct.Bytes(4)
+        )
+    with cls.load(directory) as store:
+        for i in range(3):
+            if kind == "indexable":
+                store.add(bytes([i]) * 4, b"vvvv")
+            else:
+                store.append(bytes([i]) * 4, b"v" * 100, b"hhhh")
+    if kind == "indexable":
+        target = next(directory.glob("log.*"))
+    else:
+        target = next(directory.glob("values.*"))
+    out = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_CHILD, kind, str(directory), str(target), "5"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.split() == ["refused", "True", "True"], out.stderr
+    with cls.load(directory) as again:
+        assert sorted(again.keys()) == [bytes([i]) * 4 for i in range(3)]
+        if kind == "indexed":
+            assert again.read(b"\x02" * 4) == (b"v" * 100, b"hhhh")

@@ -931,9 +931,12 @@ done:
     return record;
 }
 
-/* write_framed(fd, offset, *parts) -> int: write the parts, then the CRC-32
-   of them all, at ``offset`` of ``fd`` in one pwritev (no copy of the parts);
-   returns the bytes written. Short writes are resumed; OSError on failure. */
+/* write_framed(fd, offset, *parts) -> int: write the parts (bytes, which
+   cannot change while the GIL is released), then the CRC-32 of them all,
+   at ``offset`` of ``fd`` in one pwritev (no copy of the parts); returns
+   the bytes written. Short writes are resumed, and so are writes
+   interrupted by a signal once its handler has run (as os.pwrite does);
+   OSError on failure, or the handler's exception. */
 static PyObject *
 accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -958,68 +961,73 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         return NULL;
     }
     Py_ssize_t nparts = nargs - 2;
-    Py_buffer views[MAX_PARTS];
     struct iovec iov[MAX_PARTS + 1];
     unsigned char crc_bytes[4];
-    Py_ssize_t total = 0, held = 0;
-    PyObject *result = NULL;
-    for (; held < nparts; held++) {
-        if (PyObject_GetBuffer(args[2 + held], &views[held], PyBUF_SIMPLE) < 0)
-            goto done;
-        if (views[held].len > PY_SSIZE_T_MAX - 4 - total) {
-            PyBuffer_Release(&views[held]);
-            PyErr_SetString(PyExc_OverflowError, "write_framed(): parts too large");
-            goto done;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        PyObject *part = args[2 + i];
+        if (!PyBytes_Check(part)) {
+            PyErr_Format(PyExc_TypeError, "write_framed(): parts must be bytes, not %.100s",
+                         Py_TYPE(part)->tp_name);
+            return NULL;
         }
-        iov[held].iov_base = views[held].buf;
-        iov[held].iov_len = (size_t)views[held].len;
-        total += views[held].len;
+        if (PyBytes_GET_SIZE(part) > PY_SSIZE_T_MAX - 4 - total) {
+            PyErr_SetString(PyExc_OverflowError, "write_framed(): parts too large");
+            return NULL;
+        }
+        iov[i].iov_base = PyBytes_AS_STRING(part);
+        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(part);
+        total += PyBytes_GET_SIZE(part);
     }
     iov[nparts].iov_base = crc_bytes;
     iov[nparts].iov_len = 4;
-    int error = 0;
-    Py_BEGIN_ALLOW_THREADS
-    uint32_t crc = 0;
-    for (Py_ssize_t i = 0; i < nparts; i++)
-        crc = crc32_fast(crc, (const unsigned char *)views[i].buf, views[i].len);
-    write_u32(crc_bytes, crc);
     struct iovec *next = iov;
     int left = (int)nparts + 1;
     off_t at = (off_t)offset;
+    int error = 0, first = 1;
     while (left > 0) {
-        ssize_t n = pwritev(fd, next, left, at);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            error = errno;
-            break;
+        Py_BEGIN_ALLOW_THREADS
+        if (first) {
+            uint32_t crc = 0;
+            for (Py_ssize_t i = 0; i < nparts; i++)
+                crc = crc32_fast(crc, (const unsigned char *)iov[i].iov_base,
+                                 (Py_ssize_t)iov[i].iov_len);
+            write_u32(crc_bytes, crc);
         }
-        if (n == 0) {
-            error = EIO;
-            break;
+        while (left > 0) {
+            ssize_t n = pwritev(fd, next, left, at);
+            if (n < 0) {
+                error = errno;
+                break;
+            }
+            if (n == 0) {
+                error = EIO;
+                break;
+            }
+            at += n;
+            while (left > 0 && (size_t)n >= next->iov_len) {
+                n -= (ssize_t)next->iov_len;
+                next++;
+                left--;
+            }
+            if (left > 0) {
+                next->iov_base = (char *)next->iov_base + n;
+                next->iov_len -= (size_t)n;
+            }
         }
-        at += n;
-        while (left > 0 && (size_t)n >= next->iov_len) {
-            n -= (ssize_t)next->iov_len;
-            next++;
-            left--;
+        Py_END_ALLOW_THREADS
+        first = 0;
+        if (error == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            error = 0;
         }
-        if (left > 0) {
-            next->iov_base = (char *)next->iov_base + n;
-            next->iov_len -= (size_t)n;
+        else if (error) {
+            errno = error;
+            return PyErr_SetFromErrno(PyExc_OSError);
         }
     }
-    Py_END_ALLOW_THREADS
-    if (error) {
-        errno = error;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    result = PyLong_FromSsize_t(total + 4);
-done:
-    for (Py_ssize_t i = 0; i < held; i++)
-        PyBuffer_Release(&views[i]);
-    return result;
+    return PyLong_FromSsize_t(total + 4);
 }
 
 /* CRC-32 of a record followed by its own CRC (little-endian): framing.CRC_RESIDUE. */

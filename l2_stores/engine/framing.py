@@ -27,6 +27,7 @@ record is checked with one ``crc32`` call over the whole record.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -71,18 +72,24 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     if written < len(data):  # rare, so the view's slices are too
         view = memoryview(data)
         while written < len(data):
-            written += os.pwrite(fd, view[written:], offset + written)
+            more = os.pwrite(fd, view[written:], offset + written)
+            if not more:
+                raise OSError(errno.EIO, "pwrite wrote nothing")
+            written += more
 
 
 def _write_framed(fd: int, offset: int, *parts: bytes) -> int:
+    if not parts or not all(isinstance(part, bytes) for part in parts):
+        raise TypeError("write_framed(fd, offset, *parts): one part or more, all bytes")
     record = _framed(*parts)
     pwrite_all(fd, record, offset)
     return len(record)
 
 
 #: ``write_framed(fd, offset, *parts)``: ``framed(*parts)`` written at
-#: ``offset`` of ``fd``; returns its size. Raises OSError, having written
-#: any part of it. In C with the accelerator: one ``pwritev``, no copy.
+#: ``offset`` of ``fd``; returns its size. The parts are ``bytes``. Raises
+#: OSError, having written any part of it. In C with the accelerator: one
+#: ``pwritev``, no copy.
 write_framed: Callable[..., int] = accelerated_write_framed or _write_framed
 
 
