@@ -67,7 +67,7 @@ class GcMergeRenamed(CannotWriteToStore):
 #: While a merge runs, the active log may grow to this many times the buffer
 #: size before a writer waits for the merge: writers are not stalled by a slow
 #: merge, and memory stays bounded.
-LOG_CAP_FACTOR = 2
+LOG_CAP_FACTOR = 3
 
 
 class _GcMerge:

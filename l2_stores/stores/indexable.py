@@ -43,7 +43,7 @@ class IndexableStore(Collectable):
 
         ``index_buffer_size``: bindings kept in the in-memory write buffer
         (the log) before a merge into the sorted data file (default 10,000;
-        while a merge runs the next log may hold up to twice as many).
+        while a merge runs the next log may hold up to three times as many).
         ``fsync``: every flush also reaches stable storage (default False).
         """
         directory = os.fspath(path)

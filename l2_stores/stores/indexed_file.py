@@ -108,7 +108,7 @@ class IndexedFileBase(Collectable):
         """Open the indexed file at directory ``path``.
 
         ``index_buffer_size``: index bindings kept in memory before a merge
-        (default 10,000; up to twice as many while a merge runs).
+        (default 10,000; up to three times as many while a merge runs).
         ``cache_size``: recently read or appended (value, header) pairs kept
         in an LRU cache (default 1,000).
         ``fsync``: every value and every flush reaches stable storage.
