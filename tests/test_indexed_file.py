@@ -1544,3 +1544,23 @@ def test_values_file_reads_records_appended_after_its_map(
             assert max(sizes) <= os.path.getsize(path)
         else:
             assert sizes == {0}, (name, sizes)
+
+
+def test_values_file_reads_by_pread_when_no_map_can_be_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from l2_stores.engine import values as values_module
+    from l2_stores.engine.framing import Expected
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(values_module.mmap, "mmap", refuse)
+    path = str(tmp_path / "values.0")
+    writer = values_module.ValuesFile(path, Expected("nomap", 8, 0, 4), readonly=False, fsync=False)
+    try:
+        offset = writer.append(b"k" * 8, b"value")
+        assert writer.read(offset, 5, b"k" * 8) == b"value"
+        assert writer._map is None
+    finally:
+        writer.close()

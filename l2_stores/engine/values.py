@@ -222,12 +222,15 @@ class ValuesFile:
         """
         if value_of_record is None or self._fd < 0:
             return None
-        size = os.fstat(self._fd).st_size if self._readonly else self.end
         mapped = self._map
         mapped_size = len(mapped) if mapped is not None else 0
-        if needed > size or size - mapped_size < min(REMAP_STEP, mapped_size // 8):
+        try:
+            size = os.fstat(self._fd).st_size if self._readonly else self.end
+            if needed > size or size - mapped_size < min(REMAP_STEP, mapped_size // 8):
+                return None
+            mapped = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no map to be had: pread, which reports errors
             return None
-        mapped = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
         self._map = mapped
         return mapped
 
