@@ -79,6 +79,21 @@ owner_id(PyObject *owner, uint64_t *out)
     return 0;
 }
 
+/* The owner id of a call taking ``(owner=None)``, positional or keyword;
+   ``usage`` names the method in the error. */
+static int
+owner_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *usage,
+               uint64_t *out)
+{
+    if (nargs > 1 || (kwnames && (nargs || PyTuple_GET_SIZE(kwnames) != 1 ||
+                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                                   "owner") != 0))) {
+        PyErr_Format(PyExc_TypeError, "%s(owner=None)", usage);
+        return -1;
+    }
+    return owner_id(nargs == 1 || kwnames ? args[0] : NULL, out);
+}
+
 static inline int
 owned_by(Core *self, uint64_t me)
 {
@@ -186,18 +201,8 @@ core_exit(Core *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nar
 static PyObject *
 core_try_enter_task(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static const char *const names[] = {"owner"};
-    PyObject *owner = NULL;
-    if (nargs > 1 || (kwnames && (PyTuple_GET_SIZE(kwnames) != 1 || nargs ||
-                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
-                                                                   names[0]) != 0))) {
-        PyErr_SetString(PyExc_TypeError, "try_enter_task(owner=None)");
-        return NULL;
-    }
-    if (nargs == 1 || kwnames)
-        owner = args[0];
     uint64_t me;
-    if (owner_id(owner, &me) < 0)
+    if (owner_argument(args, nargs, kwnames, "try_enter_task", &me) < 0)
         return NULL;
     if (self->blocked && !owned_by(self, me))
         Py_RETURN_FALSE;
@@ -343,17 +348,8 @@ exit_exclusive(Core *self, uint64_t me)
 static PyObject *
 core_exit_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *owner = NULL;
-    if (nargs > 1 || (kwnames && (nargs || PyTuple_GET_SIZE(kwnames) != 1 ||
-                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
-                                                                   "owner") != 0))) {
-        PyErr_SetString(PyExc_TypeError, "exit_exclusive(owner=None)");
-        return NULL;
-    }
-    if (nargs == 1 || kwnames)
-        owner = args[0];
     uint64_t me;
-    if (owner_id(owner, &me) < 0)
+    if (owner_argument(args, nargs, kwnames, "exit_exclusive", &me) < 0)
         return NULL;
     return exit_exclusive(self, me);
 }
@@ -361,17 +357,8 @@ core_exit_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObjec
 static PyObject *
 core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *owner = NULL;
-    if (nargs > 1 || (kwnames && (nargs || PyTuple_GET_SIZE(kwnames) != 1 ||
-                                  PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
-                                                                   "owner") != 0))) {
-        PyErr_SetString(PyExc_TypeError, "try_enter_exclusive(owner=None)");
-        return NULL;
-    }
-    if (nargs == 1 || kwnames)
-        owner = args[0];
     uint64_t me;
-    if (owner_id(owner, &me) < 0)
+    if (owner_argument(args, nargs, kwnames, "try_enter_exclusive", &me) < 0)
         return NULL;
     if (owned_by(self, me)) {
         self->depth++;
