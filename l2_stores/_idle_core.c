@@ -579,18 +579,6 @@ typedef struct {
     Core *core;
 } Section;
 
-static PyObject *
-section_enter(Section *self, PyObject *Py_UNUSED(ignored))
-{
-    return enter_exclusive(self->core, (uint64_t)PyThread_get_thread_ident(), NULL, 1);
-}
-
-static PyObject *
-section_exit(Section *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
-{
-    return exit_exclusive(self->core, (uint64_t)PyThread_get_thread_ident());
-}
-
 static int
 section_init(Section *self, PyObject *args, PyObject *kwargs)
 {
@@ -625,28 +613,28 @@ section_dealloc(Section *self)
 }
 
 static PyObject *
-section_checked_enter(Section *self, PyObject *ignored)
+section_enter(Section *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->core == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "section of no idle-waiter");
         return NULL;
     }
-    return section_enter(self, ignored);
+    return enter_exclusive(self->core, (uint64_t)PyThread_get_thread_ident(), NULL, 1);
 }
 
 static PyObject *
-section_checked_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
+section_exit(Section *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
     if (self->core == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "section of no idle-waiter");
         return NULL;
     }
-    return section_exit(self, args, nargs);
+    return exit_exclusive(self->core, (uint64_t)PyThread_get_thread_ident());
 }
 
 static PyMethodDef section_methods[] = {
-    {"__enter__", (PyCFunction)section_checked_enter, METH_NOARGS, "Enter the exclusive section."},
-    {"__exit__", (PyCFunction)(void (*)(void))section_checked_exit, METH_FASTCALL,
+    {"__enter__", (PyCFunction)section_enter, METH_NOARGS, "Enter the exclusive section."},
+    {"__exit__", (PyCFunction)(void (*)(void))section_exit, METH_FASTCALL,
      "Leave the exclusive section."},
     {NULL, NULL, 0, NULL},
 };

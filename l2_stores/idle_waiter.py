@@ -42,7 +42,6 @@ free-threaded interpreters and ``L2_STORES_PURE_PYTHON=1``.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from .engine.accel import ENV_PURE_PYTHON
+from .engine.accel import pure_python_requested
 
 __all__ = ["CIdleWaiter", "IdleWaiter", "PyIdleWaiter"]
 
@@ -342,7 +341,7 @@ class PyIdleWaiter:
 
 
 def _core_is_built() -> bool:
-    if os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0"):
+    if pure_python_requested():
         return False
     try:
         from . import _idle_core  # noqa: F401

@@ -19,8 +19,13 @@ if TYPE_CHECKING:
 ENV_PURE_PYTHON = "L2_STORES_PURE_PYTHON"
 
 
+def pure_python_requested() -> bool:
+    """Whether ``L2_STORES_PURE_PYTHON`` asks for the pure-Python paths (every C extension off)."""
+    return os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0")
+
+
 def _load() -> ModuleType | None:
-    if os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0"):
+    if pure_python_requested():
         return None
     try:
         from . import _accel
@@ -48,10 +53,12 @@ if _module is not None:
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
-    checked_value: Callable[[mmap, int, int, bytes], bytes | None] | None = value_of_record
+    accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
+        value_of_record
+    )
 else:
     AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
-    accelerated_write_framed = checked_value = None
+    accelerated_write_framed = accelerated_value_of_record = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -64,6 +71,7 @@ __all__ = [
     "CorruptRow",
     "accelerated_crc32",
     "accelerated_framed",
+    "accelerated_value_of_record",
     "accelerated_write_framed",
-    "checked_value",
+    "pure_python_requested",
 ]

@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
-from .accel import checked_value as value_of_record
+from .accel import accelerated_value_of_record as value_of_record
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
