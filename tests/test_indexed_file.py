@@ -1497,6 +1497,50 @@ def test_read_only_load_of_missing_path_creates_nothing(tmp_path: Path, kind_id:
 # Reads through the values file's map
 
 
+def test_values_file_writer_killed_before_closing_leaves_zeros_the_next_one_skips(
+    tmp_path: Path,
+) -> None:
+    """A writer appends through a map of zeros it writes ahead, and cuts them at
+    close; one that never closes (a kill) leaves them, and the next writer finds
+    where the records end, even when the last record ends with zero bytes."""
+    from l2_stores.engine import values as values_module
+    from l2_stores.engine.framing import Expected, crc32
+
+    expected = Expected("zeros", 8, 0, 4)
+    key = b"k" * 8
+    # a value whose record's checksum ends with a zero byte
+    value = next(
+        candidate
+        for i in range(100_000)
+        if (candidate := b"v" * 10 + i.to_bytes(4, "little"))
+        and crc32(values_module.LENGTH.pack(14) + key + candidate + values_module.LENGTH.pack(14))
+        >> 24
+        == 0
+    )
+    path = str(tmp_path / "values.0")
+    killed = values_module.ValuesFile(path, expected, readonly=False, fsync=False)
+    offsets = [killed.append(key, b"x" * 100), killed.append(key, value)]
+    end = killed.end
+    assert os.path.getsize(path) > end  # the zeros written ahead
+    # no close(): as after a kill
+    again = values_module.ValuesFile(path, expected, readonly=False, fsync=False)
+    assert again.end == end
+    assert again.last_record() == (offsets[1], key, len(value))
+    offsets.append(again.append(key, b"y" * 5))
+    assert offsets[2] == end
+    again.close()
+    assert os.path.getsize(path) == again.end  # closed: the zeros are cut
+    reader = values_module.ValuesFile(path, expected, readonly=True, fsync=False)
+    assert [reader.read(o, n, key) for o, n in zip(offsets, [100, 14, 5], strict=True)] == [
+        b"x" * 100,
+        value,
+        b"y" * 5,
+    ]
+    reader.close()
+    killed._tail = None  # its map is of zeros cut since; drop it without a seal
+    killed.close()
+
+
 @pytest.mark.parametrize("mapped", [True, False], ids=["map", "pread"])
 def test_values_file_reads_records_appended_after_its_map(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
