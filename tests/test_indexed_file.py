@@ -1541,6 +1541,40 @@ def test_values_file_writer_killed_before_closing_leaves_zeros_the_next_one_skip
     killed.close()
 
 
+def test_values_file_record_cut_short_before_zeros_is_torn_for_the_checker(
+    tmp_path: Path,
+) -> None:
+    from l2_stores.engine import values as values_module
+    from l2_stores.engine.framing import Expected
+
+    expected = Expected("zeros", 8, 0, 4)
+    path = str(tmp_path / "values.0")
+    writer = values_module.ValuesFile(path, expected, readonly=False, fsync=False)
+    writer.append(b"k" * 8, b"x" * 100)
+    cut = writer.end
+    writer.append(b"k" * 8, b"y" * 300)
+    writer.close()
+    with open(path, "r+b") as file:  # as a kill during the copy of the second record
+        file.seek(cut + 150)
+        file.write(bytes(400))
+    findings = list(values_module.check_values_file(path))
+    assert [(f.offset, f.problem) for f in findings] == [(cut, False)], findings
+    assert "torn" in findings[0].what
+    size = os.path.getsize(path)
+    again = values_module.ValuesFile(path, expected, readonly=False, fsync=False)
+    assert again.end == size  # no whole record before the zeros: kept for the load to cut
+    again.cut(cut)
+    again.append(b"k" * 8, b"z" * 20)
+    again.append(b"k" * 8, b"w" * 20)
+    again.close()
+    with open(path, "r+b") as file:  # a damaged record before a whole one: corruption
+        file.seek(cut + 30)
+        file.write(b"\xff")
+        file.seek(0, os.SEEK_END)
+        file.write(bytes(40))
+    assert [f.problem for f in values_module.check_values_file(path)] == [True]
+
+
 @pytest.mark.parametrize("mapped", [True, False], ids=["map", "pread"])
 def test_values_file_reads_records_appended_after_its_map(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool

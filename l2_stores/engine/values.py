@@ -372,8 +372,19 @@ def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
         if offset >= size:
             return
         rest = os.pread(fd, size - offset, offset)
-        if not any(rest):
+        written = len(rest.rstrip(b"\0"))
+        if not written:
             yield Finding(path, offset, "zero-filled tail (torn; never referenced)", False)
+        elif written < len(rest) and not any(
+            _record_ends_file(fd, end, offset, overhead)
+            for end in range(offset + written, min(offset + written + 8, size) + 1)
+        ):
+            yield Finding(
+                path,
+                offset,
+                f"torn record at the end, {written} bytes before zeros (never referenced)",
+                False,
+            )
         elif whole or _record_ends_file(fd, size, offset, overhead):
             yield Finding(path, offset, "value record checksum or framing mismatch")
         else:
