@@ -16,7 +16,7 @@ import construct
 import pytest
 
 import l2_stores.engine.index as index_module
-import l2_stores.engine.tail as tail_module
+import l2_stores.engine.log as log_module
 from l2_stores import (
     CannotWriteToStore,
     StoreError,
@@ -51,22 +51,20 @@ class FailingOs:
 
 @pytest.fixture
 def failing_log_writes(monkeypatch: pytest.MonkeyPatch) -> FailingOs:
-    """Log writes fail while ``failures`` is positive, as on a full disk.
-
-    The zeros a log's records are stored into grow by one byte at a time,
-    so every append writes, and may fail.
-    """
+    """Log writes fail while ``failures`` is positive, as on a full disk."""
     fake = FailingOs("pwrite")
 
-    def write_or_fail(*args: Any) -> Any:
-        if fake.failures > 0:
-            fake.failures -= 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return pwrite_all(*args)
+    def failing(write: Any) -> Any:
+        def write_or_fail(*args: Any) -> Any:
+            if fake.failures > 0:
+                fake.failures -= 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(*args)
 
-    pwrite_all = tail_module.pwrite_all
-    monkeypatch.setattr(tail_module, "GROWTH_STEP", 1)
-    monkeypatch.setattr(tail_module, "pwrite_all", write_or_fail)
+        return write_or_fail
+
+    monkeypatch.setattr(log_module, "pwrite_all", failing(log_module.pwrite_all))
+    monkeypatch.setattr(log_module, "write_framed", failing(log_module.write_framed))
     return fake
 
 
@@ -75,30 +73,29 @@ def test_a_failed_remove_never_takes_effect_later(
 ) -> None:
     store = Store.load(tmp_path / "s")
     store.add(b"kkkk", b"v1v1")
-    store.add(b"xxxx", b"x1x1", flush=False)
+    store.add(b"xxxx", b"x1x1", flush=False)  # pending
     failing_log_writes.failures = 1
     with pytest.raises(CannotWriteToStore, match="No space left"):
         store.remove(b"kkkk")
     assert store.find(b"kkkk") == b"v1v1"
-    store.flush()  # the unflushed add stays, the failed remove does not come back
+    store.flush()  # the pending add goes out, the failed remove does not
     store.close()
     with Store.load(tmp_path / "s") as again:
         assert again.find(b"kkkk") == b"v1v1"
         assert again.find(b"xxxx") == b"x1x1"
 
 
-def test_a_refused_write_leaves_the_log_whole_for_the_next(
+def test_a_failed_freeze_keeps_the_pending_records(
     tmp_path: Path, failing_log_writes: FailingOs
 ) -> None:
     store = Store.load(tmp_path / "s", index_buffer_size=4)
     for i in range(3):
         store.add(bytes([i]) * 4, b"vvvv", flush=False)
     failing_log_writes.failures = 1
-    with pytest.raises(CannotWriteToStore, match="No space left"):
-        store.add(b"\x03" * 4, b"vvvv")
-    assert store.find(b"\x03" * 4) is None
-    store.add(b"\x03" * 4, b"vvvv")  # space is back: the log fills, freezes, merges
-    store.add(b"\x04" * 4, b"vvvv")
+    # Fills the log; the freeze's flush fails, is logged, and the add stands.
+    store.add(b"\x03" * 4, b"vvvv", flush=False)
+    store.add(b"\x04" * 4, b"vvvv", flush=False)  # space is back: freeze, merge
+    store.flush()
     store.close()
     with Store.load(tmp_path / "s") as again:
         assert sorted(again.keys()) == [bytes([i]) * 4 for i in range(5)]
@@ -135,7 +132,7 @@ def test_os_errors_surface_as_store_errors(tmp_path: Path, monkeypatch: pytest.M
     plain = make_indexable("oserrors", construct.Bytes(4), construct.Bytes(4))
     fsyncing = plain.load(tmp_path / "a", fsync=True)
     fake = FailingOs("fsync")
-    monkeypatch.setattr(tail_module, "os", fake)
+    monkeypatch.setattr(log_module, "os", fake)
     fake.failures = 1
     with pytest.raises(CannotWriteToStore):
         fsyncing.flush()
@@ -195,9 +192,8 @@ store.close()
 
 @pytest.mark.parametrize("kind", ["indexable", "indexed"])
 def test_a_write_cut_short_by_the_disk_leaves_no_partial_record(tmp_path: Path, kind: str) -> None:
-    """A real short write (a file-size limit cuts it mid-way, then EFBIG): the log's
-    run of zeros, or a values record. What was written is cut off the file, and the
-    store loads without the refused write."""
+    """A real short write (a file-size limit cuts the record mid-way, then EFBIG):
+    the refused write is cut off the file, and the store loads without it."""
     import subprocess
     import sys
 

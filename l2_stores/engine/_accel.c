@@ -1043,61 +1043,6 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     return PyLong_FromSsize_t(total + 4);
 }
 
-/* store_framed(buffer, offset, *parts) -> int: copy the parts (bytes), then
-   the CRC-32 of them all, into the writable ``buffer`` (a shared map of a
-   file) at ``offset``; returns the bytes stored. The record is stored in
-   address order and fenced, so that whoever sees a later record whole also
-   sees this one whole. ValueError when it does not fit. */
-static PyObject *
-accel_store_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 3 || nargs - 2 > MAX_PARTS) {
-        PyErr_Format(PyExc_TypeError, "store_framed(buffer, offset, *parts): 1 to %d parts",
-                     MAX_PARTS);
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t nparts = nargs - 2, total = 0;
-    for (Py_ssize_t i = 0; i < nparts; i++) {
-        PyObject *part = args[2 + i];
-        if (!PyBytes_Check(part)) {
-            PyErr_Format(PyExc_TypeError, "store_framed(): parts must be bytes, not %.100s",
-                         Py_TYPE(part)->tp_name);
-            return NULL;
-        }
-        if (PyBytes_GET_SIZE(part) > PY_SSIZE_T_MAX - 4 - total) {
-            PyErr_SetString(PyExc_OverflowError, "store_framed(): parts too large");
-            return NULL;
-        }
-        total += PyBytes_GET_SIZE(part);
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (offset < 0 || offset > view.len || total + 4 > view.len - offset) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "store_framed(): record does not fit the buffer");
-        return NULL;
-    }
-    unsigned char *start = (unsigned char *)view.buf + offset;
-    int release = total > CRC_GIL_FREE;
-    PyThreadState *state = release ? PyEval_SaveThread() : NULL;
-    unsigned char *out = start;
-    for (Py_ssize_t i = 0; i < nparts; i++) {
-        Py_ssize_t n = PyBytes_GET_SIZE(args[2 + i]);
-        memcpy(out, PyBytes_AS_STRING(args[2 + i]), (size_t)n);
-        out += n;
-    }
-    write_u32(out, crc32_of(start, total));
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-    if (release)
-        PyEval_RestoreThread(state);
-    PyBuffer_Release(&view);
-    return PyLong_FromSsize_t(total + 4);
-}
-
 /* CRC-32 of a record followed by its own CRC (little-endian): framing.CRC_RESIDUE. */
 #define CRC_RESIDUE 0x2144DF1Cu
 
@@ -1168,8 +1113,6 @@ static PyMethodDef accel_functions[] = {
      "value_of_record(buffer, offset, length, key) -> bytes | None: a checked value."},
     {"write_framed", (PyCFunction)(void (*)(void))accel_write_framed, METH_FASTCALL,
      "write_framed(fd, offset, *parts) -> int: framed(*parts) written at offset, in place."},
-    {"store_framed", (PyCFunction)(void (*)(void))accel_store_framed, METH_FASTCALL,
-     "store_framed(buffer, offset, *parts) -> int: framed(*parts) stored at offset."},
     {NULL, NULL, 0, NULL},
 };
 

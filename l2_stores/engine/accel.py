@@ -42,7 +42,6 @@ if _module is not None:
         MergePlan,
         crc32,
         framed,
-        store_framed,
         value_of_record,
         write_framed,
     )
@@ -53,14 +52,13 @@ if _module is not None:
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
-    accelerated_store_framed: Callable[..., int] | None = store_framed
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
     accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
         value_of_record
     )
 else:
     AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
-    accelerated_write_framed = accelerated_store_framed = accelerated_value_of_record = None
+    accelerated_write_framed = accelerated_value_of_record = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -73,7 +71,6 @@ __all__ = [
     "CorruptRow",
     "accelerated_crc32",
     "accelerated_framed",
-    "accelerated_store_framed",
     "accelerated_value_of_record",
     "accelerated_write_framed",
     "pure_python_requested",

@@ -33,15 +33,9 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from mmap import mmap
 
 from ..errors import CannotLoadStore
-from .accel import (
-    accelerated_crc32,
-    accelerated_framed,
-    accelerated_store_framed,
-    accelerated_write_framed,
-)
+from .accel import accelerated_crc32, accelerated_framed, accelerated_write_framed
 
 FORMAT_VERSION = 1
 HEADER_FORMAT = "<8sHHIIIQQBQ11xI"
@@ -97,34 +91,6 @@ def _write_framed(fd: int, offset: int, *parts: bytes) -> int:
 #: OSError, having written any part of it. In C with the accelerator: one
 #: ``pwritev``, no copy.
 write_framed: Callable[..., int] = accelerated_write_framed or _write_framed
-
-
-def _store_framed(buffer: mmap | bytearray, offset: int, *parts: bytes) -> int:
-    if not parts or not all(isinstance(part, bytes) for part in parts):
-        raise TypeError("store_framed(buffer, offset, *parts): one part or more, all bytes")
-    record = _framed(*parts)
-    if offset < 0 or offset + len(record) > len(buffer):
-        raise ValueError("store_framed(): record does not fit the buffer")
-    buffer[offset : offset + len(record)] = record
-    return len(record)
-
-
-#: ``store_framed(buffer, offset, *parts)``: ``framed(*parts)`` copied into
-#: the writable ``buffer`` (a shared map) at ``offset``; returns its size.
-#: ValueError, nothing stored, when it does not fit.
-store_framed: Callable[..., int] = accelerated_store_framed or _store_framed
-
-_ZERO_BLOCK = bytes(1 << 16)
-
-
-def zero_from(buffer: bytes, start: int) -> bool:
-    """Whether every byte of ``buffer`` from ``start`` on is zero."""
-    block = len(_ZERO_BLOCK)
-    for at in range(start, len(buffer), block):
-        chunk = buffer[at : at + block]
-        if chunk != _ZERO_BLOCK[: len(chunk)]:
-            return False
-    return True
 
 
 def crc_ok(record: bytes | memoryview) -> bool:

@@ -13,15 +13,9 @@ Layout of ``log.<generation>`` (integers little-endian)::
        1+K     V  value (zeros for a remove)
      1+K+V     4  crc32 of the 1+K+V bytes before it
 
-Records are only ever appended, through a shared map of zeros written ahead
-of them (see ``tail``); a writer that closes the log cuts the zeros off.
-
-Torn tails, dropped at load: a last record cut short at the end of the file;
-a record that fails its check and is followed by nothing but zeros, one or
-more (a kill during its copy into the map; or a power loss); zeros from a
-record boundary to the end (the writer's run of zeros, or a power loss). Any
-other record whose check fails is corruption: a failing last record of a
-sealed file, or one followed by other bytes than zeros.
+Records are only ever appended. A kill can leave the last record cut short,
+or, on some file systems after a power loss, zero-filled: such a tail is torn
+and dropped at load. Any other record whose checksum fails is corruption.
 """
 
 from __future__ import annotations
@@ -41,17 +35,22 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
+    framed,
     fsync_directory,
     parse_header,
-    zero_from,
+    pwrite_all,
+    write_framed,
 )
-from .tail import FileTail
 
 MAGIC = b"L2SLOG\0\0"
 OP_SET = 1
 OP_REMOVE = 2
 _OP_SET_BYTE = bytes([OP_SET])
 _OP_REMOVE_BYTE = bytes([OP_REMOVE])
+
+#: Pending bytes of unflushed appends (``flush=False``) handed to the OS
+#: once they reach this size, to bound memory.
+PENDING_LIMIT = 1 << 20
 
 
 def record_size(expected: Expected) -> int:
@@ -90,42 +89,32 @@ def read_log(
             scan = LogScan(header.generation, into if into is not None else {})
         file.seek(scan.end)
         buffer = file.read()
-        bindings = scan.bindings
-        size = record_size(expected)
-        key_end = 1 + expected.key_size
-        value_end = key_end + expected.value_size
-        position = 0
-        while position + size <= len(buffer):
-            record = buffer[position : position + size]
-            op = record[0]
-            if crc32(record) != CRC_RESIDUE or op not in (OP_SET, OP_REMOVE):
-                if _ends_torn(buffer, position, size):
-                    break
-                # A writer may have been storing this record as we read it:
-                # once we saw bytes past it, it is whole. Read it again.
-                record = os.pread(file.fileno(), size, scan.end + position)
-                op = record[0] if record else 0
-                if crc32(record) != CRC_RESIDUE or op not in (OP_SET, OP_REMOVE):
-                    offset = scan.end + position
-                    raise CannotLoadStore(
-                        f"corrupted log record (file {path}, offset {offset})",
-                        name=expected.name,
-                        path=path,
-                        offset=offset,
-                    )
-            key = record[1:key_end]
-            bindings[key] = record[key_end:value_end] if op == OP_SET else None
-            position += size
+    bindings = scan.bindings
+    size = record_size(expected)
+    key_end = 1 + expected.key_size
+    value_end = key_end + expected.value_size
+    complete = len(buffer) - len(buffer) % size
+    position = 0
+    while position < complete:
+        record = buffer[position : position + size]
+        op = record[0]
+        if crc32(record) != CRC_RESIDUE or op not in (OP_SET, OP_REMOVE):
+            if not any(buffer[position:]):
+                break  # zero-filled tail: torn
+            offset = scan.end + position
+            raise CannotLoadStore(
+                f"corrupted log record (file {path}, offset {offset})",
+                name=expected.name,
+                path=path,
+                offset=offset,
+            )
+        key = record[1:key_end]
+        bindings[key] = record[key_end:value_end] if op == OP_SET else None
+        position += size
     scan.records += position // size
     scan.end += position
-    scan.torn_bytes = 0 if zero_from(buffer, position) else len(buffer) - position
+    scan.torn_bytes = len(buffer) - position
     return scan
-
-
-def _ends_torn(buffer: bytes, position: int, size: int) -> bool:
-    """Whether the failing record at ``position`` is a torn tail (see the module docstring)."""
-    after = position + size
-    return zero_from(buffer, position) or (after < len(buffer) and zero_from(buffer, after))
 
 
 class SpareLog:
@@ -190,9 +179,10 @@ class LogWriter:
         self.generation = generation
         self.records = records
         self._fd = fd
-        self._tail = FileTail(fd, end)
         self._expected = expected
+        self._end = end
         self._fsync = fsync
+        self._pending = bytearray()
         self._zero_value = bytes(expected.value_size)
 
     @classmethod
@@ -227,10 +217,10 @@ class LogWriter:
 
     @classmethod
     def reopen(cls, path: str, scan: LogScan, expected: Expected, fsync: bool) -> LogWriter:
-        """Open an existing log for appending after ``scan``; what follows it is cut off."""
+        """Open an existing log for appending after ``scan``; a torn tail is cut off."""
         fd = os.open(path, os.O_RDWR)
         try:
-            if os.fstat(fd).st_size > scan.end:
+            if scan.torn_bytes:
                 os.ftruncate(fd, scan.end)
                 if fsync:
                     os.fsync(fd)
@@ -241,40 +231,72 @@ class LogWriter:
 
     def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
         """Append a binding of ``key`` to ``value``."""
-        try:
-            offset = self._tail.append(_OP_SET_BYTE, key, value)
-        except OSError as error:
-            raise self._write_error(error) from error
-        if flush and self._fsync:
-            self._sync_or_take_back(offset)
-        self.records += 1
+        if flush and not self._pending:
+            # _append's first branch, inlined: this is every flushed add.
+            try:
+                size = write_framed(self._fd, self._end, _OP_SET_BYTE, key, value)
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as error:
+                raise self._failed_write(error) from error
+            self._end += size
+            self.records += 1
+        else:
+            self._append(flush, _OP_SET_BYTE, key, value)
 
     def append_remove(self, key: bytes, flush: bool) -> None:
         """Append the removal of ``key``."""
-        try:
-            offset = self._tail.append(_OP_REMOVE_BYTE, key, self._zero_value)
-        except OSError as error:
-            raise self._write_error(error) from error
-        if flush and self._fsync:
-            self._sync_or_take_back(offset)
+        self._append(flush, _OP_REMOVE_BYTE, key, self._zero_value)
+
+    def _append(self, flush: bool, *parts: bytes) -> None:
+        """Append the record of ``parts``; if this raises, the record is not in the log."""
+        if flush and not self._pending:
+            try:
+                size = write_framed(self._fd, self._end, *parts)
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as error:
+                raise self._failed_write(error) from error
+            self._end += size
+        else:
+            mark = len(self._pending)
+            self._pending += framed(*parts)
+            if flush or len(self._pending) >= PENDING_LIMIT:
+                try:
+                    self.flush()
+                except BaseException:
+                    del self._pending[mark:]
+                    raise
         self.records += 1
 
-    def _sync_or_take_back(self, offset: int) -> None:
-        """Make the record at ``offset`` durable; if that fails, it is not in the log."""
-        try:
-            self._tail.sync()
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                self._tail.take_back(offset)
-            raise self._write_error(error) from error
-
     def flush(self) -> None:
-        """Make every record durable with ``fsync``; without, each is the OS's once appended."""
-        if self._fsync:
+        """Hand every pending record to the OS (and to the disk with ``fsync``).
+
+        On error the pending records stay pending, for a later flush.
+        """
+        if self._pending:
+            self._write(bytes(self._pending))
+            self._pending.clear()
+        elif self._fsync:
             try:
-                self._tail.sync()
+                os.fsync(self._fd)
             except OSError as error:
                 raise self._write_error(error) from error
+
+    def _write(self, data: bytes) -> None:
+        try:
+            pwrite_all(self._fd, data, self._end)
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as error:
+            raise self._failed_write(error) from error
+        self._end += len(data)
+
+    def _failed_write(self, error: OSError) -> CannotWriteToStore:
+        """Cut what the failed write left behind, so no later append follows it."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._end)
+        return self._write_error(error)
 
     def _write_error(self, error: OSError) -> CannotWriteToStore:
         return CannotWriteToStore(
@@ -282,17 +304,15 @@ class LogWriter:
         )
 
     def close(self) -> None:
-        """Flush, cut the zeros off and close the file; if the flush fails, it stays open."""
+        """Flush and close the file; if the flush fails, the file stays open."""
         if self._fd < 0:
             return
         self.flush()
         self.abandon()
 
     def abandon(self) -> None:
-        """Cut the file after its last record and close it, without flushing."""
+        """Close the file without flushing (after a failed :meth:`close`)."""
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                self._tail.seal()
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
@@ -317,17 +337,9 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
         if crc32(record) == CRC_RESIDUE and record[0] in (OP_SET, OP_REMOVE):
             continue
         offset = HEADER_SIZE + position
-        if zero_from(buffer, position):
+        if not any(buffer[position:]):
             yield Finding(
                 path, offset, "zero-filled tail (torn; dropped at the next writer load)", False
-            )
-            return
-        if _ends_torn(buffer, position, size):
-            yield Finding(
-                path,
-                offset,
-                "torn record followed by zeros (dropped at the next writer load)",
-                False,
             )
             return
         yield Finding(path, offset, "log record checksum mismatch or bad op code")

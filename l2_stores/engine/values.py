@@ -48,8 +48,8 @@ from .framing import (
     decode_header,
     fsync_directory,
     parse_header,
+    write_framed,
 )
-from .tail import FileTail
 
 MAGIC = b"L2SVALS\0"
 VARIABLE_SIZE = 0xFFFFFFFF
@@ -64,9 +64,6 @@ assert POINTER.size == 16
 
 #: Header flag of a values file written by a GC (see ``value_files``).
 GC_COPY = 1
-
-#: Zeros written ahead of a values file's records at a time (see ``tail``).
-GROWTH_STEP = 1 << 20
 
 #: Reads of records past a values file's map use ``pread`` until the unmapped
 #: tail reaches an eighth of the map or this size; then the file is mapped again.
@@ -106,7 +103,6 @@ class ValuesFile:
         self._readonly = readonly
         self._fd = -1
         self._map: mmap.mmap | None = None
-        self._tail: FileTail | None = None
         self.end = HEADER_SIZE
         if readonly:
             self._open_readonly()
@@ -134,49 +130,22 @@ class ValuesFile:
         fd = os.open(self.path, os.O_RDWR)
         try:
             self._check_header(fd)
-            self.end = self._end_of_records(fd, os.fstat(fd).st_size)
+            self.end = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        self._tail = FileTail(fd, self.end, growth_step=GROWTH_STEP)
-
-    def _end_of_records(self, fd: int, size: int) -> int:
-        """Where the records end: before the zeros a writer killed before closing left.
-
-        A whole record ends within 8 bytes of the last non-zero byte (its
-        length is not zero, and its checksum follows); without one there,
-        the whole file is kept, for the load to cut what is unreferenced.
-        """
-        last = size
-        while last > HEADER_SIZE:
-            chunk = os.pread(
-                fd, min(1 << 16, last - HEADER_SIZE), last - min(1 << 16, last - HEADER_SIZE)
-            )
-            stripped = len(chunk.rstrip(b"\0"))
-            last -= len(chunk) - stripped
-            if stripped:
-                break
-        if last == size:
-            return size
-        for end in range(last, min(last + 8, size) + 1):
-            if self._record_ending_at(fd, end) is not None:
-                return end
-        return size
 
     def last_record(self) -> tuple[int, bytes, int] | None:
-        """``(offset, key, length)`` of a whole record ending at ``end``, else None."""
-        return self._record_ending_at(self._fd, self.end)
-
-    def _record_ending_at(self, fd: int, end: int) -> tuple[int, bytes, int] | None:
+        """``(offset, key, length)`` of a whole record ending the file, else None."""
         overhead = RECORD_OVERHEAD + self._key_size
-        if end < HEADER_SIZE + overhead:
+        if self.end < HEADER_SIZE + overhead:
             return None
-        (length,) = LENGTH.unpack(os.pread(fd, LENGTH.size, end - 8))
-        start = end - overhead - length
+        (length,) = LENGTH.unpack(os.pread(self._fd, LENGTH.size, self.end - 8))
+        start = self.end - overhead - length
         if start < HEADER_SIZE:
             return None
-        record = os.pread(fd, overhead + length, start)
+        record = os.pread(self._fd, overhead + length, start)
         if crc32(record) != CRC_RESIDUE or LENGTH.unpack_from(record)[0] != length:
             return None
         return start, record[LENGTH.size : LENGTH.size + self._key_size], length
@@ -188,13 +157,10 @@ class ValuesFile:
     def cut(self, end: int) -> None:
         """Cut the file at ``end`` (a writer's load dropping an unreferenced tail)."""
         self._map = None
-        if self._tail is not None:
-            self._tail.seal()
         os.ftruncate(self._fd, end)
         if self._fsync:
             os.fsync(self._fd)
         self.end = end
-        self._tail = FileTail(self._fd, end, growth_step=GROWTH_STEP)
 
     def _create(self) -> None:
         e = self._expected
@@ -252,16 +218,14 @@ class ValuesFile:
 
         Records past the map are read with ``pread`` until the unmapped tail
         is an eighth of the map, or ``REMAP_STEP``; then the file is mapped
-        again (a map only ever covers records already written).
+        again, whole (a map only ever covers bytes already written).
         """
         if value_of_record is None or self._fd < 0:
             return None
         mapped = self._map
         mapped_size = len(mapped) if mapped is not None else 0
         try:
-            # A reader maps only what its index points into: past it may be a
-            # writer's zeros, which the writer cuts off when it closes.
-            size = needed if self._readonly else self.end
+            size = os.fstat(self._fd).st_size if self._readonly else self.end
             if needed > size or size - mapped_size < min(REMAP_STEP, mapped_size // 8):
                 return None
             mapped = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
@@ -286,24 +250,19 @@ class ValuesFile:
                 f"value of {length} bytes is too large", name=self._name, path=self.path
             )
         packed = LENGTH.pack(length)
-        tail = self._tail
-        assert tail is not None, "append to a read-only values file"
+        offset = self.end
         try:
-            offset = tail.append(packed, key, value, packed)
+            size = write_framed(self._fd, offset, packed, key, value, packed)
+            if self._fsync:
+                os.fsync(self._fd)
         except OSError as error:
-            raise self._write_error(error) from error
-        if self._fsync:
-            try:
-                tail.sync()
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    tail.take_back(offset)
-                raise self._write_error(error) from error
-        self.end = tail.end
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, offset)
+            raise CannotWriteToStore(
+                f"cannot append value: {error}", name=self._name, path=self.path
+            ) from error
+        self.end = offset + size
         return offset
-
-    def _write_error(self, error: OSError) -> CannotWriteToStore:
-        return CannotWriteToStore(f"cannot append value: {error}", name=self._name, path=self.path)
 
     @property
     def opened(self) -> bool:
@@ -311,18 +270,12 @@ class ValuesFile:
         return self._fd >= 0
 
     def sync(self) -> None:
-        """Cut the zeros past the records and make every appended record durable."""
-        if self._tail is not None:
-            self._tail.seal()
+        """Make every appended record durable."""
         os.fsync(self._fd)
 
     def close(self) -> None:
-        """Cut the zeros past the records and close the file."""
+        """Close the file."""
         self._map = None
-        tail, self._tail = self._tail, None
-        if tail is not None:
-            with contextlib.suppress(OSError):
-                tail.seal()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -372,19 +325,8 @@ def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
         if offset >= size:
             return
         rest = os.pread(fd, size - offset, offset)
-        written = len(rest.rstrip(b"\0"))
-        if not written:
+        if not any(rest):
             yield Finding(path, offset, "zero-filled tail (torn; never referenced)", False)
-        elif written < len(rest) and not any(
-            _record_ends_file(fd, end, offset, overhead)
-            for end in range(offset + written, min(offset + written + 8, size) + 1)
-        ):
-            yield Finding(
-                path,
-                offset,
-                f"torn record at the end, {written} bytes before zeros (never referenced)",
-                False,
-            )
         elif whole or _record_ends_file(fd, size, offset, overhead):
             yield Finding(path, offset, "value record checksum or framing mismatch")
         else:
