@@ -69,6 +69,12 @@ class GcMergeRenamed(CannotWriteToStore):
 #: merge, and memory stays bounded.
 LOG_CAP_FACTOR = 3
 
+#: Past this many times the buffer size while a merge runs, each write first
+#: gives the merge up to ``PACE_SECONDS``: writers that outrun merges slow
+#: down a little, early, rather than stall for a whole merge at the cap.
+PACE_FACTOR = 2.75
+PACE_SECONDS = 0.0002
+
 
 class _GcMerge:
     """A GC's merge: its selection, then its outcome once the merge thread is done."""
@@ -102,6 +108,7 @@ class Index:
         self._readonly = readonly
         self._buffer_size = buffer_size
         self._log_cap = LOG_CAP_FACTOR * buffer_size
+        self._pace_from = int(PACE_FACTOR * buffer_size)
         self._fsync = fsync
         self._exclusive = exclusive or contextlib.nullcontext
         self._active: dict[bytes, bytes | None] = {}
@@ -180,14 +187,17 @@ class Index:
     # --------------------------------------------------------------- writes
 
     def reserve(self) -> None:
-        """If the active log is full and a merge runs, wait for its file.
+        """If the active log is full and a merge runs, wait for its file (pace before).
 
         Called before the writer's exclusive section, so that readers are not
         held up while the writer waits; the switch then takes no time.
         """
         log = self._log
-        if log is not None and log.records >= self._log_cap and self._merge_thread is not None:
-            self._merge_ready.wait()
+        if log is not None and self._merge_thread is not None:
+            if log.records >= self._log_cap:
+                self._merge_ready.wait()
+            elif log.records >= self._pace_from:
+                self._merge_ready.wait(PACE_SECONDS)
 
     def can_put_at_once(self) -> bool:
         """Whether a put now takes no merge step and no fsync (asyncio's inline path)."""
