@@ -16,7 +16,8 @@ file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
 on during the merge (active dict, frozen dict, old data file); writes go on
 into the active log, which is frozen in turn once the merge is switched in.
 Only a writer that fills it to ``LOG_CAP_FACTOR`` times the buffer size
-before the merge ends waits for it, so memory stays bounded.
+before the merge ends waits for it, so memory stays bounded; from
+``PACE_FACTOR`` times the buffer, each write gives the merge a moment first.
 
 GC: ``begin_gc`` (in the exclusive section) returns a lookup into the
 bindings as they are and starts recording the keys written from then on;
