@@ -545,3 +545,92 @@ def test_c_find_answers_as_python_for_odd_keys(
         assert data.find(bytearray(b"12345678")) == b"abcd"  # type: ignore[arg-type]
         assert data.find(memoryview(b"12345678")) == b"abcd"  # type: ignore[arg-type]
         data.close()
+
+
+def test_layers_look_in_active_then_frozen_then_the_data_file() -> None:
+    layers = _accel.Layers()
+    assert layers.get(b"k") is None  # nothing set yet: an empty store
+    asked: list[bytes] = []
+
+    def find(key: bytes) -> bytes | None:
+        asked.append(key)
+        return b"data" if key == b"in-data" else None
+
+    active: dict[bytes, bytes | None] = {b"a": b"1", b"removed": None, b"both": b"new"}
+    frozen: dict[bytes, bytes | None] = {b"f": b"2", b"both": b"old", b"gone": None}
+    layers.set(active, frozen, find)
+    assert layers.get(b"a") == b"1"
+    assert layers.get(b"both") == b"new"  # the active log wins over the frozen one
+    assert layers.get(b"f") == b"2"
+    assert layers.get(b"removed") is None and layers.get(b"gone") is None
+    assert asked == []  # a binding or a removal in a log answers without the data file
+    assert layers.get(b"in-data") == b"data"
+    assert layers.get(b"absent") is None
+    assert asked == [b"in-data", b"absent"]
+    active[b"later"] = b"3"  # the dicts are shared, not copied
+    assert layers.get(b"later") == b"3"
+    layers.set(active, None, None)
+    assert layers.get(b"f") is None and layers.get(b"in-data") is None
+
+
+def test_layers_pass_errors_through_and_refuse_bad_arguments() -> None:
+    layers = _accel.Layers()
+
+    def broken(key: bytes) -> bytes | None:
+        raise CannotReadFromStore("corrupt", name="accel")
+
+    layers.set({}, None, broken)
+    with pytest.raises(CannotReadFromStore):
+        layers.get(b"k")
+    with pytest.raises(TypeError):
+        layers.get([])  # unhashable: the dict's own error
+    for bad in (([], None, None), ({}, [], None), ({}, None, 3)):
+        with pytest.raises(TypeError):
+            layers.set(*bad)
+    with pytest.raises(TypeError):
+        layers.set({}, None)
+
+
+def test_index_c_read_path_follows_merges_and_reloads(tmp_path: Path) -> None:
+    from l2_stores.engine.index import Index
+
+    directory = str(tmp_path / "index")
+    expected = Expected("accel", key_size=8, value_size=8)
+    rng = random.Random(3)
+    model: dict[bytes, bytes | None] = {}
+    index = Index(directory, expected, readonly=False, buffer_size=7)
+    reader = Index(directory, expected, readonly=True, buffer_size=7)
+    try:
+        assert index.get is not Index.get.__get__(index)  # the C read path is in use
+        keys = [rng.randbytes(8) for _ in range(60)]
+        for step in range(400):
+            key = rng.choice(keys)
+            if rng.random() < 0.2:
+                index.remove(key, flush=True)
+                model[key] = None
+            else:
+                value = rng.randbytes(8)
+                index.put(key, value, True)
+                model[key] = value
+            if step % 50 == 49:
+                reader.sync()
+                for probe in keys:
+                    assert index.get(probe) == model.get(probe)
+                    assert reader.get(probe) == Index.get(reader, probe) == model.get(probe)
+            probe = rng.choice(keys)
+            assert index.get(probe) == Index.get(index, probe) == model.get(probe)
+        index.begin_gc()  # a GC drops half the keys: the old data file must not answer
+        kept = {key: None for key in keys[::2]}
+        index.collect(kept)
+        model = {key: model.get(key) for key in kept}
+        for probe in keys:
+            assert index.get(probe) == Index.get(index, probe) == model.get(probe)
+    finally:
+        reader.close()
+        index.close()
+    index = Index(directory, expected, readonly=False, buffer_size=7)
+    try:
+        for probe in keys:
+            assert index.get(probe) == model.get(probe)
+    finally:
+        index.close()

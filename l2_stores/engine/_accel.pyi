@@ -29,6 +29,16 @@ class Lookup:
 
 class CorruptRow(ValueError): ...
 
+class Layers:
+    def get(self, key: bytes, /) -> bytes | None: ...
+    def set(
+        self,
+        active: dict[bytes, bytes | None],
+        frozen: dict[bytes, bytes | None] | None,
+        find: Callable[[bytes], bytes | None] | None,
+        /,
+    ) -> None: ...
+
 class MergePlan:
     count: int
     def __init__(

@@ -38,6 +38,7 @@ _module = _load()
 if _module is not None:
     from ._accel import (
         CorruptRow,
+        Layers,
         Lookup,
         MergePlan,
         crc32,
@@ -48,6 +49,8 @@ if _module is not None:
 
     #: The accelerated lookup and merge types, or None when running pure Python.
     AcceleratedLookup: type[Lookup] | None = Lookup
+    #: The index's read path in one C call (active dict, frozen dict, data file).
+    AcceleratedLayers: type[Layers] | None = Layers
     AcceleratedMerge: type[MergePlan] | None = MergePlan
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
@@ -57,7 +60,8 @@ if _module is not None:
         value_of_record
     )
 else:
-    AcceleratedLookup = AcceleratedMerge = accelerated_framed = accelerated_crc32 = None
+    AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = None
+    accelerated_framed = accelerated_crc32 = None
     accelerated_write_framed = accelerated_value_of_record = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
@@ -66,6 +70,7 @@ else:
 
 __all__ = [
     "ENV_PURE_PYTHON",
+    "AcceleratedLayers",
     "AcceleratedLookup",
     "AcceleratedMerge",
     "CorruptRow",

@@ -44,6 +44,7 @@ from contextlib import AbstractContextManager
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import layout
+from .accel import AcceleratedLayers
 from .datafile import DataFile
 from .framing import Expected, fsync_directory, make_directories
 from .lock import WriterLock
@@ -115,11 +116,18 @@ class Index:
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
         self._data: DataFile | None = None
+        # The C read path, told of every change of the three above by _relayer.
+        self._layers = AcceleratedLayers() if AcceleratedLayers is not None else None
+        if self._layers is not None:
+            self._relayer()
+            self.get = self._layers.get  # type: ignore[method-assign,assignment]
         self._log: LogWriter | None = None
         self._lock: WriterLock | None = None
         self._closed = False
         # merge state
         self._merge_thread: threading.Thread | None = None
+        #: True while a merge runs, so that ``reserve`` may have to wait.
+        self.pacing = False
         self._merge_ready = threading.Event()
         self._merge_outcome: DataFile | BaseException | None = None
         self._merge_ticket = 0
@@ -146,7 +154,7 @@ class Index:
     # ---------------------------------------------------------------- reads
 
     def get(self, key: bytes) -> bytes | None:
-        """The value bound to ``key``, or None."""
+        """The value bound to ``key``, or None (the C layers replace it per instance)."""
         value = self._active.get(key, _MISSING)
         if value is _MISSING:
             frozen = self._frozen
@@ -174,6 +182,12 @@ class Index:
             for key, value in data.items():
                 if key not in logged:
                     yield key, value
+
+    def _relayer(self) -> None:
+        """Hand the C read path the current dicts and data file (after any change of them)."""
+        if self._layers is not None:
+            data = self._data
+            self._layers.set(self._active, self._frozen, data.find if data is not None else None)
 
     @property
     def generation(self) -> int:
@@ -205,7 +219,7 @@ class Index:
         log = self._log
         return log is not None and not self._fsync and log.records + 1 < self._buffer_size
 
-    def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
+    def put(self, key: bytes, value: bytes, flush: bool) -> None:
         """Bind ``key`` to ``value``."""
         # The hot path of every add: _writable_log and _after_append only when needed.
         log = self._log
@@ -276,6 +290,7 @@ class Index:
         next_log = self._next_log(log.generation + 1)
         log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
+        self._relayer()
         self._log = next_log
         self._start_merge_thread(gc)
 
@@ -306,11 +321,13 @@ class Index:
             daemon=True,
         )
         self._merge_thread = thread
+        self.pacing = True
         self._merge_gc = gc
         try:
             thread.start()
         except RuntimeError as error:  # no thread to be had: the frozen log waits
             self._merge_thread = None
+            self.pacing = False
             raise CannotWriteToStore(
                 f"cannot start the merge thread: {error}", name=self._name, path=self.directory
             ) from error
@@ -397,6 +414,7 @@ class Index:
         if self._merge_thread is None or not self._merge_ready.is_set():
             return
         self._merge_thread = None
+        self.pacing = False
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
         spare, self._merge_spare = self._merge_spare, None
@@ -409,6 +427,7 @@ class Index:
         old, frozen_log = self._data, self._log.generation - 1 if self._log else None
         self._data = outcome
         self._frozen = None
+        self._relayer()
         self._merge_outcome = None
         # Leftovers of a failed unlink are deleted by the next writer load.
         if frozen_log is not None:
@@ -545,6 +564,7 @@ class Index:
         logs = [g for g in listing.logs if g >= generation]
         self._check_logs(logs, generation)
         self._data = self._open_data(generation)
+        self._relayer()
         scans = [self._read_log(g) for g in logs]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
@@ -563,8 +583,9 @@ class Index:
         path = os.path.join(directory, layout.log_name(last.generation))
         self._log = LogWriter.reopen(path, last, self._expected, self._fsync)
         self._active = last.bindings
-        if len(scans) == 2:  # a merge was cut short: run it again
-            self._frozen = scans[0].bindings
+        self._frozen = scans[0].bindings if len(scans) == 2 else None
+        self._relayer()
+        if self._frozen is not None:  # a merge was cut short: run it again
             self._start_merge_thread()
 
     def _check_logs(self, logs: list[int], generation: int) -> None:
@@ -632,6 +653,7 @@ class Index:
         self._data = data
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
+        self._relayer()
         self._scans = scans
         self._seen = (generation, logs)
 

@@ -17,13 +17,16 @@ class Engine(Protocol):
     def get(self, key: bytes) -> bytes | None:
         """The value bound to ``key``, or None."""
 
+    #: True when ``reserve`` may have to wait; False lets a writer skip the call.
+    pacing: bool
+
     def reserve(self) -> None:
         """Wait, before the exclusive section, until a write need not wait inside it."""
 
     def can_put_at_once(self) -> bool:
         """Whether a put now takes no merge step and no fsync."""
 
-    def put(self, key: bytes, value: bytes, *, flush: bool) -> None:
+    def put(self, key: bytes, value: bytes, flush: bool) -> None:
         """Bind ``key`` to ``value``; durable on return when ``flush``."""
 
     def remove(self, key: bytes, *, flush: bool) -> None:

@@ -156,19 +156,22 @@ class IndexableStore(Collectable):
 
         With ``flush`` (the default) the binding survives a kill once this returns.
         """
-        self._check_writable("add")
+        if not self._writable:
+            self._check_writable("add")
         try:
             encoded_key = self._key.encode(key)
             encoded_value = self._value.encode(value)
         except CodecError as error:
             raise self._codec_error(error) from error
-        self._engine.reserve()
+        engine = self._engine
+        if engine.pacing:
+            engine.reserve()
         waiter = self._waiter
         waiter.enter_exclusive()
         try:
             if self._lifetime.closed:
                 self._raise_closed()
-            self._engine.put(encoded_key, encoded_value, flush=flush)
+            engine.put(encoded_key, encoded_value, flush)
         finally:
             waiter.exit_exclusive()
 
@@ -183,7 +186,8 @@ class IndexableRemovableStore(IndexableStore):
             encoded_key = self._key.encode(key)
         except CodecError as error:
             raise self._codec_error(error) from error
-        self._engine.reserve()
+        if self._engine.pacing:
+            self._engine.reserve()
         waiter = self._waiter
         waiter.enter_exclusive()
         try:

@@ -348,12 +348,13 @@ class IndexedFileBase(Collectable):
             encoded_header = self._header.encode(header)
         except CodecError as error:
             raise self._codec_error(error) from error
-        self._engine.reserve()
+        if self._engine.pacing:
+            self._engine.reserve()
         with self._waiter.force_idle():
             self._check_open()
             number, offset = self._values.append(encoded_key, encoded_value)
             entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
-            self._engine.put(encoded_key, entry, flush=flush)
+            self._engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
     def _append_nowait(self, key: Any, value: Any, header: Any, flush: bool) -> bool:
@@ -368,7 +369,7 @@ class IndexedFileBase(Collectable):
         def append() -> None:
             number, offset = self._values.append(encoded_key, encoded_value)
             entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
-            self._engine.put(encoded_key, entry, flush=flush)
+            self._engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
         return self._exclusive_nowait(self._engine.can_put_at_once, append)
