@@ -341,21 +341,28 @@ class IndexedFileBase(Collectable):
     # -- writes
 
     def _append(self, key: Any, value: Any, header: Any, flush: bool) -> None:
-        self._check_writable("append")
+        if not self._writable:
+            self._check_writable("append")
         try:
             encoded_key = self._key.encode(key)
             encoded_value = self._value.encode(value)
             encoded_header = self._header.encode(header)
         except CodecError as error:
             raise self._codec_error(error) from error
-        if self._engine.pacing:
-            self._engine.reserve()
-        with self._waiter.force_idle():
-            self._check_open()
+        engine = self._engine
+        if engine.pacing:
+            engine.reserve()
+        waiter = self._waiter
+        waiter.enter_exclusive()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
             number, offset = self._values.append(encoded_key, encoded_value)
             entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
-            self._engine.put(encoded_key, entry, flush)
+            engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
+        finally:
+            waiter.exit_exclusive()
 
     def _append_nowait(self, key: Any, value: Any, header: Any, flush: bool) -> bool:
         """``append`` if it needs no wait, no fsync and the value is small; True if done."""
