@@ -509,3 +509,52 @@ def test_index_readonly_on_missing_directory_creates_nothing(tmp_path: os.PathLi
     reader.sync()
     reader.close()
     assert not os.path.exists(os.path.join(tmp_path, "nothing"))
+
+
+def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_merge = index_module.merge
+
+    def held_merge(*args: object) -> object:
+        assert release.wait(30), "the test never released the merge"
+        return real_merge(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index_module, "merge", held_merge)
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=4)  # paced from 11 records, capped at 12
+    try:
+        assert not index.pacing
+        for i in range(4):  # the fourth put freezes the log and starts the (held) merge
+            index.put(key(i), value(i), flush=True)
+        assert index.pacing
+        waits: list[float | None] = []
+        real_wait = index._merge_ready.wait
+
+        def recorded_wait(timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return real_wait(timeout)
+
+        monkeypatch.setattr(index._merge_ready, "wait", recorded_wait)
+        for i in range(4, 15):  # the new log from 0 to 11 records: below the pace, no wait
+            index.reserve()
+            index.put(key(i), value(i), flush=True)
+        assert waits == []
+        index.reserve()  # 11 records: one short wait for the merge, which is still held
+        assert waits == [index_module.PACE_SECONDS]
+        index.put(key(15), value(15), flush=True)  # 12 records: the cap
+        waiter = threading.Thread(target=index.reserve)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive(), "a writer at the cap must wait for the merge"
+        assert waits[-1] is None
+        release.set()
+        waiter.join(30)
+        assert not waiter.is_alive()
+        index.put(key(16), value(16), flush=True)  # switches the merge in, freezes the full log
+        index.wait_merge()
+        assert all(index.get(key(i)) == value(i) for i in range(17))
+    finally:
+        release.set()
+        index.close()
