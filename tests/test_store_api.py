@@ -1063,3 +1063,29 @@ def test_reload_with_another_index_buffer_size(tmp_path: Path, first: int, secon
         assert bindings(store) == expected
     with Removable.load(path, index_buffer_size=first) as store:
         assert bindings(store) == expected
+
+
+class _Tagged(bytes):
+    """A bytes subclass: not the plain bytes the codec-free fast path takes."""
+
+
+def test_bytes_codecs_fast_path_agrees_with_the_codecs(tmp_path: Path) -> None:
+    size = KEY.sizeof()
+    assert Plain._bytes_key_size == size and Structs._bytes_value_size == -1
+    key, value = b"k" * size, b"v" * VALUE.sizeof()
+    with Plain.load(tmp_path / "plain") as store:
+        store.add(bytearray(key), memoryview(value))  # bytes-like: encoded to bytes
+        found = store.find(_Tagged(key))
+        assert found == value and type(found) is bytes
+        assert store.mem(memoryview(key)) and not store.mem(b"x" * size)
+        store.add(key, _Tagged(b"w" * len(value)))
+        assert type(store.find(key)) is bytes and store.find(key) == b"w" * len(value)
+        for bad_value in (value[:-1], value + b"!", "v" * len(value), None):
+            with pytest.raises(CodecError):
+                store.add(key, bad_value)
+        assert store.find(key) == b"w" * len(value)
+    with Structs.load(tmp_path / "structs") as store:
+        store.add(key, {"level": 7, "hash": b"h" * 32})
+        assert store.find(key).level == 7
+        with pytest.raises(CodecError):
+            store.add(key, b"v" * Structs._value.size)  # bytes of the right size, not a Struct

@@ -29,6 +29,19 @@ class IndexableStore(Collectable):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
+    # For plain ``Bytes(n)`` codecs, encoding bytes of the right size and
+    # decoding what the engine returns are the identity: the hot paths skip
+    # the codec's call (-1 and False otherwise).
+    _bytes_key_size: ClassVar[int] = -1
+    _bytes_value_size: ClassVar[int] = -1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for role in ("key", "value"):
+            codec = cls.__dict__.get(f"_{role}")
+            if isinstance(codec, Codec):
+                size = codec.size if codec.kind == "bytes" and codec.size is not None else -1
+                setattr(cls, f"_bytes_{role}_size", size)
 
     @classmethod
     def load(
@@ -64,10 +77,13 @@ class IndexableStore(Collectable):
 
     def find(self, key: Any) -> Any | None:
         """The value bound to ``key``, or None."""
-        try:
-            encoded = self._key.encode(key)
-        except CodecError as error:
-            raise self._codec_error(error) from error
+        if type(key) is bytes and len(key) == self._bytes_key_size:
+            encoded = key
+        else:
+            try:
+                encoded = self._key.encode(key)
+            except CodecError as error:
+                raise self._codec_error(error) from error
         waiter = self._waiter
         waiter.enter_task()
         try:
@@ -76,8 +92,8 @@ class IndexableStore(Collectable):
             raw = self._engine.get(encoded)
         finally:
             waiter.exit_task()
-        if raw is None:
-            return None
+        if raw is None or self._bytes_value_size >= 0:
+            return raw
         try:
             return self._value.decode(raw)
         except DecodingError as error:
@@ -85,10 +101,13 @@ class IndexableStore(Collectable):
 
     def mem(self, key: Any) -> bool:
         """True when ``key`` is bound."""
-        try:
-            encoded = self._key.encode(key)
-        except CodecError as error:
-            raise self._codec_error(error) from error
+        if type(key) is bytes and len(key) == self._bytes_key_size:
+            encoded = key
+        else:
+            try:
+                encoded = self._key.encode(key)
+            except CodecError as error:
+                raise self._codec_error(error) from error
         waiter = self._waiter
         waiter.enter_task()
         try:
@@ -158,11 +177,19 @@ class IndexableStore(Collectable):
         """
         if not self._writable:
             self._check_writable("add")
-        try:
-            encoded_key = self._key.encode(key)
-            encoded_value = self._value.encode(value)
-        except CodecError as error:
-            raise self._codec_error(error) from error
+        if (
+            type(key) is bytes
+            and len(key) == self._bytes_key_size
+            and type(value) is bytes
+            and len(value) == self._bytes_value_size
+        ):
+            encoded_key, encoded_value = key, value
+        else:
+            try:
+                encoded_key = self._key.encode(key)
+                encoded_value = self._value.encode(value)
+            except CodecError as error:
+                raise self._codec_error(error) from error
         engine = self._engine
         if engine.pacing:
             engine.reserve()
