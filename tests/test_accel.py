@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -634,3 +635,60 @@ def test_index_c_read_path_follows_merges_and_reloads(tmp_path: Path) -> None:
             assert index.get(probe) == model.get(probe)
     finally:
         index.close()
+
+
+def python_replay(buffer: bytes, key_size: int, value_size: int) -> tuple[int, dict[bytes, Any]]:
+    size = 1 + key_size + value_size + 4
+    bindings: dict[bytes, Any] = {}
+    position = 0
+    while position + size <= len(buffer):
+        record = buffer[position : position + size]
+        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "little") or record[0] not in (
+            1,
+            2,
+        ):
+            break
+        key = record[1 : 1 + key_size]
+        bindings[key] = record[1 + key_size : -4] if record[0] == 1 else None
+        position += size
+    return position, bindings
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_replay_log_stops_where_python_stops(seed: int) -> None:
+    rng = random.Random(seed)
+    key_size, value_size = rng.choice([(8, 4), (32, 32), (1, 0), (0, 3)])
+    keys = [rng.randbytes(key_size) for _ in range(5)]
+    records = []
+    for _ in range(rng.randrange(0, 30)):
+        op = rng.choice([1, 1, 2])
+        value = rng.randbytes(value_size) if op == 1 else bytes(value_size)
+        records.append(framing.framed(bytes([op]), rng.choice(keys), value))
+    buffer = bytearray(b"".join(records))
+    damage = rng.choice(["none", "flip", "op", "torn", "zeros"])
+    if damage == "flip" and buffer:
+        buffer[rng.randrange(len(buffer))] ^= 1 << rng.randrange(8)
+    elif damage == "op" and records:
+        record_size = len(records[0])
+        at = rng.randrange(len(records)) * record_size
+        buffer[at : at + record_size] = framing.framed(
+            bytes([3]), buffer[at + 1 : at + record_size - 4]
+        )
+    elif damage == "torn":
+        buffer += rng.randbytes(rng.randrange(1, 1 + key_size + value_size + 4))
+    elif damage == "zeros":
+        buffer += bytes(rng.randrange(1, 100))
+    bindings: dict[bytes, bytes | None] = {}
+    stopped = _accel.replay_log(bytes(buffer), key_size, value_size, bindings)
+    assert (stopped, bindings) == python_replay(bytes(buffer), key_size, value_size)
+
+
+def test_replay_log_refusals() -> None:
+    with pytest.raises(ValueError):
+        _accel.replay_log(b"", -1, 4, {})
+    with pytest.raises(ValueError):
+        _accel.replay_log(b"", 8, 4, [])
+    with pytest.raises(TypeError):
+        _accel.replay_log("text", 8, 4, {})
+    with pytest.raises(TypeError):
+        _accel.replay_log(b"", 8, 4)

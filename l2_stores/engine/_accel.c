@@ -1205,6 +1205,57 @@ done:
     return result;
 }
 
+/* replay_log(buffer, key_size, value_size, bindings) -> int: put the
+   complete log records of buffer (op, key, value, CRC-32) into bindings, a
+   set as key -> value and a remove (op 2) as key -> None, in order; stop at
+   the first record whose checksum or op fails and return its position (the
+   length of the complete records when all pass). */
+static PyObject *
+accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "replay_log(buffer, key_size, value_size, bindings)");
+        return NULL;
+    }
+    Py_ssize_t key_size = PyLong_AsSsize_t(args[1]);
+    if (key_size == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t value_size = PyLong_AsSsize_t(args[2]);
+    if (value_size == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *bindings = args[3];
+    if (key_size < 0 || value_size < 0 || key_size > (1 << 20) || value_size > (1 << 20) ||
+        !PyDict_Check(bindings)) {
+        PyErr_SetString(PyExc_ValueError, "replay_log: bad sizes, or bindings not a dict");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *base = (const unsigned char *)view.buf;
+    Py_ssize_t size = 1 + key_size + value_size + 4;
+    Py_ssize_t complete = view.len - view.len % size, position = 0;
+    for (; position < complete; position += size) {
+        const unsigned char *record = base + position;
+        if ((record[0] != 1 && record[0] != 2) ||
+            crc32_of(record, size - 4) != read_u32(record + size - 4))
+            break;
+        PyObject *key = PyBytes_FromStringAndSize((const char *)record + 1, key_size);
+        PyObject *value = record[0] == 1 ? PyBytes_FromStringAndSize(
+                                               (const char *)record + 1 + key_size, value_size)
+                                         : Py_NewRef(Py_None);
+        int failed = key == NULL || value == NULL || PyDict_SetItem(bindings, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(position);
+}
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,
@@ -1213,6 +1264,8 @@ static PyMethodDef accel_functions[] = {
      "framed(*parts) -> bytes: the parts, then the CRC-32 of them all (little-endian)."},
     {"value_of_record", (PyCFunction)(void (*)(void))accel_value_of_record, METH_FASTCALL,
      "value_of_record(buffer, offset, length, key) -> bytes | None: a checked value."},
+    {"replay_log", (PyCFunction)(void (*)(void))accel_replay_log, METH_FASTCALL,
+     "replay_log(buffer, key_size, value_size, bindings) -> int: where replay stopped."},
     {"write_framed", (PyCFunction)(void (*)(void))accel_write_framed, METH_FASTCALL,
      "write_framed(fd, offset, *parts) -> int: framed(*parts) written at offset, in place."},
     {NULL, NULL, 0, NULL},

@@ -7,6 +7,13 @@ def framed(*parts: bytes | bytearray | memoryview) -> bytes: ...
 def value_of_record(
     buffer: mmap | bytes | memoryview, offset: int, length: int, key: bytes, /
 ) -> bytes | None: ...
+def replay_log(
+    buffer: bytes | memoryview,
+    key_size: int,
+    value_size: int,
+    bindings: dict[bytes, bytes | None],
+    /,
+) -> int: ...
 def write_framed(fd: int, offset: int, /, *parts: bytes | bytearray | memoryview) -> int: ...
 
 class Lookup:

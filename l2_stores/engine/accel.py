@@ -43,6 +43,7 @@ if _module is not None:
         MergePlan,
         crc32,
         framed,
+        replay_log,
         value_of_record,
         write_framed,
     )
@@ -55,6 +56,10 @@ if _module is not None:
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
+    #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay stopped.
+    accelerated_replay_log: Callable[[bytes, int, int, dict[bytes, bytes | None]], int] | None = (
+        replay_log
+    )
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
     accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
         value_of_record
@@ -62,7 +67,7 @@ if _module is not None:
 else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = None
     accelerated_framed = accelerated_crc32 = None
-    accelerated_write_framed = accelerated_value_of_record = None
+    accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -76,6 +81,7 @@ __all__ = [
     "CorruptRow",
     "accelerated_crc32",
     "accelerated_framed",
+    "accelerated_replay_log",
     "accelerated_value_of_record",
     "accelerated_write_framed",
     "pure_python_requested",

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import CannotLoadStore, CannotWriteToStore
+from .accel import accelerated_replay_log
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -95,6 +96,8 @@ def read_log(
     value_end = key_end + expected.value_size
     complete = len(buffer) - len(buffer) % size
     position = 0
+    if accelerated_replay_log is not None:  # the same loop in C, to the first bad record
+        position = accelerated_replay_log(buffer, expected.key_size, expected.value_size, bindings)
     while position < complete:
         record = buffer[position : position + size]
         op = record[0]
