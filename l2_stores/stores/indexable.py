@@ -80,10 +80,7 @@ class IndexableStore(Collectable):
         if type(key) is bytes and len(key) == self._bytes_key_size:
             encoded = key
         else:
-            try:
-                encoded = self._key.encode(key)
-            except CodecError as error:
-                raise self._codec_error(error) from error
+            encoded = self._encode(self._key, key)
         waiter = self._waiter
         waiter.enter_task()
         try:
@@ -104,10 +101,7 @@ class IndexableStore(Collectable):
         if type(key) is bytes and len(key) == self._bytes_key_size:
             encoded = key
         else:
-            try:
-                encoded = self._key.encode(key)
-            except CodecError as error:
-                raise self._codec_error(error) from error
+            encoded = self._encode(self._key, key)
         waiter = self._waiter
         waiter.enter_task()
         try:
