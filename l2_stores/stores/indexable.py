@@ -29,9 +29,9 @@ class IndexableStore(Collectable):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
-    # For plain ``Bytes(n)`` codecs, encoding bytes of the right size and
-    # decoding what the engine returns are the identity: the hot paths skip
-    # the codec's call (-1 and False otherwise).
+    # n for a plain ``Bytes(n)`` codec, -1 for any other: encoding bytes of
+    # size n and decoding what the engine returns are then the identity, so
+    # the hot paths skip the codec's call.
     _bytes_key_size: ClassVar[int] = -1
     _bytes_value_size: ClassVar[int] = -1
 
