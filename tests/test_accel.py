@@ -692,3 +692,160 @@ def test_replay_log_refusals() -> None:
         _accel.replay_log("text", 8, 4, {})
     with pytest.raises(TypeError):
         _accel.replay_log(b"", 8, 4)
+
+
+def _python_puts(index: Any) -> None:
+    """Make ``index`` put through the Python path only, as without the accelerator."""
+    index.put = index._put_in_python
+
+
+def test_c_put_writes_the_bytes_python_writes(tmp_path: Path) -> None:
+    """The same writes through the C put and the Python put: the same log, byte for byte
+    (no merge), and the same bindings once merges ran (their timing is the threads')."""
+    from l2_stores.engine.index import Index
+
+    expected = Expected("accel", key_size=8, value_size=8)
+    rng = random.Random(11)
+    keys = [rng.randbytes(8) for _ in range(40)]
+    steps = []
+    for _ in range(300):
+        key = rng.choice(keys)
+        roll = rng.random()
+        if roll < 0.1:
+            steps.append(("remove", key, b"", True))
+        else:
+            steps.append(("put", key, rng.randbytes(8), roll > 0.25))  # a quarter unflushed
+    for buffer_size in (1000, 9):
+        finals = []
+        for c in (True, False):
+            directory = tmp_path / f"{buffer_size}-{'c' if c else 'python'}"
+            index = Index(str(directory), expected, readonly=False, buffer_size=buffer_size)
+            if not c:
+                _python_puts(index)
+            try:
+                for op, key, value, flush in steps:
+                    if op == "remove":
+                        index.remove(key, flush=flush)
+                    else:
+                        index.put(key, value, flush)
+                    probe = rng.choice(keys)
+                    assert index.get(probe) == Index.get(index, probe)
+                index.flush()
+                if buffer_size == 1000:
+                    finals.append([path.read_bytes() for path in directory.glob("log.*")])
+            finally:
+                index.close()
+            index = Index(str(directory), expected, readonly=True)
+            finals.append(dict(index.items()))
+            index.close()
+        assert finals[: len(finals) // 2] == finals[len(finals) // 2 :]
+        assert finals[0]
+
+
+def test_c_put_hands_other_cases_to_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from l2_stores.engine.index import Index
+
+    expected = Expected("accel", key_size=8, value_size=8)
+    handed: list[tuple[bytes, bytes, bool]] = []
+    python_put = Index._put_in_python
+
+    def counted(self: Index, key: bytes, value: bytes, flush: bool) -> None:
+        handed.append((key, value, flush))
+        python_put(self, key, value, flush)
+
+    monkeypatch.setattr(Index, "_put_in_python", counted)
+    index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=4)
+    try:
+        index.put(b"k" * 8, b"v" * 8, True)
+        index.put(b"k" * 8, b"w" * 8, flush=True)  # flush as a keyword
+        assert handed == []  # both done in C
+        assert index.get(b"k" * 8) == b"w" * 8
+        index.put(b"u" * 8, b"1" * 8, False)  # unflushed: Python
+        index.put(b"p" * 8, b"2" * 8, True)  # something pending: Python (keeps the order)
+        assert [key for key, _, _ in handed] == [b"u" * 8, b"p" * 8]
+        index.put(b"q" * 8, b"3" * 8, True)  # the 4th record froze the log: a new one, in C
+        assert len(handed) == 2
+        index.begin_gc()  # keys are recorded during a GC: Python
+        index.put(b"g" * 8, b"4" * 8, True)
+        assert len(handed) == 3
+        index.end_gc()
+        index.put(b"h" * 8, b"5" * 8, True)
+        assert len(handed) == 3
+        index.put(b"short", b"5" * 8, True)  # not the key size: Python
+        assert len(handed) == 4
+        with pytest.raises(TypeError):  # not bytes: Python, which refuses it
+            index.put(b"h" * 8, bytearray(b"5" * 8), True)  # type: ignore[arg-type]
+        assert len(handed) == 5
+        with pytest.raises(TypeError):
+            index.put(b"h" * 8, b"5" * 8)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            index.put(b"h" * 8, b"5" * 8, fsync=True)  # type: ignore[call-arg]
+    finally:
+        index.close()
+    syncing = Index(str(tmp_path / "b"), expected, readonly=False, buffer_size=4, fsync=True)
+    try:
+        syncing.put(b"k" * 8, b"v" * 8, True)  # fsync: Python
+        assert len(handed) == 6
+    finally:
+        syncing.close()
+    reader = Index(str(tmp_path / "a"), expected, readonly=True)
+    try:
+        with pytest.raises(Exception, match="read-only"):
+            reader.put(b"k" * 8, b"v" * 8, True)
+        assert len(handed) == 7
+    finally:
+        reader.close()
+
+
+def test_c_put_leaves_a_failed_write_to_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the C put cannot make is made again by the Python path, which reports it."""
+    import l2_stores.engine.log as log_module
+    from l2_stores.engine.index import Index
+    from l2_stores.errors import CannotWriteToStore
+
+    expected = Expected("accel", key_size=8, value_size=8)
+    index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=100)
+    log = index._log
+    assert log is not None
+    index.put(b"a" * 8, b"1" * 8, True)
+    end = log._end
+    write_framed = log_module.write_framed
+    attempts: list[int] = []
+
+    def failing(*args: Any) -> int:
+        attempts.append(args[1])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        os.close(log._fd)  # the C write fails (EBADF); so does Python's, counted
+        monkeypatch.setattr(log_module, "write_framed", failing)
+        with pytest.raises(CannotWriteToStore, match="No space left"):
+            index.put(b"b" * 8, b"2" * 8, True)
+        assert attempts == [end]  # Python wrote at the same offset, once
+        assert log._end == end and log.records == 1
+        assert index.get(b"b" * 8) is None
+    finally:
+        monkeypatch.setattr(log_module, "write_framed", write_framed)
+        log._fd = -1
+        index.close()
+
+
+def test_c_writer_goes_with_its_index(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from l2_stores.engine.index import Index
+
+    index = Index(str(tmp_path / "a"), Expected("accel", 8, 8), readonly=False)
+    index.put(b"k" * 8, b"v" * 8, True)
+    index.close()
+    alive = weakref.ref(index)
+    del index
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(ValueError):
+        _accel.Writer(object(), 0, 8, 8)
+    tail = _accel.LogTail()
+    assert tail._fd == -1 and tail.records == 0

@@ -17,6 +17,7 @@
 #define _GNU_SOURCE /* sync_file_range */
 #endif
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -1046,65 +1047,30 @@ done:
     return record;
 }
 
-/* write_framed(fd, offset, *parts) -> int: write the parts (bytes, which
-   cannot change while the GIL is released), then the CRC-32 of them all,
-   at ``offset`` of ``fd`` in one pwritev (no copy of the parts); returns
-   the bytes written. Short writes are resumed, and so are writes
-   interrupted by a signal once its handler has run (as os.pwrite does);
-   OSError on failure, or the handler's exception. */
-static PyObject *
-accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+/* Write iov[0..nparts), then the CRC-32 of them all, at ``offset`` of ``fd``
+   in one pwritev (no copy of the parts), with the GIL released: the parts
+   must be buffers that cannot change meanwhile (bytes). Short writes are
+   resumed, and so are writes interrupted by a signal once its handler has
+   run (as os.pwrite does). Returns the bytes written, or -1 with OSError
+   (or the handler's exception) set. iov has room for nparts + 1 entries. */
+static Py_ssize_t
+write_frame(int fd, long long offset, struct iovec *iov, int nparts)
 {
-    if (nargs < 3 || nargs - 2 > MAX_PARTS) {
-        PyErr_Format(PyExc_TypeError, "write_framed(fd, offset, *parts): 1 to %d parts",
-                     MAX_PARTS);
-        return NULL;
-    }
-    long fd_long = PyLong_AsLong(args[0]);
-    if (fd_long == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd_long < 0 || fd_long > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "write_framed(): bad file descriptor");
-        return NULL;
-    }
-    int fd = (int)fd_long;
-    long long offset = PyLong_AsLongLong(args[1]);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
-    if (offset < 0) {
-        PyErr_SetString(PyExc_ValueError, "write_framed(): negative offset");
-        return NULL;
-    }
-    Py_ssize_t nparts = nargs - 2;
-    struct iovec iov[MAX_PARTS + 1];
     unsigned char crc_bytes[4];
     Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < nparts; i++) {
-        PyObject *part = args[2 + i];
-        if (!PyBytes_Check(part)) {
-            PyErr_Format(PyExc_TypeError, "write_framed(): parts must be bytes, not %.100s",
-                         Py_TYPE(part)->tp_name);
-            return NULL;
-        }
-        if (PyBytes_GET_SIZE(part) > PY_SSIZE_T_MAX - 4 - total) {
-            PyErr_SetString(PyExc_OverflowError, "write_framed(): parts too large");
-            return NULL;
-        }
-        iov[i].iov_base = PyBytes_AS_STRING(part);
-        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(part);
-        total += PyBytes_GET_SIZE(part);
-    }
+    for (int i = 0; i < nparts; i++)
+        total += (Py_ssize_t)iov[i].iov_len;
     iov[nparts].iov_base = crc_bytes;
     iov[nparts].iov_len = 4;
     struct iovec *next = iov;
-    int left = (int)nparts + 1;
+    int left = nparts + 1;
     off_t at = (off_t)offset;
     int error = 0, first = 1;
     while (left > 0) {
         Py_BEGIN_ALLOW_THREADS
         if (first) {
             uint32_t crc = 0;
-            for (Py_ssize_t i = 0; i < nparts; i++)
+            for (int i = 0; i < nparts; i++)
                 crc = crc32_fast(crc, (const unsigned char *)iov[i].iov_base,
                                  (Py_ssize_t)iov[i].iov_len);
             write_u32(crc_bytes, crc);
@@ -1134,16 +1100,282 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         first = 0;
         if (error == EINTR) {
             if (PyErr_CheckSignals() < 0)
-                return NULL;
+                return -1;
             error = 0;
         }
         else if (error) {
             errno = error;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
     }
-    return PyLong_FromSsize_t(total + 4);
+    return total + 4;
 }
+
+/* write_framed(fd, offset, *parts) -> int: write_frame of the parts (bytes). */
+static PyObject *
+accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs - 2 > MAX_PARTS) {
+        PyErr_Format(PyExc_TypeError, "write_framed(fd, offset, *parts): 1 to %d parts",
+                     MAX_PARTS);
+        return NULL;
+    }
+    long fd_long = PyLong_AsLong(args[0]);
+    if (fd_long == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd_long < 0 || fd_long > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "write_framed(): bad file descriptor");
+        return NULL;
+    }
+    long long offset = PyLong_AsLongLong(args[1]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "write_framed(): negative offset");
+        return NULL;
+    }
+    Py_ssize_t nparts = nargs - 2;
+    struct iovec iov[MAX_PARTS + 1];
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        PyObject *part = args[2 + i];
+        if (!PyBytes_Check(part)) {
+            PyErr_Format(PyExc_TypeError, "write_framed(): parts must be bytes, not %.100s",
+                         Py_TYPE(part)->tp_name);
+            return NULL;
+        }
+        if (PyBytes_GET_SIZE(part) > PY_SSIZE_T_MAX - 4 - total) {
+            PyErr_SetString(PyExc_OverflowError, "write_framed(): parts too large");
+            return NULL;
+        }
+        iov[i].iov_base = PyBytes_AS_STRING(part);
+        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(part);
+        total += PyBytes_GET_SIZE(part);
+    }
+    Py_ssize_t written = write_frame((int)fd_long, offset, iov, (int)nparts);
+    return written < 0 ? NULL : PyLong_FromSsize_t(written);
+}
+
+/* ---- the write path: a log's tail and the index's put ----
+
+   LogTail holds what a log writer's appends change: log.py's LogWriter
+   subclasses it, so that its Python paths and the C put below share one
+   file descriptor, end offset, record count and pending buffer.
+
+   Writer.put is Index.put for the common add: flushed, no fsync, nothing
+   pending, no GC recording keys, room in the active log, bytes of the
+   expected sizes. It reads the index's current log and dicts on every call
+   (nothing to keep in step), writes the record in one pwritev, binds the
+   key in the active dict and, when the log is full, hands over to the
+   index's _after_append. Anything else, a failed write included, goes to
+   the index's Python put, which does the whole put again and reports
+   errors; a failed write changed nothing it would not write over. */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    char fsync;
+    long long end;
+    Py_ssize_t records;
+    PyObject *pending; /* bytearray, or NULL before LogWriter.__init__ */
+} LogTail;
+
+static PyObject *
+logtail_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
+{
+    LogTail *self = (LogTail *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->fd = -1;
+    return (PyObject *)self;
+}
+
+static void
+logtail_dealloc(LogTail *self)
+{
+    Py_CLEAR(self->pending);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef logtail_members[] = {
+    {"_fd", T_INT, offsetof(LogTail, fd), 0, "the file descriptor, -1 once closed"},
+    {"_fsync", T_BOOL, offsetof(LogTail, fsync), 0, "whether every append is fsynced"},
+    {"_end", T_LONGLONG, offsetof(LogTail, end), 0, "the offset of the next record"},
+    {"records", T_PYSSIZET, offsetof(LogTail, records), 0, "records in the log"},
+    {"_pending", T_OBJECT_EX, offsetof(LogTail, pending), 0, "framed records not written yet"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject LogTailType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.LogTail",
+    .tp_basicsize = sizeof(LogTail),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A log writer's tail: fd, end offset, record count, pending bytes.",
+    .tp_new = logtail_new,
+    .tp_dealloc = (destructor)logtail_dealloc,
+    .tp_members = logtail_members,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *index;
+    Py_ssize_t buffer_size;
+    Py_ssize_t key_size;
+    Py_ssize_t value_size;
+} Writer;
+
+static PyObject *str_log, *str_active, *str_touched, *str_after_append, *str_put_in_python;
+static const char op_set = 1;
+
+static int
+writer_init(Writer *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *index;
+    Py_ssize_t buffer_size, key_size, value_size;
+    static char *names[] = {"index", "buffer_size", "key_size", "value_size", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnn:Writer", names, &index, &buffer_size,
+                                     &key_size, &value_size))
+        return -1;
+    if (buffer_size < 1 || key_size < 0 || value_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, key or value size");
+        return -1;
+    }
+    Py_INCREF(index);
+    Py_XSETREF(self->index, index);
+    self->buffer_size = buffer_size;
+    self->key_size = key_size;
+    self->value_size = value_size;
+    return 0;
+}
+
+static int
+writer_traverse(Writer *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->index);
+    return 0;
+}
+
+static int
+writer_clear(Writer *self)
+{
+    Py_CLEAR(self->index);
+    return 0;
+}
+
+static void
+writer_dealloc(Writer *self)
+{
+    PyObject_GC_UnTrack(self);
+    writer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The fast put, or 0 when it does not apply (no exception set then). */
+static int
+writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
+{
+    if (!PyObject_TypeCheck(log, &LogTailType) || !PyBytes_CheckExact(key) ||
+        !PyBytes_CheckExact(value) || PyBytes_GET_SIZE(key) != self->key_size ||
+        PyBytes_GET_SIZE(value) != self->value_size)
+        return 0;
+    LogTail *tail = (LogTail *)log;
+    if (tail->fsync || tail->fd < 0 || tail->records >= self->buffer_size ||
+        tail->pending == NULL || !PyByteArray_CheckExact(tail->pending) ||
+        PyByteArray_GET_SIZE(tail->pending) != 0)
+        return 0;
+    PyObject *touched = PyObject_GetAttr(self->index, str_touched);
+    if (touched == NULL)
+        return -1;
+    int recording = touched != Py_None;
+    Py_DECREF(touched);
+    if (recording)
+        return 0;
+    PyObject *active = PyObject_GetAttr(self->index, str_active);
+    if (active == NULL)
+        return -1;
+    if (!PyDict_CheckExact(active)) {
+        Py_DECREF(active);
+        return 0;
+    }
+    struct iovec iov[4];
+    iov[0].iov_base = (void *)&op_set;
+    iov[0].iov_len = 1;
+    iov[1].iov_base = PyBytes_AS_STRING(key);
+    iov[1].iov_len = (size_t)self->key_size;
+    iov[2].iov_base = PyBytes_AS_STRING(value);
+    iov[2].iov_len = (size_t)self->value_size;
+    Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3);
+    if (written < 0) {
+        Py_DECREF(active);
+        if (!PyErr_ExceptionMatches(PyExc_OSError))
+            return -1; /* a signal handler's exception */
+        PyErr_Clear();
+        return 0;
+    }
+    tail->end += written;
+    tail->records += 1;
+    int bound = PyDict_SetItem(active, key, value);
+    Py_DECREF(active);
+    if (bound < 0)
+        return -1;
+    if (tail->records >= self->buffer_size) {
+        PyObject *done = PyObject_CallMethodOneArg(self->index, str_after_append, log);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    return 1;
+}
+
+static PyObject *
+writer_put(Writer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw != 3 || nargs < 2 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "flush"))) {
+        PyErr_SetString(PyExc_TypeError, "put(key, value, flush) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *key = args[0], *value = args[1], *flush = args[2];
+    int flushed = PyObject_IsTrue(flush);
+    if (flushed < 0)
+        return NULL;
+    if (flushed) {
+        PyObject *log = PyObject_GetAttr(self->index, str_log);
+        if (log == NULL)
+            return NULL;
+        int done = writer_put_fast(self, log, key, value);
+        Py_DECREF(log);
+        if (done < 0)
+            return NULL;
+        if (done)
+            Py_RETURN_NONE;
+    }
+    PyObject *call[4] = {self->index, key, value, flush};
+    return PyObject_VectorcallMethod(str_put_in_python, call,
+                                     4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyMethodDef writer_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))writer_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(key, value, flush): Index.put, the common case in C."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.Writer",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Writer(index, buffer_size, key_size, value_size): an index's put in C.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)writer_init,
+    .tp_traverse = (traverseproc)writer_traverse,
+    .tp_clear = (inquiry)writer_clear,
+    .tp_dealloc = (destructor)writer_dealloc,
+    .tp_methods = writer_methods,
+};
 
 /* CRC-32 of a record followed by its own CRC (little-endian): framing.CRC_RESIDUE. */
 #define CRC_RESIDUE 0x2144DF1Cu
@@ -1289,7 +1521,16 @@ PyInit__accel(void)
                  getenv("L2_STORES_NO_CLMUL") == NULL;
 #endif
     if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0 ||
-        PyType_Ready(&LayersType) < 0)
+        PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
+        PyType_Ready(&WriterType) < 0)
+        return NULL;
+    str_log = PyUnicode_InternFromString("_log");
+    str_active = PyUnicode_InternFromString("_active");
+    str_touched = PyUnicode_InternFromString("_touched");
+    str_after_append = PyUnicode_InternFromString("_after_append");
+    str_put_in_python = PyUnicode_InternFromString("_put_in_python");
+    if (str_log == NULL || str_active == NULL || str_touched == NULL ||
+        str_after_append == NULL || str_put_in_python == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
     if (module == NULL)
@@ -1316,6 +1557,18 @@ PyInit__accel(void)
     Py_INCREF(&LayersType);
     if (PyModule_AddObject(module, "Layers", (PyObject *)&LayersType) < 0) {
         Py_DECREF(&LayersType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&LogTailType);
+    if (PyModule_AddObject(module, "LogTail", (PyObject *)&LogTailType) < 0) {
+        Py_DECREF(&LogTailType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&WriterType);
+    if (PyModule_AddObject(module, "Writer", (PyObject *)&WriterType) < 0) {
+        Py_DECREF(&WriterType);
         Py_DECREF(module);
         return NULL;
     }

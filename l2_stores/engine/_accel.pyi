@@ -57,3 +57,14 @@ class MergePlan:
         value_size: int,
     ) -> None: ...
     def write(self, fd: int, offset: int, fanout_bits: int, /) -> bytes: ...
+
+class LogTail:
+    _fd: int
+    _fsync: bool
+    _end: int
+    records: int
+    _pending: bytearray
+
+class Writer:
+    def __init__(self, index: object, buffer_size: int, key_size: int, value_size: int) -> None: ...
+    def put(self, key: bytes, value: bytes, flush: bool) -> None: ...

@@ -39,8 +39,10 @@ if _module is not None:
     from ._accel import (
         CorruptRow,
         Layers,
+        LogTail,
         Lookup,
         MergePlan,
+        Writer,
         crc32,
         framed,
         replay_log,
@@ -53,6 +55,10 @@ if _module is not None:
     #: The index's read path in one C call (active dict, frozen dict, data file).
     AcceleratedLayers: type[Layers] | None = Layers
     AcceleratedMerge: type[MergePlan] | None = MergePlan
+    #: The index's common put in one C call (see ``Writer`` in ``_accel.c``).
+    AcceleratedWriter: type[Writer] | None = Writer
+    #: The base of ``LogWriter``: its tail state in C, where the C put appends.
+    LogTailBase: type = LogTail
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
@@ -65,7 +71,8 @@ if _module is not None:
         value_of_record
     )
 else:
-    AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = None
+    AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
+    LogTailBase = object
     accelerated_framed = accelerated_crc32 = None
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
 
@@ -78,7 +85,9 @@ __all__ = [
     "AcceleratedLayers",
     "AcceleratedLookup",
     "AcceleratedMerge",
+    "AcceleratedWriter",
     "CorruptRow",
+    "LogTailBase",
     "accelerated_crc32",
     "accelerated_framed",
     "accelerated_replay_log",

@@ -44,7 +44,7 @@ from contextlib import AbstractContextManager
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import layout
-from .accel import AcceleratedLayers
+from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
 from .framing import Expected, fsync_directory, make_directories
 from .lock import WriterLock
@@ -122,6 +122,9 @@ class Index:
             self._relayer()
             self.get = self._layers.get  # type: ignore[method-assign,assignment]
         self._log: LogWriter | None = None
+        if AcceleratedWriter is not None:  # the common put in C, the rest in _put_in_python
+            writer = AcceleratedWriter(self, buffer_size, expected.key_size, expected.value_size)
+            self.put = writer.put  # type: ignore[method-assign]
         self._lock: WriterLock | None = None
         self._closed = False
         # merge state
@@ -220,7 +223,7 @@ class Index:
         return log is not None and not self._fsync and log.records + 1 < self._buffer_size
 
     def put(self, key: bytes, value: bytes, flush: bool) -> None:
-        """Bind ``key`` to ``value``."""
+        """Bind ``key`` to ``value`` (the C writer replaces it per instance)."""
         # The hot path of every add: _writable_log and _after_append only when needed.
         log = self._log
         if log is None or log.records >= self._buffer_size:
@@ -231,6 +234,9 @@ class Index:
             self._touched.add(key)
         if log.records >= self._buffer_size:
             self._after_append(log)
+
+    #: What the C writer calls for every put it does not do itself.
+    _put_in_python = put
 
     def remove(self, key: bytes, *, flush: bool) -> None:
         """Unbind ``key`` (a record is logged even if it looks absent)."""

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import CannotLoadStore, CannotWriteToStore
-from .accel import accelerated_replay_log
+from .accel import LogTailBase, accelerated_replay_log
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -165,8 +165,13 @@ class SpareLog:
             os.unlink(self.temporary)
 
 
-class LogWriter:
-    """Appends records to one log file; the writer owns the file's tail."""
+class LogWriter(LogTailBase):  # type: ignore[misc]
+    """Appends records to one log file; the writer owns the file's tail.
+
+    With the accelerator, the tail (``_fd``, ``_end``, ``records``,
+    ``_fsync``, ``_pending``) lives in the C base, which the index's C put
+    appends through.
+    """
 
     def __init__(
         self,
@@ -184,7 +189,7 @@ class LogWriter:
         self._fd = fd
         self._expected = expected
         self._end = end
-        self._fsync = fsync
+        self._fsync = bool(fsync)
         self._pending = bytearray()
         self._zero_value = bytes(expected.value_size)
 
