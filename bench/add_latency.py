@@ -31,7 +31,7 @@ EDGES_US = [0, 5, 10, 20, 50, 100, 1_000, 10_000, 1_000_000]
 
 def schedule_merges(policy: str) -> None:
     """Run every merge thread under ``policy`` (nice 10, or SCHED_BATCH)."""
-    worker = index.Index._merge_worker
+    worker = index.Index._run_merge
 
     def scheduled(self: index.Index, *args: Any, **kwargs: Any) -> None:
         if policy == "nice":
@@ -40,7 +40,7 @@ def schedule_merges(policy: str) -> None:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         worker(self, *args, **kwargs)
 
-    index.Index._merge_worker = scheduled  # type: ignore[method-assign]
+    index.Index._run_merge = scheduled  # type: ignore[method-assign]
 
 
 def main() -> None:

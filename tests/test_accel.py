@@ -846,6 +846,58 @@ def test_c_writer_goes_with_its_index(tmp_path: Path) -> None:
     gc.collect()
     assert alive() is None
     with pytest.raises(ValueError):
-        _accel.Writer(object(), 0, 8, 8)
+        _accel.Writer(object(), 0, 0, 8, 8)
     tail = _accel.LogTail()
     assert tail._fd == -1 and tail.records == 0
+
+
+def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the Python put: past the buffer while a merge runs, the C put appends; at the
+    cap it hands over to Python, which waits for the merge."""
+    import threading
+
+    import l2_stores.engine.index as index_module
+    from l2_stores.engine.index import Index
+
+    release = threading.Event()
+    real_merge = index_module.merge
+
+    def held_merge(*args: Any) -> Any:
+        assert release.wait(30), "the test never released the merge"
+        return real_merge(*args)
+
+    handed: list[bytes] = []
+    python_put = Index._put_in_python
+
+    def counted(self: Index, key: bytes, value: bytes, flush: bool) -> None:
+        handed.append(key)
+        python_put(self, key, value, flush)
+
+    monkeypatch.setattr(index_module, "merge", held_merge)
+    monkeypatch.setattr(Index, "_put_in_python", counted)
+    expected = Expected("accel", key_size=8, value_size=8)
+    index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=4)  # cap 12
+    keys = [bytes([i]) * 8 for i in range(17)]
+    try:
+        for key in keys[:4]:  # the fourth freezes the log: a held merge
+            index.put(key, key, True)
+        for key in keys[4:16]:  # the new log to its cap, past the buffer: all in C
+            index.put(key, key, True)
+        assert handed == [] and index._log is not None and index._log.records == 12
+        releaser = threading.Timer(0.2, release.set)
+        releaser.start()
+        index.put(keys[16], keys[16], True)  # at the cap: Python, which waits for the merge
+        releaser.join()
+        assert handed == [keys[16]]
+        for key in keys:
+            assert index.get(key) == key
+    finally:
+        release.set()
+        index.close()
+    again = Index(str(tmp_path / "a"), expected, readonly=True)
+    try:
+        assert dict(again.items()) == {key: key for key in keys}
+    finally:
+        again.close()

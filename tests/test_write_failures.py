@@ -105,20 +105,18 @@ def test_no_merge_thread_is_an_error_not_a_hang(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = Store.load(tmp_path / "s", index_buffer_size=4)
-    real_start = threading.Thread.start
+    real_start = index_module.start_thread
 
-    def refuse(thread: threading.Thread) -> None:
-        if thread.name.startswith("l2_stores merge"):
-            raise RuntimeError("can't start new thread")
-        real_start(thread)
+    def refuse(*args: Any) -> int:
+        raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(threading.Thread, "start", refuse)
+    monkeypatch.setattr(index_module, "start_thread", refuse)
     for i in range(8):  # the 4th add cannot start its merge: logged, the adds stand
         store.add(bytes([i]) * 4, b"vvvv")
     with pytest.raises(CannotWriteToStore, match="merge thread"):
         store.add(b"\x09" * 4, b"vvvv")  # needs room: the frozen log must merge first
     assert store.find(b"\x09" * 4) is None
-    monkeypatch.setattr(threading.Thread, "start", real_start)
+    monkeypatch.setattr(index_module, "start_thread", real_start)
     store.add(b"\x09" * 4, b"vvvv")
     closer = threading.Thread(target=store.close, daemon=True)
     closer.start()

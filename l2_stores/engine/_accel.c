@@ -1164,8 +1164,9 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
    file descriptor, end offset, record count and pending buffer.
 
    Writer.put is Index.put for the common add: flushed, no fsync, nothing
-   pending, no GC recording keys, room in the active log, bytes of the
-   expected sizes. It reads the index's current log and dicts on every call
+   pending, no GC recording keys, bytes of the expected sizes, and room in
+   the active log (below the buffer size, or below the log cap while a
+   merge runs). It reads the index's current log and dicts on every call
    (nothing to keep in step), writes the record in one pwritev, binds the
    key in the active dict and, when the log is full, hands over to the
    index's _after_append. Anything else, a failed write included, goes to
@@ -1221,29 +1222,32 @@ typedef struct {
     PyObject_HEAD
     PyObject *index;
     Py_ssize_t buffer_size;
+    Py_ssize_t log_cap;
     Py_ssize_t key_size;
     Py_ssize_t value_size;
 } Writer;
 
-static PyObject *str_log, *str_active, *str_touched, *str_after_append, *str_put_in_python;
+static PyObject *str_log, *str_active, *str_touched, *str_merging, *str_after_append,
+    *str_put_in_python;
 static const char op_set = 1;
 
 static int
 writer_init(Writer *self, PyObject *args, PyObject *kwargs)
 {
     PyObject *index;
-    Py_ssize_t buffer_size, key_size, value_size;
-    static char *names[] = {"index", "buffer_size", "key_size", "value_size", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnn:Writer", names, &index, &buffer_size,
-                                     &key_size, &value_size))
+    Py_ssize_t buffer_size, log_cap, key_size, value_size;
+    static char *names[] = {"index", "buffer_size", "log_cap", "key_size", "value_size", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnn:Writer", names, &index, &buffer_size,
+                                     &log_cap, &key_size, &value_size))
         return -1;
-    if (buffer_size < 1 || key_size < 0 || value_size < 0) {
-        PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, key or value size");
+    if (buffer_size < 1 || log_cap < buffer_size || key_size < 0 || value_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, cap, key or value size");
         return -1;
     }
     Py_INCREF(index);
     Py_XSETREF(self->index, index);
     self->buffer_size = buffer_size;
+    self->log_cap = log_cap;
     self->key_size = key_size;
     self->value_size = value_size;
     return 0;
@@ -1280,10 +1284,19 @@ writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
         PyBytes_GET_SIZE(value) != self->value_size)
         return 0;
     LogTail *tail = (LogTail *)log;
-    if (tail->fsync || tail->fd < 0 || tail->records >= self->buffer_size ||
+    if (tail->fsync || tail->fd < 0 || tail->records >= self->log_cap ||
         tail->pending == NULL || !PyByteArray_CheckExact(tail->pending) ||
         PyByteArray_GET_SIZE(tail->pending) != 0)
         return 0;
+    int full = tail->records >= self->buffer_size;
+    if (full) { /* past the buffer: only while a merge runs, which is then left alone */
+        PyObject *merging = PyObject_GetAttr(self->index, str_merging);
+        if (merging == NULL)
+            return -1;
+        Py_DECREF(merging);
+        if (merging != Py_True)
+            return 0;
+    }
     PyObject *touched = PyObject_GetAttr(self->index, str_touched);
     if (touched == NULL)
         return -1;
@@ -1319,7 +1332,7 @@ writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
     Py_DECREF(active);
     if (bound < 0)
         return -1;
-    if (tail->records >= self->buffer_size) {
+    if (!full && tail->records >= self->buffer_size) {
         PyObject *done = PyObject_CallMethodOneArg(self->index, str_after_append, log);
         if (done == NULL)
             return -1;
@@ -1368,7 +1381,7 @@ static PyTypeObject WriterType = {
     .tp_name = "l2_stores.engine._accel.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Writer(index, buffer_size, key_size, value_size): an index's put in C.",
+    .tp_doc = "Writer(index, buffer_size, log_cap, key_size, value_size): an index's put in C.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
     .tp_traverse = (traverseproc)writer_traverse,
@@ -1527,9 +1540,10 @@ PyInit__accel(void)
     str_log = PyUnicode_InternFromString("_log");
     str_active = PyUnicode_InternFromString("_active");
     str_touched = PyUnicode_InternFromString("_touched");
+    str_merging = PyUnicode_InternFromString("_merging");
     str_after_append = PyUnicode_InternFromString("_after_append");
     str_put_in_python = PyUnicode_InternFromString("_put_in_python");
-    if (str_log == NULL || str_active == NULL || str_touched == NULL ||
+    if (str_log == NULL || str_active == NULL || str_touched == NULL || str_merging == NULL ||
         str_after_append == NULL || str_put_in_python == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
