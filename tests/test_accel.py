@@ -699,7 +699,9 @@ def _python_puts(index: Any) -> None:
     index.put = index._put_in_python
 
 
-def test_c_put_writes_the_bytes_python_writes(tmp_path: Path) -> None:
+def test_c_put_writes_the_bytes_python_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same writes through the C put and the Python put: the same log, byte for byte
     (no merge), and the same bindings once merges ran (their timing is the threads')."""
     from l2_stores.engine.index import Index
@@ -715,6 +717,14 @@ def test_c_put_writes_the_bytes_python_writes(tmp_path: Path) -> None:
             steps.append(("remove", key, b"", True))
         else:
             steps.append(("put", key, rng.randbytes(8), roll > 0.25))  # a quarter unflushed
+    handed: list[bytes] = []
+    python_put = Index._put_in_python
+
+    def counted(self: Index, key: bytes, value: bytes, flush: bool) -> None:
+        handed.append(key)
+        python_put(self, key, value, flush)
+
+    monkeypatch.setattr(Index, "_put_in_python", counted)
     for buffer_size in (1000, 9):
         finals = []
         for c in (True, False):
@@ -722,6 +732,7 @@ def test_c_put_writes_the_bytes_python_writes(tmp_path: Path) -> None:
             index = Index(str(directory), expected, readonly=False, buffer_size=buffer_size)
             if not c:
                 _python_puts(index)
+            handed.clear()
             try:
                 for op, key, value, flush in steps:
                     if op == "remove":
@@ -731,6 +742,9 @@ def test_c_put_writes_the_bytes_python_writes(tmp_path: Path) -> None:
                     probe = rng.choice(keys)
                     assert index.get(probe) == Index.get(index, probe)
                 index.flush()
+                if c:  # the C put did most flushed puts
+                    flushed = sum(1 for op, _, _, flush in steps if op == "put" and flush)
+                    assert len(handed) < flushed / 2
                 if buffer_size == 1000:
                     finals.append([path.read_bytes() for path in directory.glob("log.*")])
             finally:
@@ -797,37 +811,41 @@ def test_c_put_hands_other_cases_to_python(tmp_path: Path, monkeypatch: pytest.M
         reader.close()
 
 
-def test_c_put_leaves_a_failed_write_to_python(
+def test_c_put_reports_a_failed_write_as_python_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write the C put cannot make is made again by the Python path, which reports it."""
-    import l2_stores.engine.log as log_module
+    """A write the C put cannot make raises the store's error from the OSError, the
+    log cut back to its end (as LogWriter.append_set does); Python is not asked."""
     from l2_stores.engine.index import Index
     from l2_stores.errors import CannotWriteToStore
 
+    handed: list[bytes] = []
+    monkeypatch.setattr(Index, "_put_in_python", lambda self, key, *rest: handed.append(key))
     expected = Expected("accel", key_size=8, value_size=8)
     index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=100)
     log = index._log
     assert log is not None
     index.put(b"a" * 8, b"1" * 8, True)
     end = log._end
-    write_framed = log_module.write_framed
-    attempts: list[int] = []
+    cuts: list[int] = []
+    real_failed_write = log._failed_write
 
-    def failing(*args: Any) -> int:
-        attempts.append(args[1])
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def failed_write(error: OSError) -> CannotWriteToStore:
+        cuts.append(log._end)
+        return real_failed_write(error)
 
+    log._failed_write = failed_write  # type: ignore[method-assign]
+    fd = log._fd
     try:
-        os.close(log._fd)  # the C write fails (EBADF); so does Python's, counted
-        monkeypatch.setattr(log_module, "write_framed", failing)
-        with pytest.raises(CannotWriteToStore, match="No space left"):
+        os.close(fd)  # the C write fails: EBADF
+        with pytest.raises(CannotWriteToStore, match="Bad file descriptor") as raised:
             index.put(b"b" * 8, b"2" * 8, True)
-        assert attempts == [end]  # Python wrote at the same offset, once
+        assert isinstance(raised.value.__cause__, OSError)
+        assert raised.value.__cause__.errno == errno.EBADF
+        assert cuts == [end] and handed == []
         assert log._end == end and log.records == 1
         assert index.get(b"b" * 8) is None
     finally:
-        monkeypatch.setattr(log_module, "write_framed", write_framed)
         log._fd = -1
         index.close()
 
@@ -840,11 +858,17 @@ def test_c_writer_goes_with_its_index(tmp_path: Path) -> None:
 
     index = Index(str(tmp_path / "a"), Expected("accel", 8, 8), readonly=False)
     index.put(b"k" * 8, b"v" * 8, True)
+    put = index.put
     index.close()
     alive = weakref.ref(index)
-    del index
-    gc.collect()
-    assert alive() is None
+    gc.disable()
+    try:
+        del index  # no cycle through the writer: freed at once, without the collector
+        assert alive() is None
+    finally:
+        gc.enable()
+    with pytest.raises(ReferenceError):
+        put(b"k" * 8, b"v" * 8, True)
     with pytest.raises(ValueError):
         _accel.Writer(object(), 0, 0, 8, 8)
     tail = _accel.LogTail()

@@ -1052,10 +1052,12 @@ done:
    must be buffers that cannot change meanwhile (bytes). Short writes are
    resumed, and so are writes interrupted by a signal once its handler has
    run (as os.pwrite does). Returns the bytes written, or -1 with OSError
-   (or the handler's exception) set. iov has room for nparts + 1 entries. */
+   set (and *failed_errno its errno) or the handler's exception set (and
+   *failed_errno 0). iov has room for nparts + 1 entries. */
 static Py_ssize_t
-write_frame(int fd, long long offset, struct iovec *iov, int nparts)
+write_frame(int fd, long long offset, struct iovec *iov, int nparts, int *failed_errno)
 {
+    *failed_errno = 0;
     unsigned char crc_bytes[4];
     Py_ssize_t total = 0;
     for (int i = 0; i < nparts; i++)
@@ -1104,6 +1106,7 @@ write_frame(int fd, long long offset, struct iovec *iov, int nparts)
             error = 0;
         }
         else if (error) {
+            *failed_errno = error;
             errno = error;
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
@@ -1153,7 +1156,8 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         iov[i].iov_len = (size_t)PyBytes_GET_SIZE(part);
         total += PyBytes_GET_SIZE(part);
     }
-    Py_ssize_t written = write_frame((int)fd_long, offset, iov, (int)nparts);
+    int failed_errno;
+    Py_ssize_t written = write_frame((int)fd_long, offset, iov, (int)nparts, &failed_errno);
     return written < 0 ? NULL : PyLong_FromSsize_t(written);
 }
 
@@ -1169,9 +1173,11 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
    merge runs). It reads the index's current log and dicts on every call
    (nothing to keep in step), writes the record in one pwritev, binds the
    key in the active dict and, when the log is full, hands over to the
-   index's _after_append. Anything else, a failed write included, goes to
-   the index's Python put, which does the whole put again and reports
-   errors; a failed write changed nothing it would not write over. */
+   index's _after_append. Anything else goes to the index's Python put. A
+   failed write is reported as the Python put reports it (the log's
+   _failed_write cuts the file back and makes the store's error). The
+   writer holds the index by a weak reference, so that an index dropped
+   without close() is freed at once, as before. */
 
 typedef struct {
     PyObject_HEAD
@@ -1220,7 +1226,7 @@ static PyTypeObject LogTailType = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *index;
+    PyObject *index; /* a weak reference */
     Py_ssize_t buffer_size;
     Py_ssize_t log_cap;
     Py_ssize_t key_size;
@@ -1228,7 +1234,7 @@ typedef struct {
 } Writer;
 
 static PyObject *str_log, *str_active, *str_touched, *str_merging, *str_after_append,
-    *str_put_in_python;
+    *str_put_in_python, *str_failed_write;
 static const char op_set = 1;
 
 static int
@@ -1244,8 +1250,13 @@ writer_init(Writer *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, cap, key or value size");
         return -1;
     }
-    Py_INCREF(index);
-    Py_XSETREF(self->index, index);
+    if (self->index != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Writer: already bound to an index");
+        return -1;
+    }
+    self->index = PyWeakref_NewRef(index, NULL);
+    if (self->index == NULL)
+        return -1;
     self->buffer_size = buffer_size;
     self->log_cap = log_cap;
     self->key_size = key_size;
@@ -1275,9 +1286,35 @@ writer_dealloc(Writer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Raise what LogWriter.append_set raises for the OSError now set:
+   log._failed_write(error) (which cuts the file back to the log's end),
+   from the OSError. */
+static void
+writer_report_failed_write(PyObject *log)
+{
+    PyObject *type, *error, *traceback;
+    PyErr_Fetch(&type, &error, &traceback);
+    PyErr_NormalizeException(&type, &error, &traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(error, traceback);
+    PyObject *reported = PyObject_CallMethodOneArg(log, str_failed_write, error);
+    if (reported == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(error);
+        Py_XDECREF(traceback);
+        return;
+    }
+    PyException_SetCause(reported, Py_NewRef(error));
+    PyException_SetContext(reported, error); /* steals error */
+    PyErr_SetObject((PyObject *)Py_TYPE(reported), reported);
+    Py_DECREF(reported);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+}
+
 /* The fast put, or 0 when it does not apply (no exception set then). */
 static int
-writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
+writer_put_fast(Writer *self, PyObject *index, PyObject *log, PyObject *key, PyObject *value)
 {
     if (!PyObject_TypeCheck(log, &LogTailType) || !PyBytes_CheckExact(key) ||
         !PyBytes_CheckExact(value) || PyBytes_GET_SIZE(key) != self->key_size ||
@@ -1290,21 +1327,21 @@ writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
         return 0;
     int full = tail->records >= self->buffer_size;
     if (full) { /* past the buffer: only while a merge runs, which is then left alone */
-        PyObject *merging = PyObject_GetAttr(self->index, str_merging);
+        PyObject *merging = PyObject_GetAttr(index, str_merging);
         if (merging == NULL)
             return -1;
         Py_DECREF(merging);
         if (merging != Py_True)
             return 0;
     }
-    PyObject *touched = PyObject_GetAttr(self->index, str_touched);
+    PyObject *touched = PyObject_GetAttr(index, str_touched);
     if (touched == NULL)
         return -1;
     int recording = touched != Py_None;
     Py_DECREF(touched);
     if (recording)
         return 0;
-    PyObject *active = PyObject_GetAttr(self->index, str_active);
+    PyObject *active = PyObject_GetAttr(index, str_active);
     if (active == NULL)
         return -1;
     if (!PyDict_CheckExact(active)) {
@@ -1318,13 +1355,13 @@ writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
     iov[1].iov_len = (size_t)self->key_size;
     iov[2].iov_base = PyBytes_AS_STRING(value);
     iov[2].iov_len = (size_t)self->value_size;
-    Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3);
+    int failed_errno;
+    Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3, &failed_errno);
     if (written < 0) {
         Py_DECREF(active);
-        if (!PyErr_ExceptionMatches(PyExc_OSError))
-            return -1; /* a signal handler's exception */
-        PyErr_Clear();
-        return 0;
+        if (failed_errno)
+            writer_report_failed_write(log);
+        return -1;
     }
     tail->end += written;
     tail->records += 1;
@@ -1333,7 +1370,7 @@ writer_put_fast(Writer *self, PyObject *log, PyObject *key, PyObject *value)
     if (bound < 0)
         return -1;
     if (!full && tail->records >= self->buffer_size) {
-        PyObject *done = PyObject_CallMethodOneArg(self->index, str_after_append, log);
+        PyObject *done = PyObject_CallMethodOneArg(index, str_after_append, log);
         if (done == NULL)
             return -1;
         Py_DECREF(done);
@@ -1354,20 +1391,38 @@ writer_put(Writer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     int flushed = PyObject_IsTrue(flush);
     if (flushed < 0)
         return NULL;
-    if (flushed) {
-        PyObject *log = PyObject_GetAttr(self->index, str_log);
-        if (log == NULL)
-            return NULL;
-        int done = writer_put_fast(self, log, key, value);
-        Py_DECREF(log);
-        if (done < 0)
-            return NULL;
-        if (done)
-            Py_RETURN_NONE;
+    if (self->index == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Writer: not bound to an index");
+        return NULL;
     }
-    PyObject *call[4] = {self->index, key, value, flush};
-    return PyObject_VectorcallMethod(str_put_in_python, call,
-                                     4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *index = PyWeakref_GetObject(self->index);
+    if (index == NULL)
+        return NULL;
+    if (index == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "Writer: its index is gone");
+        return NULL;
+    }
+    Py_INCREF(index); /* held across the write, which releases the GIL */
+    PyObject *result = NULL;
+    if (flushed) {
+        PyObject *log = PyObject_GetAttr(index, str_log);
+        if (log == NULL)
+            goto done;
+        int put = writer_put_fast(self, index, log, key, value);
+        Py_DECREF(log);
+        if (put < 0)
+            goto done;
+        if (put) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    PyObject *call[4] = {index, key, value, flush};
+    result = PyObject_VectorcallMethod(str_put_in_python, call,
+                                       4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+done:
+    Py_DECREF(index);
+    return result;
 }
 
 static PyMethodDef writer_methods[] = {
@@ -1541,9 +1596,11 @@ PyInit__accel(void)
     str_active = PyUnicode_InternFromString("_active");
     str_touched = PyUnicode_InternFromString("_touched");
     str_merging = PyUnicode_InternFromString("_merging");
+    str_failed_write = PyUnicode_InternFromString("_failed_write");
     str_after_append = PyUnicode_InternFromString("_after_append");
     str_put_in_python = PyUnicode_InternFromString("_put_in_python");
     if (str_log == NULL || str_active == NULL || str_touched == NULL || str_merging == NULL ||
+        str_failed_write == NULL ||
         str_after_append == NULL || str_put_in_python == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
