@@ -25,6 +25,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -40,7 +41,7 @@ typedef struct {
     Py_ssize_t tasks_waiting; /* tasks waiting for the exclusive section to end */
     uint64_t owner;           /* holder of the exclusive section, when has_owner */
     int has_owner;
-    uint64_t task_gen;        /* bumped to admit the waiting tasks */
+    unsigned long long task_gen; /* bumped to admit the waiting tasks */
     uint64_t next_ticket;
     uint64_t *queue;          /* tickets of waiting exclusive callers, oldest first */
     Py_ssize_t queue_head, queue_len, queue_cap;
@@ -482,33 +483,9 @@ core_is_idle(Core *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-core_get_running_tasks(Core *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->tasks);
-}
-
-static PyObject *
-core_get_waiting_tasks(Core *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->tasks_waiting);
-}
-
-static PyObject *
-core_get_pending_exclusive(Core *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromSsize_t(self->queue_len);
-}
-
-static PyObject *
 core_get_exclusive_running(Core *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->has_owner);
-}
-
-static PyObject *
-core_get_task_gen(Core *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->task_gen);
 }
 
 static void
@@ -547,16 +524,20 @@ static PyMethodDef core_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef core_members[] = {
+    {"running_tasks", T_PYSSIZET, offsetof(Core, tasks), READONLY,
+     "Number of tasks currently running."},
+    {"waiting_tasks", T_PYSSIZET, offsetof(Core, tasks_waiting), READONLY,
+     "Number of tasks waiting for an exclusive section to end."},
+    {"pending_exclusive", T_PYSSIZET, offsetof(Core, queue_len), READONLY,
+     "Number of force_idle/when_idle callers waiting for their turn."},
+    {"_task_gen", T_ULONGLONG, offsetof(Core, task_gen), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyGetSetDef core_getset[] = {
-    {"running_tasks", (getter)core_get_running_tasks, NULL, "Number of tasks currently running.",
-     NULL},
-    {"waiting_tasks", (getter)core_get_waiting_tasks, NULL,
-     "Number of tasks waiting for an exclusive section to end.", NULL},
-    {"pending_exclusive", (getter)core_get_pending_exclusive, NULL,
-     "Number of force_idle/when_idle callers waiting for their turn.", NULL},
     {"exclusive_running", (getter)core_get_exclusive_running, NULL,
      "Whether an exclusive section is running.", NULL},
-    {"_task_gen", (getter)core_get_task_gen, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -569,6 +550,7 @@ static PyTypeObject CoreType = {
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_methods = core_methods,
+    .tp_members = core_members,
     .tp_getset = core_getset,
 };
 
