@@ -1556,6 +1556,329 @@ accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
     return PyLong_FromSsize_t(position);
 }
 
+/* ---------------------------------------------------------------- LruCache */
+
+/* The indexed files' cache of recently read or appended (value, header)
+   pairs: a dict from key to slot number, and per slot the key, the entry
+   and its neighbours in a list from the newest to the oldest. The list and
+   the dict change together inside one call, which holds the GIL and runs no
+   Python code (keys are exact bytes), so readers need no lock. References
+   dropped by a call are released last, when the cache is consistent again. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *slots;   /* dict: key -> slot number (int) */
+    PyObject **keys;   /* per slot */
+    PyObject **entries;
+    Py_ssize_t *newer; /* per slot: the next newer slot, or -1 */
+    Py_ssize_t *older; /* per slot: the next older slot, or -1 */
+    Py_ssize_t newest, oldest, used, capacity;
+} LruCache;
+
+static void
+lru_unlink(LruCache *self, Py_ssize_t slot)
+{
+    Py_ssize_t newer = self->newer[slot], older = self->older[slot];
+    if (newer >= 0)
+        self->older[newer] = older;
+    else
+        self->newest = older;
+    if (older >= 0)
+        self->newer[older] = newer;
+    else
+        self->oldest = newer;
+}
+
+static void
+lru_push_newest(LruCache *self, Py_ssize_t slot)
+{
+    self->newer[slot] = -1;
+    self->older[slot] = self->newest;
+    if (self->newest >= 0)
+        self->newer[self->newest] = slot;
+    else
+        self->oldest = slot;
+    self->newest = slot;
+}
+
+static void
+lru_touch(LruCache *self, Py_ssize_t slot)
+{
+    if (self->newest != slot) {
+        lru_unlink(self, slot);
+        lru_push_newest(self, slot);
+    }
+}
+
+static void
+lru_free_arrays(LruCache *self)
+{
+    PyMem_Free(self->keys);
+    PyMem_Free(self->entries);
+    PyMem_Free(self->newer);
+    PyMem_Free(self->older);
+    self->keys = self->entries = NULL;
+    self->newer = self->older = NULL;
+    self->capacity = self->used = 0;
+    self->newest = self->oldest = -1;
+}
+
+static int
+lru_init(LruCache *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"capacity", NULL};
+    Py_ssize_t capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:LruCache", names, &capacity))
+        return -1;
+    if (capacity < 0) {
+        PyErr_Format(PyExc_ValueError, "cache capacity must be at least 0, got %zd", capacity);
+        return -1;
+    }
+    if (self->slots != NULL) {
+        PyErr_SetString(PyExc_TypeError, "LruCache is initialised once");
+        return -1;
+    }
+    self->slots = PyDict_New();
+    if (self->slots == NULL)
+        return -1;
+    self->newest = self->oldest = -1;
+    if (capacity == 0)
+        return 0;
+    self->keys = PyMem_Calloc((size_t)capacity, sizeof(PyObject *));
+    self->entries = PyMem_Calloc((size_t)capacity, sizeof(PyObject *));
+    self->newer = PyMem_Calloc((size_t)capacity, sizeof(Py_ssize_t));
+    self->older = PyMem_Calloc((size_t)capacity, sizeof(Py_ssize_t));
+    if (self->keys == NULL || self->entries == NULL || self->newer == NULL ||
+        self->older == NULL) {
+        lru_free_arrays(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->capacity = capacity;
+    return 0;
+}
+
+static int
+lru_traverse(LruCache *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->slots);
+    for (Py_ssize_t slot = 0; slot < self->used; slot++)
+        Py_VISIT(self->entries[slot]);
+    return 0;
+}
+
+/* Empty the cache; its former contents, in a list, or NULL on error (then
+   nothing changed). */
+static PyObject *
+lru_take_all(LruCache *self)
+{
+    Py_ssize_t used = self->used;
+    PyObject *taken = PyList_New(2 * used);
+    if (taken == NULL)
+        return NULL;
+    for (Py_ssize_t slot = 0; slot < used; slot++) {
+        PyList_SET_ITEM(taken, 2 * slot, self->keys[slot]);
+        PyList_SET_ITEM(taken, 2 * slot + 1, self->entries[slot]);
+        self->keys[slot] = self->entries[slot] = NULL;
+    }
+    self->used = 0;
+    self->newest = self->oldest = -1;
+    if (self->slots != NULL)
+        PyDict_Clear(self->slots);
+    return taken;
+}
+
+static int
+lru_clear_references(LruCache *self)
+{
+    PyObject *taken = lru_take_all(self);
+    if (taken == NULL) { /* no memory for the list: drop them one by one */
+        PyErr_Clear();
+        for (Py_ssize_t slot = 0; slot < self->used; slot++) {
+            Py_CLEAR(self->keys[slot]);
+            Py_CLEAR(self->entries[slot]);
+        }
+        self->used = 0;
+        self->newest = self->oldest = -1;
+    }
+    Py_XDECREF(taken);
+    Py_CLEAR(self->slots);
+    return 0;
+}
+
+static void
+lru_dealloc(LruCache *self)
+{
+    PyObject_GC_UnTrack(self);
+    lru_clear_references(self);
+    lru_free_arrays(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+lru_ready(LruCache *self)
+{
+    if (self->slots == NULL) {
+        PyErr_SetString(PyExc_ValueError, "LruCache is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+/* The slot of key, -1 if absent, -2 on error. */
+static Py_ssize_t
+lru_slot_of(LruCache *self, PyObject *key)
+{
+    if (!PyBytes_CheckExact(key)) {
+        PyErr_Format(PyExc_TypeError, "LruCache keys are bytes, got %.100s",
+                     Py_TYPE(key)->tp_name);
+        return -2;
+    }
+    PyObject *slot = PyDict_GetItemWithError(self->slots, key);
+    if (slot == NULL)
+        return PyErr_Occurred() ? -2 : -1;
+    return PyLong_AsSsize_t(slot);
+}
+
+static PyObject *
+lru_get(LruCache *self, PyObject *key)
+{
+    if (!lru_ready(self))
+        return NULL;
+    Py_ssize_t slot = lru_slot_of(self, key);
+    if (slot == -2)
+        return NULL;
+    if (slot < 0)
+        Py_RETURN_NONE;
+    lru_touch(self, slot);
+    return Py_NewRef(self->entries[slot]);
+}
+
+static PyObject *
+lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "LruCache.put(key, entry) takes 2 arguments");
+        return NULL;
+    }
+    if (!lru_ready(self))
+        return NULL;
+    PyObject *key = args[0], *entry = args[1];
+    Py_ssize_t slot = lru_slot_of(self, key);
+    if (slot == -2)
+        return NULL;
+    if (slot >= 0) { /* a newer entry for a cached key */
+        PyObject *old_entry = self->entries[slot];
+        self->entries[slot] = Py_NewRef(entry);
+        lru_touch(self, slot);
+        Py_DECREF(old_entry);
+        Py_RETURN_NONE;
+    }
+    if (self->capacity == 0)
+        Py_RETURN_NONE;
+    slot = self->used < self->capacity ? self->used : self->oldest;
+    PyObject *number = PyLong_FromSsize_t(slot);
+    if (number == NULL)
+        return NULL;
+    int failed = PyDict_SetItem(self->slots, key, number);
+    Py_DECREF(number);
+    if (failed)
+        return NULL;
+    PyObject *old_key = NULL, *old_entry = NULL;
+    if (slot == self->used) {
+        self->used++;
+    } else { /* evict the oldest */
+        old_key = self->keys[slot];
+        old_entry = self->entries[slot];
+        lru_unlink(self, slot);
+        if (PyDict_DelItem(self->slots, old_key) < 0) { /* cannot happen: it was there */
+            self->keys[slot] = Py_NewRef(key);
+            self->entries[slot] = Py_NewRef(entry);
+            lru_push_newest(self, slot);
+            Py_DECREF(old_key);
+            Py_DECREF(old_entry);
+            return NULL;
+        }
+    }
+    self->keys[slot] = Py_NewRef(key);
+    self->entries[slot] = Py_NewRef(entry);
+    lru_push_newest(self, slot);
+    Py_XDECREF(old_key);
+    Py_XDECREF(old_entry);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lru_clear_method(LruCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!lru_ready(self))
+        return NULL;
+    PyObject *taken = lru_take_all(self);
+    if (taken == NULL)
+        return NULL;
+    Py_DECREF(taken);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lru_keys(LruCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!lru_ready(self))
+        return NULL;
+    PyObject *keys = PyList_New(0);
+    if (keys == NULL)
+        return NULL;
+    for (Py_ssize_t slot = self->oldest; slot >= 0; slot = self->newer[slot]) {
+        if (PyList_Append(keys, self->keys[slot]) < 0) {
+            Py_DECREF(keys);
+            return NULL;
+        }
+    }
+    return keys;
+}
+
+static Py_ssize_t
+lru_length(LruCache *self)
+{
+    return self->used;
+}
+
+static PyMethodDef lru_methods[] = {
+    {"get", (PyCFunction)lru_get, METH_O,
+     "get(key) -> entry | None: the cached entry of key, now the newest."},
+    {"put", (PyCFunction)(void (*)(void))lru_put, METH_FASTCALL,
+     "put(key, entry): cache entry as the newest; the oldest goes when full."},
+    {"clear", (PyCFunction)lru_clear_method, METH_NOARGS, "clear(): drop every entry."},
+    {"keys", (PyCFunction)lru_keys, METH_NOARGS, "keys() -> list: the cached keys, oldest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef lru_members[] = {
+    {"capacity", T_PYSSIZET, offsetof(LruCache, capacity), READONLY,
+     "The most entries kept."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods lru_as_sequence = {
+    .sq_length = (lenfunc)lru_length,
+};
+
+static PyTypeObject LruCacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.LruCache",
+    .tp_basicsize = sizeof(LruCache),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "LruCache(capacity): the last capacity entries put or got, by bytes key.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lru_init,
+    .tp_traverse = (traverseproc)lru_traverse,
+    .tp_clear = (inquiry)lru_clear_references,
+    .tp_dealloc = (destructor)lru_dealloc,
+    .tp_methods = lru_methods,
+    .tp_members = lru_members,
+    .tp_as_sequence = &lru_as_sequence,
+};
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,
@@ -1590,7 +1913,7 @@ PyInit__accel(void)
 #endif
     if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0 ||
         PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
-        PyType_Ready(&WriterType) < 0)
+        PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0)
         return NULL;
     str_log = PyUnicode_InternFromString("_log");
     str_active = PyUnicode_InternFromString("_active");
@@ -1640,6 +1963,12 @@ PyInit__accel(void)
     Py_INCREF(&WriterType);
     if (PyModule_AddObject(module, "Writer", (PyObject *)&WriterType) < 0) {
         Py_DECREF(&WriterType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&LruCacheType);
+    if (PyModule_AddObject(module, "LruCache", (PyObject *)&LruCacheType) < 0) {
+        Py_DECREF(&LruCacheType);
         Py_DECREF(module);
         return NULL;
     }

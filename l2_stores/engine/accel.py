@@ -1,4 +1,4 @@
-"""The optional C accelerator of the data file's lookups and merges, and of checksums.
+"""The optional C accelerator: lookups, merges, checksums, the common put, the LRU cache.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
 compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
@@ -41,6 +41,7 @@ if _module is not None:
         Layers,
         LogTail,
         Lookup,
+        LruCache,
         MergePlan,
         Writer,
         crc32,
@@ -59,6 +60,8 @@ if _module is not None:
     AcceleratedWriter: type[Writer] | None = Writer
     #: The base of ``LogWriter``: its tail state in C, where the C put appends.
     LogTailBase: type = LogTail
+    #: The indexed files' LRU cache of (value, header) pairs, without a lock.
+    AcceleratedLruCache: type[LruCache] | None = LruCache
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
@@ -72,6 +75,7 @@ if _module is not None:
     )
 else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
+    AcceleratedLruCache = None
     LogTailBase = object
     accelerated_framed = accelerated_crc32 = None
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
@@ -84,6 +88,7 @@ __all__ = [
     "ENV_PURE_PYTHON",
     "AcceleratedLayers",
     "AcceleratedLookup",
+    "AcceleratedLruCache",
     "AcceleratedMerge",
     "AcceleratedWriter",
     "CorruptRow",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, ClassVar, Self
@@ -33,6 +31,7 @@ from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
+from .lru import Cache, lru_cache
 
 logger = logging.getLogger("l2_stores.indexed_file")
 
@@ -41,39 +40,6 @@ INDEX_DIRECTORY = "index"
 #: Largest value that asyncio reads or appends on the event loop itself.
 INLINE_VALUE_SIZE = 16 * 1024
 _RELOAD_ATTEMPTS = 50
-
-
-class _LruCache:
-    """The encoded (value, header) of the last ``capacity`` keys read or appended.
-
-    Encoded bytes are kept, not decoded objects, so that a caller changing a
-    returned value cannot change what later reads return.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: bytes) -> tuple[bytes, bytes] | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: bytes, entry: tuple[bytes, bytes]) -> None:
-        if self.capacity <= 0:
-            return
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            if len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 def _file_order(item: tuple[bytes, bytes]) -> tuple[int, int]:
@@ -92,7 +58,7 @@ class IndexedFileBase(Collectable):
     _value: ClassVar[Codec]
     _header: ClassVar[Codec]
     _values: ValueFiles
-    _cache: _LruCache
+    _cache: Cache
     _gc_copy: int | None = None
 
     @classmethod
@@ -115,6 +81,9 @@ class IndexedFileBase(Collectable):
         """
         if not isinstance(mode, Mode):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be at least 0, got {cache_size}")
+        cache = lru_cache(cache_size)
         directory = os.fspath(path)
         store = cls(directory, mode)
         header_size = cls._header.size or 0
@@ -151,7 +120,7 @@ class IndexedFileBase(Collectable):
         except BaseException:
             store._close_resources()
             raise
-        store._cache = _LruCache(cache_size)
+        store._cache = cache
         return store
 
     def _open_values(self, expected: Expected, readonly: bool, fsync: bool) -> None:

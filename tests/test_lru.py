@@ -1,0 +1,191 @@
+"""The indexed files' LRU cache: the C cache and the Python one against a model."""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import threading
+import weakref
+from typing import Any
+
+import construct as c
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from l2_stores import make_indexed_file
+from l2_stores.engine import accel
+from l2_stores.stores.lru import LruCache, lru_cache
+
+KINDS: list[Any] = [pytest.param(LruCache, id="python")]
+if accel.AcceleratedLruCache is not None:
+    KINDS.append(pytest.param(accel.AcceleratedLruCache, id="c"))
+
+
+class ModelLru:
+    """The specification: a list of (key, entry), oldest first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: list[tuple[bytes, Any]] = []
+
+    def _take(self, key: bytes) -> Any:
+        for index, (cached, entry) in enumerate(self.items):
+            if cached == key:
+                del self.items[index]
+                return entry
+        return None
+
+    def get(self, key: bytes) -> Any:
+        entry = self._take(key)
+        if entry is not None:
+            self.items.append((key, entry))
+        return entry
+
+    def put(self, key: bytes, entry: Any) -> None:
+        if self.capacity == 0:
+            return
+        self._take(key)
+        self.items.append((key, entry))
+        del self.items[: max(0, len(self.items) - self.capacity)]
+
+    def keys(self) -> list[bytes]:
+        return [key for key, _ in self.items]
+
+
+KEYS = st.sampled_from([bytes([i]) * 4 for i in range(12)])
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), KEYS),
+        st.tuples(st.just("put"), KEYS, st.integers(0, 1000)),
+        st.tuples(st.just("clear")),
+    ),
+    max_size=80,
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(capacity=st.integers(0, 6), operations=OPERATIONS)
+def test_cache_follows_the_model(kind: Any, capacity: int, operations: list[Any]) -> None:
+    cache, model = kind(capacity), ModelLru(capacity)
+    for operation in operations:
+        if operation[0] == "get":
+            assert cache.get(operation[1]) == model.get(operation[1])
+        elif operation[0] == "put":
+            entry = (operation[1], str(operation[2]).encode())
+            cache.put(operation[1], entry)
+            model.put(operation[1], entry)
+        else:
+            cache.clear()
+            model.items.clear()
+        assert cache.keys() == model.keys()
+        assert len(cache) == len(model.items)
+    assert cache.capacity == capacity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_negative_capacity_is_refused(kind: Any) -> None:
+    with pytest.raises(ValueError, match="at least 0"):
+        kind(-1)
+
+
+@pytest.mark.skipif(accel.AcceleratedLruCache is None, reason="the C accelerator is not built")
+def test_c_cache_refuses_keys_that_are_not_bytes() -> None:
+    cache = lru_cache(2)
+    with pytest.raises(TypeError, match="bytes"):
+        cache.put(bytearray(b"k"), (b"v", b"h"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes"):
+        cache.get("k")  # type: ignore[arg-type]
+    assert len(cache) == 0
+
+
+class Tracked:
+    """An entry whose death is observable (tuples cannot be weakly referenced)."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_releases_what_it_drops(kind: Any) -> None:
+    cache = kind(2)
+    entries = [Tracked() for _ in range(5)]
+    alive = [weakref.ref(entry) for entry in entries]
+    for index, entry in enumerate(entries):
+        cache.put(bytes([index]), entry)
+    cache.put(bytes([4]), Tracked())  # replaces entries[4]
+    del entries, entry
+    gc.collect()
+    assert [ref() is not None for ref in alive] == [False, False, False, True, False]
+    cache.clear()
+    assert alive[3]() is None
+    survivor = Tracked()
+    cache.put(b"x", survivor)
+    before = sys.getrefcount(survivor)
+    del cache
+    gc.collect()
+    assert sys.getrefcount(survivor) == before - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_in_a_cycle_is_collected(kind: Any) -> None:
+    cache = kind(4)
+    holder = Tracked()
+    holder.cache = cache  # type: ignore[attr-defined]
+    cache.put(b"k", holder)
+    seen = weakref.ref(holder)
+    del cache, holder
+    gc.collect()
+    assert seen() is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_threads_see_only_entries_put_for_their_key(kind: Any) -> None:
+    """Eight threads get and put at once; the cache stays bounded, ordered and right."""
+    capacity = 16
+    cache = kind(capacity)
+    keys = [bytes([i]) * 8 for i in range(40)]
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(20_000):
+            key = rng.choice(keys)
+            if rng.random() < 0.5:
+                cache.put(key, (key, b"%d" % seed))
+            else:
+                entry = cache.get(key)
+                if entry is not None and entry[0] != key:
+                    errors.append(f"{key!r} -> {entry!r}")
+            if rng.random() < 0.001:
+                cache.clear()
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert errors == []
+    cached = cache.keys()
+    assert len(cached) == len(set(cached)) == len(cache) <= capacity
+    for key in cached:
+        entry = cache.get(key)
+        assert entry is not None and entry[0] == key
+
+
+def test_store_refuses_a_negative_cache_size_before_touching_the_disk(tmp_path: Any) -> None:
+    cls = make_indexed_file("lru_store", c.Bytes(4), c.GreedyBytes, c.Bytes(2))
+    path = tmp_path / "store"
+    with pytest.raises(ValueError, match="cache_size must be at least 0, got -1"):
+        cls.load(path, cache_size=-1)
+    assert not path.exists()
+    with cls.load(path, cache_size=0) as store:
+        store.append(b"abcd", b"value", b"hh")
+        assert store.read(b"abcd") == (b"value", b"hh")
+        assert len(store._cache) == 0
+    with cls.load(path, cache_size=1) as store:
+        assert store.read(b"abcd") == (b"value", b"hh")
+        assert store._cache.keys() == [b"abcd"]
