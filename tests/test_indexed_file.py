@@ -43,6 +43,7 @@ from l2_stores import (
     CannotLoadStore,
     CannotReadFromStore,
     CodecError,
+    DecodingError,
     Mode,
     ReadOnlyError,
     StoreClosedError,
@@ -1564,3 +1565,27 @@ def test_values_file_reads_by_pread_when_no_map_can_be_had(
         assert writer._map is None
     finally:
         writer.close()
+
+
+def test_values_and_headers_that_fail_to_decode_name_the_store(tmp_path: Path) -> None:
+    """read and header decode outside their task; a failure is the store's DecodingError."""
+    writer = make_indexed_file(
+        "undecodable", construct.Bytes(4), construct.GreedyBytes, construct.Bytes(2)
+    )
+    reader = make_indexed_file(
+        "undecodable", construct.Bytes(4), construct.Int32ub, construct.Const(b"ok")
+    )
+    path = tmp_path / "store"
+    with writer.load(path) as store:
+        store.append(b"key1", b"ab", b"no")
+        store.append(b"key2", b"abcd", b"ok")
+    with reader.load(path) as store:
+        for read in (store.read, store.header):
+            with pytest.raises(DecodingError) as info:
+                read(b"key1")
+            assert info.value.name == "undecodable"
+            assert info.value.path == str(path)
+        assert store.read(b"key2") == (0x61626364, b"ok")
+        assert store.header(b"key2") == b"ok"
+        assert store.read(b"none") is None
+        assert store.header(b"none") is None

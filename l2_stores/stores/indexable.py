@@ -29,20 +29,6 @@ class IndexableStore(Collectable):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
-    # n for a plain ``Bytes(n)`` codec, -1 for any other: encoding bytes of
-    # size n and decoding what the engine returns are then the identity, so
-    # the hot paths skip the codec's call.
-    _bytes_key_size: ClassVar[int] = -1
-    _bytes_value_size: ClassVar[int] = -1
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for role in ("key", "value"):
-            codec = cls.__dict__.get(f"_{role}")
-            if isinstance(codec, Codec):
-                size = codec.size if codec.kind == "bytes" and codec.size is not None else -1
-                setattr(cls, f"_bytes_{role}_size", size)
-
     @classmethod
     def load(
         cls,

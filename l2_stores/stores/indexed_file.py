@@ -26,7 +26,7 @@ from ..engine.index import GcMergeRenamed, Index
 from ..engine.merge import sorted_in_steps
 from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
-from ..errors import CannotLoadStore, CodecError, StoreLockedError
+from ..errors import CannotLoadStore, CodecError, DecodingError, StoreLockedError
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable, Lookup
@@ -37,6 +37,9 @@ logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 INDEX_DIRECTORY = "index"
+#: Where an index entry's header starts, after the value's pointer.
+ENTRY_HEADER = POINTER.size
+unpack_pointer = POINTER.unpack_from
 #: Largest value that asyncio reads or appends on the event loop itself.
 INLINE_VALUE_SIZE = 16 * 1024
 _RELOAD_ATTEMPTS = 50
@@ -212,28 +215,52 @@ class IndexedFileBase(Collectable):
 
     def header(self, key: Any) -> Any | None:
         """The header of ``key``'s value, or None; never reads the value."""
-        encoded = self._encode(self._key, key)
-        with self._waiter.task():
-            self._check_open()
+        if type(key) is bytes and len(key) == self._bytes_key_size:
+            encoded = key
+        else:
+            encoded = self._encode(self._key, key)
+        waiter = self._waiter
+        waiter.enter_task()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
             entry = self._engine.get(encoded)
+        finally:
+            waiter.exit_task()
         if entry is None:
             return None
-        return self._decode(self._header, entry[POINTER.size :])
+        try:
+            return self._header.decode(entry[ENTRY_HEADER:])
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
 
     def read(self, key: Any) -> tuple[Any, Any] | None:
         """The ``(value, header)`` of ``key``, or None."""
-        encoded = self._encode(self._key, key)
-        with self._waiter.task():
-            self._check_open()
-            raw = self._cache.get(encoded)
+        if type(key) is bytes and len(key) == self._bytes_key_size:
+            encoded = key
+        else:
+            encoded = self._encode(self._key, key)
+        cache = self._cache
+        waiter = self._waiter
+        waiter.enter_task()
+        try:
+            if self._lifetime.closed:
+                self._raise_closed()
+            raw = cache.get(encoded)
             if raw is None:
                 entry = self._engine.get(encoded)
                 if entry is None:
                     return None
-                raw = self._read_raw(encoded, entry)
+                offset, length, number = unpack_pointer(entry)
+                raw = (self._values.read(number, offset, length, encoded), entry[ENTRY_HEADER:])
                 # Cached inside the task: no append can slip in between.
-                self._cache.put(encoded, raw)
-        return self._decode(self._value, raw[0]), self._decode(self._header, raw[1])
+                cache.put(encoded, raw)
+        finally:
+            waiter.exit_task()
+        try:
+            return self._value.decode(raw[0]), self._header.decode(raw[1])
+        except DecodingError as error:
+            raise self._decoding_error(error) from error
 
     def _header_nowait(self, key: Any) -> Any:
         encoded = self._encode(self._key, key)
@@ -313,7 +340,10 @@ class IndexedFileBase(Collectable):
         if not self._writable:
             self._check_writable("append")
         try:
-            encoded_key = self._key.encode(key)
+            if type(key) is bytes and len(key) == self._bytes_key_size:
+                encoded_key = key
+            else:
+                encoded_key = self._key.encode(key)
             encoded_value = self._value.encode(value)
             encoded_header = self._header.encode(header)
         except CodecError as error:
