@@ -15,6 +15,7 @@ from typing import Any
 
 import construct
 
+from l2_stores.engine.accel import AcceleratedContainerDecoder
 from l2_stores.errors import CodecError, DecodingError
 
 __all__ = ["Codec", "compile_codec", "fixed"]
@@ -357,7 +358,23 @@ def _struct_codec(original: Any, plan: _StructPlan, role: str, desc: str) -> Cod
     }
     namespace.update((f"_k{i}", name) for i, name in enumerate(names))
     exec(_struct_source(len(names), plan.bytes_fields), namespace)
-    return Codec(original, size, namespace["encode"], namespace["decode"], "struct", desc)
+    decode = namespace["decode"]
+    if AcceleratedContainerDecoder is not None and _container_sets_as_dict():
+        # The same decode in one C call; it hands any failure to the Python one.
+        decode = AcceleratedContainerDecoder(
+            packer.unpack, construct.Container, names, decode
+        ).decode
+    return Codec(original, size, namespace["encode"], decode, "struct", desc)
+
+
+def _container_sets_as_dict() -> bool:
+    """Whether a ``Container`` is made and filled as a dict is (what the C decoder does)."""
+    container = construct.Container
+    return (
+        container.__new__ is dict.__new__
+        and container.__init__ is dict.__init__
+        and container.__setitem__ is dict.__setitem__
+    )
 
 
 def _struct_source(count: int, bytes_fields: tuple[tuple[int, int], ...]) -> str:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import struct
+import weakref
 from typing import Any
+from unittest import mock
 
 import construct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from l2_stores import codecs as codecs_module
 from l2_stores.codecs import Codec, compile_codec, fixed
+from l2_stores.engine import accel
 from l2_stores.errors import CodecError, DecodingError
 
 FAST = settings(
@@ -296,6 +301,59 @@ def test_level_hash_struct_agrees_with_construct(level: int, hash_: bytes, raw: 
     assert list(decoded) == ["level", "hash"]
     assert decoded.level == parsed.level
     assert codec.encode(decoded) == raw
+
+
+def decode_outcome(codec: Codec, data: Any) -> tuple[str, Any]:
+    try:
+        decoded = codec.decode(data)
+    except DecodingError as error:
+        return "error", str(error)
+    return type(decoded).__name__, dict(decoded)
+
+
+@pytest.mark.skipif(
+    accel.AcceleratedContainerDecoder is None, reason="the C accelerator is not built"
+)
+@pytest.mark.parametrize("con", [LEVEL_HASH, THREE_LE], ids=["level_hash", "three_le"])
+@FAST
+@given(data=st.data())
+def test_c_struct_decode_is_the_python_one(con: Any, data: st.DataObject) -> None:
+    """The C decode of Struct codecs gives what the Python one gives, errors included."""
+    c_codec = key_codec(con)
+    with mock.patch.object(codecs_module, "AcceleratedContainerDecoder", None):
+        python_codec = key_codec(con)
+    assert "ContainerDecoder" in repr(c_codec.decode)
+    assert "ContainerDecoder" not in repr(python_codec.decode)
+    size = con.sizeof()
+    raw = data.draw(st.one_of(st.binary(min_size=size, max_size=size), st.binary(max_size=40)))
+    for shaped in (raw, bytearray(raw), memoryview(raw), raw.decode("latin-1"), None):
+        assert decode_outcome(c_codec, shaped) == decode_outcome(python_codec, shaped)
+
+
+@pytest.mark.skipif(
+    accel.AcceleratedContainerDecoder is None, reason="the C accelerator is not built"
+)
+def test_c_struct_decode_leaves_the_gc_nothing_to_track_until_it_must() -> None:
+    """A decoded Container of ints and bytes is untracked, as a plain dict of them is."""
+    codec = key_codec(LEVEL_HASH)
+    decoded = codec.decode(bytes(36))
+    assert not gc.is_tracked(decoded)
+    decoded.level = 7
+    assert not gc.is_tracked(decoded)
+
+    class Witness:
+        pass
+
+    witness = Witness()
+    seen = weakref.ref(witness)
+    decoded.cycle = [decoded, witness]  # a value the GC tracks: tracked again
+    assert gc.is_tracked(decoded)
+    del decoded, witness
+    gc.collect()
+    assert seen() is None
+    other = codec.decode(bytes(36))
+    other.update({"cycle": [other]})
+    assert gc.is_tracked(other)
 
 
 @FAST

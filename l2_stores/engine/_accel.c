@@ -1879,6 +1879,135 @@ static PyTypeObject LruCacheType = {
     .tp_as_sequence = &lru_as_sequence,
 };
 
+/* ---------------------------------------------------------- ContainerDecoder */
+
+/* decode(data) of a codec for a construct Struct of fixed-size fields: the
+   fields unpacked by one struct.Struct, set by name into a new construct
+   Container (a dict subclass whose item assignment is the dict's). Any
+   failure of the unpacking is handed to the Python decode, which raises the
+   codec's error. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *unpack;    /* struct.Struct(...).unpack */
+    PyObject *container; /* construct.Container */
+    PyObject *names;     /* tuple of field names */
+    PyObject *fallback;  /* the Python decode */
+} ContainerDecoder;
+
+static int
+cdec_init(ContainerDecoder *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"unpack", "container", "names", "fallback", NULL};
+    PyObject *unpack, *container, *fields, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO!O:ContainerDecoder", names, &unpack,
+                                     &container, &PyTuple_Type, &fields, &fallback))
+        return -1;
+    if (!PyCallable_Check(unpack) || !PyCallable_Check(fallback) || !PyType_Check(container) ||
+        !PyType_IsSubtype((PyTypeObject *)container, &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "ContainerDecoder(unpack, container, names, fallback): "
+                                         "unpack and fallback callables, container a dict type");
+        return -1;
+    }
+    Py_XSETREF(self->unpack, Py_NewRef(unpack));
+    Py_XSETREF(self->container, Py_NewRef(container));
+    Py_XSETREF(self->names, Py_NewRef(fields));
+    Py_XSETREF(self->fallback, Py_NewRef(fallback));
+    return 0;
+}
+
+static int
+cdec_traverse(ContainerDecoder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->unpack);
+    Py_VISIT(self->container);
+    Py_VISIT(self->names);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+cdec_clear(ContainerDecoder *self)
+{
+    Py_CLEAR(self->unpack);
+    Py_CLEAR(self->container);
+    Py_CLEAR(self->names);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+cdec_dealloc(ContainerDecoder *self)
+{
+    PyObject_GC_UnTrack(self);
+    cdec_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+cdec_decode(ContainerDecoder *self, PyObject *data)
+{
+    if (self->unpack == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ContainerDecoder is not initialised");
+        return NULL;
+    }
+    PyObject *fields = PyObject_CallOneArg(self->unpack, data);
+    Py_ssize_t count = PyTuple_GET_SIZE(self->names);
+    if (fields == NULL || !PyTuple_CheckExact(fields) || PyTuple_GET_SIZE(fields) != count) {
+        if (fields == NULL && !PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL; /* KeyboardInterrupt and the like go through */
+        PyErr_Clear();
+        Py_XDECREF(fields);
+        return PyObject_CallOneArg(self->fallback, data);
+    }
+    /* The container's __init__ is dict's (codecs.py checks), a no-op without
+       arguments: its __new__ alone makes the same empty container. */
+    PyTypeObject *container = (PyTypeObject *)self->container;
+    PyObject *no_arguments = PyTuple_New(0); /* the shared empty tuple */
+    PyObject *result =
+        no_arguments == NULL ? NULL : container->tp_new(container, no_arguments, NULL);
+    Py_XDECREF(no_arguments);
+    if (result != NULL && !PyDict_Check(result)) {
+        PyErr_SetString(PyExc_TypeError, "ContainerDecoder: the container is not a dict");
+        Py_CLEAR(result);
+    }
+    int atomic = 1; /* every field an int, a float or bytes: nothing the GC tracks */
+    for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        atomic = atomic && !PyObject_GC_IsTracked(field);
+        if (PyDict_SetItem(result, PyTuple_GET_ITEM(self->names, i), field) < 0)
+            Py_CLEAR(result);
+    }
+    Py_DECREF(fields);
+    /* As the interpreter does for a plain dict of atomic values: the GC does
+       not track it, and tracks it again as soon as an item that it tracks
+       is set (dict item assignment does, whatever the dict's type). The
+       Container's one slot, __recursion_lock__, is construct's own flag. */
+    if (result != NULL && atomic && PyObject_GC_IsTracked(result))
+        PyObject_GC_UnTrack(result);
+    return result;
+}
+
+static PyMethodDef cdec_methods[] = {
+    {"decode", (PyCFunction)cdec_decode, METH_O,
+     "decode(data) -> Container: the fields of data, by name."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ContainerDecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.ContainerDecoder",
+    .tp_basicsize = sizeof(ContainerDecoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ContainerDecoder(unpack, container, names, fallback): a Struct codec's decode.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)cdec_init,
+    .tp_traverse = (traverseproc)cdec_traverse,
+    .tp_clear = (inquiry)cdec_clear,
+    .tp_dealloc = (destructor)cdec_dealloc,
+    .tp_methods = cdec_methods,
+};
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,
@@ -1913,7 +2042,8 @@ PyInit__accel(void)
 #endif
     if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0 ||
         PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
-        PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0)
+        PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0 ||
+        PyType_Ready(&ContainerDecoderType) < 0)
         return NULL;
     str_log = PyUnicode_InternFromString("_log");
     str_active = PyUnicode_InternFromString("_active");
@@ -1969,6 +2099,12 @@ PyInit__accel(void)
     Py_INCREF(&LruCacheType);
     if (PyModule_AddObject(module, "LruCache", (PyObject *)&LruCacheType) < 0) {
         Py_DECREF(&LruCacheType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&ContainerDecoderType);
+    if (PyModule_AddObject(module, "ContainerDecoder", (PyObject *)&ContainerDecoderType) < 0) {
+        Py_DECREF(&ContainerDecoderType);
         Py_DECREF(module);
         return NULL;
     }

@@ -1,4 +1,4 @@
-"""The optional C accelerator: lookups, merges, checksums, the common put, the LRU cache.
+"""The optional C accelerator: lookups, merges, checksums, the common put, caches, codecs.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
 compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
@@ -37,6 +37,7 @@ def _load() -> ModuleType | None:
 _module = _load()
 if _module is not None:
     from ._accel import (
+        ContainerDecoder,
         CorruptRow,
         Layers,
         LogTail,
@@ -62,6 +63,8 @@ if _module is not None:
     LogTailBase: type = LogTail
     #: The indexed files' LRU cache of (value, header) pairs, without a lock.
     AcceleratedLruCache: type[LruCache] | None = LruCache
+    #: The decode of a ``Struct`` codec of fixed-size fields, in one C call.
+    AcceleratedContainerDecoder: type[ContainerDecoder] | None = ContainerDecoder
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
     accelerated_write_framed: Callable[..., int] | None = write_framed
@@ -75,7 +78,7 @@ if _module is not None:
     )
 else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
-    AcceleratedLruCache = None
+    AcceleratedLruCache = AcceleratedContainerDecoder = None
     LogTailBase = object
     accelerated_framed = accelerated_crc32 = None
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
@@ -86,6 +89,7 @@ else:
 
 __all__ = [
     "ENV_PURE_PYTHON",
+    "AcceleratedContainerDecoder",
     "AcceleratedLayers",
     "AcceleratedLookup",
     "AcceleratedLruCache",

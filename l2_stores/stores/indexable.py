@@ -29,6 +29,7 @@ class IndexableStore(Collectable):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
+
     @classmethod
     def load(
         cls,
