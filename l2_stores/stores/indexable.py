@@ -158,19 +158,17 @@ class IndexableStore(Collectable):
         """
         if not self._writable:
             self._check_writable("add")
-        if (
-            type(key) is bytes
-            and len(key) == self._bytes_key_size
-            and type(value) is bytes
-            and len(value) == self._bytes_value_size
-        ):
-            encoded_key, encoded_value = key, value
-        else:
-            try:
+        try:
+            if type(key) is bytes and len(key) == self._bytes_key_size:
+                encoded_key = key
+            else:
                 encoded_key = self._key.encode(key)
+            if type(value) is bytes and len(value) == self._bytes_value_size:
+                encoded_value = value
+            else:
                 encoded_value = self._value.encode(value)
-            except CodecError as error:
-                raise self._codec_error(error) from error
+        except CodecError as error:
+            raise self._codec_error(error) from error
         engine = self._engine
         if engine.pacing:
             engine.reserve()
