@@ -311,6 +311,28 @@ def test_lock_is_exclusive_and_records_the_pid(tmp_path: os.PathLike[str]) -> No
     lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
 
 
+def test_lock_file_is_rewritten_in_place_and_only_when_it_names_someone_else(
+    tmp_path: os.PathLike[str],
+) -> None:
+    path = os.path.join(tmp_path, "lock")
+    lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
+    assert os.stat(path).st_size == lock.LOCK_FILE_SIZE
+    os.utime(path, ns=(10**9, 10**9))
+    lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()  # same pid: not written
+    assert os.stat(path).st_mtime_ns == 10**9
+    with open(path, "r+b") as file:  # another holder's record, then junk past it
+        file.write(b"\xff" * 12 + (os.getpid() + 1).to_bytes(4, "little") + b"junk" + b"tail")
+    assert lock.holder_pid(path) is None
+    lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
+    assert os.stat(path).st_size == lock.LOCK_FILE_SIZE
+    assert lock.holder_pid(path) == os.getpid()
+    with open(path, "wb"):  # emptied
+        pass
+    held = lock.WriterLock(path, "unit", os.fspath(tmp_path))
+    assert lock.holder_pid(path) == os.getpid()
+    held.release()
+
+
 # -------------------------------------------------------------------- index
 
 

@@ -36,7 +36,9 @@ class WriterLock:
     def __init__(self, path: str, name: str, store_path: str) -> None:
         self.path = path
         try:
-            file: IO[bytes] = open(path, "a+b")  # noqa: SIM115 - held while locked
+            # Not O_APPEND: on Linux a pwrite to an O_APPEND file goes to its end.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            file: IO[bytes] = open(fd, "r+b", buffering=0)  # noqa: SIM115 - held while locked
         except OSError as error:
             raise CannotLoadStore(
                 f"cannot open lock file: {error}", name=name, path=store_path
@@ -53,9 +55,7 @@ class WriterLock:
                 f"already opened for writing by another store{who}", name=name, path=store_path
             ) from error
         try:
-            file.truncate(0)
-            file.write(with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid())))
-            file.flush()
+            _record_holder(file.fileno())
         except OSError as error:
             portalocker.unlock(file)
             file.close()
@@ -72,6 +72,21 @@ class WriterLock:
             finally:
                 self._file.close()
                 self._file = None
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process as the holder, in place, unless the file already says so.
+
+    In place rather than truncated and rewritten: truncating a page the
+    kernel is writing back waits for that write, milliseconds after a merge
+    or a close has written much (a reopen went from 1 to 16 ms).
+    """
+    record = with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid()))
+    if os.pread(fd, LOCK_FILE_SIZE + 1, 0) == record:
+        return
+    os.pwrite(fd, record, 0)
+    if os.fstat(fd).st_size > LOCK_FILE_SIZE:
+        os.ftruncate(fd, LOCK_FILE_SIZE)
 
 
 def holder_pid(path: str) -> int | None:
