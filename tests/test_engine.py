@@ -315,8 +315,13 @@ def test_lock_file_is_rewritten_in_place_and_only_when_it_names_someone_else(
     tmp_path: os.PathLike[str],
 ) -> None:
     path = os.path.join(tmp_path, "lock")
-    lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
+    previous = os.umask(0o002)
+    try:
+        lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()
+    finally:
+        os.umask(previous)
     assert os.stat(path).st_size == lock.LOCK_FILE_SIZE
+    assert os.stat(path).st_mode & 0o777 == 0o664  # created as open() would, under the umask
     os.utime(path, ns=(10**9, 10**9))
     lock.WriterLock(path, "unit", os.fspath(tmp_path)).release()  # same pid: not written
     assert os.stat(path).st_mtime_ns == 10**9

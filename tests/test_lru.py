@@ -189,3 +189,16 @@ def test_store_refuses_a_negative_cache_size_before_touching_the_disk(tmp_path: 
     with cls.load(path, cache_size=1) as store:
         assert store.read(b"abcd") == (b"value", b"hh")
         assert store._cache.keys() == [b"abcd"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_huge_capacity_costs_nothing_until_used(kind: Any) -> None:
+    cache = kind(sys.maxsize)
+    for index in range(1000):
+        cache.put(index.to_bytes(4, "big"), (b"v", b"h"))
+    assert len(cache) == 1000
+    assert cache.get((0).to_bytes(4, "big")) == (b"v", b"h")
+    cache.clear()
+    assert len(cache) == 0 and cache.keys() == []
+    cache.put(b"again", (b"v", b"h"))
+    assert cache.keys() == [b"again"]

@@ -1572,8 +1572,12 @@ typedef struct {
     PyObject **entries;
     Py_ssize_t *newer; /* per slot: the next newer slot, or -1 */
     Py_ssize_t *older; /* per slot: the next older slot, or -1 */
-    Py_ssize_t newest, oldest, used, capacity;
+    Py_ssize_t newest, oldest, used, allocated, capacity;
 } LruCache;
+
+/* The arrays grow with use (doubling, up to the capacity), so a large
+   capacity costs nothing until it is filled. */
+#define LRU_FIRST_ALLOCATION 64
 
 static void
 lru_unlink(LruCache *self, Py_ssize_t slot)
@@ -1610,17 +1614,38 @@ lru_touch(LruCache *self, Py_ssize_t slot)
     }
 }
 
-static void
-lru_free_arrays(LruCache *self)
+/* Room for one more slot; -1 with MemoryError (nothing changed) if none. */
+static int
+lru_grow(LruCache *self)
 {
-    PyMem_Free(self->keys);
-    PyMem_Free(self->entries);
-    PyMem_Free(self->newer);
-    PyMem_Free(self->older);
-    self->keys = self->entries = NULL;
-    self->newer = self->older = NULL;
-    self->capacity = self->used = 0;
-    self->newest = self->oldest = -1;
+    if (self->used < self->allocated)
+        return 0;
+    Py_ssize_t size = self->allocated ? 2 * self->allocated : LRU_FIRST_ALLOCATION;
+    if (size > self->capacity || size < 0)
+        size = self->capacity;
+    /* Each array is replaced only once its copy exists: a failure leaves
+       the cache as it was (arrays longer than needed are harmless). */
+    PyObject **keys = PyMem_Realloc(self->keys, (size_t)size * sizeof(PyObject *));
+    if (keys == NULL)
+        goto no_memory;
+    self->keys = keys;
+    PyObject **entries = PyMem_Realloc(self->entries, (size_t)size * sizeof(PyObject *));
+    if (entries == NULL)
+        goto no_memory;
+    self->entries = entries;
+    Py_ssize_t *newer = PyMem_Realloc(self->newer, (size_t)size * sizeof(Py_ssize_t));
+    if (newer == NULL)
+        goto no_memory;
+    self->newer = newer;
+    Py_ssize_t *older = PyMem_Realloc(self->older, (size_t)size * sizeof(Py_ssize_t));
+    if (older == NULL)
+        goto no_memory;
+    self->older = older;
+    self->allocated = size;
+    return 0;
+no_memory:
+    PyErr_NoMemory();
+    return -1;
 }
 
 static int
@@ -1642,18 +1667,6 @@ lru_init(LruCache *self, PyObject *args, PyObject *kwargs)
     if (self->slots == NULL)
         return -1;
     self->newest = self->oldest = -1;
-    if (capacity == 0)
-        return 0;
-    self->keys = PyMem_Calloc((size_t)capacity, sizeof(PyObject *));
-    self->entries = PyMem_Calloc((size_t)capacity, sizeof(PyObject *));
-    self->newer = PyMem_Calloc((size_t)capacity, sizeof(Py_ssize_t));
-    self->older = PyMem_Calloc((size_t)capacity, sizeof(Py_ssize_t));
-    if (self->keys == NULL || self->entries == NULL || self->newer == NULL ||
-        self->older == NULL) {
-        lru_free_arrays(self);
-        PyErr_NoMemory();
-        return -1;
-    }
     self->capacity = capacity;
     return 0;
 }
@@ -1667,41 +1680,34 @@ lru_traverse(LruCache *self, visitproc visit, void *arg)
     return 0;
 }
 
-/* Empty the cache; its former contents, in a list, or NULL on error (then
-   nothing changed). */
-static PyObject *
-lru_take_all(LruCache *self)
+/* Empty the cache; cannot fail. The arrays are detached first and their
+   references dropped last, so code run by a deallocation sees an empty,
+   consistent cache. */
+static void
+lru_empty(LruCache *self)
 {
+    PyObject **keys = self->keys, **entries = self->entries;
     Py_ssize_t used = self->used;
-    PyObject *taken = PyList_New(2 * used);
-    if (taken == NULL)
-        return NULL;
-    for (Py_ssize_t slot = 0; slot < used; slot++) {
-        PyList_SET_ITEM(taken, 2 * slot, self->keys[slot]);
-        PyList_SET_ITEM(taken, 2 * slot + 1, self->entries[slot]);
-        self->keys[slot] = self->entries[slot] = NULL;
-    }
-    self->used = 0;
+    PyMem_Free(self->newer);
+    PyMem_Free(self->older);
+    self->keys = self->entries = NULL;
+    self->newer = self->older = NULL;
+    self->used = self->allocated = 0;
     self->newest = self->oldest = -1;
     if (self->slots != NULL)
         PyDict_Clear(self->slots);
-    return taken;
+    for (Py_ssize_t slot = 0; slot < used; slot++) {
+        Py_DECREF(keys[slot]);
+        Py_DECREF(entries[slot]);
+    }
+    PyMem_Free(keys);
+    PyMem_Free(entries);
 }
 
 static int
 lru_clear_references(LruCache *self)
 {
-    PyObject *taken = lru_take_all(self);
-    if (taken == NULL) { /* no memory for the list: drop them one by one */
-        PyErr_Clear();
-        for (Py_ssize_t slot = 0; slot < self->used; slot++) {
-            Py_CLEAR(self->keys[slot]);
-            Py_CLEAR(self->entries[slot]);
-        }
-        self->used = 0;
-        self->newest = self->oldest = -1;
-    }
-    Py_XDECREF(taken);
+    lru_empty(self);
     Py_CLEAR(self->slots);
     return 0;
 }
@@ -1711,7 +1717,6 @@ lru_dealloc(LruCache *self)
 {
     PyObject_GC_UnTrack(self);
     lru_clear_references(self);
-    lru_free_arrays(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1776,6 +1781,8 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (self->capacity == 0)
         Py_RETURN_NONE;
+    if (self->used < self->capacity && lru_grow(self) < 0)
+        return NULL;
     slot = self->used < self->capacity ? self->used : self->oldest;
     PyObject *number = PyLong_FromSsize_t(slot);
     if (number == NULL)
@@ -1813,10 +1820,7 @@ lru_clear_method(LruCache *self, PyObject *Py_UNUSED(ignored))
 {
     if (!lru_ready(self))
         return NULL;
-    PyObject *taken = lru_take_all(self);
-    if (taken == NULL)
-        return NULL;
-    Py_DECREF(taken);
+    lru_empty(self);
     Py_RETURN_NONE;
 }
 
@@ -1971,10 +1975,11 @@ cdec_decode(ContainerDecoder *self, PyObject *data)
         PyErr_SetString(PyExc_TypeError, "ContainerDecoder: the container is not a dict");
         Py_CLEAR(result);
     }
-    int atomic = 1; /* every field an int, a float or bytes: nothing the GC tracks */
+    int atomic = 1; /* every field an int, a float, a bool or bytes: nothing to track */
     for (Py_ssize_t i = 0; result != NULL && i < count; i++) {
         PyObject *field = PyTuple_GET_ITEM(fields, i);
-        atomic = atomic && !PyObject_GC_IsTracked(field);
+        atomic = atomic && (PyLong_CheckExact(field) || PyBytes_CheckExact(field) ||
+                            PyFloat_CheckExact(field) || PyBool_Check(field));
         if (PyDict_SetItem(result, PyTuple_GET_ITEM(self->names, i), field) < 0)
             Py_CLEAR(result);
     }

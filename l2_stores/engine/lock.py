@@ -15,6 +15,7 @@ The lock file holds no store data, only who holds it (little-endian)::
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import IO
@@ -37,7 +38,7 @@ class WriterLock:
         self.path = path
         try:
             # Not O_APPEND: on Linux a pwrite to an O_APPEND file goes to its end.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as open(): umask
             file: IO[bytes] = open(fd, "r+b", buffering=0)  # noqa: SIM115 - held while locked
         except OSError as error:
             raise CannotLoadStore(
@@ -56,9 +57,11 @@ class WriterLock:
             ) from error
         try:
             _record_holder(file.fileno())
-        except OSError as error:
+        except BaseException as error:
             portalocker.unlock(file)
             file.close()
+            if not isinstance(error, OSError):
+                raise
             raise CannotLoadStore(
                 f"cannot write lock file {path}: {error}", name=name, path=store_path
             ) from error
@@ -84,7 +87,8 @@ def _record_holder(fd: int) -> None:
     record = with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid()))
     if os.pread(fd, LOCK_FILE_SIZE + 1, 0) == record:
         return
-    os.pwrite(fd, record, 0)
+    if os.pwrite(fd, record, 0) != len(record):
+        raise OSError(errno.EIO, "short write")
     if os.fstat(fd).st_size > LOCK_FILE_SIZE:
         os.ftruncate(fd, LOCK_FILE_SIZE)
 
