@@ -37,9 +37,6 @@ logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 INDEX_DIRECTORY = "index"
-#: Where an index entry's header starts, after the value's pointer.
-ENTRY_HEADER = POINTER.size
-unpack_pointer = POINTER.unpack_from
 #: Largest value that asyncio reads or appends on the event loop itself.
 INLINE_VALUE_SIZE = 16 * 1024
 _RELOAD_ATTEMPTS = 50
@@ -230,7 +227,7 @@ class IndexedFileBase(Collectable):
         if entry is None:
             return None
         try:
-            return self._header.decode(entry[ENTRY_HEADER:])
+            return self._header.decode(entry[POINTER.size :])
         except DecodingError as error:
             raise self._decoding_error(error) from error
 
@@ -251,8 +248,7 @@ class IndexedFileBase(Collectable):
                 entry = self._engine.get(encoded)
                 if entry is None:
                     return None
-                offset, length, number = unpack_pointer(entry)
-                raw = (self._values.read(number, offset, length, encoded), entry[ENTRY_HEADER:])
+                raw = self._read_raw(encoded, entry)
                 # Cached inside the task: no append can slip in between.
                 cache.put(encoded, raw)
         finally:
