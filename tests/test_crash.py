@@ -458,7 +458,21 @@ TORN_TAILS = {
     "zero-partial": lambda rng, record: bytes(40),
     "zero-record-and-a-half": lambda rng, record: bytes(RECORD_SIZE + 30),
     "two-zero-records": lambda rng, record: bytes(2 * RECORD_SIZE),
+    # a kill in the middle of a store through the map: some of the record's
+    # bytes (in any order), then the zero-filled free space after it
+    "half-stored-then-free-space": lambda rng, record: (
+        half_stored(rng, record) + bytes(rng.randint(1, 5 * RECORD_SIZE))
+    ),
+    "stored-but-its-crc-then-free-space": lambda rng, record: record[:-4] + bytes(4 + RECORD_SIZE),
 }
+
+
+def half_stored(rng: random.Random, record: bytes) -> bytes:
+    """``record`` with a random strict subset of its bytes stored, the rest zero."""
+    stored = bytearray(len(record))
+    for position in rng.sample(range(len(record)), rng.randint(1, len(record) - 1)):
+        stored[position] = record[position]
+    return bytes(stored)
 
 
 @pytest.mark.parametrize("tail", sorted(TORN_TAILS))

@@ -105,7 +105,8 @@ def test_log_torn_tail_is_dropped_then_cut(tmp_path: os.PathLike[str], tail: byt
         file.write(tail)
     scan = log.read_log(path, EXPECTED)
     assert scan.bindings == {key(1): value(1)}
-    assert scan.torn_bytes == len(tail)
+    assert scan.torn_bytes + scan.free_bytes == len(tail)
+    assert scan.free_bytes == (len(tail) if not any(tail) else 0)  # zeros: free space
     log.LogWriter.reopen(path, scan, EXPECTED, fsync=False).close()
     assert os.path.getsize(path) == HEADER_SIZE + log.record_size(EXPECTED)
 
@@ -425,11 +426,13 @@ def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
     created: list[str] = []
     real_prepare = log.SpareLog.prepare
 
-    def failing_in_merges(path: str, generation: int, expected: Expected) -> log.SpareLog:
+    def failing_in_merges(
+        path: str, generation: int, expected: Expected, ahead: int = 0
+    ) -> log.SpareLog:
         if in_a_merge():
             raise OSError("no room for a spare")
         created.append(path)
-        return real_prepare(path, generation, expected)
+        return real_prepare(path, generation, expected, ahead)
 
     monkeypatch.setattr(log.SpareLog, "prepare", failing_in_merges)
     index = open_index(directory, buffer_size=5)
@@ -500,10 +503,12 @@ def test_a_spare_that_cannot_be_prepared_never_stops_the_merge(
 ) -> None:
     real_prepare = log.SpareLog.prepare
 
-    def no_memory_in_merges(path: str, generation: int, expected: Expected) -> log.SpareLog:
+    def no_memory_in_merges(
+        path: str, generation: int, expected: Expected, ahead: int = 0
+    ) -> log.SpareLog:
         if in_a_merge():
             raise MemoryError("no memory for a spare")
-        return real_prepare(path, generation, expected)
+        return real_prepare(path, generation, expected, ahead)
 
     monkeypatch.setattr(log.SpareLog, "prepare", no_memory_in_merges)
     directory = os.path.join(tmp_path, "index")

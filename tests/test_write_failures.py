@@ -167,6 +167,8 @@ FILE_SIZE_CHILD = """
 import os, resource, signal, sys
 import construct
 from l2_stores import CannotWriteToStore, make_indexable, make_indexed_file
+from l2_stores.engine import log
+log.MAP_LIMIT = 0  # the log is written, never mapped: the write is what is cut short
 
 kind, directory, target, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -224,3 +226,40 @@ def test_a_write_cut_short_by_the_disk_leaves_no_partial_record(tmp_path: Path, 
         assert sorted(again.keys()) == [bytes([i]) * 4 for i in range(3)]
         if kind == "indexed":
             assert again.read(b"\x02" * 4) == (b"v" * 100, b"hhhh")
+
+
+ALLOCATION_REFUSED_CHILD = """
+import os, resource, signal, sys
+import construct
+from l2_stores import make_indexable
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+store = make_indexable("fsize", construct.Bytes(4), construct.Bytes(4)).load(sys.argv[1])
+log = store._engine._log
+for i in range(20):
+    store.add(bytes([i]) * 4, b"vvvv")
+print(log._mapped_size, os.path.getsize(log.path))
+store.close()
+"""
+
+
+def test_a_log_that_cannot_be_allocated_ahead_is_written(tmp_path: Path) -> None:
+    """When the disk refuses the free space a log asks for (a file-size limit here,
+    a full disk in life), the log is written with system calls: nothing is
+    mapped, nothing is left allocated, and every add lands."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "store"
+    out = subprocess.run(
+        [sys.executable, "-c", ALLOCATION_REFUSED_CHILD, str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    mapped, size = (int(word) for word in out.stdout.split())
+    assert mapped == 0
+    assert size == log_module.HEADER_SIZE + 20 * (1 + 4 + 4 + 4)
+    cls = make_indexable("fsize", construct.Bytes(4), construct.Bytes(4))
+    with cls.load(directory) as again:
+        assert dict(again.items()) == {bytes([i]) * 4: b"vvvv" for i in range(20)}

@@ -23,8 +23,12 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/vfs.h>
+#endif
 
 static uint32_t crc_table[8][256];
 
@@ -1186,6 +1190,8 @@ typedef struct {
     long long end;
     Py_ssize_t records;
     PyObject *pending; /* bytearray, or NULL before LogWriter.__init__ */
+    char *map;         /* the file's first map_size bytes, mapped shared, or NULL */
+    Py_ssize_t map_size;
 } LogTail;
 
 static PyObject *
@@ -1198,8 +1204,66 @@ logtail_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(k
 }
 
 static void
+logtail_unmap(LogTail *self)
+{
+    if (self->map != NULL) {
+        munmap(self->map, (size_t)self->map_size);
+        self->map = NULL;
+        self->map_size = 0;
+    }
+}
+
+/* _map(size): map the file's first ``size`` bytes (which the caller has
+   allocated on disk) for the C put to write its records into. */
+static PyObject *
+logtail_map(LogTail *self, PyObject *arg)
+{
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size <= 0 || self->fd < 0 || self->map != NULL) {
+        PyErr_SetString(PyExc_ValueError, "_map(size): a positive size, an open and unmapped log");
+        return NULL;
+    }
+    void *map = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, self->fd, 0);
+    if (map == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->map = map;
+    self->map_size = size;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+logtail_unmap_method(LogTail *self, PyObject *Py_UNUSED(ignored))
+{
+    logtail_unmap(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+logtail_mapped_size(LogTail *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->map_size);
+}
+
+static PyMethodDef logtail_methods[] = {
+    {"_map", (PyCFunction)logtail_map, METH_O,
+     "_map(size): map the file's first size bytes, allocated on disk, for the C put."},
+    {"_unmap", (PyCFunction)logtail_unmap_method, METH_NOARGS,
+     "_unmap(): drop the mapping (before the file is cut or closed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef logtail_getset[] = {
+    {"_mapped_size", (getter)logtail_mapped_size, NULL, "bytes mapped for the C put, 0 if none",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static void
 logtail_dealloc(LogTail *self)
 {
+    logtail_unmap(self);
     Py_CLEAR(self->pending);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1222,6 +1286,8 @@ static PyTypeObject LogTailType = {
     .tp_new = logtail_new,
     .tp_dealloc = (destructor)logtail_dealloc,
     .tp_members = logtail_members,
+    .tp_methods = logtail_methods,
+    .tp_getset = logtail_getset,
 };
 
 typedef struct {
@@ -1348,6 +1414,22 @@ writer_put_fast(Writer *self, PyObject *index, PyObject *log, PyObject *key, PyO
         Py_DECREF(active);
         return 0;
     }
+    Py_ssize_t record_size = 1 + self->key_size + self->value_size + 4;
+    if (tail->map != NULL && tail->end >= 0 && tail->end < tail->map_size - record_size) {
+        /* A store into the shared mapping is in the page cache, as a
+           write's bytes are: it survives the process. A kill halfway
+           leaves a record that fails its checksum with zeros after it, at
+           least one byte (hence the strict bound), which a reader takes for
+           a torn record (log.py). */
+        unsigned char *at = (unsigned char *)tail->map + tail->end;
+        at[0] = (unsigned char)op_set;
+        memcpy(at + 1, PyBytes_AS_STRING(key), (size_t)self->key_size);
+        memcpy(at + 1 + self->key_size, PyBytes_AS_STRING(value), (size_t)self->value_size);
+        write_u32(at + record_size - 4, crc32_of(at, record_size - 4));
+        tail->end += record_size;
+        tail->records += 1;
+        goto bind;
+    }
     struct iovec iov[4];
     iov[0].iov_base = (void *)&op_set;
     iov[0].iov_len = 1;
@@ -1365,6 +1447,7 @@ writer_put_fast(Writer *self, PyObject *index, PyObject *log, PyObject *key, PyO
     }
     tail->end += written;
     tail->records += 1;
+bind:;
     int bound = PyDict_SetItem(active, key, value);
     Py_DECREF(active);
     if (bound < 0)
@@ -2013,8 +2096,42 @@ static PyTypeObject ContainerDecoderType = {
     .tp_methods = cdec_methods,
 };
 
+/* mappable(fd) -> bool: whether the file system of ``fd`` is one where a
+   log may be written through a shared mapping: one that allocates the
+   blocks posix_fallocate asks for (so a store into the mapping never meets
+   a full disk, which would kill the process with SIGBUS) and writes them in
+   place (no copy on write). ext2/3/4, XFS and tmpfs; anything else writes. */
+static PyObject *
+accel_mappable(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0)
+        return NULL;
+#ifdef __linux__
+    struct statfs info;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = fstatfs(fd, &info);
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    switch ((unsigned long)info.f_type) {
+    case 0xEF53UL:     /* ext2, ext3, ext4 */
+    case 0x58465342UL: /* XFS */
+    case 0x01021994UL: /* tmpfs */
+        Py_RETURN_TRUE;
+    default:
+        Py_RETURN_FALSE;
+    }
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
+    {"mappable", (PyCFunction)accel_mappable, METH_O,
+     "mappable(fd) -> bool: whether a log on this file system may be written through a map."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,
      "clmul() -> bool: whether long runs are checksummed by carry-less multiplication."},
     {"framed", (PyCFunction)(void (*)(void))accel_framed, METH_FASTCALL,

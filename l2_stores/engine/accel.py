@@ -47,6 +47,7 @@ if _module is not None:
         Writer,
         crc32,
         framed,
+        mappable,
         replay_log,
         value_of_record,
         write_framed,
@@ -67,11 +68,13 @@ if _module is not None:
     AcceleratedContainerDecoder: type[ContainerDecoder] | None = ContainerDecoder
     accelerated_framed: Callable[..., bytes] | None = framed
     accelerated_crc32: Callable[[bytes | bytearray | memoryview], int] | None = crc32
+    #: ``mappable(fd)``: whether a log on that file system may be written through a map.
+    accelerated_mappable: Callable[[int], bool] | None = mappable
     accelerated_write_framed: Callable[..., int] | None = write_framed
     #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay stopped.
-    accelerated_replay_log: Callable[[bytes, int, int, dict[bytes, bytes | None]], int] | None = (
-        replay_log
-    )
+    accelerated_replay_log: (
+        Callable[[bytes | memoryview, int, int, dict[bytes, bytes | None]], int] | None
+    ) = replay_log
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
     accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
         value_of_record
@@ -79,8 +82,19 @@ if _module is not None:
 else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
     AcceleratedLruCache = AcceleratedContainerDecoder = None
-    LogTailBase = object
-    accelerated_framed = accelerated_crc32 = None
+    accelerated_framed = accelerated_crc32 = accelerated_mappable = None
+
+    class LogTailBase:  # type: ignore[no-redef]
+        """A log writer's tail without the accelerator: appends are always written."""
+
+        _mapped_size = 0
+
+        def _map(self, size: int) -> None:
+            raise OSError("no accelerator: logs are not written through a map")
+
+        def _unmap(self) -> None:
+            pass
+
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
@@ -99,6 +113,7 @@ __all__ = [
     "LogTailBase",
     "accelerated_crc32",
     "accelerated_framed",
+    "accelerated_mappable",
     "accelerated_replay_log",
     "accelerated_value_of_record",
     "accelerated_write_framed",

@@ -154,11 +154,17 @@ class Finding:
         return f"{self.file}:{self.offset}: {'' if self.problem else 'note: '}{self.what}"
 
 
-def parse_header(raw: bytes, magic: bytes, file: str, name: str = "") -> FileHeader:
+def parse_header(
+    raw: bytes,
+    magic: bytes,
+    file: str,
+    name: str = "",
+    versions: tuple[int, ...] = (FORMAT_VERSION,),
+) -> FileHeader:
     """Decode the header at the start of ``file``, checking magic, checksum and version.
 
     Raises :class:`CannotLoadStore` when the header is missing, corrupted, of
-    another kind or of another format version.
+    another kind or of a format version not in ``versions``.
     """
 
     def fail(what: str) -> CannotLoadStore:
@@ -175,20 +181,27 @@ def parse_header(raw: bytes, magic: bytes, file: str, name: str = "") -> FileHea
     (_, version, flags, key_size, value_size, header_size, generation, count, bits, tag, _) = (
         HEADER_STRUCT.unpack(raw)
     )
-    if version != FORMAT_VERSION:
-        raise fail(f"format version {version} found, version {FORMAT_VERSION} expected")
+    if version not in versions:
+        wanted = " or ".join(str(known) for known in versions)
+        raise fail(f"format version {version} found, version {wanted} expected")
     return FileHeader(
         magic, key_size, value_size, header_size, generation, count, bits, version, flags, tag
     )
 
 
-def decode_header(raw: bytes, magic: bytes, file: str, expected: Expected) -> FileHeader:
+def decode_header(
+    raw: bytes,
+    magic: bytes,
+    file: str,
+    expected: Expected,
+    versions: tuple[int, ...] = (FORMAT_VERSION,),
+) -> FileHeader:
     """Decode the header at the start of ``file`` and check it against ``expected``.
 
     Raises :class:`CannotLoadStore` as :func:`parse_header` does, and when the
     file was written for other encoding sizes.
     """
-    header = parse_header(raw, magic, file, expected.name)
+    header = parse_header(raw, magic, file, expected.name, versions)
     found = (header.key_size, header.value_size, header.header_size)
     wanted = (expected.key_size, expected.value_size, expected.header_size)
     if found != wanted:

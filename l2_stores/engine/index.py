@@ -49,7 +49,7 @@ from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
 from .framing import Expected, fsync_directory, make_directories
 from .lock import WriterLock
-from .log import LogScan, LogWriter, SpareLog, read_log
+from .log import LogScan, LogWriter, SpareLog, read_log, record_size
 from .merge import Selection, merge
 
 logger = logging.getLogger("l2_stores.engine")
@@ -123,6 +123,11 @@ class Index:
             self._relayer()
             self.get = self._layers.get  # type: ignore[method-assign,assignment]
         self._log: LogWriter | None = None
+        #: Bytes of records a new log allocates ahead, for the C put to write
+        #: through a map: only where that put runs (no fsync, the accelerator).
+        self._log_ahead = 0
+        if AcceleratedWriter is not None and not fsync:
+            self._log_ahead = self._log_cap * record_size(expected)
         if AcceleratedWriter is not None:  # the common put in C, the rest in _put_in_python
             writer = AcceleratedWriter(
                 self, buffer_size, self._log_cap, expected.key_size, expected.value_size
@@ -315,7 +320,7 @@ class Index:
         if spare is not None:
             spare.discard()
         path = os.path.join(self.directory, layout.log_name(generation))
-        return LogWriter.create(path, generation, self._expected, self._fsync)
+        return LogWriter.create(path, generation, self._expected, self._fsync, self._log_ahead)
 
     def _start_merge(self, gc: _GcMerge | None = None) -> None:
         assert self._frozen is not None and self._log is not None
@@ -395,7 +400,7 @@ class Index:
         """
         path = os.path.join(self.directory, layout.log_name(generation))
         try:
-            return SpareLog.prepare(path, generation, self._expected)
+            return SpareLog.prepare(path, generation, self._expected, self._log_ahead)
         except Exception:
             logger.exception(
                 "%s: cannot prepare the next log; the writer will create it", self._name
@@ -584,11 +589,12 @@ class Index:
                 generation,
                 self._expected,
                 self._fsync,
+                self._log_ahead,
             )
             return
         last = scans[-1]
         path = os.path.join(directory, layout.log_name(last.generation))
-        self._log = LogWriter.reopen(path, last, self._expected, self._fsync)
+        self._log = LogWriter.reopen(path, last, self._expected, self._fsync, self._log_ahead)
         self._active = last.bindings
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._relayer()

@@ -10,7 +10,7 @@ from typing import Any
 import construct
 
 from ..engine import datafile, log
-from ..engine.framing import HEADER_SIZE, FileHeader, parse_header
+from ..engine.framing import FORMAT_VERSION, HEADER_SIZE, FileHeader, parse_header
 from ..engine.layout import LOCK, data_name, log_name, scan
 from ..engine.value_files import list_values
 from ..errors import CannotLoadStore
@@ -140,13 +140,14 @@ def _index_header(store: StoreOnDisk) -> FileHeader | None:
     if not os.path.isdir(directory):
         return None
     listing = scan(directory)
-    candidates = [(datafile.MAGIC, data_name(g)) for g in reversed(listing.data)]
-    candidates += [(log.MAGIC, log_name(g)) for g in reversed(listing.logs)]
-    for magic, name in candidates:
+    candidates: list[tuple[bytes, str, tuple[int, ...]]]
+    candidates = [(datafile.MAGIC, data_name(g), (FORMAT_VERSION,)) for g in reversed(listing.data)]
+    candidates += [(log.MAGIC, log_name(g), log.LOG_VERSIONS) for g in reversed(listing.logs)]
+    for magic, name, versions in candidates:
         path = os.path.join(directory, name)
         try:
             with open(path, "rb") as file:
-                return parse_header(file.read(HEADER_SIZE), magic, path, store.name)
+                return parse_header(file.read(HEADER_SIZE), magic, path, store.name, versions)
         except FileNotFoundError:
             continue  # replaced by a running writer meanwhile
     return None
