@@ -57,7 +57,8 @@ def test_a_new_log_is_version_2_allocated_ahead_and_mapped(tmp_path: Path) -> No
     with Store.load(tmp_path / "s", index_buffer_size=100) as store:
         writer = store._engine._log
         assert writer is not None
-        ahead = 3 * 100 * RECORD  # LOG_CAP_FACTOR times the buffer
+        # LOG_CAP_FACTOR times the buffer, and a byte: no record ends the space
+        ahead = 3 * 100 * RECORD + 1
         assert writer._mapped_size == HEADER_SIZE + ahead
         assert os.path.getsize(writer.path) == HEADER_SIZE + ahead
         for i in range(10):
@@ -283,7 +284,38 @@ def test_a_zero_record_ends_a_version_2_log(tmp_path: Path) -> None:
     raw[HEADER_SIZE + 4 * RECORD : HEADER_SIZE + 5 * RECORD] = bytes(RECORD)
     path.write_bytes(bytes(raw))
     notes = list(log.check_log(str(path)))
-    assert [note.problem for note in notes] == [False, False]
+    assert [note.problem for note in notes] == [False, True]
     assert "other than zeros" in notes[1].what
     with Store.load(directory, Mode.READ_ONLY) as reader:
         assert dict(reader.items()) == {key(i): key(i) for i in range(4)}
+    # the writer, which cuts what follows the records, checks it all first
+    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + 4 * RECORD}"):
+        Store.load(directory)
+    assert path.read_bytes() == bytes(raw)
+
+
+def test_a_version_1_reader_at_the_end_is_not_misled_by_later_appends() -> None:
+    """What a reader finds at the end of the file stays the end, whatever is read after."""
+    later = record(1) + record(2)
+    stop = log._classify_stop(1, b"", RECORD, 0, lambda: later, False)
+    assert stop == log._Stop()
+    stop = log._classify_stop(1, record(1)[:5], RECORD, 5, lambda: later, False)
+    assert stop == log._Stop(torn=5)
+
+
+def test_a_forked_child_closing_the_store_leaves_the_parent_log_whole(tmp_path: Path) -> None:
+    directory = tmp_path / "s"
+    with Store.load(directory, index_buffer_size=1000) as store:
+        store.add(key(0), key(0))
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            try:
+                store.close()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(child, 0)
+        assert status == 0
+        for i in range(1, 50):
+            store.add(key(i), key(i))
+    with Store.load(directory) as again:
+        assert dict(again.items()) == {key(i): key(i) for i in range(50)}

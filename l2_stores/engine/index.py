@@ -577,7 +577,7 @@ class Index:
         self._check_logs(logs, generation)
         self._data = self._open_data(generation)
         self._relayer()
-        scans = [self._read_log(g) for g in logs]
+        scans = [self._read_log(g, whole=True) for g in logs]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
         for name in listing.temporaries + stale:
@@ -628,9 +628,10 @@ class Index:
             )
         return data
 
-    def _read_log(self, generation: int) -> LogScan:
+    def _read_log(self, generation: int, whole: bool = False) -> LogScan:
+        """Read log ``generation``; ``whole`` under the writer's lock (see ``read_log``)."""
         path = os.path.join(self.directory, layout.log_name(generation))
-        scan = read_log(path, self._expected)
+        scan = read_log(path, self._expected, whole=whole)
         if scan.generation != generation:
             raise CannotLoadStore(
                 f"log {path} says generation {scan.generation}", name=self._name, path=path

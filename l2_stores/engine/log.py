@@ -32,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from ..errors import CannotLoadStore, CannotWriteToStore
 from .accel import LogTailBase, accelerated_mappable, accelerated_replay_log
@@ -119,8 +121,8 @@ def _replay(
     return position
 
 
-def _is_zero(data: bytes | memoryview) -> bool:
-    return not bytes(data).strip(b"\0")
+def _is_zero(data: bytes) -> bool:
+    return data == bytes(len(data))
 
 
 @dataclass(frozen=True)
@@ -133,32 +135,44 @@ class _Stop:
 
 
 def _classify_stop(
-    version: int, rest: bytes, size: int, remaining: int, more: Callable[[], bytes]
+    version: int, rest: bytes, size: int, remaining: int, more: Callable[[], bytes], whole: bool
 ) -> _Stop:
     """Classify ``rest``, the bytes from the first record a replay did not take on.
 
     ``rest`` holds that record and the next, or runs to the end of the file;
     ``remaining`` counts the bytes from there to the end of the file, and
     ``more()`` reads those past ``rest``. Version 2: a zero-filled record
-    ends the log (free space, or a store the kill or a power loss never
-    made); a bad record with such a record, or less than a record of zeros,
-    after it is a store cut short; a record cut short by the end of the file
-    is torn. Version 1: a record cut short by the end of the file, or a bad
-    one followed by zeros only to the end, is torn.
+    ends the log (free space); a bad record with a zero-filled record, or
+    less than a record of zeros, after it is a store cut short; a record
+    cut short by the end of the file is torn. With ``whole`` (the writer's
+    load: nothing is appended meanwhile), everything after the end must be
+    zeros too, or the log is corrupt. Version 1: a record cut short by the
+    end of the file, or a bad one followed by zeros only to the end, is torn.
     """
+    record = rest[:size]
+    if len(record) < size and (version < 2 or not _is_zero(record)):
+        return _Stop(torn=len(record))  # at the end of the file: the lookahead read nothing more
     if version >= 2:
-        record, after = rest[:size], rest[size : 2 * size]
         if _is_zero(record):
-            return _Stop(free=remaining)
-        if len(record) < size:
-            return _Stop(torn=len(record))
-        if after and _is_zero(after):
-            return _Stop(torn=size, free=remaining - size)
-        return _Stop(corrupt=True)
+            stop = _Stop(free=remaining)
+        elif _is_zero(rest[size : 2 * size]) and len(rest) > size:
+            stop = _Stop(torn=size, free=remaining - size)
+        else:
+            return _Stop(corrupt=True)
+        if whole and not (_is_zero(rest[size:]) and _is_zero(more())):
+            return _Stop(corrupt=True)
+        return stop
     rest += more()
-    if len(rest) < size or _is_zero(rest):
+    if _is_zero(rest):
         return _Stop(torn=len(rest))
     return _Stop(corrupt=True)
+
+
+#: A reader that finds a bad record reads it again this many times, a
+#: millisecond apart, before calling it corrupt: its read may have copied
+#: a writer's stores into the map half-way (a page before them, the next
+#: one after).
+_SETTLE_ATTEMPTS = 3
 
 
 def read_log(
@@ -166,6 +180,8 @@ def read_log(
     expected: Expected,
     into: dict[bytes, bytes | None] | None = None,
     scan: LogScan | None = None,
+    *,
+    whole: bool = False,
 ) -> LogScan:
     """Replay the records of the log at ``path``.
 
@@ -173,7 +189,9 @@ def read_log(
     earlier call, reading resumes at ``scan.end``. A torn record and the
     free space after the records are counted in ``torn_bytes`` and
     ``free_bytes`` and left alone; a corrupted record raises
-    :class:`CannotLoadStore` with its offset.
+    :class:`CannotLoadStore` with its offset. ``whole``: the caller holds
+    the writer's lock, so the file does not change meanwhile and every byte
+    after the records is checked.
     """
     with open(path, "rb") as file:
         if scan is None:
@@ -181,24 +199,12 @@ def read_log(
             header = decode_header(head, MAGIC, path, expected, LOG_VERSIONS)
             bindings = into if into is not None else {}
             scan = LogScan(header.generation, bindings, version=header.version)
-        size = record_size(expected)
-        step = max(1, READ_CHUNK // size) * size
-        fd = file.fileno()
-        while True:  # a chunk, and one record more to tell a torn store from corruption
-            buffer = os.pread(fd, step + size, scan.end)
-            position = _replay(memoryview(buffer)[:step], expected, scan.bindings)
-            scan.records += position // size
-            scan.end += position
-            if position < step or len(buffer) <= step:
+        for attempt in range(1 if whole else _SETTLE_ATTEMPTS):
+            if attempt:
+                time.sleep(0.001)
+            stop = _read_records(file, expected, scan, whole)
+            if not stop.corrupt:
                 break
-        rest = buffer[position:]
-        remaining = max(len(rest), os.fstat(fd).st_size - scan.end)
-
-        def more() -> bytes:
-            file.seek(scan.end + len(rest))
-            return file.read()
-
-        stop = _classify_stop(scan.version, rest, size, remaining, more)
     if stop.corrupt:
         raise CannotLoadStore(
             f"corrupted log record (file {path}, offset {scan.end})",
@@ -208,6 +214,28 @@ def read_log(
         )
     scan.torn_bytes, scan.free_bytes = stop.torn, stop.free
     return scan
+
+
+def _read_records(file: BinaryIO, expected: Expected, scan: LogScan, whole: bool) -> _Stop:
+    """Replay the records from ``scan.end`` on, in chunks, and classify where they stop."""
+    size = record_size(expected)
+    step = max(1, READ_CHUNK // size) * size
+    fd = file.fileno()
+    while True:  # a chunk, and one record more to tell a torn store from corruption
+        buffer = os.pread(fd, step + size, scan.end)
+        position = _replay(memoryview(buffer)[:step], expected, scan.bindings)
+        scan.records += position // size
+        scan.end += position
+        if position < step or len(buffer) <= step:
+            break
+    rest = buffer[position:]
+    remaining = max(len(rest), os.fstat(fd).st_size - scan.end)
+
+    def more() -> bytes:
+        file.seek(scan.end + len(rest))
+        return file.read()
+
+    return _classify_stop(scan.version, rest, size, remaining, more, whole)
 
 
 class SpareLog:
@@ -246,7 +274,7 @@ class SpareLog:
         try:
             os.write(fd, header.encode())
             os.fsync(fd)
-            spare.allocated = allocate_ahead(fd, HEADER_SIZE, ahead)
+            spare.allocated = allocate_ahead(fd, HEADER_SIZE, ahead, record_size(expected))
         except BaseException:
             spare.discard()
             raise
@@ -267,15 +295,20 @@ class SpareLog:
             os.unlink(self.temporary)
 
 
-def allocate_ahead(fd: int, end: int, ahead: int) -> int:
+def allocate_ahead(fd: int, end: int, ahead: int, record: int) -> int:
     """Allocate the log's first ``end + ahead`` bytes on disk, to be written through a map.
 
     Returns the bytes allocated, or 0 when the log is to be written with
     system calls: no accelerator, nothing asked, a file system where a store
     into a map could meet a full disk (and kill the process with SIGBUS), or
-    no room now. ``end + ahead`` is capped at :data:`MAP_LIMIT`.
+    no room now. ``end + ahead`` is capped at :data:`MAP_LIMIT`, and never
+    ends on a record's end: a record written whole inside the space
+    (``record`` bytes) has free space after it, which marks it torn if a
+    kill cuts it short.
     """
     size = min(end + ahead, MAP_LIMIT)
+    if (size - end) % record == 0:
+        size += 1
     if ahead <= 0 or size <= end or accelerated_mappable is None or not accelerated_mappable(fd):
         return 0
     try:
@@ -318,6 +351,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         self._zero_value = bytes(expected.value_size)
         #: The file's size when it was allocated ahead (0: none); the close cuts it to the end.
         self._allocated = allocated
+        self._owner = os.getpid()
         if allocated:
             try:
                 self._map(allocated)
@@ -375,7 +409,11 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                 os.ftruncate(fd, scan.end)
                 if fsync:
                     os.fsync(fd)
-            allocated = allocate_ahead(fd, scan.end, ahead) if scan.version >= 2 else 0
+            allocated = (
+                allocate_ahead(fd, scan.end, ahead, record_size(expected))
+                if scan.version >= 2
+                else 0
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -461,7 +499,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         if self._fd < 0:
             return
         self.flush()
-        if self._allocated:
+        if self._allocated and os.getpid() == self._owner:  # not in a child forked meanwhile
             self._unmap()
             with contextlib.suppress(OSError):  # the free space is harmless if it stays
                 os.ftruncate(self._fd, self._end)
@@ -501,7 +539,7 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
             continue
         offset = HEADER_SIZE + position
         rest = buffer[position:]
-        stop = _classify_stop(header.version, rest, size, len(rest), bytes)
+        stop = _classify_stop(header.version, rest, size, len(rest), bytes, False)
         if stop.corrupt:
             yield Finding(path, offset, "log record checksum mismatch or bad op code")
             position += size
@@ -523,8 +561,7 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
             yield Finding(
                 path,
                 offset + stop.torn,
-                "bytes other than zeros after the end of the records, not read "
-                "(a power loss without fsync can leave them)",
-                False,
+                "bytes other than zeros after the end of the records "
+                "(a writer's load refuses the log)",
             )
         return
