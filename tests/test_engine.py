@@ -21,10 +21,10 @@ EXPECTED = Expected("unit", key_size=8, value_size=4)
 
 
 def in_a_merge() -> bool:
-    """Whether the caller runs in a merge (merge threads have no name of their own)."""
+    """Whether the caller runs in a merge or in the preparation of its spare log (by frame)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "_run_merge":
+        if frame.f_code.co_name in ("_run_merge", "_prepare_spare"):
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False

@@ -357,9 +357,8 @@ class Index:
         selection = gc.selection if gc is not None else None
         outcome: DataFile | BaseException
         renamed = False
-        spare: SpareLog | None = None
+        take_spare = self._prepare_spare_aside(generation + 1)
         try:
-            spare = self._prepare_spare(generation + 1)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
@@ -376,9 +375,10 @@ class Index:
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
             outcome = error
-            if spare is not None:
-                spare.discard()
-                spare = None
+        spare = take_spare()
+        if spare is not None and isinstance(outcome, BaseException):
+            spare.discard()
+            spare = None
         self._merge_spare = spare
         self._merge_outcome = outcome
         self._merge_ready.set()
@@ -392,10 +392,39 @@ class Index:
                 gc.renamed = renamed
                 gc.done.set()
 
+    def _prepare_spare_aside(self, generation: int) -> Callable[[], SpareLog | None]:
+        """Start preparing the spare log of ``generation`` beside the merge; call to wait for it.
+
+        On a thread of its own, so that the spare's header fsync overlaps the
+        merge's writes instead of delaying them (a writer that outruns the
+        merges waits for the whole chain).
+        """
+        made: list[SpareLog | None] = []
+        done = threading.Lock()
+        done.acquire()
+
+        def prepare() -> None:
+            try:
+                made.append(self._prepare_spare(generation))
+            finally:
+                done.release()
+
+        try:
+            start_thread(prepare, ())
+        except RuntimeError:  # no thread to be had: prepare it here
+            spare = self._prepare_spare(generation)
+            return lambda: spare
+
+        def take() -> SpareLog | None:
+            with done:
+                return made[0] if made else None
+
+        return take
+
     def _prepare_spare(self, generation: int) -> SpareLog | None:
         """The log the next freeze will need, made now, off the writer's path.
 
-        Made before the merge, so that a writer waiting for the merge does
+        Made during the merge, so that a writer waiting for the merge does
         not wait for this file too; a failure only costs the writer the work.
         """
         path = os.path.join(self.directory, layout.log_name(generation))
