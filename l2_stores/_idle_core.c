@@ -635,6 +635,167 @@ static PyTypeObject SectionType = {
     .tp_methods = section_methods,
 };
 
+/* -- a one-key read run as a task: a store's find, in one call */
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+    PyObject *lifetime; /* its ``closed`` is read inside the task */
+    PyObject *read;     /* read(key) -> bytes | None */
+    PyObject *decode;   /* decode(raw) -> value, or None for the raw bytes */
+    PyObject *fallback; /* the full method: every other case, and every error path */
+    Py_ssize_t key_size;
+    vectorcallfunc vectorcall;
+} TaskRead;
+
+static PyObject *str_closed, *str_wrapped, *str_doc;
+
+static PyObject *
+task_read_call(TaskRead *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Core *core = self->core;
+    PyObject *key = PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL ? args[0] : NULL;
+    if (core == NULL || key == NULL || !PyBytes_CheckExact(key) ||
+        PyBytes_GET_SIZE(key) != self->key_size || core->blocked)
+        goto fallback;
+    core->tasks++;
+    PyObject *closed = PyObject_GetAttr(self->lifetime, str_closed);
+    int is_closed = closed == NULL ? -1 : PyObject_IsTrue(closed);
+    Py_XDECREF(closed);
+    PyObject *raw = NULL;
+    if (is_closed == 0)
+        raw = PyObject_Vectorcall(self->read, &key, 1, NULL);
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *exited = exit_task(core);
+    if (exited == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        Py_XDECREF(raw);
+        return NULL;
+    }
+    Py_DECREF(exited);
+    PyErr_Restore(type, value, traceback);
+    if (is_closed != 0 || raw == NULL) {
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        goto fallback; /* raises the store's own error */
+    }
+    if (raw == Py_None || self->decode == Py_None)
+        return raw;
+    PyObject *decoded = PyObject_Vectorcall(self->decode, &raw, 1, NULL);
+    Py_DECREF(raw);
+    if (decoded != NULL || !PyErr_ExceptionMatches(PyExc_Exception))
+        return decoded;
+    PyErr_Clear();
+fallback:
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static int
+task_read_init(TaskRead *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *core, *lifetime, *read, *decode, *fallback;
+    Py_ssize_t key_size;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "O!OOnOO", &CoreType, &core, &lifetime, &read,
+                                            &key_size, &decode, &fallback))
+        return -1;
+    if (!PyCallable_Check(read) || !PyCallable_Check(fallback) ||
+        (decode != Py_None && !PyCallable_Check(decode))) {
+        PyErr_SetString(PyExc_TypeError, "TaskRead: read, decode and fallback must be callable");
+        return -1;
+    }
+    Py_INCREF(core);
+    Py_XSETREF(self->core, (Core *)core);
+    Py_INCREF(lifetime);
+    Py_XSETREF(self->lifetime, lifetime);
+    Py_INCREF(read);
+    Py_XSETREF(self->read, read);
+    Py_INCREF(decode);
+    Py_XSETREF(self->decode, decode);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    self->key_size = key_size;
+    self->vectorcall = (vectorcallfunc)task_read_call;
+    return 0;
+}
+
+static int
+task_read_traverse(TaskRead *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->core);
+    Py_VISIT(self->lifetime);
+    Py_VISIT(self->read);
+    Py_VISIT(self->decode);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+task_read_clear(TaskRead *self)
+{
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->lifetime);
+    Py_CLEAR(self->read);
+    Py_CLEAR(self->decode);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+task_read_dealloc(TaskRead *self)
+{
+    PyObject_GC_UnTrack(self);
+    task_read_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Its doc, and the attributes it lacks (name, __self__), are the fallback's;
+   __wrapped__ is the fallback itself, for inspect.signature and help(). */
+static PyObject *
+task_read_getattro(TaskRead *self, PyObject *name)
+{
+    if (self->fallback != NULL && PyUnicode_Check(name) && PyUnicode_Compare(name, str_doc) == 0)
+        return PyObject_GetAttr(self->fallback, name);
+    PyObject *found = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError) || self->fallback == NULL)
+        return found;
+    PyErr_Clear();
+    if (PyUnicode_Check(name) && PyUnicode_Compare(name, str_wrapped) == 0) {
+        Py_INCREF(self->fallback);
+        return self->fallback;
+    }
+    return PyObject_GetAttr(self->fallback, name);
+}
+
+static PyObject *
+task_read_repr(TaskRead *self)
+{
+    return PyUnicode_FromFormat("<fast path of %R>", self->fallback);
+}
+
+static PyTypeObject TaskReadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores._idle_core.TaskRead",
+    .tp_doc = "TaskRead(core, lifetime, read, key_size, decode, fallback): read(key) run as a\n"
+              "task of core, for a bytes key of key_size while lifetime is not closed, then\n"
+              "decode(raw) unless decode is None; every other call, and every error, goes to\n"
+              "fallback(*args, **kwargs), which does the same the long way.",
+    .tp_basicsize = sizeof(TaskRead),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)task_read_init,
+    .tp_dealloc = (destructor)task_read_dealloc,
+    .tp_traverse = (traverseproc)task_read_traverse,
+    .tp_clear = (inquiry)task_read_clear,
+    .tp_vectorcall_offset = offsetof(TaskRead, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = (getattrofunc)task_read_getattro,
+    .tp_repr = (reprfunc)task_read_repr,
+};
+
 static struct PyModuleDef idle_core_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "l2_stores._idle_core",
@@ -645,7 +806,13 @@ static struct PyModuleDef idle_core_module = {
 PyMODINIT_FUNC
 PyInit__idle_core(void)
 {
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0 ||
+        PyType_Ready(&TaskReadType) < 0)
+        return NULL;
+    str_closed = PyUnicode_InternFromString("closed");
+    str_wrapped = PyUnicode_InternFromString("__wrapped__");
+    str_doc = PyUnicode_InternFromString("__doc__");
+    if (!str_closed || !str_wrapped || !str_doc)
         return NULL;
     str_wait_exclusive = PyUnicode_InternFromString("_wait_exclusive");
     str_enter_task_slow = PyUnicode_InternFromString("_enter_task_slow");
@@ -665,6 +832,12 @@ PyInit__idle_core(void)
     Py_INCREF(&SectionType);
     if (PyModule_AddObject(module, "Section", (PyObject *)&SectionType) < 0) {
         Py_DECREF(&SectionType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&TaskReadType);
+    if (PyModule_AddObject(module, "TaskRead", (PyObject *)&TaskReadType) < 0) {
+        Py_DECREF(&TaskReadType);
         Py_DECREF(module);
         return NULL;
     }

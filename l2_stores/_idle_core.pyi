@@ -1,4 +1,6 @@
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 class Core:
     running_tasks: int
@@ -35,3 +37,16 @@ class Section:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+class TaskRead:
+    def __init__(
+        self,
+        core: Core,
+        lifetime: object,
+        read: Callable[[bytes], bytes | None],
+        key_size: int,
+        decode: Callable[[bytes], object] | None,
+        fallback: Callable[..., object],
+        /,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...

@@ -428,6 +428,29 @@ if _core_is_built():
                 self._excl_cv.notify_all()
 
 
+def task_read(
+    waiter: object,
+    lifetime: object,
+    read: Callable[[bytes], bytes | None],
+    key_size: int,
+    decode: Callable[[bytes], object] | None,
+    fallback: Callable[..., object],
+) -> Callable[..., object] | None:
+    """``fallback``'s fast path in C: ``read(key)`` as a task of ``waiter``; None without C.
+
+    It serves a bytes key of ``key_size`` while ``lifetime.closed`` is false
+    and no exclusive section runs or waits, then returns ``decode(raw)`` (or
+    the raw bytes when ``decode`` is None). Every other call, and any error,
+    is ``fallback``'s, which must do the same the long way and raise the
+    right error.
+    """
+    if CIdleWaiter is None or not isinstance(waiter, CIdleWaiter):
+        return None
+    from ._idle_core import TaskRead
+
+    return TaskRead(waiter, lifetime, read, key_size, decode, fallback)
+
+
 if TYPE_CHECKING:
     IdleWaiter = PyIdleWaiter
 else:

@@ -69,7 +69,11 @@ class Store:
         view = copy.copy(self)
         view._writable = False
         view._is_view = True
+        view._bind_fast_paths()
         return view
+
+    def _bind_fast_paths(self) -> None:
+        """Bind to this instance the C fast paths of its reads, for its current lifetime."""
 
     @property
     def closed(self) -> bool:
@@ -80,6 +84,7 @@ class Store:
         """Close the store; idempotent. Closing a view only detaches the view."""
         if self._is_view:
             self._lifetime = _DETACHED
+            self._bind_fast_paths()
             return
         self._before_close()
         waiter = self._waiter

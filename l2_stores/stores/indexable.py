@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from functools import partial
+from types import MethodType
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
 from ..engine.framing import Expected
 from ..engine.index import Index
 from ..errors import CodecError, DecodingError
+from ..idle_waiter import task_read
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable
@@ -58,7 +60,22 @@ class IndexableStore(Collectable):
             fsync=fsync,
             exclusive=store._waiter.force_idle,
         )
+        store._bind_fast_paths()
         return store
+
+    def _bind_fast_paths(self) -> None:
+        if self._bytes_key_size < 0 or type(self).find is not IndexableStore.find:
+            return
+        fast = task_read(
+            self._waiter,
+            self._lifetime,
+            self._engine.get,
+            self._bytes_key_size,
+            self._value.decode if self._bytes_value_size < 0 else None,
+            MethodType(IndexableStore.find, self),
+        )
+        if fast is not None:
+            self.find = fast  # type: ignore[method-assign]
 
     # -- reads (shared tasks)
 
