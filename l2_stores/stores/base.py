@@ -205,14 +205,19 @@ class EngineStore(Store):
     # the hot paths skip the codec's call.
     _bytes_key_size: ClassVar[int] = -1
     _bytes_value_size: ClassVar[int] = -1
+    _bytes_header_size: ClassVar[int] = -1
+    # True for a ``GreedyBytes`` value codec: encoding exact bytes is the identity.
+    _greedy_bytes_value: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for role in ("key", "value"):
+        for role in ("key", "value", "header"):
             codec = cls.__dict__.get(f"_{role}")
             if isinstance(codec, Codec):
                 size = codec.size if codec.kind == "bytes" and codec.size is not None else -1
                 setattr(cls, f"_bytes_{role}_size", size)
+                if role == "value":
+                    cls._greedy_bytes_value = codec.kind == "greedy_bytes"
 
     def flush(self) -> None:
         """Make every earlier ``flush=False`` write survive a kill."""

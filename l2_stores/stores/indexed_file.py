@@ -340,8 +340,14 @@ class IndexedFileBase(Collectable):
                 encoded_key = key
             else:
                 encoded_key = self._key.encode(key)
-            encoded_value = self._value.encode(value)
-            encoded_header = self._header.encode(header)
+            if type(value) is bytes and self._greedy_bytes_value:
+                encoded_value = value
+            else:
+                encoded_value = self._value.encode(value)
+            if type(header) is bytes and len(header) == self._bytes_header_size:
+                encoded_header = header
+            else:
+                encoded_header = self._header.encode(header)
         except CodecError as error:
             raise self._codec_error(error) from error
         engine = self._engine
