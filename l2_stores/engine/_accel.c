@@ -528,6 +528,38 @@ static PyTypeObject LayersType = {
     .tp_methods = layers_methods,
 };
 
+/* ------------------------------------------------------ merge scratch memory */
+
+/* A merge's arrays (megabytes each at 1M bindings) are mapped and unmapped
+   on their own, not taken from malloc: a merge runs on a thread of its own,
+   and glibc keeps what such a thread frees in that thread's arena, where
+   the resident memory of every arena used once stays counted. The length
+   sits in a header before the block; the memory comes zeroed. */
+
+#define SCRATCH_HEADER 64 /* keeps the block 64-byte aligned */
+
+static void *
+scratch_alloc(size_t size)
+{
+    size_t total = size + SCRATCH_HEADER;
+    if (total < size)
+        return NULL;
+    void *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED)
+        return NULL;
+    *(size_t *)base = total;
+    return (char *)base + SCRATCH_HEADER;
+}
+
+static void
+scratch_free(void *block)
+{
+    if (block == NULL)
+        return;
+    char *base = (char *)block - SCRATCH_HEADER;
+    munmap(base, *(size_t *)base);
+}
+
 /* --------------------------------------------------------------- MergePlan */
 
 static PyObject *CorruptRow; /* CorruptRow(index): an old row failed its checksum */
@@ -723,9 +755,9 @@ walk(MergePlan *plan, Output *out, Py_ssize_t *bad_row)
 static void
 plan_free_arrays(MergePlan *self)
 {
-    PyMem_RawFree(self->hashes);
-    PyMem_RawFree(self->rows);
-    PyMem_RawFree(self->removed);
+    scratch_free(self->hashes);
+    scratch_free(self->rows);
+    scratch_free(self->removed);
     self->hashes = NULL;
     self->rows = NULL;
     self->removed = NULL;
@@ -797,10 +829,10 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
        while the sort and the framing run without the GIL. */
     PyObject *key_tuple = PyList_AsTuple(keys);
     PyObject *value_tuple = key_tuple ? PyList_AsTuple(values) : NULL;
-    Entry *entries = PyMem_RawMalloc(sizeof(Entry) * (size_t)(n ? n : 1));
-    self->hashes = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
-    self->rows = PyMem_RawMalloc((size_t)(row_size * (n ? n : 1)));
-    self->removed = PyMem_RawMalloc((size_t)(n ? n : 1));
+    Entry *entries = scratch_alloc(sizeof(Entry) * (size_t)(n ? n : 1));
+    self->hashes = scratch_alloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
+    self->rows = scratch_alloc((size_t)(row_size * (n ? n : 1)));
+    self->removed = scratch_alloc((size_t)(n ? n : 1));
     if (!key_tuple || !value_tuple || !entries || !self->hashes || !self->rows ||
         !self->removed) {
         if (key_tuple && value_tuple)
@@ -845,7 +877,7 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
     }
     failed = twice ? 0 : walk(self, &counter, &bad_row);
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(entries);
+    scratch_free(entries);
     entries = NULL;
     Py_CLEAR(key_tuple);
     Py_CLEAR(value_tuple);
@@ -866,7 +898,7 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
     return 0;
 
 fail:
-    PyMem_RawFree(entries);
+    scratch_free(entries);
     Py_XDECREF(key_tuple);
     Py_XDECREF(value_tuple);
     plan_free_arrays(self);
@@ -895,10 +927,10 @@ plan_write(MergePlan *self, PyObject *args)
     Output out = {.fd = fd, .capacity = 1 << 20, .shift = 32 - bits, .buckets = buckets};
     out.hash_at = (off_t)offset;
     out.row_at = (off_t)offset + 4 * (off_t)self->count;
-    out.hash_buffer = PyMem_RawMalloc((size_t)out.capacity);
-    out.row_buffer = PyMem_RawMalloc((size_t)out.capacity);
-    out.fanout = PyMem_RawCalloc((size_t)buckets + 1, sizeof(uint64_t));
-    out.bucket_crcs = PyMem_RawCalloc((size_t)buckets, sizeof(uint32_t));
+    out.hash_buffer = scratch_alloc((size_t)out.capacity);
+    out.row_buffer = scratch_alloc((size_t)out.capacity);
+    out.fanout = scratch_alloc(((size_t)buckets + 1) * sizeof(uint64_t));
+    out.bucket_crcs = scratch_alloc((size_t)buckets * sizeof(uint32_t));
     PyObject *tail = NULL;
     if (!out.hash_buffer || !out.row_buffer || !out.fanout || !out.bucket_crcs) {
         PyErr_NoMemory();
@@ -942,10 +974,10 @@ plan_write(MergePlan *self, PyObject *args)
             write_u32(p + 8 * (buckets + 1) + 4 * b, out.bucket_crcs[b]);
     }
 done:
-    PyMem_RawFree(out.hash_buffer);
-    PyMem_RawFree(out.row_buffer);
-    PyMem_RawFree(out.fanout);
-    PyMem_RawFree(out.bucket_crcs);
+    scratch_free(out.hash_buffer);
+    scratch_free(out.row_buffer);
+    scratch_free(out.fanout);
+    scratch_free(out.bucket_crcs);
     return tail;
 }
 
