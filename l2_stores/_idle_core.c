@@ -653,6 +653,10 @@ static PyObject *str_closed, *str_wrapped, *str_doc;
 static PyObject *
 task_read_call(TaskRead *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (self->fallback == NULL) {
+        PyErr_SetString(PyExc_TypeError, "TaskRead: not initialized");
+        return NULL;
+    }
     Core *core = self->core;
     PyObject *key = PyVectorcall_NARGS(nargsf) == 1 && kwnames == NULL ? args[0] : NULL;
     if (core == NULL || key == NULL || !PyBytes_CheckExact(key) ||
@@ -702,6 +706,10 @@ task_read_init(TaskRead *self, PyObject *args, PyObject *kwargs)
     if (kwargs != NULL || !PyArg_ParseTuple(args, "O!OOnOO", &CoreType, &core, &lifetime, &read,
                                             &key_size, &decode, &fallback))
         return -1;
+    if (self->fallback != NULL) { /* a call in flight relies on what it holds */
+        PyErr_SetString(PyExc_TypeError, "TaskRead: already initialized");
+        return -1;
+    }
     if (!PyCallable_Check(read) || !PyCallable_Check(fallback) ||
         (decode != Py_None && !PyCallable_Check(decode))) {
         PyErr_SetString(PyExc_TypeError, "TaskRead: read, decode and fallback must be callable");

@@ -253,3 +253,35 @@ def test_task_read_lets_interrupts_through_and_ends_its_task() -> None:
     with pytest.raises(KeyboardInterrupt):
         fast(b"abcd")
     assert waiter.running_tasks == 0 and fallback.calls == []
+
+
+def test_a_store_dropped_unclosed_frees_its_writer_lock_without_a_gc_pass(
+    tmp_path: os.PathLike[str],
+) -> None:
+    cls = make_indexable("dropped", c.Bytes(4), c.Bytes(4))
+    path = os.fspath(tmp_path)
+    gc.disable()
+    try:
+        store = cls.load(path)
+        store.add(b"abcd", b"1234")
+        view = store.readonly()
+        assert store.find(b"abcd") == view.find(b"abcd") == b"1234"
+        del store, view  # no cycle: reference counting frees them, lock included
+        again = cls.load(path)
+        assert again.find(b"abcd") == b"1234"
+        again.close()
+    finally:
+        gc.enable()
+
+
+@needs_core
+def test_task_read_refuses_to_run_uninitialized_or_to_be_initialized_twice() -> None:
+    from l2_stores._idle_core import TaskRead
+
+    bare = TaskRead.__new__(TaskRead)
+    with pytest.raises(TypeError):  # never a crash
+        bare(b"abcd")
+    fast, waiter, fallback = task_read(lambda key: key)
+    with pytest.raises(TypeError, match="already initialized"):
+        fast.__init__(waiter, Lifetime(), bytes, 4, None, fallback)
+    assert fast(b"abcd") == b"abcd"

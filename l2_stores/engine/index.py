@@ -90,6 +90,10 @@ class _GcMerge:
         self.renamed = False
 
 
+def _no_spare() -> SpareLog | None:
+    return None
+
+
 class Index:
     """The engine of indexable stores (see the module docstring)."""
 
@@ -357,8 +361,9 @@ class Index:
         selection = gc.selection if gc is not None else None
         outcome: DataFile | BaseException
         renamed = False
-        take_spare = self._prepare_spare_aside(generation + 1)
+        take_spare: Callable[[], SpareLog | None] = _no_spare
         try:
+            take_spare = self._prepare_spare_aside(generation + 1)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)

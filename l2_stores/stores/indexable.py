@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from functools import partial
 from types import MethodType
@@ -72,7 +73,9 @@ class IndexableStore(Collectable):
             self._engine.get,
             self._bytes_key_size,
             self._value.decode if self._bytes_value_size < 0 else None,
-            MethodType(IndexableStore.find, self),
+            # through a proxy: a store must not refer to itself, or one
+            # dropped unclosed would keep its writer lock until a GC pass
+            MethodType(IndexableStore.find, weakref.proxy(self)),
         )
         if fast is not None:
             self.find = fast  # type: ignore[method-assign]
