@@ -1674,24 +1674,31 @@ accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
 /* ---------------------------------------------------------------- LruCache */
 
 /* The indexed files' cache of recently read or appended (value, header)
-   pairs: a dict from key to slot number, and per slot the key, the entry
-   and its neighbours in a list from the newest to the oldest. The list and
-   the dict change together inside one call, which holds the GIL and runs no
-   Python code (keys are exact bytes), so readers need no lock. References
-   dropped by a call are released last, when the cache is consistent again. */
+   pairs: a dict from key to slot number, and per slot the key, the entry,
+   its weight and its neighbours in a list from the newest to the oldest.
+   It keeps at most `capacity` entries weighing at most `max_bytes` in all;
+   an entry's weight is the length of the bytes in it (an entry is a tuple
+   of bytes), and an entry heavier than max_bytes is not kept at all. The
+   list and the dict change together inside one call, which holds the GIL
+   and runs no Python code (keys are exact bytes), so readers need no lock.
+   A reference dropped by a call is released only once the cache is
+   consistent again. */
 
 typedef struct {
     PyObject_HEAD
     PyObject *slots;   /* dict: key -> slot number (int) */
     PyObject **keys;   /* per slot */
     PyObject **entries;
+    Py_ssize_t *weights;
     Py_ssize_t *newer; /* per slot: the next newer slot, or -1 */
-    Py_ssize_t *older; /* per slot: the next older slot, or -1 */
-    Py_ssize_t newest, oldest, used, allocated, capacity;
+    Py_ssize_t *older; /* per slot: the next older slot, or -1; free slots: the next free */
+    Py_ssize_t newest, oldest, free, used, filled, allocated, capacity;
+    Py_ssize_t max_bytes, bytes;
 } LruCache;
 
 /* The arrays grow with use (doubling, up to the capacity), so a large
-   capacity costs nothing until it is filled. */
+   capacity costs nothing until it is filled. Slots below `filled` are in
+   the list or in the free chain. */
 #define LRU_FIRST_ALLOCATION 64
 
 static void
@@ -1733,7 +1740,7 @@ lru_touch(LruCache *self, Py_ssize_t slot)
 static int
 lru_grow(LruCache *self)
 {
-    if (self->used < self->allocated)
+    if (self->free >= 0 || self->filled < self->allocated)
         return 0;
     Py_ssize_t size = self->allocated ? 2 * self->allocated : LRU_FIRST_ALLOCATION;
     if (size > self->capacity || size < 0)
@@ -1748,6 +1755,10 @@ lru_grow(LruCache *self)
     if (entries == NULL)
         goto no_memory;
     self->entries = entries;
+    Py_ssize_t *weights = PyMem_Realloc(self->weights, (size_t)size * sizeof(Py_ssize_t));
+    if (weights == NULL)
+        goto no_memory;
+    self->weights = weights;
     Py_ssize_t *newer = PyMem_Realloc(self->newer, (size_t)size * sizeof(Py_ssize_t));
     if (newer == NULL)
         goto no_memory;
@@ -1763,15 +1774,86 @@ no_memory:
     return -1;
 }
 
+/* A free slot, after lru_grow made room. */
+static Py_ssize_t
+lru_take_slot(LruCache *self)
+{
+    Py_ssize_t slot = self->free;
+    if (slot >= 0) {
+        self->free = self->older[slot];
+        return slot;
+    }
+    return self->filled++;
+}
+
+static void
+lru_release_slot(LruCache *self, Py_ssize_t slot)
+{
+    self->older[slot] = self->free;
+    self->free = slot;
+}
+
+/* Take slot out of the list, the dict and the weight; its key and entry
+   are left to the caller to release. The dict deletion cannot fail: the
+   key is there and is exact bytes (its hash and comparison cannot fail). */
+static int
+lru_detach(LruCache *self, Py_ssize_t slot)
+{
+    if (PyDict_DelItem(self->slots, self->keys[slot]) < 0)
+        return -1;
+    lru_unlink(self, slot);
+    self->bytes -= self->weights[slot];
+    self->used--;
+    lru_release_slot(self, slot);
+    return 0;
+}
+
+/* Drop the oldest entries until the weight fits; -1 on error. Each is
+   released with the cache consistent, so what its release runs may use it. */
+static int
+lru_fit(LruCache *self)
+{
+    while (self->bytes > self->max_bytes && self->oldest >= 0) {
+        Py_ssize_t slot = self->oldest;
+        PyObject *key = self->keys[slot], *entry = self->entries[slot];
+        if (lru_detach(self, slot) < 0)
+            return -1;
+        Py_DECREF(key);
+        Py_DECREF(entry);
+    }
+    return 0;
+}
+
+/* The weight of an entry: the length of the bytes in it. */
+static Py_ssize_t
+lru_weight(PyObject *entry)
+{
+    if (PyBytes_Check(entry))
+        return PyBytes_GET_SIZE(entry);
+    if (!PyTuple_Check(entry))
+        return 0;
+    Py_ssize_t weight = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entry); i++) {
+        PyObject *item = PyTuple_GET_ITEM(entry, i);
+        if (PyBytes_Check(item))
+            weight += PyBytes_GET_SIZE(item);
+    }
+    return weight;
+}
+
 static int
 lru_init(LruCache *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"capacity", NULL};
-    Py_ssize_t capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:LruCache", names, &capacity))
+    static char *names[] = {"capacity", "max_bytes", NULL};
+    Py_ssize_t capacity, max_bytes = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|n:LruCache", names, &capacity, &max_bytes))
         return -1;
     if (capacity < 0) {
         PyErr_Format(PyExc_ValueError, "cache capacity must be at least 0, got %zd", capacity);
+        return -1;
+    }
+    if (max_bytes < 0) {
+        PyErr_Format(PyExc_ValueError, "cache max_bytes must be at least 0, got %zd", max_bytes);
         return -1;
     }
     if (self->slots != NULL) {
@@ -1781,8 +1863,9 @@ lru_init(LruCache *self, PyObject *args, PyObject *kwargs)
     self->slots = PyDict_New();
     if (self->slots == NULL)
         return -1;
-    self->newest = self->oldest = -1;
+    self->newest = self->oldest = self->free = -1;
     self->capacity = capacity;
+    self->max_bytes = max_bytes;
     return 0;
 }
 
@@ -1790,7 +1873,9 @@ static int
 lru_traverse(LruCache *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->slots);
-    for (Py_ssize_t slot = 0; slot < self->used; slot++)
+    /* Counted, not only linked: a cache whose __init__ failed has no list. */
+    Py_ssize_t slot = self->newest;
+    for (Py_ssize_t left = self->used; left > 0; left--, slot = self->older[slot])
         Py_VISIT(self->entries[slot]);
     return 0;
 }
@@ -1802,19 +1887,20 @@ static void
 lru_empty(LruCache *self)
 {
     PyObject **keys = self->keys, **entries = self->entries;
-    Py_ssize_t used = self->used;
+    Py_ssize_t *older = self->older, slot = self->newest, left = self->used;
     PyMem_Free(self->newer);
-    PyMem_Free(self->older);
+    PyMem_Free(self->weights);
     self->keys = self->entries = NULL;
-    self->newer = self->older = NULL;
-    self->used = self->allocated = 0;
-    self->newest = self->oldest = -1;
+    self->newer = self->older = self->weights = NULL;
+    self->used = self->filled = self->allocated = self->bytes = 0;
+    self->newest = self->oldest = self->free = -1;
     if (self->slots != NULL)
         PyDict_Clear(self->slots);
-    for (Py_ssize_t slot = 0; slot < used; slot++) {
+    for (; left > 0; left--, slot = older[slot]) {
         Py_DECREF(keys[slot]);
         Py_DECREF(entries[slot]);
     }
+    PyMem_Free(older);
     PyMem_Free(keys);
     PyMem_Free(entries);
 }
@@ -1887,46 +1973,56 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t slot = lru_slot_of(self, key);
     if (slot == -2)
         return NULL;
-    if (slot >= 0) { /* a newer entry for a cached key */
-        PyObject *old_entry = self->entries[slot];
-        self->entries[slot] = Py_NewRef(entry);
-        lru_touch(self, slot);
+    Py_ssize_t weight = lru_weight(entry);
+    int kept = self->capacity > 0 && weight <= self->max_bytes;
+    if (slot >= 0 && !kept) { /* the cached entry is stale, and its successor is not kept */
+        PyObject *old_key = self->keys[slot], *old_entry = self->entries[slot];
+        if (lru_detach(self, slot) < 0)
+            return NULL;
+        Py_DECREF(old_key);
         Py_DECREF(old_entry);
         Py_RETURN_NONE;
     }
-    if (self->capacity == 0)
-        Py_RETURN_NONE;
-    if (self->used < self->capacity && lru_grow(self) < 0)
-        return NULL;
-    slot = self->used < self->capacity ? self->used : self->oldest;
-    PyObject *number = PyLong_FromSsize_t(slot);
-    if (number == NULL)
-        return NULL;
-    int failed = PyDict_SetItem(self->slots, key, number);
-    Py_DECREF(number);
-    if (failed)
-        return NULL;
-    PyObject *old_key = NULL, *old_entry = NULL;
-    if (slot == self->used) {
-        self->used++;
-    } else { /* evict the oldest */
-        old_key = self->keys[slot];
-        old_entry = self->entries[slot];
-        lru_unlink(self, slot);
-        if (PyDict_DelItem(self->slots, old_key) < 0) { /* cannot happen: it was there */
-            self->keys[slot] = Py_NewRef(key);
-            self->entries[slot] = Py_NewRef(entry);
-            lru_push_newest(self, slot);
-            Py_DECREF(old_key);
-            Py_DECREF(old_entry);
+    if (slot >= 0) { /* a newer entry for a cached key */
+        PyObject *old_entry = self->entries[slot];
+        self->entries[slot] = Py_NewRef(entry);
+        self->bytes += weight - self->weights[slot];
+        self->weights[slot] = weight;
+        lru_touch(self, slot);
+        Py_DECREF(old_entry);
+        if (lru_fit(self) < 0)
             return NULL;
-        }
+        Py_RETURN_NONE;
     }
-    self->keys[slot] = Py_NewRef(key);
-    self->entries[slot] = Py_NewRef(entry);
-    lru_push_newest(self, slot);
+    if (!kept)
+        Py_RETURN_NONE;
+    PyObject *old_key = NULL, *old_entry = NULL;
+    if (self->used == self->capacity) { /* evict the oldest; released at the end */
+        old_key = self->keys[self->oldest];
+        old_entry = self->entries[self->oldest];
+        if (lru_detach(self, self->oldest) < 0)
+            return NULL;
+    } else if (lru_grow(self) < 0) {
+        return NULL;
+    }
+    slot = lru_take_slot(self);
+    PyObject *number = PyLong_FromSsize_t(slot);
+    int failed = number == NULL || PyDict_SetItem(self->slots, key, number) < 0;
+    Py_XDECREF(number);
+    if (failed) {
+        lru_release_slot(self, slot);
+    } else {
+        self->keys[slot] = Py_NewRef(key);
+        self->entries[slot] = Py_NewRef(entry);
+        self->weights[slot] = weight;
+        self->bytes += weight;
+        self->used++;
+        lru_push_newest(self, slot);
+    }
     Py_XDECREF(old_key);
     Py_XDECREF(old_entry);
+    if (failed || lru_fit(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1966,7 +2062,7 @@ static PyMethodDef lru_methods[] = {
     {"get", (PyCFunction)lru_get, METH_O,
      "get(key) -> entry | None: the cached entry of key, now the newest."},
     {"put", (PyCFunction)(void (*)(void))lru_put, METH_FASTCALL,
-     "put(key, entry): cache entry as the newest; the oldest goes when full."},
+     "put(key, entry): cache entry as the newest; the oldest go past the limits."},
     {"clear", (PyCFunction)lru_clear_method, METH_NOARGS, "clear(): drop every entry."},
     {"keys", (PyCFunction)lru_keys, METH_NOARGS, "keys() -> list: the cached keys, oldest first."},
     {NULL, NULL, 0, NULL},
@@ -1975,6 +2071,10 @@ static PyMethodDef lru_methods[] = {
 static PyMemberDef lru_members[] = {
     {"capacity", T_PYSSIZET, offsetof(LruCache, capacity), READONLY,
      "The most entries kept."},
+    {"max_bytes", T_PYSSIZET, offsetof(LruCache, max_bytes), READONLY,
+     "The most bytes kept, all entries together."},
+    {"used_bytes", T_PYSSIZET, offsetof(LruCache, bytes), READONLY,
+     "The bytes kept now."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1987,7 +2087,8 @@ static PyTypeObject LruCacheType = {
     .tp_name = "l2_stores.engine._accel.LruCache",
     .tp_basicsize = sizeof(LruCache),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "LruCache(capacity): the last capacity entries put or got, by bytes key.",
+    .tp_doc = "LruCache(capacity, max_bytes=sys.maxsize): the newest entries put or got, by "
+              "bytes key, at most capacity of them and max_bytes of bytes in all.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)lru_init,
     .tp_traverse = (traverseproc)lru_traverse,

@@ -36,6 +36,7 @@ from .lru import Cache, lru_cache
 logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
+DEFAULT_CACHE_BYTES = 512 * 1024
 INDEX_DIRECTORY = "index"
 #: Largest value that asyncio reads or appends on the event loop itself.
 INLINE_VALUE_SIZE = 16 * 1024
@@ -70,6 +71,7 @@ class IndexedFileBase(Collectable):
         index_buffer_size: int = DEFAULT_INDEX_BUFFER_SIZE,
         cache_size: int = DEFAULT_CACHE_SIZE,
         fsync: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> Self:
         """Open the indexed file at directory ``path``.
 
@@ -78,12 +80,16 @@ class IndexedFileBase(Collectable):
         ``cache_size``: recently read or appended (value, header) pairs kept
         in an LRU cache (default 1,000).
         ``fsync``: every value and every flush reaches stable storage.
+        ``cache_bytes``: the most bytes of values and headers the cache holds
+        (default 512 KiB); a pair larger than this is not cached.
         """
         if not isinstance(mode, Mode):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be at least 0, got {cache_size}")
-        cache = lru_cache(cache_size)
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be at least 0, got {cache_bytes}")
+        cache = lru_cache(cache_size, cache_bytes)
         directory = os.fspath(path)
         store = cls(directory, mode)
         header_size = cls._header.size or 0
