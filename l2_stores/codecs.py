@@ -362,7 +362,7 @@ def _struct_codec(original: Any, plan: _StructPlan, role: str, desc: str) -> Cod
     if AcceleratedContainerDecoder is not None and _container_sets_as_dict():
         # The same decode in one C call; it hands any failure to the Python one.
         decode = AcceleratedContainerDecoder(
-            packer.unpack, construct.Container, names, decode
+            packer.unpack, construct.Container, names, decode, plan.fmt
         ).decode
     return Codec(original, size, namespace["encode"], decode, "struct", desc)
 

@@ -330,6 +330,79 @@ def test_c_struct_decode_is_the_python_one(con: Any, data: st.DataObject) -> Non
         assert decode_outcome(c_codec, shaped) == decode_outcome(python_codec, shaped)
 
 
+FIELD_NAMES = ["Int8s", "Int8u", "Int16s", "Int16u", "Int32s", "Int32u", "Int64s", "Int64u"]
+FIELD_NAMES += ["Float16", "Float32", "Float64"]
+
+
+@st.composite
+def struct_layouts(draw: Any) -> Any:
+    """A Struct of named ints, floats and Bytes(n) fields, all in one byte order."""
+    order = draw(st.sampled_from(["b", "l", "n"]))
+    kinds = draw(st.lists(st.sampled_from([*FIELD_NAMES, "Bytes"]), min_size=1, max_size=8))
+    fields = [
+        f"f{i}"
+        / (
+            construct.Bytes(draw(st.integers(0, 40)))
+            if kind == "Bytes"
+            else getattr(construct, kind + order)
+        )
+        for i, kind in enumerate(kinds)
+    ]
+    return construct.Struct(*fields)
+
+
+@pytest.mark.skipif(
+    accel.AcceleratedContainerDecoder is None, reason="the C accelerator is not built"
+)
+@settings(FAST, max_examples=300)
+@given(con=struct_layouts(), data=st.data())
+def test_c_struct_decode_reads_every_field_as_struct_does(con: Any, data: st.DataObject) -> None:
+    """The fields read in C equal struct's unpack and construct's parse, NaN bits included."""
+    codec = key_codec(con)
+    assert "ContainerDecoder" in repr(codec.decode)
+    raw = data.draw(st.binary(min_size=con.sizeof(), max_size=con.sizeof()))
+    decoded = codec.decode(raw)
+    parsed = con.parse(raw)
+    assert isinstance(decoded, construct.Container) and list(decoded) == list(decoded.keys())
+    for name, value in decoded.items():
+        expected = parsed[name]
+        assert type(value) is type(expected), name
+        if isinstance(value, float):
+            assert struct.pack("<d", value) == struct.pack("<d", expected) or (
+                math.isnan(value) and math.isnan(expected)
+            ), name
+        else:
+            assert value == expected, name
+    assert codec.encode(decoded) == raw or any(
+        isinstance(value, float) for value in decoded.values()
+    )
+
+
+@pytest.mark.skipif(
+    accel.AcceleratedContainerDecoder is None, reason="the C accelerator is not built"
+)
+def test_c_struct_decode_reads_a_known_format_itself() -> None:
+    """With its format, exact bytes of its size are read in C; anything else is unpacked."""
+    assert accel.AcceleratedContainerDecoder is not None
+
+    def unpack(data: Any) -> tuple[Any, ...]:
+        return (-1, b"from unpack")
+
+    def decoder(fmt: str | None) -> Any:
+        return accel.AcceleratedContainerDecoder(
+            unpack, construct.Container, ("level", "hash"), print, fmt
+        ).decode
+
+    raw = b"\x00\x00\x01\x02" + b"h" * 4
+    assert dict(decoder(">l4s")(raw)) == {"level": 258, "hash": b"hhhh"}
+    assert dict(decoder("<l4s")(raw)) == {"level": 0x02010000, "hash": b"hhhh"}
+    assert dict(decoder(None)(raw)) == {"level": -1, "hash": b"from unpack"}
+    assert dict(decoder(">l4s")(bytearray(raw)))["hash"] == b"from unpack"
+    assert dict(decoder(">l4s")(raw + b"!"))["hash"] == b"from unpack"
+    for unknown in (">l?", "@l4s", ">l4s4s", "l4s", ">l99999999999s"):
+        assert dict(decoder(unknown)(raw))["hash"] == b"from unpack", unknown
+
+
 @pytest.mark.skipif(
     accel.AcceleratedContainerDecoder is None, reason="the C accelerator is not built"
 )

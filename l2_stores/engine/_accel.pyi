@@ -94,5 +94,6 @@ class ContainerDecoder:
         container: type[dict[str, object]],
         names: tuple[str, ...],
         fallback: Callable[[bytes], object],
+        format: str | None = None,
     ) -> None: ...
     def decode(self, data: bytes, /) -> dict[str, object]: ...
