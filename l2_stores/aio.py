@@ -311,7 +311,7 @@ class AsyncSimpleIndexedFile(AsyncIndexedFile):
         store = cast(SimpleIndexedFile, self._store)
         header = type(store).header_of(value)
         if _looks_large(value) or not store._append_nowait(key, value, header, flush):
-            await _in_thread(store._append, key, value, header, flush)
+            await _in_thread(store._append, key, value, header, flush=flush)
 
 
 def _looks_large(value: Any) -> bool:

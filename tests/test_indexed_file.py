@@ -1589,3 +1589,49 @@ def test_values_and_headers_that_fail_to_decode_name_the_store(tmp_path: Path) -
         assert store.header(b"key2") == b"ok"
         assert store.read(b"none") is None
         assert store.header(b"none") is None
+
+
+# --------------------------------------------------------------------------
+# Reserved blocks past the values' end
+
+
+def blocks_past_end(path: Path) -> int:
+    status = path.stat()
+    return status.st_blocks * 512 - status.st_size
+
+
+def test_reserved_blocks_are_given_back_when_a_file_takes_no_more_appends(
+    tmp_path: Path,
+) -> None:
+    """The writer's reservation never changes a file's size; closing, and a GC
+    moving the appends to a new file, give its blocks back."""
+    from l2_stores import Retain
+    from l2_stores.engine.values import RESERVE_STEP
+
+    cls = make_indexed_file(
+        "reserve", construct.Bytes(8), construct.GreedyBytes, construct.Bytes(2)
+    )
+    directory = tmp_path / "store"
+    with cls.load(directory) as store:
+        for i in range(20):
+            store.append(i.to_bytes(8, "big"), bytes([i]) * 3000, b"hh")
+        (first,) = sorted(directory.glob("values.*"))
+        written = first.stat().st_size
+        if blocks_past_end(first) < RESERVE_STEP // 2:
+            pytest.skip("this file system gives no reservation (fallocate KEEP_SIZE)")
+        store.gc(Retain([i.to_bytes(8, "big") for i in range(0, 20, 2)]), background=False)
+        store.append(b"after gc", b"x" * 5000, b"hh")
+        files = sorted(directory.glob("values.*"))
+        assert len(files) == 2, files  # the copy, and the target of appends
+        copy, target = files
+        assert blocks_past_end(copy) < RESERVE_STEP // 2
+        assert blocks_past_end(target) >= RESERVE_STEP // 2
+        sizes = {path: path.stat().st_size for path in files}
+        assert written == 64 + 20 * (12 + 8 + 3000)
+    for path in files:
+        assert path.stat().st_size == sizes[path]
+        assert blocks_past_end(path) < RESERVE_STEP // 2
+    with cls.load(directory, Mode.READ_ONLY) as reader:
+        assert reader.read(b"after gc") == (b"x" * 5000, b"hh")
+        assert reader.read((4).to_bytes(8, "big")) == (bytes([4]) * 3000, b"hh")
+        assert reader.read((5).to_bytes(8, "big")) is None

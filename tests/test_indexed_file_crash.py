@@ -45,6 +45,7 @@ from l2_stores import (
     make_indexed_file,
     make_simple_indexed_file,
 )
+from l2_stores.engine import values as values_module
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "indexed_file_writer.py"
@@ -336,6 +337,40 @@ def test_appends_survive_sigkill(tmp_path: Path, kind: str) -> None:
     state.update({key: sha256(value) for key, value in extra.items()})
     assert observe(cls, directory, Mode.READ_WRITE) == state
     value_records(directory / VALUES_FILE)
+
+
+def allocated_past_end(path: Path) -> int:
+    """Bytes of blocks the file holds past its size (a reservation)."""
+    status = path.stat()
+    return status.st_blocks * 512 - status.st_size
+
+
+def test_a_reservation_left_by_a_kill_is_given_back_at_the_next_writer_load(
+    tmp_path: Path,
+) -> None:
+    """The writer reserves blocks past the values' end; killed, it leaves them, and
+    the next READ_WRITE load gives them back (a READ_ONLY one changes nothing)."""
+    directory = tmp_path / "store"
+    child = Child([directory, "reserve", "indexed", 20, 30], tmp_path / "child-stderr.log")
+    try:
+        child.wait_for(lambda: bool(child.lines) and child.lines[-1] == "done")
+    finally:
+        code = child.kill()
+    assert code == -signal.SIGKILL, f"child died on its own ({code}):\n{child.stderr()}"
+    acked, in_flight = parse_lines(child.lines, "reserve", [])
+    assert len(acked) == 30 and in_flight is None
+    values = directory / VALUES_FILE
+    size = values.stat().st_size
+    if allocated_past_end(values) < values_module.RESERVE_STEP // 2:
+        pytest.skip("this file system gives no reservation (fallocate KEEP_SIZE)")
+    files = snapshot(directory)
+    assert observe(CLASSES["indexed"], directory, Mode.READ_ONLY) == dict(acked)
+    assert snapshot(directory) == files
+    assert allocated_past_end(values) >= values_module.RESERVE_STEP // 2
+    assert observe(CLASSES["indexed"], directory, Mode.READ_WRITE) == dict(acked)
+    assert values.stat().st_size == size, "the reservation changed the values file's size"
+    assert allocated_past_end(values) < values_module.RESERVE_STEP // 2
+    value_records(values)
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #ifdef __linux__
-#define _GNU_SOURCE /* sync_file_range */
+#define _GNU_SOURCE /* sync_file_range, fallocate */
 #endif
 #include <Python.h>
 #include <structmember.h>
@@ -2390,8 +2390,41 @@ accel_mappable(PyObject *Py_UNUSED(module), PyObject *arg)
 #endif
 }
 
+/* reserve(fd, offset, length) -> bool: allocate the file's blocks of
+   [offset, offset + length) without changing its size (Linux's
+   FALLOC_FL_KEEP_SIZE), so appends there need no block allocation. False
+   when the file system or the platform cannot, or there is no room: the
+   appends then allocate as they go, and report a full disk themselves. */
+static PyObject *
+accel_reserve(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "iLL:reserve", &fd, &offset, &length))
+        return NULL;
+    if (offset < 0 || length <= 0) {
+        PyErr_SetString(PyExc_ValueError, "reserve: offset at least 0, length at least 1");
+        return NULL;
+    }
+#if defined(__linux__) && defined(FALLOC_FL_KEEP_SIZE)
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+    Py_END_ALLOW_THREADS
+    if (!failed)
+        Py_RETURN_TRUE;
+    if (errno == EBADF) /* a caller's mistake, not a file system's refusal */
+        return PyErr_SetFromErrno(PyExc_OSError);
+#else
+    (void)fd;
+#endif
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
+    {"reserve", (PyCFunction)accel_reserve, METH_VARARGS,
+     "reserve(fd, offset, length) -> bool: allocate those blocks, keeping the file's size."},
     {"mappable", (PyCFunction)accel_mappable, METH_O,
      "mappable(fd) -> bool: whether a log on this file system may be written through a map."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,

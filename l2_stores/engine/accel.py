@@ -49,6 +49,7 @@ if _module is not None:
         framed,
         mappable,
         replay_log,
+        reserve,
         value_of_record,
         write_framed,
     )
@@ -71,6 +72,8 @@ if _module is not None:
     #: ``mappable(fd)``: whether a log on that file system may be written through a map.
     accelerated_mappable: Callable[[int], bool] | None = mappable
     accelerated_write_framed: Callable[..., int] | None = write_framed
+    #: ``reserve(fd, offset, length)``: allocate blocks past the end, keeping the size.
+    accelerated_reserve: Callable[[int, int, int], bool] | None = reserve
     #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay stopped.
     accelerated_replay_log: (
         Callable[[bytes | memoryview, int, int, dict[bytes, bytes | None]], int] | None
@@ -96,6 +99,7 @@ else:
             pass
 
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
+    accelerated_reserve = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -115,6 +119,7 @@ __all__ = [
     "accelerated_framed",
     "accelerated_mappable",
     "accelerated_replay_log",
+    "accelerated_reserve",
     "accelerated_value_of_record",
     "accelerated_write_framed",
     "pure_python_requested",

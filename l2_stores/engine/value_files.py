@@ -214,6 +214,8 @@ class ValueFiles:
         """Make a new target for the appends of the GC's time; return the copy's number."""
         copy_number = max(self._files) + 1
         target = self._open(copy_number + 1)
+        if self.target is not None:
+            self.target.release_reserve()  # it takes no more appends
         self._files[target.number] = target
         self.target = target
         return copy_number

@@ -15,6 +15,11 @@ Layout of ``values.<number>`` (integers little-endian)::
      4+K+n     4  n again, so the file can be read backwards from its end
      8+K+n     4  crc32 of the 8+K+n bytes before it
 
+A writer reserves the file's blocks up to ``RESERVE_STEP`` past its end
+(allocated, the size unchanged: the file holds the same bytes), so most
+appends need no block allocation; the reservation is given back when the
+file is closed, and at a writer's load after a kill.
+
 A value is written at the end of the file before the index points at it, so
 a kill leaves at most a record no index entry refers to (an orphan, never
 read) or a record cut short at the end (torn). A read checks the record's
@@ -36,6 +41,7 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
+from .accel import accelerated_reserve as reserve
 from .accel import accelerated_value_of_record as value_of_record
 from .framing import (
     CRC_RESIDUE,
@@ -64,6 +70,11 @@ assert POINTER.size == 16
 
 #: Header flag of a values file written by a GC (see ``value_files``).
 GC_COPY = 1
+
+#: How far past its end a writer reserves a values file's blocks (when the
+#: file system can: see ``reserve`` in ``_accel.c``); an append into
+#: reserved blocks skips the file system's block allocation.
+RESERVE_STEP = 1 << 20
 
 #: Reads of records past a values file's map use ``pread`` until the unmapped
 #: tail reaches an eighth of the map or this size; then the file is mapped again.
@@ -104,6 +115,8 @@ class ValuesFile:
         self._fd = -1
         self._map: mmap.mmap | None = None
         self.end = HEADER_SIZE
+        #: Where the reserved blocks end; 0 once the file system refused.
+        self._reserved = HEADER_SIZE
         if readonly:
             self._open_readonly()
         else:
@@ -130,7 +143,10 @@ class ValuesFile:
         fd = os.open(self.path, os.O_RDWR)
         try:
             self._check_header(fd)
-            self.end = os.fstat(fd).st_size
+            status = os.fstat(fd)
+            self.end = status.st_size
+            if status.st_blocks * 512 >= status.st_size + RESERVE_STEP // 2:
+                os.ftruncate(fd, status.st_size)  # a reservation a kill left: given back
         except BaseException:
             os.close(fd)
             raise
@@ -161,6 +177,7 @@ class ValuesFile:
         if self._fsync:
             os.fsync(self._fd)
         self.end = end
+        self._reserved = min(self._reserved, end)
 
     def _create(self) -> None:
         e = self._expected
@@ -252,17 +269,35 @@ class ValuesFile:
         packed = LENGTH.pack(length)
         offset = self.end
         try:
+            if offset + RECORD_OVERHEAD + self._key_size + length > self._reserved > 0:
+                self._reserve(offset + RECORD_OVERHEAD + self._key_size + length)
             size = write_framed(self._fd, offset, packed, key, value, packed)
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)
+                self._reserved = min(self._reserved, offset)
             raise CannotWriteToStore(
                 f"cannot append value: {error}", name=self._name, path=self.path
             ) from error
         self.end = offset + size
         return offset
+
+    def _reserve(self, needed: int) -> None:
+        """Reserve the blocks up to ``RESERVE_STEP`` past ``needed``."""
+        end = needed + RESERVE_STEP
+        if reserve is not None and reserve(self._fd, self.end, end - self.end):
+            self._reserved = end
+        else:
+            self._reserved = 0  # the file system cannot: appends allocate as they go
+
+    def release_reserve(self) -> None:
+        """Give back the blocks reserved past the end (the size stays); no append may run."""
+        if self._fd >= 0 and not self._readonly and self._reserved > self.end:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.end)
+            self._reserved = self.end
 
     @property
     def opened(self) -> bool:
@@ -277,6 +312,7 @@ class ValuesFile:
         """Close the file."""
         self._map = None
         if self._fd >= 0:
+            self.release_reserve()
             os.close(self._fd)
             self._fd = -1
 

@@ -338,7 +338,8 @@ class IndexedFileBase(Collectable):
 
     # -- writes
 
-    def _append(self, key: Any, value: Any, header: Any, flush: bool) -> None:
+    def _append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+        """Append ``value`` with ``header`` for ``key``; a later append for the key wins."""
         if not self._writable:
             self._check_writable("append")
         try:
@@ -364,8 +365,10 @@ class IndexedFileBase(Collectable):
         try:
             if self._lifetime.closed:
                 self._raise_closed()
-            number, offset = self._values.append(encoded_key, encoded_value)
-            entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
+            target = self._values.target  # changed only in exclusive sections
+            assert target is not None
+            offset = target.append(encoded_key, encoded_value)
+            entry = POINTER.pack(offset, len(encoded_value), target.number) + encoded_header
             engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
         finally:
@@ -381,8 +384,10 @@ class IndexedFileBase(Collectable):
             return False
 
         def append() -> None:
-            number, offset = self._values.append(encoded_key, encoded_value)
-            entry = POINTER.pack(offset, len(encoded_value), number) + encoded_header
+            target = self._values.target
+            assert target is not None
+            offset = target.append(encoded_key, encoded_value)
+            entry = POINTER.pack(offset, len(encoded_value), target.number) + encoded_header
             self._engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
@@ -435,6 +440,7 @@ class IndexedFileBase(Collectable):
             value = values.read(source, offset, length, key)
             new_offset = copy.append(key, value)
             relocated[key] = POINTER.pack(new_offset, length, number) + entry[POINTER.size :]
+        copy.release_reserve()
         copy.sync()
         check()
         # Cached values of dropped keys must go in the same exclusive section
@@ -459,9 +465,9 @@ class IndexedFileBase(Collectable):
 class IndexedFile(IndexedFileBase):
     """Keys to values with a header given at each append (``Make_indexed_file``)."""
 
-    def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
-        """Append ``value`` with ``header`` for ``key``; a later append for the key wins."""
-        self._append(key, value, header, flush)
+    #: ``append(key, value, header, *, flush=True)``: the body itself, not a
+    #: call of it (one Python frame less per append).
+    append = IndexedFileBase._append
 
 
 class SimpleIndexedFile(IndexedFileBase):
@@ -471,4 +477,4 @@ class SimpleIndexedFile(IndexedFileBase):
 
     def append(self, key: Any, value: Any, *, flush: bool = True) -> None:
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
-        self._append(key, value, type(self).header_of(value), flush)
+        self._append(key, value, type(self).header_of(value), flush=flush)
