@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import random
 import struct
 import weakref
 from typing import Any
@@ -401,6 +402,17 @@ def test_c_struct_decode_reads_a_known_format_itself() -> None:
     assert dict(decoder(">l4s")(raw + b"!"))["hash"] == b"from unpack"
     for unknown in (">l?", "@l4s", ">l4s4s", "l4s", ">l99999999999s"):
         assert dict(decoder(unknown)(raw))["hash"] == b"from unpack", unknown
+    for order in "<>=!":
+        fmt = order + "bBhHlLqQefd3s"
+        names = tuple(f"f{i}" for i in range(12))
+        every_code = accel.AcceleratedContainerDecoder(
+            lambda data: tuple(range(12)), construct.Container, names, print, fmt
+        ).decode
+        for seed in range(20):
+            data = random.Random(seed).randbytes(struct.calcsize(fmt))
+            expected = struct.unpack(fmt, data)
+            got = tuple(every_code(data).values())
+            assert repr(got) == repr(expected), (fmt, data)
 
 
 @pytest.mark.skipif(

@@ -1693,7 +1693,10 @@ typedef struct {
     Py_ssize_t *newer; /* per slot: the next newer slot, or -1 */
     Py_ssize_t *older; /* per slot: the next older slot, or -1; free slots: the next free */
     Py_ssize_t newest, oldest, free, used, filled, allocated, capacity;
-    Py_ssize_t max_bytes, bytes;
+    Py_ssize_t max_bytes;
+    /* At most max_bytes, plus one entry's weight (at most max_bytes) for
+       the length of a put: unsigned, it cannot overflow. */
+    unsigned long long bytes;
 } LruCache;
 
 /* The arrays grow with use (doubling, up to the capacity), so a large
@@ -1802,7 +1805,7 @@ lru_detach(LruCache *self, Py_ssize_t slot)
     if (PyDict_DelItem(self->slots, self->keys[slot]) < 0)
         return -1;
     lru_unlink(self, slot);
-    self->bytes -= self->weights[slot];
+    self->bytes -= (unsigned long long)self->weights[slot];
     self->used--;
     lru_release_slot(self, slot);
     return 0;
@@ -1813,7 +1816,7 @@ lru_detach(LruCache *self, Py_ssize_t slot)
 static int
 lru_fit(LruCache *self)
 {
-    while (self->bytes > self->max_bytes && self->oldest >= 0) {
+    while (self->bytes > (unsigned long long)self->max_bytes && self->oldest >= 0) {
         Py_ssize_t slot = self->oldest;
         PyObject *key = self->keys[slot], *entry = self->entries[slot];
         if (lru_detach(self, slot) < 0)
@@ -1824,7 +1827,8 @@ lru_fit(LruCache *self)
     return 0;
 }
 
-/* The weight of an entry: the length of the bytes in it. */
+/* The weight of an entry: the length of the bytes in it (at most
+   PY_SSIZE_T_MAX, where the same bytes are in it many times). */
 static Py_ssize_t
 lru_weight(PyObject *entry)
 {
@@ -1836,7 +1840,9 @@ lru_weight(PyObject *entry)
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entry); i++) {
         PyObject *item = PyTuple_GET_ITEM(entry, i);
         if (PyBytes_Check(item))
-            weight += PyBytes_GET_SIZE(item);
+            weight = PyBytes_GET_SIZE(item) > PY_SSIZE_T_MAX - weight
+                         ? PY_SSIZE_T_MAX
+                         : weight + PyBytes_GET_SIZE(item);
     }
     return weight;
 }
@@ -1892,7 +1898,8 @@ lru_empty(LruCache *self)
     PyMem_Free(self->weights);
     self->keys = self->entries = NULL;
     self->newer = self->older = self->weights = NULL;
-    self->used = self->filled = self->allocated = self->bytes = 0;
+    self->used = self->filled = self->allocated = 0;
+    self->bytes = 0;
     self->newest = self->oldest = self->free = -1;
     if (self->slots != NULL)
         PyDict_Clear(self->slots);
@@ -1986,7 +1993,8 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
     if (slot >= 0) { /* a newer entry for a cached key */
         PyObject *old_entry = self->entries[slot];
         self->entries[slot] = Py_NewRef(entry);
-        self->bytes += weight - self->weights[slot];
+        self->bytes += (unsigned long long)weight;
+        self->bytes -= (unsigned long long)self->weights[slot];
         self->weights[slot] = weight;
         lru_touch(self, slot);
         Py_DECREF(old_entry);
@@ -2015,7 +2023,7 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
         self->keys[slot] = Py_NewRef(key);
         self->entries[slot] = Py_NewRef(entry);
         self->weights[slot] = weight;
-        self->bytes += weight;
+        self->bytes += (unsigned long long)weight;
         self->used++;
         lru_push_newest(self, slot);
     }
@@ -2073,7 +2081,7 @@ static PyMemberDef lru_members[] = {
      "The most entries kept."},
     {"max_bytes", T_PYSSIZET, offsetof(LruCache, max_bytes), READONLY,
      "The most bytes kept, all entries together."},
-    {"used_bytes", T_PYSSIZET, offsetof(LruCache, bytes), READONLY,
+    {"used_bytes", T_ULONGLONG, offsetof(LruCache, bytes), READONLY,
      "The bytes kept now."},
     {NULL, 0, 0, 0, NULL},
 };
@@ -2390,11 +2398,13 @@ accel_mappable(PyObject *Py_UNUSED(module), PyObject *arg)
 #endif
 }
 
-/* reserve(fd, offset, length) -> bool: allocate the file's blocks of
-   [offset, offset + length) without changing its size (Linux's
-   FALLOC_FL_KEEP_SIZE), so appends there need no block allocation. False
-   when the file system or the platform cannot, or there is no room: the
-   appends then allocate as they go, and report a full disk themselves. */
+/* reserve(fd, offset, length) -> bool | None: allocate the file's blocks
+   of [offset, offset + length) without changing its size (Linux's
+   FALLOC_FL_KEEP_SIZE), so appends there need no block allocation. True
+   when done; False when it failed this time (no room, interrupted: part of
+   the range may be allocated); None when the platform or the file system
+   cannot. Appends need none of it: they allocate what is missing, and
+   report a full disk themselves. */
 static PyObject *
 accel_reserve(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -2415,16 +2425,19 @@ accel_reserve(PyObject *Py_UNUSED(module), PyObject *args)
         Py_RETURN_TRUE;
     if (errno == EBADF) /* a caller's mistake, not a file system's refusal */
         return PyErr_SetFromErrno(PyExc_OSError);
+    if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
+        Py_RETURN_FALSE;
 #else
     (void)fd;
 #endif
-    Py_RETURN_FALSE;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef accel_functions[] = {
     {"crc32", (PyCFunction)accel_crc32, METH_O, "crc32(data) -> int, as zlib.crc32."},
     {"reserve", (PyCFunction)accel_reserve, METH_VARARGS,
-     "reserve(fd, offset, length) -> bool: allocate those blocks, keeping the file's size."},
+     "reserve(fd, offset, length) -> bool | None: allocate those blocks, keeping the file's "
+     "size; None where that cannot be done."},
     {"mappable", (PyCFunction)accel_mappable, METH_O,
      "mappable(fd) -> bool: whether a log on this file system may be written through a map."},
     {"clmul", (PyCFunction)accel_clmul, METH_NOARGS,

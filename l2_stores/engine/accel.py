@@ -72,8 +72,9 @@ if _module is not None:
     #: ``mappable(fd)``: whether a log on that file system may be written through a map.
     accelerated_mappable: Callable[[int], bool] | None = mappable
     accelerated_write_framed: Callable[..., int] | None = write_framed
-    #: ``reserve(fd, offset, length)``: allocate blocks past the end, keeping the size.
-    accelerated_reserve: Callable[[int, int, int], bool] | None = reserve
+    #: ``reserve(fd, offset, length)``: allocate blocks past the end, keeping the
+    #: size; True, False (failed this time), or None (cannot be done there).
+    accelerated_reserve: Callable[[int, int, int], bool | None] | None = reserve
     #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay stopped.
     accelerated_replay_log: (
         Callable[[bytes | memoryview, int, int, dict[bytes, bytes | None]], int] | None

@@ -18,7 +18,8 @@ Layout of ``values.<number>`` (integers little-endian)::
 A writer reserves the file's blocks up to ``RESERVE_STEP`` past its end
 (allocated, the size unchanged: the file holds the same bytes), so most
 appends need no block allocation; the reservation is given back when the
-file is closed, and at a writer's load after a kill.
+file takes no more appends (closed, or left by a GC), and at a writer's
+load after a kill (blocks past the end: a truncation to the same size).
 
 A value is written at the end of the file before the index points at it, so
 a kill leaves at most a record no index entry refers to (an orphan, never
@@ -115,8 +116,10 @@ class ValuesFile:
         self._fd = -1
         self._map: mmap.mmap | None = None
         self.end = HEADER_SIZE
-        #: Where the reserved blocks end; 0 once the file system refused.
+        #: Where the reserved blocks end; 0 where reserving cannot be done.
         self._reserved = HEADER_SIZE
+        #: Whether blocks past the end may be allocated (a reserve was asked).
+        self._holds_reserve = False
         if readonly:
             self._open_readonly()
         else:
@@ -145,8 +148,10 @@ class ValuesFile:
             self._check_header(fd)
             status = os.fstat(fd)
             self.end = status.st_size
-            if status.st_blocks * 512 >= status.st_size + RESERVE_STEP // 2:
-                os.ftruncate(fd, status.st_size)  # a reservation a kill left: given back
+            if status.st_blocks * 512 > status.st_size + status.st_blksize:
+                # blocks past the end: a reservation a kill left, given back
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, status.st_size)
         except BaseException:
             os.close(fd)
             raise
@@ -178,6 +183,7 @@ class ValuesFile:
             os.fsync(self._fd)
         self.end = end
         self._reserved = min(self._reserved, end)
+        self._holds_reserve = False
 
     def _create(self) -> None:
         e = self._expected
@@ -278,6 +284,7 @@ class ValuesFile:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)
                 self._reserved = min(self._reserved, offset)
+                self._holds_reserve = False
             raise CannotWriteToStore(
                 f"cannot append value: {error}", name=self._name, path=self.path
             ) from error
@@ -287,17 +294,21 @@ class ValuesFile:
     def _reserve(self, needed: int) -> None:
         """Reserve the blocks up to ``RESERVE_STEP`` past ``needed``."""
         end = needed + RESERVE_STEP
-        if reserve is not None and reserve(self._fd, self.end, end - self.end):
-            self._reserved = end
+        done = None if reserve is None else reserve(self._fd, self.end, end - self.end)
+        if done is None:
+            self._reserved = 0  # cannot be done here: appends allocate as they go
         else:
-            self._reserved = 0  # the file system cannot: appends allocate as they go
+            # Failed (no room, interrupted): tried again a step further on.
+            self._reserved = end
+            self._holds_reserve = True
 
     def release_reserve(self) -> None:
         """Give back the blocks reserved past the end (the size stays); no append may run."""
-        if self._fd >= 0 and not self._readonly and self._reserved > self.end:
+        if self._fd >= 0 and not self._readonly and self._holds_reserve:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.end)
-            self._reserved = self.end
+            self._holds_reserve = False
+            self._reserved = min(self._reserved, self.end)
 
     @property
     def opened(self) -> bool:

@@ -338,7 +338,7 @@ class IndexedFileBase(Collectable):
 
     # -- writes
 
-    def _append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+    def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
         """Append ``value`` with ``header`` for ``key``; a later append for the key wins."""
         if not self._writable:
             self._check_writable("append")
@@ -373,6 +373,9 @@ class IndexedFileBase(Collectable):
             self._cache.put(encoded_key, (encoded_value, encoded_header))
         finally:
             waiter.exit_exclusive()
+
+    #: The append of a value with its header, whatever the kind's own ``append``.
+    _append = append
 
     def _append_nowait(self, key: Any, value: Any, header: Any, flush: bool) -> bool:
         """``append`` if it needs no wait, no fsync and the value is small; True if done."""
@@ -465,9 +468,7 @@ class IndexedFileBase(Collectable):
 class IndexedFile(IndexedFileBase):
     """Keys to values with a header given at each append (``Make_indexed_file``)."""
 
-    #: ``append(key, value, header, *, flush=True)``: the body itself, not a
-    #: call of it (one Python frame less per append).
-    append = IndexedFileBase._append
+    # append(key, value, header, *, flush=True) is IndexedFileBase.append
 
 
 class SimpleIndexedFile(IndexedFileBase):
@@ -475,6 +476,6 @@ class SimpleIndexedFile(IndexedFileBase):
 
     header_of: ClassVar[Callable[[Any], Any]]
 
-    def append(self, key: Any, value: Any, *, flush: bool = True) -> None:
+    def append(self, key: Any, value: Any, *, flush: bool = True) -> None:  # type: ignore[override]
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
         self._append(key, value, type(self).header_of(value), flush=flush)
