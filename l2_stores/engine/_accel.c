@@ -752,15 +752,22 @@ walk(MergePlan *plan, Output *out, Py_ssize_t *bad_row)
     return 0;
 }
 
+/* Called with the GIL held; the arrays are unmapped without it. */
 static void
 plan_free_arrays(MergePlan *self)
 {
-    scratch_free(self->hashes);
-    scratch_free(self->rows);
-    scratch_free(self->removed);
+    uint32_t *hashes = self->hashes;
+    unsigned char *rows = self->rows, *removed = self->removed;
     self->hashes = NULL;
     self->rows = NULL;
     self->removed = NULL;
+    if (hashes != NULL || rows != NULL || removed != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        scratch_free(hashes);
+        scratch_free(rows);
+        scratch_free(removed);
+        Py_END_ALLOW_THREADS
+    }
     if (self->holds_old) {
         PyBuffer_Release(&self->old);
         self->holds_old = 0;
@@ -839,48 +846,61 @@ plan_init(MergePlan *self, PyObject *args, PyObject *kwds)
             PyErr_NoMemory();
         goto fail;
     }
+    int twice = 0, failed = 0;
+    Output counter = {.fd = -1};
+    Py_ssize_t bad_row = -1, bad_key = -1, bad_value = -1;
+    /* Without the GIL from here: the tuples hold every key and value alive,
+       and bytes never change, so their type, size and contents are read
+       as they are (the first touch of each object, mostly cache misses, no
+       longer holds up the writer's thread). */
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PyTuple_GET_ITEM(key_tuple, i);
-        if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != key_size) {
-            PyErr_Format(PyExc_ValueError, "MergePlan: key %zd is not %zd bytes", i, key_size);
-            goto fail;
-        }
         PyObject *value = PyTuple_GET_ITEM(value_tuple, i);
+        if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) != key_size) {
+            bad_key = i;
+            break;
+        }
         if (value != Py_None && (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != value_size)) {
-            PyErr_Format(PyExc_ValueError, "MergePlan: value %zd is not %zd bytes", i,
-                         value_size);
-            goto fail;
+            bad_value = i;
+            break;
         }
         entries[i].key = PyBytes_AS_STRING(key);
         entries[i].value = value == Py_None ? NULL : PyBytes_AS_STRING(value);
         entries[i].key_size = key_size;
-    }
-    int twice = 0, failed;
-    Output counter = {.fd = -1};
-    Py_ssize_t bad_row = -1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
         entries[i].hash = crc32_of((const unsigned char *)entries[i].key, key_size);
-    qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
-    for (Py_ssize_t j = 0; j < n && !twice; j++) {
-        unsigned char *row = self->rows + row_size * j;
-        memcpy(row, entries[j].key, (size_t)key_size);
-        if (entries[j].value == NULL)
-            memset(row + key_size, 0, (size_t)value_size);
-        else
-            memcpy(row + key_size, entries[j].value, (size_t)value_size);
-        write_u32(row + row_size - 4, crc32_of(row, row_size - 4));
-        self->hashes[j] = entries[j].hash;
-        self->removed[j] = entries[j].value == NULL;
-        twice = j > 0 && self->hashes[j] == self->hashes[j - 1] &&
-                memcmp(row, row - row_size, (size_t)key_size) == 0;
     }
-    failed = twice ? 0 : walk(self, &counter, &bad_row);
-    Py_END_ALLOW_THREADS
+    if (bad_key < 0 && bad_value < 0) {
+        qsort(entries, (size_t)n, sizeof(Entry), compare_entries);
+        for (Py_ssize_t j = 0; j < n && !twice; j++) {
+            unsigned char *row = self->rows + row_size * j;
+            memcpy(row, entries[j].key, (size_t)key_size);
+            if (entries[j].value == NULL)
+                memset(row + key_size, 0, (size_t)value_size);
+            else
+                memcpy(row + key_size, entries[j].value, (size_t)value_size);
+            write_u32(row + row_size - 4, crc32_of(row, row_size - 4));
+            self->hashes[j] = entries[j].hash;
+            self->removed[j] = entries[j].value == NULL;
+            twice = j > 0 && self->hashes[j] == self->hashes[j - 1] &&
+                    memcmp(row, row - row_size, (size_t)key_size) == 0;
+        }
+        failed = twice ? 0 : walk(self, &counter, &bad_row);
+    }
     scratch_free(entries);
+    Py_END_ALLOW_THREADS
     entries = NULL;
     Py_CLEAR(key_tuple);
     Py_CLEAR(value_tuple);
+    if (bad_key >= 0) {
+        PyErr_Format(PyExc_ValueError, "MergePlan: key %zd is not %zd bytes", bad_key, key_size);
+        goto fail;
+    }
+    if (bad_value >= 0) {
+        PyErr_Format(PyExc_ValueError, "MergePlan: value %zd is not %zd bytes", bad_value,
+                     value_size);
+        goto fail;
+    }
     if (twice) {
         PyErr_SetString(PyExc_ValueError, "MergePlan: a key is given twice");
         goto fail;
@@ -947,6 +967,10 @@ plan_write(MergePlan *self, PyObject *args)
         if (!(out.error = write_all(fd, out.hash_buffer, out.hash_used, out.hash_at)))
             out.error = write_all(fd, out.row_buffer, out.row_used, out.row_at);
     }
+    /* Unmapping touched megabytes takes a while: not with the GIL held. */
+    scratch_free(out.hash_buffer);
+    scratch_free(out.row_buffer);
+    out.hash_buffer = out.row_buffer = NULL;
     Py_END_ALLOW_THREADS
     if (failed) {
         PyObject *error = PyObject_CallFunction(CorruptRow, "n", bad_row);
