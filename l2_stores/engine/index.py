@@ -94,6 +94,13 @@ def _no_spare() -> SpareLog | None:
     return None
 
 
+def _delete(paths: list[str]) -> None:
+    """Delete superseded engine files; leftovers of a failure go at the next writer load."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class Index:
     """The engine of indexable stores (see the module docstring)."""
 
@@ -388,9 +395,11 @@ class Index:
         self._merge_outcome = outcome
         self._merge_ready.set()
         try:
+            superseded: list[str] = []
             with self._exclusive():
                 if self._merge_ticket == ticket and self._merging:
-                    self._switch()
+                    superseded = self._switch_keeping_files()
+            _delete(superseded)  # outside: a log's unlink takes about half a millisecond
         finally:
             if gc is not None:
                 gc.error = outcome if isinstance(outcome, BaseException) else None
@@ -453,19 +462,23 @@ class Index:
 
     def _switch(self) -> None:
         """Swap in the merged data file; called with the store's exclusive section held."""
-        with self._switch_lock:
-            self._switch_unlocked()
+        _delete(self._switch_keeping_files())
 
-    def _switch_unlocked(self) -> None:
+    def _switch_keeping_files(self) -> list[str]:
+        """``_switch``, but return the files it superseded, for the caller to delete."""
+        with self._switch_lock:
+            return self._switch_unlocked()
+
+    def _switch_unlocked(self) -> list[str]:
         if not self._merging or not self._merge_ready.is_set():
-            return
+            return []
         self._merging = False
         self.pacing = False
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
         spare, self._merge_spare = self._merge_spare, None
         if not isinstance(outcome, DataFile):
-            return  # failed: the frozen log stays and is merged again later (without GC)
+            return []  # failed: the frozen log stays and is merged again later (without GC)
         if spare is not None:
             if self._spare is not None:
                 self._spare.discard()
@@ -475,18 +488,17 @@ class Index:
         self._frozen = None
         self._relayer()
         self._merge_outcome = None
-        # Leftovers of a failed unlink are deleted by the next writer load.
+        superseded = []
         if frozen_log is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.directory, layout.log_name(frozen_log)))
+            superseded.append(os.path.join(self.directory, layout.log_name(frozen_log)))
         if old is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(old.path)
+            superseded.append(old.path)
         if gc is not None and gc.on_switch is not None:
             try:
                 gc.on_switch()
             except Exception:
                 logger.exception("%s: the GC's switch hook failed", self._name)
+        return superseded
 
     # ------------------------------------------------------------------- GC
 
