@@ -1346,6 +1346,104 @@ static PyTypeObject LogTailType = {
     .tp_getset = logtail_getset,
 };
 
+/* ---- a values file's tail
+
+   ValuesTail holds what an indexed file's values file appends change:
+   values.py's ValuesFile subclasses it. Its append(key, value) is the
+   common append in one C call: exact bytes of the key's size, a value of
+   at most 0xFFFFFFFE bytes, no fsync, and the record within the reserved
+   blocks (or no reservation kept): the record ``n | key | value | n |
+   crc`` written at ``end`` in one pwritev, ``end`` moved past it, its
+   offset returned. Anything else, and any failed write (written again
+   there, then cut back and reported), goes to the subclass's Python
+   _append_in_python. */
+
+#define MAX_VALUE_LENGTH 0xFFFFFFFEu
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    char fsync;
+    long long end;
+    long long reserved; /* where the reserved blocks end; 0: none kept */
+    Py_ssize_t key_size;
+} ValuesTail;
+
+static PyObject *
+valuestail_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
+{
+    ValuesTail *self = (ValuesTail *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->fd = -1;
+        self->key_size = -1;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+valuestail_append(ValuesTail *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "append(key, value) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *key = args[0], *value = args[1];
+    long long offset = self->end;
+    if (self->fd < 0 || self->fsync || !PyBytes_CheckExact(key) ||
+        PyBytes_GET_SIZE(key) != self->key_size || !PyBytes_CheckExact(value) ||
+        (size_t)PyBytes_GET_SIZE(value) > MAX_VALUE_LENGTH || offset < 0)
+        return PyObject_CallMethod((PyObject *)self, "_append_in_python", "OO", key, value);
+    Py_ssize_t length = PyBytes_GET_SIZE(value);
+    long long record_end = offset + 12 + self->key_size + length;
+    if (self->reserved > 0 && record_end > self->reserved)
+        return PyObject_CallMethod((PyObject *)self, "_append_in_python", "OO", key, value);
+    unsigned char length_bytes[4];
+    write_u32(length_bytes, (uint32_t)length);
+    struct iovec iov[5] = {
+        {length_bytes, 4},
+        {PyBytes_AS_STRING(key), (size_t)self->key_size},
+        {PyBytes_AS_STRING(value), (size_t)length},
+        {length_bytes, 4},
+    };
+    int failed_errno;
+    Py_ssize_t written = write_frame(self->fd, offset, iov, 4, &failed_errno);
+    if (written < 0) {
+        if (failed_errno == 0)
+            return NULL; /* a signal handler's exception */
+        PyErr_Clear();
+        return PyObject_CallMethod((PyObject *)self, "_append_in_python", "OO", key, value);
+    }
+    self->end = offset + written;
+    return PyLong_FromLongLong(offset);
+}
+
+static PyMethodDef valuestail_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))valuestail_append, METH_FASTCALL,
+     "append(key, value) -> int: write a record at the end; its offset."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef valuestail_members[] = {
+    {"_fd", T_INT, offsetof(ValuesTail, fd), 0, "the file descriptor, -1 when none"},
+    {"_fsync", T_BOOL, offsetof(ValuesTail, fsync), 0, "whether every append is fsynced"},
+    {"end", T_LONGLONG, offsetof(ValuesTail, end), 0, "the offset of the next record"},
+    {"_reserved", T_LONGLONG, offsetof(ValuesTail, reserved), 0,
+     "where the reserved blocks end; 0 when none are kept"},
+    {"_key_size", T_PYSSIZET, offsetof(ValuesTail, key_size), 0, "the keys' size"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ValuesTailType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.ValuesTail",
+    .tp_basicsize = sizeof(ValuesTail),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A values file's tail: fd, end offset, reserved end; the common append in C.",
+    .tp_new = valuestail_new,
+    .tp_methods = valuestail_methods,
+    .tp_members = valuestail_members,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *index; /* a weak reference */
@@ -2496,6 +2594,7 @@ PyInit__accel(void)
 #endif
     if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0 ||
         PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
+        PyType_Ready(&ValuesTailType) < 0 ||
         PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0 ||
         PyType_Ready(&ContainerDecoderType) < 0)
         return NULL;
@@ -2541,6 +2640,12 @@ PyInit__accel(void)
     Py_INCREF(&LogTailType);
     if (PyModule_AddObject(module, "LogTail", (PyObject *)&LogTailType) < 0) {
         Py_DECREF(&LogTailType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&ValuesTailType);
+    if (PyModule_AddObject(module, "ValuesTail", (PyObject *)&ValuesTailType) < 0) {
+        Py_DECREF(&ValuesTailType);
         Py_DECREF(module);
         return NULL;
     }

@@ -71,6 +71,14 @@ class LogTail:
     def _map(self, size: int, /) -> None: ...
     def _unmap(self) -> None: ...
 
+class ValuesTail:
+    _fd: int
+    _fsync: bool
+    end: int
+    _reserved: int
+    _key_size: int
+    def append(self, key: bytes, value: bytes, /) -> int: ...
+
 class Writer:
     def __init__(
         self, index: object, buffer_size: int, log_cap: int, key_size: int, value_size: int

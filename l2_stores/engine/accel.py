@@ -44,6 +44,7 @@ if _module is not None:
         Lookup,
         LruCache,
         MergePlan,
+        ValuesTail,
         Writer,
         crc32,
         framed,
@@ -63,6 +64,8 @@ if _module is not None:
     AcceleratedWriter: type[Writer] | None = Writer
     #: The base of ``LogWriter``: its tail state in C, where the C put appends.
     LogTailBase: type = LogTail
+    #: The base of ``ValuesFile``: its tail state in C, and its common append.
+    ValuesTailBase: type = ValuesTail
     #: The indexed files' LRU cache of (value, header) pairs, without a lock.
     AcceleratedLruCache: type[LruCache] | None = LruCache
     #: The decode of a ``Struct`` codec of fixed-size fields, in one C call.
@@ -87,6 +90,9 @@ else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
     AcceleratedLruCache = AcceleratedContainerDecoder = None
     accelerated_framed = accelerated_crc32 = accelerated_mappable = None
+
+    class ValuesTailBase:  # type: ignore[no-redef]
+        """A values file's tail without the accelerator: appends are in Python."""
 
     class LogTailBase:  # type: ignore[no-redef]
         """A log writer's tail without the accelerator: appends are always written."""
@@ -116,6 +122,7 @@ __all__ = [
     "AcceleratedWriter",
     "CorruptRow",
     "LogTailBase",
+    "ValuesTailBase",
     "accelerated_crc32",
     "accelerated_framed",
     "accelerated_mappable",

@@ -42,6 +42,7 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
+from .accel import ValuesTailBase
 from .accel import accelerated_reserve as reserve
 from .accel import accelerated_value_of_record as value_of_record
 from .framing import (
@@ -87,12 +88,15 @@ def values_expected(expected: Expected) -> Expected:
     return Expected(expected.name, expected.key_size, VARIABLE_SIZE, expected.header_size)
 
 
-class ValuesFile:
+class ValuesFile(ValuesTailBase):  # type: ignore[misc]
     """Appends records and reads them back at their offsets.
 
     Reads go through a read-only map of the file when the C accelerator
     checks the records (one call: bounds, length, key, checksum), else
-    through ``pread``.
+    through ``pread``. With the accelerator, the tail (``_fd``, ``end``,
+    ``_reserved``, ``_fsync``, ``_key_size``) lives in the C base, whose
+    ``append`` writes the common record in one call and hands anything
+    else to :meth:`_append_in_python`.
     """
 
     def __init__(
@@ -265,7 +269,7 @@ class ValuesFile:
             offset=offset,
         )
 
-    def append(self, key: bytes, value: bytes) -> int:
+    def _append_in_python(self, key: bytes, value: bytes) -> int:
         """Write a record at the end of the file; return its offset."""
         length = len(value)
         if length > MAX_VALUE_SIZE:
@@ -290,6 +294,9 @@ class ValuesFile:
             ) from error
         self.end = offset + size
         return offset
+
+    if not hasattr(ValuesTailBase, "append"):  # no accelerator: the Python append
+        append = _append_in_python
 
     def _reserve(self, needed: int) -> None:
         """Reserve the blocks up to ``RESERVE_STEP`` past ``needed``."""
