@@ -1367,6 +1367,7 @@ typedef struct {
     long long end;
     long long reserved; /* where the reserved blocks end; 0: none kept */
     Py_ssize_t key_size;
+    long long number;   /* the file's number, in the index entries */
 } ValuesTail;
 
 static PyObject *
@@ -1417,9 +1418,44 @@ valuestail_append(ValuesTail *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(offset);
 }
 
+/* append_entry(key, value, header) -> bytes: append, then the index entry
+   that points at the record (values.py's POINTER, then the header). */
+static PyObject *
+valuestail_append_entry(ValuesTail *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "append_entry(key, value, header) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *value = args[1], *header = args[2];
+    if (!PyBytes_CheckExact(value) || !PyBytes_CheckExact(header) || self->number < 0 ||
+        self->number > 0xFFFFFFFFLL)
+        return PyObject_CallMethod((PyObject *)self, "_append_entry_in_python", "OOO", args[0],
+                                   value, header);
+    PyObject *offset_object = valuestail_append(self, args, 2);
+    if (offset_object == NULL)
+        return NULL;
+    long long offset = PyLong_AsLongLong(offset_object);
+    Py_DECREF(offset_object);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t header_size = PyBytes_GET_SIZE(header);
+    PyObject *entry = PyBytes_FromStringAndSize(NULL, 16 + header_size);
+    if (entry == NULL)
+        return NULL;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(entry);
+    write_u64(p, (uint64_t)offset);
+    write_u32(p + 8, (uint32_t)PyBytes_GET_SIZE(value));
+    write_u32(p + 12, (uint32_t)self->number);
+    memcpy(p + 16, PyBytes_AS_STRING(header), (size_t)header_size);
+    return entry;
+}
+
 static PyMethodDef valuestail_methods[] = {
     {"append", (PyCFunction)(void (*)(void))valuestail_append, METH_FASTCALL,
      "append(key, value) -> int: write a record at the end; its offset."},
+    {"append_entry", (PyCFunction)(void (*)(void))valuestail_append_entry, METH_FASTCALL,
+     "append_entry(key, value, header) -> bytes: append; the index entry pointing at it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1430,6 +1466,7 @@ static PyMemberDef valuestail_members[] = {
     {"_reserved", T_LONGLONG, offsetof(ValuesTail, reserved), 0,
      "where the reserved blocks end; 0 when none are kept"},
     {"_key_size", T_PYSSIZET, offsetof(ValuesTail, key_size), 0, "the keys' size"},
+    {"number", T_LONGLONG, offsetof(ValuesTail, number), 0, "the file's number"},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -77,7 +77,9 @@ class ValuesTail:
     end: int
     _reserved: int
     _key_size: int
+    number: int
     def append(self, key: bytes, value: bytes, /) -> int: ...
+    def append_entry(self, key: bytes, value: bytes, header: bytes, /) -> bytes: ...
 
 class Writer:
     def __init__(

@@ -295,8 +295,13 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         self.end = offset + size
         return offset
 
-    if not hasattr(ValuesTailBase, "append"):  # no accelerator: the Python append
+    def _append_entry_in_python(self, key: bytes, value: bytes, header: bytes) -> bytes:
+        """Append a record; return the index entry pointing at it (``POINTER``, ``header``)."""
+        return POINTER.pack(self.append(key, value), len(value), self.number) + header
+
+    if not hasattr(ValuesTailBase, "append"):  # no accelerator: the Python appends
         append = _append_in_python
+        append_entry = _append_entry_in_python
 
     def _reserve(self, needed: int) -> None:
         """Reserve the blocks up to ``RESERVE_STEP`` past ``needed``."""

@@ -367,8 +367,7 @@ class IndexedFileBase(Collectable):
                 self._raise_closed()
             target = self._values.target  # changed only in exclusive sections
             assert target is not None
-            offset = target.append(encoded_key, encoded_value)
-            entry = POINTER.pack(offset, len(encoded_value), target.number) + encoded_header
+            entry = target.append_entry(encoded_key, encoded_value, encoded_header)
             engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
         finally:
@@ -389,8 +388,7 @@ class IndexedFileBase(Collectable):
         def append() -> None:
             target = self._values.target
             assert target is not None
-            offset = target.append(encoded_key, encoded_value)
-            entry = POINTER.pack(offset, len(encoded_value), target.number) + encoded_header
+            entry = target.append_entry(encoded_key, encoded_value, encoded_header)
             self._engine.put(encoded_key, entry, flush)
             self._cache.put(encoded_key, (encoded_value, encoded_header))
 
