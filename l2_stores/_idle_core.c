@@ -760,22 +760,29 @@ task_read_dealloc(TaskRead *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Its doc, and the attributes it lacks (name, __self__), are the fallback's;
-   __wrapped__ is the fallback itself, for inspect.signature and help(). */
+/* A fast path's doc, and the attributes it lacks (name, __self__), are its
+   fallback's; __wrapped__ is the fallback itself, for inspect.signature and
+   help(). */
 static PyObject *
-task_read_getattro(TaskRead *self, PyObject *name)
+delegate_getattro(PyObject *self, PyObject *fallback, PyObject *name)
 {
-    if (self->fallback != NULL && PyUnicode_Check(name) && PyUnicode_Compare(name, str_doc) == 0)
-        return PyObject_GetAttr(self->fallback, name);
-    PyObject *found = PyObject_GenericGetAttr((PyObject *)self, name);
-    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError) || self->fallback == NULL)
+    if (fallback != NULL && PyUnicode_Check(name) && PyUnicode_Compare(name, str_doc) == 0)
+        return PyObject_GetAttr(fallback, name);
+    PyObject *found = PyObject_GenericGetAttr(self, name);
+    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError) || fallback == NULL)
         return found;
     PyErr_Clear();
     if (PyUnicode_Check(name) && PyUnicode_Compare(name, str_wrapped) == 0) {
-        Py_INCREF(self->fallback);
-        return self->fallback;
+        Py_INCREF(fallback);
+        return fallback;
     }
-    return PyObject_GetAttr(self->fallback, name);
+    return PyObject_GetAttr(fallback, name);
+}
+
+static PyObject *
+task_read_getattro(TaskRead *self, PyObject *name)
+{
+    return delegate_getattro((PyObject *)self, self->fallback, name);
 }
 
 static PyObject *
@@ -804,6 +811,195 @@ static PyTypeObject TaskReadType = {
     .tp_repr = (reprfunc)task_read_repr,
 };
 
+/* -- a write run as the exclusive section: an indexed file's append, in one call */
+
+#define EXCLUSIVE_WRITE_MAX_ARGS 4
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+    PyObject *lifetime; /* its ``closed`` is read inside the section */
+    PyObject *pacer;    /* its ``pacing`` true: the long way (it waits before the section) */
+    PyObject *write;    /* write(*args): the body */
+    PyObject *fallback; /* the full method: every other case */
+    Py_ssize_t nargs;
+    Py_ssize_t sizes[EXCLUSIVE_WRITE_MAX_ARGS]; /* each argument's length, -1 for any */
+    vectorcallfunc vectorcall;
+} ExclusiveWrite;
+
+static PyObject *str_pacing, *str_flush;
+
+/* Whether obj's attribute ``name`` is true: 1, 0, or -1 with an error. */
+static int
+attribute_is_true(PyObject *obj, PyObject *name)
+{
+    PyObject *found = PyObject_GetAttr(obj, name);
+    if (found == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(found);
+    Py_DECREF(found);
+    return truth;
+}
+
+static PyObject *
+exclusive_write_call(ExclusiveWrite *self, PyObject *const *args, size_t nargsf,
+                     PyObject *kwnames)
+{
+    if (self->fallback == NULL) {
+        PyErr_SetString(PyExc_TypeError, "ExclusiveWrite: not initialized");
+        return NULL;
+    }
+    Core *core = self->core;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n != self->nargs)
+        goto fallback;
+    if (kwnames != NULL && (PyTuple_GET_SIZE(kwnames) != 1 ||
+                            PyUnicode_Compare(PyTuple_GET_ITEM(kwnames, 0), str_flush) != 0 ||
+                            args[n] != Py_True))
+        goto fallback; /* only flush=True, the default */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_CheckExact(args[i]) ||
+            (self->sizes[i] >= 0 && PyBytes_GET_SIZE(args[i]) != self->sizes[i]))
+            goto fallback;
+    }
+    if (core->has_owner || core->tasks || core->queue_len || core->blocked)
+        goto fallback; /* contended: the long way waits */
+    int pacing = attribute_is_true(self->pacer, str_pacing);
+    if (pacing != 0) {
+        if (pacing < 0 && !PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        goto fallback;
+    }
+    /* Uncontended: enter_exclusive's own transition, then the body. */
+    uint64_t me = (uint64_t)PyThread_get_thread_ident();
+    core->blocked++;
+    core->owner = me;
+    core->has_owner = 1;
+    core->depth = 1;
+    int is_closed = attribute_is_true(self->lifetime, str_closed);
+    PyObject *result = NULL;
+    if (is_closed == 0)
+        result = PyObject_Vectorcall(self->write, args, (size_t)n, NULL);
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *exited = exit_exclusive(core, me);
+    if (exited == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(exited);
+    PyErr_Restore(type, value, traceback);
+    if (is_closed == 0)
+        return result; /* the body's result, or its error */
+    if (is_closed < 0 && !PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyErr_Clear();
+fallback:
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames); /* the store's error */
+}
+
+static int
+exclusive_write_init(ExclusiveWrite *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *core, *lifetime, *pacer, *write, *sizes, *fallback;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "O!OOOO!O", &CoreType, &core, &lifetime, &pacer,
+                                            &write, &PyTuple_Type, &sizes, &fallback))
+        return -1;
+    if (self->fallback != NULL) {
+        PyErr_SetString(PyExc_TypeError, "ExclusiveWrite: already initialized");
+        return -1;
+    }
+    if (!PyCallable_Check(write) || !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "ExclusiveWrite: write and fallback must be callable");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(sizes);
+    if (n > EXCLUSIVE_WRITE_MAX_ARGS) {
+        PyErr_SetString(PyExc_ValueError, "ExclusiveWrite: too many arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes, i));
+        if (size == -1 && PyErr_Occurred())
+            return -1;
+        self->sizes[i] = size;
+    }
+    self->nargs = n;
+    self->core = (Core *)Py_NewRef(core);
+    self->lifetime = Py_NewRef(lifetime);
+    self->pacer = Py_NewRef(pacer);
+    self->write = Py_NewRef(write);
+    self->fallback = Py_NewRef(fallback);
+    self->vectorcall = (vectorcallfunc)exclusive_write_call;
+    return 0;
+}
+
+static int
+exclusive_write_traverse(ExclusiveWrite *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->core);
+    Py_VISIT(self->lifetime);
+    Py_VISIT(self->pacer);
+    Py_VISIT(self->write);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+exclusive_write_clear(ExclusiveWrite *self)
+{
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->lifetime);
+    Py_CLEAR(self->pacer);
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+exclusive_write_dealloc(ExclusiveWrite *self)
+{
+    PyObject_GC_UnTrack(self);
+    exclusive_write_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+exclusive_write_getattro(ExclusiveWrite *self, PyObject *name)
+{
+    return delegate_getattro((PyObject *)self, self->fallback, name);
+}
+
+static PyObject *
+exclusive_write_repr(ExclusiveWrite *self)
+{
+    return PyUnicode_FromFormat("<fast path of %R>", self->fallback);
+}
+
+static PyTypeObject ExclusiveWriteType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores._idle_core.ExclusiveWrite",
+    .tp_doc = "ExclusiveWrite(core, lifetime, pacer, write, sizes, fallback): write(*args) run\n"
+              "as core's exclusive section, for bytes arguments of the given sizes (-1: any),\n"
+              "when the section is free at once, pacer.pacing is false and lifetime is not\n"
+              "closed; every other call goes to fallback(*args, **kwargs), the long way.",
+    .tp_basicsize = sizeof(ExclusiveWrite),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)exclusive_write_init,
+    .tp_dealloc = (destructor)exclusive_write_dealloc,
+    .tp_traverse = (traverseproc)exclusive_write_traverse,
+    .tp_clear = (inquiry)exclusive_write_clear,
+    .tp_vectorcall_offset = offsetof(ExclusiveWrite, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = (getattrofunc)exclusive_write_getattro,
+    .tp_repr = (reprfunc)exclusive_write_repr,
+};
+
 static struct PyModuleDef idle_core_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "l2_stores._idle_core",
@@ -815,7 +1011,11 @@ PyMODINIT_FUNC
 PyInit__idle_core(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0 ||
-        PyType_Ready(&TaskReadType) < 0)
+        PyType_Ready(&TaskReadType) < 0 || PyType_Ready(&ExclusiveWriteType) < 0)
+        return NULL;
+    str_pacing = PyUnicode_InternFromString("pacing");
+    str_flush = PyUnicode_InternFromString("flush");
+    if (!str_pacing || !str_flush)
         return NULL;
     str_closed = PyUnicode_InternFromString("closed");
     str_wrapped = PyUnicode_InternFromString("__wrapped__");
@@ -846,6 +1046,12 @@ PyInit__idle_core(void)
     Py_INCREF(&TaskReadType);
     if (PyModule_AddObject(module, "TaskRead", (PyObject *)&TaskReadType) < 0) {
         Py_DECREF(&TaskReadType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&ExclusiveWriteType);
+    if (PyModule_AddObject(module, "ExclusiveWrite", (PyObject *)&ExclusiveWriteType) < 0) {
+        Py_DECREF(&ExclusiveWriteType);
         Py_DECREF(module);
         return NULL;
     }

@@ -50,3 +50,16 @@ class TaskRead:
         /,
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+class ExclusiveWrite:
+    def __init__(
+        self,
+        core: Core,
+        lifetime: object,
+        pacer: object,
+        write: Callable[..., object],
+        sizes: tuple[int, ...],
+        fallback: Callable[..., object],
+        /,
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...

@@ -451,6 +451,29 @@ def task_read(
     return TaskRead(waiter, lifetime, read, key_size, decode, fallback)
 
 
+def exclusive_write(
+    waiter: object,
+    lifetime: object,
+    pacer: object,
+    write: Callable[..., object],
+    sizes: tuple[int, ...],
+    fallback: Callable[..., object],
+) -> Callable[..., object] | None:
+    """``fallback``'s fast path in C: ``write(*args)`` as the exclusive section; None without C.
+
+    It serves bytes arguments of ``sizes`` (-1: any length), with no keyword
+    but ``flush=True``, while the section is free at once, ``pacer.pacing``
+    is false and ``lifetime.closed`` is false. Every other call is
+    ``fallback``'s, which must do the same the long way and raise the right
+    error; an error of ``write`` propagates, the section left.
+    """
+    if CIdleWaiter is None or not isinstance(waiter, CIdleWaiter):
+        return None
+    from ._idle_core import ExclusiveWrite
+
+    return ExclusiveWrite(waiter, lifetime, pacer, write, sizes, fallback)
+
+
 if TYPE_CHECKING:
     IdleWaiter = PyIdleWaiter
 else:

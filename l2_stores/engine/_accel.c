@@ -2266,6 +2266,130 @@ static PyTypeObject LruCacheType = {
     .tp_as_sequence = &lru_as_sequence,
 };
 
+/* ----------------------------------------------------------- IndexedAppend */
+
+/* IndexedAppend(values, put, cache)(key, value, header): the body of an
+   indexed file's append for encoded bytes, in one call: the record and its
+   index entry from values.target.append_entry, put(key, entry, True), and
+   the pair cached. It runs inside the writer's exclusive section (the
+   caller's: see _idle_core's ExclusiveWrite). Errors propagate as the
+   Python body lets them. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *values; /* ValueFiles: its target is read at every call */
+    PyObject *put;    /* the index's put */
+    PyObject *cache;  /* the LRU cache */
+    vectorcallfunc vectorcall;
+} IndexedAppend;
+
+static PyObject *str_target, *str_append_entry, *str_put;
+
+static PyObject *
+iappend_call(IndexedAppend *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (self->values == NULL) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend: not initialized");
+        return NULL;
+    }
+    if (PyVectorcall_NARGS(nargsf) != 3 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend(key, value, header)");
+        return NULL;
+    }
+    PyObject *target = PyObject_GetAttr(self->values, str_target);
+    if (target == NULL)
+        return NULL;
+    /* Through the method, as the Python body calls it (an instance may
+       have it replaced). */
+    PyObject *call[4] = {target, args[0], args[1], args[2]};
+    PyObject *entry = PyObject_VectorcallMethod(str_append_entry, call, 4, NULL);
+    Py_DECREF(target);
+    if (entry == NULL)
+        return NULL;
+    PyObject *put_args[3] = {args[0], entry, Py_True};
+    PyObject *done = PyObject_Vectorcall(self->put, put_args, 3, NULL);
+    Py_DECREF(entry);
+    if (done == NULL)
+        return NULL;
+    Py_DECREF(done);
+    PyObject *pair = PyTuple_Pack(2, args[1], args[2]);
+    if (pair == NULL)
+        return NULL;
+    PyObject *cache_args[3] = {self->cache, args[0], pair};
+    if (Py_IS_TYPE(self->cache, &LruCacheType))
+        done = lru_put((LruCache *)self->cache, cache_args + 1, 2);
+    else
+        done = PyObject_VectorcallMethod(str_put, cache_args, 3, NULL);
+    Py_DECREF(pair);
+    if (done == NULL)
+        return NULL;
+    Py_DECREF(done);
+    Py_RETURN_NONE;
+}
+
+static int
+iappend_init(IndexedAppend *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *values, *put, *cache;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OOO:IndexedAppend", &values, &put, &cache))
+        return -1;
+    if (self->values != NULL) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend: already initialized");
+        return -1;
+    }
+    if (!PyCallable_Check(put)) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend: put must be callable");
+        return -1;
+    }
+    self->values = Py_NewRef(values);
+    self->put = Py_NewRef(put);
+    self->cache = Py_NewRef(cache);
+    self->vectorcall = (vectorcallfunc)iappend_call;
+    return 0;
+}
+
+static int
+iappend_traverse(IndexedAppend *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->values);
+    Py_VISIT(self->put);
+    Py_VISIT(self->cache);
+    return 0;
+}
+
+static int
+iappend_clear(IndexedAppend *self)
+{
+    Py_CLEAR(self->values);
+    Py_CLEAR(self->put);
+    Py_CLEAR(self->cache);
+    return 0;
+}
+
+static void
+iappend_dealloc(IndexedAppend *self)
+{
+    PyObject_GC_UnTrack(self);
+    iappend_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject IndexedAppendType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._accel.IndexedAppend",
+    .tp_doc = "IndexedAppend(values, put, cache)(key, value, header): an indexed file's append\n"
+              "of encoded bytes: values.target.append_entry, put(key, entry, True), cache.put.",
+    .tp_basicsize = sizeof(IndexedAppend),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)iappend_init,
+    .tp_dealloc = (destructor)iappend_dealloc,
+    .tp_traverse = (traverseproc)iappend_traverse,
+    .tp_clear = (inquiry)iappend_clear,
+    .tp_vectorcall_offset = offsetof(IndexedAppend, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 /* ---------------------------------------------------------- ContainerDecoder */
 
 /* decode(data) of a codec for a construct Struct of fixed-size fields: the
@@ -2631,7 +2755,7 @@ PyInit__accel(void)
 #endif
     if (PyType_Ready(&LookupType) < 0 || PyType_Ready(&MergePlanType) < 0 ||
         PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
-        PyType_Ready(&ValuesTailType) < 0 ||
+        PyType_Ready(&ValuesTailType) < 0 || PyType_Ready(&IndexedAppendType) < 0 ||
         PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0 ||
         PyType_Ready(&ContainerDecoderType) < 0)
         return NULL;
@@ -2642,9 +2766,12 @@ PyInit__accel(void)
     str_failed_write = PyUnicode_InternFromString("_failed_write");
     str_after_append = PyUnicode_InternFromString("_after_append");
     str_put_in_python = PyUnicode_InternFromString("_put_in_python");
+    str_target = PyUnicode_InternFromString("target");
+    str_append_entry = PyUnicode_InternFromString("append_entry");
+    str_put = PyUnicode_InternFromString("put");
     if (str_log == NULL || str_active == NULL || str_touched == NULL || str_merging == NULL ||
-        str_failed_write == NULL ||
-        str_after_append == NULL || str_put_in_python == NULL)
+        str_failed_write == NULL || str_after_append == NULL || str_put_in_python == NULL ||
+        str_target == NULL || str_append_entry == NULL || str_put == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
     if (module == NULL)
@@ -2677,6 +2804,12 @@ PyInit__accel(void)
     Py_INCREF(&LogTailType);
     if (PyModule_AddObject(module, "LogTail", (PyObject *)&LogTailType) < 0) {
         Py_DECREF(&LogTailType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&IndexedAppendType);
+    if (PyModule_AddObject(module, "IndexedAppend", (PyObject *)&IndexedAppendType) < 0) {
+        Py_DECREF(&IndexedAppendType);
         Py_DECREF(module);
         return NULL;
     }

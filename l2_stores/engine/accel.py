@@ -39,6 +39,7 @@ if _module is not None:
     from ._accel import (
         ContainerDecoder,
         CorruptRow,
+        IndexedAppend,
         Layers,
         LogTail,
         Lookup,
@@ -68,6 +69,8 @@ if _module is not None:
     ValuesTailBase: type = ValuesTail
     #: The indexed files' LRU cache of (value, header) pairs, without a lock.
     AcceleratedLruCache: type[LruCache] | None = LruCache
+    #: An indexed file's append of encoded bytes in one C call (values, index, cache).
+    AcceleratedIndexedAppend: type[IndexedAppend] | None = IndexedAppend
     #: The decode of a ``Struct`` codec of fixed-size fields, in one C call.
     AcceleratedContainerDecoder: type[ContainerDecoder] | None = ContainerDecoder
     accelerated_framed: Callable[..., bytes] | None = framed
@@ -88,7 +91,7 @@ if _module is not None:
     )
 else:
     AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
-    AcceleratedLruCache = AcceleratedContainerDecoder = None
+    AcceleratedLruCache = AcceleratedContainerDecoder = AcceleratedIndexedAppend = None
     accelerated_framed = accelerated_crc32 = accelerated_mappable = None
 
     class ValuesTailBase:  # type: ignore[no-redef]
@@ -115,6 +118,7 @@ else:
 __all__ = [
     "ENV_PURE_PYTHON",
     "AcceleratedContainerDecoder",
+    "AcceleratedIndexedAppend",
     "AcceleratedLayers",
     "AcceleratedLookup",
     "AcceleratedLruCache",

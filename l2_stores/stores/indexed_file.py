@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
+from types import MethodType
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
 from ..engine import layout
+from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
 from ..engine.merge import sorted_in_steps
 from ..engine.value_files import ValueFiles, list_values
 from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError, DecodingError, StoreLockedError
+from ..idle_waiter import exclusive_write
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable, Lookup
@@ -127,7 +131,33 @@ class IndexedFileBase(Collectable):
             store._close_resources()
             raise
         store._cache = cache
+        store._bind_fast_paths()
         return store
+
+    def _bind_fast_paths(self) -> None:
+        # A view is a copy: it must not keep the writer's append.
+        self.__dict__.pop("append", None)
+        if (
+            not self._writable
+            or self._is_view
+            or AcceleratedIndexedAppend is None
+            or type(self).append is not IndexedFileBase.append
+            or self._bytes_key_size < 0
+            or self._bytes_header_size < 0
+            or not self._greedy_bytes_value
+        ):
+            return
+        fast = exclusive_write(
+            self._waiter,
+            self._lifetime,
+            self._engine,
+            AcceleratedIndexedAppend(self._values, self._engine.put, self._cache),
+            (self._bytes_key_size, -1, self._bytes_header_size),
+            # through a proxy: a store must not refer to itself (see IndexableStore)
+            MethodType(IndexedFileBase.append, weakref.proxy(self)),
+        )
+        if fast is not None:
+            self.append = fast  # type: ignore[method-assign,assignment]
 
     def _open_values(self, expected: Expected, readonly: bool, fsync: bool) -> None:
         """Open the values files the index points into.
