@@ -42,6 +42,7 @@ import threading
 from _thread import start_new_thread as start_thread
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from typing import Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import layout
@@ -338,7 +339,9 @@ class Index:
         self._merge_ticket += 1
         self._merge_ready.clear()
         self._merge_outcome = None
-        args = (self._merge_ticket, self._data, self._frozen, self._log.generation, gc)
+        # The inputs in a list the merge empties: the thread's arguments would
+        # otherwise keep the frozen dict alive until the thread ends.
+        args = (self._merge_ticket, [self._data, self._frozen], self._log.generation, gc)
         self._merging = True
         self.pacing = True
         self._merge_gc = gc
@@ -358,11 +361,14 @@ class Index:
     def _run_merge(
         self,
         ticket: int,
-        old: DataFile | None,
-        frozen: dict[bytes, bytes | None],
+        inputs: list[Any],
         generation: int,
         gc: _GcMerge | None,
     ) -> None:
+        old: DataFile | None
+        frozen: dict[bytes, bytes | None]
+        old, frozen = inputs
+        inputs.clear()
         final = os.path.join(self.directory, layout.data_name(generation))
         temporary = os.path.join(self.directory, layout.temporary_name(generation))
         selection = gc.selection if gc is not None else None
@@ -374,6 +380,7 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
+            del old, frozen  # the index's own references go at the switch
             # The active log's name may not be durable yet (see _next_log); it
             # must be before the new data file supersedes the frozen log.
             fsync_directory(self.directory)
