@@ -862,8 +862,8 @@ exclusive_write_call(ExclusiveWrite *self, PyObject *const *args, size_t nargsf,
             (self->sizes[i] >= 0 && PyBytes_GET_SIZE(args[i]) != self->sizes[i]))
             goto fallback;
     }
-    if (core->has_owner || core->tasks || core->queue_len || core->blocked)
-        goto fallback; /* contended: the long way waits */
+    /* pacing first: reading it may run Python code, the state check after
+       it must not be separated from the transition. */
     int pacing = attribute_is_true(self->pacer, str_pacing);
     if (pacing != 0) {
         if (pacing < 0 && !PyErr_ExceptionMatches(PyExc_Exception))
@@ -871,6 +871,8 @@ exclusive_write_call(ExclusiveWrite *self, PyObject *const *args, size_t nargsf,
         PyErr_Clear();
         goto fallback;
     }
+    if (core->has_owner || core->tasks || core->queue_len || core->blocked)
+        goto fallback; /* contended: the long way waits */
     /* Uncontended: enter_exclusive's own transition, then the body. */
     uint64_t me = (uint64_t)PyThread_get_thread_ident();
     core->blocked++;

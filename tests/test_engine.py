@@ -9,6 +9,7 @@ import threading
 import zlib
 from pathlib import Path
 
+import construct
 import pytest
 
 from l2_stores.engine import datafile, framing, layout, lock, log, merge
@@ -601,3 +602,44 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
     finally:
         release.set()
         index.close()
+
+
+def test_close_waits_for_a_merge_thread_still_deleting_what_its_switch_superseded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge thread deletes the superseded log and data file after leaving the
+    exclusive section; close() returns only once they are gone."""
+    from l2_stores import make_indexable
+
+    entered, release = threading.Event(), threading.Event()
+    original = index_module._delete
+
+    def held(paths: list[str]) -> None:
+        if paths and threading.current_thread() is not threading.main_thread():
+            entered.set()
+            release.wait(10)
+        original(paths)
+
+    monkeypatch.setattr(index_module, "_delete", held)
+    cls = make_indexable("deleting", construct.Bytes(4), construct.Bytes(4))
+    directory = tmp_path / "store"
+    store = cls.load(directory, index_buffer_size=8)
+    for i in range(8):
+        store.add(i.to_bytes(4, "big"), b"vvvv")  # the 8th freezes the log: a merge
+    for i in range(8, 16):
+        store.add(i.to_bytes(4, "big"), b"vvvv")  # the 16th: a second merge, superseding data 1
+    assert entered.wait(10), "no merge thread reached its deletion"
+    for _ in range(1000):  # the second merge switched too: close has no switch to make
+        if not store._engine._merging:
+            break
+        threading.Event().wait(0.01)
+    assert not store._engine._merging
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    store.close()  # waits for the held deletion
+    names = sorted(os.listdir(directory))
+    timer.join()
+    assert len([n for n in names if n.startswith("data.")]) == 1, names
+    assert len([n for n in names if n.startswith("log.")]) == 1, names
+    with cls.load(directory) as again:
+        assert sorted(again.keys()) == [i.to_bytes(4, "big") for i in range(16)]

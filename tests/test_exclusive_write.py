@@ -95,6 +95,13 @@ def test_fast_and_long_appends_leave_the_same_store(tmp_path: os.PathLike[str]) 
     finally:
         fast.close()
         slow.close()
+    for name in sorted(os.listdir(fast_dir)):
+        if name.startswith("values."):  # the same records, in the same order
+            with (
+                open(os.path.join(fast_dir, name), "rb") as a,
+                open(os.path.join(long_dir, name), "rb") as b,
+            ):
+                assert a.read() == b.read(), name
     with Plain.load(fast_dir) as again, Plain.load(long_dir) as other:
         assert state(again) == state(other)
         assert len(state(again)) == len({key for key, *_ in script})
@@ -235,3 +242,44 @@ def test_exclusive_write_refuses_to_run_uninitialized_or_twice() -> None:
         fast.__init__(waiter, Lifetime(), Pacer(), print, (4,), print)
     fast(b"abcd")
     assert seen == [(b"abcd",)] and waiter.is_idle()
+
+
+@needs_c
+def test_a_pacing_merge_and_a_held_section_send_appends_the_long_way(
+    tmp_path: os.PathLike[str],
+) -> None:
+    store = Plain.load(os.path.join(tmp_path, "s"))
+    calls: list[Any] = []
+    original = IndexedFileBase.append
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(args[1])
+        original(self, *args, **kwargs)
+
+    IndexedFileBase.append = recording  # type: ignore[method-assign]
+    try:
+        store._bind_fast_paths()
+        store._engine.pacing = True  # the long way calls reserve() first
+        store.append(b"p" * 32, b"paced", b"h" * 16)
+        store._engine.pacing = False
+        store.append(b"f" * 32, b"fast", b"h" * 16)
+        with store._waiter.force_idle():  # this thread holds the section
+            store.append(b"r" * 32, b"re-entrant", b"h" * 16)
+    finally:
+        IndexedFileBase.append = original  # type: ignore[method-assign]
+    assert calls == [b"paced", b"re-entrant"]
+    assert store._waiter.is_idle()
+    assert state(store) == {
+        b"p" * 32: (b"paced", b"h" * 16),
+        b"f" * 32: (b"fast", b"h" * 16),
+        b"r" * 32: (b"re-entrant", b"h" * 16),
+    }
+    store.close()
+
+
+@needs_c
+def test_a_store_loads_with_any_truthy_fsync(tmp_path: os.PathLike[str]) -> None:
+    for index, fsync in enumerate([1, 0, None, "yes"]):
+        with Plain.load(os.path.join(tmp_path, str(index)), fsync=fsync) as store:  # type: ignore[arg-type]
+            store.append(b"k" * 32, b"v", b"h" * 16)
+            assert store.read(b"k" * 32) == (b"v", b"h" * 16)

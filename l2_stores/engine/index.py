@@ -160,6 +160,9 @@ class Index:
         self._spare: SpareLog | None = None
         self._merge_spare: SpareLog | None = None
         self._switch_lock = threading.Lock()
+        #: Files superseded by a switch, not deleted yet (see _delete_superseded).
+        self._superseded: list[str] = []
+        self._delete_lock = threading.Lock()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
         # read-only state: the listing and scans seen at the last (re)load
@@ -402,11 +405,12 @@ class Index:
         self._merge_outcome = outcome
         self._merge_ready.set()
         try:
-            superseded: list[str] = []
             with self._exclusive():
                 if self._merge_ticket == ticket and self._merging:
-                    superseded = self._switch_keeping_files()
-            _delete(superseded)  # outside: a log's unlink takes about half a millisecond
+                    with self._switch_lock:
+                        self._switch_unlocked()
+            # Outside the section: a log's unlink takes about half a millisecond.
+            self._delete_superseded()
         finally:
             if gc is not None:
                 gc.error = outcome if isinstance(outcome, BaseException) else None
@@ -469,23 +473,31 @@ class Index:
 
     def _switch(self) -> None:
         """Swap in the merged data file; called with the store's exclusive section held."""
-        _delete(self._switch_keeping_files())
-
-    def _switch_keeping_files(self) -> list[str]:
-        """``_switch``, but return the files it superseded, for the caller to delete."""
         with self._switch_lock:
-            return self._switch_unlocked()
+            self._switch_unlocked()
+        self._delete_superseded()
 
-    def _switch_unlocked(self) -> list[str]:
+    def _delete_superseded(self) -> None:
+        """Delete the files the switches so far superseded; once it returns, they are gone.
+
+        A merge thread calls it after leaving the exclusive section; the
+        writer's switches, ``wait_merge`` and ``close`` call it too, so that
+        no deletion is left running or pending when they return.
+        """
+        with self._delete_lock:
+            paths, self._superseded = self._superseded, []
+            _delete(paths)
+
+    def _switch_unlocked(self) -> None:
         if not self._merging or not self._merge_ready.is_set():
-            return []
+            return
         self._merging = False
         self.pacing = False
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
         spare, self._merge_spare = self._merge_spare, None
         if not isinstance(outcome, DataFile):
-            return []  # failed: the frozen log stays and is merged again later (without GC)
+            return  # failed: the frozen log stays and is merged again later (without GC)
         if spare is not None:
             if self._spare is not None:
                 self._spare.discard()
@@ -495,17 +507,17 @@ class Index:
         self._frozen = None
         self._relayer()
         self._merge_outcome = None
-        superseded = []
+        # Deleted by _delete_superseded; leftovers of a failure, or of a
+        # kill, go at the next writer load.
         if frozen_log is not None:
-            superseded.append(os.path.join(self.directory, layout.log_name(frozen_log)))
+            self._superseded.append(os.path.join(self.directory, layout.log_name(frozen_log)))
         if old is not None:
-            superseded.append(old.path)
+            self._superseded.append(old.path)
         if gc is not None and gc.on_switch is not None:
             try:
                 gc.on_switch()
             except Exception:
                 logger.exception("%s: the GC's switch hook failed", self._name)
-        return superseded
 
     # ------------------------------------------------------------------- GC
 
@@ -798,6 +810,7 @@ class Index:
                 if spare is not None:
                     spare.discard()
             self._spare = self._merge_spare = None
+            self._delete_superseded()  # one a merge thread is running included
             if self._data is not None:
                 self._data.close()
             if self._lock is not None:

@@ -115,7 +115,7 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         self._expected = values_expected(expected)
         self._name = expected.name
         self._key_size = expected.key_size
-        self._fsync = fsync
+        self._fsync = bool(fsync)
         self._readonly = readonly
         self._fd = -1
         self._map: mmap.mmap | None = None
