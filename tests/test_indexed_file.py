@@ -1601,31 +1601,15 @@ def blocks_past_end(path: Path) -> int:
     return status.st_blocks * 512 - status.st_size - status.st_blksize
 
 
-def reserve_works(directory: Path) -> bool:
-    """Whether files in ``directory`` take blocks past their end (fallocate KEEP_SIZE)."""
-    from l2_stores.engine.accel import accelerated_reserve
-
-    if accelerated_reserve is None:
-        return False
-    probe = directory / "reserve-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
-    try:
-        return bool(accelerated_reserve(fd, 0, 1 << 20)) and os.fstat(fd).st_blocks * 512 >= 1 << 20
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
 def test_reserved_blocks_are_given_back_when_a_file_takes_no_more_appends(
-    tmp_path: Path,
+    reserving_tmp_path: Path,
 ) -> None:
     """The writer's reservation never changes a file's size; closing, and a GC
     moving the appends to a new file, give its blocks back."""
     from l2_stores import Retain
     from l2_stores.engine.values import RESERVE_STEP
 
-    if not reserve_works(tmp_path):
-        pytest.skip("this file system reserves no blocks past a file's end")
+    tmp_path = reserving_tmp_path
     cls = make_indexed_file(
         "reserve", construct.Bytes(8), construct.GreedyBytes, construct.Bytes(2)
     )

@@ -45,7 +45,6 @@ from l2_stores import (
     make_indexed_file,
     make_simple_indexed_file,
 )
-from l2_stores.engine.accel import accelerated_reserve
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "indexed_file_writer.py"
@@ -345,26 +344,12 @@ def allocated_past_end(path: Path) -> int:
     return status.st_blocks * 512 - status.st_size - status.st_blksize
 
 
-def reserve_works(directory: Path) -> bool:
-    """Whether files in ``directory`` take blocks past their end (fallocate KEEP_SIZE)."""
-    if accelerated_reserve is None:
-        return False
-    probe = directory / "reserve-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
-    try:
-        return bool(accelerated_reserve(fd, 0, 1 << 20)) and os.fstat(fd).st_blocks * 512 >= 1 << 20
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
 def test_a_reservation_left_by_a_kill_is_given_back_at_the_next_writer_load(
-    tmp_path: Path,
+    reserving_tmp_path: Path,
 ) -> None:
     """The writer reserves blocks past the values' end; killed, it leaves them, and
     the next READ_WRITE load gives them back (a READ_ONLY one changes nothing)."""
-    if not reserve_works(tmp_path):
-        pytest.skip("this file system reserves no blocks past a file's end")
+    tmp_path = reserving_tmp_path
     directory = tmp_path / "store"
     child = Child([directory, "reserve", "indexed", 20, 30], tmp_path / "child-stderr.log")
     try:

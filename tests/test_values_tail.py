@@ -7,7 +7,6 @@ types, other sizes, fsync, past the reserved blocks) reaches the Python one.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -87,23 +86,8 @@ def test_an_entry_points_at_its_record(tmp_path: Path) -> None:
     c_file.close()
 
 
-def reserve_works(directory: Path) -> bool:
-    """Whether files in ``directory`` take blocks past their end (fallocate KEEP_SIZE)."""
-    if accel.accelerated_reserve is None:
-        return False
-    probe = directory / "reserve-probe"
-    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
-    try:
-        return bool(accel.accelerated_reserve(fd, 0, 1 << 20))
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
-def test_what_the_c_append_does_not_take_reaches_the_python_one(tmp_path: Path) -> None:
-    if not reserve_works(tmp_path):
-        pytest.skip("this file system reserves no blocks past a file's end")
-    c_file, _ = open_pair(tmp_path, fsync=True)
+def test_what_the_c_append_does_not_take_reaches_the_python_one(reserving_tmp_path: Path) -> None:
+    c_file, _ = open_pair(reserving_tmp_path, fsync=True)
     seen: list[Any] = []
 
     def recording(key: bytes, value: bytes) -> int:
