@@ -202,12 +202,6 @@ class ValueFiles:
             path=self._path(number),
         )
 
-    def append(self, key: bytes, value: bytes) -> tuple[int, int]:
-        """Append a record to the target; return ``(file number, offset)``."""
-        target = self.target
-        assert target is not None
-        return target.number, target.append(key, value)
-
     # -- GC
 
     def begin_gc(self) -> int:
