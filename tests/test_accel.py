@@ -637,21 +637,32 @@ def test_index_c_read_path_follows_merges_and_reloads(tmp_path: Path) -> None:
         index.close()
 
 
-def python_replay(buffer: bytes, key_size: int, value_size: int) -> tuple[int, dict[bytes, Any]]:
+def python_replay(
+    buffer: bytes, key_size: int, value_size: int
+) -> tuple[tuple[int, int, bool], dict[bytes, Any]]:
+    """The log's replay rule as log.py's docstring gives it (the oracle of the C one)."""
     size = 1 + key_size + value_size + 4
     bindings: dict[bytes, Any] = {}
-    position = 0
+    position, synced_at = 0, -1
     while position + size <= len(buffer):
         record = buffer[position : position + size]
-        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "little") or record[0] not in (
+        op, synced = record[0] & 0x7F, record[0] & 0x80
+        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "little") or op not in (
             1,
             2,
+            3,
+            4,
         ):
             break
         key = record[1 : 1 + key_size]
-        bindings[key] = record[1 + key_size : -4] if record[0] == 1 else None
+        if op in (1, 2):
+            bindings[key] = record[1 + key_size : -4] if op == 1 else None
+        if synced or op == 3:
+            synced_at = position
         position += size
-    return position, bindings
+        if op == 4:
+            return (position, synced_at, True), bindings
+    return (position, synced_at, False), bindings
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -661,8 +672,8 @@ def test_replay_log_stops_where_python_stops(seed: int) -> None:
     keys = [rng.randbytes(key_size) for _ in range(5)]
     records = []
     for _ in range(rng.randrange(0, 30)):
-        op = rng.choice([1, 1, 2])
-        value = rng.randbytes(value_size) if op == 1 else bytes(value_size)
+        op = rng.choice([1, 1, 1, 2, 2, 3, 4]) | rng.choice([0, 0, 0x80])
+        value = rng.randbytes(value_size) if op & 0x7F == 1 else bytes(value_size)
         records.append(framing.framed(bytes([op]), rng.choice(keys), value))
     buffer = bytearray(b"".join(records))
     damage = rng.choice(["none", "flip", "op", "torn", "zeros"])
@@ -672,7 +683,7 @@ def test_replay_log_stops_where_python_stops(seed: int) -> None:
         record_size = len(records[0])
         at = rng.randrange(len(records)) * record_size
         buffer[at : at + record_size] = framing.framed(
-            bytes([3]), buffer[at + 1 : at + record_size - 4]
+            bytes([rng.choice([0, 5, 0x85, 0x7F])]), buffer[at + 1 : at + record_size - 4]
         )
     elif damage == "torn":
         buffer += rng.randbytes(rng.randrange(1, 1 + key_size + value_size + 4))

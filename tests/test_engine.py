@@ -11,8 +11,9 @@ from pathlib import Path
 
 import construct
 import pytest
+from helpers.faults import RecordingFileSystem
 
-from l2_stores.engine import datafile, framing, layout, lock, log, merge
+from l2_stores.engine import datafile, filesystem, framing, layout, lock, log, merge
 from l2_stores.engine import index as index_module
 from l2_stores.engine.framing import HEADER_SIZE, Expected, FileHeader
 from l2_stores.engine.index import Index
@@ -112,20 +113,74 @@ def test_log_torn_tail_is_dropped_then_cut(tmp_path: os.PathLike[str], tail: byt
     assert os.path.getsize(path) == HEADER_SIZE + log.record_size(EXPECTED)
 
 
-def test_log_corruption_in_the_middle_is_an_error(tmp_path: os.PathLike[str]) -> None:
-    path = os.path.join(tmp_path, "log.00000000")
-    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
-    for i in range(3):
-        writer.append_set(key(i), value(i), flush=True)
-    writer.close()
-    offset = HEADER_SIZE + log.record_size(EXPECTED) + 3
+def flip_byte(path: str, offset: int) -> None:
     with open(path, "r+b") as file:
         file.seek(offset)
         byte = file.read(1)
         file.seek(offset)
         file.write(bytes([byte[0] ^ 0x40]))
-    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + log.record_size(EXPECTED)}"):
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_log_corruption_before_a_durable_point_is_an_error(
+    tmp_path: os.PathLike[str], fsync: bool
+) -> None:
+    # fsync=True: each flush's first record says the records before it were
+    # fsynced; fsync=False: the close's mark says so.
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=fsync)
+    for i in range(3):
+        writer.append_set(key(i), value(i), flush=True)
+    writer.mark()
+    writer.close()
+    size = log.record_size(EXPECTED)
+    assert os.path.getsize(path) == HEADER_SIZE + (3 if fsync else 4) * size
+    flip_byte(path, HEADER_SIZE + size + 3)
+    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + size}"):
         log.read_log(path, EXPECTED)
+
+
+def test_log_damage_after_the_last_durable_point_ends_the_log(
+    tmp_path: os.PathLike[str],
+) -> None:
+    # Never fsynced: what a power loss can leave. The log ends before it,
+    # records after it included (a point in time).
+    path = os.path.join(tmp_path, "log.00000000")
+    writer = log.LogWriter.create(path, 0, EXPECTED, fsync=False)
+    for i in range(4):
+        writer.append_set(key(i), value(i), flush=True)
+    writer.close()
+    size = log.record_size(EXPECTED)
+    flip_byte(path, HEADER_SIZE + size + 3)
+    scan = log.read_log(path, EXPECTED, whole=True)
+    assert scan.bindings == {key(0): value(0)}
+    assert (scan.end, scan.torn_bytes, scan.damaged) == (HEADER_SIZE + size, 3 * size, True)
+
+
+def test_a_second_log_beside_an_unsealed_first_is_dropped(tmp_path: os.PathLike[str]) -> None:
+    # A freeze seals the frozen log before the next log appears; a frozen log
+    # without its seal lost its end to a power loss, and the later log's
+    # writes go with it.
+    directory = os.path.join(tmp_path, "index")
+    index = open_index(directory, buffer_size=1000)
+    for i in range(5):
+        index.put(key(i), value(i), flush=True)
+    index.close()
+    second = log.LogWriter.create(os.path.join(directory, layout.log_name(1)), 1, EXPECTED, False)
+    second.append_set(key(100), value(100), flush=True)
+    second.close()
+    recovered = open_index(directory, buffer_size=1000)
+    assert dict(recovered.items()) == {key(i): value(i) for i in range(5)}
+    recovered.close()
+    assert layout.scan(directory).logs == [0]
+
+
+def seal(path: str) -> None:
+    """End an existing log with a seal, as a freeze does."""
+    scan = log.read_log(path, EXPECTED, whole=True)
+    writer = log.LogWriter.reopen(path, scan, EXPECTED, False)
+    writer.seal()
+    writer.abandon()
 
 
 def test_log_resumes_reading_after_earlier_scan(tmp_path: os.PathLike[str]) -> None:
@@ -370,8 +425,9 @@ def test_index_restarts_a_merge_cut_short(tmp_path: os.PathLike[str]) -> None:
     for i in range(30):
         index.put(key(i), value(i), flush=True)
     index.close()
-    # What a kill during a merge leaves: a second log beside the first and a
-    # half-written data file.
+    # What a kill during a merge leaves: the first log sealed, a second log
+    # beside it and a half-written data file.
+    seal(os.path.join(directory, layout.log_name(0)))
     second = log.LogWriter.create(os.path.join(directory, layout.log_name(1)), 1, EXPECTED, False)
     second.append_set(key(100), value(100), flush=True)
     second.append_set(key(3), value(333), flush=True)
@@ -450,52 +506,44 @@ def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
 
 
 def test_a_merge_syncs_the_directory_before_its_data_file_supersedes_the_log(
-    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: os.PathLike[str],
 ) -> None:
     # Without fsync, a spare is renamed into place with no directory sync: the
     # merge's sync must come before its rename, or a power loss could keep
     # data.D+1 and lose log.D+1's name.
-    events: list[str] = []
-    real_replace, real_sync = os.replace, index_module.fsync_directory
-
-    def replace(source: str, target: str) -> None:
-        events.append("rename " + os.path.basename(target))
-        real_replace(source, target)
-
-    def sync(directory: str) -> None:
-        events.append("sync")
-        real_sync(directory)
-
-    monkeypatch.setattr(index_module.os, "replace", replace)
-    monkeypatch.setattr(index_module, "fsync_directory", sync)
     directory = os.path.join(tmp_path, "index")
     index = open_index(directory, buffer_size=5)
-    for i in range(5):
-        index.put(key(i), value(i), flush=True)
-    index.wait_merge()
+    recorder = RecordingFileSystem()
+    with filesystem.installed(recorder):
+        for i in range(5):
+            index.put(key(i), value(i), flush=True)
+        index.wait_merge()
     index.close()
-    assert events == ["sync", "rename " + layout.data_name(1), "sync"]
+    events = [
+        f"{call} {what}" for call, what in recorder.calls if call in ("rename", "fsync_directory")
+    ]
+    data = layout.data_name(1)
+    assert events[-3:] == ["fsync_directory index", f"rename {data}", "fsync_directory index"]
 
 
 def test_with_fsync_the_writer_syncs_the_directory_of_a_spare_it_installs(
-    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: os.PathLike[str],
 ) -> None:
-    synced_by: list[str] = []
-    real_sync = log.fsync_directory
-
-    def sync(directory: str) -> None:
-        synced_by.append(threading.current_thread().name)
-        real_sync(directory)
-
     directory = os.path.join(tmp_path, "index")
     index = Index(directory, EXPECTED, readonly=False, buffer_size=5, fsync=True)
     for i in range(5):
         index.put(key(i), value(i), flush=True)
     index.wait_merge()
-    monkeypatch.setattr(log, "fsync_directory", sync)
-    for i in range(5, 10):  # this freeze installs the spare log 2
-        index.put(key(i), value(i), flush=True)
-    assert synced_by == [threading.current_thread().name]
+    recorder = RecordingFileSystem()
+    with filesystem.installed(recorder):
+        for i in range(5, 10):  # this freeze installs the spare log 2
+            index.put(key(i), value(i), flush=True)
+        synced_by = [
+            thread for call, thread in recorder.threads if call == "fsync_directory"
+        ]
+        assert synced_by[:1] == [threading.current_thread().name]
+        assert recorder.named("rename")[:1] == [layout.log_name(2)]
+        index.wait_merge()
     index.close()
 
 

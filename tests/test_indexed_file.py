@@ -1242,7 +1242,7 @@ def test_flipped_log_record_refused(tmp_path: Path, kind_id: str, part: int, mod
     directory = tmp_path / "store"
     build(directory, kind, 6)
     log = only(directory / "index", "log.")
-    assert log.stat().st_size == FILE_HEADER_SIZE + 6 * record
+    assert log.stat().st_size == FILE_HEADER_SIZE + 7 * record  # and the close's mark
     flip(log, FILE_HEADER_SIZE + 3 * record + part, 0x10)
     expect_load_error(kind.cls, directory, mode, directory)
 

@@ -1,4 +1,4 @@
-"""Logs written through a shared map (version 2): free space, torn stores, closes, version 1."""
+"""Logs written through a shared map (version 2 and 3): free space, torn stores, closes, marks."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def log_version(path: Path) -> int:
 
 
 @needs_map
-def test_a_new_log_is_version_2_allocated_ahead_and_mapped(tmp_path: Path) -> None:
+def test_a_new_log_is_version_3_allocated_ahead_and_mapped(tmp_path: Path) -> None:
     with Store.load(tmp_path / "s", index_buffer_size=100) as store:
         writer = store._engine._log
         assert writer is not None
@@ -65,8 +65,10 @@ def test_a_new_log_is_version_2_allocated_ahead_and_mapped(tmp_path: Path) -> No
             store.add(key(i), key(i))
         assert writer._end == HEADER_SIZE + 10 * RECORD
     path = only_log(tmp_path / "s")
-    assert log_version(path) == 2
-    assert path.stat().st_size == HEADER_SIZE + 10 * RECORD, "the close cuts the free space"
+    assert log_version(path) == 3
+    # the close cuts the free space, after a mark (the log was fsynced)
+    assert path.stat().st_size == HEADER_SIZE + 11 * RECORD
+    assert path.read_bytes()[-RECORD] == log.OP_MARK | log.SYNCED
     with Store.load(tmp_path / "s", Mode.READ_ONLY) as again:
         assert dict(again.items()) == {key(i): key(i) for i in range(10)}
 
@@ -92,7 +94,7 @@ def test_records_past_the_map_are_written(tmp_path: Path, monkeypatch: pytest.Mo
         for i in range(10):
             store.add(key(i), key(i))
         store.add(key(2), b"replaced")
-    assert only_log(tmp_path / "s").stat().st_size == HEADER_SIZE + 11 * RECORD
+    assert only_log(tmp_path / "s").stat().st_size == HEADER_SIZE + 12 * RECORD  # and a mark
     with Store.load(tmp_path / "s") as again:
         expected = {key(i): key(i) for i in range(10)}
         expected[key(2)] = b"replaced"
@@ -100,7 +102,7 @@ def test_records_past_the_map_are_written(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_a_bad_record_before_other_records_is_corruption(tmp_path: Path) -> None:
-    """Free space after the damage does not make it torn: a record follows it."""
+    """Free space after the damage does not make it torn: the close's mark follows it."""
     directory = tmp_path / "s"
     with Store.load(directory) as store:
         for i in range(5):
@@ -116,17 +118,24 @@ def test_a_bad_record_before_other_records_is_corruption(tmp_path: Path) -> None
 
 
 def test_a_bad_last_record_of_a_closed_log_is_corruption(tmp_path: Path) -> None:
-    """No free space after it (the close cut it off): not a store cut short."""
+    """The close's mark after it says it was fsynced: not a store cut short."""
     directory = tmp_path / "s"
     with Store.load(directory) as store:
         for i in range(5):
             store.add(key(i), key(i))
     path = only_log(directory)
-    raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0x01
+    original = path.read_bytes()
+    raw = bytearray(original)
+    raw[-RECORD - 1] ^= 0x01
     path.write_bytes(bytes(raw))
     with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + 4 * RECORD}"):
         Store.load(directory, Mode.READ_ONLY)
+    # The mark itself binds nothing: damaged, it is a record a kill may cut short.
+    raw = bytearray(original)
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with Store.load(directory) as store:
+        assert dict(store.items()) == {key(i): key(i) for i in range(5)}
 
 
 KILLED_MID_STORE_CHILD = """
@@ -171,7 +180,7 @@ def test_a_store_cut_short_by_a_kill_is_dropped_then_written_over(tmp_path: Path
     with Store.load(directory) as store:
         assert dict(store.items()) == expected
         store.add(key(99), key(99))
-    assert path.stat().st_size == HEADER_SIZE + 21 * RECORD
+    assert path.stat().st_size == HEADER_SIZE + 22 * RECORD  # and the close's mark
     with Store.load(directory) as again:
         assert dict(again.items()) == {**expected, key(99): key(99)}
 
@@ -190,6 +199,7 @@ def test_a_version_1_log_is_read_and_appended_to_without_a_map(tmp_path: Path) -
         for i in range(5):
             store.add(key(i), key(i))
     path = only_log(directory)
+    path.write_bytes(path.read_bytes()[:-RECORD])  # a version 1 log has no mark
     set_log_version(path, 1)
     with Store.load(directory) as store:
         writer = store._engine._log
@@ -198,12 +208,12 @@ def test_a_version_1_log_is_read_and_appended_to_without_a_map(tmp_path: Path) -
         for i in range(5, 8):
             store.add(key(i), key(i))
     assert log_version(path) == 1
-    assert path.stat().st_size == HEADER_SIZE + 8 * RECORD
-    # a half-written record followed by zeros is not a torn store in version 1
+    assert path.stat().st_size == HEADER_SIZE + 8 * RECORD, "no mark in a version 1 log"
+    # a half-written record followed by zeros: what a kill or a power loss leaves
     raw = path.read_bytes()
     path.write_bytes(raw + raw[HEADER_SIZE : HEADER_SIZE + 10] + bytes(2 * RECORD))
-    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + 8 * RECORD}"):
-        Store.load(directory, Mode.READ_ONLY)
+    with Store.load(directory, Mode.READ_ONLY) as reader:
+        assert len(dict(reader.items())) == 8
 
 
 def test_check_log_notes_free_space_and_a_torn_store(tmp_path: Path) -> None:
@@ -220,20 +230,24 @@ def test_check_log_notes_free_space_and_a_torn_store(tmp_path: Path) -> None:
     path.write_bytes(raw + raw[HEADER_SIZE : HEADER_SIZE + 7] + bytes(4 * RECORD))
     (note,) = log.check_log(str(path))
     assert not note.problem and "half-written" in note.what
-    path.write_bytes(raw + raw[HEADER_SIZE : HEADER_SIZE + RECORD - 1] + b"\x01" + raw[-5:])
-    (problem, *_) = log.check_log(str(path))
+    bad = raw[HEADER_SIZE : HEADER_SIZE + RECORD - 1] + b"\x01"
+    path.write_bytes(raw + bad + raw[-5:])  # never fsynced: what a power loss leaves
+    (note,) = log.check_log(str(path))
+    assert not note.problem and "power loss" in note.what
+    path.write_bytes(raw + bad + raw[-RECORD:])  # a mark after it: it was fsynced
+    (problem,) = log.check_log(str(path))
     assert problem.problem
 
 
 def crafted_log(path: Path, records: list[bytes], tail: bytes) -> None:
-    """A version 2 log of ``records`` (whole, valid) followed by ``tail``."""
+    """A version 3 log of ``records`` (whole, valid) followed by ``tail``."""
     writer = log.LogWriter.create(str(path), 0, Expected("mapped", 8, 8), fsync=False)
     writer.close()
     path.write_bytes(path.read_bytes()[:HEADER_SIZE] + b"".join(records) + tail)
 
 
-def record(i: int) -> bytes:
-    body = b"\x01" + key(i) + key(i + 100)
+def record(i: int, op: int = 1) -> bytes:
+    body = bytes([op]) + key(i) + key(i + 100)
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 
@@ -242,7 +256,8 @@ def test_the_end_of_the_records_is_found_across_read_chunks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
 ) -> None:
     """Chunks of three records: the stop may fall on any record of a chunk, or on the
-    record after it, which is read with the chunk to tell a torn store from corruption."""
+    record after it, which is read with the chunk to tell a torn store from corruption
+    (a SYNCED record after a bad one)."""
     monkeypatch.setattr(log, "READ_CHUNK", 3 * RECORD)
     expected_bindings = {key(i): key(i + 100) for i in range(count)}
     records = [record(i) for i in range(count)]
@@ -265,42 +280,58 @@ def test_the_end_of_the_records_is_found_across_read_chunks(
             torn,
             free,
         )
-    for tail in (record(99)[:-1] + b"\x00" + record(98), record(99)[:-1] + b"\x00"):
+    bad = record(99)[:-1] + b"\x00"
+    for tail in (bad, bad + record(98), bad + bytes(RECORD) + record(98)):
+        crafted_log(path, records, tail)
+        scan = log.read_log(str(path), wanted)  # never fsynced: the log ends before it
+        assert scan.bindings == expected_bindings
+        assert scan.torn_bytes + scan.free_bytes == len(tail)
+    synced = record(98, log.OP_SET | log.SYNCED)
+    for tail in (bad + synced, bad + record(97) + synced):
         crafted_log(path, records, tail)
         with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + count * RECORD}"):
             log.read_log(str(path), wanted)
 
 
-def test_a_zero_record_ends_a_version_2_log(tmp_path: Path) -> None:
+def test_a_zero_record_ends_a_log_never_fsynced(tmp_path: Path) -> None:
     """A power loss without fsync can leave a page of the free space unwritten before
     one that was written: the log ends at the first zero record (the state of a
-    moment before the loss), and the check notes the bytes after it."""
+    moment before the loss), the check notes the bytes after it, and the writer
+    cuts them off. Before the close's mark, the same zeros are corruption."""
     directory = tmp_path / "s"
     with Store.load(directory) as store:
         for i in range(10):
             store.add(key(i), key(i))
     path = only_log(directory)
-    raw = bytearray(path.read_bytes() + bytes(3 * RECORD))
-    raw[HEADER_SIZE + 4 * RECORD : HEADER_SIZE + 5 * RECORD] = bytes(RECORD)
-    path.write_bytes(bytes(raw))
-    notes = list(log.check_log(str(path)))
-    assert [note.problem for note in notes] == [False, True]
-    assert "other than zeros" in notes[1].what
+    closed = bytearray(path.read_bytes())
+    closed[HEADER_SIZE + 4 * RECORD : HEADER_SIZE + 5 * RECORD] = bytes(RECORD)
+    path.write_bytes(bytes(closed))
+    for mode in (Mode.READ_ONLY, Mode.READ_WRITE):
+        with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + 4 * RECORD}"):
+            Store.load(directory, mode)
+    assert path.read_bytes() == bytes(closed)
+    killed = closed[:-RECORD] + bytes(3 * RECORD)  # no mark: as a kill leaves it
+    path.write_bytes(bytes(killed))
+    (note,) = log.check_log(str(path))
+    assert not note.problem and "power loss" in note.what
     with Store.load(directory, Mode.READ_ONLY) as reader:
         assert dict(reader.items()) == {key(i): key(i) for i in range(4)}
-    # the writer, which cuts what follows the records, checks it all first
-    with pytest.raises(CannotLoadStore, match=f"offset {HEADER_SIZE + 4 * RECORD}"):
-        Store.load(directory)
-    assert path.read_bytes() == bytes(raw)
+    assert path.read_bytes() == bytes(killed)
+    with Store.load(directory) as store:
+        assert dict(store.items()) == {key(i): key(i) for i in range(4)}
+        store.add(key(20), key(20))
+    with Store.load(directory) as store:
+        assert dict(store.items()) == {**{key(i): key(i) for i in range(4)}, key(20): key(20)}
 
 
-def test_a_version_1_reader_at_the_end_is_not_misled_by_later_appends() -> None:
-    """What a reader finds at the end of the file stays the end, whatever is read after."""
-    later = record(1) + record(2)
-    stop = log._classify_stop(1, b"", RECORD, 0, lambda: later, False)
-    assert stop == log._Stop()
-    stop = log._classify_stop(1, record(1)[:5], RECORD, 5, lambda: later, False)
-    assert stop == log._Stop(torn=5)
+def test_a_reader_at_the_end_is_not_misled_by_a_record_half_written() -> None:
+    """A reader stops before a record a writer is storing: torn for now, read later."""
+    assert log._classify_stop(b"", RECORD, 0) == log._Stop()
+    assert log._classify_stop(record(1)[:5], RECORD, 5) == log._Stop(torn=5)
+    half = record(1)[:9] + bytes(RECORD - 9)
+    assert log._classify_stop(half + bytes(RECORD), RECORD, 2 * RECORD) == log._Stop(
+        torn=RECORD, free=RECORD
+    )
 
 
 def test_a_forked_child_closing_the_store_leaves_the_parent_log_whole(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import construct
 import pytest
+from helpers.faults import FailingFileSystem
 
 import l2_stores.engine.index as index_module
 import l2_stores.engine.log as log_module
@@ -24,6 +25,7 @@ from l2_stores import (
     make_indexable_removable,
     make_singleton,
 )
+from l2_stores.engine import filesystem
 
 Store = make_indexable_removable("failures", construct.Bytes(4), construct.Bytes(4))
 
@@ -129,11 +131,11 @@ def test_no_merge_thread_is_an_error_not_a_hang(
 def test_os_errors_surface_as_store_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = make_indexable("oserrors", construct.Bytes(4), construct.Bytes(4))
     fsyncing = plain.load(tmp_path / "a", fsync=True)
-    fake = FailingOs("fsync")
-    monkeypatch.setattr(log_module, "os", fake)
-    fake.failures = 1
-    with pytest.raises(CannotWriteToStore):
-        fsyncing.flush()
+    failing = FailingFileSystem("fsync")
+    with filesystem.installed(failing):
+        failing.failures = 1
+        with pytest.raises(CannotWriteToStore):
+            fsyncing.flush()
     fsyncing.close()
     broken = FailingOs("listdir")
     broken.failures = 1
@@ -142,19 +144,15 @@ def test_os_errors_surface_as_store_errors(tmp_path: Path, monkeypatch: pytest.M
         plain.load(tmp_path / "a")
 
 
-def test_singleton_delete_failure_keeps_cache_truthful(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import l2_stores.stores.singleton as singleton_module
-
+def test_singleton_delete_failure_keeps_cache_truthful(tmp_path: Path) -> None:
     head = make_singleton("head_failures", construct.Bytes(4))
     store = head.load(tmp_path / "head")
     store.write(b"abcd")
-    fake = FailingOs("unlink")
-    monkeypatch.setattr(singleton_module, "os", fake)
-    fake.failures = 1
-    with pytest.raises(CannotWriteToStore, match="cannot delete"):
-        store.delete()
+    failing = FailingFileSystem("unlink")
+    with filesystem.installed(failing):
+        failing.failures = 1
+        with pytest.raises(CannotWriteToStore, match="cannot delete"):
+            store.delete()
     assert store.read() == b"abcd"  # the file is still there
     store.delete()
     assert store.read() is None

@@ -1779,11 +1779,21 @@ done:
     return result;
 }
 
-/* replay_log(buffer, key_size, value_size, bindings) -> int: put the
-   complete log records of buffer (op, key, value, CRC-32) into bindings, a
-   set as key -> value and a remove (op 2) as key -> None, in order; stop at
-   the first record whose checksum or op fails and return its position (the
-   length of the complete records when all pass). */
+/* replay_log(buffer, key_size, value_size, bindings) -> (position, synced_at, sealed):
+   put the complete log records of buffer (op, key, value, CRC-32) into
+   bindings, a set (op 1) as key -> value and a remove (op 2) as key -> None,
+   in order; marks (op 3) and seals (op 4) bind nothing. Bit 7 of the op
+   byte is the SYNCED flag. Stop at the first record whose checksum or op
+   fails, or after a seal; return where it stopped, the position of the
+   last record with the SYNCED flag or a mark (-1: none), and whether it
+   stopped after a seal. (log.py's _replay_in_python is the same loop.) */
+#define LOG_OP_SET 1
+#define LOG_OP_REMOVE 2
+#define LOG_OP_MARK 3
+#define LOG_OP_SEAL 4
+#define LOG_SYNCED 0x80
+#define LOG_OP_MASK 0x7F
+
 static PyObject *
 accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1808,26 +1818,37 @@ accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
         return NULL;
     const unsigned char *base = (const unsigned char *)view.buf;
     Py_ssize_t size = 1 + key_size + value_size + 4;
-    Py_ssize_t complete = view.len - view.len % size, position = 0;
-    for (; position < complete; position += size) {
+    Py_ssize_t complete = view.len - view.len % size, position = 0, synced_at = -1;
+    int sealed = 0;
+    while (position < complete) {
         const unsigned char *record = base + position;
-        if ((record[0] != 1 && record[0] != 2) ||
+        int op = record[0] & LOG_OP_MASK;
+        if (op < LOG_OP_SET || op > LOG_OP_SEAL ||
             crc32_of(record, size - 4) != read_u32(record + size - 4))
             break;
-        PyObject *key = PyBytes_FromStringAndSize((const char *)record + 1, key_size);
-        PyObject *value = record[0] == 1 ? PyBytes_FromStringAndSize(
-                                               (const char *)record + 1 + key_size, value_size)
-                                         : Py_NewRef(Py_None);
-        int failed = key == NULL || value == NULL || PyDict_SetItem(bindings, key, value) < 0;
-        Py_XDECREF(key);
-        Py_XDECREF(value);
-        if (failed) {
-            PyBuffer_Release(&view);
-            return NULL;
+        if (op <= LOG_OP_REMOVE) {
+            PyObject *key = PyBytes_FromStringAndSize((const char *)record + 1, key_size);
+            PyObject *value = op == LOG_OP_SET ? PyBytes_FromStringAndSize(
+                                                     (const char *)record + 1 + key_size, value_size)
+                                               : Py_NewRef(Py_None);
+            int failed = key == NULL || value == NULL || PyDict_SetItem(bindings, key, value) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            if (failed) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+        }
+        if ((record[0] & LOG_SYNCED) || op == LOG_OP_MARK)
+            synced_at = position;
+        position += size;
+        if (op == LOG_OP_SEAL) {
+            sealed = 1;
+            break;
         }
     }
     PyBuffer_Release(&view);
-    return PyLong_FromSsize_t(position);
+    return Py_BuildValue("(nnO)", position, synced_at, sealed ? Py_True : Py_False);
 }
 
 /* ---------------------------------------------------------------- LruCache */
@@ -2783,6 +2804,12 @@ PyInit__accel(void)
         return NULL;
     }
     Py_INCREF(CorruptRow);
+    if (PyModule_AddObject(module, "LOG_FORMAT",
+                           Py_BuildValue("(iiiii)", LOG_OP_SET, LOG_OP_REMOVE, LOG_OP_MARK,
+                                         LOG_OP_SEAL, LOG_SYNCED)) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
     Py_INCREF(&MergePlanType);
     if (PyModule_AddObject(module, "MergePlan", (PyObject *)&MergePlanType) < 0) {
         Py_DECREF(&MergePlanType);

@@ -15,7 +15,10 @@ def replay_log(
     value_size: int,
     bindings: dict[bytes, bytes | None],
     /,
-) -> int: ...
+) -> tuple[int, int, bool]: ...
+
+#: (set, remove, mark, seal, SYNCED flag): the log's op bytes as the C replay reads them.
+LOG_FORMAT: tuple[int, int, int, int, int]
 def write_framed(fd: int, offset: int, /, *parts: bytes | bytearray | memoryview) -> int: ...
 
 class Lookup:

@@ -37,6 +37,7 @@ def _load() -> ModuleType | None:
 _module = _load()
 if _module is not None:
     from ._accel import (
+        LOG_FORMAT,
         ContainerDecoder,
         CorruptRow,
         IndexedAppend,
@@ -81,10 +82,16 @@ if _module is not None:
     #: ``reserve(fd, offset, length)``: allocate blocks past the end, keeping the
     #: size; True, False (failed this time), or None (cannot be done there).
     accelerated_reserve: Callable[[int, int, int], bool | None] | None = reserve
-    #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay stopped.
+    #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay
+    #: stopped, where the last SYNCED record is (-1: none), whether after a seal.
     accelerated_replay_log: (
-        Callable[[bytes | memoryview, int, int, dict[bytes, bytes | None]], int] | None
+        Callable[
+            [bytes | memoryview, int, int, dict[bytes, bytes | None]], tuple[int, int, bool]
+        ]
+        | None
     ) = replay_log
+    #: The log's op bytes as the C replay reads them: (set, remove, mark, seal, SYNCED).
+    accelerated_log_format: tuple[int, int, int, int, int] | None = LOG_FORMAT
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
     accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
         value_of_record
@@ -109,7 +116,7 @@ else:
             pass
 
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
-    accelerated_reserve = None
+    accelerated_reserve = accelerated_log_format = None
 
     class CorruptRow(ValueError):  # type: ignore[no-redef]
         """Never raised without the accelerator."""
@@ -129,6 +136,7 @@ __all__ = [
     "ValuesTailBase",
     "accelerated_crc32",
     "accelerated_framed",
+    "accelerated_log_format",
     "accelerated_mappable",
     "accelerated_replay_log",
     "accelerated_reserve",

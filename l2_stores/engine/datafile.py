@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
+from . import filesystem
 from .accel import AcceleratedLookup
 from .framing import (
     CRC_RESIDUE,
@@ -368,7 +369,7 @@ class DataFileWriter:
             self._bits,
             tag=tag,
         )
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = filesystem.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         self._written = 0
         self._write([header.encode()])
 
@@ -439,7 +440,7 @@ class DataFileWriter:
     def _finish(self, tail: bytes, fsync: bool) -> None:
         self._write([tail, crc32(tail).to_bytes(CRC_SIZE, "little")])
         if fsync:
-            os.fsync(self._fd)
+            filesystem.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
 
@@ -451,7 +452,7 @@ class DataFileWriter:
                 self._fd = -1
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+                filesystem.unlink(self.path)
 
 
 MAX_FINDINGS = 20

@@ -215,28 +215,3 @@ def decode_header(
             offset=0,
         )
     return header
-
-
-def fsync_directory(path: str) -> None:
-    """Make the directory entries of ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_directories(path: str, fsync: bool) -> None:
-    """Create ``path`` and its missing parents; with ``fsync``, durably."""
-    missing = []
-    current = os.path.abspath(path)
-    while not os.path.isdir(current):
-        missing.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    os.makedirs(path, exist_ok=True)
-    if fsync:
-        for directory in reversed(missing):
-            fsync_directory(os.path.dirname(directory))

@@ -45,12 +45,22 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
-from . import layout
+from . import filesystem, layout
 from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
-from .framing import Expected, fsync_directory, make_directories
-from .lock import WriterLock
-from .log import LogScan, LogWriter, SpareLog, read_log, record_size
+from .framing import CRC_SIZE, HEADER_SIZE, Expected
+from .interface import ReferencedValues
+from .lock import WriterLock, lock_holder
+from .log import (
+    OP_MASK,
+    OP_SET,
+    SEALED_VERSION,
+    LogScan,
+    LogWriter,
+    SpareLog,
+    read_log,
+    record_size,
+)
 from .merge import Selection, merge
 
 logger = logging.getLogger("l2_stores.engine")
@@ -99,7 +109,7 @@ def _delete(paths: list[str]) -> None:
     """Delete superseded engine files; leftovers of a failure go at the next writer load."""
     for path in paths:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            filesystem.unlink(path)
 
 
 class Index:
@@ -114,6 +124,7 @@ class Index:
         buffer_size: int = 10_000,
         fsync: bool = False,
         exclusive: Callable[[], AbstractContextManager[None]] | None = None,
+        referenced: ReferencedValues | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"index_buffer_size must be at least 1, got {buffer_size}")
@@ -126,6 +137,7 @@ class Index:
         self._pace_from = int(PACE_FACTOR * buffer_size)
         self._fsync = fsync
         self._exclusive = exclusive or contextlib.nullcontext
+        self._referenced = referenced
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
         self._data: DataFile | None = None
@@ -314,7 +326,7 @@ class Index:
     def _freeze_and_merge(self, gc: _GcMerge | None = None) -> None:
         log = self._log
         assert log is not None and self._frozen is None
-        log.flush()  # on error nothing has changed
+        log.seal()  # on error nothing has changed
         next_log = self._next_log(log.generation + 1)
         log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
@@ -381,16 +393,18 @@ class Index:
         try:
             take_spare = self._prepare_spare_aside(generation + 1)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+                filesystem.unlink(temporary)
             merge(old, frozen, temporary, self._expected, generation, True, selection)
             del old, frozen  # the index's own references go at the switch
+            if self._referenced is not None:  # what the new file's values point at first
+                self._referenced.sync()
             # The active log's name may not be durable yet (see _next_log); it
             # must be before the new data file supersedes the frozen log.
-            fsync_directory(self.directory)
-            os.replace(temporary, final)
+            filesystem.fsync_directory(self.directory)
+            filesystem.rename(temporary, final)
             renamed = True  # from here on, a load sees the new file
             try:
-                fsync_directory(self.directory)
+                filesystem.fsync_directory(self.directory)
             except OSError:
                 logger.exception("%s: cannot sync the directory of %s", self._name, final)
             outcome = DataFile(final, self._expected)
@@ -621,7 +635,7 @@ class Index:
     def _open_writer(self) -> None:
         directory = self.directory
         try:
-            make_directories(directory, self._fsync)
+            filesystem.make_directories(directory)
         except OSError as error:
             raise CannotLoadStore(
                 f"cannot create directory: {error}", name=self._name, path=directory
@@ -642,22 +656,26 @@ class Index:
         self._check_logs(logs, generation)
         self._data = self._open_data(generation)
         self._relayer()
-        scans = [self._read_log(g, whole=True) for g in logs]
+        scans = self._point_in_time([self._read_log(g, whole=True) for g in logs], True)
+        # Only now is anything changed on disk.
+        dropped = [layout.log_name(g) for g in logs[len(scans) :]]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
-        for name in listing.temporaries + stale:
+        for name in listing.temporaries + stale + dropped:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
+                filesystem.unlink(os.path.join(directory, name))
+        if dropped:  # they must not come back beside the logs that replace them
+            filesystem.fsync_directory(directory)
         if not scans:
-            self._log = LogWriter.create(
-                os.path.join(directory, layout.log_name(generation)),
-                generation,
-                self._expected,
-                self._fsync,
-                self._log_ahead,
-            )
+            self._log = self._new_log(generation)
             return
         last = scans[-1]
+        if last.sealed:  # frozen for a merge, but its next log never appeared
+            self._frozen = last.bindings
+            self._log = self._new_log(last.generation + 1)
+            self._relayer()
+            self._start_merge()
+            return
         path = os.path.join(directory, layout.log_name(last.generation))
         self._log = LogWriter.reopen(path, last, self._expected, self._fsync, self._log_ahead)
         self._active = last.bindings
@@ -665,6 +683,79 @@ class Index:
         self._relayer()
         if self._frozen is not None:  # a merge was cut short: run it again
             self._start_merge()
+
+    def _new_log(self, generation: int) -> LogWriter:
+        path = os.path.join(self.directory, layout.log_name(generation))
+        return LogWriter.create(path, generation, self._expected, self._fsync, self._log_ahead)
+
+    def _point_in_time(self, scans: list[LogScan], check_values: bool) -> list[LogScan]:
+        """The logs' records as of one moment: what a power loss left whole, in order.
+
+        A frozen log that lost its seal lost records at its end, so the log
+        after it (later writes) goes. Then, with values kept outside the
+        engine, every record from the last SYNCED one on must point at a
+        value that reads back whole; the logs end before the first that does
+        not (``check_values``: a reader beside a live writer skips this, since
+        the writer did it at its load and everything it wrote since is in the
+        page cache). Returns the scans kept, the last one perhaps cut short.
+        """
+        for position, scan in enumerate(scans[:-1]):
+            if scan.version >= SEALED_VERSION and not scan.sealed:
+                logger.warning(
+                    "%s: %s lost its end to a power loss; the %d later log(s) go with it",
+                    self._name,
+                    layout.log_name(scan.generation),
+                    len(scans) - position - 1,
+                )
+                scans = scans[: position + 1]
+                break
+        if len(scans) == 2 and scans[1].sealed:
+            raise CannotLoadStore(
+                "two logs frozen for a merge", name=self._name, path=self.directory
+            )
+        if self._referenced is None or not scans or not check_values:
+            return scans
+        try:
+            cut = self._first_unreadable(scans)
+        finally:
+            self._referenced.release()
+        if cut is None:
+            return scans
+        position, offset = cut
+        path = os.path.join(self.directory, layout.log_name(scans[position].generation))
+        logger.warning(
+            "%s: %s points at a value a power loss did not leave whole (offset %d): "
+            "the logs end there",
+            self._name,
+            path,
+            offset,
+        )
+        return [*scans[:position], read_log(path, self._expected, whole=True, limit=offset)]
+
+    def _first_unreadable(self, scans: list[LogScan]) -> tuple[int, int] | None:
+        """``(log position, offset)`` of the first record from the last SYNCED one on whose
+        value does not read back, or None."""
+        assert self._referenced is not None
+        first = 0
+        for position, scan in enumerate(scans):
+            if scan.synced_at is not None:
+                first = position
+        size = record_size(self._expected)
+        key_end = 1 + self._expected.key_size
+        for position in range(first, len(scans)):
+            scan = scans[position]
+            start = scan.synced_at if position == first and scan.synced_at is not None else None
+            offset = start if start is not None else HEADER_SIZE
+            path = os.path.join(self.directory, layout.log_name(scan.generation))
+            with open(path, "rb") as file:
+                records = os.pread(file.fileno(), scan.end - offset, offset)
+            for at in range(0, len(records), size):
+                record = records[at : at + size]
+                if record[0] & OP_MASK == OP_SET and not self._referenced.readable(
+                    record[1:key_end], record[key_end : size - CRC_SIZE]
+                ):
+                    return position, offset + at
+        return None
 
     def _check_logs(self, logs: list[int], generation: int) -> None:
         """The logs beside ``data.<generation>`` must be its own, and perhaps the next.
@@ -701,7 +792,16 @@ class Index:
             raise CannotLoadStore(
                 f"log {path} says generation {scan.generation}", name=self._name, path=path
             )
-        if scan.torn_bytes:
+        if scan.damaged:
+            logger.warning(
+                "%s: %s: %d bytes from offset %d on were never fsynced and a power loss "
+                "damaged them; the log ends there",
+                self._name,
+                path,
+                scan.torn_bytes,
+                scan.end,
+            )
+        elif scan.torn_bytes:
             logger.warning(
                 "%s: dropping a torn tail of %d bytes in %s", self._name, scan.torn_bytes, path
             )
@@ -728,12 +828,15 @@ class Index:
         logs = tuple(g for g in listing.logs if g >= generation)
         self._check_logs(list(logs), generation)
         data = self._open_data(generation)
-        scans = [self._read_log(g) for g in logs]
+        read = [self._read_log(g) for g in logs]
+        lock = os.path.join(self.directory, layout.LOCK)
+        scans = self._point_in_time(read, check_values=lock_holder(lock) is None)
+        cut = len(scans) < len(read) or scans[-1:] != read[-1:]
         self._data = data
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
         self._relayer()
-        self._scans = scans
+        self._scans = [] if cut else scans  # cut at a point in time: load whole again
         self._seen = (generation, logs)
 
     def sync(self) -> None:
@@ -787,10 +890,12 @@ class Index:
             logger.exception("%s: merge at close failed", self._name)
 
     def close(self) -> None:
-        """Finish any merge, flush and close everything; idempotent.
+        """Finish any merge, make everything durable and close everything; idempotent.
 
         A log that has grown past the buffer size while a merge ran is merged
-        too, so that the next load replays at most one buffer's worth.
+        too, so that the next load replays at most one buffer's worth. The
+        log then ends with a mark (after the values it points at and the log
+        are fsynced), so the next load has nothing to check.
         """
         if self._closed:
             return
@@ -802,8 +907,14 @@ class Index:
             self._retry_failed_merge()
             self._merge_overgrown_log()
             if self._log is not None:
+                if self._frozen is None:  # a frozen log left by a failed merge is not synced
+                    if self._referenced is not None:
+                        self._referenced.sync()
+                    self._log.mark()
                 self._log.close()
         finally:
+            if self._referenced is not None:
+                self._referenced.release()
             if self._log is not None:
                 self._log.abandon()
             for spare in (self._spare, self._merge_spare):

@@ -11,6 +11,24 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 
+class ReferencedValues(Protocol):
+    """What an engine's values point at outside the engine (an indexed file's values files).
+
+    The engine makes them durable before it makes durable the values that
+    point at them, and, loading after a power loss, keeps the writes of a
+    point in time whose values all read back.
+    """
+
+    def sync(self) -> None:
+        """Make durable everything written so far."""
+
+    def readable(self, key: bytes, value: bytes) -> bool:
+        """Whether what the engine value ``value`` of ``key`` points at reads back whole."""
+
+    def release(self) -> None:
+        """Let go of what :meth:`readable` opened."""
+
+
 class Engine(Protocol):
     """Fixed-size byte keys to fixed-size byte values, on disk."""
 

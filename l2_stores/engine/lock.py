@@ -23,6 +23,7 @@ from typing import IO
 import portalocker
 
 from ..errors import CannotLoadStore, StoreLockedError
+from . import filesystem
 from .framing import FORMAT_VERSION, crc_ok, with_crc
 
 MAGIC = b"L2SLOCK\0"
@@ -38,7 +39,7 @@ class WriterLock:
         self.path = path
         try:
             # Not O_APPEND: on Linux a pwrite to an O_APPEND file goes to its end.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as open(): umask
+            fd = filesystem.open_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # umask
             file: IO[bytes] = open(fd, "r+b", buffering=0)  # noqa: SIM115 - held while locked
         except OSError as error:
             raise CannotLoadStore(

@@ -8,23 +8,37 @@ Layout of ``log.<generation>`` (integers little-endian)::
       64+R     R  record 1 ...
 
     record (R = 1 + key size + value size + 4 bytes):
-         0     1  op: 1 = set, 2 = remove
-         1     K  key
-       1+K     V  value (zeros for a remove)
+         0     1  op: bits 0-6 the operation, bit 7 SYNCED (version 3)
+                    1 = set, 2 = remove,
+                    3 = mark (no binding: a point where everything before was durable),
+                    4 = seal (no binding: the last record of a log frozen for a merge)
+         1     K  key (zeros for a mark or a seal)
+       1+K     V  value (zeros for a remove, a mark or a seal)
      1+K+V     4  crc32 of the 1+K+V bytes before it
 
-Records are only ever appended. A kill can leave the last record cut short,
-or, on some file systems after a power loss, zero-filled: such a tail is torn
-and dropped at load. Any other record whose checksum fails is corruption.
+SYNCED on a record says that every record written before it, and every
+value those records point at (an indexed file's values), was durable when it
+was written: with ``fsync=True``, the first record of each flush has it; a
+clean close writes a mark, which always has it, after an fsync. So a
+damaged record that has a SYNCED record after it was fsynced: corruption. A
+damaged record with none after it may be a power loss's damage, since the
+bytes after the last fsync reach the disk in any order, torn, or not at all:
+the log ends before it, at a point in time (RocksDB's point-in-time
+recovery), and the writer's load cuts everything after it off, durably.
+
+A seal ends a log that was frozen for a merge. The next log's records follow
+the frozen log's in time, so a frozen log whose seal did not survive a power
+loss lost its tail, and the next log is dropped with it.
 
 Format versions (the header's version field):
 
 - 1: the file ends at its last record, or in a torn one.
-- 2 (written since): the file may also end in zero-filled *free space*,
-  allocated ahead so that the C put writes records through a shared map,
-  without a system call. A kill in the middle of such a store leaves a
-  record that fails its checksum with only zeros after it: that record is
-  torn too. A writer's close cuts the free space off.
+- 2: the file may also end in zero-filled *free space*, allocated ahead so
+  that the C put writes records through a shared map, without a system
+  call. A writer's close cuts the free space off.
+- 3 (written since): version 2 with SYNCED flags, marks and seals. Versions
+  1 and 2 are read as version 3 logs that have none (their frozen logs need
+  no seal), and appended to as they are.
 """
 
 from __future__ import annotations
@@ -32,13 +46,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import CannotLoadStore, CannotWriteToStore
-from .accel import LogTailBase, accelerated_mappable, accelerated_replay_log
+from . import filesystem
+from .accel import (
+    LogTailBase,
+    accelerated_log_format,
+    accelerated_mappable,
+    accelerated_replay_log,
+)
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -49,7 +70,6 @@ from .framing import (
     crc32,
     decode_header,
     framed,
-    fsync_directory,
     parse_header,
     pwrite_all,
     write_framed,
@@ -59,10 +79,19 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"L2SLOG\0\0"
 #: The version new logs are written with, and the versions read.
-LOG_VERSION = 2
-LOG_VERSIONS = (1, 2)
+LOG_VERSION = 3
+LOG_VERSIONS = (1, 2, 3)
+#: The first version with SYNCED flags, marks and seals.
+SEALED_VERSION = 3
 OP_SET = 1
 OP_REMOVE = 2
+OP_MARK = 3
+OP_SEAL = 4
+#: Flag of the op byte: everything written before this record was durable.
+SYNCED = 0x80
+OP_MASK = 0x7F
+if accelerated_log_format not in (None, (OP_SET, OP_REMOVE, OP_MARK, OP_SEAL, SYNCED)):
+    raise ImportError(f"_accel reads log op bytes {accelerated_log_format}: rebuild it")
 _OP_SET_BYTE = bytes([OP_SET])
 _OP_REMOVE_BYTE = bytes([OP_REMOVE])
 
@@ -88,11 +117,18 @@ class LogScan:
     bindings: dict[bytes, bytes | None] = field(default_factory=dict)
     records: int = 0
     end: int = HEADER_SIZE
-    #: Bytes of a record cut short or left half-written at the end.
+    #: Bytes after the records that are not free space: a record torn by a
+    #: kill, or what a power loss left of records never fsynced.
     torn_bytes: int = 0
     #: Zero-filled bytes after the records (free space of a version 2 log).
     free_bytes: int = 0
+    #: Whether records (or parts of them) follow a damaged one: a power loss's damage.
+    damaged: bool = False
     version: int = LOG_VERSION
+    #: Offset of the last record with the SYNCED flag (a mark included), if any.
+    synced_at: int | None = None
+    #: Whether the records end with a seal (the log was frozen for a merge).
+    sealed: bool = False
 
 
 #: Bytes of log records read at a time (about): a reader's sync reads up to
@@ -100,78 +136,102 @@ class LogScan:
 READ_CHUNK = 1 << 16
 
 
-def _replay(
-    buffer: bytes | memoryview, expected: Expected, bindings: dict[bytes, bytes | None]
-) -> int:
-    """Replay the whole records of ``buffer`` up to the first bad one; return where it stopped."""
-    size = record_size(expected)
+def _replay_in_python(
+    buffer: bytes | memoryview, size: int, key_size: int, bindings: dict[bytes, bytes | None]
+) -> tuple[int, int, bool]:
     complete = len(buffer) - len(buffer) % size
-    if accelerated_replay_log is not None:  # the same loop in C
-        return int(accelerated_replay_log(buffer, expected.key_size, expected.value_size, bindings))
-    key_end = 1 + expected.key_size
-    value_end = key_end + expected.value_size
+    key_end = 1 + key_size
+    value_end = size - CRC_SIZE
     position = 0
+    synced_at = -1
     while position < complete:
         record = bytes(buffer[position : position + size])
-        op = record[0]
-        if crc32(record) != CRC_RESIDUE or op not in (OP_SET, OP_REMOVE):
+        op = record[0] & OP_MASK
+        if crc32(record) != CRC_RESIDUE or not OP_SET <= op <= OP_SEAL:
             break
-        bindings[record[1:key_end]] = record[key_end:value_end] if op == OP_SET else None
+        if op <= OP_REMOVE:
+            bindings[record[1:key_end]] = record[key_end:value_end] if op == OP_SET else None
+        if record[0] & SYNCED or op == OP_MARK:
+            synced_at = position
         position += size
-    return position
+        if op == OP_SEAL:
+            return position, synced_at, True
+    return position, synced_at, False
 
 
-def _is_zero(data: bytes) -> bool:
-    return data == bytes(len(data))
+def _replay(
+    buffer: bytes | memoryview, expected: Expected, bindings: dict[bytes, bytes | None]
+) -> tuple[int, int, bool]:
+    """Replay the whole records of ``buffer`` up to the first bad one, or a seal.
+
+    Returns where it stopped, the position of the last record with the
+    SYNCED flag (-1: none) and whether it stopped after a seal.
+    """
+    size = record_size(expected)
+    if accelerated_replay_log is not None:  # the same loop in C
+        position, synced_at, sealed = accelerated_replay_log(
+            buffer, expected.key_size, expected.value_size, bindings
+        )
+        return int(position), int(synced_at), bool(sealed)
+    return _replay_in_python(buffer, size, expected.key_size, bindings)
+
+
+def _good_synced_record(record: bytes) -> bool:
+    return (
+        crc32(record) == CRC_RESIDUE
+        and OP_SET <= record[0] & OP_MASK <= OP_SEAL
+        and bool(record[0] & SYNCED or record[0] & OP_MASK == OP_MARK)
+    )
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _synced_record_in(rest: bytes, size: int) -> int | None:
+    """Offset in ``rest`` of the first whole record with the SYNCED flag, slot by slot."""
+    position = 0
+    while (found := _NONZERO.search(rest, position)) is not None:
+        slot = found.start() - found.start() % size
+        if _good_synced_record(rest[slot : slot + size]):
+            return slot
+        position = slot + size
+    return None
 
 
 @dataclass(frozen=True)
 class _Stop:
     """What the bytes where a replay stopped are."""
 
-    torn: int = 0  #: bytes of a torn record
+    torn: int = 0  #: bytes of a torn record, or of what a power loss left after it
     free: int = 0  #: zero-filled bytes after the records
-    corrupt: bool = False
+    damaged: bool = False  #: bytes other than zeros after the first bad record
+    corrupt_at: int | None = None  #: offset in the rest of a SYNCED record after a bad one
 
 
-def _classify_stop(
-    version: int, rest: bytes, size: int, remaining: int, more: Callable[[], bytes], whole: bool
-) -> _Stop:
-    """Classify ``rest``, the bytes from the first record a replay did not take on.
+def _classify_stop(rest: bytes, size: int, remaining: int) -> _Stop:
+    """Classify ``rest``, the bytes from where a replay stopped (a bad record, or a seal).
 
-    ``rest`` holds that record and the next, or runs to the end of the file;
-    ``remaining`` counts the bytes from there to the end of the file, and
-    ``more()`` reads those past ``rest``. Version 2: a zero-filled record
-    ends the log (free space); a bad record with a zero-filled record, or
-    less than a record of zeros, after it is a store cut short; a record
-    cut short by the end of the file is torn. With ``whole`` (the writer's
-    load: nothing is appended meanwhile), everything after the end must be
-    zeros too, or the log is corrupt. Version 1: a record cut short by the
-    end of the file, or a bad one followed by zeros only to the end, is torn.
+    ``remaining`` counts the bytes from there to the end of the file. A
+    SYNCED record after the stop means the bytes before it were durable:
+    corruption. Otherwise zeros are free space (or a record never written),
+    and anything else is a record cut short, torn, or left by a power loss.
     """
+    synced = _synced_record_in(rest, size)
+    if synced is not None:
+        return _Stop(corrupt_at=synced)
+    if not any(rest):
+        return _Stop(free=remaining)
     record = rest[:size]
-    if len(record) < size and (version < 2 or not _is_zero(record)):
-        return _Stop(torn=len(record))  # at the end of the file: the lookahead read nothing more
-    if version >= 2:
-        if _is_zero(record):
-            stop = _Stop(free=remaining)
-        elif _is_zero(rest[size : 2 * size]) and len(rest) > size:
-            stop = _Stop(torn=size, free=remaining - size)
-        else:
-            return _Stop(corrupt=True)
-        if whole and not (_is_zero(rest[size:]) and _is_zero(more())):
-            return _Stop(corrupt=True)
-        return stop
-    rest += more()
-    if _is_zero(rest):
-        return _Stop(torn=len(rest))
-    return _Stop(corrupt=True)
+    after = rest[size:]
+    if any(after):
+        return _Stop(torn=remaining, damaged=True)
+    return _Stop(torn=min(len(record), remaining), free=remaining - min(len(record), remaining))
 
 
-#: A reader that finds a bad record reads it again this many times, a
-#: millisecond apart, before calling it corrupt: its read may have copied
-#: a writer's stores into the map half-way (a page before them, the next
-#: one after).
+#: A reader that finds a bad record followed by a SYNCED one reads again this
+#: many times, a millisecond apart, before calling it corrupt: its read may
+#: have copied a writer's stores into the map half-way (a page before them,
+#: the next one after).
 _SETTLE_ATTEMPTS = 3
 
 
@@ -182,16 +242,18 @@ def read_log(
     scan: LogScan | None = None,
     *,
     whole: bool = False,
+    limit: int | None = None,
 ) -> LogScan:
     """Replay the records of the log at ``path``.
 
     Bindings go into ``into`` (a remove as ``None``). With ``scan`` from an
-    earlier call, reading resumes at ``scan.end``. A torn record and the
-    free space after the records are counted in ``torn_bytes`` and
-    ``free_bytes`` and left alone; a corrupted record raises
+    earlier call, reading resumes at ``scan.end``. What follows the records
+    is counted in ``torn_bytes`` and ``free_bytes`` and left alone; a
+    damaged record with a SYNCED record after it raises
     :class:`CannotLoadStore` with its offset. ``whole``: the caller holds
     the writer's lock, so the file does not change meanwhile and every byte
-    after the records is checked.
+    after the records is read. ``limit``: the records end there, whatever
+    follows (a load cutting the log at a point in time).
     """
     with open(path, "rb") as file:
         if scan is None:
@@ -202,40 +264,50 @@ def read_log(
         for attempt in range(1 if whole else _SETTLE_ATTEMPTS):
             if attempt:
                 time.sleep(0.001)
-            stop = _read_records(file, expected, scan, whole)
-            if not stop.corrupt:
+            stop = _read_records(file, expected, scan, whole, limit)
+            if stop.corrupt_at is None:
                 break
-    if stop.corrupt:
+    if stop.corrupt_at is not None:
         raise CannotLoadStore(
-            f"corrupted log record (file {path}, offset {scan.end})",
+            f"corrupted log record (file {path}, offset {scan.end}): a record written "
+            f"after it was fsynced (offset {scan.end + stop.corrupt_at})",
             name=expected.name,
             path=path,
             offset=scan.end,
         )
-    scan.torn_bytes, scan.free_bytes = stop.torn, stop.free
+    scan.torn_bytes, scan.free_bytes, scan.damaged = stop.torn, stop.free, stop.damaged
     return scan
 
 
-def _read_records(file: BinaryIO, expected: Expected, scan: LogScan, whole: bool) -> _Stop:
+def _read_records(
+    file: BinaryIO, expected: Expected, scan: LogScan, whole: bool, limit: int | None
+) -> _Stop:
     """Replay the records from ``scan.end`` on, in chunks, and classify where they stop."""
     size = record_size(expected)
     step = max(1, READ_CHUNK // size) * size
     fd = file.fileno()
-    while True:  # a chunk, and one record more to tell a torn store from corruption
-        buffer = os.pread(fd, step + size, scan.end)
-        position = _replay(memoryview(buffer)[:step], expected, scan.bindings)
+    file_size = os.fstat(fd).st_size
+    while not scan.sealed:  # a chunk, and one record more to tell a torn store from corruption
+        wanted = step if limit is None else min(step, limit - scan.end)
+        buffer = os.pread(fd, wanted + size, scan.end)
+        position, synced_at, sealed = _replay(memoryview(buffer)[:wanted], expected, scan.bindings)
+        if synced_at >= 0:
+            scan.synced_at = scan.end + synced_at
         scan.records += position // size
         scan.end += position
-        if position < step or len(buffer) <= step:
+        scan.sealed = sealed
+        if position < wanted or len(buffer) <= wanted or scan.end == limit:
             break
+    else:
+        buffer, position = b"", 0
     rest = buffer[position:]
-    remaining = max(len(rest), os.fstat(fd).st_size - scan.end)
-
-    def more() -> bytes:
+    remaining = max(len(rest), file_size - scan.end)
+    if limit is not None:
+        return _Stop(torn=remaining, damaged=any(rest))
+    if whole or any(rest[:size]):  # a bad record, not free space: is a SYNCED one after it?
         file.seek(scan.end + len(rest))
-        return file.read()
-
-    return _classify_stop(scan.version, rest, size, remaining, more, whole)
+        rest += file.read()
+    return _classify_stop(rest, size, remaining)
 
 
 class SpareLog:
@@ -269,11 +341,11 @@ class SpareLog:
             version=LOG_VERSION,
         )
         temporary = path + ".tmp"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = filesystem.open_file(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         spare = cls(temporary, path, fd, generation)
         try:
             os.write(fd, header.encode())
-            os.fsync(fd)
+            filesystem.fsync(fd)
             spare.allocated = allocate_ahead(fd, HEADER_SIZE, ahead, record_size(expected))
         except BaseException:
             spare.discard()
@@ -292,7 +364,7 @@ class SpareLog:
                 os.close(self._fd)
             self._fd = -1
         with contextlib.suppress(OSError):
-            os.unlink(self.temporary)
+            filesystem.unlink(self.temporary)
 
 
 def allocate_ahead(fd: int, end: int, ahead: int, record: int) -> int:
@@ -324,9 +396,9 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
 
     With the accelerator, the tail (``_fd``, ``_end``, ``records``,
     ``_fsync``, ``_pending``) lives in the C base, which the index's C put
-    appends through: into the file's map when ``allocated`` bytes were
-    allocated ahead (the Python paths still write, which the map sees),
-    else with one ``pwritev``.
+    appends through (only without ``fsync``, so never a SYNCED record): into
+    the file's map when ``allocated`` bytes were allocated ahead (the Python
+    paths still write, which the map sees), else with one ``pwritev``.
     """
 
     def __init__(
@@ -339,16 +411,23 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         records: int,
         fsync: bool,
         allocated: int = 0,
+        *,
+        version: int = LOG_VERSION,
+        synced_end: int = 0,
     ) -> None:
         self.path = path
         self.generation = generation
         self.records = records
+        self.version = version
         self._fd = fd
         self._expected = expected
         self._end = end
         self._fsync = bool(fsync)
         self._pending = bytearray()
+        self._zero_key = bytes(expected.key_size)
         self._zero_value = bytes(expected.value_size)
+        #: Where the bytes known durable (store-wide, see ``SYNCED``) end; 0: unknown.
+        self._synced_end = synced_end
         #: The file's size when it was allocated ahead (0: none); the close cuts it to the end.
         self._allocated = allocated
         self._owner = os.getpid()
@@ -380,77 +459,108 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         ``sync_directory`` (or ``fsync``) fsyncs the directory entry too;
         without it, the caller makes the name durable later (a merge syncs
         the directory before renaming the data file that supersedes the
-        previous log).
+        previous log). With ``fsync``, everything before was made durable
+        (the frozen log's seal was fsynced), so the first record is SYNCED.
         """
         try:
-            os.rename(spare.temporary, spare.path)
+            filesystem.rename(spare.temporary, spare.path)
             if fsync or sync_directory:
-                fsync_directory(os.path.dirname(spare.path))
+                filesystem.fsync_directory(os.path.dirname(spare.path))
         except BaseException:
             spare.discard()
             raise
         fd = spare.take_fd()
         return cls(
-            spare.path, fd, spare.generation, expected, HEADER_SIZE, 0, fsync, spare.allocated
+            spare.path,
+            fd,
+            spare.generation,
+            expected,
+            HEADER_SIZE,
+            0,
+            fsync,
+            spare.allocated,
+            synced_end=HEADER_SIZE if fsync else 0,
         )
 
     @classmethod
     def reopen(
         cls, path: str, scan: LogScan, expected: Expected, fsync: bool, ahead: int = 0
     ) -> LogWriter:
-        """Open an existing log for appending after ``scan``; a torn tail is cut off.
+        """Open an existing log for appending after ``scan``; what follows the records is cut off.
 
-        A version 2 log gets ``ahead`` bytes allocated again; a version 1 log
-        is only ever written to.
+        A cut of anything but free space is fsynced: records appended from
+        there must not be followed, after a power loss, by the old bytes they
+        replaced. A version 2 or 3 log gets ``ahead`` bytes allocated again;
+        a version 1 log is only ever written to.
         """
         fd = os.open(path, os.O_RDWR)
         try:
+            size = record_size(expected)
+            last_op = os.pread(fd, 1, scan.end - size) if scan.end > HEADER_SIZE else b""
             if scan.torn_bytes or scan.free_bytes:
                 os.ftruncate(fd, scan.end)
-                if fsync:
-                    os.fsync(fd)
+                if scan.torn_bytes or fsync:
+                    filesystem.fsync(fd)
             allocated = (
-                allocate_ahead(fd, scan.end, ahead, record_size(expected))
+                allocate_ahead(fd, scan.end, ahead, size)
                 if scan.version >= 2
                 else 0
             )
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, scan.generation, expected, scan.end, scan.records, fsync, allocated)
+        ends_with_mark = last_op == bytes([OP_MARK | SYNCED])
+        return cls(
+            path,
+            fd,
+            scan.generation,
+            expected,
+            scan.end,
+            scan.records,
+            fsync,
+            allocated,
+            version=scan.version,
+            synced_end=scan.end if ends_with_mark else 0,
+        )
+
+    def _op(self, op: int) -> bytes:
+        """The op byte of a record written now at the end, or first of the pending ones."""
+        if self._fsync and self._end == self._synced_end and self.version >= SEALED_VERSION:
+            return bytes([op | SYNCED])
+        return bytes([op])
 
     def append_set(self, key: bytes, value: bytes, flush: bool) -> None:
         """Append a binding of ``key`` to ``value``."""
-        if flush and not self._pending:
+        if flush and not self._pending and not self._fsync:
             # _append's first branch, inlined: this is every flushed add.
             try:
                 size = write_framed(self._fd, self._end, _OP_SET_BYTE, key, value)
-                if self._fsync:
-                    os.fsync(self._fd)
             except OSError as error:
                 raise self._failed_write(error) from error
             self._end += size
             self.records += 1
         else:
-            self._append(flush, _OP_SET_BYTE, key, value)
+            self._append(flush, OP_SET, key, value)
 
     def append_remove(self, key: bytes, flush: bool) -> None:
         """Append the removal of ``key``."""
-        self._append(flush, _OP_REMOVE_BYTE, key, self._zero_value)
+        self._append(flush, OP_REMOVE, key, self._zero_value)
 
-    def _append(self, flush: bool, *parts: bytes) -> None:
-        """Append the record of ``parts``; if this raises, the record is not in the log."""
+    def _append(self, flush: bool, op: int, key: bytes, value: bytes) -> None:
+        """Append the record of ``op``; if this raises, the record is not in the log."""
         if flush and not self._pending:
             try:
-                size = write_framed(self._fd, self._end, *parts)
+                size = write_framed(self._fd, self._end, self._op(op), key, value)
                 if self._fsync:
-                    os.fsync(self._fd)
+                    filesystem.fsync(self._fd)
             except OSError as error:
                 raise self._failed_write(error) from error
             self._end += size
+            if self._fsync:
+                self._synced_end = self._end
         else:
             mark = len(self._pending)
-            self._pending += framed(*parts)
+            self._pending += framed(self._op(op) if not mark else bytes([op]), key, value)
             if flush or len(self._pending) >= PENDING_LIMIT:
                 try:
                     self.flush()
@@ -458,6 +568,42 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                     del self._pending[mark:]
                     raise
         self.records += 1
+
+    def seal(self) -> None:
+        """End the log, after its pending records, with a seal: it is frozen for a merge."""
+        if self.version >= SEALED_VERSION:
+            self._append(True, OP_SEAL, self._zero_key, self._zero_value)
+        else:
+            self.flush()
+
+    def mark(self) -> None:
+        """Flush, make the log durable and record that with a mark (the caller made the
+        values durable).
+
+        Does nothing more than the flush when nothing was written since the
+        last durable point: a store closed and reopened without writes gains
+        no record. A failed fsync or write of the mark is only logged: the
+        mark spares the next load some checks, nothing depends on it.
+        """
+        if self._fd < 0:
+            return
+        self.flush()
+        if self.version < SEALED_VERSION or self._end <= max(self._synced_end, HEADER_SIZE):
+            return
+        try:
+            if not self._fsync:
+                filesystem.fsync(self._fd)
+            size = write_framed(
+                self._fd, self._end, bytes([OP_MARK | SYNCED]), self._zero_key, self._zero_value
+            )
+        except OSError:
+            logger.warning("%s: cannot mark the log durable", self.path, exc_info=True)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._end)
+            return
+        self._end += size
+        self.records += 1
+        self._synced_end = self._end
 
     def flush(self) -> None:
         """Hand every pending record to the OS (and to the disk with ``fsync``).
@@ -469,18 +615,21 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
             self._pending.clear()
         elif self._fsync:
             try:
-                os.fsync(self._fd)
+                filesystem.fsync(self._fd)
             except OSError as error:
                 raise self._write_error(error) from error
+            self._synced_end = self._end
 
     def _write(self, data: bytes) -> None:
         try:
             pwrite_all(self._fd, data, self._end)
             if self._fsync:
-                os.fsync(self._fd)
+                filesystem.fsync(self._fd)
         except OSError as error:
             raise self._failed_write(error) from error
         self._end += len(data)
+        if self._fsync:
+            self._synced_end = self._end
 
     def _failed_write(self, error: OSError) -> CannotWriteToStore:
         """Cut what the failed write left behind, so no later append follows it."""
@@ -517,7 +666,9 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
 def check_log(path: str, name: str = "") -> Iterator[Finding]:
     """Check every record of the log at ``path``: header, framing, op codes, checksums.
 
-    A torn tail is a note, not a problem: the next writer load drops it.
+    What a load drops (a torn tail, records a power loss damaged after the
+    last fsync) is a note, not a problem; a damaged record with a SYNCED one
+    after it is.
     """
     with open(path, "rb") as file:
         try:
@@ -527,41 +678,43 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
             return
         buffer = file.read()
     size = 1 + header.key_size + header.value_size + CRC_SIZE
-    position = 0
-    while position < len(buffer):
-        record = buffer[position : position + size]
-        if (
-            len(record) == size
-            and crc32(record) == CRC_RESIDUE
-            and record[0] in (OP_SET, OP_REMOVE)
-        ):
-            position += size
-            continue
-        offset = HEADER_SIZE + position
-        rest = buffer[position:]
-        stop = _classify_stop(header.version, rest, size, len(rest), bytes, False)
-        if stop.corrupt:
-            yield Finding(path, offset, "log record checksum mismatch or bad op code")
-            position += size
-            continue
-        if header.version >= 2 and not stop.torn:
-            what = f"zero-filled space after the last record ({stop.free} bytes: free, or torn)"
-        elif header.version < 2 and _is_zero(rest):
-            what = "zero-filled tail (torn; dropped at the next writer load)"
-        elif stop.torn < size:
-            what = (
-                f"torn record at the end, {stop.torn} of {size} bytes "
-                "(dropped at the next writer load)"
-            )
-        else:
-            what = "half-written record at the end (torn; dropped at the next writer load)"
-        yield Finding(path, offset, what, False)
-        ignored = rest[stop.torn :]
-        if not _is_zero(ignored):
-            yield Finding(
-                path,
-                offset + stop.torn,
-                "bytes other than zeros after the end of the records "
-                "(a writer's load refuses the log)",
-            )
+    position, _, sealed = _replay_in_python(buffer, size, header.key_size, {})
+    rest = buffer[position:]
+    if not rest:
         return
+    offset = HEADER_SIZE + position
+    stop = _classify_stop(rest, size, len(rest))
+    if stop.corrupt_at is not None:
+        yield Finding(
+            path,
+            offset,
+            "log record checksum mismatch or bad op code, with a record written after "
+            f"it was fsynced (offset {offset + stop.corrupt_at})",
+        )
+    elif stop.damaged:
+        yield Finding(
+            path,
+            offset,
+            f"{stop.torn} bytes from a damaged record on, never fsynced: what a power "
+            "loss left (dropped at the next writer load)",
+            False,
+        )
+    elif stop.torn == size:
+        yield Finding(
+            path, offset, "half-written record at the end (torn; dropped at the next writer load)",
+            False,
+        )
+    elif stop.torn:
+        yield Finding(
+            path,
+            offset,
+            f"torn record at the end, {stop.torn} of {size} bytes "
+            "(dropped at the next writer load)",
+            False,
+        )
+    elif sealed or header.version < 2:
+        what = f"{stop.free} zero bytes after the last record (dropped at the next writer load)"
+        yield Finding(path, offset, what, False)
+    else:
+        what = f"zero-filled space after the last record ({stop.free} bytes: free, or torn)"
+        yield Finding(path, offset, what, False)

@@ -27,8 +27,9 @@ import re
 import threading
 
 from ..errors import CannotLoadStore, CannotReadFromStore
-from .framing import HEADER_SIZE, Expected, fsync_directory
-from .values import GC_COPY, ValuesFile
+from . import filesystem
+from .framing import CRC_RESIDUE, HEADER_SIZE, Expected, crc32
+from .values import GC_COPY, LENGTH, POINTER, RECORD_OVERHEAD, ValuesFile
 
 logger = logging.getLogger("l2_stores.indexed_file")
 
@@ -58,6 +59,61 @@ def list_values(directory: str) -> tuple[list[int], list[str]]:
             numbers.append(int(match.group(1)))
     numbers.sort()
     return numbers, temporaries
+
+
+def record_readable(fd: int, key: bytes, entry: bytes) -> bool:
+    """Whether the record an index ``entry`` of ``key`` points at in file ``fd`` is whole."""
+    offset, length, _ = POINTER.unpack_from(entry)
+    size = RECORD_OVERHEAD + len(key) + length
+    record = os.pread(fd, size, offset)
+    return (
+        len(record) == size
+        and crc32(record) == CRC_RESIDUE
+        and LENGTH.unpack_from(record)[0] == length
+        and record[LENGTH.size : LENGTH.size + len(key)] == key
+    )
+
+
+class ValuesOnDisk:
+    """The values files of a directory as the index engine sees them (``ReferencedValues``).
+
+    It opens the files itself, by name, so that it serves the engine before
+    the store has opened them (a load) and beside it (merges, close).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._open: dict[int, int] = {}
+
+    def sync(self) -> None:
+        """Fsync every values file (a clean file costs little)."""
+        for number in list_values(self.directory)[0]:
+            try:
+                fd = os.open(os.path.join(self.directory, values_name(number)), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # deleted by a GC meanwhile
+            try:
+                filesystem.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def readable(self, key: bytes, value: bytes) -> bool:
+        """Whether the value of the index entry ``value`` reads back whole."""
+        _, _, number = POINTER.unpack_from(value)
+        fd = self._open.get(number)
+        if fd is None:
+            try:
+                fd = os.open(os.path.join(self.directory, values_name(number)), os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            self._open[number] = fd
+        return record_readable(fd, key, value)
+
+    def release(self) -> None:
+        """Close the files :meth:`readable` opened."""
+        opened, self._open = self._open, {}
+        for fd in opened.values():
+            os.close(fd)
 
 
 class ValueFiles:
@@ -129,7 +185,7 @@ class ValueFiles:
     def _delete(self, name: str) -> None:
         logger.info("%s: deleting %s, left by an interrupted GC", self._name, name)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, name))
+            filesystem.unlink(os.path.join(self.directory, name))
 
     def refresh(self, floor: int) -> None:
         """Read-only: open the live files not yet open, forget the dead ones.
@@ -235,7 +291,7 @@ class ValueFiles:
         if file is not None:
             file.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(number))
+            filesystem.unlink(self._path(number))
 
     def commit(self, floor: int) -> int:
         """Delete the files below ``floor`` (the GC committed); return bytes freed.
@@ -250,10 +306,10 @@ class ValueFiles:
         for file in dead:
             freed += file.end
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(file.path)
+                filesystem.unlink(file.path)
         if dead:
             with contextlib.suppress(OSError):
-                fsync_directory(self.directory)
+                filesystem.fsync_directory(self.directory)
         return freed
 
     def close(self) -> None:

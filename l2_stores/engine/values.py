@@ -42,6 +42,7 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
+from . import filesystem
 from .accel import ValuesTailBase
 from .accel import accelerated_reserve as reserve
 from .accel import accelerated_value_of_record as value_of_record
@@ -54,8 +55,8 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
-    fsync_directory,
     parse_header,
+    pwrite_all,
     write_framed,
 )
 
@@ -180,11 +181,14 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         return offset + RECORD_OVERHEAD + self._key_size + length
 
     def cut(self, end: int) -> None:
-        """Cut the file at ``end`` (a writer's load dropping an unreferenced tail)."""
+        """Cut the file at ``end`` (a writer's load dropping an unreferenced tail).
+
+        Always fsynced: records appended from there must not be followed,
+        after a power loss, by the old bytes they replaced.
+        """
         self._map = None
         os.ftruncate(self._fd, end)
-        if self._fsync:
-            os.fsync(self._fd)
+        filesystem.fsync(self._fd)
         self.end = end
         self._reserved = min(self._reserved, end)
         self._holds_reserve = False
@@ -195,12 +199,14 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
             MAGIC, e.key_size, e.value_size, e.header_size, generation=self.number, flags=self.flags
         )
         temporary = self.path + ".tmp"
-        with open(temporary, "wb") as file:
-            file.write(header.encode())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        fsync_directory(os.path.dirname(self.path))
+        fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            pwrite_all(fd, header.encode(), 0)
+            filesystem.fsync(fd)
+        finally:
+            os.close(fd)
+        filesystem.rename(temporary, self.path)
+        filesystem.fsync_directory(os.path.dirname(self.path))
 
     def _check_header(self, fd: int) -> None:
         header = decode_header(os.pread(fd, HEADER_SIZE, 0), MAGIC, self.path, self._expected)
@@ -283,7 +289,7 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
                 self._reserve(offset + RECORD_OVERHEAD + self._key_size + length)
             size = write_framed(self._fd, offset, packed, key, value, packed)
             if self._fsync:
-                os.fsync(self._fd)
+                filesystem.fsync(self._fd)
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)
@@ -329,7 +335,7 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
 
     def sync(self) -> None:
         """Make every appended record durable."""
-        os.fsync(self._fd)
+        filesystem.fsync(self._fd)
 
     def close(self) -> None:
         """Close the file."""
@@ -346,11 +352,17 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
                 os.close(self._fd)
 
 
-def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
+def check_values_file(
+    path: str, name: str = "", referenced_end: int | None = None
+) -> Iterator[Finding]:
     """Check the framing and checksum of every record of the values file at ``path``.
 
-    A torn tail (the last record cut short, or zero-filled) is a note; a
-    break in the chain of records followed by a whole record is a problem.
+    With ``referenced_end``, where the last record the index points at
+    ends: a break in the chain of records before it is a problem, anything
+    after it a note (torn, or left by a power loss: never read, and cut off
+    by the next writer load of the file appends go to). Without it: a torn
+    tail (the last record cut short, or zero-filled) is a note; a break in
+    the chain of records followed by a whole record is a problem.
     """
     with open(path, "rb") as file:
         fd = file.fileno()
@@ -382,6 +394,23 @@ def check_values_file(path: str, name: str = "") -> Iterator[Finding]:
                 break
             offset += overhead + length
         if offset >= size:
+            return
+        if referenced_end is not None:
+            if offset < referenced_end:
+                yield Finding(
+                    path,
+                    offset,
+                    "value record checksum or framing mismatch before the end of the "
+                    f"records the index points at ({referenced_end})",
+                )
+            else:
+                yield Finding(
+                    path,
+                    offset,
+                    f"{size - offset} bytes after the records the index points at "
+                    "(torn, or left by a power loss; never read)",
+                    False,
+                )
             return
         rest = os.pread(fd, size - offset, offset)
         if not any(rest):

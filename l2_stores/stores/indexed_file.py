@@ -27,7 +27,7 @@ from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
 from ..engine.merge import sorted_in_steps
-from ..engine.value_files import ValueFiles, list_values
+from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values
 from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError, DecodingError, StoreLockedError
 from ..idle_waiter import exclusive_write
@@ -109,6 +109,7 @@ class IndexedFileBase(Collectable):
                 buffer_size=index_buffer_size,
                 fsync=fsync,
                 exclusive=store._waiter.force_idle,
+                referenced=ValuesOnDisk(directory),
             )
         except StoreLockedError as error:  # name the store, not its index directory
             raise StoreLockedError(error.reason, name=cls.name, path=directory) from None

@@ -25,14 +25,8 @@ from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
-from ..engine.framing import (
-    FORMAT_VERSION,
-    Finding,
-    crc_ok,
-    fsync_directory,
-    make_directories,
-    with_crc,
-)
+from ..engine import filesystem
+from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_crc
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
@@ -79,7 +73,7 @@ class SingletonStore(Store):
         if mode is Mode.READ_WRITE:
             directory = os.path.dirname(os.path.abspath(store.path))
             try:
-                make_directories(directory, fsync=True)
+                filesystem.make_directories(directory)
             except OSError as error:
                 raise CannotLoadStore(
                     f"cannot create directory: {error}", name=cls.name, path=store.path
@@ -92,7 +86,7 @@ class SingletonStore(Store):
             raise
         if mode is Mode.READ_WRITE:  # a write cut short by a crash
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(store.path + ".tmp")
+                filesystem.unlink(store.path + ".tmp")
         return store
 
     @property
@@ -135,14 +129,16 @@ class SingletonStore(Store):
             self._check_open()
             temporary = self.path + ".tmp"
             try:
-                with open(temporary, "wb") as file:
-                    file.write(record)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, self.path)
+                fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                try:
+                    pwrite_all(fd, record, 0)
+                    filesystem.fsync(fd)
+                finally:
+                    os.close(fd)
+                filesystem.rename(temporary, self.path)
             except OSError as error:
                 with contextlib.suppress(OSError):
-                    os.unlink(temporary)
+                    filesystem.unlink(temporary)
                 raise self._write_error("write", error) from error
             self._cache.value = decoded  # the file is in place
             self._fsync_directory("write")
@@ -153,7 +149,7 @@ class SingletonStore(Store):
         with self._waiter.force_idle():
             self._check_open()
             try:
-                os.unlink(self.path)
+                filesystem.unlink(self.path)
             except FileNotFoundError:
                 self._cache.value = None
                 return
@@ -167,7 +163,7 @@ class SingletonStore(Store):
 
     def _fsync_directory(self, operation: str) -> None:
         try:
-            fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+            filesystem.fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except OSError as error:
             raise self._write_error(f"make the {operation} durable", error) from error
 

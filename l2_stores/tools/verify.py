@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..engine.datafile import check_data_file
-from ..engine.framing import Finding
+from ..engine.framing import HEADER_SIZE, Finding
 from ..engine.layout import LOCK, data_name, log_name, scan
 from ..engine.log import check_log
 from ..engine.value_files import list_values, values_name
-from ..engine.values import POINTER, check_values_file
+from ..engine.values import POINTER, RECORD_OVERHEAD, check_values_file
 from ..errors import CannotReadFromStore, StoreError
 from ..mode import Mode
 from ..stores.indexed_file import INDEX_DIRECTORY
@@ -70,7 +71,16 @@ def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
     checks = _index_checks(index_directory)
     if store.kind is Kind.INDEXED_FILE:
         numbers, temporaries = list_values(store.path)
-        checks += [(os.path.join(store.path, values_name(n)), check_values_file) for n in numbers]
+        ends = _referenced_ends(store)
+        checks += [
+            (
+                os.path.join(store.path, values_name(n)),
+                check_values_file
+                if ends is None
+                else partial(_check_values_up_to, ends.get(n, HEADER_SIZE)),
+            )
+            for n in numbers
+        ]
         checks += [(os.path.join(store.path, name), _leftover) for name in temporaries]
         known = {INDEX_DIRECTORY, *map(values_name, numbers), *temporaries}
         checks += [
@@ -97,6 +107,32 @@ def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
         if name not in known
     ]
     return checks
+
+
+def _referenced_ends(store: StoreOnDisk) -> dict[int, int] | None:
+    """Per values file, where the last record its index points at ends (None: no index read).
+
+    The index is read as a load reads it: the bindings of a point in time
+    whose values are all whole.
+    """
+    try:
+        opened = store.open(Mode.READ_ONLY)
+        if opened is None:
+            return None
+        with opened:
+            ends: dict[int, int] = {}
+            key_size = opened._key.size or 0  # type: ignore[attr-defined]
+            for _, entry in opened._engine.items():  # type: ignore[attr-defined]
+                offset, length, number = POINTER.unpack_from(entry)
+                end = offset + RECORD_OVERHEAD + key_size + length
+                ends[number] = max(ends.get(number, HEADER_SIZE), end)
+            return ends
+    except StoreError:
+        return None  # reported by the check as loaded
+
+
+def _check_values_up_to(end: int, path: str, name: str) -> Iterator[Finding]:
+    return check_values_file(path, name, end)
 
 
 def _leftover(path: str, name: str) -> Iterator[Finding]:
