@@ -666,6 +666,8 @@ class Index:
                 filesystem.unlink(os.path.join(directory, name))
         if dropped:  # they must not come back beside the logs that replace them
             filesystem.fsync_directory(directory)
+        if self._fsync:
+            self._sync_recovered(scans)
         if not scans:
             self._log = self._new_log(generation)
             return
@@ -683,6 +685,21 @@ class Index:
         self._relayer()
         if self._frozen is not None:  # a merge was cut short: run it again
             self._start_merge()
+
+    def _sync_recovered(self, scans: list[LogScan]) -> None:
+        """Make what a load recovered durable, as the SYNCED records ``fsync=True`` writes claim.
+
+        An earlier writer may have run without fsync.
+        """
+        if self._referenced is not None:
+            self._referenced.sync()
+        for scan in scans:
+            path = os.path.join(self.directory, layout.log_name(scan.generation))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                filesystem.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _new_log(self, generation: int) -> LogWriter:
         path = os.path.join(self.directory, layout.log_name(generation))
@@ -830,7 +847,8 @@ class Index:
         data = self._open_data(generation)
         read = [self._read_log(g) for g in logs]
         lock = os.path.join(self.directory, layout.LOCK)
-        scans = self._point_in_time(read, check_values=lock_holder(lock) is None)
+        check_values = self._referenced is not None and lock_holder(lock) is None
+        scans = self._point_in_time(read, check_values)
         cut = len(scans) < len(read) or scans[-1:] != read[-1:]
         self._data = data
         self._frozen = scans[0].bindings if len(scans) == 2 else None

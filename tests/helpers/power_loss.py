@@ -16,7 +16,8 @@ what each made durable:
 Everything lives on disk and is written before (images) or right after
 (journal) the call it records, so the record survives the process being
 killed with SIGKILL at any moment; the fsyncs themselves are skipped, since
-nothing real loses power. :func:`power_loss_image` then computes, from the
+nothing real loses power. A layer made on a state directory that holds a
+journal goes on from it: a kill, then another process, then the power loss. :func:`power_loss_image` then computes, from the
 state and the files as the dead (or paused) writer left them, what a power
 loss would leave, and writes it into a new directory:
 
@@ -34,6 +35,7 @@ process, under the layer's lock, while the stores keep running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -64,7 +66,8 @@ class PowerLossFileSystem(FileSystem):
     """Records durability under ``root`` into ``state``; see the module docstring.
 
     ``hook(call, count)`` runs before each recorded call (``count`` from 1),
-    under the layer's lock: a test may kill the process there, or capture.
+    outside the layer's lock: a test may kill the process there, hold the
+    calling thread, or capture.
     """
 
     def __init__(
@@ -76,15 +79,19 @@ class PowerLossFileSystem(FileSystem):
         self.calls = 0
         self._real = OsFileSystem()
         self._lock = threading.RLock()
+        self._counter = threading.Lock()
         self._ids: dict[tuple[int, int], int] = {}
         self._next_id = 1
         os.makedirs(os.path.join(self.state, "images"), exist_ok=True)
         os.makedirs(os.path.join(self.state, "lost"), exist_ok=True)
         os.makedirs(self.root, exist_ok=True)
-        self._journal = os.open(
-            os.path.join(self.state, "journal"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-        )
-        self._record_initial_tree()
+        journal = os.path.join(self.state, "journal")
+        resuming = os.path.exists(journal)
+        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if resuming:
+            self._resume()
+        else:
+            self._record_initial_tree()
 
     # -- bookkeeping
 
@@ -129,19 +136,35 @@ class PowerLossFileSystem(FileSystem):
                           ino=status.st_ino)
             names.sort()
 
+    def _resume(self) -> None:
+        """Go on from the state an earlier process recorded (it was killed: no power loss)."""
+        namespace = _replay(self.state)
+        numbers = [0, *namespace.inodes]
+        self._next_id = max(numbers) + 1
+        for directory, names in namespace.current.items():
+            for name, (what, number) in names.items():
+                if what != "file":
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    status = os.lstat(os.path.join(self.root, directory, name))
+                    if status.st_ino == namespace.inodes.get(number):
+                        self._ids[(status.st_dev, status.st_ino)] = number
+
     def _call(self, name: str) -> None:
-        self.calls += 1
+        with self._counter:
+            self.calls += 1
+            number = self.calls
         if self.hook is not None:
-            self.hook(name, self.calls)
+            self.hook(name, number)
 
     # -- the seam
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        relative = self._relative(path)
+        if relative is None or not flags & os.O_CREAT:
+            return self._real.open(path, flags, mode)
+        self._call("open")
         with self._lock:
-            relative = self._relative(path)
-            if relative is None or not flags & os.O_CREAT:
-                return self._real.open(path, flags, mode)
-            self._call("open")
             existed = os.path.lexists(path)
             fd = self._real.open(path, flags, mode)
             if not existed:
@@ -151,12 +174,12 @@ class PowerLossFileSystem(FileSystem):
             return fd
 
     def fsync(self, fd: int) -> None:
+        self._call("fsync")
         with self._lock:
             status = os.fstat(fd)
             number = self._ids.get((status.st_dev, status.st_ino))
             if number is None:
                 raise UnknownFile(f"fsync of a file made outside the seam (inode {status.st_ino})")
-            self._call("fsync")
             # Through a descriptor of its own: the caller's may be write-only.
             reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
             try:
@@ -166,22 +189,22 @@ class PowerLossFileSystem(FileSystem):
             self._save("images", number, data)
 
     def fsync_directory(self, path: str) -> None:
+        relative = self._relative(path)
+        if relative is None:
+            return self._real.fsync_directory(path)
+        self._call("fsync_directory")
         with self._lock:
-            relative = self._relative(path)
-            if relative is None:
-                return self._real.fsync_directory(path)
-            self._call("fsync_directory")
             self._log(op="dirsync", path=relative)
 
     def rename(self, source: str, target: str) -> None:
+        relative_source, relative_target = self._relative(source), self._relative(target)
+        if relative_source is None or relative_target is None:
+            return self._real.rename(source, target)
+        assert os.path.dirname(relative_source) == os.path.dirname(relative_target), (
+            "renames stay in their directory"
+        )
+        self._call("rename")
         with self._lock:
-            relative_source, relative_target = self._relative(source), self._relative(target)
-            if relative_source is None or relative_target is None:
-                return self._real.rename(source, target)
-            assert os.path.dirname(relative_source) == os.path.dirname(relative_target), (
-                "renames stay in their directory"
-            )
-            self._call("rename")
             replaced = self._id_of(target)
             if replaced is not None:
                 self._keep_lost(target, replaced)
@@ -189,11 +212,11 @@ class PowerLossFileSystem(FileSystem):
             self._log(op="rename", source=relative_source, target=relative_target)
 
     def unlink(self, path: str) -> None:
+        relative = self._relative(path)
+        if relative is None:
+            return self._real.unlink(path)
+        self._call("unlink")
         with self._lock:
-            relative = self._relative(path)
-            if relative is None:
-                return self._real.unlink(path)
-            self._call("unlink")
             number = self._id_of(path)
             if number is not None:
                 self._keep_lost(path, number)
@@ -201,11 +224,11 @@ class PowerLossFileSystem(FileSystem):
             self._log(op="unlink", path=relative)
 
     def mkdir(self, path: str) -> None:
+        relative = self._relative(path)
+        if relative is None:
+            return self._real.mkdir(path)
+        self._call("mkdir")
         with self._lock:
-            relative = self._relative(path)
-            if relative is None:
-                return self._real.mkdir(path)
-            self._call("mkdir")
             self._real.mkdir(path)
             self._log(op="mkdir", path=relative)
 

@@ -1,14 +1,17 @@
-"""Child process for tests/test_power_loss.py: run a workload over the power-loss layer.
+"""Child process for the power-loss tests: run a workload, over the power-loss layer or not.
 
 Usage: power_writer.py ROOT STATE KIND SEED COUNT BUFFER fsync|no-fsync KILL_AT
 
-Installs ``PowerLossFileSystem(ROOT, STATE)``, loads the store of KIND under
-ROOT, runs ``operations(KIND, SEED, COUNT)``, printing ``begin i`` and ``ack
-i`` (flushed at once) around each, and kills itself with SIGKILL just before
-the layer's call number KILL_AT. If the workload ends first, the store is
-closed and the child exits normally.
+With a STATE directory, installs ``PowerLossFileSystem(ROOT, STATE)`` and
+kills itself with SIGKILL just before the layer's call number KILL_AT; with
+STATE ``-``, runs on the file system as it is (LazyFS, say) until the parent
+kills it. Loads the store of KIND under ROOT, prints ``ready``, then runs
+``operations(KIND, SEED, COUNT)``, printing ``begin i`` and ``ack i``
+(flushed at once) around each. If the workload ends first, the store is
+closed, ``done`` printed, and the child exits normally.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,12 +35,18 @@ def main() -> None:
         if number >= int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    fs = PowerLossFileSystem(root, state, hook)
+    layer = (
+        contextlib.nullcontext()
+        if state == "-"
+        else filesystem.installed(PowerLossFileSystem(root, state, hook))
+    )
     options = {} if kind == "singleton" else {"index_buffer_size": int(buffer), "fsync": fsync}
-    with filesystem.installed(fs):
+    with layer:
         store = load(kind, store_path(root, kind), **options)
+        report("ready")
         run(store, operations(kind, int(seed), int(count)), Progress(kind, fsync), report)
         store.close()
+    report("done")
 
 
 if __name__ == "__main__":
