@@ -17,9 +17,10 @@ Everything lives on disk and is written before (images) or right after
 (journal) the call it records, so the record survives the process being
 killed with SIGKILL at any moment; the fsyncs themselves are skipped, since
 nothing real loses power. A layer made on a state directory that holds a
-journal goes on from it: a kill, then another process, then the power loss. :func:`power_loss_image` then computes, from the
-state and the files as the dead (or paused) writer left them, what a power
-loss would leave, and writes it into a new directory:
+journal goes on from it: a kill, then another process, then the power loss.
+:func:`power_loss_image` then computes, from the state and the files as the
+dead (or paused) writer left them, what a power loss would leave, and writes
+it into a new directory:
 
 - a directory keeps the entries it had at its last sync, plus some of the
   changes made since (none, all, a prefix in order, or any subset);
