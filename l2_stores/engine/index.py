@@ -849,7 +849,7 @@ class Index:
         lock = os.path.join(self.directory, layout.LOCK)
         check_values = self._referenced is not None and lock_holder(lock) is None
         scans = self._point_in_time(read, check_values)
-        cut = len(scans) < len(read) or scans[-1:] != read[-1:]
+        cut = len(scans) < len(read) or any(a is not b for a, b in zip(scans, read, strict=False))
         self._data = data
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
@@ -907,6 +907,27 @@ class Index:
         except Exception:  # nothing is lost: a frozen log is merged at the next load
             logger.exception("%s: merge at close failed", self._name)
 
+    def _mark_durable(self) -> None:
+        """Flush, fsync the values the log points at and the log, and end the log with a mark.
+
+        Only the flush must succeed: the mark spares the next load some
+        checks, and is left out when a frozen log (a merge that failed) is
+        not durable, or when the values cannot be fsynced.
+        """
+        log = self._log
+        assert log is not None
+        if self._frozen is not None:
+            log.flush()
+            return
+        try:
+            if self._referenced is not None:
+                self._referenced.sync()
+        except OSError:
+            logger.warning("%s: cannot fsync the values at close", self._name, exc_info=True)
+            log.flush()
+            return
+        log.mark()
+
     def close(self) -> None:
         """Finish any merge, make everything durable and close everything; idempotent.
 
@@ -925,10 +946,7 @@ class Index:
             self._retry_failed_merge()
             self._merge_overgrown_log()
             if self._log is not None:
-                if self._frozen is None:  # a frozen log left by a failed merge is not synced
-                    if self._referenced is not None:
-                        self._referenced.sync()
-                    self._log.mark()
+                self._mark_durable()
                 self._log.close()
         finally:
             if self._referenced is not None:

@@ -346,7 +346,7 @@ class SpareLog:
         try:
             os.write(fd, header.encode())
             filesystem.fsync(fd)
-            spare.allocated = allocate_ahead(fd, HEADER_SIZE, ahead, record_size(expected))
+            spare.allocated = allocate_ahead(fd, HEADER_SIZE, ahead)
         except BaseException:
             spare.discard()
             raise
@@ -367,20 +367,15 @@ class SpareLog:
             filesystem.unlink(self.temporary)
 
 
-def allocate_ahead(fd: int, end: int, ahead: int, record: int) -> int:
+def allocate_ahead(fd: int, end: int, ahead: int) -> int:
     """Allocate the log's first ``end + ahead`` bytes on disk, to be written through a map.
 
     Returns the bytes allocated, or 0 when the log is to be written with
     system calls: no accelerator, nothing asked, a file system where a store
     into a map could meet a full disk (and kill the process with SIGBUS), or
-    no room now. ``end + ahead`` is capped at :data:`MAP_LIMIT`, and never
-    ends on a record's end: a record written whole inside the space
-    (``record`` bytes) has free space after it, which marks it torn if a
-    kill cuts it short.
+    no room now. ``end + ahead`` is capped at :data:`MAP_LIMIT`.
     """
     size = min(end + ahead, MAP_LIMIT)
-    if (size - end) % record == 0:
-        size += 1
     if ahead <= 0 or size <= end or accelerated_mappable is None or not accelerated_mappable(fd):
         return 0
     try:
@@ -502,7 +497,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                 if scan.torn_bytes or fsync:
                     filesystem.fsync(fd)
             allocated = (
-                allocate_ahead(fd, scan.end, ahead, size)
+                allocate_ahead(fd, scan.end, ahead)
                 if scan.version >= 2
                 else 0
             )
