@@ -59,8 +59,8 @@ from helpers.power_workload import (
 BINARY = os.environ.get("L2_STORES_LAZYFS", "")
 ROUNDS = int(os.environ.get("L2_STORES_LAZYFS_ROUNDS", "5"))
 HELPERS = Path(__file__).parent / "helpers"
-BUFFER = 16
-COUNT = 400
+BUFFER = 200  # merges every 200 writes: a log lives long enough for a fault to hit it
+COUNT = 3000
 
 pytestmark = pytest.mark.skipif(
     not BINARY, reason="opt-in: L2_STORES_LAZYFS=/path/to/the/lazyfs/binary"
@@ -228,7 +228,7 @@ def run_child(
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert child.stdout is not None
     assert child.stdout.readline() == b"ready\n", "the child did not load the store"
-    time.sleep(rng.uniform(0, 0.4))
+    time.sleep(rng.uniform(0, 0.25))
     fired = False
     if fault == "clear-cache":
         child.send_signal(signal.SIGKILL)
