@@ -13,7 +13,9 @@ fsync), then close, reopen, N random finds of present keys, N finds of
 absent keys. Reported: microseconds per operation, single-add latency
 percentiles (merges included), reopen time, peak process-private memory over
 the base (RssAnon, sampled every 10 ms: pages of mmap'd store files are page
-cache and do not count), and bytes on disk.
+cache and do not count), bytes on disk, and write amplification: the bytes
+the process sent to storage while adding and closing (``write_bytes`` of
+``/proc/self/io``, background threads included) over the bytes stored.
 
 Workload B: N values of 100 B to 8 KiB with a 16-byte header, in an indexed
 file. Workload GC: N blocks chained by predecessor hash; a background Chain
@@ -77,6 +79,22 @@ class PeakMemory:
         return self.peak
 
 
+def written_bytes() -> int:
+    """Bytes this process (all its threads) caused to be sent to storage so far.
+
+    ``write_bytes`` of ``/proc/self/io``: counted when a page is dirtied, by a
+    write or through a shared map; 0 where the kernel does not account it.
+    """
+    try:
+        with open("/proc/self/io") as io:
+            for line in io:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def disk_usage(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -99,6 +117,7 @@ def run_a(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     memory = PeakMemory()
     result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
 
+    written = written_bytes()
     store = peer.open_a(path)
     add = store.add
     clock = time.perf_counter
@@ -119,6 +138,8 @@ def run_a(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     started = clock()
     store.close()
     result["close_ms"] = (clock() - started) * 1e3
+    # Bytes sent to storage by the adds, the merges and the close, over the bytes stored.
+    result["write_amplification"] = (written_bytes() - written) / (n * (KEY_SIZE + VALUE_SIZE))
     slowest = heapq.nlargest(max(1, n // 1000), latencies)  # the slowest 0.1 %
     result["add_p999_us"] = slowest[-1] * 1e6
     result["add_max_ms"] = slowest[0] * 1e3
@@ -167,6 +188,7 @@ def run_b(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
     clock = time.perf_counter
 
+    written = written_bytes()
     store = peer.open_b(path)
     append = store.append
     started = clock()
@@ -177,6 +199,8 @@ def run_b(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     started = clock()
     store.close()
     result["close_ms"] = (clock() - started) * 1e3
+    raw = n * (KEY_SIZE + HEADER_SIZE) + sum(sizes)
+    result["write_amplification"] = (written_bytes() - written) / raw
 
     started = clock()
     store = peer.open_b(path)
@@ -200,7 +224,6 @@ def run_b(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     store.close()
     result["peak_rss_over_base_mb"] = (memory.stop() - base) / 1e6
     result["disk_bytes"] = disk_usage(path)
-    raw = n * (KEY_SIZE + HEADER_SIZE) + sum(sizes)
     result["disk_over_raw"] = result["disk_bytes"] / raw
     return result
 
@@ -409,6 +432,7 @@ COLUMNS_A = [
     ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
     ("disk_bytes", "disk MB", "{:.1f}"),
     ("disk_over_raw", "disk/raw", "{:.2f}"),
+    ("write_amplification", "write amp", "{:.1f}"),
 ]
 COLUMNS_B = [
     ("append_us", "append µs", "{:.2f}"),
@@ -419,6 +443,7 @@ COLUMNS_B = [
     ("peak_rss_over_base_mb", "RSS+ MB", "{:.1f}"),
     ("disk_bytes", "disk MB", "{:.1f}"),
     ("disk_over_raw", "disk/raw", "{:.2f}"),
+    ("write_amplification", "write amp", "{:.1f}"),
 ]
 COLUMNS_GC = [
     ("gc_s", "GC s", "{:.2f}"),

@@ -50,7 +50,7 @@ from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
 from .framing import CRC_SIZE, HEADER_SIZE, Expected
 from .interface import ReferencedValues
-from .lock import WriterLock, lock_holder
+from .lock import WriterLock, loaded_writer
 from .log import (
     OP_MASK,
     OP_SET,
@@ -403,10 +403,9 @@ class Index:
             filesystem.fsync_directory(self.directory)
             filesystem.rename(temporary, final)
             renamed = True  # from here on, a load sees the new file
-            try:
-                filesystem.fsync_directory(self.directory)
-            except OSError:
-                logger.exception("%s: cannot sync the directory of %s", self._name, final)
+            # Before anything it supersedes is deleted (by the switch, or a GC's
+            # values files below its floor): if this fails, the merge failed.
+            filesystem.fsync_directory(self.directory)
             outcome = DataFile(final, self._expected)
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
@@ -643,6 +642,7 @@ class Index:
         self._lock = WriterLock(os.path.join(directory, layout.LOCK), self._name, directory)
         try:
             self._recover()
+            self._lock.loaded()
         except BaseException:
             self._lock.release()
             self._lock = None
@@ -657,10 +657,16 @@ class Index:
         self._data = self._open_data(generation)
         self._relayer()
         scans = self._point_in_time([self._read_log(g, whole=True) for g in logs], True)
+        if len(scans) == 2 and scans[1].sealed:
+            raise CannotLoadStore(
+                "two logs frozen for a merge", name=self._name, path=self.directory
+            )
         # Only now is anything changed on disk.
         dropped = [layout.log_name(g) for g in logs[len(scans) :]]
         stale = [layout.data_name(g) for g in listing.data if g < generation]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
+        if stale:  # superseded by data.<generation>: its name must be durable first
+            filesystem.fsync_directory(directory)
         for name in listing.temporaries + stale + dropped:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(os.path.join(directory, name))
@@ -693,6 +699,7 @@ class Index:
         """
         if self._referenced is not None:
             self._referenced.sync()
+        filesystem.fsync_directory(self.directory)  # the logs' names: a spare's rename
         for scan in scans:
             path = os.path.join(self.directory, layout.log_name(scan.generation))
             fd = os.open(path, os.O_RDONLY)
@@ -726,10 +733,6 @@ class Index:
                 )
                 scans = scans[: position + 1]
                 break
-        if len(scans) == 2 and scans[1].sealed:
-            raise CannotLoadStore(
-                "two logs frozen for a merge", name=self._name, path=self.directory
-            )
         if self._referenced is None or not scans or not check_values:
             return scans
         try:
@@ -847,7 +850,9 @@ class Index:
         data = self._open_data(generation)
         read = [self._read_log(g) for g in logs]
         lock = os.path.join(self.directory, layout.LOCK)
-        check_values = self._referenced is not None and lock_holder(lock) is None
+        check_values = self._referenced is not None and not loaded_writer(lock)
+        if len(read) == 2 and read[1].sealed:  # read across a switch and a freeze: again
+            raise FileNotFoundError(f"{self.directory}: files switched while read")
         scans = self._point_in_time(read, check_values)
         cut = len(scans) < len(read) or any(a is not b for a, b in zip(scans, read, strict=False))
         self._data = data
@@ -928,13 +933,14 @@ class Index:
             return
         log.mark()
 
-    def close(self) -> None:
+    def close(self, *, durable: bool = True) -> None:
         """Finish any merge, make everything durable and close everything; idempotent.
 
         A log that has grown past the buffer size while a merge ran is merged
         too, so that the next load replays at most one buffer's worth. The
         log then ends with a mark (after the values it points at and the log
-        are fsynced), so the next load has nothing to check.
+        are fsynced), so the next load has nothing to check; not with
+        ``durable=False`` (a store whose load failed adds nothing).
         """
         if self._closed:
             return
@@ -946,7 +952,8 @@ class Index:
             self._retry_failed_merge()
             self._merge_overgrown_log()
             if self._log is not None:
-                self._mark_durable()
+                if durable:
+                    self._mark_durable()
                 self._log.close()
         finally:
             if self._referenced is not None:

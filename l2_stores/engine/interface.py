@@ -81,5 +81,5 @@ class Engine(Protocol):
     ) -> None:
         """Keep only ``retained`` (with new values where given) and the written keys."""
 
-    def close(self) -> None:
-        """Flush and release every resource; idempotent."""
+    def close(self, *, durable: bool = True) -> None:
+        """Flush, make durable (unless not ``durable``) and release everything; idempotent."""

@@ -8,9 +8,12 @@ The lock file holds no store data, only who holds it (little-endian)::
     offset  size  field
          0     8  magic ``L2SLOCK\\0``
          8     2  format version
-        10     2  reserved, zero
+        10     2  flags: 1 = LOADED, the holder's load is done (0 while it recovers)
         12     4  pid of the holder
         16     4  crc32 of bytes 0..15
+
+Nothing in it is needed to load a store (a power loss may tear it); a
+reader only uses it to know that a live writer has finished its load.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ MAGIC = b"L2SLOCK\0"
 _LAYOUT = struct.Struct("<8sHHI")
 LOCK_FILE_SIZE = 20
 assert _LAYOUT.size + 4 == LOCK_FILE_SIZE
+#: Flag of the lock file: the holder has loaded the store (its recovery is done).
+LOADED = 1
 
 
 class WriterLock:
@@ -68,6 +73,11 @@ class WriterLock:
             ) from error
         self._file: IO[bytes] | None = file
 
+    def loaded(self) -> None:
+        """Record that this holder's load is done; readers may trust what it writes now."""
+        if self._file is not None:
+            _record_holder(self._file.fileno(), LOADED)
+
     def release(self) -> None:
         """Release the lock; the lock file stays."""
         if self._file is not None:
@@ -78,24 +88,32 @@ class WriterLock:
                 self._file = None
 
 
-def _record_holder(fd: int) -> None:
-    """Write this process as the holder, in place, unless the file already says so.
+def _record_holder(fd: int, flags: int = 0) -> None:
+    """Write this process as the holder with ``flags``, in place, unless the file already
+    names this process (and, for LOADED, says it).
 
-    In place rather than truncated and rewritten: truncating a page the
-    kernel is writing back waits for that write, milliseconds after a merge
-    or a close has written much (a reopen went from 1 to 16 ms).
+    A new holder in the process that held the lock last writes nothing, so
+    a load that fails changes nothing (its LOADED flag, left from before, is
+    only trusted while a process holds the lock). In place rather than
+    truncated and rewritten: truncating a page the kernel is writing back
+    waits for that write, milliseconds after a merge or a close has written
+    much (a reopen went from 1 to 16 ms).
     """
-    record = with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, 0, os.getpid()))
-    if os.pread(fd, LOCK_FILE_SIZE + 1, 0) == record:
+    record = with_crc(_LAYOUT.pack(MAGIC, FORMAT_VERSION, flags, os.getpid()))
+    found = os.pread(fd, LOCK_FILE_SIZE + 1, 0)
+    if found == record:
         return
+    if not flags and len(found) == LOCK_FILE_SIZE and crc_ok(found) and found[:8] == MAGIC:
+        if _LAYOUT.unpack(found[:-4])[3] == os.getpid():
+            return
     if os.pwrite(fd, record, 0) != len(record):
         raise OSError(errno.EIO, "short write")
     if os.fstat(fd).st_size > LOCK_FILE_SIZE:
         os.ftruncate(fd, LOCK_FILE_SIZE)
 
 
-def holder_pid(path: str) -> int | None:
-    """The pid written by the last holder of the lock at ``path``, if readable."""
+def _holder_record(path: str) -> tuple[int, int] | None:
+    """``(flags, pid)`` written by the last holder of the lock at ``path``, if readable."""
     try:
         with open(path, "rb") as file:
             raw = file.read(LOCK_FILE_SIZE)
@@ -103,7 +121,25 @@ def holder_pid(path: str) -> int | None:
         return None
     if len(raw) != LOCK_FILE_SIZE or not crc_ok(raw) or raw[:8] != MAGIC:
         return None
-    return int(_LAYOUT.unpack(raw[:-4])[3])
+    _, _, flags, pid = _LAYOUT.unpack(raw[:-4])
+    return int(flags), int(pid)
+
+
+def holder_pid(path: str) -> int | None:
+    """The pid written by the last holder of the lock at ``path``, if readable."""
+    record = _holder_record(path)
+    return record[1] if record is not None else None
+
+
+def loaded_writer(path: str) -> bool:
+    """True when a live process holds the lock at ``path`` and has finished its load.
+
+    What such a writer wrote since is whole in the page cache: only a power
+    loss, which stops every reader too, could undo it.
+    """
+    holder = lock_holder(path)
+    record = _holder_record(path)
+    return holder is not None and record is not None and record == (LOADED, holder)
 
 
 def lock_holder(path: str) -> int | None:

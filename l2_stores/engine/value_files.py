@@ -86,7 +86,12 @@ class ValuesOnDisk:
         self._open: dict[int, int] = {}
 
     def sync(self) -> None:
-        """Fsync every values file (a clean file costs little)."""
+        """Fsync every values file (a clean file costs little), then their directory.
+
+        The names too: a process killed between a values file's rename and
+        its directory's fsync leaves a name the next process would otherwise
+        never make durable.
+        """
         for number in list_values(self.directory)[0]:
             try:
                 fd = os.open(os.path.join(self.directory, values_name(number)), os.O_RDONLY)
@@ -96,6 +101,7 @@ class ValuesOnDisk:
                 filesystem.fsync(fd)
             finally:
                 os.close(fd)
+        filesystem.fsync_directory(self.directory)
 
     def readable(self, key: bytes, value: bytes) -> bool:
         """Whether the value of the index entry ``value`` reads back whole."""

@@ -126,10 +126,10 @@ class IndexedFileBase(Collectable):
             if not readonly:
                 store._drop_unreferenced_tail()
         except OSError as error:
-            store._close_resources()
+            store._close_resources(durable=False)
             raise CannotLoadStore(f"cannot load: {error}", name=cls.name, path=directory) from error
         except BaseException:
-            store._close_resources()
+            store._close_resources(durable=False)
             raise
         store._cache = cache
         store._bind_fast_paths()
@@ -435,9 +435,9 @@ class IndexedFileBase(Collectable):
             engine.sync()
         self._cache.clear()
 
-    def _close_resources(self) -> None:
+    def _close_resources(self, durable: bool = True) -> None:
         try:
-            self._engine.close()
+            self._engine.close(durable=durable)
         finally:
             values = getattr(self, "_values", None)
             if values is not None:

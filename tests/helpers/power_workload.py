@@ -71,6 +71,10 @@ def operations(kind: str, seed: int, count: int) -> list[Op]:
             gc_running_since = None
             continue
         roll = rng.random()
+        if gc_running_since is None and roll < 0.01:  # close makes everything durable
+            ops.append(("reopen",))
+            unflushed = 0
+            continue
         if unflushed and (roll < 0.15 or unflushed > 12):
             ops.append(("flush",))
             unflushed = 0
@@ -124,7 +128,9 @@ class Progress:
         known_durable = self.fsync or self.kind == "singleton"
         if flushed and known_durable and (name == "flush" or not self._unflushed):
             self.durable = number + 1
-        if name == "flush":
+        if name == "reopen":  # whatever fsync says, a close makes everything durable
+            self.durable = number + 1
+        if name in ("flush", "reopen"):
             self._unflushed = False
         if name == "wait_gc":
             self.gcs_done += 1
@@ -135,8 +141,13 @@ def run(
     ops: list[Op],
     progress: Progress,
     report: Callable[[str], None] | None = None,
-) -> None:
-    """Apply ``ops`` to ``store``, keeping ``progress`` up to date (and reporting lines)."""
+    reopen: Callable[[], Any] | None = None,
+) -> Any:
+    """Apply ``ops`` to ``store``, keeping ``progress`` up to date (and reporting lines).
+
+    A ``reopen`` closes the store and loads it again with ``reopen()``.
+    Returns the store, open.
+    """
     kind = progress.kind
     for number, op in enumerate(ops):
         progress.begin(number)
@@ -163,9 +174,13 @@ def run(
             store.write(op[1])
         elif name == "delete":
             store.delete()
+        elif name == "reopen" and reopen is not None:
+            store.close()
+            store = reopen()
         progress.ack(number, op)
         if report is not None:
             report(f"ack {number}")
+    return store
 
 
 def parse_report(lines: list[str], progress: Progress, ops: list[Op]) -> Progress:

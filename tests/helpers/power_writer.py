@@ -44,7 +44,13 @@ def main() -> None:
     with layer:
         store = load(kind, store_path(root, kind), **options)
         report("ready")
-        run(store, operations(kind, int(seed), int(count)), Progress(kind, fsync), report)
+        store = run(
+            store,
+            operations(kind, int(seed), int(count)),
+            Progress(kind, fsync),
+            report,
+            lambda: load(kind, store_path(root, kind), **options),
+        )
         store.close()
     report("done")
 
