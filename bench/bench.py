@@ -79,6 +79,12 @@ class PeakMemory:
         return self.peak
 
 
+def random_bytes(rng: random.Random, size: int) -> bytes:
+    """``size`` random bytes (``randbytes`` takes at most 2**31 bits at a time)."""
+    step = 1 << 26
+    return b"".join(rng.randbytes(min(step, size - at)) for at in range(0, size, step))
+
+
 def written_bytes() -> int:
     """Bytes this process (all its threads) caused to be sent to storage so far.
 
@@ -107,8 +113,8 @@ def run_a(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     peer = PEERS[slug]
     struct_value = slug == "l2_stores_struct"
     rng = random.Random(seed)
-    blob = rng.randbytes(KEY_SIZE * n)
-    misses = rng.randbytes(KEY_SIZE * n)
+    blob = random_bytes(rng, KEY_SIZE * n)
+    misses = random_bytes(rng, KEY_SIZE * n)
     order = list(range(n))
     rng.shuffle(order)
     path = os.path.join(directory, "store")
@@ -176,7 +182,7 @@ def run_b(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     """Workload B: n values of 100 B to 8 KiB with a 16-byte header."""
     peer = PEERS[slug]
     rng = random.Random(seed)
-    keys = rng.randbytes(KEY_SIZE * n)
+    keys = random_bytes(rng, KEY_SIZE * n)
     source = rng.randbytes(2 * VALUE_SIZES[1])
     sizes = array.array("I", (rng.randint(*VALUE_SIZES) for _ in range(n)))
     starts = array.array("I", (rng.randrange(VALUE_SIZES[1]) for _ in range(n)))
@@ -244,7 +250,7 @@ def run_gc(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
 
     store_class = make_indexable("bench_gc", c.Bytes(KEY_SIZE), c.Bytes(KEY_SIZE))
     rng = random.Random(seed)
-    blob = rng.randbytes(KEY_SIZE * n)
+    blob = random_bytes(rng, KEY_SIZE * n)
     keys = [blob[i : i + KEY_SIZE] for i in range(0, n * KEY_SIZE, KEY_SIZE)]
     path = os.path.join(directory, "store")
     result: dict[str, Any] = {"store": "l2_stores", "n": n, "setting": "Chain GC, background"}
