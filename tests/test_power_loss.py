@@ -378,15 +378,9 @@ def test_power_loss_after_a_kill_in_rounds(tmp_path: Path, kind: str, fsync: boo
         progress = run_killed_child(
             root, state, kind, fsync, seed, count, kill_at=rng.randint(5, 400)
         )
-        ops = operations(kind, seed, count)
-        modes = choose_modes(rng)
         image = tmp_path / f"round{number + 1}"
-        power_loss_image(str(root), str(state), str(image), random.Random(seed), **modes)
-        capture = Capture(
-            image, len(base) + progress.durable, len(base) + progress.begun,
-            progress.gcs_done, modes,
-        )
-        check_image(capture, kind, base + ops, fsync)
+        ops = operations(kind, seed, count)
+        lose_power(root, state, image, kind, base, ops, progress, random.Random(seed))
         root = image
 
 
@@ -406,14 +400,29 @@ def test_a_writer_with_fsync_after_one_without_loses_nothing_it_acknowledged(
         progress = run_killed_child(
             root, state, kind, True, second, 120, kill_at=rng.randint(5, 150)
         )
-        modes = choose_modes(rng)
         image = tmp_path / f"image{number}"
-        power_loss_image(str(root), str(state), str(image), random.Random(second), **modes)
-        capture = Capture(
-            image, len(base) + progress.durable, len(base) + progress.begun,
-            progress.gcs_done, modes,
-        )
-        check_image(capture, kind, base + operations(kind, second, 120), True)
+        ops = operations(kind, second, 120)
+        lose_power(root, state, image, kind, base, ops, progress, random.Random(second))
+
+
+def lose_power(
+    root: Path,
+    state: Path,
+    image: Path,
+    kind: str,
+    base: list[Op],
+    ops: list[Op],
+    progress: Progress,
+    rng: random.Random,
+) -> None:
+    """The image a power loss leaves after a killed child, checked against its ``ops``
+    (after ``base``, the content it started from)."""
+    modes = choose_modes(rng)
+    power_loss_image(str(root), str(state), str(image), rng, **modes)
+    capture = Capture(
+        image, len(base) + progress.durable, len(base) + progress.begun, progress.gcs_done, modes
+    )
+    check_image(capture, kind, base + ops, progress.fsync)
 
 
 def base_ops(kind: str, root: Path) -> list[Op]:

@@ -103,9 +103,14 @@ def _record_holder(fd: int, flags: int = 0) -> None:
     found = os.pread(fd, LOCK_FILE_SIZE + 1, 0)
     if found == record:
         return
-    if not flags and len(found) == LOCK_FILE_SIZE and crc_ok(found) and found[:8] == MAGIC:
-        if _LAYOUT.unpack(found[:-4])[3] == os.getpid():
-            return
+    if (
+        not flags
+        and len(found) == LOCK_FILE_SIZE
+        and crc_ok(found)
+        and found[:8] == MAGIC
+        and _LAYOUT.unpack(found[:-4])[3] == os.getpid()
+    ):
+        return
     if os.pwrite(fd, record, 0) != len(record):
         raise OSError(errno.EIO, "short write")
     if os.fstat(fd).st_size > LOCK_FILE_SIZE:
