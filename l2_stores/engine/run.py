@@ -1,0 +1,580 @@
+"""A run: an immutable file of bindings sorted by key bytes, with a filter and an index.
+
+Layout of ``run.<lo>-<hi>`` (integers little-endian; c the row capacity the
+writer was given, n <= c rows, W = K + V + 4 the row size, m = filter blocks
+for c keys, P rows per fence, F = ceil(c / P) fences of capacity, f =
+ceil(n / P) fences used, 2^r radix buckets)::
+
+    offset  size          section
+    0       64            file header (``framing``): magic ``L2SRUN\\0\\0``,
+                          generation = hi, count = n, fan-out bits = r, tag
+    64      64            run header (``RUN_HEADER``): lo, capacity c, m, P,
+                          removals, prefix length p, shift s, base u0,
+                          crc32 of bytes 64..123
+    A = 128 64 m          filter (``filter``), over every row's key
+    B       K F           fences: the key of rows 0, P, 2P, ..., f of them used
+    C       4 (2^r + 1)   radix: u32 index of the first fence of each bucket, then f
+    D       W n           rows: key | value | crc32(key | value), keys ascending,
+                          each once; a removal has a zero value and its crc
+                          inverted (xor 0xFFFFFFFF)
+    E       4 ceil((D - A) / 4096)
+                          crc32 of each 4 KiB page of A..D
+
+The filter, fences and radix come first because their sizes follow from c,
+which the writer knows before it has merged anything; the rows follow as
+they are merged. So a run is written in one pass with bounded memory: the
+index sections through a shared mapping of the file (page cache, not
+process memory), the rows with ``pwrite``.
+
+**Radix.** A key's bucket is ``(u(key) - u0) >> s``, where ``u(key)`` is
+the 8 bytes of the key after the first ``p`` (zero-padded) as a big-endian
+integer, ``p`` the length of the prefix common to the run's first and last
+keys, ``u0`` = u(first key), and ``s`` the smallest shift that maps u(last
+key) into 2^r buckets. Buckets are monotonic in the key order and spread
+evenly for random hashes as for dense counters (``Int32ub`` levels), so a
+bucket names a fence or two; skewed keys only make some buckets longer.
+
+**Lookup.** Filter; bounds (first and last key); radix -> fence range ->
+bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
+checksum. Each 4 KiB page of A..D is checked against its CRC the first
+time a lookup uses it (the file never changes, so once is enough); rows
+are checked every time they are read. A run never returns a value that
+its checksums do not vouch for: a corrupt byte on the way raises
+``CannotReadFromStore`` with the file and offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import zlib
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from typing import Final, overload
+
+from ..errors import CannotLoadStore, CannotReadFromStore
+from . import filesystem, filter
+from .framing import (
+    CRC_RESIDUE,
+    CRC_SIZE,
+    HEADER_SIZE,
+    Expected,
+    FileHeader,
+    Finding,
+    crc32,
+    decode_header,
+    pwrite_all,
+)
+
+MAGIC = b"L2SRUN\0\0"
+RUN_HEADER = struct.Struct("<QQQIQBBQ14xI")
+RUN_HEADER_SIZE = 64
+assert RUN_HEADER.size == RUN_HEADER_SIZE
+FILTER_OFFSET = HEADER_SIZE + RUN_HEADER_SIZE
+PAGE = 4096
+FENCE_BYTES = 4096  # rows per fence: the power of two of rows closest below this many bytes
+RADIX_ENTRY = 4
+MAX_RADIX_BITS = 22
+REMOVAL_MASK = 0xFFFFFFFF
+REMOVAL_RESIDUE = zlib.crc32(b"l2" + (zlib.crc32(b"l2") ^ REMOVAL_MASK).to_bytes(4, "little"))
+assert REMOVAL_RESIDUE != CRC_RESIDUE
+WRITE_CHUNK = 1 << 20
+ROW_MISMATCH = "run row checksum mismatch"
+
+
+class Removed:
+    """The value a run holds for a removed key (a tombstone)."""
+
+    _instance: Removed | None = None
+
+    def __new__(cls) -> Removed:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "REMOVED"
+
+
+REMOVED: Final = Removed()
+
+#: What a run holds for a key: a value, a removal, or (None) nothing.
+Found = bytes | Removed | None
+
+
+def rows_per_fence(row_size: int) -> int:
+    """Rows a fence stands for: the largest power of two whose rows fit ``FENCE_BYTES``."""
+    rows = 1
+    while rows * 2 * row_size <= FENCE_BYTES:
+        rows *= 2
+    return rows
+
+
+def radix_bits_for(fences: int) -> int:
+    """Radix bits giving about two fences a bucket."""
+    bits = 0
+    while (2 << bits) < fences and bits < MAX_RADIX_BITS:
+        bits += 1
+    return bits
+
+
+def _normalized(key: bytes, prefix: int) -> int:
+    return int.from_bytes(key[prefix : prefix + 8].ljust(8, b"\0"), "big")
+
+
+def _common_prefix(first: bytes, last: bytes) -> int:
+    prefix = 0
+    for a, b in zip(first, last, strict=True):
+        if a != b:
+            break
+        prefix += 1
+    return prefix
+
+
+class Geometry:
+    """Where each section of a run lies, from its sizes."""
+
+    def __init__(self, expected: Expected, capacity: int, count: int) -> None:
+        self.key_size = expected.key_size
+        self.row_size = expected.key_size + expected.value_size + CRC_SIZE
+        self.capacity = capacity
+        self.count = count
+        self.filter_blocks = filter.filter_blocks(capacity)
+        self.fence_rows = rows_per_fence(self.row_size)
+        self.fence_capacity = -(-capacity // self.fence_rows)
+        self.fences = -(-count // self.fence_rows)
+        self.radix_bits = radix_bits_for(self.fence_capacity)
+        self.filter = FILTER_OFFSET
+        self.fence = self.filter + self.filter_blocks * filter.BLOCK_BYTES
+        self.radix = self.fence + self.fence_capacity * self.key_size
+        self.rows = self.radix + ((1 << self.radix_bits) + 1) * RADIX_ENTRY
+        self.pages = -(-(self.rows - self.filter) // PAGE)
+        self.page_crcs = self.rows + count * self.row_size
+        self.size = self.page_crcs + self.pages * CRC_SIZE
+
+    def page_bounds(self, page: int) -> tuple[int, int]:
+        """The bytes of index page ``page``."""
+        start = self.filter + page * PAGE
+        return start, min(start + PAGE, self.rows)
+
+
+class _Keys(Sequence[bytes]):
+    """Fixed-size keys at a stride in a buffer, as a sequence for ``bisect``."""
+
+    def __init__(self, buffer: memoryview, offset: int, stride: int, size: int, count: int) -> None:
+        self._buffer, self._offset, self._stride = buffer, offset, stride
+        self._size, self._count = size, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        start = self._offset + index * self._stride
+        return bytes(self._buffer[start : start + self._size])
+
+
+class Run:
+    """A run opened for reading: lookups, seeks and ordered scans on its mapping."""
+
+    def __init__(self, path: str, expected: Expected) -> None:
+        self.path = path
+        self._name = expected.name
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, FILTER_OFFSET, 0)
+            header = decode_header(head, MAGIC, path, expected)
+            if len(head) < FILTER_OFFSET or not _crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
+                raise self._load_error("run header checksum mismatch", HEADER_SIZE)
+            (lo, capacity, _, fence_rows, removals, prefix, shift, base, _) = RUN_HEADER.unpack(
+                head[HEADER_SIZE:FILTER_OFFSET]
+            )
+            geometry = Geometry(expected, capacity, header.count)
+            if (geometry.fence_rows, geometry.radix_bits) != (fence_rows, header.fanout_bits):
+                raise self._load_error("run header disagrees with its sizes", HEADER_SIZE)
+            if size != geometry.size:
+                raise self._load_error(
+                    f"run file is {size} bytes, {geometry.size} expected", min(size, geometry.size)
+                )
+            self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
+        self.header: FileHeader = header
+        self.lo, self.hi = lo, header.generation
+        self.tag = header.tag
+        self.count = header.count
+        self.removals = removals
+        self.geometry = geometry
+        self._prefix, self._shift, self._base = prefix, shift, base
+        self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self._checked = bytearray(geometry.pages)
+        g = geometry
+        self._fences = _Keys(self._view, g.fence, g.key_size, g.key_size, g.fences)
+        self.first_key = self.last_key = b""
+        if self.count:
+            first, last = self._row(0), self._row(self.count - 1)
+            if first is None or last is None:
+                bad = 0 if first is None else self.count - 1
+                raise self._load_error(ROW_MISMATCH, self._row_offset(bad))
+            self.first_key, self.last_key = first[0], last[0]
+            if _common_prefix(self.first_key, self.last_key) != prefix:
+                raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
+
+    def _load_error(self, what: str, offset: int) -> CannotLoadStore:
+        return CannotLoadStore(
+            f"{what} (file {self.path}, offset {offset})",
+            name=self._name,
+            path=self.path,
+            offset=offset,
+        )
+
+    def _read_error(self, what: str, offset: int) -> CannotReadFromStore:
+        return CannotReadFromStore(
+            f"{what} (file {self.path}, offset {offset})",
+            name=self._name,
+            path=self.path,
+            offset=offset,
+        )
+
+    def _check_pages(self, start: int, end: int) -> None:
+        """Check once every index page holding bytes ``start`` .. ``end``."""
+        g = self.geometry
+        first, last = (start - g.filter) // PAGE, (end - 1 - g.filter) // PAGE
+        for page in range(first, last + 1):
+            if self._checked[page]:
+                continue
+            low, high = g.page_bounds(page)
+            stored = int.from_bytes(
+                self._view[g.page_crcs + page * CRC_SIZE : g.page_crcs + (page + 1) * CRC_SIZE],
+                "little",
+            )
+            if crc32(self._view[low:high]) != stored:
+                raise self._read_error("run index page checksum mismatch", low)
+            self._checked[page] = 1
+
+    def _row(self, index: int) -> tuple[bytes, bytes | Removed] | None:
+        """Row ``index``, or None when its checksum fails."""
+        g = self.geometry
+        offset = g.rows + index * g.row_size
+        row = self._view[offset : offset + g.row_size]
+        residue = crc32(row)
+        if residue == CRC_RESIDUE:
+            return bytes(row[: g.key_size]), bytes(row[g.key_size : -CRC_SIZE])
+        if residue == REMOVAL_RESIDUE:
+            return bytes(row[: g.key_size]), REMOVED
+        return None
+
+    def _row_offset(self, index: int) -> int:
+        return self.geometry.rows + index * self.geometry.row_size
+
+    def _checked_row(self, index: int) -> tuple[bytes, bytes | Removed]:
+        row = self._row(index)
+        if row is None:
+            raise self._read_error(ROW_MISMATCH, self._row_offset(index))
+        return row
+
+    def may_contain(self, key_hash: int) -> bool:
+        """False when the filter proves no row has a key of CRC-32 ``key_hash``."""
+        g = self.geometry
+        block, bits = filter.probes(key_hash, g.filter_blocks)
+        start = g.filter + block * filter.BLOCK_BYTES
+        self._check_pages(start, start + filter.BLOCK_BYTES)
+        return all(self._view[start + (bit >> 3)] >> (bit & 7) & 1 for bit in bits)
+
+    def _radix(self, bucket: int) -> int:
+        offset = self.geometry.radix + bucket * RADIX_ENTRY
+        self._check_pages(offset, offset + RADIX_ENTRY)
+        return int.from_bytes(self._view[offset : offset + RADIX_ENTRY], "little")
+
+    def _fence_of(self, key: bytes) -> int:
+        """The last fence whose key is at most ``key`` (first key <= key <= last key)."""
+        g = self.geometry
+        bucket = (_normalized(key, self._prefix) - self._base) >> self._shift
+        low, high = self._radix(bucket), self._radix(bucket + 1)
+        if not (0 <= low <= high <= g.fences):
+            raise self._read_error("run radix entry out of range", g.radix + bucket * RADIX_ENTRY)
+        if high > low:
+            self._check_pages(g.fence + low * g.key_size, g.fence + high * g.key_size)
+        return bisect_right(self._fences, key, low, high) - 1
+
+    def _rows_of_fence(self, fence: int) -> tuple[int, int]:
+        rows = self.geometry.fence_rows
+        if fence < 0:
+            raise self._read_error("run fences do not cover their rows", self.geometry.fence)
+        return fence * rows, min((fence + 1) * rows, self.count)
+
+    def _lower_bound(self, key: bytes, low: int, high: int) -> int:
+        """The first row of ``low`` .. ``high`` whose key is at least ``key``, checking
+        every row it compares (a corrupt key must not steer the search)."""
+        while low < high:
+            middle = (low + high) // 2
+            if self._checked_row(middle)[0] < key:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    def find(self, key: bytes, key_hash: int | None = None) -> Found:
+        """What this run holds for ``key``: its value, ``REMOVED``, or None."""
+        if not self.count:
+            return None
+        if not self.may_contain(crc32(key) if key_hash is None else key_hash):
+            return None
+        if key < self.first_key or key > self.last_key:
+            return None
+        low, high = self._rows_of_fence(self._fence_of(key))
+        index = self._lower_bound(key, low, high)
+        if index == high:
+            return None
+        found, value = self._checked_row(index)
+        return value if found == key else None
+
+    def seek(self, key: bytes | None) -> int:
+        """The index of the first row whose key is at least ``key`` (None: 0)."""
+        if key is None or not self.count or key <= self.first_key:
+            return 0
+        if key > self.last_key:
+            return self.count
+        low, high = self._rows_of_fence(self._fence_of(key))
+        return self._lower_bound(key, low, high)
+
+    def rows(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes | Removed]]:
+        """Rows with ``start <= key < stop`` (None: open), removals included, in key order."""
+        low = self.seek(start)
+        high = self.count if stop is None else self.seek(stop)
+        indices = range(high - 1, low - 1, -1) if reverse else range(low, high)
+        for index in indices:
+            yield self._checked_row(index)
+
+    def close(self) -> None:
+        """Let go of the mapping (at once if no view of it is still in use)."""
+        self._view.release()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a scan still holds a slice
+                self._map.close()
+
+
+def _crc_ok(data: bytes) -> bool:
+    return crc32(data) == CRC_RESIDUE
+
+
+class RunWriter:
+    """Writes a run from bindings given in ascending key order, in one pass."""
+
+    def __init__(
+        self, path: str, expected: Expected, lo: int, hi: int, capacity: int, tag: int = 0
+    ) -> None:
+        if not 0 <= lo <= hi:
+            raise ValueError(f"run generations {lo}..{hi}")
+        self.path = path
+        self._expected = expected
+        self._lo, self._hi, self._tag = lo, hi, tag
+        self._geometry = Geometry(expected, capacity, 0)
+        g = self._geometry
+        self._fd = filesystem.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        self._map: mmap.mmap | None = None
+        self._view = memoryview(b"")
+        try:
+            os.ftruncate(self._fd, g.rows)
+            self._map = mmap.mmap(self._fd, g.rows)
+            self._view = memoryview(self._map)
+        except BaseException:
+            self.abort()
+            raise
+        self._count = 0
+        self._removals = 0
+        self._last: bytes | None = None
+        self._first = b""
+        self._pending = bytearray()
+        self._written = g.rows
+
+    def add(self, key: bytes, value: bytes | Removed) -> None:
+        """Append the row of ``key`` (a key greater than every earlier one)."""
+        g = self._geometry
+        mapped = self._view
+        if len(key) != g.key_size:
+            raise ValueError(f"key of {len(key)} bytes in a run of {g.key_size}-byte keys")
+        if self._last is not None and key <= self._last:
+            raise ValueError(f"run keys out of order: {key.hex()} after {self._last.hex()}")
+        if self._count >= g.capacity:
+            raise ValueError(f"run of capacity {g.capacity} is full")
+        if isinstance(value, Removed):
+            body = key + bytes(self._expected.value_size)
+            crc = crc32(body) ^ REMOVAL_MASK
+            self._removals += 1
+        else:
+            if len(value) != self._expected.value_size:
+                raise ValueError(
+                    f"value of {len(value)} bytes in a run of "
+                    f"{self._expected.value_size}-byte values"
+                )
+            body = key + value
+            crc = crc32(body)
+        if self._count % g.fence_rows == 0:
+            fence = g.fence + (self._count // g.fence_rows) * g.key_size
+            mapped[fence : fence + g.key_size] = key
+        if self._last is None:
+            self._first = key
+        self._last = key
+        filter.add(mapped[g.filter : g.fence], crc32(key), g.filter_blocks)
+        self._pending += body
+        self._pending += crc.to_bytes(CRC_SIZE, "little")
+        self._count += 1
+        if len(self._pending) >= WRITE_CHUNK:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            pwrite_all(self._fd, memoryview(self._pending), self._written)
+            self._written += len(self._pending)
+            self._pending.clear()
+
+    def finish(self, *, fsync: bool = True) -> None:
+        """Write the radix, checksums and headers; then fsync (unless not ``fsync``) and close."""
+        assert self._map is not None
+        self._write_pending()
+        g = Geometry(self._expected, self._geometry.capacity, self._count)
+        prefix = shift = base = 0
+        mapped = self._view
+        if self._count:
+            assert self._last is not None
+            prefix = _common_prefix(self._first, self._last)
+            base = _normalized(self._first, prefix)
+            span = _normalized(self._last, prefix) - base
+            shift = max(0, span.bit_length() - g.radix_bits)
+            buckets = 1 << g.radix_bits
+            radix = bytearray(((1 << g.radix_bits) + 1) * RADIX_ENTRY)
+            fence_keys = _Keys(mapped, g.fence, g.key_size, g.key_size, g.fences)
+            bucket = 0
+            for fence in range(g.fences):
+                fence_bucket = (_normalized(fence_keys[fence], prefix) - base) >> shift
+                while bucket <= fence_bucket:
+                    radix[bucket * RADIX_ENTRY : (bucket + 1) * RADIX_ENTRY] = fence.to_bytes(
+                        RADIX_ENTRY, "little"
+                    )
+                    bucket += 1
+            for rest in range(bucket, buckets + 1):
+                radix[rest * RADIX_ENTRY : (rest + 1) * RADIX_ENTRY] = g.fences.to_bytes(
+                    RADIX_ENTRY, "little"
+                )
+            mapped[g.radix : g.rows] = radix
+        run_header = RUN_HEADER.pack(
+            self._lo,
+            g.capacity,
+            g.filter_blocks,
+            g.fence_rows,
+            self._removals,
+            prefix,
+            shift,
+            base,
+            0,
+        )[:-CRC_SIZE]
+        mapped[HEADER_SIZE:FILTER_OFFSET] = run_header + crc32(run_header).to_bytes(
+            CRC_SIZE, "little"
+        )
+        file_header = FileHeader(
+            MAGIC,
+            self._expected.key_size,
+            self._expected.value_size,
+            self._expected.header_size,
+            self._hi,
+            self._count,
+            g.radix_bits,
+            tag=self._tag,
+        )
+        mapped[:HEADER_SIZE] = file_header.encode()
+        crcs = bytearray()
+        for page in range(g.pages):
+            low, high = g.page_bounds(page)
+            crcs += crc32(mapped[low:high]).to_bytes(CRC_SIZE, "little")
+        pwrite_all(self._fd, memoryview(crcs), g.page_crcs)
+        self._release_map()
+        if fsync:
+            filesystem.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    def _release_map(self) -> None:
+        self._view.release()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    @property
+    def count(self) -> int:
+        """Rows written so far."""
+        return self._count
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file."""
+        try:
+            self._release_map()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                filesystem.unlink(self.path)
+
+
+MAX_FINDINGS = 20
+
+
+def check_run(path: str, expected: Expected) -> Iterator[Finding]:
+    """Every problem of the run at ``path``: checksums, order, fences, radix and filter."""
+    try:
+        run = Run(path, expected)
+    except CannotLoadStore as error:
+        yield Finding(path, error.offset or 0, str(error))
+        return
+    except OSError as error:
+        yield Finding(path, 0, f"cannot read: {error}")
+        return
+    try:
+        yield from _check_open_run(run)
+    finally:
+        run.close()
+
+
+def _check_open_run(run: Run) -> Iterator[Finding]:
+    try:
+        yield from _check_sections(run)
+    except CannotReadFromStore as error:
+        yield Finding(run.path, error.offset or 0, error.reason)
+
+
+def _check_sections(run: Run) -> Iterator[Finding]:
+    g = run.geometry
+    for page in range(g.pages):
+        run._check_pages(*g.page_bounds(page))
+    previous: bytes | None = None
+    removals = 0
+    for index in range(run.count):
+        key, value = run._checked_row(index)
+        offset = g.rows + index * g.row_size
+        if previous is not None and key <= previous:
+            yield Finding(run.path, offset, "run rows out of order")
+            return
+        if index % g.fence_rows == 0 and run._fences[index // g.fence_rows] != key:
+            yield Finding(run.path, g.fence + index // g.fence_rows * g.key_size, "fence differs")
+            return
+        if not run.may_contain(crc32(key)):
+            yield Finding(run.path, g.filter, f"filter lacks the key of row {index}")
+            return
+        if run.seek(key) != index:
+            yield Finding(run.path, g.radix, f"index does not find row {index}")
+            return
+        removals += value is REMOVED
+        previous = key
+    if removals != run.removals:
+        yield Finding(run.path, HEADER_SIZE, f"{removals} removals, {run.removals} recorded")
