@@ -529,7 +529,7 @@ def test_load_passes_mode_and_options(tmp_path: Path) -> None:
             for i in range(6):
                 await astore.add(key(i), kind.value(i))
         # index_buffer_size=2 reached the store: merges made a data file.
-        assert any(n.startswith("data.") for n in os.listdir(path))
+        assert any(n.startswith("run.") for n in os.listdir(path))
         reader = await aio.load(RemovableCls, path, Mode.READ_ONLY)
         assert reader.mode is Mode.READ_ONLY
         assert sorted(await collect(reader.keys())) == [key(i) for i in range(6)]

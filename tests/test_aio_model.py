@@ -393,7 +393,7 @@ def test_sequential_scenarios_really_merge_and_collect() -> None:
     with store_directory() as path:
         scenario = Sequential(kind, path, keys, 2)
         run(scenario.run(actions))
-        assert any(n.startswith("data.") for n in os.listdir(path))
+        assert any(n.startswith("run.") for n in os.listdir(path))
         assert scenario.witness == {
             keys[0]: b"\x01" * 32,
             keys[1]: b"\x02" * 32,

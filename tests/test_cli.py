@@ -26,6 +26,9 @@ import construct
 import pytest
 
 from l2_stores import Mode, make_singleton
+from l2_stores.engine.framing import Expected
+from l2_stores.engine.run import Run
+from tests.helpers.runs import run_names
 
 HELPERS = Path(__file__).parent / "helpers"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "l2-stores"
@@ -184,7 +187,7 @@ def generation_of(index_dir: Path) -> int:
     return max(
         int(p.name.split(".")[1])
         for p in index_dir.iterdir()
-        if p.name.startswith(("log.", "data.")) and not p.name.endswith(".tmp")
+        if p.name.startswith("log.") and not p.name.endswith(".tmp")
     )
 
 
@@ -630,11 +633,11 @@ def indexed_log_store(path: Path, records: int = 6) -> Path:
 
 
 def merged_store(path: Path) -> Path:
-    """An indexable store after many adds (index_buffer_size 16); returns its data file."""
+    """An indexable store after many adds (index_buffer_size 16); returns its oldest run."""
     with zoo.Plain.load(path, index_buffer_size=16) as store:
         for i in range(100):
             store.add(zoo.plain_key(i), i.to_bytes(8, "big"))
-    return one_file(path, "data.")
+    return path / run_names(path)[0]
 
 
 def values_records(path: Path, key_size: int = 32) -> list[tuple[int, int]]:
@@ -663,18 +666,19 @@ def corrupt(case: str, tmp_path: Path) -> tuple[Path, Path, range]:
         record = 64 + 2 * size
         flip(log, record + 40)
         return store, log, range(record, record + size)
-    if case in ("data_row", "data_hash_column", "data_header"):
+    if case in ("run_row", "run_fences", "run_header"):
         data = merged_store(store)
-        n = int.from_bytes(data.read_bytes()[32:40], "little")
-        assert n > 50
-        rows = 64 + 4 * n
-        if case == "data_row":
-            row = rows + 44 * (n // 2)
+        opened = Run(str(data), Expected("plain", 32, 8))
+        geometry, n = opened.geometry, opened.count
+        opened.close()
+        assert n > 10
+        if case == "run_row":
+            row = geometry.rows + geometry.row_size * (n // 2)
             flip(data, row + 35)
-            return store, data, range(row, row + 44)
-        if case == "data_hash_column":
-            # a report may point at the hash or at the bucket checksum covering it
-            flip(data, 64 + 4 * (n // 3) + 1)
+            return store, data, range(row, row + geometry.row_size)
+        if case == "run_fences":
+            # a report may point at the fence or at the start of the page holding it
+            flip(data, geometry.fence + 1)
             return store, data, range(0, data.stat().st_size)
         flip(data, 20)
         return store, data, range(0, 64)
@@ -704,9 +708,9 @@ def corrupt(case: str, tmp_path: Path) -> tuple[Path, Path, range]:
 FLIPS = [
     "log_record",
     "indexed_log_record",
-    "data_row",
-    "data_hash_column",
-    "data_header",
+    "run_row",
+    "run_fences",
+    "run_header",
     "values_record",
     "singleton_fixed",
     "singleton_variable",
@@ -736,10 +740,10 @@ def test_verify_reports_a_flipped_byte(tmp_path: Path, case: str) -> None:
     assert tree(tmp_path) == before, "verify changed the damaged store"
 
 
-@pytest.mark.parametrize("case", ["data_file", "values_file", "singleton"])
+@pytest.mark.parametrize("case", ["run_file", "values_file", "singleton"])
 def test_verify_reports_a_truncated_file(tmp_path: Path, case: str) -> None:
     store = tmp_path / "store"
-    if case == "data_file":
+    if case == "run_file":
         damaged = merged_store(store)
     elif case == "values_file":
         with zoo.Blocks.load(store) as blocks:

@@ -29,6 +29,7 @@ import construct
 import pytest
 
 from l2_stores import Mode, make_indexable, make_indexable_removable, make_singleton
+from tests.helpers.runs import assert_runs_tile
 
 HELPERS = Path(__file__).parent / "helpers"
 CRASH_WRITER = HELPERS / "crash_writer.py"
@@ -232,7 +233,7 @@ def kill_round(
                     names = os.listdir(directory)
                 except FileNotFoundError:
                     names = []
-                if any(n.startswith("data.") and n.endswith(".tmp") for n in names):
+                if any(n.startswith("run.") and n.endswith(".tmp") for n in names):
                     break
         elif how == "boundary":
             # kill a few ms after the op that filled the log (a merge starts)
@@ -271,7 +272,7 @@ def kill_round(
         names = sorted(os.listdir(directory))
         assert not [n for n in names if n.endswith(".tmp")], names
         assert len([n for n in names if n.startswith("log.")]) == 1, names
-        assert len([n for n in names if n.startswith("data.")]) <= 1, names
+        assert_runs_tile(directory)
         # the recovered store reads the same once more
         assert observe(cls, directory, Mode.READ_ONLY, buffer, probes) == seen
     return seen, listing_at_kill
@@ -368,7 +369,7 @@ def test_indexable_killed_during_merges(tmp_path: Path) -> None:
             recover_in_parent=recover,
         )
         if (
-            any(n.startswith("data.") and n.endswith(".tmp") for n in listing)
+            any(n.startswith("run.") and n.endswith(".tmp") for n in listing)
             or sum(n.startswith("log.") for n in listing) > 1
         ):
             interrupted += 1
@@ -546,14 +547,14 @@ def generation_of(path: Path) -> int:
 def test_merge_leftovers_are_ignored_and_removed(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     state = make_store(directory, 25, buffer=10)
-    data = only(directory, "data.")
     log = only(directory, "log.")
     following = generation_of(log) + 1
     rng = random.Random("leftovers")
     leftovers = {
-        f"data.{following:08d}.tmp": rng.randbytes(700),
+        f"run.{following - 1:08d}-{following - 1:08d}.tmp": rng.randbytes(700),
         f"log.{following:08d}.tmp": log_file(following, [])[:30],
-        f"data.{generation_of(data):08d}.tmp": b"",
+        f"run.00000000-{following - 1:08d}.tmp": b"",
+        "run.convert-0.tmp": b"",
     }
     for name, content in leftovers.items():
         (directory / name).write_bytes(content)
@@ -570,7 +571,7 @@ def test_merge_leftovers_are_ignored_and_removed(tmp_path: Path) -> None:
 
 
 def test_merge_cut_short_is_redone(tmp_path: Path) -> None:
-    """The state a kill leaves after a freeze: two logs and a partial data.tmp."""
+    """The state a kill leaves after a freeze: two logs and a partial run .tmp."""
     directory = tmp_path / "store"
     state = make_store(directory, 40, buffer=1000)
     log = only(directory, "log.")
@@ -582,7 +583,7 @@ def test_merge_cut_short_is_redone(tmp_path: Path) -> None:
     records = [(1, some[0], b"\xaa" * 32), (2, some[1], bytes(32)), (1, b"n" * 32, b"m" * 32)]
     records += [(2, some[2], bytes(32)), (1, some[2], b"\xbb" * 32)]
     (directory / "log.00000001").write_bytes(log_file(1, records))
-    (directory / "data.00000001.tmp").write_bytes(rng.randbytes(1500))
+    (directory / "run.00000000-00000000.tmp").write_bytes(rng.randbytes(1500))
     expected = dict(state)
     expected[some[0]] = b"\xaa" * 32
     del expected[some[1]]
@@ -594,5 +595,5 @@ def test_merge_cut_short_is_redone(tmp_path: Path) -> None:
     assert snapshot(directory) == files, "a READ_ONLY load changed the files"
     assert observe(Removable, directory, Mode.READ_WRITE, 1000, set(some)) == expected
     names = sorted(os.listdir(directory))
-    assert names == ["data.00000001", "lock", "log.00000001"], names
+    assert names == ["lock", "log.00000001", "run.00000000-00000000"], names
     assert observe(Removable, directory, Mode.READ_WRITE, 1000, set(some)) == expected

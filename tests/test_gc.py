@@ -1456,27 +1456,27 @@ def test_wait_gc_completion_from_inside_next_does_not_wait_for_itself(tmp_path: 
 def test_gc_merge_failing_after_its_rename_leaves_the_store_as_it_was(
     tmp_path: Path, kind: Kind, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The GC's data file is renamed into place, then cannot be opened (EMFILE, say).
+    """The GC's run is renamed into place, then cannot be opened (EMFILE, say).
 
-    The GC fails, the store keeps its content, the old content is merged over
-    the GC's file, and a reload gives the content as it was.
+    The GC fails, the store keeps its content, the GC's run is deleted and
+    the frozen log written again, and a reload gives the content as it was.
     """
     from l2_stores.engine import index as index_module
 
     path = tmp_path / "store"
-    real_data_file = index_module.DataFile
+    real_run = index_module.OpenRun
     armed = threading.Event()
 
-    class FailingDataFile(real_data_file):  # type: ignore[misc,valid-type]
-        def __init__(self, file: str, expected: Any) -> None:
+    class FailingRun(real_run):  # type: ignore[misc,valid-type]
+        def __init__(self, file: str, expected: Any, span: Any) -> None:
             if armed.is_set():
                 armed.clear()
                 raise OSError(24, "Too many open files")
-            super().__init__(file, expected)
+            super().__init__(file, expected, span)
 
     with load(kind, path, buffer=1000) as store:
         want = build_loose(store, kind, "r", 20)
-        monkeypatch.setattr(index_module, "DataFile", FailingDataFile)
+        monkeypatch.setattr(index_module, "OpenRun", FailingRun)
         armed.set()
         with pytest.raises(GcFailed) as raised:
             store.gc(Retain([key("r", 0)]), background=False)

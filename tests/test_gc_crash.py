@@ -47,6 +47,7 @@ import construct
 import pytest
 
 from l2_stores import Chain, Mode, make_indexable, make_indexable_removable, make_indexed_file
+from tests.helpers.runs import assert_runs_tile, runs_tag
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "gc_writer.py"
@@ -147,11 +148,10 @@ def check_files_at_rest(kind: str, directory: Path) -> int:
     index = index_directory(kind, directory)
     names = sorted(os.listdir(index))
     assert len([n for n in names if n.startswith("log.")]) == 1, names
-    data = [n for n in names if n.startswith("data.")]
-    assert len(data) <= 1, names
+    assert_runs_tile(index)
     if kind != "indexed":
         return 0
-    floor = read_header(index / data[0])[1] if data else 0
+    floor = runs_tag(index)
     numbers = values_numbers(directory)
     assert numbers, "no values file"
     for number, flags in numbers.items():

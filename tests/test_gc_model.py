@@ -60,6 +60,7 @@ from l2_stores import (
     make_indexed_file,
     make_simple_indexed_file,
 )
+from tests.helpers.runs import runs_tag
 
 KEY = construct.Bytes(32)
 ZERO = bytes(32)
@@ -341,10 +342,7 @@ def read_header(path: str) -> tuple[int, int, int]:
 def floor_of(path: str) -> int:
     """The values-file floor: the tag of the index's newest data file (0 if none)."""
     index = os.path.join(path, "index")
-    data = [n for n in os.listdir(index) if n.startswith("data.") and not n.endswith(".tmp")]
-    if not data:
-        return 0
-    return read_header(os.path.join(index, max(data)))[2]
+    return runs_tag(index)
 
 
 def check_files_at_rest(kind: Kind, path: str) -> None:

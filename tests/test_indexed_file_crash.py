@@ -45,6 +45,7 @@ from l2_stores import (
     make_indexed_file,
     make_simple_indexed_file,
 )
+from tests.helpers.runs import assert_runs_tile
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "indexed_file_writer.py"
@@ -300,7 +301,7 @@ def kill_round(
         names = index_files(directory)
         assert not [n for n in names if n.endswith(".tmp")], names
         assert len([n for n in names if n.startswith("log.")]) == 1, names
-        assert len([n for n in names if n.startswith("data.")]) <= 1, names
+        assert_runs_tile(directory / "index")
         assert observe(cls, directory, Mode.READ_ONLY, probes) == seen
     return seen
 
@@ -326,7 +327,7 @@ def test_appends_survive_sigkill(tmp_path: Path, kind: str) -> None:
             recover_in_parent=number % 3 != 1,
         )
     assert len(state) > 50, "the kills came too early to test anything"
-    assert any(n.startswith("data.") for n in index_files(directory)), "no merge happened"
+    assert any(n.startswith("run.") for n in index_files(directory)), "no merge happened"
     # a last clean session: the store is still fully usable
     cls = CLASSES[kind]
     extra = {bytes([i]) * 32: bytes([i]) * i * 100 for i in range(45)}
@@ -425,7 +426,7 @@ def test_torn_values_tail_is_cut(tmp_path: Path, kind: str, tail: str, merged: b
     cls = CLASSES[kind]
     directory = tmp_path / "store"
     state = make_store(directory, kind, 12, buffer=4 if merged else 1000)
-    assert any(n.startswith("data.") for n in index_files(directory)) == merged
+    assert any(n.startswith("run.") for n in index_files(directory)) == merged
     values = directory / VALUES_FILE
     original = values.read_bytes()
     rng = random.Random(tail)

@@ -112,7 +112,7 @@ def check_store(store: IndexableStore, witness: dict[bytes, Any], keys: list[byt
 
 def merged(directory: str) -> bool:
     """Whether some merge produced a data file in ``directory``."""
-    return any(name.startswith("data.") for name in os.listdir(directory))
+    return any(name.startswith("run.") for name in os.listdir(directory))
 
 
 # ----------------------------------------------------------------------

@@ -615,7 +615,7 @@ def test_a_load_deletes_what_a_merge_superseded_only_once_its_file_is_durably_na
         for i in range(4):
             first.put(i.to_bytes(8, "big"), b"a" * 8, flush=True)
         deadline = time.monotonic() + 30
-        while "data.00000001" not in os.listdir(directory):
+        while "run.00000000-00000000" not in os.listdir(directory):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         abandon(first)

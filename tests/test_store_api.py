@@ -701,7 +701,7 @@ def test_remove_of_an_absent_key_is_a_no_op(tmp_path: Path, buffer: int) -> None
 
 
 def _data_files(path: Path) -> list[str]:
-    return [name for name in os.listdir(path) if name.startswith("data.")]
+    return [name for name in os.listdir(path) if name.startswith("run.")]
 
 
 def test_items_once_each_after_merges_and_removals(tmp_path: Path) -> None:

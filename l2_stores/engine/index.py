@@ -50,6 +50,7 @@ from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
 from .framing import CRC_SIZE, HEADER_SIZE, Expected
 from .interface import ReferencedValues
+from .levels import Span, TilingError, live_and_superseded, merged, merges
 from .lock import WriterLock, loaded_writer
 from .log import (
     OP_MASK,
@@ -61,7 +62,19 @@ from .log import (
     read_log,
     record_size,
 )
-from .merge import Selection, merge
+from .run import REMOVED, Removed
+from .runstack import (
+    Cancelled,
+    LegacyData,
+    OpenRun,
+    RunStack,
+    Source,
+    convert_legacy,
+    merged_rows,
+    sorted_in_steps,
+    write_run,
+)
+from .selection import Selection
 
 logger = logging.getLogger("l2_stores.engine")
 
@@ -99,6 +112,7 @@ class _GcMerge:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.renamed = False
+        self.path = ""
 
 
 def _no_spare() -> SpareLog | None:
@@ -140,7 +154,7 @@ class Index:
         self._referenced = referenced
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
-        self._data: DataFile | None = None
+        self._stack = RunStack()
         # The C read path, told of every change of the three above by _relayer.
         self._layers = AcceleratedLayers() if AcceleratedLayers is not None else None
         if self._layers is not None:
@@ -165,7 +179,7 @@ class Index:
         self._merging = False
         self.pacing = False
         self._merge_ready = threading.Event()
-        self._merge_outcome: DataFile | BaseException | None = None
+        self._merge_outcome: OpenRun | BaseException | None = None
         self._merge_ticket = 0
         self._merge_gc: _GcMerge | None = None
         # The next log, prepared by the last merge, and the one its successor prepares.
@@ -175,6 +189,13 @@ class Index:
         #: Files superseded by a switch, not deleted yet (see _delete_superseded).
         self._superseded: list[str] = []
         self._delete_lock = threading.Lock()
+        # run merges: the runs being merged (under _switch_lock), how many merge
+        # threads are writing, and what finished threads left to switch in
+        self._busy: set[Span] = set()
+        self._hold_merges = False
+        self._run_merges = 0
+        self._merged: list[tuple[list[Span], OpenRun | None, list[str]]] = []
+        self._run_merges_changed = threading.Condition()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
         # read-only state: the listing and scans seen at the last (re)load
@@ -200,43 +221,41 @@ class Index:
             if frozen is not None:
                 value = frozen.get(key, _MISSING)
             if value is _MISSING:
-                data = self._data
-                return data.find(key) if data is not None else None
+                return self._stack.find(key)
         return value  # type: ignore[return-value]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """A snapshot of every live binding, taken now, iterated lazily."""
         logged = dict(self._frozen) if self._frozen is not None else {}
         logged.update(self._active)
-        return self._iterate(logged, self._data)
+        return self._iterate(logged, self._stack)
 
     @staticmethod
     def _iterate(
-        logged: dict[bytes, bytes | None], data: DataFile | None
+        logged: dict[bytes, bytes | None], stack: RunStack
     ) -> Iterator[tuple[bytes, bytes]]:
         for key, value in logged.items():
             if value is not None:
                 yield key, value
-        if data is not None:
-            for key, value in data.items():
-                if key not in logged:
-                    yield key, value
+        for key, row_value in stack.rows():
+            if not isinstance(row_value, Removed) and key not in logged:
+                yield key, row_value
 
     def _relayer(self) -> None:
-        """Hand the C read path the current dicts and data file (after any change of them)."""
+        """Hand the C read path the current dicts and runs (after any change of them)."""
         if self._layers is not None:
-            data = self._data
-            self._layers.set(self._active, self._frozen, data.find if data is not None else None)
+            stack = self._stack
+            self._layers.set(self._active, self._frozen, stack.find if stack.runs else None)
 
     @property
     def generation(self) -> int:
-        """Generation of the current data file (0 before the first merge)."""
-        return self._data.generation if self._data is not None else 0
+        """The first generation no run holds (0 before the first flush)."""
+        return self._stack.generation
 
     @property
     def tag(self) -> int:
-        """The tag of the current data file (0 before the first merge)."""
-        return self._data.tag if self._data is not None else 0
+        """The word kept with the runs (0 until a GC sets it)."""
+        return self._stack.tag
 
     # --------------------------------------------------------------- writes
 
@@ -356,7 +375,7 @@ class Index:
         self._merge_outcome = None
         # The inputs in a list the merge empties: the thread's arguments would
         # otherwise keep the frozen dict alive until the thread ends.
-        args = (self._merge_ticket, [self._data, self._frozen], self._log.generation, gc)
+        args = (self._merge_ticket, [self._stack, self._frozen], self._log.generation, gc)
         self._merging = True
         self.pacing = True
         self._merge_gc = gc
@@ -380,33 +399,54 @@ class Index:
         generation: int,
         gc: _GcMerge | None,
     ) -> None:
-        old: DataFile | None
+        stack: RunStack
         frozen: dict[bytes, bytes | None]
-        old, frozen = inputs
+        stack, frozen = inputs
         inputs.clear()
-        final = os.path.join(self.directory, layout.data_name(generation))
-        temporary = os.path.join(self.directory, layout.temporary_name(generation))
-        selection = gc.selection if gc is not None else None
-        outcome: DataFile | BaseException
+        frozen_log = generation - 1
+        first = stack.runs[0].span.lo if stack.runs and gc is not None else frozen_log
+        span = Span(first, frozen_log)
+        final = os.path.join(self.directory, layout.run_name(span))
+        temporary = os.path.join(self.directory, layout.temporary_run_name(span))
+        if gc is not None:
+            gc.path = final
+        outcome: OpenRun | BaseException
         renamed = False
         take_spare: Callable[[], SpareLog | None] = _no_spare
         try:
             take_spare = self._prepare_spare_aside(generation + 1)
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(temporary)
-            merge(old, frozen, temporary, self._expected, generation, True, selection)
-            del old, frozen  # the index's own references go at the switch
-            if self._referenced is not None:  # what the new file's values point at first
+            if gc is None:
+                rows = sorted_in_steps(
+                    [(key, REMOVED if value is None else value) for key, value in frozen.items()]
+                )
+                write_run(
+                    temporary,
+                    self._expected,
+                    span,
+                    rows,
+                    len(frozen),
+                    tag=stack.tag,
+                    drop_removals=not stack.runs,
+                )
+            else:
+                kept = gc.selection.kept(frozen, stack.find)
+                write_run(
+                    temporary, self._expected, span, kept, len(kept), tag=gc.selection.tag
+                )
+            del stack, frozen  # the index's own references go at the switch
+            if self._referenced is not None:  # what the new run's values point at first
                 self._referenced.sync()
             # The active log's name may not be durable yet (see _next_log); it
-            # must be before the new data file supersedes the frozen log.
+            # must be before the new run supersedes the frozen log.
             filesystem.fsync_directory(self.directory)
             filesystem.rename(temporary, final)
             renamed = True  # from here on, a load sees the new file
             # Before anything it supersedes is deleted (by the switch, or a GC's
             # values files below its floor): if this fails, the merge failed.
             filesystem.fsync_directory(self.directory)
-            outcome = DataFile(final, self._expected)
+            outcome = OpenRun(final, self._expected, span)
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
             outcome = error
@@ -509,28 +549,110 @@ class Index:
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
         spare, self._merge_spare = self._merge_spare, None
-        if not isinstance(outcome, DataFile):
+        if not isinstance(outcome, OpenRun):
             return  # failed: the frozen log stays and is merged again later (without GC)
         if spare is not None:
             if self._spare is not None:
                 self._spare.discard()
             self._spare = spare
-        old, frozen_log = self._data, self._log.generation - 1 if self._log else None
-        self._data = outcome
+        old, frozen_log = self._stack, outcome.span.hi
+        self._stack = RunStack([outcome]) if gc is not None else old.with_run(outcome)
         self._frozen = None
         self._relayer()
         self._merge_outcome = None
         # Deleted by _delete_superseded; leftovers of a failure, or of a
         # kill, go at the next writer load.
-        if frozen_log is not None:
-            self._superseded.append(os.path.join(self.directory, layout.log_name(frozen_log)))
-        if old is not None:
-            self._superseded.append(old.path)
+        self._superseded.append(os.path.join(self.directory, layout.log_name(frozen_log)))
+        if gc is not None:
+            self._superseded.extend(run.path for run in old.runs)
+        self._schedule_merges()
         if gc is not None and gc.on_switch is not None:
             try:
                 gc.on_switch()
             except Exception:
                 logger.exception("%s: the GC's switch hook failed", self._name)
+
+    # ----------------------------------------------------------- run merges
+
+    def _schedule_merges(self) -> None:
+        """Start a thread for each group of runs the policy merges now (``_switch_lock`` held)."""
+        if self._closed or self._log is None or self._hold_merges:
+            return
+        stack = self._stack
+        for group in merges(stack.spans, self._busy):
+            runs = stack.select(group)
+            drop_removals = stack.spans[0] == group[0]
+            self._busy.update(group)
+            with self._run_merges_changed:
+                self._run_merges += 1
+            try:
+                start_thread(self._merge_runs, (group, runs, drop_removals))
+            except RuntimeError:
+                logger.exception("%s: cannot start a run merge; later switches retry", self._name)
+                self._busy.difference_update(group)
+                with self._run_merges_changed:
+                    self._run_merges -= 1
+                return
+
+    def _merge_runs(self, group: list[Span], runs: list[Source], drop_removals: bool) -> None:
+        """Merge the adjacent runs of ``group`` into one (on a thread of its own)."""
+        span = merged(group)
+        final = os.path.join(self.directory, layout.run_name(span))
+        temporary = os.path.join(self.directory, layout.temporary_run_name(span))
+        outcome: OpenRun | None = None
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                filesystem.unlink(temporary)
+            write_run(
+                temporary,
+                self._expected,
+                span,
+                merged_rows([run.rows() for run in reversed(runs)]),
+                sum(run.count for run in runs),
+                tag=max(run.tag for run in runs),
+                drop_removals=drop_removals,
+                cancelled=lambda: self._closed,
+            )
+            filesystem.rename(temporary, final)
+            # Before the runs it supersedes are deleted: if this fails, the merge failed.
+            filesystem.fsync_directory(self.directory)
+            outcome = OpenRun(final, self._expected, span)
+        except Cancelled:
+            pass
+        except BaseException:
+            logger.exception("%s: merge of runs into %s failed", self._name, final)
+        paths = [run.path for run in runs]
+        del runs
+        with self._run_merges_changed:
+            self._merged.append((group, outcome, paths))
+            self._run_merges -= 1
+            self._run_merges_changed.notify_all()
+        if not self._closed:
+            with self._exclusive(), self._switch_lock:
+                self._switch_merged_runs()
+        self._delete_superseded()
+
+    def _switch_merged_runs(self) -> None:
+        """Swap in the runs merges wrote (``_switch_lock`` and the exclusive section held)."""
+        with self._run_merges_changed:
+            done, self._merged = self._merged, []
+        switched = False
+        for group, run, paths in done:
+            self._busy.difference_update(group)
+            if run is None:
+                continue  # failed or given up: the runs stay, a later switch tries again
+            self._stack = self._stack.replaced(group, run)
+            self._superseded.extend(paths)
+            switched = True
+        if switched:
+            self._relayer()
+            self._schedule_merges()
+
+    def _wait_run_merges(self) -> None:
+        """Block until no run merge is writing (they stop early once the index is closed)."""
+        with self._run_merges_changed:
+            while self._run_merges:
+                self._run_merges_changed.wait()
 
     # ------------------------------------------------------------------- GC
 
@@ -546,14 +668,14 @@ class Index:
         self._touched = set()
         active = dict(self._active)
         frozen = self._frozen
-        data = self._data
+        stack = self._stack
 
         def lookup(key: bytes) -> bytes | None:
             value = active.get(key, _MISSING)
             if value is _MISSING and frozen is not None:
                 value = frozen.get(key, _MISSING)
             if value is _MISSING:
-                return data.find(key) if data is not None else None
+                return stack.find(key)
             return value  # type: ignore[return-value]
 
         return lookup
@@ -575,6 +697,22 @@ class Index:
         store as it was. ``tag`` (default: the current one) tags the new file;
         ``on_switch`` runs in the exclusive section that switches to it.
         """
+        # The GC's run replaces every run: no run merge may be running when it switches.
+        self._hold_merges = True
+        try:
+            self._collect(retained, tag, on_switch)
+        finally:
+            self._hold_merges = False
+            with self._exclusive(), self._switch_lock:
+                self._schedule_merges()
+
+    def _collect(
+        self,
+        retained: Mapping[bytes, bytes | None],
+        tag: int | None,
+        on_switch: Callable[[], None] | None,
+    ) -> None:
+        self._wait_run_merges()
         retried = False
         while True:
             if self._merging:
@@ -583,6 +721,8 @@ class Index:
                 if self._merging and not self._merge_ready.is_set():
                     continue  # another merge started meanwhile
                 self._switch()
+                with self._switch_lock:
+                    self._switch_merged_runs()
                 if self._closed or self._log is None:
                     raise CannotWriteToStore("store closed", name=self._name, path=self.directory)
                 if self._touched is None:
@@ -614,8 +754,13 @@ class Index:
             raise CannotWriteToStore(
                 f"GC merge failed: {gc.error}", name=self._name, path=self.directory
             ) from gc.error
-        with self._exclusive():  # merge the old content again over the GC's file, now
+        with self._exclusive():  # the old content again in place of the GC's run, now
             if self._frozen is not None and not self._merging and not self._closed:
+                try:
+                    filesystem.unlink(gc.path)
+                    filesystem.fsync_directory(self.directory)
+                except OSError:  # a load may see the GC's content: new rather than old
+                    logger.exception("%s: cannot delete the failed GC's run", self._name)
                 with contextlib.suppress(CannotWriteToStore):
                     self._start_merge()
         raise GcMergeRenamed(
@@ -623,11 +768,17 @@ class Index:
         ) from gc.error
 
     def wait_merge(self) -> None:
-        """Block until no merge runs (tests and tools)."""
-        if self._merging:
-            self._merge_ready.wait()
-        with self._exclusive():
-            self._switch()
+        """Block until no merge runs, of a log or of runs (tests and tools)."""
+        while True:
+            if self._merging:
+                self._merge_ready.wait()
+            self._wait_run_merges()
+            with self._exclusive():
+                self._switch()
+                with self._switch_lock:
+                    self._switch_merged_runs()
+                if not self._merging and not self._run_merges:
+                    return
 
     # ------------------------------------------------------------- load
 
@@ -642,6 +793,8 @@ class Index:
         self._lock = WriterLock(os.path.join(directory, layout.LOCK), self._name, directory)
         try:
             self._recover()
+            with self._switch_lock:
+                self._schedule_merges()
             self._lock.loaded()
         except BaseException:
             self._lock.release()
@@ -651,10 +804,14 @@ class Index:
     def _recover(self) -> None:
         directory = self.directory
         listing = layout.scan(directory)
-        generation = listing.data_generation
+        live, superseded, legacy = self._sources(listing)
+        generation = live[-1].hi + 1 if live else legacy
         logs = [g for g in listing.logs if g >= generation]
         self._check_logs(logs, generation)
-        self._data = self._open_data(generation)
+        legacy_data = self._open_data(legacy) if legacy and not live else None
+        self._stack = (
+            RunStack([LegacyData(legacy_data)]) if legacy_data else self._open_runs(live)
+        )
         self._relayer()
         scans = self._point_in_time([self._read_log(g, whole=True) for g in logs], True)
         if len(scans) == 2 and scans[1].sealed:
@@ -662,8 +819,11 @@ class Index:
                 "two logs frozen for a merge", name=self._name, path=self.directory
             )
         # Only now is anything changed on disk.
+        if legacy_data is not None:
+            self._convert(legacy_data)
         dropped = [layout.log_name(g) for g in logs[len(scans) :]]
-        stale = [layout.data_name(g) for g in listing.data if g < generation]
+        stale = [layout.data_name(g) for g in listing.data]
+        stale += [layout.run_name(span) for span in superseded]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
         if stale:  # superseded by data.<generation>: its name must be durable first
             filesystem.fsync_directory(directory)
@@ -793,6 +953,55 @@ class Index:
                 path=self.directory,
             )
 
+    def _sources(self, listing: layout.Listing) -> tuple[list[Span], list[Span], int]:
+        """The live runs, the superseded ones, and the generation of the newest data
+        file of the format before runs if no run holds it yet (else 0)."""
+        try:
+            live, superseded = live_and_superseded(listing.runs)
+        except TilingError as error:
+            raise CannotLoadStore(str(error), name=self._name, path=self.directory) from None
+        if live and live[0].lo != 0:
+            raise CannotLoadStore(
+                f"files missing: the runs start at generation {live[0].lo}",
+                name=self._name,
+                path=self.directory,
+            )
+        legacy = max(listing.data, default=0)
+        if live and legacy > live[-1].hi + 1:
+            raise CannotLoadStore(
+                f"{layout.data_name(legacy)} is newer than the runs beside it",
+                name=self._name,
+                path=self.directory,
+            )
+        return live, superseded, 0 if live else legacy
+
+    def _open_runs(self, spans: list[Span]) -> RunStack:
+        runs: list[Source] = []
+        try:
+            for span in spans:
+                path = os.path.join(self.directory, layout.run_name(span))
+                runs.append(OpenRun(path, self._expected, span))
+        except BaseException:
+            for run in runs:
+                run.close()
+            raise
+        return RunStack(runs)
+
+    def _convert(self, data: DataFile) -> None:
+        """Write the run of a data file of the format before runs, in its place."""
+        span = Span(0, data.generation - 1)
+        final = os.path.join(self.directory, layout.run_name(span))
+        temporary = os.path.join(self.directory, layout.temporary_run_name(span))
+        for name in os.listdir(self.directory):  # what an earlier conversion left
+            if name.startswith("run.") and name.endswith(".tmp"):
+                filesystem.unlink(os.path.join(self.directory, name))
+        convert_legacy(data, self.directory, temporary, self._expected)
+        filesystem.rename(temporary, final)
+        filesystem.fsync_directory(self.directory)
+        self._stack = RunStack([OpenRun(final, self._expected, span)])
+        self._relayer()
+        data.close()
+
     def _open_data(self, generation: int) -> DataFile | None:
         if not generation:
             return None
@@ -844,10 +1053,12 @@ class Index:
 
     def _read_state(self) -> None:
         listing = layout.scan(self.directory)
-        generation = listing.data_generation
+        live, _, legacy = self._sources(listing)
+        generation = live[-1].hi + 1 if live else legacy
         logs = tuple(g for g in listing.logs if g >= generation)
         self._check_logs(list(logs), generation)
-        data = self._open_data(generation)
+        legacy_data = self._open_data(legacy)
+        stack = RunStack([LegacyData(legacy_data)]) if legacy_data else self._open_runs(live)
         read = [self._read_log(g) for g in logs]
         lock = os.path.join(self.directory, layout.LOCK)
         check_values = self._referenced is not None and not loaded_writer(lock)
@@ -855,7 +1066,7 @@ class Index:
             raise FileNotFoundError(f"{self.directory}: files switched while read")
         scans = self._point_in_time(read, check_values)
         cut = len(scans) < len(read) or any(a is not b for a, b in zip(scans, read, strict=False))
-        self._data = data
+        self._stack = stack
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
         self._relayer()
@@ -949,6 +1160,9 @@ class Index:
             if self._merging:
                 self._merge_ready.wait()
                 self._switch()
+            self._wait_run_merges()  # given up at their next step
+            with self._switch_lock:
+                self._switch_merged_runs()
             self._retry_failed_merge()
             self._merge_overgrown_log()
             if self._log is not None:
@@ -965,8 +1179,7 @@ class Index:
                     spare.discard()
             self._spare = self._merge_spare = None
             self._delete_superseded()  # one a merge thread is running included
-            if self._data is not None:
-                self._data.close()
+            self._stack.close()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None

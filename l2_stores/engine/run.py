@@ -65,6 +65,7 @@ from .framing import (
     Finding,
     crc32,
     decode_header,
+    parse_header,
     pwrite_all,
 )
 
@@ -314,13 +315,37 @@ class Run:
     def _lower_bound(self, key: bytes, low: int, high: int) -> int:
         """The first row of ``low`` .. ``high`` whose key is at least ``key``, checking
         every row it compares (a corrupt key must not steer the search)."""
+        start, end = low, high
         while low < high:
             middle = (low + high) // 2
-            if self._checked_row(middle)[0] < key:
+            row = self._row(middle)
+            if row is None:
+                return self._lower_bound_around_damage(key, start, end)
+            if row[0] < key:
                 low = middle + 1
             else:
                 high = middle
         return low
+
+    def _lower_bound_around_damage(self, key: bytes, low: int, high: int) -> int:
+        """``_lower_bound`` over rows some of which fail their checksum: an answer only
+        when no damaged row lies where ``key`` would be."""
+        damaged: int | None = None
+        for index in range(low, high):
+            row = self._row(index)
+            if row is None:
+                damaged = index if damaged is None else damaged
+            elif row[0] == key:
+                return index  # what is damaged before it lies below the key
+            elif row[0] > key:
+                break
+            else:
+                damaged = None  # a sound row below the key: what was damaged lies before it
+        else:
+            index = high
+        if damaged is not None:  # the key may be a damaged row's
+            raise self._read_error(ROW_MISMATCH, self._row_offset(damaged))
+        return index
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
         """What this run holds for ``key``: its value, ``REMOVED``, or None."""
@@ -530,12 +555,15 @@ class RunWriter:
 MAX_FINDINGS = 20
 
 
-def check_run(path: str, expected: Expected) -> Iterator[Finding]:
+def check_run(path: str, name: str = "") -> Iterator[Finding]:
     """Every problem of the run at ``path``: checksums, order, fences, radix and filter."""
     try:
+        with open(path, "rb") as file:
+            header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
+        expected = Expected(name, header.key_size, header.value_size, header.header_size)
         run = Run(path, expected)
     except CannotLoadStore as error:
-        yield Finding(path, error.offset or 0, str(error))
+        yield Finding(path, error.offset or 0, error.reason)
         return
     except OSError as error:
         yield Finding(path, 0, f"cannot read: {error}")

@@ -9,9 +9,9 @@ from typing import Any
 
 import construct
 
-from ..engine import datafile, log
+from ..engine import datafile, log, run
 from ..engine.framing import FORMAT_VERSION, HEADER_SIZE, FileHeader, parse_header
-from ..engine.layout import LOCK, data_name, log_name, scan
+from ..engine.layout import LOCK, data_name, log_name, run_name, scan
 from ..engine.value_files import list_values
 from ..errors import CannotLoadStore
 from ..factories import make_indexable_removable, make_indexed_file, make_singleton
@@ -141,7 +141,10 @@ def _index_header(store: StoreOnDisk) -> FileHeader | None:
         return None
     listing = scan(directory)
     candidates: list[tuple[bytes, str, tuple[int, ...]]]
-    candidates = [(datafile.MAGIC, data_name(g), (FORMAT_VERSION,)) for g in reversed(listing.data)]
+    candidates = [(run.MAGIC, run_name(s), (FORMAT_VERSION,)) for s in reversed(listing.runs)]
+    candidates += [
+        (datafile.MAGIC, data_name(g), (FORMAT_VERSION,)) for g in reversed(listing.data)
+    ]
     candidates += [(log.MAGIC, log_name(g), log.LOG_VERSIONS) for g in reversed(listing.logs)]
     for magic, name, versions in candidates:
         path = os.path.join(directory, name)
@@ -177,7 +180,9 @@ def classify(path: str) -> Kind | None:
 
 def _is_index(directory: str) -> bool:
     listing = scan(directory)
-    return bool(listing.data or listing.logs) or os.path.isfile(os.path.join(directory, LOCK))
+    return bool(listing.data or listing.logs or listing.runs) or os.path.isfile(
+        os.path.join(directory, LOCK)
+    )
 
 
 def find_stores(path: str) -> list[StoreOnDisk]:

@@ -10,8 +10,9 @@ from typing import Any
 
 from ..engine.datafile import check_data_file
 from ..engine.framing import HEADER_SIZE, Finding
-from ..engine.layout import LOCK, data_name, log_name, scan
+from ..engine.layout import LOCK, data_name, log_name, run_name, scan
 from ..engine.log import check_log
+from ..engine.run import check_run
 from ..engine.value_files import list_values, values_name
 from ..engine.values import POINTER, RECORD_OVERHEAD, check_values_file
 from ..errors import CannotReadFromStore, StoreError
@@ -96,11 +97,13 @@ def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
         return []
     listing = scan(directory)
     checks: list[tuple[str, FileCheck]] = []
+    checks += [(os.path.join(directory, run_name(s)), check_run) for s in listing.runs]
     checks += [(os.path.join(directory, data_name(g)), check_data_file) for g in listing.data]
     checks += [(os.path.join(directory, log_name(g)), check_log) for g in listing.logs]
     checks += [(os.path.join(directory, name), _leftover) for name in listing.temporaries]
     known = {LOCK, *listing.temporaries}
     known |= {data_name(g) for g in listing.data} | {log_name(g) for g in listing.logs}
+    known |= {run_name(s) for s in listing.runs}
     checks += [
         (os.path.join(directory, name), _unknown)
         for name in sorted(os.listdir(directory))

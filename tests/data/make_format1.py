@@ -15,7 +15,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from tests.helpers.format1 import make_stores  # noqa: E402
+from tests.helpers.format1 import make_stores
 
 
 def main() -> None:

@@ -1,0 +1,287 @@
+"""A store's runs as one immutable value: lookups newest first, ordered scans, run writing.
+
+The engine keeps its runs in a :class:`RunStack` and replaces the whole
+stack when a flush adds a run or a merge replaces some: a reader takes the
+stack once and reads a consistent set of runs, however the engine switches
+meanwhile. A run that leaves the stack is not closed: its mapping goes when
+the last reader lets go of it (an unlinked file stays readable until then).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from ..errors import CannotLoadStore
+from . import filesystem
+from .datafile import DataFile
+from .framing import Expected, crc32
+from .levels import Span
+from .run import REMOVED, Found, Removed, Run, RunWriter
+
+Row = tuple[bytes, bytes | Removed]
+_CANCEL_CHECK = 4096
+CONVERT_CHUNK = 1 << 18
+_SORT_CHUNK = 4096
+
+
+def sorted_in_steps(items: list[Any], key: Callable[[Any], Any] | None = None) -> Iterable[Any]:
+    """``items`` in order, sorted a chunk at a time.
+
+    One ``sort`` of 100,000 items holds the GIL for tens of milliseconds,
+    which readers in other threads would see as a stall; chunks and a lazy
+    merge keep every step short.
+    """
+    if len(items) <= _SORT_CHUNK:
+        return sorted(items, key=key)
+    chunks = [
+        sorted(items[start : start + _SORT_CHUNK], key=key)
+        for start in range(0, len(items), _SORT_CHUNK)
+    ]
+    return heapq.merge(*chunks, key=key)
+
+
+class Source(Protocol):
+    """What a stack reads: a run, or a data file of the format before runs."""
+
+    path: str
+    span: Span
+    tag: int
+    count: int
+
+    def find(self, key: bytes, key_hash: int | None = None) -> Found:
+        """Its value, ``REMOVED``, or None."""
+
+    def rows(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[Row]:
+        """Rows with ``start <= key < stop``, in key order."""
+
+    def close(self) -> None:
+        """Let go of the file."""
+
+
+class OpenRun(Run):
+    """A run with the span its name gives."""
+
+    def __init__(self, path: str, expected: Expected, span: Span) -> None:
+        super().__init__(path, expected)
+        if (self.lo, self.hi) != (span.lo, span.hi):
+            found = Span(self.lo, self.hi)
+            self.close()
+            raise CannotLoadStore(
+                f"{path} holds generations {found.lo}..{found.hi}",
+                name=expected.name,
+                path=path,
+                offset=0,
+            )
+        self.span = span
+
+
+class LegacyData:
+    """A data file of the format before runs, read as the run ``0..generation-1``.
+
+    Only readers of a store no writer has loaded since see one: a writer
+    converts it at its load. Its rows are in hash order, so an ordered scan
+    sorts them in memory.
+    """
+
+    def __init__(self, data: DataFile) -> None:
+        self._data = data
+        self.path = data.path
+        self.span = Span(0, data.generation - 1)
+        self.tag = data.tag
+        self.count = data.count
+
+    def find(self, key: bytes, key_hash: int | None = None) -> Found:
+        """Its value or None."""
+        return self._data.find(key)
+
+    def rows(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[Row]:
+        """Rows with ``start <= key < stop``, in key order (sorted in memory)."""
+        chosen = [
+            (key, value)
+            for key, value in self._data.items()
+            if (start is None or key >= start) and (stop is None or key < stop)
+        ]
+        chosen.sort(reverse=reverse)
+        return iter(chosen)
+
+    def close(self) -> None:
+        """Let go of the file."""
+        self._data.close()
+
+
+def merged_rows(sources: Sequence[Iterable[Row]], *, reverse: bool = False) -> Iterator[Row]:
+    """The rows of ``sources`` (each in key order, newest source first) in key order,
+    each key once, from the newest source that has it."""
+    if len(sources) == 1:
+        yield from sources[0]
+        return
+    decorated = [_aged(source, age) for age, source in enumerate(sources)]
+    last: bytes | None = None
+    ordered = (
+        heapq.merge(*decorated, key=lambda row: (row[0], -row[1]), reverse=True)
+        if reverse
+        else heapq.merge(*decorated)
+    )
+    for key, _, value in ordered:
+        if key != last:
+            last = key
+            yield key, value
+
+
+def _aged(source: Iterable[Row], age: int) -> Iterator[tuple[bytes, int, bytes | Removed]]:
+    for key, value in source:
+        yield key, age, value
+
+
+class RunStack:
+    """The runs of a store, oldest first."""
+
+    def __init__(self, runs: Sequence[Source] = ()) -> None:
+        self.runs: tuple[Source, ...] = tuple(runs)
+        self._newest_first = self.runs[::-1]
+
+    def find(self, key: bytes) -> bytes | None:
+        """The value the newest run that knows ``key`` holds, or None."""
+        if not self._newest_first:
+            return None
+        key_hash = crc32(key)
+        for run in self._newest_first:
+            found = run.find(key, key_hash)
+            if found is not None:
+                return None if found is REMOVED else found  # type: ignore[return-value]
+        return None
+
+    def rows(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[Row]:
+        """Every key's newest row (removals included) with ``start <= key < stop``, in order."""
+        return merged_rows(
+            [run.rows(start, stop, reverse=reverse) for run in self._newest_first],
+            reverse=reverse,
+        )
+
+    @property
+    def spans(self) -> list[Span]:
+        """The runs' spans, oldest first."""
+        return [run.span for run in self.runs]
+
+    @property
+    def generation(self) -> int:
+        """The first generation no run holds (0 without runs)."""
+        return self.runs[-1].span.hi + 1 if self.runs else 0
+
+    @property
+    def tag(self) -> int:
+        """The word the store keeps with its runs (the highest of them; 0 without runs)."""
+        return max((run.tag for run in self.runs), default=0)
+
+    def with_run(self, run: Source) -> RunStack:
+        """This stack with ``run`` (the next generations) on top."""
+        return RunStack((*self.runs, run))
+
+    def replaced(self, group: Sequence[Span], run: Source) -> RunStack:
+        """This stack with the adjacent runs of ``group`` replaced by ``run``."""
+        spans = self.spans
+        at = spans.index(group[0])
+        if spans[at : at + len(group)] != list(group):
+            raise ValueError(f"runs {group} are not adjacent in {spans}")
+        return RunStack((*self.runs[:at], run, *self.runs[at + len(group) :]))
+
+    def select(self, group: Sequence[Span]) -> list[Source]:
+        """The runs of ``group``."""
+        by_span = {run.span: run for run in self.runs}
+        return [by_span[span] for span in group]
+
+    def close(self) -> None:
+        """Close every run (the stack is no longer read)."""
+        for run in self.runs:
+            run.close()
+
+
+def write_run(
+    path: str,
+    expected: Expected,
+    span: Span,
+    rows: Iterable[Row],
+    capacity: int,
+    *,
+    tag: int = 0,
+    drop_removals: bool = False,
+    cancelled: Callable[[], bool] | None = None,
+    fsync: bool = True,
+) -> int:
+    """Write the run of ``span`` at ``path`` from ``rows`` (in key order); return its row count.
+
+    Removals are left out with ``drop_removals`` (nothing older remains for
+    them to hide). ``cancelled`` is asked every few thousand rows; when it
+    says so the file is deleted and :class:`Cancelled` raised.
+    """
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag)
+    try:
+        for count, (key, value) in enumerate(rows):
+            if drop_removals and value is REMOVED:
+                continue
+            if cancelled is not None and count % _CANCEL_CHECK == 0 and cancelled():
+                raise Cancelled(path)
+            writer.add(key, value)
+        writer.finish(fsync=fsync)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.count
+
+
+class Cancelled(Exception):
+    """A run's writing was given up (the store is closing)."""
+
+
+def convert_legacy(
+    data: DataFile,
+    directory: str,
+    target: str,
+    expected: Expected,
+    chunk: int = CONVERT_CHUNK,
+) -> None:
+    """Write the run of ``data`` (a data file of the format before runs) at ``target``.
+
+    Its rows are in hash order: they are sorted ``chunk`` at a time into
+    temporary runs, which are then merged, so memory stays bounded.
+    """
+    span = Span(0, data.generation - 1)
+    rows = data.items()
+    pieces: list[str] = []
+    try:
+        while True:
+            batch = [row for _, row in zip(range(chunk), rows, strict=False)]
+            if not batch and pieces:
+                break
+            batch.sort()
+            if not pieces and len(batch) < chunk:  # it all fits in one piece
+                write_run(target, expected, span, batch, len(batch), tag=data.tag)
+                return
+            piece = os.path.join(directory, f"run.convert-{len(pieces)}.tmp")
+            write_run(piece, expected, span, batch, len(batch), fsync=False)
+            pieces.append(piece)
+        opened = [Run(piece, expected) for piece in pieces]
+        try:
+            write_run(
+                target,
+                expected,
+                span,
+                merged_rows([run.rows() for run in opened]),
+                data.count,
+                tag=data.tag,
+            )
+        finally:
+            for run in opened:
+                run.close()
+    finally:
+        for piece in pieces:
+            filesystem.unlink(piece)

@@ -1,0 +1,32 @@
+"""The runs of an index directory, as the tests look at them."""
+
+from __future__ import annotations
+
+import os
+
+from l2_stores.engine.framing import HEADER_SIZE, HEADER_STRUCT
+from l2_stores.engine.layout import scan
+from l2_stores.engine.levels import live_and_superseded
+
+
+def run_names(directory: str | os.PathLike[str]) -> list[str]:
+    """The run files of ``directory`` (not those being written), oldest first."""
+    return sorted(n for n in os.listdir(directory) if n.startswith("run.") and "." not in n[4:])
+
+
+def assert_runs_tile(directory: str | os.PathLike[str]) -> list[str]:
+    """Check that the runs tile the generations from 0 with none superseded; their names."""
+    spans = scan(os.fspath(directory)).runs
+    live, superseded = live_and_superseded(spans)
+    assert superseded == [], f"superseded runs left: {superseded}"
+    assert not live or live[0].lo == 0, f"runs start at {live[0]}"
+    return run_names(directory)
+
+
+def runs_tag(directory: str | os.PathLike[str]) -> int:
+    """The word kept with the runs (an indexed file's values-file floor): the highest tag."""
+    tags = [0]
+    for name in run_names(directory):
+        with open(os.path.join(directory, name), "rb") as file:
+            tags.append(HEADER_STRUCT.unpack(file.read(HEADER_SIZE))[9])
+    return max(tags)
