@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2_stores.engine import accel, datafile, framing, merge
-from l2_stores.engine.framing import HEADER_SIZE, Expected
+from l2_stores.engine import accel, framing
+from l2_stores.engine.framing import Expected
 from l2_stores.errors import CannotReadFromStore
 
 _accel = pytest.importorskip(
@@ -26,43 +26,6 @@ _accel = pytest.importorskip(
 EXPECTED = Expected("accel", key_size=8, value_size=4)
 
 
-def colliding_keys(
-    groups: int, seed: int = 7, size: int = 8, prefix: bytes = b""
-) -> list[list[bytes]]:
-    """``groups`` pairs of distinct keys of equal CRC-32 (a birthday search)."""
-    rng = random.Random(seed)
-    seen: dict[int, bytes] = {}
-    found: list[list[bytes]] = []
-    while len(found) < groups:
-        key = prefix + rng.randbytes(size - len(prefix))
-        hashed = zlib.crc32(key)
-        other = seen.setdefault(hashed, key)
-        if other != key:
-            found.append([other, key])
-            del seen[hashed]
-    return found
-
-
-def write(
-    path: Path,
-    old: datafile.DataFile | None,
-    updates: dict[bytes, bytes | None],
-    *,
-    c: bool,
-    monkeypatch: pytest.MonkeyPatch,
-) -> bytes:
-    with monkeypatch.context() as patch:
-        if not c:
-            patch.setattr(merge, "AcceleratedMerge", None)
-        merge.merge(old, updates, str(path), EXPECTED, 2 if old else 1, fsync=False)
-    return path.read_bytes()
-
-
-def open_data(path: Path, *, c: bool, monkeypatch: pytest.MonkeyPatch) -> datafile.DataFile:
-    with monkeypatch.context() as patch:
-        if not c:
-            patch.setattr(datafile, "AcceleratedLookup", None)
-        return datafile.DataFile(str(path), EXPECTED)
 
 
 @settings(max_examples=200)
@@ -258,294 +221,14 @@ def test_value_of_record_refusals() -> None:
 
 
 def test_accelerator_is_in_use_unless_turned_off() -> None:
-    assert accel.AcceleratedLookup is _accel.Lookup
+    assert accel.AcceleratedLayers is _accel.Layers
     code = (
         "from l2_stores.engine import accel; "
-        "print(accel.AcceleratedLookup, accel.AcceleratedMerge, accel.accelerated_framed)"
+        "print(accel.AcceleratedLayers, accel.AcceleratedWriter, accel.accelerated_framed)"
     )
     env = dict(os.environ, **{accel.ENV_PURE_PYTHON: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["None", "None", "None"], out.stderr
-
-
-COLLIDING = [key for pair in colliding_keys(40, seed=3) for key in pair]
-keys_st = st.binary(min_size=8, max_size=8) | st.sampled_from(COLLIDING)
-values_st = st.binary(min_size=4, max_size=4)
-
-
-@settings(max_examples=150)
-@given(
-    st.dictionaries(keys_st, values_st, max_size=1500),
-    st.dictionaries(keys_st, st.none() | values_st, max_size=300),
-    st.booleans(),
-)
-def test_c_and_python_merges_write_the_same_bytes(
-    tmp_path_factory: pytest.TempPathFactory,
-    base: dict[bytes, bytes],
-    updates: dict[bytes, bytes | None],
-    shared: bool,
-) -> None:
-    monkeypatch = pytest.MonkeyPatch()
-    directory = tmp_path_factory.mktemp("merge")
-    if shared:  # updates that replace and remove existing keys
-        for existing in list(base)[: len(updates)]:
-            updates[existing] = None if existing[0] % 3 == 0 else existing[:4]
-    first_c = write(directory / "c.1", None, dict(base), c=True, monkeypatch=monkeypatch)
-    first_py = write(directory / "py.1", None, dict(base), c=False, monkeypatch=monkeypatch)
-    assert first_c == first_py
-    old = open_data(directory / "c.1", c=True, monkeypatch=monkeypatch)
-    try:
-        second_c = write(directory / "c.2", old, updates, c=True, monkeypatch=monkeypatch)
-        second_py = write(directory / "py.2", old, updates, c=False, monkeypatch=monkeypatch)
-    finally:
-        old.close()
-    assert second_c == second_py
-    expected = dict(base)
-    for key, value in updates.items():
-        if value is None:
-            expected.pop(key, None)
-        else:
-            expected[key] = value
-    for c in (True, False):
-        merged = open_data(directory / "c.2", c=c, monkeypatch=monkeypatch)
-        try:
-            assert dict(merged.items()) == expected
-            for key in list(base) + list(updates):
-                assert merged.find(key) == expected.get(key)
-        finally:
-            merged.close()
-
-
-@pytest.mark.parametrize("c_merge", [True, False])
-def test_real_hash_collisions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c_merge: bool
-) -> None:
-    groups = colliding_keys(12)
-    base = {pair[0]: b"old%d" % (i % 10) for i, pair in enumerate(groups)}
-    rng = random.Random(1)
-    filler = {rng.randbytes(8): b"fill" for _ in range(2000)}
-    write(tmp_path / "data.1", None, {**base, **filler}, c=c_merge, monkeypatch=monkeypatch)
-    old = open_data(tmp_path / "data.1", c=True, monkeypatch=monkeypatch)
-    # The second key of each pair is inserted beside the first; some firsts are replaced or removed.
-    updates: dict[bytes, bytes | None] = {
-        pair[1]: b"new%d" % (i % 10) for i, pair in enumerate(groups)
-    }
-    for i, pair in enumerate(groups[:6]):
-        updates[pair[0]] = None if i % 2 else b"rep%d" % i
-    write(tmp_path / "data.2", old, updates, c=c_merge, monkeypatch=monkeypatch)
-    old.close()
-    for c_find in (True, False):
-        merged = open_data(tmp_path / "data.2", c=c_find, monkeypatch=monkeypatch)
-        for i, (first, second) in enumerate(groups):
-            assert merged.find(second) == b"new%d" % (i % 10)
-            if i < 6:
-                assert merged.find(first) == (None if i % 2 else b"rep%d" % i)
-            else:
-                assert merged.find(first) == b"old%d" % (i % 10)
-        merged.close()
-
-
-def corrupt(path: Path, offset: int) -> None:
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        byte = file.read(1)
-        file.seek(offset)
-        file.write(bytes([byte[0] ^ 0x40]))
-
-
-def test_c_lookup_reports_a_corrupt_bucket_and_row(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bindings = {i.to_bytes(8, "big"): i.to_bytes(4, "big") for i in range(3000)}
-    path = tmp_path / "data.1"
-    write(path, None, bindings, c=True, monkeypatch=monkeypatch)
-    probe = open_data(path, c=True, monkeypatch=monkeypatch)
-    victim = next(iter(bindings))
-    index, found = probe.locate(datafile.key_hash(victim), victim)
-    count, row_size = probe.count, probe.row_size
-    probe.close()
-    assert found
-    rows_start = HEADER_SIZE + 4 * count
-
-    corrupt(path, rows_start + index * row_size + 9)  # a value byte of the victim's row
-    data = open_data(path, c=True, monkeypatch=monkeypatch)
-    with pytest.raises(CannotReadFromStore) as raised:
-        data.find(victim)
-    assert raised.value.offset == rows_start + index * row_size
-    assert str(path) in str(raised.value) and "accel" in str(raised.value)
-    data.close()
-    corrupt(path, rows_start + index * row_size + 9)  # repaired
-
-    corrupt(path, HEADER_SIZE + 4 * index)  # the victim's hash
-    data = open_data(path, c=True, monkeypatch=monkeypatch)
-    with pytest.raises(CannotReadFromStore, match="hash column checksum mismatch"):
-        data.find(victim)
-    with pytest.raises(CannotReadFromStore, match="hash column checksum mismatch"):
-        data.find(victim)  # still refused: the bucket was never marked verified
-    with pytest.raises(CannotReadFromStore, match="hash column checksum mismatch"):
-        write(tmp_path / "data.2", data, {b"new key!": b"valu"}, c=True, monkeypatch=monkeypatch)
-    assert not (tmp_path / "data.2").exists()
-    data.close()
-
-
-def test_c_merge_refuses_a_corrupt_row_it_compares(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    first, second = colliding_keys(1)[0]
-    path = tmp_path / "data.1"
-    write(path, None, {first: b"abcd"}, c=True, monkeypatch=monkeypatch)
-    corrupt(path, HEADER_SIZE + 4 + 9)  # the only row's value
-    data = open_data(path, c=True, monkeypatch=monkeypatch)
-    with pytest.raises(CannotReadFromStore, match="row 0 checksum mismatch"):
-        write(tmp_path / "data.2", data, {second: b"efgh"}, c=True, monkeypatch=monkeypatch)
-    assert not (tmp_path / "data.2").exists()
-    data.close()
-
-
-def test_lookup_and_plan_refuse_bad_arguments(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def handback(key: bytes, code: int) -> None:
-        return None
-
-    with pytest.raises(ValueError, match="outside the buffer"):
-        _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 10, 64, 104, 0, 0, handback)
-    with pytest.raises(ValueError, match="outside the buffer"):
-        _accel.Lookup(b"\0" * 100, bytearray(0), 8, 16, 0, 64, 64, 64, 0, handback)
-    with pytest.raises(ValueError, match="out of range"):
-        _accel.Lookup(b"\0" * 100, bytearray(1), 8, 4, 0, 64, 64, 64, 0, handback)
-    with pytest.raises(TypeError):
-        _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 64, 0, None)
-    # no room for the bucket checksums after the fan-out
-    with pytest.raises(ValueError, match="outside the buffer"):
-        _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 90, 0, handback)
-    lookup = _accel.Lookup(b"\0" * 100, bytearray(1), 8, 16, 0, 64, 64, 64, 0, handback)
-    assert lookup.find(b"abc") is None  # no key of another size is bound, as in Python
-    lookup.release()
-    with pytest.raises(ValueError, match="released"):
-        lookup.find(b"12345678")
-    with pytest.raises(ValueError, match="given twice"):
-        _accel.MergePlan(None, [b"12345678", b"12345678"], [b"abcd", b"efgh"], 8, 4)
-    with pytest.raises(ValueError, match="not 8 bytes"):
-        _accel.MergePlan(None, [b"1234567"], [b"abcd"], 8, 4)
-    with pytest.raises(ValueError, match="not 4 bytes"):
-        _accel.MergePlan(None, [b"12345678"], [b"abc"], 8, 4)
-    with pytest.raises(ValueError, match="differ in length"):
-        _accel.MergePlan(None, [b"12345678"], [], 8, 4)
-    with pytest.raises(ValueError, match="sizes out of range"):
-        _accel.MergePlan(None, [b"12345678"] * 16, [None] * 16, 8, 2**60)
-    plan = _accel.MergePlan(None, [b"12345678"], [b"abcd"], 8, 4)
-    with pytest.raises(RuntimeError, match="already initialised"):
-        plan.__init__(None, [b"87654321"], [b"abcd"], 8, 4)  # type: ignore[misc]
-    with pytest.raises(ValueError, match="out of range"):
-        plan.write(-1, 64, 0)
-    path = tmp_path / "data.1"
-    write(path, None, {b"12345678": b"abcd"}, c=True, monkeypatch=monkeypatch)
-    data = open_data(path, c=True, monkeypatch=monkeypatch)
-    with pytest.raises(ValueError, match="other sizes"):
-        _accel.MergePlan(data.lookup, [b"123456789"], [b"abc"], 9, 3)
-    data.close()
-    with pytest.raises(ValueError, match="released"):
-        _accel.MergePlan(data.lookup, [], [], 8, 4)
-
-
-def keys_hashing(count: int, low: int, high: int, size: int = 8, seed: int = 5) -> list[bytes]:
-    """``count`` random keys whose CRC-32 lies in ``[low, high)``."""
-    rng = random.Random(seed)
-    keys: list[bytes] = []
-    while len(keys) < count:
-        key = rng.randbytes(size)
-        if low <= zlib.crc32(key) < high:
-            keys.append(key)
-    return keys
-
-
-@pytest.mark.parametrize(
-    ("case", "expected", "base_keys", "update_keys"),
-    [
-        # empty trailing buckets, then empty leading ones (fan-out bits 3 and more)
-        ("low hashes", EXPECTED, keys_hashing(6000, 0, 2**29), keys_hashing(700, 0, 2**29, seed=6)),
-        (
-            "high hashes",
-            EXPECTED,
-            keys_hashing(6000, 2**31 + 2**30, 2**32),
-            keys_hashing(700, 2**31 + 2**30, 2**32, seed=6),
-        ),
-        # 50,000 rows: 7 fan-out bits
-        (
-            "many rows",
-            EXPECTED,
-            keys_hashing(50_000, 0, 2**32),
-            keys_hashing(5000, 0, 2**32, seed=6),
-        ),
-        # rows of 4 KiB: the output passes the C merge's 1 MiB buffers, both branches
-        (
-            "big rows, few updates",
-            Expected("accel", key_size=8, value_size=4096),
-            keys_hashing(1500, 0, 2**32),
-            keys_hashing(3, 0, 2**32, seed=6),
-        ),
-        (
-            "big rows, many updates",
-            Expected("accel", key_size=8, value_size=4096),
-            keys_hashing(1500, 0, 2**32),
-            keys_hashing(300, 0, 2**32, seed=6),
-        ),
-        # another key size, with colliding keys that share their first 16 bytes
-        (
-            "24-byte keys",
-            Expected("accel", key_size=24, value_size=4),
-            keys_hashing(3000, 0, 2**32, size=24),
-            [k for pair in colliding_keys(4, size=24, prefix=bytes(16)) for k in pair]
-            + keys_hashing(300, 0, 2**32, size=24, seed=6),
-        ),
-    ],
-)
-def test_c_and_python_agree_across_fanouts_and_sizes(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    case: str,
-    expected: Expected,
-    base_keys: list[bytes],
-    update_keys: list[bytes],
-) -> None:
-    value_of = {key: key[:1] * expected.value_size for key in base_keys}
-    updates: dict[bytes, bytes | None] = {
-        key: key[-1:] * expected.value_size for key in update_keys
-    }
-    for i, key in enumerate(base_keys[: min(200, len(update_keys))]):  # replace, remove
-        updates[key] = None if i % 2 else bytes(expected.value_size)
-    outputs: dict[bool, tuple[bytes, bytes]] = {}
-    for c in (True, False):
-        with monkeypatch.context() as patch:
-            if not c:
-                patch.setattr(merge, "AcceleratedMerge", None)
-            first = tmp_path / f"{c}.1"
-            merge.merge(None, dict(value_of), str(first), expected, 1, fsync=False)
-            old = datafile.DataFile(str(first), expected)
-            second = tmp_path / f"{c}.2"
-            merge.merge(old, updates, str(second), expected, 2, fsync=False)
-            old.close()
-            outputs[c] = (first.read_bytes(), second.read_bytes())
-    assert outputs[True] == outputs[False], case
-    merged = datafile.DataFile(str(tmp_path / "True.2"), expected)
-    final = {**value_of, **updates}
-    for key in list(final)[:2000]:
-        assert merged.find(key) == final[key]
-    merged.close()
-
-
-def test_c_find_answers_as_python_for_odd_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "data.1"
-    write(path, None, {b"12345678": b"abcd"}, c=True, monkeypatch=monkeypatch)
-    for c in (True, False):
-        data = open_data(path, c=c, monkeypatch=monkeypatch)
-        assert data.find(b"1234") is None
-        assert data.find(bytearray(b"12345678")) == b"abcd"  # type: ignore[arg-type]
-        assert data.find(memoryview(b"12345678")) == b"abcd"  # type: ignore[arg-type]
-        data.close()
 
 
 def test_layers_look_in_active_then_frozen_then_the_data_file() -> None:
@@ -898,11 +581,11 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
     from l2_stores.engine.index import Index
 
     release = threading.Event()
-    real_merge = index_module.merge
+    real_write = index_module.write_run
 
-    def held_merge(*args: Any) -> Any:
+    def held_write(*args: Any, **options: Any) -> Any:
         assert release.wait(30), "the test never released the merge"
-        return real_merge(*args)
+        return real_write(*args, **options)
 
     handed: list[bytes] = []
     python_put = Index._put_in_python
@@ -911,7 +594,7 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
         handed.append(key)
         python_put(self, key, value, flush)
 
-    monkeypatch.setattr(index_module, "merge", held_merge)
+    monkeypatch.setattr(index_module, "write_run", held_write)
     monkeypatch.setattr(Index, "_put_in_python", counted)
     expected = Expected("accel", key_size=8, value_size=8)
     index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=4)  # cap 12

@@ -3,7 +3,7 @@
 Each case must raise the error API.md names, never return wrong data, and
 leave every file of the store as it was (compared byte for byte).
 Offsets come from the layouts documented in ``l2_stores/engine/framing.py``,
-``log.py``, ``datafile.py`` and ``stores/singleton.py``.
+``log.py``, ``run.py`` and ``stores/singleton.py``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from l2_stores import (
     Mode,
     ReadOnlyError,
     StoreClosedError,
-    StoreError,
     fixed,
     make_indexable,
     make_indexable_removable,
     make_singleton,
 )
+from l2_stores.engine.framing import Expected
+from l2_stores.engine.run import Run
 
 KEY = construct.Bytes(32)
 Plain = make_indexable("bad_plain", KEY, KEY)
@@ -87,6 +88,11 @@ def only(directory: Path, prefix: str) -> Path:
     return found[0]
 
 
+def first(directory: Path, prefix: str) -> Path:
+    """The first file whose name starts with ``prefix`` (the oldest run, say)."""
+    return min(p for p in directory.iterdir() if p.name.startswith(prefix))
+
+
 def flip(path: Path, offset: int, mask: int = 0xFF) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset] ^= mask
@@ -101,30 +107,18 @@ def patch_header(path: Path, offset: int, data: bytes) -> None:
     path.write_bytes(bytes(raw))
 
 
-class DataLayout:
-    """Offsets of a data file's sections, from its header (datafile.py)."""
+class RunLayout:
+    """Offsets of a run's sections (run.py), and its keys."""
 
     def __init__(self, path: Path) -> None:
-        raw = path.read_bytes()
-        fields = HEADER.unpack(raw[:HEADER_SIZE])
-        self.generation, self.count, self.bits = fields[6], fields[7], fields[8]
-        buckets = 1 << self.bits
-        self.hashes = HEADER_SIZE
-        self.rows = self.hashes + 4 * self.count
-        self.fanout = self.rows + ROW * self.count
-        self.bucket_crcs = self.fanout + 8 * (buckets + 1)
-        self.footer = self.bucket_crcs + 4 * buckets
-        assert self.footer + 4 == len(raw), "data file layout differs from datafile.py"
-        self.keys = [self.row_key(raw, i) for i in range(self.count)]
-        self.hash_values = list(struct.unpack_from(f"<{self.count}I", raw, self.hashes))
-        assert self.hash_values == [zlib.crc32(k) for k in self.keys]
-
-    def row_key(self, raw: bytes, index: int) -> bytes:
-        start = self.rows + index * ROW
-        return raw[start : start + 32]
-
-    def bucket(self, key: bytes) -> int:
-        return zlib.crc32(key) >> (32 - self.bits) if self.bits else 0
+        run = Run(str(path), Expected("bad_removable", 32, 32))
+        self.geometry = run.geometry
+        self.count, self.hi = run.count, run.hi
+        self.keys = [key for key, _ in run.rows()]
+        run.close()
+        g = self.geometry
+        self.rows = g.rows
+        assert g.size == path.stat().st_size, "run layout differs from run.py"
 
 
 def message_without_paths(error: BaseException, *paths: Path) -> str:
@@ -503,11 +497,11 @@ def test_singleton_other_codec_sizes_refused(
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("which", ["log.", "data."])
+@pytest.mark.parametrize("which", ["log.", "run."])
 def test_other_format_version_refused(tmp_path: Path, which: str, mode: Mode) -> None:
     directory = tmp_path / "store"
     build(directory, 20, buffer=8)
-    target = only(directory, which)
+    target = first(directory, which)
     patch_header(target, 8, struct.pack("<H", 9))  # logs read versions 1 and 2
     error = expect_load_error(Removable, directory, mode, directory)
     assert "version" in str(error).lower(), str(error)
@@ -539,7 +533,7 @@ def add_leftovers(directory: Path) -> None:
     """
     log = only(directory, "log.")
     generation = int(log.name.split(".")[1])
-    (directory / f"data.{generation + 1:08d}.tmp").write_bytes(b"partial data file")
+    (directory / f"run.{generation:08d}-{generation:08d}.tmp").write_bytes(b"partial run")
     (directory / f"log.{generation + 1:08d}.tmp").write_bytes(b"partial log")
     with open(log, "ab") as file:
         file.write(b"\x01torn")
@@ -579,26 +573,26 @@ def test_flipped_log_record_refused(
 
 @pytest.mark.parametrize("leftovers", [False, True], ids=["clean", "with-leftovers"])
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("which", ["log.", "data."])
+@pytest.mark.parametrize("which", ["log.", "run."])
 @pytest.mark.parametrize("offset", [0, 7, 8, 10, 12, 16, 20, 24, 32, 40, 41, 50, 59, 60, 63])
 def test_flipped_file_header_refused(
     tmp_path: Path, offset: int, which: str, mode: Mode, leftovers: bool
 ) -> None:
     directory = tmp_path / "store"
     build(directory, 20, buffer=8)
-    flip(only(directory, which), offset, 0x04)
+    flip(first(directory, which), offset, 0x04)
     if leftovers:
         add_leftovers(directory)
     expect_load_error(Removable, directory, mode, directory)
 
 
 @pytest.fixture
-def big_store(tmp_path: Path) -> tuple[Path, dict[bytes, bytes], DataLayout]:
-    """2,400 rows in the data file (8 buckets), 5 more bindings in the log."""
+def big_store(tmp_path: Path) -> tuple[Path, dict[bytes, bytes], RunLayout]:
+    """2,400 rows in one run, 5 more bindings in the log."""
     directory = tmp_path / "store"
-    state = build(directory, 2405, buffer=800, seed="big")
-    layout = DataLayout(only(directory, "data."))
-    assert layout.count == 2400 and layout.bits == 3
+    state = build(directory, 2405, buffer=2400, seed="big")
+    layout = RunLayout(only(directory, "run."))
+    assert layout.count == 2400 and layout.geometry.pages >= 2
     return directory, state, layout
 
 
@@ -607,13 +601,13 @@ ABSENT = {bytes([i]) * 32 for i in range(40)}
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("part", [0, 31, 32, 63, 64, 67], ids=lambda p: f"byte{p}")
-def test_flipped_data_row_never_gives_wrong_data(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout], part: int, mode: Mode
+def test_flipped_run_row_never_gives_wrong_data(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout], part: int, mode: Mode
 ) -> None:
     directory, state, layout = big_store
     index = 123
     victim = layout.keys[index]
-    flip(only(directory, "data."), layout.rows + index * ROW + part, 0x01)
+    flip(only(directory, "run."), layout.rows + index * ROW + part, 0x01)
     files = snapshot(directory)
     with Removable.load(directory, mode) as store:
         with pytest.raises(CannotReadFromStore) as caught:
@@ -630,104 +624,101 @@ def test_flipped_data_row_never_gives_wrong_data(
     assert snapshot(directory) == files, "reading a damaged row changed the files"
 
 
-def test_flipped_data_row_stays_detected_through_merges(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout],
+def test_flipped_run_row_stays_detected_through_merges(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout],
 ) -> None:
     """Merges copy old rows with their checksums: the damage is not laundered."""
     directory, state, layout = big_store
     victim = layout.keys[200]
-    flip(only(directory, "data."), layout.rows + 200 * ROW + 40, 0x80)
+    flip(only(directory, "run."), layout.rows + 200 * ROW + 40, 0x80)
     rng = random.Random("through merges")
     with Removable.load(directory, Mode.READ_WRITE, index_buffer_size=50) as store:
         for _ in range(260):
             key, value = rng.randbytes(32), rng.randbytes(32)
             store.add(key, value)
             state[key] = value
-    assert int(only(directory, "data.").name.split(".")[1]) > layout.generation
+    assert max(int(p.name.split("-")[1]) for p in directory.glob("run.*")) > layout.hi
     with Removable.load(directory, Mode.READ_ONLY) as store:
         with pytest.raises(CannotReadFromStore):
             store.find(victim)
         check_never_wrong(store, state, ABSENT)
 
 
+INDEX_SECTIONS = ["filter", "fences", "radix", "page-crc"]
+
+
+def index_offset(layout: RunLayout, section: str) -> int:
+    g = layout.geometry
+    return {
+        "filter": g.filter + 3,
+        "fences": g.fence + 32 * (g.fences // 2) + 5,
+        "radix": g.radix + 4,
+        "page-crc": g.page_crcs + 1,
+    }[section]
+
+
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("index", [0, 150, 299])
-def test_flipped_hash_column_fails_lookups_in_its_bucket(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout], index: int, mode: Mode
+@pytest.mark.parametrize("section", INDEX_SECTIONS)
+def test_flipped_run_index_fails_lookups_that_use_it(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout], section: str, mode: Mode
 ) -> None:
+    """A damaged byte of a run's filter, fences, radix or page checksums: every lookup
+    that reads its page raises, the others answer right, the log still answers."""
     directory, state, layout = big_store
-    bad_bucket = layout.bucket(layout.keys[index])
-    flip(only(directory, "data."), layout.hashes + 4 * index + 1, 0x20)
+    flip(only(directory, "run."), index_offset(layout, section), 0x20)
     files = snapshot(directory)
     in_log = set(state) - set(layout.keys)
     with Removable.load(directory, mode) as store:
+        failed = 0
         for key in sorted(set(layout.keys) | ABSENT):
             if key in in_log:
                 continue
-            if layout.bucket(key) == bad_bucket:
-                with pytest.raises(CannotReadFromStore):
-                    store.find(key)
-                with pytest.raises(CannotReadFromStore):
-                    store.mem(key)
-            else:
+            try:
                 assert store.find(key) == state.get(key)
-        for key in in_log:  # bindings in the log do not need the data file
+            except CannotReadFromStore as error:
+                assert Removable.name in str(error)
+                failed += 1
+        assert failed, "the damage went unseen"
+        for key in in_log:  # bindings in the log do not need the run
             assert store.find(key) == state[key]
         check_never_wrong(store, state, ABSENT)
     assert snapshot(directory) == files
 
 
-def test_merge_over_damaged_hash_column_loses_nothing_acknowledged(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout],
+def test_run_merges_rebuild_a_damaged_index_from_checked_rows(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout],
 ) -> None:
-    """A merge refuses to copy a damaged hash column; acknowledged adds stay readable."""
+    """Merges read rows, each checked, and write a fresh filter and index: a damaged
+    index page is not carried over, and acknowledged adds stay readable."""
     directory, state, layout = big_store
-    flip(only(directory, "data."), layout.hashes + 4 * 10, 0x02)
+    flip(only(directory, "run."), index_offset(layout, "fences"), 0x02)
     rng = random.Random("damaged merge")
-    acked: dict[bytes, bytes] = {}
-    refused = None
     with Removable.load(directory, Mode.READ_WRITE, index_buffer_size=20) as store:
-        for _ in range(100):
-            key, value = rng.randbytes(32), rng.randbytes(32)
-            try:
+        while store._engine._stack.spans[0].hi == 0:  # until a merge took run 0
+            store._engine.wait_merge()
+            for _ in range(20):
+                key, value = rng.randbytes(32), rng.randbytes(32)
                 store.add(key, value)
-            except StoreError as error:
-                refused = error
-                break
-            acked[key] = value
-        for key, value in acked.items():
-            assert store.find(key) == value
-    assert refused is not None, "adds went on although no merge can succeed"
-    state.update(acked)
+                state[key] = value
+        store._engine.wait_merge()
+    names = sorted(p.name for p in directory.glob("run.*"))
+    assert names[0] != "run.00000000-00000000", names  # merged with later runs
     for mode in MODES:
-        with Removable.load(directory, mode, index_buffer_size=20) as store:
-            for key, value in acked.items():
-                assert store.find(key) == value
-            check_never_wrong(store, state, ABSENT)
+        with Removable.load(directory, mode) as store:
+            assert check_never_wrong(store, state, ABSENT)["errors"] == 0
 
 
 @pytest.mark.parametrize("leftovers", [False, True], ids=["clean", "with-leftovers"])
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize(
-    "section",
-    ["fanout-first", "fanout-mid", "fanout-last", "bucket-crc-first", "bucket-crc-last", "footer"],
-)
-def test_flipped_fanout_or_checksums_refused(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout],
-    section: str,
+@pytest.mark.parametrize("offset", [64, 72, 80, 88, 92, 100, 101, 102, 110, 123, 124, 127])
+def test_flipped_run_header_refused(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout],
+    offset: int,
     mode: Mode,
     leftovers: bool,
 ) -> None:
-    directory, _, layout = big_store
-    offset = {
-        "fanout-first": layout.fanout,
-        "fanout-mid": layout.fanout + 8 * 4,
-        "fanout-last": layout.bucket_crcs - 8,
-        "bucket-crc-first": layout.bucket_crcs,
-        "bucket-crc-last": layout.footer - 1,
-        "footer": layout.footer + 2,
-    }[section]
-    flip(only(directory, "data."), offset, 0x01)
+    directory, _, _ = big_store
+    flip(only(directory, "run."), offset, 0x01)
     if leftovers:
         add_leftovers(directory)
     expect_load_error(Removable, directory, mode, directory)
@@ -780,27 +771,28 @@ def test_failed_singleton_load_keeps_tmp_leftover(tmp_path: Path, damage: str) -
         "zero",
         "half-header",
         "header",
-        "mid-hashes",
+        "mid-run-header",
+        "mid-filter",
         "mid-rows",
-        "before-fanout",
-        "mid-fanout",
+        "before-page-crcs",
         "minus-one",
     ],
 )
-def test_truncated_data_file_refused(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout], keep: str, mode: Mode
+def test_truncated_run_refused(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout], keep: str, mode: Mode
 ) -> None:
     directory, _, layout = big_store
-    data = only(directory, "data.")
+    data = only(directory, "run.")
+    g = layout.geometry
     size = {
         "zero": 0,
         "half-header": 30,
         "header": HEADER_SIZE,
-        "mid-hashes": layout.hashes + 400,
-        "mid-rows": layout.rows + 1000,
-        "before-fanout": layout.fanout,
-        "mid-fanout": layout.fanout + 20,
-        "minus-one": layout.footer + 3,
+        "mid-run-header": HEADER_SIZE + 20,
+        "mid-filter": g.filter + 100,
+        "mid-rows": g.rows + 1000,
+        "before-page-crcs": g.page_crcs,
+        "minus-one": g.size - 1,
     }[keep]
     os.truncate(data, size)
     expect_load_error(Removable, directory, mode, directory)
@@ -831,7 +823,7 @@ def test_truncated_singleton_refused(tmp_path: Path, size: int, mode: Mode) -> N
 
 
 def sweep_store(directory: Path) -> dict[bytes, bytes]:
-    """Buffer 4: a data file, and a log holding an add, an overwrite and a remove."""
+    """Buffer 4: runs, and a log holding an add, an overwrite and a remove."""
     rng = random.Random("sweep")
     state: dict[bytes, bytes] = {}
     with Removable.load(directory, Mode.READ_WRITE, index_buffer_size=4) as store:
@@ -872,7 +864,7 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     state = sweep_store(directory)
     names = sorted(os.listdir(directory))
-    assert [n.split(".")[0] for n in names] == ["data", "lock", "log"], names
+    assert {n.split(".")[0] for n in names} == {"run", "lock", "log"}, names
     log = only(directory, "log.")
     assert log.stat().st_size == HEADER_SIZE + 4 * RECORD  # and the close's mark
     assert log.read_bytes()[-RECORD] == 0x83
@@ -910,16 +902,16 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_missing_data_file_refused(
-    big_store: tuple[Path, dict[bytes, bytes], DataLayout], mode: Mode
+def test_missing_run_refused(
+    big_store: tuple[Path, dict[bytes, bytes], RunLayout], mode: Mode
 ) -> None:
-    """A log of generation G > 0 alone: the merged bindings are gone, not absent.
+    """A log of generation G > 0 alone: the flushed bindings are gone, not absent.
 
-    ``log.G`` is only created once ``data.G`` is being made from ``log.G-1``
-    (which stays until the merge is installed), so a lone ``log.G`` with no
-    ``data.G`` and no ``log.G-1`` cannot come from a crash: loading it as a
-    store without the 300 merged bindings would return wrong data (None).
+    ``log.G`` is only created once ``log.G-1`` is frozen, and ``log.G-1`` stays
+    until its run is in place, so a lone ``log.G`` with no run holding the
+    generations below it cannot come from a crash: loading it as a store
+    without the 2,400 flushed bindings would return wrong data (None).
     """
     directory, _, _ = big_store
-    only(directory, "data.").unlink()
+    only(directory, "run.").unlink()
     expect_load_error(Removable, directory, mode, directory)

@@ -8,15 +8,19 @@ import sys
 import threading
 import zlib
 from pathlib import Path
+from typing import Any
 
 import construct
 import pytest
 from helpers.faults import RecordingFileSystem
+from helpers.legacy import data_file_bytes
+from helpers.runs import assert_runs_tile
 
-from l2_stores.engine import datafile, filesystem, framing, layout, lock, log, merge
+from l2_stores.engine import datafile, filesystem, framing, layout, lock, log
 from l2_stores.engine import index as index_module
 from l2_stores.engine.framing import HEADER_SIZE, Expected, FileHeader
 from l2_stores.engine.index import Index
+from l2_stores.engine.levels import Span
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore, StoreLockedError
 
 EXPECTED = Expected("unit", key_size=8, value_size=4)
@@ -200,7 +204,9 @@ def test_log_resumes_reading_after_earlier_scan(tmp_path: os.PathLike[str]) -> N
 
 
 def write_data(path: str, bindings: dict[bytes, bytes], generation: int = 1) -> None:
-    merge.merge(None, dict(bindings), path, EXPECTED, generation, fsync=False)
+    """A data file of the format before runs."""
+    with open(path, "wb") as file:
+        file.write(data_file_bytes(EXPECTED, bindings, generation, key_hash=datafile.key_hash))
 
 
 def test_fanout_bits_keep_buckets_small() -> None:
@@ -233,19 +239,14 @@ def test_datafile_finds_every_key_and_no_other(tmp_path: os.PathLike[str], count
 def test_datafile_handles_hash_collisions(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A made-up hash, so the C lookup and merge (which hash themselves) are set aside;
-    # tests/test_accel.py checks it on real CRC-32 collisions.
-    monkeypatch.setattr(datafile, "AcceleratedLookup", None)
-    monkeypatch.setattr(merge, "AcceleratedMerge", None)
+    # A made-up hash: every key of the same first byte collides.
     monkeypatch.setattr(datafile, "key_hash", lambda k: k[0])
-    monkeypatch.setattr(merge, "key_hash", lambda k: k[0])
     bindings = {bytes([i % 3]) + key(i)[1:]: value(i) for i in range(200)}
     path = os.path.join(tmp_path, "data.00000001")
     write_data(path, bindings)
     data = datafile.DataFile(path, EXPECTED)
     for k, v in bindings.items():
         assert data.find(k) == v
-        assert data.locate(k[0], k) == (data.locate(k[0], k)[0], True)
     assert data.find(b"\x01" + bytes(7)) is None
     data.close()
 
@@ -285,49 +286,6 @@ def test_datafile_read_errors_carry_offsets(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(CannotReadFromStore, match="hash column checksum"):
         data.find(first_key)
     data.close()
-
-
-# -------------------------------------------------------------------- merge
-
-
-def test_merge_inserts_replaces_and_removes(tmp_path: os.PathLike[str]) -> None:
-    rng = random.Random(5)
-    model = {key(i): value(i) for i in range(2000)}
-    old_path = os.path.join(tmp_path, "data.00000001")
-    write_data(old_path, model)
-    old = datafile.DataFile(old_path, EXPECTED)
-    updates: dict[bytes, bytes | None] = {}
-    for _ in range(700):
-        k = key(rng.randrange(3000))
-        updates[k] = None if rng.random() < 0.3 else value(rng.randrange(10**6))
-    new_path = os.path.join(tmp_path, "data.00000002")
-    merge.merge(old, updates, new_path, EXPECTED, 2, fsync=False)
-    for k, v in updates.items():
-        if v is None:
-            model.pop(k, None)
-        else:
-            model[k] = v
-    new = datafile.DataFile(new_path, EXPECTED)
-    assert new.generation == 2 and new.count == len(model)
-    assert dict(new.items()) == model
-    for i in range(3100):
-        assert new.find(key(i)) == model.get(key(i))
-    old.close()
-    new.close()
-
-
-def test_merge_refuses_to_carry_corruption(tmp_path: os.PathLike[str]) -> None:
-    old_path = os.path.join(tmp_path, "data.00000001")
-    write_data(old_path, {key(i): value(i) for i in range(300)})
-    raw = bytearray(Path(old_path).read_bytes())
-    raw[HEADER_SIZE + 40] ^= 0x01
-    Path(old_path).write_bytes(raw)
-    old = datafile.DataFile(old_path, EXPECTED)
-    new_path = os.path.join(tmp_path, "data.00000002")
-    with pytest.raises(CannotReadFromStore):
-        merge.merge(old, {key(5000): value(1)}, new_path, EXPECTED, 2, fsync=False)
-    assert not os.path.exists(new_path)
-    old.close()
 
 
 # ------------------------------------------------------------------- layout
@@ -413,7 +371,7 @@ def test_index_merges_and_recovers(tmp_path: os.PathLike[str]) -> None:
     assert index.get(key(7)) is None and index.get(key(8)) == value(8)
     index.close()
     listing = layout.scan(directory)
-    assert len(listing.data) == 1 and listing.logs == listing.data
+    assert listing.runs and listing.logs == [listing.runs[-1].hi + 1]
     again = open_index(directory)
     assert dict(again.items()) == {key(i): value(i) for i in range(50) if i != 7}
     again.close()
@@ -426,14 +384,14 @@ def test_index_restarts_a_merge_cut_short(tmp_path: os.PathLike[str]) -> None:
         index.put(key(i), value(i), flush=True)
     index.close()
     # What a kill during a merge leaves: the first log sealed, a second log
-    # beside it and a half-written data file.
+    # beside it and a half-written run.
     seal(os.path.join(directory, layout.log_name(0)))
     second = log.LogWriter.create(os.path.join(directory, layout.log_name(1)), 1, EXPECTED, False)
     second.append_set(key(100), value(100), flush=True)
     second.append_set(key(3), value(333), flush=True)
     second.close()
-    with open(os.path.join(directory, layout.temporary_name(1)), "wb") as file:
-        file.write(b"half a data file")
+    with open(os.path.join(directory, layout.temporary_run_name(Span(0, 0))), "wb") as file:
+        file.write(b"half a run")
     recovered = open_index(directory, buffer_size=1000)
     recovered.wait_merge()
     model = {key(i): value(i) for i in range(30)}
@@ -442,7 +400,7 @@ def test_index_restarts_a_merge_cut_short(tmp_path: os.PathLike[str]) -> None:
     assert dict(recovered.items()) == model
     listing = layout.scan(directory)
     # the merge prepared the next log under a temporary name; close deletes it
-    assert listing.data == [1] and listing.logs == [1]
+    assert listing.runs == [Span(0, 0)] and listing.logs == [1]
     assert listing.temporaries == [layout.log_name(2) + ".tmp"]
     recovered.close()
     assert layout.scan(directory).temporaries == []
@@ -510,7 +468,7 @@ def test_a_merge_syncs_the_directory_before_its_data_file_supersedes_the_log(
 ) -> None:
     # Without fsync, a spare is renamed into place with no directory sync: the
     # merge's sync must come before its rename, or a power loss could keep
-    # data.D+1 and lose log.D+1's name.
+    # the run of log.D and lose log.D+1's name.
     directory = os.path.join(tmp_path, "index")
     index = open_index(directory, buffer_size=5)
     recorder = RecordingFileSystem()
@@ -522,7 +480,7 @@ def test_a_merge_syncs_the_directory_before_its_data_file_supersedes_the_log(
     events = [
         f"{call} {what}" for call, what in recorder.calls if call in ("rename", "fsync_directory")
     ]
-    data = layout.data_name(1)
+    data = layout.run_name(Span(0, 0))
     assert events[-3:] == ["fsync_directory index", f"rename {data}", "fsync_directory index"]
 
 
@@ -607,13 +565,13 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_merge = index_module.merge
+    real_write = index_module.write_run
 
-    def held_merge(*args: object) -> object:
+    def held_write(*args: Any, **options: Any) -> int:
         assert release.wait(30), "the test never released the merge"
-        return real_merge(*args)  # type: ignore[arg-type]
+        return real_write(*args, **options)
 
-    monkeypatch.setattr(index_module, "merge", held_merge)
+    monkeypatch.setattr(index_module, "write_run", held_write)
     directory = os.path.join(tmp_path, "index")
     index = open_index(directory, buffer_size=4)  # paced from 11 records, capped at 12
     try:
@@ -655,7 +613,7 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
 def test_close_waits_for_a_merge_thread_still_deleting_what_its_switch_superseded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The merge thread deletes the superseded log and data file after leaving the
+    """The merge thread deletes the superseded log after leaving the
     exclusive section; close() returns only once they are gone."""
     from l2_stores import make_indexable
 
@@ -687,7 +645,7 @@ def test_close_waits_for_a_merge_thread_still_deleting_what_its_switch_supersede
     store.close()  # waits for the held deletion
     names = sorted(os.listdir(directory))
     timer.join()
-    assert len([n for n in names if n.startswith("data.")]) == 1, names
+    assert_runs_tile(directory)
     assert len([n for n in names if n.startswith("log.")]) == 1, names
     with cls.load(directory) as again:
         assert sorted(again.keys()) == [i.to_bytes(4, "big") for i in range(16)]

@@ -21,25 +21,6 @@ def replay_log(
 LOG_FORMAT: tuple[int, int, int, int, int]
 def write_framed(fd: int, offset: int, /, *parts: bytes | bytearray | memoryview) -> int: ...
 
-class Lookup:
-    def __init__(
-        self,
-        file: mmap | bytes | memoryview,
-        verified: bytearray,
-        key_size: int,
-        row_size: int,
-        count: int,
-        hashes: int,
-        rows: int,
-        fanout: int,
-        fanout_bits: int,
-        handback: Callable[[bytes, int], bytes | None],
-    ) -> None: ...
-    def find(self, key: bytes, /) -> bytes | None: ...
-    def verify_all(self) -> int: ...
-    def release(self) -> None: ...
-
-class CorruptRow(ValueError): ...
 
 class Layers:
     def get(self, key: bytes, /) -> bytes | None: ...
@@ -50,18 +31,6 @@ class Layers:
         find: Callable[[bytes], bytes | None] | None,
         /,
     ) -> None: ...
-
-class MergePlan:
-    count: int
-    def __init__(
-        self,
-        old: Lookup | None,
-        keys: list[bytes],
-        values: list[bytes | None],
-        key_size: int,
-        value_size: int,
-    ) -> None: ...
-    def write(self, fd: int, offset: int, fanout_bits: int, /) -> bytes: ...
 
 class LogTail:
     _fd: int

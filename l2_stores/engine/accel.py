@@ -1,4 +1,4 @@
-"""The optional C accelerator: lookups, merges, checksums, the common put, caches, codecs.
+"""The optional C accelerator: checksums, the read path, the common put, caches, codecs.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
 compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
@@ -39,13 +39,10 @@ if _module is not None:
     from ._accel import (
         LOG_FORMAT,
         ContainerDecoder,
-        CorruptRow,
         IndexedAppend,
         Layers,
         LogTail,
-        Lookup,
         LruCache,
-        MergePlan,
         ValuesTail,
         Writer,
         crc32,
@@ -57,11 +54,8 @@ if _module is not None:
         write_framed,
     )
 
-    #: The accelerated lookup and merge types, or None when running pure Python.
-    AcceleratedLookup: type[Lookup] | None = Lookup
-    #: The index's read path in one C call (active dict, frozen dict, data file).
+    #: The index's read path in one C call (active dict, frozen dict, then the runs).
     AcceleratedLayers: type[Layers] | None = Layers
-    AcceleratedMerge: type[MergePlan] | None = MergePlan
     #: The index's common put in one C call (see ``Writer`` in ``_accel.c``).
     AcceleratedWriter: type[Writer] | None = Writer
     #: The base of ``LogWriter``: its tail state in C, where the C put appends.
@@ -97,7 +91,7 @@ if _module is not None:
         value_of_record
     )
 else:
-    AcceleratedLookup = AcceleratedLayers = AcceleratedMerge = AcceleratedWriter = None
+    AcceleratedLayers = AcceleratedWriter = None
     AcceleratedLruCache = AcceleratedContainerDecoder = AcceleratedIndexedAppend = None
     accelerated_framed = accelerated_crc32 = accelerated_mappable = None
 
@@ -118,20 +112,14 @@ else:
     accelerated_write_framed = accelerated_value_of_record = accelerated_replay_log = None
     accelerated_reserve = accelerated_log_format = None
 
-    class CorruptRow(ValueError):  # type: ignore[no-redef]
-        """Never raised without the accelerator."""
-
 
 __all__ = [
     "ENV_PURE_PYTHON",
     "AcceleratedContainerDecoder",
     "AcceleratedIndexedAppend",
     "AcceleratedLayers",
-    "AcceleratedLookup",
     "AcceleratedLruCache",
-    "AcceleratedMerge",
     "AcceleratedWriter",
-    "CorruptRow",
     "LogTailBase",
     "ValuesTailBase",
     "accelerated_crc32",

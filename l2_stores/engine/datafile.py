@@ -1,4 +1,8 @@
-"""The sorted data file: every binding merged so far, sorted by key hash.
+"""A data file of the format before runs: every binding merged, sorted by key hash.
+
+Stores of that format are converted to runs at their first writer load
+(``Index._convert``); until then readers read them here, and the verify tool
+checks them. Nothing writes this format any more.
 
 Layout of ``data.<generation>`` (integers little-endian; n rows, k fan-out
 bits, R = key size + value size + 4)::
@@ -6,7 +10,7 @@ bits, R = key size + value size + 4)::
     offset          size          section
     0               64            file header (see ``framing``), magic
                                   ``L2SDATA\\0``, count = n, fan-out bits = k,
-                                  tag = the store's word (carried by merges)
+                                  tag = the store's word
     H = 64          4 n           hash column: u32 hash of each row's key,
                                   ascending; rows of equal hash by key
     W = H + 4 n     R n           rows: key | value | crc32(key | value)
@@ -17,15 +21,8 @@ bits, R = key size + value size + 4)::
 
 A lookup hashes the key, reads its bucket's bounds from the fan-out, checks
 the bucket's hash slice against its checksum the first time the bucket is
-used (the file never changes, so once is enough), bisects the slice (in C,
-on a ``memoryview`` of the mmap'd file) and compares the key of each row of
-equal hash, checking the row's checksum every time. Nothing but the file
-header is read at open, apart from the fan-out checksum; the file is never
-loaded whole. Buckets hold about ``BUCKET_ROWS`` rows, so a bucket's hash
-slice is half a page or less. With the C accelerator (see ``accel``) the
-whole lookup is one C call, reading the same bytes and checking the same
-checksums; a bucket not verified yet, or a corrupt row, is handed back to
-Python, which checks it and raises.
+used, bisects the slice and compares the key of each row of equal hash,
+checking the row's checksum every time.
 """
 
 from __future__ import annotations
@@ -35,14 +32,11 @@ import mmap
 import os
 import struct
 import sys
-import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
-from . import filesystem
-from .accel import AcceleratedLookup
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -56,7 +50,7 @@ from .framing import (
 )
 
 if TYPE_CHECKING:
-    from ._accel import Lookup, MergePlan
+    pass
 
 MAGIC = b"L2SDATA\0"
 HASH_SIZE = 4
@@ -115,17 +109,6 @@ def _int_column(buffer: memoryview, width: int) -> Sequence[int]:
     return _LittleEndianView(buffer, width)
 
 
-def _handback(reference: weakref.ref[DataFile]) -> Callable[[bytes, int], bytes | None]:
-    # A weak reference, so that the lookup does not keep its file alive.
-    def handback(key: bytes, code: int) -> bytes | None:
-        data = reference()
-        if data is None:
-            raise RuntimeError("lookup used after its data file was dropped")
-        return data._handback(key, code)
-
-    return handback
-
-
 class DataFile:
     """A read-only, mmap'd data file.
 
@@ -172,21 +155,6 @@ class DataFile:
         self._rows_start = sections.rows
         if self._fanout[0] != 0 or self._fanout[self._buckets] != self.count:
             raise self._load_error("fan-out does not span the rows", sections.fanout)
-        self._lookup: Lookup | None = None
-        if AcceleratedLookup is not None:
-            self._lookup = AcceleratedLookup(
-                self._mm,
-                self._verified,
-                self._key_size,
-                self._row_size,
-                self.count,
-                sections.hashes,
-                sections.rows,
-                sections.fanout,
-                bits,
-                _handback(weakref.ref(self)),
-            )
-            self.find = self._lookup.find  # type: ignore[method-assign,assignment]
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
@@ -231,16 +199,8 @@ class DataFile:
             raise self.row_error(index)
         return row
 
-    def _handback(self, key: bytes, code: int) -> bytes | None:
-        # What the C lookup hands back: a bucket to verify first (which raises
-        # if it is corrupt), or a row whose checksum failed.
-        if code >= 0:
-            self._bucket_bounds(code)
-            return self._find(key)
-        raise self.row_error(-code - 1)
-
-    def _find(self, key: bytes) -> bytes | None:
-        # The pure-Python lookup: _bucket_bounds and _row, inlined.
+    def find(self, key: bytes) -> bytes | None:
+        """The value bound to ``key``, or None."""
         hashed = key_hash(key)
         bucket = hashed >> self._shift
         fanout = self._fanout
@@ -262,65 +222,11 @@ class DataFile:
             index += 1
         return None
 
-    #: The value bound to ``key``, or None; the C lookup replaces it per instance.
-    find = _find
-
-    def locate(self, hashed: int, key: bytes, low: int = 0) -> tuple[int, bool]:
-        """First row index from ``low`` not before ``(hashed, key)``; whether it holds ``key``."""
-        hashes = self._hashes
-        index = bisect_left(hashes, hashed, low)
-        key_size = self._key_size
-        while index < self.count and hashes[index] == hashed:
-            found = self._row(index)[:key_size]
-            if found == key:
-                return index, True
-            if found > key:
-                break
-            index += 1
-        return index, False
-
-    def place(self, hashed: int, key: bytes, low: int = 0) -> tuple[int, bool]:
-        """As :meth:`locate`, bisecting only ``hashed``'s bucket; rows before ``low`` are smaller.
-
-        The bucket must have been verified (see :meth:`verify_hash_column`).
-        """
-        fanout = self._fanout
-        bucket = hashed >> self._shift
-        start = fanout[bucket]
-        index = bisect_left(self._hashes, hashed, low if low > start else start, fanout[bucket + 1])
-        if index < self.count and self._hashes[index] == hashed:
-            return self.locate(hashed, key, index)
-        return index, False
-
-    @property
-    def lookup(self) -> Lookup | None:
-        """The C lookup of this file, None when running pure Python."""
-        return self._lookup
-
     def row_error(self, index: int) -> CannotReadFromStore:
         """The error of row ``index`` failing its checksum."""
         return self._read_error(
             f"row {index} checksum mismatch", self._rows_start + index * self._row_size
         )
-
-    def verify_hash_column(self) -> None:
-        """Check every bucket of the hash column against its checksum (once per bucket)."""
-        if self._lookup is not None:
-            bucket = self._lookup.verify_all()
-            if bucket < 0:
-                return
-            self._bucket_bounds(bucket)  # raises the bucket's error
-        for bucket in range(self._buckets):
-            self._bucket_bounds(bucket)
-
-    def hash_slice(self, low: int, high: int) -> memoryview:
-        """The hash column of rows ``low`` to ``high``, as bytes."""
-        return self._hash_bytes[low * HASH_SIZE : high * HASH_SIZE]
-
-    def row_slice(self, low: int, high: int) -> memoryview:
-        """Rows ``low`` to ``high``, checksums included, as bytes."""
-        start = self._sections.rows
-        return self._view[start + low * self._row_size : start + high * self._row_size]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) row, in file order, each checked."""
@@ -331,8 +237,6 @@ class DataFile:
 
     def close(self) -> None:
         """Unmap the file; a slice still held elsewhere keeps the mapping until freed."""
-        if self._lookup is not None:
-            self._lookup.release()
         for column in (self._hashes, self._fanout, self._bucket_crcs):
             if isinstance(column, memoryview):
                 column.release()
@@ -340,119 +244,6 @@ class DataFile:
         self._view.release()
         with contextlib.suppress(BufferError):
             self._mm.close()
-
-
-class DataFileWriter:
-    """Writes a data file from its hash column and rows, then its fan-out.
-
-    Sections are handed over as lists of buffers (slices of the old file's
-    mapping and new rows) and written with ``os.writev``, many at a time,
-    without copying them into one buffer first.
-    """
-
-    def __init__(
-        self, path: str, expected: Expected, generation: int, count: int, tag: int = 0
-    ) -> None:
-        self.path = path
-        self._expected = expected
-        self._count = count
-        self._bits = fanout_bits_for(count)
-        self._row_size = row_size(expected)
-        self._sections = _Sections(count, self._bits, self._row_size)
-        header = FileHeader(
-            MAGIC,
-            expected.key_size,
-            expected.value_size,
-            expected.header_size,
-            generation,
-            count,
-            self._bits,
-            tag=tag,
-        )
-        self._fd = filesystem.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        self._written = 0
-        self._write([header.encode()])
-
-    def _write(self, buffers: Sequence[bytes | memoryview]) -> None:
-        fd = self._fd
-        for start in range(0, len(buffers), IOV_MAX):
-            batch = buffers[start : start + IOV_MAX]
-            size = sum(map(len, batch))
-            done = os.writev(fd, batch)
-            if done < size:  # a short write: finish this batch one buffer at a time
-                self._finish_short_write(batch, done)
-            self._written += size
-
-    def _finish_short_write(self, batch: Sequence[bytes | memoryview], done: int) -> None:
-        for buffer in batch:
-            view = memoryview(buffer)
-            if done >= len(view):
-                done -= len(view)
-                continue
-            view = view[done:]
-            done = 0
-            while view:
-                view = view[os.write(self._fd, view) :]
-
-    def write_hashes(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write the whole hash column, ascending."""
-        self._write(chunks)
-
-    def write_rows(self, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write every row, in the order of the hash column."""
-        self._write(chunks)
-
-    def write_plan(self, plan: MergePlan, fsync: bool) -> None:
-        """Write the hash column, rows and fan-out of a C merge plan, then close the file."""
-        tail = plan.write(self._fd, self._sections.hashes, self._bits)
-        self._written = self._sections.fanout
-        os.lseek(self._fd, self._written, os.SEEK_SET)
-        self._finish(tail, fsync)
-
-    def finish(self, fsync: bool) -> None:
-        """Write the fan-out and checksums, then close (and fsync) the file."""
-        if self._written != self._sections.fanout:
-            raise AssertionError(
-                f"data file {self.path}: {self._written} bytes written, "
-                f"{self._sections.fanout} expected before the fan-out"
-            )
-        bits, count = self._bits, self._count
-        buckets = 1 << bits
-        shift = 32 - bits
-        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                hash_bytes = view[self._sections.hashes : self._sections.rows]
-                hashes = _int_column(hash_bytes, HASH_SIZE)
-                fanout = [0] * (buckets + 1)
-                fanout[buckets] = count
-                for bucket in range(1, buckets):
-                    fanout[bucket] = bisect_left(hashes, bucket << shift, fanout[bucket - 1])
-                bucket_crcs = [
-                    crc32(hash_bytes[fanout[b] * HASH_SIZE : fanout[b + 1] * HASH_SIZE])
-                    for b in range(buckets)
-                ]
-                del hashes, hash_bytes
-            finally:
-                view.release()
-        self._finish(struct.pack(f"<{buckets + 1}Q{buckets}I", *fanout, *bucket_crcs), fsync)
-
-    def _finish(self, tail: bytes, fsync: bool) -> None:
-        self._write([tail, crc32(tail).to_bytes(CRC_SIZE, "little")])
-        if fsync:
-            filesystem.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-
-    def abort(self) -> None:
-        """Close and delete the unfinished file."""
-        try:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                filesystem.unlink(self.path)
 
 
 MAX_FINDINGS = 20
