@@ -223,9 +223,10 @@ def kill_round(
             child.wait_for(lambda: child.acks >= amount)
         elif how == "sleep":
             time.sleep(amount)
-        elif how == "merge":
-            # wait until `amount` ops are acked, then kill as soon as a merge
-            # is seen writing its data.*.tmp (deadline: kill anyway)
+        elif how in ("merge", "run-merge"):
+            # wait until `amount` ops are acked, then kill as soon as a flush
+            # (or, for run-merge, a merge of runs) is seen writing its run
+            # (deadline: kill anyway)
             child.wait_for(lambda: child.acks >= amount)
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline and not child.eof:
@@ -233,7 +234,10 @@ def kill_round(
                     names = os.listdir(directory)
                 except FileNotFoundError:
                     names = []
-                if any(n.startswith("run.") and n.endswith(".tmp") for n in names):
+                writing = [n for n in names if n.startswith("run.") and n.endswith(".tmp")]
+                if how == "merge" and writing:
+                    break
+                if any(merged_span(n) for n in writing):
                     break
         elif how == "boundary":
             # kill a few ms after the op that filled the log (a merge starts)
@@ -335,6 +339,44 @@ def test_indexable_survives_sigkill(
             store.add(key, value)
     state.update(extra)
     assert observe(cls, directory, Mode.READ_WRITE, buffer, set()) == state
+
+
+def merged_span(name: str) -> bool:
+    """Whether ``name`` is a run of more than one generation (a merge's) being written."""
+    lo, _, hi = name.removeprefix("run.").removesuffix(".tmp").partition("-")
+    return lo.isdigit() and hi.isdigit() and int(hi) > int(lo)
+
+
+@pytest.mark.parametrize("kind", ["plain", "removable"])
+def test_indexable_killed_during_run_merges(tmp_path: Path, kind: str) -> None:
+    """Buffer 4: a merge of 8 runs every 32 adds, of 64 every 256, of 512 every 2,048;
+    kills land while merges of every width write their run, and what was acknowledged
+    survives each."""
+    cls = Removable if kind == "removable" else Plain
+    directory = tmp_path / "store"
+    rng = random.Random(f"run-merge-kills-{kind}")
+    state: dict[bytes, bytes] = {}
+    widths: set[int] = set()
+    for number in range(8):
+        state, listing = kill_round(
+            tmp_path,
+            directory,
+            cls,
+            kind,
+            4,
+            "each",
+            1_000_000,
+            seed=f"run-merge-{kind}-{number}",
+            plan=("run-merge", rng.randint(40, 2500)),
+            before=state,
+            recover_in_parent=number % 2 == 0,
+        )
+        for name in listing:
+            if name.endswith(".tmp") and merged_span(name):
+                lo, _, hi = name.removeprefix("run.").removesuffix(".tmp").partition("-")
+                widths.add(int(hi) - int(lo) + 1)
+    print(f"widths of the run merges the kills cut short: {sorted(widths)}")
+    assert observe(cls, directory, Mode.READ_WRITE, 4, set()) == state
 
 
 def test_indexable_killed_during_merges(tmp_path: Path) -> None:

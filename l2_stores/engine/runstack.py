@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from .levels import Span
 from .run import REMOVED, Found, Removed, Run, RunWriter
 
 Row = tuple[bytes, bytes | Removed]
-_CANCEL_CHECK = 4096
+_CANCEL_CHECK = 512
 CONVERT_CHUNK = 1 << 18
 _SORT_CHUNK = 4096
 
@@ -228,8 +229,10 @@ def write_run(
         for count, (key, value) in enumerate(rows):
             if drop_removals and value is REMOVED:
                 continue
-            if cancelled is not None and count % _CANCEL_CHECK == 0 and cancelled():
-                raise Cancelled(path)
+            if count % _CANCEL_CHECK == 0:
+                if cancelled is not None and cancelled():
+                    raise Cancelled(path)
+                time.sleep(0)  # a moment for other threads (an event loop's) between chunks
             writer.add(key, value)
         writer.finish(fsync=fsync)
     except BaseException:
