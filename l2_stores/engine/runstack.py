@@ -23,7 +23,7 @@ from .levels import Span
 from .run import REMOVED, Found, Removed, Run, RunWriter
 
 Row = tuple[bytes, bytes | Removed]
-_CANCEL_CHECK = 512
+_CANCEL_CHECK = 256
 CONVERT_CHUNK = 1 << 18
 _SORT_CHUNK = 4096
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
@@ -26,7 +27,9 @@ class Selection:
         """The bindings kept, in key order: ``logged`` (the frozen log, removals as None)
         over ``lookup`` (the runs) gives each key's value as it is."""
         rows: list[tuple[bytes, bytes]] = []
-        for key in sorted(self.retained.keys() | self.touched):
+        for count, key in enumerate(sorted(self.retained.keys() | self.touched)):
+            if count % 256 == 255:
+                time.sleep(0)  # a moment for other threads (an event loop's)
             value = None if key in self.touched else self.retained.get(key)
             if value is None:
                 value = logged[key] if key in logged else lookup(key)
