@@ -240,3 +240,20 @@ def test_corruption_is_an_error_never_wrong_data(tmp_path: Path, section: str) -
         assert rows == sorted(model.items())
     assert errors
     run.close()
+
+
+@pytest.mark.parametrize(("count", "shared"), [(1, 300), (50, 260), (50, 255), (50, 254)])
+def test_keys_sharing_a_long_prefix(tmp_path: Path, count: int, shared: int) -> None:
+    """The radix's prefix length is a byte: keys sharing 256 bytes or more (one
+    row of 300-byte keys, say) use the first 255, and the run is written and read."""
+    expected = Expected("long", 300, 4)
+    rng = random.Random(shared)
+    head = rng.randbytes(shared)
+    model: Model = {}
+    while len(model) < count:
+        model[head + rng.randbytes(300 - shared)] = rng.randbytes(4)
+    run = write_run(tmp_path / "run", expected, model)
+    probes = [head + rng.randbytes(300 - shared) for _ in range(50)]
+    check_against(run, model, [*probes, bytes(300), b"\xff" * 300])
+    assert list(check_run(run.path, expected)) == []
+    run.close()

@@ -29,10 +29,11 @@ process memory), the rows with ``pwrite``.
 **Radix.** A key's bucket is ``(u(key) - u0) >> s``, where ``u(key)`` is
 the 8 bytes of the key after the first ``p`` (zero-padded) as a big-endian
 integer, ``p`` the length of the prefix common to the run's first and last
-keys, ``u0`` = u(first key), and ``s`` the smallest shift that maps u(last
-key) into 2^r buckets. Buckets are monotonic in the key order and spread
-evenly for random hashes as for dense counters (``Int32ub`` levels), so a
-bucket names a fence or two; skewed keys only make some buckets longer.
+keys (at most 255: a byte of the header), ``u0`` = u(first key), and ``s``
+the smallest shift that maps u(last key) into 2^r buckets. Buckets are
+monotonic in the key order and spread evenly for random hashes as for dense
+counters (``Int32ub`` levels), so a bucket names a fence or two; skewed keys
+only make some buckets longer.
 
 **Lookup.** Filter; bounds (first and last key); radix -> fence range ->
 bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
@@ -77,6 +78,7 @@ PAGE = 4096
 FENCE_BYTES = 4096  # rows per fence: the power of two of rows closest below this many bytes
 RADIX_ENTRY = 4
 MAX_RADIX_BITS = 22
+MAX_PREFIX = 255  # the radix's prefix length is a byte of the run header
 REMOVAL_MASK = 0xFFFFFFFF
 REMOVAL_RESIDUE = zlib.crc32(b"l2" + (zlib.crc32(b"l2") ^ REMOVAL_MASK).to_bytes(4, "little"))
 assert REMOVAL_RESIDUE != CRC_RESIDUE
@@ -125,8 +127,10 @@ def _normalized(key: bytes, prefix: int) -> int:
 
 
 def _common_prefix(first: bytes, last: bytes) -> int:
+    """The radix's prefix: the length of the prefix common to both keys, at most
+    ``MAX_PREFIX`` (keys sharing more only share more of their normalized bytes)."""
     prefix = 0
-    for a, b in zip(first, last, strict=True):
+    for a, b in zip(first[:MAX_PREFIX], last[:MAX_PREFIX], strict=True):
         if a != b:
             break
         prefix += 1
