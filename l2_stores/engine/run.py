@@ -198,11 +198,15 @@ class Run:
             header = decode_header(head, MAGIC, path, expected)
             if len(head) < FILTER_OFFSET or not _crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)
-            (lo, capacity, _, fence_rows, removals, prefix, shift, base, _) = RUN_HEADER.unpack(
-                head[HEADER_SIZE:FILTER_OFFSET]
+            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, _) = (
+                RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])
             )
             geometry = Geometry(expected, capacity, header.count)
-            if (geometry.fence_rows, geometry.radix_bits) != (fence_rows, header.fanout_bits):
+            if (geometry.fence_rows, geometry.radix_bits, geometry.filter_blocks) != (
+                fence_rows,
+                header.fanout_bits,
+                blocks,
+            ) or not header.count <= capacity:
                 raise self._load_error("run header disagrees with its sizes", HEADER_SIZE)
             if size != geometry.size:
                 raise self._load_error(
@@ -223,14 +227,30 @@ class Run:
         g = geometry
         self._fences = _Keys(self._view, g.fence, g.key_size, g.key_size, g.fences)
         self.first_key = self.last_key = b""
-        if self.count:
-            first, last = self._row(0), self._row(self.count - 1)
-            if first is None or last is None:
-                bad = 0 if first is None else self.count - 1
-                raise self._load_error(ROW_MISMATCH, self._row_offset(bad))
-            self.first_key, self.last_key = first[0], last[0]
-            if _common_prefix(self.first_key, self.last_key) != prefix:
-                raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
+        try:
+            self._check_bounds()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_bounds(self) -> None:
+        """Read the first and last keys, and check the radix's header fields against them."""
+        if not self.count:
+            return
+        first, last = self._row(0), self._row(self.count - 1)
+        if first is None or last is None:
+            bad = 0 if first is None else self.count - 1
+            raise self._load_error(ROW_MISMATCH, self._row_offset(bad))
+        self.first_key, self.last_key = first[0], last[0]
+        prefix, base = self._prefix, self._base
+        span = _normalized(self.last_key, prefix) - base
+        if (
+            _common_prefix(self.first_key, self.last_key) != prefix
+            or _normalized(self.first_key, prefix) != base
+            or span >> self._shift >= 1 << self.geometry.radix_bits
+        ):
+            # (a bucket outside the radix would send lookups to other sections)
+            raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
