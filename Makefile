@@ -13,7 +13,8 @@ BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c l2_s
 STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 # The engine's tests, again on the pure-Python paths (as without a C compiler).
 PURE_PYTHON_TESTS := tests/test_engine.py tests/test_model.py tests/test_gc_model.py \
-	tests/test_gc.py tests/test_crash.py tests/test_power_loss.py
+	tests/test_gc.py tests/test_crash.py tests/test_power_loss.py tests/test_run.py \
+	tests/test_run_accel.py
 
 .PHONY: demo test lint doc bench clean
 

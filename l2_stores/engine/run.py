@@ -42,6 +42,11 @@ time a lookup uses it (the file never changes, so once is enough); rows
 are checked every time they are read. A run never returns a value that
 its checksums do not vouch for: a corrupt byte on the way raises
 ``CannotReadFromStore`` with the file and offset.
+
+**C.** With the C run reader (``_runs``, see ``accel.py``), a ``Run``
+hands ``find``, ``seek``, ``may_contain``, the checked rows and the page
+checks to a ``RunReader`` on its mapping, which holds the checked pages;
+the same steps as the Python methods below, which run without it.
 """
 
 from __future__ import annotations
@@ -53,10 +58,11 @@ import struct
 import zlib
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from typing import Final, overload
+from typing import TYPE_CHECKING, Final, overload
 
 from ..errors import CannotLoadStore, CannotReadFromStore
 from . import filesystem, filter
+from .accel import AcceleratedRunReader, RunCorrupt, check_runs_format
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -68,6 +74,9 @@ from .framing import (
     decode_header,
     pwrite_all,
 )
+
+if TYPE_CHECKING:
+    from ._runs import RunReader
 
 MAGIC = b"L2SRUN\0\0"
 RUN_HEADER = struct.Struct("<QQQIQBBQ14xI")
@@ -84,6 +93,23 @@ REMOVAL_RESIDUE = zlib.crc32(b"l2" + (zlib.crc32(b"l2") ^ REMOVAL_MASK).to_bytes
 assert REMOVAL_RESIDUE != CRC_RESIDUE
 WRITE_CHUNK = 1 << 20
 ROW_MISMATCH = "run row checksum mismatch"
+
+#: The run's part of the format, as the C run reader must have it (``_runs.FORMAT``).
+FORMAT: Final = {
+    "MAGIC": int.from_bytes(MAGIC, "little"),
+    "HEADER_SIZE": HEADER_SIZE,
+    "RUN_HEADER_SIZE": RUN_HEADER_SIZE,
+    "FILTER_OFFSET": FILTER_OFFSET,
+    "PAGE": PAGE,
+    "CRC_SIZE": CRC_SIZE,
+    "CRC_RESIDUE": CRC_RESIDUE,
+    "REMOVAL_MASK": REMOVAL_MASK,
+    "REMOVAL_RESIDUE": REMOVAL_RESIDUE,
+    "RADIX_ENTRY": RADIX_ENTRY,
+    "MAX_RADIX_BITS": MAX_RADIX_BITS,
+    "MAX_PREFIX": MAX_PREFIX,
+}
+check_runs_format("run", FORMAT)
 
 
 class Removed:
@@ -142,6 +168,7 @@ class Geometry:
 
     def __init__(self, expected: Expected, capacity: int, count: int) -> None:
         self.key_size = expected.key_size
+        self.value_size = expected.value_size
         self.row_size = expected.key_size + expected.value_size + CRC_SIZE
         self.capacity = capacity
         self.count = count
@@ -188,7 +215,8 @@ class _Keys(Sequence[bytes]):
 class Run:
     """A run opened for reading: lookups, seeks and ordered scans on its mapping."""
 
-    def __init__(self, path: str, expected: Expected) -> None:
+    def __init__(self, path: str, expected: Expected, *, accelerated: bool = True) -> None:
+        """Open the run at ``path``; with the C run reader unless not ``accelerated``."""
         self.path = path
         self._name = expected.name
         fd = os.open(path, os.O_RDONLY)
@@ -223,15 +251,19 @@ class Run:
         self.geometry = geometry
         self._prefix, self._shift, self._base = prefix, shift, base
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-        self._checked = bytearray(geometry.pages)
         g = geometry
         self._fences = _Keys(self._view, g.fence, g.key_size, g.key_size, g.fences)
         self.first_key = self.last_key = b""
+        self._reader: RunReader[Removed] | None = None
         try:
             self._check_bounds()
+            if accelerated and AcceleratedRunReader is not None:
+                self._reader = self._accelerated_reader()
         except BaseException:
             self.close()
             raise
+        # The index pages checked so far, unless the reader holds them.
+        self._checked = bytearray(0 if self._reader is not None else g.pages)
 
     def _check_bounds(self) -> None:
         """Read the first and last keys, and check the radix's header fields against them."""
@@ -252,6 +284,39 @@ class Run:
             # (a bucket outside the radix would send lookups to other sections)
             raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
 
+    def _accelerated_reader(self) -> RunReader[Removed]:
+        assert AcceleratedRunReader is not None and self._map is not None
+        g = self.geometry
+        try:
+            return AcceleratedRunReader(
+                self._map,
+                REMOVED,
+                g.key_size,
+                g.value_size,
+                self.count,
+                g.filter,
+                g.filter_blocks,
+                g.fence,
+                g.fence_rows,
+                g.fences,
+                g.radix,
+                g.radix_bits,
+                g.rows,
+                g.page_crcs,
+                self._prefix,
+                self._shift,
+                self._base,
+                self.first_key,
+                self.last_key,
+            )
+        except ValueError as error:  # what the checks above should have refused
+            raise self._load_error(f"run refused by the C reader: {error}", HEADER_SIZE) from None
+
+    @property
+    def reader(self) -> RunReader[Removed] | None:
+        """The C reader of this run (for ``_runs.find_first``), or None without it."""
+        return self._reader
+
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
             f"{what} (file {self.path}, offset {offset})",
@@ -268,8 +333,18 @@ class Run:
             offset=offset,
         )
 
+    def corruption_error(self, error: RunCorrupt) -> CannotReadFromStore:
+        """The store's error for what the C reader found (``RunCorrupt(what, offset)``)."""
+        what, offset = error.args
+        return self._read_error(str(what), int(offset))
+
     def _check_pages(self, start: int, end: int) -> None:
         """Check once every index page holding bytes ``start`` .. ``end``."""
+        if self._reader is not None:
+            try:
+                return self._reader.check_pages(start, end)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         g = self.geometry
         first, last = (start - g.filter) // PAGE, (end - 1 - g.filter) // PAGE
         for page in range(first, last + 1):
@@ -300,6 +375,11 @@ class Run:
         return self.geometry.rows + index * self.geometry.row_size
 
     def _checked_row(self, index: int) -> tuple[bytes, bytes | Removed]:
+        if self._reader is not None:
+            try:
+                return self._reader.row(index)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         row = self._row(index)
         if row is None:
             raise self._read_error(ROW_MISMATCH, self._row_offset(index))
@@ -307,6 +387,11 @@ class Run:
 
     def may_contain(self, key_hash: int) -> bool:
         """False when the filter proves no row has a key of CRC-32 ``key_hash``."""
+        if self._reader is not None:
+            try:
+                return self._reader.may_contain(key_hash)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         g = self.geometry
         block, bits = filter.probes(key_hash, g.filter_blocks)
         start = g.filter + block * filter.BLOCK_BYTES
@@ -348,6 +433,11 @@ class Run:
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
         """What this run holds for ``key``: its value, ``REMOVED``, or None."""
+        if self._reader is not None:
+            try:
+                return self._reader.find(key, key_hash)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         if not self.count:
             return None
         if not self.may_contain(crc32(key) if key_hash is None else key_hash):
@@ -363,6 +453,11 @@ class Run:
 
     def seek(self, key: bytes | None) -> int:
         """The index of the first row whose key is at least ``key`` (None: 0)."""
+        if self._reader is not None and key is not None:
+            try:
+                return self._reader.seek(key)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         if key is None or not self.count or key <= self.first_key:
             return 0
         if key > self.last_key:
@@ -382,6 +477,8 @@ class Run:
 
     def close(self) -> None:
         """Let go of the mapping (at once if no view of it is still in use)."""
+        if self._reader is not None:
+            self._reader.release()
         self._view.release()
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a scan still holds a slice
