@@ -1,12 +1,16 @@
-"""Build script: the optional C accelerator (metadata is in setup.cfg).
+"""Build script: the optional C extensions (metadata is in setup.cfg).
 
-Without a C compiler the build goes on without it, and l2_stores runs on
+Without a C compiler the build goes on without them, and l2_stores runs on
 its pure-Python paths (see l2_stores/engine/accel.py).
 """
 
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+# The C run reader (l2_stores/engine/runs_c), linked with zlib for its crc32.
+RUNS_C = "l2_stores/engine/runs_c/"
+RUNS_SOURCES = [RUNS_C + name for name in ("module.c", "run_lookup.c", "filter.c")]
+RUNS_HEADERS = [RUNS_C + name for name in ("format.h", "filter.h", "run_lookup.h")]
 
 setup(
     ext_modules=[
@@ -19,6 +23,14 @@ setup(
         Extension(
             "l2_stores._idle_core",
             ["l2_stores/_idle_core.c"],
+            optional=True,
+            extra_compile_args=COMPILE_ARGS,
+        ),
+        Extension(
+            "l2_stores.engine._runs",
+            RUNS_SOURCES,
+            depends=RUNS_HEADERS,
+            libraries=["z"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

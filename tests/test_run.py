@@ -19,6 +19,7 @@ from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import (
     REMOVAL_RESIDUE,
     REMOVED,
+    RUN_HEADER,
     Geometry,
     Removed,
     Run,
@@ -240,3 +241,54 @@ def test_corruption_is_an_error_never_wrong_data(tmp_path: Path, section: str) -
         assert rows == sorted(model.items())
     assert errors
     run.close()
+
+
+@pytest.mark.parametrize(("count", "shared"), [(1, 300), (50, 260), (50, 255), (50, 254)])
+def test_keys_sharing_a_long_prefix(tmp_path: Path, count: int, shared: int) -> None:
+    """The radix's prefix length is a byte: keys sharing 256 bytes or more (one
+    row of 300-byte keys, say) use the first 255, and the run is written and read."""
+    expected = Expected("long", 300, 4)
+    rng = random.Random(shared)
+    head = rng.randbytes(shared)
+    model: Model = {}
+    while len(model) < count:
+        model[head + rng.randbytes(300 - shared)] = rng.randbytes(4)
+    run = write_run(tmp_path / "run", expected, model)
+    probes = [head + rng.randbytes(300 - shared) for _ in range(50)]
+    check_against(run, model, [*probes, bytes(300), b"\xff" * 300])
+    assert list(check_run(run.path, expected)) == []
+    run.close()
+
+
+def _rewrite_run_header(path: Path, **changes: int) -> None:
+    """Change fields of the run header and give it a valid checksum again."""
+    data = bytearray(path.read_bytes())
+    names = ["lo", "capacity", "blocks", "fence_rows", "removals", "prefix", "shift", "base"]
+    fields = dict(zip(names, RUN_HEADER.unpack(data[64:128])[:-1], strict=True))
+    fields.update(changes)
+    body = RUN_HEADER.pack(*fields.values(), 0)[:-4]
+    data[64:128] = body + zlib.crc32(body).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"base": 1}, {"shift": 0}, {"blocks": 1}, {"capacity": 1}, {"prefix": 1}],
+    ids=lambda change: next(iter(change)),
+)
+def test_header_fields_checked_against_the_rows(tmp_path: Path, change: dict[str, int]) -> None:
+    """A run header whose checksum holds but whose radix base, shift, filter size
+    or capacity disagree with the rest is refused at load, not trusted by lookups."""
+    expected = Expected("fields", 8, 8)
+    rng = random.Random(3)
+    model = random_model(rng, 3000, 8, 8)
+    path = tmp_path / "run"
+    write_run(path, expected, model).close()
+    _, shift, base = RUN_HEADER.unpack(path.read_bytes()[64:128])[5:8]
+    assert shift > 0 and base > 1  # so that each change is one
+    _rewrite_run_header(path, **change)
+    with pytest.raises(CannotLoadStore, match="run header disagrees") as caught:
+        Run(str(path), expected)
+    assert caught.value.offset == 64
+    # the refused run let go of its mapping (while the error still holds the Run)
+    assert str(path) not in Path("/proc/self/maps").read_text()

@@ -1,18 +1,19 @@
 """The optional C accelerator: checksums, the read path, the common put, caches, codecs.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
-compiler at hand. Without one, or with ``L2_STORES_PURE_PYTHON=1`` in the
-environment, every path is pure Python. Both paths read the same bytes and
-check the same checksums; the tests run both.
+compiler at hand, and ``_runs`` (the run reader) from ``runs_c/``. Without
+one, or with ``L2_STORES_PURE_PYTHON=1`` in the environment, every path is
+pure Python. Both paths read the same bytes and check the same checksums;
+the tests run both.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from mmap import mmap
     from types import ModuleType
 
@@ -113,16 +114,66 @@ else:
     accelerated_reserve = accelerated_log_format = None
 
 
+def _load_runs() -> ModuleType | None:
+    if pure_python_requested():
+        return None
+    try:
+        from . import _runs
+    except ImportError:
+        return None
+    return _runs
+
+
+_runs_module = _load_runs()
+if _runs_module is not None:
+    from ._runs import FORMAT as _RUNS_FORMAT
+    from ._runs import RunCorrupt, RunReader, find_first
+
+    #: The C run reader (``runs_c/``), or None when running pure Python.
+    AcceleratedRunReader: type[RunReader[Any]] | None = RunReader
+    #: ``find_first(readers, key)``: the first answer of the readers, newest first.
+    accelerated_find_first: Callable[[tuple[RunReader[Any], ...], bytes], Any] | None = (
+        find_first
+    )
+    #: The run format's constants the C run reader was built with.
+    runs_format: Mapping[str, int] | None = _RUNS_FORMAT
+else:
+    AcceleratedRunReader = accelerated_find_first = runs_format = None
+
+    class RunCorrupt(Exception):  # type: ignore[no-redef]
+        """Never raised without the C run reader."""
+
+
+def check_runs_format(owner: str, constants: Mapping[str, int]) -> None:
+    """Check that the C run reader, when in use, was built with ``owner``'s ``constants``.
+
+    Raises RuntimeError naming the first that differs (a stale build of
+    ``_runs``): a reader of another format must not read runs.
+    """
+    if runs_format is None:
+        return
+    for name, value in constants.items():
+        built = runs_format.get(name)
+        if built != value:
+            raise RuntimeError(
+                f"{owner}.{name} is {value:#x} but the C run reader (_runs) was built with "
+                f"{'no such constant' if built is None else f'{built:#x}'}: rebuild it"
+            )
+
+
 __all__ = [
     "ENV_PURE_PYTHON",
     "AcceleratedContainerDecoder",
     "AcceleratedIndexedAppend",
     "AcceleratedLayers",
     "AcceleratedLruCache",
+    "AcceleratedRunReader",
     "AcceleratedWriter",
     "LogTailBase",
+    "RunCorrupt",
     "ValuesTailBase",
     "accelerated_crc32",
+    "accelerated_find_first",
     "accelerated_framed",
     "accelerated_log_format",
     "accelerated_mappable",
@@ -130,5 +181,7 @@ __all__ = [
     "accelerated_reserve",
     "accelerated_value_of_record",
     "accelerated_write_framed",
+    "check_runs_format",
     "pure_python_requested",
+    "runs_format",
 ]

@@ -22,6 +22,10 @@ of a run of n keys (0.2 % at 10M): small beside the filter's own ~1 %.
 
 from __future__ import annotations
 
+from typing import Final
+
+from .accel import check_runs_format
+
 BLOCK_BYTES = 64
 BLOCK_BITS = BLOCK_BYTES * 8
 PROBES = 7
@@ -29,6 +33,20 @@ BITS_PER_KEY = 10
 _PROBE_BITS = 9
 _MASK64 = (1 << 64) - 1
 assert 1 << _PROBE_BITS == BLOCK_BITS and PROBES * _PROBE_BITS <= 64
+_MIX_SHIFT = 33
+_MIX_MULTIPLIER_1 = 0xFF51AFD7ED558CCD
+_MIX_MULTIPLIER_2 = 0xC4CEB9FE1A85EC53
+
+#: The filter's part of the format, as the C run reader must have it (``_runs.FORMAT``).
+FORMAT: Final = {
+    "BLOCK_BYTES": BLOCK_BYTES,
+    "PROBES": PROBES,
+    "PROBE_BITS": _PROBE_BITS,
+    "MIX_SHIFT": _MIX_SHIFT,
+    "MIX_MULTIPLIER_1": _MIX_MULTIPLIER_1,
+    "MIX_MULTIPLIER_2": _MIX_MULTIPLIER_2,
+}
+check_runs_format("filter", FORMAT)
 
 
 def filter_blocks(keys: int) -> int:
@@ -37,11 +55,11 @@ def filter_blocks(keys: int) -> int:
 
 
 def _mix(value: int) -> int:
-    value ^= value >> 33
-    value = (value * 0xFF51AFD7ED558CCD) & _MASK64
-    value ^= value >> 33
-    value = (value * 0xC4CEB9FE1A85EC53) & _MASK64
-    return value ^ (value >> 33)
+    value ^= value >> _MIX_SHIFT
+    value = (value * _MIX_MULTIPLIER_1) & _MASK64
+    value ^= value >> _MIX_SHIFT
+    value = (value * _MIX_MULTIPLIER_2) & _MASK64
+    return value ^ (value >> _MIX_SHIFT)
 
 
 def probes(key_hash: int, blocks: int) -> tuple[int, tuple[int, ...]]:

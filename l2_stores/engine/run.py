@@ -29,10 +29,11 @@ process memory), the rows with ``pwrite``.
 **Radix.** A key's bucket is ``(u(key) - u0) >> s``, where ``u(key)`` is
 the 8 bytes of the key after the first ``p`` (zero-padded) as a big-endian
 integer, ``p`` the length of the prefix common to the run's first and last
-keys, ``u0`` = u(first key), and ``s`` the smallest shift that maps u(last
-key) into 2^r buckets. Buckets are monotonic in the key order and spread
-evenly for random hashes as for dense counters (``Int32ub`` levels), so a
-bucket names a fence or two; skewed keys only make some buckets longer.
+keys (at most 255: a byte of the header), ``u0`` = u(first key), and ``s``
+the smallest shift that maps u(last key) into 2^r buckets. Buckets are
+monotonic in the key order and spread evenly for random hashes as for dense
+counters (``Int32ub`` levels), so a bucket names a fence or two; skewed keys
+only make some buckets longer.
 
 **Lookup.** Filter; bounds (first and last key); radix -> fence range ->
 bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
@@ -41,6 +42,11 @@ time a lookup uses it (the file never changes, so once is enough); rows
 are checked every time they are read. A run never returns a value that
 its checksums do not vouch for: a corrupt byte on the way raises
 ``CannotReadFromStore`` with the file and offset.
+
+**C.** With the C run reader (``_runs``, see ``accel.py``), a ``Run``
+hands ``find``, ``seek``, ``may_contain``, the checked rows and the page
+checks to a ``RunReader`` on its mapping, which holds the checked pages;
+the same steps as the Python methods below, which run without it.
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ import struct
 import zlib
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from typing import Final, overload
+from typing import TYPE_CHECKING, Final, overload
 
 from ..errors import CannotLoadStore, CannotReadFromStore
 from . import filesystem, filter
+from .accel import AcceleratedRunReader, RunCorrupt, check_runs_format
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -69,6 +76,9 @@ from .framing import (
     pwrite_all,
 )
 
+if TYPE_CHECKING:
+    from ._runs import RunReader
+
 MAGIC = b"L2SRUN\0\0"
 RUN_HEADER = struct.Struct("<QQQIQBBQ14xI")
 RUN_HEADER_SIZE = 64
@@ -78,11 +88,29 @@ PAGE = 4096
 FENCE_BYTES = 4096  # rows per fence: the power of two of rows closest below this many bytes
 RADIX_ENTRY = 4
 MAX_RADIX_BITS = 22
+MAX_PREFIX = 255  # the radix's prefix length is a byte of the run header
 REMOVAL_MASK = 0xFFFFFFFF
 REMOVAL_RESIDUE = zlib.crc32(b"l2" + (zlib.crc32(b"l2") ^ REMOVAL_MASK).to_bytes(4, "little"))
 assert REMOVAL_RESIDUE != CRC_RESIDUE
 WRITE_CHUNK = 1 << 20
 ROW_MISMATCH = "run row checksum mismatch"
+
+#: The run's part of the format, as the C run reader must have it (``_runs.FORMAT``).
+FORMAT: Final = {
+    "MAGIC": int.from_bytes(MAGIC, "little"),
+    "HEADER_SIZE": HEADER_SIZE,
+    "RUN_HEADER_SIZE": RUN_HEADER_SIZE,
+    "FILTER_OFFSET": FILTER_OFFSET,
+    "PAGE": PAGE,
+    "CRC_SIZE": CRC_SIZE,
+    "CRC_RESIDUE": CRC_RESIDUE,
+    "REMOVAL_MASK": REMOVAL_MASK,
+    "REMOVAL_RESIDUE": REMOVAL_RESIDUE,
+    "RADIX_ENTRY": RADIX_ENTRY,
+    "MAX_RADIX_BITS": MAX_RADIX_BITS,
+    "MAX_PREFIX": MAX_PREFIX,
+}
+check_runs_format("run", FORMAT)
 
 
 class Removed:
@@ -126,8 +154,10 @@ def _normalized(key: bytes, prefix: int) -> int:
 
 
 def _common_prefix(first: bytes, last: bytes) -> int:
+    """The radix's prefix: the length of the prefix common to both keys, at most
+    ``MAX_PREFIX`` (keys sharing more only share more of their normalized bytes)."""
     prefix = 0
-    for a, b in zip(first, last, strict=True):
+    for a, b in zip(first[:MAX_PREFIX], last[:MAX_PREFIX], strict=True):
         if a != b:
             break
         prefix += 1
@@ -139,6 +169,7 @@ class Geometry:
 
     def __init__(self, expected: Expected, capacity: int, count: int) -> None:
         self.key_size = expected.key_size
+        self.value_size = expected.value_size
         self.row_size = expected.key_size + expected.value_size + CRC_SIZE
         self.capacity = capacity
         self.count = count
@@ -185,7 +216,8 @@ class _Keys(Sequence[bytes]):
 class Run:
     """A run opened for reading: lookups, seeks and ordered scans on its mapping."""
 
-    def __init__(self, path: str, expected: Expected) -> None:
+    def __init__(self, path: str, expected: Expected, *, accelerated: bool = True) -> None:
+        """Open the run at ``path``; with the C run reader unless not ``accelerated``."""
         self.path = path
         self._name = expected.name
         fd = os.open(path, os.O_RDONLY)
@@ -195,11 +227,15 @@ class Run:
             header = decode_header(head, MAGIC, path, expected)
             if len(head) < FILTER_OFFSET or not _crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)
-            (lo, capacity, _, fence_rows, removals, prefix, shift, base, _) = RUN_HEADER.unpack(
-                head[HEADER_SIZE:FILTER_OFFSET]
+            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, _) = (
+                RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])
             )
             geometry = Geometry(expected, capacity, header.count)
-            if (geometry.fence_rows, geometry.radix_bits) != (fence_rows, header.fanout_bits):
+            if (geometry.fence_rows, geometry.radix_bits, geometry.filter_blocks) != (
+                fence_rows,
+                header.fanout_bits,
+                blocks,
+            ) or not header.count <= capacity:
                 raise self._load_error("run header disagrees with its sizes", HEADER_SIZE)
             if size != geometry.size:
                 raise self._load_error(
@@ -216,18 +252,71 @@ class Run:
         self.geometry = geometry
         self._prefix, self._shift, self._base = prefix, shift, base
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
-        self._checked = bytearray(geometry.pages)
         g = geometry
         self._fences = _Keys(self._view, g.fence, g.key_size, g.key_size, g.fences)
         self.first_key = self.last_key = b""
-        if self.count:
-            first, last = self._row(0), self._row(self.count - 1)
-            if first is None or last is None:
-                bad = 0 if first is None else self.count - 1
-                raise self._load_error(ROW_MISMATCH, self._row_offset(bad))
-            self.first_key, self.last_key = first[0], last[0]
-            if _common_prefix(self.first_key, self.last_key) != prefix:
-                raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
+        self._reader: RunReader[Removed] | None = None
+        try:
+            self._check_bounds()
+            if accelerated and AcceleratedRunReader is not None:
+                self._reader = self._accelerated_reader()
+        except BaseException:
+            self.close()
+            raise
+        # The index pages checked so far, unless the reader holds them.
+        self._checked = bytearray(0 if self._reader is not None else g.pages)
+
+    def _check_bounds(self) -> None:
+        """Read the first and last keys, and check the radix's header fields against them."""
+        if not self.count:
+            return
+        first, last = self._row(0), self._row(self.count - 1)
+        if first is None or last is None:
+            bad = 0 if first is None else self.count - 1
+            raise self._load_error(ROW_MISMATCH, self._row_offset(bad))
+        self.first_key, self.last_key = first[0], last[0]
+        prefix, base = self._prefix, self._base
+        span = _normalized(self.last_key, prefix) - base
+        if (
+            _common_prefix(self.first_key, self.last_key) != prefix
+            or _normalized(self.first_key, prefix) != base
+            or span >> self._shift >= 1 << self.geometry.radix_bits
+        ):
+            # (a bucket outside the radix would send lookups to other sections)
+            raise self._load_error("run header disagrees with its rows", HEADER_SIZE)
+
+    def _accelerated_reader(self) -> RunReader[Removed]:
+        assert AcceleratedRunReader is not None and self._map is not None
+        g = self.geometry
+        try:
+            return AcceleratedRunReader(
+                self._map,
+                REMOVED,
+                g.key_size,
+                g.value_size,
+                self.count,
+                g.filter,
+                g.filter_blocks,
+                g.fence,
+                g.fence_rows,
+                g.fences,
+                g.radix,
+                g.radix_bits,
+                g.rows,
+                g.page_crcs,
+                self._prefix,
+                self._shift,
+                self._base,
+                self.first_key,
+                self.last_key,
+            )
+        except ValueError as error:  # what the checks above should have refused
+            raise self._load_error(f"run refused by the C reader: {error}", HEADER_SIZE) from None
+
+    @property
+    def reader(self) -> RunReader[Removed] | None:
+        """The C reader of this run (for ``_runs.find_first``), or None without it."""
+        return self._reader
 
     def _load_error(self, what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
@@ -245,8 +334,18 @@ class Run:
             offset=offset,
         )
 
+    def corruption_error(self, error: RunCorrupt) -> CannotReadFromStore:
+        """The store's error for what the C reader found (``RunCorrupt(what, offset)``)."""
+        what, offset = error.args
+        return self._read_error(str(what), int(offset))
+
     def _check_pages(self, start: int, end: int) -> None:
         """Check once every index page holding bytes ``start`` .. ``end``."""
+        if self._reader is not None:
+            try:
+                return self._reader.check_pages(start, end)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         g = self.geometry
         first, last = (start - g.filter) // PAGE, (end - 1 - g.filter) // PAGE
         for page in range(first, last + 1):
@@ -277,6 +376,11 @@ class Run:
         return self.geometry.rows + index * self.geometry.row_size
 
     def _checked_row(self, index: int) -> tuple[bytes, bytes | Removed]:
+        if self._reader is not None:
+            try:
+                return self._reader.row(index)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         row = self._row(index)
         if row is None:
             raise self._read_error(ROW_MISMATCH, self._row_offset(index))
@@ -284,6 +388,11 @@ class Run:
 
     def may_contain(self, key_hash: int) -> bool:
         """False when the filter proves no row has a key of CRC-32 ``key_hash``."""
+        if self._reader is not None:
+            try:
+                return self._reader.may_contain(key_hash)
+            except RunCorrupt as error:
+                raise self.corruption_error(error) from None
         g = self.geometry
         block, bits = filter.probes(key_hash, g.filter_blocks)
         start = g.filter + block * filter.BLOCK_BYTES
@@ -349,6 +458,13 @@ class Run:
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
         """What this run holds for ``key``: its value, ``REMOVED``, or None."""
+        if self._reader is not None:
+            try:
+                return self._reader.find(key, key_hash)
+            except RunCorrupt as error:
+                if error.args[0] != ROW_MISMATCH:
+                    raise self.corruption_error(error) from None
+                # a damaged row: the search around it is Python's
         if not self.count:
             return None
         if not self.may_contain(crc32(key) if key_hash is None else key_hash):
@@ -364,6 +480,12 @@ class Run:
 
     def seek(self, key: bytes | None) -> int:
         """The index of the first row whose key is at least ``key`` (None: 0)."""
+        if self._reader is not None and key is not None:
+            try:
+                return self._reader.seek(key)
+            except RunCorrupt as error:
+                if error.args[0] != ROW_MISMATCH:
+                    raise self.corruption_error(error) from None
         if key is None or not self.count or key <= self.first_key:
             return 0
         if key > self.last_key:
@@ -383,6 +505,8 @@ class Run:
 
     def close(self) -> None:
         """Let go of the mapping (at once if no view of it is still in use)."""
+        if self._reader is not None:
+            self._reader.release()
         self._view.release()
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a scan still holds a slice

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from ..errors import CannotLoadStore
 from . import filesystem
+from .accel import RunCorrupt, accelerated_find_first
 from .datafile import DataFile
 from .framing import Expected, crc32
 from .levels import Span
@@ -51,6 +52,10 @@ class Source(Protocol):
     span: Span
     tag: int
     count: int
+
+    @property
+    def reader(self) -> Any:
+        """Its C reader (for ``find_first``), or None."""
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
         """Its value, ``REMOVED``, or None."""
@@ -95,6 +100,7 @@ class LegacyData:
         self.span = Span(0, data.generation - 1)
         self.tag = data.tag
         self.count = data.count
+        self.reader = None
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
         """Its value or None."""
@@ -147,9 +153,24 @@ class RunStack:
     def __init__(self, runs: Sequence[Source] = ()) -> None:
         self.runs: tuple[Source, ...] = tuple(runs)
         self._newest_first = self.runs[::-1]
+        readers = [run.reader for run in self._newest_first]
+        #: The runs' C readers, newest first, when every run has one.
+        self._readers: tuple[Any, ...] | None = None
+        if accelerated_find_first is not None and readers and None not in readers:
+            self._readers = tuple(readers)
 
     def find(self, key: bytes) -> bytes | None:
         """The value the newest run that knows ``key`` holds, or None."""
+        if self._readers is not None:
+            assert accelerated_find_first is not None
+            try:
+                found = accelerated_find_first(self._readers, key)
+            except RunCorrupt:  # each run again: Python's handling of damage
+                return self._find_in_each(key)
+            return None if found is REMOVED else found
+        return self._find_in_each(key)
+
+    def _find_in_each(self, key: bytes) -> bytes | None:
         if not self._newest_first:
             return None
         key_hash = crc32(key)

@@ -1,0 +1,48 @@
+from mmap import mmap
+from typing import Final, Generic, TypeVar
+
+_Removed = TypeVar("_Removed")
+
+#: The run format's constants the reader was built with (runs_c/format.h).
+FORMAT: Final[dict[str, int]]
+
+class RunCorrupt(Exception):
+    """``RunCorrupt(what, offset)``: a checksum or index section failed there."""
+
+    #: Set by ``find_first`` only: the failing reader's place in its tuple.
+    index: int
+
+class RunReader(Generic[_Removed]):
+    def __init__(
+        self,
+        buffer: mmap | bytes | memoryview,
+        removed: _Removed,
+        key_size: int,
+        value_size: int,
+        count: int,
+        filter_offset: int,
+        filter_blocks: int,
+        fence_offset: int,
+        fence_rows: int,
+        fences: int,
+        radix_offset: int,
+        radix_bits: int,
+        rows_offset: int,
+        page_crcs_offset: int,
+        prefix: int,
+        shift: int,
+        base: int,
+        first_key: bytes,
+        last_key: bytes,
+    ) -> None: ...
+    def find(self, key: bytes, key_hash: int | None = None, /) -> bytes | _Removed | None: ...
+    def seek(self, key: bytes, /) -> int: ...
+    def may_contain(self, key_hash: int, /) -> bool: ...
+    def row(self, index: int, /) -> tuple[bytes, bytes | _Removed]: ...
+    def check_pages(self, start: int, end: int, /) -> None: ...
+    def page_checked(self, page: int, /) -> bool: ...
+    def release(self) -> None: ...
+
+def find_first(
+    readers: tuple[RunReader[_Removed], ...], key: bytes, /
+) -> bytes | _Removed | None: ...

@@ -1,0 +1,759 @@
+/* RunReader: lookups in one mapped run, as run.py's Run does them.
+
+   Each method mirrors the Python method of the same meaning (run.py), step
+   for step, so that both give the same answer and, on corruption, the same
+   error at the same offset:
+
+     find         Run.find          filter, bounds, radix, fences, rows
+     seek         Run.seek          (the key not None)
+     may_contain  Run.may_contain
+     row          Run._checked_row
+     check_pages  Run._check_pages
+
+   The reader owns its state: the run's buffer (held from __init__ to
+   release() or dealloc) and a bitmap of the index pages whose checksum has
+   been checked. It reads no Python attribute. Every method runs with the
+   GIL held (a lookup is short) and reads the buffer before it allocates any
+   object that the garbage collector tracks, so that no finalizer can run
+   release() under it.
+
+   Corruption raises RunCorrupt(what, offset), what one of run.py's texts
+   and offset the file offset run.py reports; run.py turns it into
+   CannotReadFromStore. Every checksum is zlib's crc32. Every read lies in
+   the buffer: __init__ checks the sections against it and the radix's
+   fields against the first and last keys, so that whatever bytes the file
+   holds, a lookup reads only its own sections. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "filter.h"
+#include "format.h"
+#include "run_lookup.h"
+
+PyObject *RunCorrupt = NULL;
+
+/* run.py's texts: they reach users in CannotReadFromStore. */
+static const char PAGE_MISMATCH[] = "run index page checksum mismatch";
+static const char ROW_MISMATCH[] = "run row checksum mismatch";
+static const char RADIX_RANGE[] = "run radix entry out of range";
+static const char FENCES_SHORT[] = "run fences do not cover their rows";
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buffer; /* the whole run, while held */
+    int held;
+    PyObject *removed;   /* what a removal row answers */
+    PyObject *first_key; /* bytes: the keys of the first and last rows */
+    PyObject *last_key;
+    Py_ssize_t key_size, value_size, row_size, count;
+    Py_ssize_t filter_at, fence_at, radix_at, rows_at, page_crcs_at; /* offsets */
+    uint64_t filter_blocks;
+    Py_ssize_t fence_rows, fences; /* rows per fence, fences used */
+    Py_ssize_t buckets;            /* 2^radix_bits */
+    Py_ssize_t prefix;             /* the radix's prefix length */
+    Py_ssize_t shift;
+    uint64_t base;
+    Py_ssize_t pages;       /* index pages: filter, fences and radix */
+    unsigned char *checked; /* one bit a page, set once its checksum held */
+} RunReader;
+
+/* ------------------------------------------------------------------ bytes */
+
+static inline uint32_t
+read_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+static inline uint32_t
+crc_of(const unsigned char *data, Py_ssize_t length)
+{
+#if ZLIB_VERNUM >= 0x1290
+    return (uint32_t)crc32_z(0UL, data, (z_size_t)length);
+#else
+    uLong crc = crc32(0UL, Z_NULL, 0);
+    while (length > 0) {
+        uInt part = length > (1 << 30) ? (1u << 30) : (uInt)length;
+        crc = crc32(crc, data, part);
+        data += part;
+        length -= part;
+    }
+    return (uint32_t)crc;
+#endif
+}
+
+/* Python's comparison of two bytes objects: <0, 0 or >0. */
+static inline int
+compare(const unsigned char *a, Py_ssize_t a_length, const unsigned char *b,
+        Py_ssize_t b_length)
+{
+    Py_ssize_t common = a_length < b_length ? a_length : b_length;
+    int order = common ? memcmp(a, b, (size_t)common) : 0;
+    if (order)
+        return order;
+    return (a_length > b_length) - (a_length < b_length);
+}
+
+/* run.py's _normalized: the 8 bytes after the prefix, zero-padded, big-endian. */
+static inline uint64_t
+normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
+{
+    uint64_t value = 0;
+    for (Py_ssize_t i = prefix; i < prefix + 8; i++)
+        value = (value << 8) | (i < length ? key[i] : 0);
+    return value;
+}
+
+/* Python's a // b for b > 0. */
+static inline Py_ssize_t
+floor_div(Py_ssize_t a, Py_ssize_t b)
+{
+    Py_ssize_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+static void
+corrupt(const char *what, Py_ssize_t offset)
+{
+    PyObject *args = Py_BuildValue("(sn)", what, offset);
+    if (args != NULL) {
+        PyErr_SetObject(RunCorrupt, args);
+        Py_DECREF(args);
+    }
+}
+
+/* ------------------------------------------------------------ the lookup */
+
+static inline const unsigned char *
+run_bytes(const RunReader *self)
+{
+    return (const unsigned char *)self->buffer.buf;
+}
+
+static inline Py_ssize_t
+row_offset(const RunReader *self, Py_ssize_t index)
+{
+    return self->rows_at + index * self->row_size;
+}
+
+static inline const unsigned char *
+first_key(const RunReader *self)
+{
+    return (const unsigned char *)PyBytes_AS_STRING(self->first_key);
+}
+
+static inline const unsigned char *
+last_key(const RunReader *self)
+{
+    return (const unsigned char *)PyBytes_AS_STRING(self->last_key);
+}
+
+/* Run._check_pages: check once every index page holding bytes start .. end
+   (filter_at <= start <= end <= rows_at). 0, or -1 with RunCorrupt set. */
+static int
+check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_ssize_t first = floor_div(start - self->filter_at, RUN_PAGE);
+    Py_ssize_t last = floor_div(end - 1 - self->filter_at, RUN_PAGE);
+    const unsigned char *run = run_bytes(self);
+    for (Py_ssize_t page = first; page <= last; page++) {
+        if (self->checked[page >> 3] & (1u << (page & 7)))
+            continue;
+        Py_ssize_t low = self->filter_at + page * RUN_PAGE;
+        Py_ssize_t high = low + RUN_PAGE < self->rows_at ? low + RUN_PAGE : self->rows_at;
+        uint32_t stored = read_u32(run + self->page_crcs_at + page * RUN_CRC_SIZE);
+        if (crc_of(run + low, high - low) != stored) {
+            corrupt(PAGE_MISMATCH, low);
+            return -1;
+        }
+        self->checked[page >> 3] |= (unsigned char)(1u << (page & 7));
+    }
+    return 0;
+}
+
+/* Run._row's checksum: 1 a value, 2 a removal, 0 a row that fails. */
+static inline int
+row_state(const RunReader *self, Py_ssize_t index)
+{
+    uint32_t residue = crc_of(run_bytes(self) + row_offset(self, index), self->row_size);
+    if (residue == RUN_CRC_RESIDUE)
+        return 1;
+    if (residue == RUN_REMOVAL_RESIDUE)
+        return 2;
+    return 0;
+}
+
+/* Run.may_contain: 1, 0, or -1 with RunCorrupt set. */
+static int
+may_contain(RunReader *self, filter_probes probes)
+{
+    Py_ssize_t start =
+        self->filter_at +
+        (Py_ssize_t)filter_block(probes, self->filter_blocks) * FILTER_BLOCK_BYTES;
+    if (check_pages(self, start, start + FILTER_BLOCK_BYTES) < 0)
+        return -1;
+    return filter_block_test(run_bytes(self) + start, probes);
+}
+
+/* The radix bucket of a key with first key <= key <= last key (__init__
+   checked that it is one of the table's, below buckets). */
+static inline uint64_t
+bucket_of(const RunReader *self, const unsigned char *key, Py_ssize_t length)
+{
+    uint64_t value = normalized(key, length, self->prefix);
+    return value < self->base ? UINT64_MAX
+           : self->shift >= 64 ? 0
+                               : (value - self->base) >> self->shift;
+}
+
+/* Run._fence_of then Run._rows_of_fence: the rows low .. high of the fence
+   of a key with first key <= key <= last key. 0, or -1 with RunCorrupt set. */
+static int
+rows_of_key(RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t *low_row,
+            Py_ssize_t *high_row)
+{
+    const unsigned char *run = run_bytes(self);
+    uint64_t bucket = bucket_of(self, key, length);
+    if (bucket >= (uint64_t)self->buckets) { /* never (the test only guards reads) */
+        corrupt(RADIX_RANGE, self->radix_at);
+        return -1;
+    }
+    Py_ssize_t entry = self->radix_at + (Py_ssize_t)bucket * RUN_RADIX_ENTRY;
+    if (check_pages(self, entry, entry + RUN_RADIX_ENTRY) < 0)
+        return -1;
+    uint32_t low = read_u32(run + entry);
+    if (check_pages(self, entry + RUN_RADIX_ENTRY, entry + 2 * RUN_RADIX_ENTRY) < 0)
+        return -1;
+    uint32_t high = read_u32(run + entry + RUN_RADIX_ENTRY);
+    if (!(low <= high && (Py_ssize_t)high <= self->fences)) {
+        corrupt(RADIX_RANGE, entry);
+        return -1;
+    }
+    Py_ssize_t key_size = self->key_size;
+    if (high > low && check_pages(self, self->fence_at + (Py_ssize_t)low * key_size,
+                                  self->fence_at + (Py_ssize_t)high * key_size) < 0)
+        return -1;
+    /* bisect_right(fences, key, low, high) - 1 */
+    Py_ssize_t lo = low, hi = high;
+    while (lo < hi) {
+        Py_ssize_t middle = (lo + hi) / 2;
+        if (compare(key, length, run + self->fence_at + middle * key_size, key_size) < 0)
+            hi = middle;
+        else
+            lo = middle + 1;
+    }
+    Py_ssize_t fence = lo - 1;
+    if (fence < 0) {
+        corrupt(FENCES_SHORT, self->fence_at);
+        return -1;
+    }
+    Py_ssize_t end = (fence + 1) * self->fence_rows;
+    *low_row = fence * self->fence_rows;
+    *high_row = end < self->count ? end : self->count;
+    return 0;
+}
+
+/* Run._lower_bound: the first row of low .. high whose key is at least key,
+   checking every row it compares; *seen, *seen_state: the last row it
+   checked and what it holds (-1: none). 0, or -1 with RunCorrupt set. */
+static int
+lower_bound(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t low,
+            Py_ssize_t high, Py_ssize_t *index, Py_ssize_t *seen, int *seen_state)
+{
+    const unsigned char *run = run_bytes(self);
+    *seen = -1;
+#if defined(__GNUC__)
+    /* the bisect's rows (a fence's: 4 KiB at most, unless one row is more)
+       fetched at once, not one after the other */
+    Py_ssize_t end = row_offset(self, high);
+    if (end - row_offset(self, low) > 2 * RUN_PAGE)
+        end = row_offset(self, low) + 2 * RUN_PAGE;
+    for (Py_ssize_t at = row_offset(self, low); at < end; at += 64)
+        __builtin_prefetch(run + at, 0, 0);
+#endif
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        int state = row_state(self, middle);
+        if (!state) {
+            corrupt(ROW_MISMATCH, row_offset(self, middle));
+            return -1;
+        }
+        *seen = middle;
+        *seen_state = state;
+        if (compare(run + row_offset(self, middle), self->key_size, key, length) < 0)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    *index = low;
+    return 0;
+}
+
+/* Run.find: a new reference to the value, removed or None; NULL with an
+   error set. */
+static PyObject *
+lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
+{
+    if (!self->count)
+        Py_RETURN_NONE;
+    int maybe = may_contain(self, probes);
+    if (maybe <= 0)
+        return maybe < 0 ? NULL : Py_NewRef(Py_None);
+    Py_ssize_t key_size = self->key_size;
+    if (compare(key, length, first_key(self), key_size) < 0 ||
+        compare(key, length, last_key(self), key_size) > 0)
+        Py_RETURN_NONE;
+    Py_ssize_t low, high, index, seen;
+    int seen_state = 0;
+    if (rows_of_key(self, key, length, &low, &high) < 0 ||
+        lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
+        return NULL;
+    if (index == high)
+        Py_RETURN_NONE;
+    int state = index == seen ? seen_state : row_state(self, index);
+    if (!state) {
+        corrupt(ROW_MISMATCH, row_offset(self, index));
+        return NULL;
+    }
+    const unsigned char *row = run_bytes(self) + row_offset(self, index);
+    if (length != key_size || memcmp(row, key, (size_t)key_size) != 0)
+        Py_RETURN_NONE;
+    if (state == 2)
+        return Py_NewRef(self->removed);
+    return PyBytes_FromStringAndSize((const char *)row + key_size, self->value_size);
+}
+
+/* Run.seek (the key not None): the first row whose key is at least key, or
+   -1 with RunCorrupt set. */
+static Py_ssize_t
+seek(RunReader *self, const unsigned char *key, Py_ssize_t length)
+{
+    Py_ssize_t key_size = self->key_size;
+    if (!self->count || compare(key, length, first_key(self), key_size) <= 0)
+        return 0;
+    if (compare(key, length, last_key(self), key_size) > 0)
+        return self->count;
+    Py_ssize_t low, high, index, seen;
+    int seen_state;
+    if (rows_of_key(self, key, length, &low, &high) < 0 ||
+        lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
+        return -1;
+    return index;
+}
+
+/* ------------------------------------------------------------ the type */
+
+static void
+reader_clear_state(RunReader *self)
+{
+    if (self->held) {
+        self->held = 0;
+        PyBuffer_Release(&self->buffer);
+    }
+    Py_CLEAR(self->removed);
+    Py_CLEAR(self->first_key);
+    Py_CLEAR(self->last_key);
+    PyMem_Free(self->checked);
+    self->checked = NULL;
+}
+
+static int
+reader_traverse(RunReader *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->removed);
+    Py_VISIT(self->first_key);
+    Py_VISIT(self->last_key);
+    if (self->held)
+        Py_VISIT(self->buffer.obj);
+    return 0;
+}
+
+static int
+reader_clear(RunReader *self)
+{
+    reader_clear_state(self);
+    return 0;
+}
+
+static void
+reader_dealloc(RunReader *self)
+{
+    PyObject_GC_UnTrack(self);
+    reader_clear_state(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether count items of size bytes from at lie in 0 .. limit (no overflow). */
+static int
+span_ok(Py_ssize_t at, Py_ssize_t count, Py_ssize_t size, Py_ssize_t limit)
+{
+    return at >= 0 && at <= limit && count >= 0 && size >= 0 &&
+           (size == 0 || count <= (limit - at) / size);
+}
+
+static int
+reader_init(RunReader *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"buffer",      "removed",    "key_size",     "value_size",
+                               "count",       "filter_offset", "filter_blocks", "fence_offset",
+                               "fence_rows",  "fences",     "radix_offset", "radix_bits",
+                               "rows_offset", "page_crcs_offset", "prefix",  "shift",
+                               "base",        "first_key",  "last_key",     NULL};
+    PyObject *buffer, *removed, *base_object, *first, *last;
+    Py_ssize_t key_size, value_size, count, filter_at, blocks, fence_at, fence_rows, fences;
+    Py_ssize_t radix_at, radix_bits, rows_at, page_crcs_at, prefix, shift;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOnnnnnnnnnnnnnnOSS:RunReader", keywords,
+                                     &buffer, &removed, &key_size, &value_size, &count,
+                                     &filter_at, &blocks, &fence_at, &fence_rows, &fences,
+                                     &radix_at, &radix_bits, &rows_at, &page_crcs_at, &prefix,
+                                     &shift, &base_object, &first, &last))
+        return -1;
+    reader_clear_state(self);
+    if (!PyLong_Check(base_object)) {
+        PyErr_SetString(PyExc_TypeError, "RunReader: base must be an int");
+        return -1;
+    }
+    unsigned long long base = PyLong_AsUnsignedLongLong(base_object);
+    if (base == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (key_size < 0 || value_size < 0 || count < 0 || blocks < 1 ||
+        (uint64_t)blocks > ((uint64_t)1 << 32) || fence_rows < 1 || radix_bits < 0 ||
+        radix_bits > RUN_MAX_RADIX_BITS || prefix < 0 || prefix > key_size || shift < 0 ||
+        key_size > PY_SSIZE_T_MAX / 4 || value_size > PY_SSIZE_T_MAX / 4 ||
+        fences != count / fence_rows + (count % fence_rows != 0)) {
+        PyErr_SetString(PyExc_ValueError, "RunReader: parameters out of range");
+        return -1;
+    }
+    Py_ssize_t row_size = key_size + value_size + RUN_CRC_SIZE;
+    Py_ssize_t buckets = (Py_ssize_t)1 << radix_bits;
+    if (PyObject_GetBuffer(buffer, &self->buffer, PyBUF_SIMPLE) < 0)
+        return -1;
+    self->held = 1;
+    Py_ssize_t size = self->buffer.len;
+    /* filter, fences, radix, rows and page checksums, in this order, inside
+       the buffer; the filter starts past the headers */
+    Py_ssize_t pages = rows_at >= filter_at ? (rows_at - filter_at + RUN_PAGE - 1) / RUN_PAGE : 0;
+    if (filter_at < RUN_FILTER_OFFSET || !span_ok(filter_at, blocks, FILTER_BLOCK_BYTES, fence_at) ||
+        !span_ok(fence_at, fences, key_size, radix_at) ||
+        !span_ok(radix_at, buckets + 1, RUN_RADIX_ENTRY, rows_at) ||
+        !span_ok(rows_at, count, row_size, page_crcs_at) ||
+        !span_ok(page_crcs_at, pages, RUN_CRC_SIZE, size)) {
+        reader_clear_state(self);
+        PyErr_SetString(PyExc_ValueError, "RunReader: sections outside the buffer");
+        return -1;
+    }
+    /* the bounds, and the radix's fields against them (run.py's load checks
+       the same): every key between them falls in a bucket of the table */
+    if (count > 0) {
+        const unsigned char *low = (const unsigned char *)PyBytes_AS_STRING(first);
+        const unsigned char *high = (const unsigned char *)PyBytes_AS_STRING(last);
+        uint64_t span = 0;
+        int fits = PyBytes_GET_SIZE(first) == key_size && PyBytes_GET_SIZE(last) == key_size &&
+                   compare(low, key_size, high, key_size) <= 0 &&
+                   (prefix == 0 || memcmp(low, high, (size_t)prefix) == 0) &&
+                   normalized(low, key_size, prefix) == base;
+        if (fits) {
+            span = normalized(high, key_size, prefix) - base;
+            fits = (shift >= 64 ? 0 : span >> shift) < (uint64_t)buckets;
+        }
+        if (!fits) {
+            reader_clear_state(self);
+            PyErr_SetString(PyExc_ValueError,
+                            "RunReader: the radix's fields disagree with the first and last keys");
+            return -1;
+        }
+    }
+    self->checked = PyMem_Calloc((size_t)(pages / 8 + 1), 1);
+    if (self->checked == NULL) {
+        reader_clear_state(self);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->removed = Py_NewRef(removed);
+    self->first_key = Py_NewRef(first);
+    self->last_key = Py_NewRef(last);
+    self->key_size = key_size;
+    self->value_size = value_size;
+    self->row_size = row_size;
+    self->count = count;
+    self->filter_at = filter_at;
+    self->fence_at = fence_at;
+    self->radix_at = radix_at;
+    self->rows_at = rows_at;
+    self->page_crcs_at = page_crcs_at;
+    self->filter_blocks = (uint64_t)blocks;
+    self->fence_rows = fence_rows;
+    self->fences = fences;
+    self->buckets = buckets;
+    self->prefix = prefix;
+    self->shift = shift;
+    self->base = base;
+    self->pages = pages;
+    return 0;
+}
+
+static int
+usable(RunReader *self)
+{
+    if (!self->held) {
+        PyErr_SetString(PyExc_ValueError, "RunReader is released");
+        return 0;
+    }
+    return 1;
+}
+
+static int
+key_bytes(PyObject *key, const unsigned char **bytes, Py_ssize_t *length)
+{
+    if (!PyBytes_Check(key)) {
+        PyErr_Format(PyExc_TypeError, "a run's key is bytes, not %.100s", Py_TYPE(key)->tp_name);
+        return -1;
+    }
+    *bytes = (const unsigned char *)PyBytes_AS_STRING(key);
+    *length = PyBytes_GET_SIZE(key);
+    return 0;
+}
+
+static int
+key_hash_of(PyObject *value, uint64_t *hash)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "a key hash is an int, not %.100s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    unsigned long long hashed = PyLong_AsUnsignedLongLong(value);
+    if (hashed == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *hash = hashed;
+    return 0;
+}
+
+static PyObject *
+reader_find(RunReader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "find(key, key_hash=None, /)");
+        return NULL;
+    }
+    const unsigned char *key;
+    Py_ssize_t length;
+    uint64_t hash;
+    if (!usable(self) || key_bytes(args[0], &key, &length) < 0)
+        return NULL;
+    if (nargs == 1 || args[1] == Py_None)
+        hash = crc_of(key, length);
+    else if (key_hash_of(args[1], &hash) < 0)
+        return NULL;
+    return lookup(self, key, length, filter_probes_of(hash));
+}
+
+static PyObject *
+reader_seek(RunReader *self, PyObject *key_object)
+{
+    const unsigned char *key;
+    Py_ssize_t length;
+    if (!usable(self) || key_bytes(key_object, &key, &length) < 0)
+        return NULL;
+    Py_ssize_t index = seek(self, key, length);
+    return index < 0 ? NULL : PyLong_FromSsize_t(index);
+}
+
+static PyObject *
+reader_may_contain(RunReader *self, PyObject *hash_object)
+{
+    uint64_t hash;
+    if (!usable(self) || key_hash_of(hash_object, &hash) < 0)
+        return NULL;
+    int maybe = may_contain(self, filter_probes_of(hash));
+    return maybe < 0 ? NULL : PyBool_FromLong(maybe);
+}
+
+static PyObject *
+reader_row(RunReader *self, PyObject *index_object)
+{
+    if (!usable(self))
+        return NULL;
+    Py_ssize_t index = PyNumber_AsSsize_t(index_object, PyExc_IndexError);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= self->count) {
+        PyErr_SetString(PyExc_IndexError, "run row index out of range");
+        return NULL;
+    }
+    int state = row_state(self, index);
+    if (!state) {
+        corrupt(ROW_MISMATCH, row_offset(self, index));
+        return NULL;
+    }
+    const char *row = (const char *)run_bytes(self) + row_offset(self, index);
+    /* bytes first (not tracked by the collector), the tuple last */
+    PyObject *key = PyBytes_FromStringAndSize(row, self->key_size);
+    PyObject *value = state == 2 ? Py_NewRef(self->removed)
+                                 : PyBytes_FromStringAndSize(row + self->key_size,
+                                                             self->value_size);
+    PyObject *pair = key != NULL && value != NULL ? PyTuple_Pack(2, key, value) : NULL;
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    return pair;
+}
+
+static PyObject *
+reader_check_pages(RunReader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check_pages(start, end, /)");
+        return NULL;
+    }
+    if (!usable(self))
+        return NULL;
+    Py_ssize_t start = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    if (!(self->filter_at <= start && start <= end && end <= self->rows_at)) {
+        PyErr_SetString(PyExc_ValueError, "check_pages: bytes outside the index sections");
+        return NULL;
+    }
+    if (check_pages(self, start, end) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+reader_page_checked(RunReader *self, PyObject *page_object)
+{
+    if (!usable(self))
+        return NULL;
+    Py_ssize_t page = PyNumber_AsSsize_t(page_object, PyExc_IndexError);
+    if (page == -1 && PyErr_Occurred())
+        return NULL;
+    if (page < 0 || page >= self->pages) {
+        PyErr_SetString(PyExc_IndexError, "run index page out of range");
+        return NULL;
+    }
+    return PyBool_FromLong((self->checked[page >> 3] >> (page & 7)) & 1);
+}
+
+static PyObject *
+reader_release(RunReader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->held) {
+        self->held = 0;
+        PyBuffer_Release(&self->buffer);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef reader_methods[] = {
+    {"find", (PyCFunction)(void (*)(void))reader_find, METH_FASTCALL,
+     "find(key, key_hash=None, /) -> value | removed | None: what the run holds for key\n"
+     "(key_hash: zlib.crc32(key), computed when None)."},
+    {"seek", (PyCFunction)reader_seek, METH_O,
+     "seek(key, /) -> int: the index of the first row whose key is at least key."},
+    {"may_contain", (PyCFunction)reader_may_contain, METH_O,
+     "may_contain(key_hash, /) -> bool: False when the filter proves no key has that CRC-32."},
+    {"row", (PyCFunction)reader_row, METH_O,
+     "row(index, /) -> (key, value | removed): row index, its checksum checked."},
+    {"check_pages", (PyCFunction)(void (*)(void))reader_check_pages, METH_FASTCALL,
+     "check_pages(start, end, /): check once every index page holding bytes start .. end."},
+    {"page_checked", (PyCFunction)reader_page_checked, METH_O,
+     "page_checked(page, /) -> bool: whether index page's checksum was checked."},
+    {"release", (PyCFunction)reader_release, METH_NOARGS,
+     "Let go of the buffer (the run's mapping can then be closed); calls raise ValueError."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject RunReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._runs.RunReader",
+    .tp_basicsize = sizeof(RunReader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "RunReader(buffer, removed, key_size, value_size, count, filter_offset, "
+              "filter_blocks, fence_offset, fence_rows, fences, radix_offset, radix_bits, "
+              "rows_offset, page_crcs_offset, prefix, shift, base, first_key, last_key)\n\n"
+              "Lookups in one mapped run, as run.Run does them.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)reader_init,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_methods = reader_methods,
+};
+
+/* ------------------------------------------------------------ find_first */
+
+/* Name the reader (its place in the tuple) on the RunCorrupt being raised. */
+static void
+note_reader(Py_ssize_t index)
+{
+    if (!PyErr_ExceptionMatches(RunCorrupt))
+        return;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *at = PyLong_FromSsize_t(index);
+    if (at == NULL || value == NULL || PyObject_SetAttrString(value, "index", at) < 0)
+        PyErr_Clear(); /* the corruption is still the error to raise */
+    Py_XDECREF(at);
+    PyErr_Restore(type, value, traceback);
+}
+
+const char runs_find_first_doc[] =
+    "find_first(readers, key, /) -> value | removed | None: the first answer other than None\n"
+    "of the readers (a tuple, newest run first) for key. The key's CRC-32 is computed once\n"
+    "and every reader's filter block is prefetched before the first probe. A RunCorrupt\n"
+    "it raises has an index attribute: the reader's place in the tuple.";
+
+PyObject *
+runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "find_first(readers, key, /)");
+        return NULL;
+    }
+    PyObject *readers = args[0];
+    if (!PyTuple_Check(readers)) {
+        PyErr_SetString(PyExc_TypeError, "find_first: readers must be a tuple of RunReader");
+        return NULL;
+    }
+    const unsigned char *key;
+    Py_ssize_t length;
+    if (key_bytes(args[1], &key, &length) < 0)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(readers);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(readers, i);
+        if (!PyObject_TypeCheck(item, &RunReaderType)) {
+            PyErr_SetString(PyExc_TypeError, "find_first: readers must be a tuple of RunReader");
+            return NULL;
+        }
+        if (!usable((RunReader *)item))
+            return NULL;
+    }
+    filter_probes probes = filter_probes_of(crc_of(key, length));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
+        if (reader->count)
+            filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks, probes);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
+        /* (held: a lookup allocates only bytes, which run no finalizer) */
+        PyObject *found = lookup(reader, key, length, probes);
+        if (found == NULL) {
+            note_reader(i);
+            return NULL;
+        }
+        if (found != Py_None)
+            return found;
+        Py_DECREF(found);
+    }
+    Py_RETURN_NONE;
+}

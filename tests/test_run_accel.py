@@ -1,0 +1,693 @@
+"""The C run reader (``_runs``) against run.py's Python path: same answers, same errors.
+
+Each run is opened twice: ``Run(path, expected)`` reads through the C
+reader, ``Run(path, expected, accelerated=False)`` through the Python
+methods. Both must answer every call alike (values, removals, None, indexes,
+rows) and, on corruption, raise the same error at the same offset, the C
+never returning data its checksums do not vouch for.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l2_stores.engine import accel
+from l2_stores.engine import filter as bloom
+from l2_stores.engine import run as runs
+from l2_stores.engine.framing import Expected
+from l2_stores.engine.run import REMOVED, Removed, Run, RunWriter
+from l2_stores.errors import CannotLoadStore, CannotReadFromStore
+
+if accel.AcceleratedRunReader is None:
+    pytest.skip(
+        "the C run reader is not in use (not built, or L2_STORES_PURE_PYTHON=1)",
+        allow_module_level=True,
+    )
+
+from l2_stores.engine import _runs  # (after the skip)
+
+Model = dict[bytes, bytes | Removed]
+
+
+def write(path: Path, expected: Expected, model: Model, capacity: int | None = None) -> None:
+    writer = RunWriter(str(path), expected, 1, 4, len(model) if capacity is None else capacity)
+    for key in sorted(model):
+        writer.add(key, model[key])
+    writer.finish(fsync=False)
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[[Path, Expected], tuple[Run, Run]]]:
+    """``opened(path, expected)``: the run through C and through Python, closed at the end."""
+    runs_opened: list[Run] = []
+
+    def open_both(path: Path, expected: Expected) -> tuple[Run, Run]:
+        c = Run(str(path), expected)
+        runs_opened.append(c)
+        python = Run(str(path), expected, accelerated=False)
+        runs_opened.append(python)
+        assert c.reader is not None and python.reader is None
+        return c, python
+
+    yield open_both
+    for run in runs_opened:
+        run.close()
+
+
+def outcome(call: Callable[..., Any], *args: Any) -> tuple[str, Any, Any]:
+    """What ``call(*args)`` answers, or the error it raises (its text and offset)."""
+    try:
+        return ("answer", call(*args), None)
+    except CannotReadFromStore as error:
+        return ("error", error.reason, error.offset)
+
+
+def same(c: Run, python: Run, call: Callable[..., Any], *args: Any) -> tuple[str, Any, Any]:
+    """``call(run, *args)`` through C then Python: the same answer or the same error."""
+    answer = outcome(call, c, *args)
+    assert answer == outcome(call, python, *args), (call, args)
+    return answer
+
+
+def random_model(rng: random.Random, count: int, key_size: int, value_size: int) -> Model:
+    model: Model = {}
+    while len(model) < count:
+        key = rng.randbytes(key_size)
+        model[key] = REMOVED if rng.random() < 0.1 else rng.randbytes(value_size)
+    return model
+
+
+def neighbours(key: bytes) -> list[bytes]:
+    """Keys just below and just above ``key``, of its size and of other sizes."""
+    number = int.from_bytes(key, "big") if key else 0
+    size = len(key)
+    found = [key[:-1], key + b"\0", key + b"\xff", b"\0" + key]
+    if number > 0:
+        found.append((number - 1).to_bytes(size, "big"))
+    if size and number + 1 < 1 << (8 * size):
+        found.append((number + 1).to_bytes(size, "big"))
+    return found
+
+
+def probes_of(run: Run, model: Model, rng: random.Random, extra: int = 300) -> list[bytes]:
+    """Present keys, absent ones, the bounds, fences and their neighbours, odd sizes."""
+    size = run.geometry.key_size
+    keys = sorted(model)
+    # (a key cut short compares like itself padded with zeros where bytes end in one)
+    probes = [*keys, *(key[:-1] for key in keys), *(rng.randbytes(size) for _ in range(extra))]
+    probes += [b"", bytes(size), b"\xff" * size, bytes(size + 1), b"\xff" * (size + 1)]
+    edges = keys[:: run.geometry.fence_rows] + keys[:3] + keys[-3:]
+    for key in edges:
+        probes += neighbours(key)
+    return probes
+
+
+def assert_agree(c: Run, python: Run, probes: list[bytes], model: Model) -> None:
+    """Every call answers alike through C and Python (in the same order on both, so
+    that both have checked the same pages), and every answer is the model's."""
+    for key in probes:
+        key_hash = zlib.crc32(key)
+        found = same(c, python, Run.find, key)
+        if found[0] == "answer":
+            assert found[1] == model.get(key), key.hex()
+        same(c, python, Run.find, key, key_hash)
+        same(c, python, Run.seek, key)
+        same(c, python, Run.may_contain, key_hash)
+    assert c.seek(None) == python.seek(None) == 0
+    for index in range(c.count):
+        row = same(c, python, Run._checked_row, index)
+        if row[0] == "answer":
+            key, value = row[1]
+            assert model[key] == value
+    for reverse in (False, True):
+        same(c, python, lambda run, reverse=reverse: list(run.rows(reverse=reverse)))
+
+
+def round_trip(
+    path: Path,
+    opened: Callable[[Path, Expected], tuple[Run, Run]],
+    expected: Expected,
+    model: Model,
+    capacity: int | None = None,
+    seed: int = 0,
+) -> tuple[Run, Run]:
+    write(path, expected, model, capacity)
+    c, python = opened(path, expected)
+    rng = random.Random(seed)
+    assert_agree(c, python, probes_of(c, model, rng), model)
+    assert list(c.rows()) == sorted(model.items())
+    return c, python
+
+
+@pytest.mark.parametrize(
+    ("key_size", "value_size", "count", "spare"),
+    [(32, 32, 5000, 0), (32, 32, 3000, 1000), (8, 8, 2000, 17), (4, 0, 700, 0), (2, 3, 1, 0)],
+)
+def test_random_keys_agree(
+    tmp_path: Path,
+    opened: Callable[[Path, Expected], tuple[Run, Run]],
+    key_size: int,
+    value_size: int,
+    count: int,
+    spare: int,
+) -> None:
+    rng = random.Random(count + spare)
+    expected = Expected("agree", key_size, value_size)
+    model = random_model(rng, count, key_size, value_size)
+    round_trip(tmp_path / "run", opened, expected, model, count + spare, seed=count)
+
+
+def test_dense_counters_agree(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Int32ub levels counting up, with gaps, removals and probes around every one."""
+    expected = Expected("levels", 4, 32)
+    model: Model = {
+        struct.pack(">I", 1_000 + 3 * level): bytes([level % 251]) * 32 for level in range(20_000)
+    }
+    for level in range(0, 20_000, 17):
+        model[struct.pack(">I", 1_000 + 3 * level)] = REMOVED
+    c, python = round_trip(tmp_path / "run", opened, expected, model)
+    probes = [struct.pack(">I", level) for level in range(0, 62_000, 5)]
+    assert_agree(c, python, probes, model)
+
+
+def test_long_shared_prefix_agrees(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """300-byte keys sharing 260 bytes: the radix's prefix stops at 255."""
+    rng = random.Random(9)
+    head = rng.randbytes(260)
+    model: Model = {head + rng.randbytes(40): rng.randbytes(4) for _ in range(300)}
+    c, python = round_trip(tmp_path / "run", opened, Expected("long", 300, 4), model)
+    assert_agree(c, python, [head + rng.randbytes(40) for _ in range(100)], model)
+
+
+def test_empty_and_single_row_runs_agree(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    expected = Expected("small", 8, 8)
+    for name, model, capacity in [
+        ("empty", {}, 0),
+        ("empty-with-room", {}, 500),
+        ("single", {b"\x01" * 8: b"v" * 8}, 1),
+        ("single-removal", {b"\x80" * 8: REMOVED}, 1),
+        ("single-with-room", {b"\x00" * 8: b"w" * 8}, 5000),
+    ]:
+        round_trip(tmp_path / name, opened, expected, model, capacity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=3).flatmap(
+        lambda size: st.tuples(
+            st.just(size),
+            st.dictionaries(
+                st.binary(min_size=size, max_size=size),
+                st.one_of(st.just(REMOVED), st.binary(min_size=2, max_size=2)),
+                max_size=600,
+            ),
+            st.lists(st.binary(min_size=0, max_size=size + 1), max_size=40),
+        )
+    ),
+    st.integers(min_value=0, max_value=400),
+)
+def test_tiny_keys_agree(
+    tmp_path_factory: pytest.TempPathFactory,
+    case: tuple[int, Model, list[bytes]],
+    spare: int,
+) -> None:
+    size, model, extra = case
+    path = tmp_path_factory.mktemp("tiny") / "run"
+    expected = Expected("tiny", size, 2)
+    write(path, expected, model, len(model) + spare)
+    c = Run(str(path), expected)
+    python = Run(str(path), expected, accelerated=False)
+    try:
+        probes = probes_of(c, model, random.Random(len(model)), extra=20) + extra
+        assert list(c.rows()) == sorted(model.items())
+        assert_agree(c, python, probes, model)
+    finally:
+        c.close()
+        python.close()
+
+
+def test_find_first_answers_as_the_runs_in_order(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Newest run first: the first answer other than None, removals included."""
+    rng = random.Random(11)
+    expected = Expected("first", 16, 8)
+    universe = [rng.randbytes(16) for _ in range(6000)]
+    pairs = []
+    for number in range(6):
+        model: Model = {}
+        for key in rng.sample(universe, rng.choice([0, 50, 1500, 3000])):
+            model[key] = REMOVED if rng.random() < 0.2 else bytes([number]) * 8
+        path = tmp_path / f"run{number}"
+        write(path, expected, model, len(model) + rng.randrange(100))
+        pairs.append(opened(path, expected))
+    readers = tuple(c.reader for c, _ in pairs)
+    assert all(reader is not None for reader in readers)
+    for key in [*universe, *(rng.randbytes(16) for _ in range(1000)), b"", b"\xff" * 17]:
+        want = None
+        for _, python in pairs:
+            want = python.find(key)
+            if want is not None:
+                break
+        assert _runs.find_first(readers, key) == want
+    assert _runs.find_first((), universe[0]) is None
+    with pytest.raises(TypeError):
+        _runs.find_first(list(readers), universe[0])
+    with pytest.raises(TypeError):
+        _runs.find_first((*readers, "reader"), universe[0])
+    with pytest.raises(TypeError):
+        _runs.find_first(readers, bytearray(universe[0]))
+
+
+def test_find_first_names_the_corrupt_reader(tmp_path: Path) -> None:
+    expected = Expected("named", 8, 8)
+    model = random_model(random.Random(4), 500, 8, 8)
+    key = sorted(model)[100]
+    paths = [tmp_path / "a", tmp_path / "b"]
+    write(paths[0], expected, {}, 10)
+    write(paths[1], expected, model)
+    first_row = Run(str(paths[1]), expected)
+    offset = first_row.geometry.rows + 100 * first_row.geometry.row_size
+    first_row.close()
+    data = bytearray(paths[1].read_bytes())
+    data[offset + 9] ^= 4  # the value of the key's row
+    paths[1].write_bytes(bytes(data))
+    opened_runs = [Run(str(path), expected) for path in paths]
+    readers = tuple(run.reader for run in opened_runs)
+    with pytest.raises(_runs.RunCorrupt) as caught:
+        _runs.find_first(readers, key)
+    assert caught.value.args == (runs.ROW_MISMATCH, offset)
+    assert caught.value.index == 1
+    error = opened_runs[caught.value.index].corruption_error(caught.value)
+    assert error.path == str(paths[1]) and error.offset == offset
+    for run in opened_runs:
+        run.close()
+
+
+def _sections(g: runs.Geometry) -> dict[str, tuple[int, int]]:
+    return {
+        "file header": (0, 64),
+        "run header": (64, 128),
+        "filter": (g.filter, g.fence),
+        "fences": (g.fence, g.fence + g.fences * g.key_size),
+        "radix": (g.radix, g.rows),
+        "rows": (g.rows, g.page_crcs),
+        "page checksums": (g.page_crcs, g.size),
+    }
+
+
+def corrupt_and_compare(
+    path: Path, expected: Expected, data: bytes, model: Model, absent: int = 200
+) -> bool:
+    """Write ``data`` at ``path``; open it through C and Python and compare everything
+    (the model's keys and ``absent`` others). True when the run loaded."""
+    path.write_bytes(data)
+    loaded: list[Run] = []
+    errors = []
+    for accelerated in (True, False):
+        try:
+            loaded.append(Run(str(path), expected, accelerated=accelerated))
+        except CannotLoadStore as error:
+            errors.append((error.reason, error.offset))
+    assert len(errors) in (0, 2), errors
+    if errors:
+        assert errors[0] == errors[1]
+        return False
+    c, python = loaded
+    try:
+        rng = random.Random(len(data))
+        probes = [*model, *(rng.randbytes(expected.key_size) for _ in range(absent))]
+        assert_agree(c, python, probes, model)
+        c_check = [(finding.offset, finding.what) for finding in runs._check_open_run(c)]
+        python_check = [(finding.offset, finding.what) for finding in runs._check_open_run(python)]
+        assert c_check == python_check
+    finally:
+        c.close()
+        python.close()
+    return True
+
+
+@pytest.mark.parametrize(
+    "section", ["file header", "run header", "filter", "fences", "radix", "rows", "page checksums"]
+)
+@pytest.mark.parametrize("seed", range(4))
+def test_corruption_same_errors_never_wrong_data(tmp_path: Path, section: str, seed: int) -> None:
+    rng = random.Random(f"{section}{seed}")
+    expected = Expected("corrupt", 8, 8)
+    model = random_model(rng, 2000, 8, 8)
+    path = tmp_path / "run"
+    write(path, expected, model, 2100)
+    run = Run(str(path), expected)
+    low, high = _sections(run.geometry)[section]
+    run.close()
+    data = bytearray(path.read_bytes())
+    for _ in range(1 + seed):
+        data[rng.randrange(low, high)] ^= 1 << rng.randrange(8)
+    corrupt_and_compare(path, expected, bytes(data), model)
+
+
+def with_page_crcs(data: bytearray, g: runs.Geometry) -> bytes:
+    """``data`` with its index pages' checksums computed again (as a writer would)."""
+    for page in range(g.pages):
+        low, high = g.page_bounds(page)
+        at = g.page_crcs + page * runs.CRC_SIZE
+        data[at : at + runs.CRC_SIZE] = zlib.crc32(data[low:high]).to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("section", ["filter", "fences", "radix"])
+@pytest.mark.parametrize("seed", range(8))
+def test_wrong_index_with_valid_page_checksums(tmp_path: Path, section: str, seed: int) -> None:
+    """An index section gone wrong under valid page checksums (a writer's bug): the
+    radix's range check and the fences' cover, and the answers, alike in C and Python
+    (a wrong index may lose keys, but a value found is the key's)."""
+    rng = random.Random(f"{section}{seed}")
+    expected = Expected("index", 4, 4)  # 512 rows a fence, 20 fences
+    model = random_model(rng, 10_000, 4, 4)
+    path = tmp_path / "run"
+    write(path, expected, model)
+    g = Run(str(path), expected, accelerated=False).geometry
+    low, high = _sections(g)[section]
+    data = bytearray(path.read_bytes())
+    for _ in range(1 + seed % 3):
+        at = rng.randrange(low, high)
+        if section == "radix" and seed % 2:  # a whole entry, often past the fences
+            at -= (at - low) % runs.RADIX_ENTRY
+            data[at : at + 4] = rng.randrange(g.fences + 3).to_bytes(4, "little")
+        else:
+            data[at] ^= 1 << rng.randrange(8)
+    data = bytearray(with_page_crcs(data, g))
+    path.write_bytes(bytes(data))
+    c = Run(str(path), expected)
+    python = Run(str(path), expected, accelerated=False)
+    try:
+        for key in [*model, *(rng.randbytes(4) for _ in range(2000))]:
+            found = same(c, python, Run.find, key)
+            assert found[0] == "error" or found[1] in (None, model.get(key))
+            same(c, python, Run.seek, key)
+    finally:
+        c.close()
+        python.close()
+
+
+def test_radix_out_of_range_and_fences_short(tmp_path: Path) -> None:
+    """The two index errors that page checksums cannot catch, at run.py's offsets."""
+    expected = Expected("short", 4, 4)
+    model: Model = {struct.pack(">I", 7 * n): b"vvvv" for n in range(5000)}
+    path = tmp_path / "run"
+    write(path, expected, model)
+    g = Run(str(path), expected, accelerated=False).geometry
+    clean = bytearray(path.read_bytes())
+    key = struct.pack(">I", 7 * 2500)
+    python = Run(str(path), expected, accelerated=False)
+    bucket = (runs._normalized(key, python._prefix) - python._base) >> python._shift
+    python.close()
+    entry = g.radix + bucket * runs.RADIX_ENTRY
+    for (low, high), fence_0, what, offset in [
+        ((0, g.fences + 1), None, "run radix entry out of range", entry),
+        ((5, 4), None, "run radix entry out of range", entry),
+        # the key's bucket names fence 0 alone, whose key is above it: no fence covers it
+        ((0, 1), b"\xff" * 4, "run fences do not cover their rows", g.fence),
+    ]:
+        data = bytearray(clean)
+        data[entry : entry + 8] = low.to_bytes(4, "little") + high.to_bytes(4, "little")
+        if fence_0 is not None:
+            data[g.fence : g.fence + 4] = fence_0
+        path.write_bytes(with_page_crcs(data, g))
+        c = Run(str(path), expected)
+        python = Run(str(path), expected, accelerated=False)
+        try:
+            for call in (Run.find, Run.seek):
+                kind, reason, at = same(c, python, call, key)
+                assert (kind, at) == ("error", offset) and reason.startswith(what)
+        finally:
+            c.close()
+            python.close()
+
+
+def test_checked_pages_are_remembered(tmp_path: Path) -> None:
+    """A page's checksum is checked once: a byte changed under the mapping after the
+    check goes unseen by that run (both paths), and is seen by a new one."""
+    expected = Expected("remembered", 8, 8)
+    model = random_model(random.Random(12), 5000, 8, 8)
+    path = tmp_path / "run"
+    write(path, expected, model)
+    key = next(key for key, value in model.items() if value is not REMOVED)
+    c = Run(str(path), expected)
+    python = Run(str(path), expected, accelerated=False)
+    g = c.geometry
+    block, _ = bloom.probes(zlib.crc32(key), g.filter_blocks)
+    page_low, page_high = g.page_bounds(block * bloom.BLOCK_BYTES // runs.PAGE)
+    other = page_low if page_low != g.filter + block * bloom.BLOCK_BYTES else page_high - 1
+    try:
+        assert same(c, python, Run.find, key) == ("answer", model[key], None)
+        with open(path, "r+b") as file:  # seen through both shared mappings
+            file.seek(other)
+            byte = file.read(1)[0]
+            file.seek(other)
+            file.write(bytes([byte ^ 1]))
+        assert same(c, python, Run.find, key) == ("answer", model[key], None)
+        fresh = Run(str(path), expected)
+        with pytest.raises(CannotReadFromStore, match="page checksum"):
+            fresh.find(key)
+        fresh.close()
+    finally:
+        c.close()
+        python.close()
+
+
+def test_a_bit_flip_at_every_byte_of_a_small_run(tmp_path: Path) -> None:
+    """One flipped bit at each byte of a small run's headers and index (15 fences)
+    and of its rows' keys and checksums: C and Python load, answer and fail alike,
+    the C never wrongly."""
+    rng = random.Random(13)
+    expected = Expected("flips", 4, 1000)  # 4 rows a fence
+    model = random_model(rng, 60, 4, 1000)
+    path = tmp_path / "run"
+    write(path, expected, model, 64)
+    g = Run(str(path), expected, accelerated=False).geometry
+    assert g.fences == 15
+    clean = path.read_bytes()
+    rows = [g.rows + index * g.row_size for index in range(g.count)]
+    places = [
+        *range(g.rows),
+        *(row + at for row in rows for at in (0, 1, 2, 3, 4, 500, 1004, 1005, 1006, 1007)),
+        *range(g.page_crcs, g.size),
+    ]
+    loaded = 0
+    for at in places:
+        flipped = clean[:at] + bytes([clean[at] ^ (1 << (at % 8))]) + clean[at + 1 :]
+        loaded += corrupt_and_compare(path, expected, flipped, model, absent=20)
+    assert 0 < loaded < len(places)
+
+
+def test_pages_are_checked_once_in_the_reader(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    expected = Expected("pages", 32, 32)
+    model = random_model(random.Random(5), 20_000, 32, 32)
+    write(tmp_path / "run", expected, model)
+    c, python = opened(tmp_path / "run", expected)
+    reader = c.reader
+    assert reader is not None
+    g = c.geometry
+    assert g.pages > 10 and len(c._checked) == 0  # one state: the reader's
+    assert not any(reader.page_checked(page) for page in range(g.pages))
+    key = sorted(model)[1234]
+    block, _ = bloom.probes(zlib.crc32(key), g.filter_blocks)
+    assert c.find(key) == model[key]
+    assert reader.page_checked(block * bloom.BLOCK_BYTES // runs.PAGE)
+    checked = [page for page in range(g.pages) if reader.page_checked(page)]
+    assert python.find(key) == model[key]
+    assert checked == [page for page in range(g.pages) if python._checked[page]]
+    with pytest.raises(IndexError):
+        reader.page_checked(g.pages)
+    with pytest.raises(ValueError, match="outside"):
+        reader.check_pages(g.filter - 1, g.filter + 10)
+    for page in range(g.pages):
+        c._check_pages(*g.page_bounds(page))
+    assert all(reader.page_checked(page) for page in range(g.pages))
+
+
+def test_a_corrupt_page_stays_unchecked_and_fails_again(tmp_path: Path) -> None:
+    expected = Expected("again", 8, 8)
+    model = random_model(random.Random(6), 3000, 8, 8)
+    path = tmp_path / "run"
+    write(path, expected, model)
+    data = bytearray(path.read_bytes())
+    data[runs.FILTER_OFFSET + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    run = Run(str(path), expected)
+    reader = run.reader
+    assert reader is not None
+    for _ in range(2):
+        with pytest.raises(_runs.RunCorrupt) as caught:
+            reader.check_pages(runs.FILTER_OFFSET, runs.FILTER_OFFSET + 64)
+        assert caught.value.args == ("run index page checksum mismatch", runs.FILTER_OFFSET)
+        assert not reader.page_checked(0)
+    with pytest.raises(CannotReadFromStore, match="page checksum mismatch") as error:
+        run._check_pages(runs.FILTER_OFFSET, runs.FILTER_OFFSET + 1)
+    assert error.value.offset == runs.FILTER_OFFSET and error.value.path == str(path)
+    run.close()
+
+
+def test_close_releases_the_reader_then_the_mapping(tmp_path: Path) -> None:
+    expected = Expected("close", 8, 8)
+    model = random_model(random.Random(7), 100, 8, 8)
+    write(tmp_path / "run", expected, model)
+    run = Run(str(tmp_path / "run"), expected)
+    reader = run.reader
+    assert reader is not None
+    key = next(iter(model))
+    assert run.find(key) == model[key]
+    run.close()
+    assert run._map is not None and run._map.closed
+    for call in (
+        lambda: reader.find(key),
+        lambda: reader.seek(key),
+        lambda: reader.may_contain(0),
+        lambda: reader.row(0),
+        lambda: reader.page_checked(0),
+        lambda: _runs.find_first((reader,), key),
+    ):
+        with pytest.raises(ValueError, match="released"):
+            call()
+    reader.release()  # twice is fine
+
+
+def test_release_lets_the_mapping_close(tmp_path: Path) -> None:
+    expected = Expected("release", 8, 8)
+    write(tmp_path / "run", expected, random_model(random.Random(8), 10, 8, 8))
+    run = Run(str(tmp_path / "run"), expected)
+    assert run._map is not None and run.reader is not None
+    run._view.release()
+    with pytest.raises(BufferError):  # the reader still holds the mapping
+        run._map.close()
+    run.reader.release()
+    run._map.close()
+    assert run._map.closed
+    run.close()  # and again, harmlessly
+
+
+def test_reader_refuses_bad_parameters(tmp_path: Path) -> None:
+    expected = Expected("params", 8, 8)
+    model = random_model(random.Random(9), 3000, 8, 8)
+    write(tmp_path / "run", expected, model)
+    run = Run(str(tmp_path / "run"), expected)
+    g = run.geometry
+    good: dict[str, Any] = {
+        "buffer": run._map,
+        "removed": REMOVED,
+        "key_size": g.key_size,
+        "value_size": g.value_size,
+        "count": run.count,
+        "filter_offset": g.filter,
+        "filter_blocks": g.filter_blocks,
+        "fence_offset": g.fence,
+        "fence_rows": g.fence_rows,
+        "fences": g.fences,
+        "radix_offset": g.radix,
+        "radix_bits": g.radix_bits,
+        "rows_offset": g.rows,
+        "page_crcs_offset": g.page_crcs,
+        "prefix": run._prefix,
+        "shift": run._shift,
+        "base": run._base,
+        "first_key": run.first_key,
+        "last_key": run.last_key,
+    }
+    reader = _runs.RunReader(**good)
+    key = sorted(model)[7]
+    assert reader.find(key) == model[key] == reader.find(key, zlib.crc32(key))
+    assert reader.row(7) == (key, model[key])
+    with pytest.raises(IndexError):
+        reader.row(run.count)
+    with pytest.raises(IndexError):
+        reader.row(-1)
+    with pytest.raises(TypeError):
+        reader.find(bytearray(key))
+    with pytest.raises(OverflowError):
+        reader.may_contain(-1)
+    reader.release()
+    for change in [
+        {"count": run.count + 1},
+        {"fences": g.fences + 1},
+        {"page_crcs_offset": g.page_crcs + 1},
+        {"filter_blocks": g.filter_blocks * 100},
+        {"radix_bits": g.radix_bits + 1},
+        {"radix_bits": 40},
+        {"buffer": bytes(g.size - 1)},
+        {"filter_offset": 0},
+        {"prefix": g.key_size + 1},
+        {"base": run._base + 1},
+        {"base": -1},
+        {"shift": 0},
+        {"first_key": run.last_key},
+        {"last_key": run.first_key + b"\0"},
+    ]:
+        with pytest.raises((ValueError, OverflowError)):
+            _runs.RunReader(**(good | change))
+    with pytest.raises(TypeError):
+        _runs.RunReader(**(good | {"base": 1.5}))
+    run.close()
+
+
+def filter_reader(filter_bytes: bytes | bytearray) -> _runs.RunReader[Removed]:
+    """A reader of a run of no row whose filter is ``filter_bytes`` (checksums valid)."""
+    blocks = len(filter_bytes) // bloom.BLOCK_BYTES
+    index = bytes(filter_bytes) + bytes(2 * runs.RADIX_ENTRY)  # and a radix of one bucket
+    crcs = b"".join(
+        zlib.crc32(index[start : start + runs.PAGE]).to_bytes(4, "little")
+        for start in range(0, len(index), runs.PAGE)
+    )
+    fence = runs.FILTER_OFFSET + len(filter_bytes)
+    rows = runs.FILTER_OFFSET + len(index)
+    buffer = bytes(runs.FILTER_OFFSET) + index + crcs
+    return _runs.RunReader(
+        buffer, REMOVED, 8, 8, 0, runs.FILTER_OFFSET, blocks, fence, 1, 0, fence, 0, rows, rows,
+        0, 0, 0, b"", b"",
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=(1 << 64) - 1),
+    st.integers(min_value=1, max_value=5000),
+)
+def test_probes_bit_for_bit(key_hash: int, blocks: int) -> None:
+    """The C probes are filter.py's: the bits ``add`` sets answer True, and clearing
+    any one of them answers False."""
+    filter_bytes = bytearray(blocks * bloom.BLOCK_BYTES)
+    bloom.add(filter_bytes, key_hash, blocks)
+    assert filter_reader(filter_bytes).may_contain(key_hash)
+    block, bits = bloom.probes(key_hash, blocks)
+    for bit in set(bits):
+        cleared = bytearray(filter_bytes)
+        cleared[block * bloom.BLOCK_BYTES + (bit >> 3)] &= ~(1 << (bit & 7)) & 0xFF
+        assert not filter_reader(cleared).may_contain(key_hash)
+
+
+def test_format_constants_are_checked() -> None:
+    built = dict(_runs.FORMAT)
+    assert set(built) == set(runs.FORMAT) | set(bloom.FORMAT)
+    assert built == runs.FORMAT | bloom.FORMAT
+    accel.check_runs_format("run", runs.FORMAT)
+    with pytest.raises(RuntimeError, match=r"run\.PAGE is 0x2000 but .* 0x1000"):
+        accel.check_runs_format("run", runs.FORMAT | {"PAGE": 8192})
+    with pytest.raises(RuntimeError, match="no such constant"):
+        accel.check_runs_format("filter", {"WIDTH": 1})
