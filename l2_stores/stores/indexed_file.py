@@ -22,8 +22,8 @@ from types import MethodType
 from typing import Any, ClassVar, Self
 
 from ..codecs import Codec
-from ..engine import layout
 from ..engine.accel import AcceleratedIndexedAppend
+from ..engine.files import stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
 from ..engine.runstack import sorted_in_steps
@@ -179,10 +179,7 @@ class IndexedFileBase(Collectable):
         raise CannotLoadStore("files kept changing while loading", name=self.name, path=self.path)
 
     def _index_moved_since(self, generation: int) -> bool:
-        directory = os.path.join(self.path, INDEX_DIRECTORY)
-        if not os.path.isdir(directory):
-            return generation != 0
-        return layout.scan(directory).data_generation != generation
+        return stored_generation(os.path.join(self.path, INDEX_DIRECTORY)) != generation
 
     def _refuse_index_without_values(self) -> None:
         """No crash leaves index entries without a values file: refuse, create nothing."""

@@ -9,9 +9,8 @@ from typing import Any
 
 import construct
 
-from ..engine import datafile, log, run
-from ..engine.framing import FORMAT_VERSION, HEADER_SIZE, FileHeader, parse_header
-from ..engine.layout import LOCK, data_name, log_name, run_name, scan
+from ..engine.files import holds_index, index_header, index_lock
+from ..engine.framing import FileHeader
 from ..engine.value_files import list_values
 from ..errors import CannotLoadStore
 from ..factories import make_indexable_removable, make_indexed_file, make_singleton
@@ -72,7 +71,7 @@ class StoreOnDisk:
             return self.path + ".lock"
         directory = self.index_directory
         assert directory is not None
-        return os.path.join(directory, LOCK)
+        return index_lock(directory)
 
     def files(self) -> dict[str, int]:
         """Every file of the store (relative path to its store) and its size in bytes."""
@@ -137,23 +136,7 @@ def raw_class(name: str, kind: Kind, sizes: Sizes) -> type[Store]:
 def _index_header(store: StoreOnDisk) -> FileHeader | None:
     directory = store.index_directory
     assert directory is not None
-    if not os.path.isdir(directory):
-        return None
-    listing = scan(directory)
-    candidates: list[tuple[bytes, str, tuple[int, ...]]]
-    candidates = [(run.MAGIC, run_name(s), (FORMAT_VERSION,)) for s in reversed(listing.runs)]
-    candidates += [
-        (datafile.MAGIC, data_name(g), (FORMAT_VERSION,)) for g in reversed(listing.data)
-    ]
-    candidates += [(log.MAGIC, log_name(g), log.LOG_VERSIONS) for g in reversed(listing.logs)]
-    for magic, name, versions in candidates:
-        path = os.path.join(directory, name)
-        try:
-            with open(path, "rb") as file:
-                return parse_header(file.read(HEADER_SIZE), magic, path, store.name, versions)
-        except FileNotFoundError:
-            continue  # replaced by a running writer meanwhile
-    return None
+    return index_header(directory, store.name)
 
 
 def classify(path: str) -> Kind | None:
@@ -169,20 +152,13 @@ def classify(path: str) -> Kind | None:
         return Kind.SINGLETON if magic == SINGLETON_MAGIC else None
     if not os.path.isdir(path):
         return None
-    if os.path.isdir(os.path.join(path, INDEX_DIRECTORY)) and _is_index(
+    if os.path.isdir(os.path.join(path, INDEX_DIRECTORY)) and holds_index(
         os.path.join(path, INDEX_DIRECTORY)
     ):
         return Kind.INDEXED_FILE
     if list_values(path)[0]:
         return Kind.INDEXED_FILE
-    return Kind.INDEXABLE if _is_index(path) else None
-
-
-def _is_index(directory: str) -> bool:
-    listing = scan(directory)
-    return bool(listing.data or listing.logs or listing.runs) or os.path.isfile(
-        os.path.join(directory, LOCK)
-    )
+    return Kind.INDEXABLE if holds_index(path) else None
 
 
 def find_stores(path: str) -> list[StoreOnDisk]:

@@ -8,11 +8,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..engine.datafile import check_data_file
+from ..engine.files import FileCheck, index_checks, leftover, unknown
 from ..engine.framing import HEADER_SIZE, Finding
-from ..engine.layout import LOCK, data_name, log_name, run_name, scan
-from ..engine.log import check_log
-from ..engine.run import check_run
 from ..engine.value_files import list_values, values_name
 from ..engine.values import POINTER, RECORD_OVERHEAD, check_values_file
 from ..errors import CannotReadFromStore, StoreError
@@ -61,15 +58,12 @@ def verify(stores: list[StoreOnDisk], on_file: Callable[[int], None] | None = No
     return result
 
 
-FileCheck = Callable[[str, str], Iterator[Finding]]
-
-
 def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
     if store.kind is Kind.SINGLETON:
         return [(store.path, check_singleton_file)]
     index_directory = store.index_directory
     assert index_directory is not None
-    checks = _index_checks(index_directory)
+    checks = index_checks(index_directory)
     if store.kind is Kind.INDEXED_FILE:
         numbers, temporaries = list_values(store.path)
         ends = _referenced_ends(store)
@@ -82,33 +76,13 @@ def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
             )
             for n in numbers
         ]
-        checks += [(os.path.join(store.path, name), _leftover) for name in temporaries]
+        checks += [(os.path.join(store.path, name), leftover) for name in temporaries]
         known = {INDEX_DIRECTORY, *map(values_name, numbers), *temporaries}
         checks += [
-            (os.path.join(store.path, name), _unknown)
+            (os.path.join(store.path, name), unknown)
             for name in sorted(os.listdir(store.path))
             if name not in known
         ]
-    return checks
-
-
-def _index_checks(directory: str) -> list[tuple[str, FileCheck]]:
-    if not os.path.isdir(directory):
-        return []
-    listing = scan(directory)
-    checks: list[tuple[str, FileCheck]] = []
-    checks += [(os.path.join(directory, run_name(s)), check_run) for s in listing.runs]
-    checks += [(os.path.join(directory, data_name(g)), check_data_file) for g in listing.data]
-    checks += [(os.path.join(directory, log_name(g)), check_log) for g in listing.logs]
-    checks += [(os.path.join(directory, name), _leftover) for name in listing.temporaries]
-    known = {LOCK, *listing.temporaries}
-    known |= {data_name(g) for g in listing.data} | {log_name(g) for g in listing.logs}
-    known |= {run_name(s) for s in listing.runs}
-    checks += [
-        (os.path.join(directory, name), _unknown)
-        for name in sorted(os.listdir(directory))
-        if name not in known
-    ]
     return checks
 
 
@@ -136,19 +110,6 @@ def _referenced_ends(store: StoreOnDisk) -> dict[int, int] | None:
 
 def _check_values_up_to(end: int, path: str, name: str) -> Iterator[Finding]:
     return check_values_file(path, name, end)
-
-
-def _leftover(path: str, name: str) -> Iterator[Finding]:
-    what = (
-        "the next log, prepared by a merge (or left by an interrupted write)"
-        if os.path.basename(path).startswith("log.")
-        else "left by an interrupted write"
-    )
-    yield Finding(path, 0, f"{what}; deleted at the next writer load", False)
-
-
-def _unknown(path: str, name: str) -> Iterator[Finding]:
-    yield Finding(path, 0, "not a file of this store; left alone", False)
 
 
 def _check_as_loaded(store: StoreOnDisk) -> Iterator[Finding]:
