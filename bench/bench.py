@@ -2,12 +2,15 @@
 
     pip install -e .[bench]
     python bench/bench.py [--workload A|B|GC|AIO|all] [--n N] [--stores a,b] [--json]
+                          [--keys random|sequential]
 
 Peers (see ``peers.py``): LMDB, rocksdict, sqlite3, diskcache, the
 interpreter's dbm, a dict (the in-memory limit) and a raw file (the file
 limit). Each store runs in its own subprocess, so that its memory is measured
 from a clean base; tables print each figure, then the ratios to the targets
-of issue 5. Workload A: N random 32-byte keys to 32-byte values, added one
+of issue 5. Workload A: N random 32-byte keys (or, with ``--keys
+sequential``, a 32-byte big-endian counter added in order, as Int32ub
+levels sort) to 32-byte values, added one
 by one with ``flush=True`` (handed to the OS before the call returns, no
 fsync), then close, reopen, N random finds of present keys, N finds of
 absent keys. Reported: microseconds per operation, single-add latency
@@ -108,20 +111,32 @@ def disk_usage(path: str) -> int:
     return total
 
 
-def run_a(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
-    """Workload A (and A' for the Struct-valued l2_stores): add, close, reopen, hits, misses."""
+def sequential_keys(start: int, n: int) -> bytes:
+    """``n`` keys counting up from ``start``, big-endian (as ``Int32ub`` levels sort)."""
+    return b"".join(i.to_bytes(KEY_SIZE, "big") for i in range(start, start + n))
+
+
+def run_a(slug: str, directory: str, n: int, seed: int, keys: str = "random") -> dict[str, Any]:
+    """Workload A (and A' for the Struct-valued l2_stores): add, close, reopen, hits, misses.
+
+    ``keys``: ``random`` 32-byte keys, or ``sequential`` ones (a counter, big-endian,
+    added in order; the misses are the next n values of the counter).
+    """
     peer = PEERS[slug]
     struct_value = slug == "l2_stores_struct"
     rng = random.Random(seed)
-    blob = random_bytes(rng, KEY_SIZE * n)
-    misses = random_bytes(rng, KEY_SIZE * n)
+    if keys == "sequential":
+        blob, misses = sequential_keys(0, n), sequential_keys(n, n)
+    else:
+        blob = random_bytes(rng, KEY_SIZE * n)
+        misses = random_bytes(rng, KEY_SIZE * n)
     order = list(range(n))
     rng.shuffle(order)
     path = os.path.join(directory, "store")
     latencies = array.array("d", bytes(8 * n))  # allocated before the base is taken
     base = rss_anon_bytes()
     memory = PeakMemory()
-    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting}
+    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting, "keys": keys}
 
     written = written_bytes()
     store = peer.open_a(path)
@@ -534,7 +549,9 @@ def print_targets(workload: str, by_slug: dict[str, dict[str, Any]]) -> None:
         print("\n".join(lines))
 
 
-def run_child(workload: str, slug: str, n: int, seed: int, parent: str | None) -> dict[str, Any]:
+def run_child(
+    workload: str, slug: str, n: int, seed: int, parent: str | None, keys: str = "random"
+) -> dict[str, Any]:
     # Every store starts with no dirty pages left by the one before it.
     os.sync()
     scratch = tempfile.mkdtemp(prefix=f"bench-{workload}-{slug}-", dir=parent)
@@ -551,6 +568,8 @@ def run_child(workload: str, slug: str, n: int, seed: int, parent: str | None) -
                 str(seed),
                 "--dir",
                 scratch,
+                "--keys",
+                keys,
             ],
             capture_output=True,
             text=True,
@@ -572,11 +591,20 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--stores", default=None, help="comma-separated stores (default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of tables")
+    parser.add_argument(
+        "--keys",
+        choices=["random", "sequential"],
+        default="random",
+        help="workload A's keys: random, or a counter added in order",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         workload, slug = args.child.split(":", 1)
-        print(json.dumps(RUNNERS[workload](slug, args.dir, args.n, args.seed)))
+        if workload == "A":
+            print(json.dumps(run_a(slug, args.dir, args.n, args.seed, args.keys)))
+        else:
+            print(json.dumps(RUNNERS[workload](slug, args.dir, args.n, args.seed)))
         return
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {platform.platform()}")
@@ -585,12 +613,17 @@ def main() -> None:
         slugs = WORKLOADS[workload]
         if args.stores:
             slugs = [slug for slug in args.stores.split(",") if slug in slugs]
-        results = {slug: run_child(workload, slug, n, args.seed, args.dir) for slug in slugs}
+        results = {
+            slug: run_child(workload, slug, n, args.seed, args.dir, args.keys) for slug in slugs
+        }
         if args.json:
             for slug, result in results.items():
                 print(json.dumps({"workload": workload, "slug": slug, **result}))
             continue
-        print(f"\nworkload {workload}: {n:,} {TITLES[workload]}")
+        title = TITLES[workload]
+        if workload == "A" and args.keys == "sequential":
+            title = title.replace("random", "sequential (a counter, in order)")
+        print(f"\nworkload {workload}: {n:,} {title}")
         good = {slug: r for slug, r in results.items() if "error" not in r}
         print_table(list(good.values()), COLUMNS[workload])
         for slug, result in results.items():
