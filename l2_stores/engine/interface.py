@@ -1,8 +1,12 @@
-"""The small interface through which stores reach an engine.
+"""The interface through which stores reach an engine, by capability.
 
 Keys and values are encoded bytes of fixed sizes. Writes and ``sync`` are
 called by the store under its idle-waiter's exclusive section; reads under a
-shared task. A second engine (SQLite, say) implements this and nothing else.
+shared task. ``KeyValue`` is the core; ``Paced`` lets writers wait outside
+their exclusive section; ``Iteration`` lists bindings; ``Collection`` is the
+GC's. ``ReferencedValues`` is what an engine is told of values kept outside
+it (an indexed file's values files). A second engine (SQLite, say)
+implements these and nothing else.
 """
 
 from __future__ import annotations
@@ -29,20 +33,11 @@ class ReferencedValues(Protocol):
         """Let go of what :meth:`readable` opened."""
 
 
-class Engine(Protocol):
-    """Fixed-size byte keys to fixed-size byte values, on disk."""
+class KeyValue(Protocol):
+    """The core: fixed-size byte keys to fixed-size byte values, durable on flush."""
 
     def get(self, key: bytes) -> bytes | None:
         """The value bound to ``key``, or None."""
-
-    #: True when ``reserve`` may have to wait; False lets a writer skip the call.
-    pacing: bool
-
-    def reserve(self) -> None:
-        """Wait, before the exclusive section, until a write need not wait inside it."""
-
-    def can_put_at_once(self) -> bool:
-        """Whether a put now takes no merge step and no fsync."""
 
     def put(self, key: bytes, value: bytes, flush: bool) -> None:
         """Bind ``key`` to ``value``; durable on return when ``flush``."""
@@ -53,15 +48,39 @@ class Engine(Protocol):
     def flush(self) -> None:
         """Make every earlier write durable."""
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """A snapshot of every live binding, taken when called."""
-
     def sync(self) -> None:
         """Read-only engines: pick up what the writer flushed since."""
 
+    def close(self, *, durable: bool = True) -> None:
+        """Flush, make durable (unless not ``durable``) and release everything; idempotent."""
+
+
+class Paced(Protocol):
+    """How a writer learns, before its exclusive section, whether a write may wait."""
+
+    #: True when ``reserve`` may have to wait; False lets a writer skip the call.
+    pacing: bool
+
+    def reserve(self) -> None:
+        """Wait, before the exclusive section, until a write need not wait inside it."""
+
+    def can_put_at_once(self) -> bool:
+        """Whether a put now takes no flush step and no fsync."""
+
+
+class Iteration(Protocol):
+    """Every live binding, as of one moment."""
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """A snapshot of every live binding, taken when called."""
+
+
+class Collection(Protocol):
+    """Garbage collection: keep a selection and what is written meanwhile."""
+
     @property
     def generation(self) -> int:
-        """A number that changes whenever the data file is replaced."""
+        """A number that changes whenever the engine's stored data is replaced."""
 
     @property
     def tag(self) -> int:
@@ -81,5 +100,6 @@ class Engine(Protocol):
     ) -> None:
         """Keep only ``retained`` (with new values where given) and the written keys."""
 
-    def close(self, *, durable: bool = True) -> None:
-        """Flush, make durable (unless not ``durable``) and release everything; idempotent."""
+
+class Engine(KeyValue, Paced, Iteration, Collection, Protocol):
+    """What the stores use: every capability. Tools use ``engine.files`` instead."""
