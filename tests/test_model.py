@@ -111,7 +111,7 @@ def check_store(store: IndexableStore, witness: dict[bytes, Any], keys: list[byt
 
 
 def merged(directory: str) -> bool:
-    """Whether some merge produced a data file in ``directory``."""
+    """Whether some flush produced a run in ``directory``."""
     return any(name.startswith("run.") for name in os.listdir(directory))
 
 
@@ -229,8 +229,48 @@ def test_sequential_scenario_with_many_merges(kind_id: str) -> None:
     run_sequential(kind, keys, 2, actions)
 
 
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "add", "add", "remove", "reload"]), st.integers(0, 40)),
+        min_size=150,
+        max_size=400,
+    )
+)
+@settings(max_examples=15, **SETTINGS)
+def test_many_runs_merged_and_reloaded_answer_like_a_dict(
+    steps: list[tuple[str, int]],
+) -> None:
+    """Buffer 1: every write is a run; merges of 8, 64 and more form as the writes go on,
+    removals are kept until the oldest run is merged, and reloads recover it all."""
+    keys = [bytes([k]) * 32 for k in range(41)]
+    witness: dict[bytes, Any] = {}
+    with store_directory() as path:
+        store = BytesStore.load(path, index_buffer_size=1)
+        try:
+            for number, (action, k) in enumerate(steps):
+                if action == "add":
+                    store.add(keys[k], bytes([number % 256]) * 32)
+                    witness[keys[k]] = bytes([number % 256]) * 32
+                elif action == "remove":
+                    store.remove(keys[k])
+                    witness.pop(keys[k], None)
+                else:
+                    store.close()
+                    store = BytesStore.load(path, index_buffer_size=1)
+                if number % 37 == 0:
+                    check_store(store, witness, keys)
+            store._engine.wait_merge()
+            check_store(store, witness, keys)
+            widths = [span.width for span in store._engine._stack.spans]
+            assert max(widths) >= 8, widths  # merges of runs happened
+        finally:
+            store.close()
+        with BytesStore.load(path, Mode.READ_ONLY) as reader:
+            check_store(reader, witness, keys)
+
+
 def test_small_buffers_really_merge() -> None:
-    """The scenarios' small buffers make merges happen (a data file appears)."""
+    """The scenarios' small buffers make flushes happen (a run appears)."""
     with store_directory() as path:
         with BytesStore.load(path, index_buffer_size=2) as store:
             for i in range(6):
