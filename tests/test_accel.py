@@ -22,6 +22,8 @@ from l2_stores.errors import CannotReadFromStore
 _accel = pytest.importorskip(
     "l2_stores.engine._accel", reason="the C accelerator is not built (no C compiler?)"
 )
+if accel.pure_python_requested():
+    pytest.skip("the C accelerator is turned off", allow_module_level=True)
 
 EXPECTED = Expected("accel", key_size=8, value_size=4)
 
