@@ -5,16 +5,16 @@
 
 PYTHON ?= python3
 VENV := .venv
-# (the C run reader's files: runs_c/, every .c and .h, as setup.py lists them)
-RUNS_C := $(addprefix l2_stores/engine/runs_c/,module.c run_lookup.c filter.c \
-	format.h filter.h run_lookup.h)
+# (the C run reader's and writer's files: runs_c/, every .c and .h, as setup.py lists them)
+RUNS_C := $(addprefix l2_stores/engine/runs_c/,module.c run_lookup.c run_writer.c filter.c \
+	format.h filter.h run_lookup.h run_writer.h)
 BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c l2_stores/_idle_core.c \
 	$(RUNS_C)
 STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 # The engine's tests, again on the pure-Python paths (as without a C compiler).
 PURE_PYTHON_TESTS := tests/test_engine.py tests/test_model.py tests/test_gc_model.py \
 	tests/test_gc.py tests/test_crash.py tests/test_power_loss.py tests/test_run.py \
-	tests/test_run_accel.py
+	tests/test_run_accel.py tests/test_run_writer.py
 
 .PHONY: demo test lint doc bench clean
 

@@ -7,10 +7,10 @@ its pure-Python paths (see l2_stores/engine/accel.py).
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
-# The C run reader (l2_stores/engine/runs_c), linked with zlib for its crc32.
+# The C run reader and writer (l2_stores/engine/runs_c), linked with zlib for its crc32.
 RUNS_C = "l2_stores/engine/runs_c/"
-RUNS_SOURCES = [RUNS_C + name for name in ("module.c", "run_lookup.c", "filter.c")]
-RUNS_HEADERS = [RUNS_C + name for name in ("format.h", "filter.h", "run_lookup.h")]
+RUNS_SOURCES = [RUNS_C + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c")]
+RUNS_HEADERS = [RUNS_C + name for name in ("format.h", "filter.h", "run_lookup.h", "run_writer.h")]
 
 setup(
     ext_modules=[

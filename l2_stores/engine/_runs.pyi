@@ -1,5 +1,5 @@
 from mmap import mmap
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 _Removed = TypeVar("_Removed")
 
@@ -46,3 +46,33 @@ class RunReader(Generic[_Removed]):
 def find_first(
     readers: tuple[RunReader[_Removed], ...], key: bytes, /
 ) -> bytes | _Removed | None: ...
+
+class RunBuilder:
+    """The byte work of ``run.RunWriter``, written through ``fd``."""
+
+    def __init__(
+        self,
+        fd: int,
+        removed: object,
+        key_size: int,
+        value_size: int,
+        capacity: int,
+        filter_blocks: int,
+        fence_rows: int,
+        radix_bits: int,
+        fence_offset: int,
+        radix_offset: int,
+        rows_offset: int,
+    ) -> None: ...
+    @property
+    def count(self) -> int: ...
+    def add(self, rows: list[tuple[bytes, bytes | object]], /) -> None: ...
+    def merge(
+        self,
+        readers: tuple[RunReader[Any], ...],
+        drop_removals: bool,
+        cancel: bytearray | None,
+        /,
+    ) -> bool: ...
+    def finish(self) -> tuple[int, int, int, int, int]: ...
+    def close(self) -> None: ...

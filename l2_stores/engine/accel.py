@@ -1,7 +1,7 @@
 """The optional C accelerator: checksums, the read path, the common put, caches, codecs.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
-compiler at hand, and ``_runs`` (the run reader) from ``runs_c/``. Without
+compiler at hand, and ``_runs`` (the run reader and writer) from ``runs_c/``. Without
 one, or with ``L2_STORES_PURE_PYTHON=1`` in the environment, every path is
 pure Python. Both paths read the same bytes and check the same checksums;
 the tests run both.
@@ -127,10 +127,12 @@ def _load_runs() -> ModuleType | None:
 _runs_module = _load_runs()
 if _runs_module is not None:
     from ._runs import FORMAT as _RUNS_FORMAT
-    from ._runs import RunCorrupt, RunReader, find_first
+    from ._runs import RunBuilder, RunCorrupt, RunReader, find_first
 
     #: The C run reader (``runs_c/``), or None when running pure Python.
     AcceleratedRunReader: type[RunReader[Any]] | None = RunReader
+    #: The C run writer's byte work and the C merge of runs (``RunWriter`` uses it).
+    AcceleratedRunBuilder: type[RunBuilder] | None = RunBuilder
     #: ``find_first(readers, key)``: the first answer of the readers, newest first.
     accelerated_find_first: Callable[[tuple[RunReader[Any], ...], bytes], Any] | None = (
         find_first
@@ -138,7 +140,7 @@ if _runs_module is not None:
     #: The run format's constants the C run reader was built with.
     runs_format: Mapping[str, int] | None = _RUNS_FORMAT
 else:
-    AcceleratedRunReader = accelerated_find_first = runs_format = None
+    AcceleratedRunReader = AcceleratedRunBuilder = accelerated_find_first = runs_format = None
 
     class RunCorrupt(Exception):  # type: ignore[no-redef]
         """Never raised without the C run reader."""
@@ -167,6 +169,7 @@ __all__ = [
     "AcceleratedIndexedAppend",
     "AcceleratedLayers",
     "AcceleratedLruCache",
+    "AcceleratedRunBuilder",
     "AcceleratedRunReader",
     "AcceleratedWriter",
     "LogTailBase",

@@ -70,7 +70,7 @@ from .runstack import (
     RunStack,
     Source,
     convert_legacy,
-    merged_rows,
+    merge_runs,
     sorted_in_steps,
     write_run,
 )
@@ -173,6 +173,8 @@ class Index:
             self.put = writer.put  # type: ignore[method-assign]
         self._lock: WriterLock | None = None
         self._closed = False
+        #: Nonzero once closed: the run merges poll it (in C, without the GIL).
+        self._cancel_merges = bytearray(1)
         # merge state
         #: Whether a merge runs (on a thread of its own); ``pacing`` mirrors it
         #: for the stores, so that ``reserve`` is only called when it may wait.
@@ -603,15 +605,14 @@ class Index:
         try:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(temporary)
-            write_run(
+            merge_runs(
                 temporary,
                 self._expected,
                 span,
-                merged_rows([run.rows() for run in reversed(runs)]),
-                sum(run.count for run in runs),
+                runs[::-1],
                 tag=max(run.tag for run in runs),
                 drop_removals=drop_removals,
-                cancelled=lambda: self._closed,
+                cancel=self._cancel_merges,
             )
             filesystem.rename(temporary, final)
             # Before the runs it supersedes are deleted: if this fails, the merge failed.
@@ -1156,6 +1157,7 @@ class Index:
         if self._closed:
             return
         self._closed = True
+        self._cancel_merges[0] = 1  # the run merges give up at their next step
         try:
             if self._merging:
                 self._merge_ready.wait()

@@ -46,7 +46,11 @@ its checksums do not vouch for: a corrupt byte on the way raises
 **C.** With the C run reader (``_runs``, see ``accel.py``), a ``Run``
 hands ``find``, ``seek``, ``may_contain``, the checked rows and the page
 checks to a ``RunReader`` on its mapping, which holds the checked pages;
-the same steps as the Python methods below, which run without it.
+the same steps as the Python methods below, which run without it. A
+``RunWriter`` hands its byte work (rows, filter, fences, radix, page
+checksums) to a ``RunBuilder``, which writes the same bytes through the
+writer's file descriptor and merges runs' readers without the GIL
+(``runstack.merge_runs``); the headers, fsync and abort stay here.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from typing import TYPE_CHECKING, Final, overload
 
 from ..errors import CannotLoadStore, CannotReadFromStore
 from . import filesystem, filter
-from .accel import AcceleratedRunReader, RunCorrupt, check_runs_format
+from .accel import AcceleratedRunBuilder, AcceleratedRunReader, RunCorrupt, check_runs_format
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -77,7 +81,7 @@ from .framing import (
 )
 
 if TYPE_CHECKING:
-    from ._runs import RunReader
+    from ._runs import RunBuilder, RunReader
 
 MAGIC = b"L2SRUN\0\0"
 RUN_HEADER = struct.Struct("<QQQIQBBQ14xI")
@@ -518,10 +522,26 @@ def _crc_ok(data: bytes) -> bool:
 
 
 class RunWriter:
-    """Writes a run from bindings given in ascending key order, in one pass."""
+    """Writes a run from bindings given in ascending key order, in one pass.
+
+    With the C run builder (``_runs.RunBuilder``, see ``accel.py``) the byte
+    work (rows, filter, fences, radix, page checksums) is C's, through this
+    writer's file descriptor, and runs can be merged into it without the GIL
+    (``merge``); without it, or not ``accelerated``, the Python code below
+    does it through a shared mapping of the file. Both write the same bytes.
+    The file, the headers, fsync and abort are this class's either way.
+    """
 
     def __init__(
-        self, path: str, expected: Expected, lo: int, hi: int, capacity: int, tag: int = 0
+        self,
+        path: str,
+        expected: Expected,
+        lo: int,
+        hi: int,
+        capacity: int,
+        tag: int = 0,
+        *,
+        accelerated: bool = True,
     ) -> None:
         if not 0 <= lo <= hi:
             raise ValueError(f"run generations {lo}..{hi}")
@@ -530,13 +550,30 @@ class RunWriter:
         self._lo, self._hi, self._tag = lo, hi, tag
         self._geometry = Geometry(expected, capacity, 0)
         g = self._geometry
+        self._done = False  # finished or aborted
         self._fd = filesystem.open_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         self._map: mmap.mmap | None = None
         self._view = memoryview(b"")
+        self._builder: RunBuilder | None = None
         try:
-            os.ftruncate(self._fd, g.rows)
-            self._map = mmap.mmap(self._fd, g.rows)
-            self._view = memoryview(self._map)
+            if accelerated and AcceleratedRunBuilder is not None:
+                self._builder = AcceleratedRunBuilder(
+                    self._fd,
+                    REMOVED,
+                    g.key_size,
+                    g.value_size,
+                    capacity,
+                    g.filter_blocks,
+                    g.fence_rows,
+                    g.radix_bits,
+                    g.fence,
+                    g.radix,
+                    g.rows,
+                )
+            else:
+                os.ftruncate(self._fd, g.rows)
+                self._map = mmap.mmap(self._fd, g.rows)
+                self._view = memoryview(self._map)
         except BaseException:
             self.abort()
             raise
@@ -547,8 +584,16 @@ class RunWriter:
         self._pending = bytearray()
         self._written = g.rows
 
+    @property
+    def accelerated(self) -> bool:
+        """Whether the C run builder writes the bytes (and ``merge`` may be used)."""
+        return self._builder is not None
+
     def add(self, key: bytes, value: bytes | Removed) -> None:
         """Append the row of ``key`` (a key greater than every earlier one)."""
+        if self._builder is not None:
+            self._builder.add([(key, value)])
+            return
         g = self._geometry
         mapped = self._view
         if len(key) != g.key_size:
@@ -582,6 +627,30 @@ class RunWriter:
         if len(self._pending) >= WRITE_CHUNK:
             self._write_pending()
 
+    def add_rows(self, rows: list[tuple[bytes, bytes | Removed]]) -> None:
+        """``add`` each of ``rows`` (in one C call with the C builder)."""
+        if self._builder is not None:
+            self._builder.add(rows)  # type: ignore[arg-type]
+            return
+        for key, value in rows:
+            self.add(key, value)
+
+    def merge(
+        self,
+        readers: tuple[RunReader[Removed], ...],
+        *,
+        drop_removals: bool,
+        cancel: bytearray | None = None,
+    ) -> bool:
+        """Append the rows of the runs of ``readers`` (newest first), each key once from
+        the newest run that has it, removals left out with ``drop_removals``; in C,
+        without the GIL. False when ``cancel[0]`` became nonzero meanwhile (the run
+        is then incomplete: abort it). Raises ``RunCorrupt`` (its ``index`` the
+        reader's place) when an input row fails its checksum. C builder only."""
+        if self._builder is None:
+            raise RuntimeError("RunWriter.merge needs the C run builder")
+        return self._builder.merge(readers, drop_removals, cancel)
+
     def _write_pending(self) -> None:
         if self._pending:
             pwrite_all(self._fd, memoryview(self._pending), self._written)
@@ -589,7 +658,32 @@ class RunWriter:
             self._pending.clear()
 
     def finish(self, *, fsync: bool = True) -> None:
-        """Write the radix, checksums and headers; then fsync (unless not ``fsync``) and close."""
+        """Write the radix, checksums and headers; then fsync (unless not ``fsync``) and close.
+
+        On failure the file is closed and deleted (as by ``abort``) before the error goes on.
+        """
+        try:
+            self._finish(fsync)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+
+    def _finish(self, fsync: bool) -> None:
+        if self._builder is not None:
+            count, removals, prefix, shift, base = self._builder.finish()
+            self._count, self._removals = count, removals
+            g = Geometry(self._expected, self._geometry.capacity, count)
+            pwrite_all(self._fd, self._headers(g, prefix, shift, base), 0)
+        else:
+            self._finish_in_python()
+        self._release()
+        if fsync:
+            filesystem.fsync(self._fd)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+
+    def _finish_in_python(self) -> None:
         assert self._map is not None
         self._write_pending()
         g = Geometry(self._expected, self._geometry.capacity, self._count)
@@ -617,6 +711,15 @@ class RunWriter:
                     RADIX_ENTRY, "little"
                 )
             mapped[g.radix : g.rows] = radix
+        mapped[:FILTER_OFFSET] = self._headers(g, prefix, shift, base)
+        crcs = bytearray()
+        for page in range(g.pages):
+            low, high = g.page_bounds(page)
+            crcs += crc32(mapped[low:high]).to_bytes(CRC_SIZE, "little")
+        pwrite_all(self._fd, memoryview(crcs), g.page_crcs)
+
+    def _headers(self, g: Geometry, prefix: int, shift: int, base: int) -> bytes:
+        """The file header and the run header (bytes 0 .. ``FILTER_OFFSET``)."""
         run_header = RUN_HEADER.pack(
             self._lo,
             g.capacity,
@@ -628,9 +731,6 @@ class RunWriter:
             base,
             0,
         )[:-CRC_SIZE]
-        mapped[HEADER_SIZE:FILTER_OFFSET] = run_header + crc32(run_header).to_bytes(
-            CRC_SIZE, "little"
-        )
         file_header = FileHeader(
             MAGIC,
             self._expected.key_size,
@@ -641,36 +741,34 @@ class RunWriter:
             g.radix_bits,
             tag=self._tag,
         )
-        mapped[:HEADER_SIZE] = file_header.encode()
-        crcs = bytearray()
-        for page in range(g.pages):
-            low, high = g.page_bounds(page)
-            crcs += crc32(mapped[low:high]).to_bytes(CRC_SIZE, "little")
-        pwrite_all(self._fd, memoryview(crcs), g.page_crcs)
-        self._release_map()
-        if fsync:
-            filesystem.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        return (
+            file_header.encode() + run_header + crc32(run_header).to_bytes(CRC_SIZE, "little")
+        )
 
-    def _release_map(self) -> None:
+    def _release(self) -> None:
+        """Let go of the mapping or the builder's memory."""
         self._view.release()
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._builder is not None:
+            self._builder.close()
 
     @property
     def count(self) -> int:
         """Rows written so far."""
-        return self._count
+        return self._builder.count if self._builder is not None else self._count
 
     def abort(self) -> None:
-        """Close and delete the unfinished file."""
+        """Close and delete the unfinished file (nothing once finished or aborted)."""
+        if self._done:
+            return
+        self._done = True
         try:
-            self._release_map()
+            self._release()
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                os.close(fd)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(self.path)

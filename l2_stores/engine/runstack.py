@@ -10,6 +10,7 @@ the last reader lets go of it (an unlinked file stays readable until then).
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import CannotLoadStore
 from . import filesystem
-from .accel import RunCorrupt, accelerated_find_first
+from .accel import AcceleratedRunBuilder, RunCorrupt, accelerated_find_first
 from .datafile import DataFile
 from .framing import Expected, crc32
 from .levels import Span
@@ -242,19 +243,74 @@ def write_run(
     """Write the run of ``span`` at ``path`` from ``rows`` (in key order); return its row count.
 
     Removals are left out with ``drop_removals`` (nothing older remains for
-    them to hide). ``cancelled`` is asked every few thousand rows; when it
-    says so the file is deleted and :class:`Cancelled` raised.
+    them to hide). The rows go to the writer a batch at a time (one C call
+    each with the C run builder); ``cancelled`` is asked before each batch;
+    when it says so the file is deleted and :class:`Cancelled` raised.
     """
     writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag)
     try:
-        for count, (key, value) in enumerate(rows):
-            if drop_removals and value is REMOVED:
-                continue
-            if count % _CANCEL_CHECK == 0:
-                if cancelled is not None and cancelled():
-                    raise Cancelled(path)
-                time.sleep(0)  # a moment for other threads (an event loop's) between chunks
-            writer.add(key, value)
+        iterator = iter(rows)
+        while batch := list(itertools.islice(iterator, _CANCEL_CHECK)):
+            if cancelled is not None and cancelled():
+                raise Cancelled(path)
+            time.sleep(0)  # a moment for other threads (an event loop's) between batches
+            if drop_removals:
+                batch = [row for row in batch if row[1] is not REMOVED]
+            writer.add_rows(batch)
+        writer.finish(fsync=fsync)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.count
+
+
+def merge_runs(
+    path: str,
+    expected: Expected,
+    span: Span,
+    sources: Sequence[Source | Run],
+    *,
+    tag: int = 0,
+    drop_removals: bool = False,
+    cancel: bytearray | None = None,
+    fsync: bool = True,
+) -> int:
+    """Write the run of ``span`` at ``path`` merging ``sources`` (newest first, each key
+    from the newest source that has it); return its row count.
+
+    In C without the GIL when every source is a run with a C reader and the C
+    run builder is there; else ``write_run`` of ``merged_rows``. Either way
+    removals are left out with ``drop_removals``, a source's damaged row
+    raises its ``CannotReadFromStore``, and a nonzero ``cancel[0]`` gives the
+    merge up (the file deleted, :class:`Cancelled` raised).
+    """
+    capacity = sum(source.count for source in sources)
+    runs = [source for source in sources if isinstance(source, Run)]
+    readers = tuple(run.reader for run in runs if run.reader is not None)
+    if AcceleratedRunBuilder is None or len(readers) != len(sources):
+        return write_run(
+            path,
+            expected,
+            span,
+            merged_rows([source.rows() for source in sources]),
+            capacity,
+            tag=tag,
+            drop_removals=drop_removals,
+            cancelled=None if cancel is None else lambda: bool(cancel[0]),
+            fsync=fsync,
+        )
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag)
+    try:
+        try:
+            done = writer.merge(
+                readers,
+                drop_removals=drop_removals,
+                cancel=cancel,
+            )
+        except RunCorrupt as error:
+            raise runs[error.index].corruption_error(error) from None
+        if not done:
+            raise Cancelled(path)
         writer.finish(fsync=fsync)
     except BaseException:
         writer.abort()
@@ -295,14 +351,7 @@ def convert_legacy(
             pieces.append(piece)
         opened = [Run(piece, expected) for piece in pieces]
         try:
-            write_run(
-                target,
-                expected,
-                span,
-                merged_rows([run.rows() for run in opened]),
-                data.count,
-                tag=data.tag,
-            )
+            merge_runs(target, expected, span, opened, tag=data.tag)
         finally:
             for run in opened:
                 run.close()

@@ -1,5 +1,5 @@
-/* A run's blocked Bloom filter, read side: the probe derivation and the
-   block test, bit for bit as filter.py (the format is theirs). */
+/* A run's blocked Bloom filter: the probe derivation, the block test and
+   the block's bits set, bit for bit as filter.py (the format is theirs). */
 
 #include "filter.h"
 
@@ -40,6 +40,16 @@ filter_block_test(const unsigned char *block, filter_probes probes)
             return 0;
     }
     return 1;
+}
+
+void
+filter_block_set(unsigned char *block, filter_probes probes)
+{
+    const unsigned mask = FILTER_BLOCK_BYTES * 8 - 1;
+    for (int probe = 0; probe < FILTER_PROBES; probe++) {
+        unsigned bit = (unsigned)(probes.z >> (FILTER_PROBE_BITS * probe)) & mask;
+        block[bit >> 3] |= (unsigned char)(1u << (bit & 7));
+    }
 }
 
 void

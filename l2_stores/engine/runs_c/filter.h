@@ -1,4 +1,4 @@
-/* A run's blocked Bloom filter, read side (see filter.py for the format). */
+/* A run's blocked Bloom filter (see filter.py for the format). */
 
 #ifndef L2_RUNS_FILTER_H
 #define L2_RUNS_FILTER_H
@@ -23,6 +23,9 @@ RUNS_INTERNAL uint64_t filter_block(filter_probes probes, uint64_t blocks);
 
 /* Whether every probed bit of `block` (FILTER_BLOCK_BYTES bytes) is set. */
 RUNS_INTERNAL int filter_block_test(const unsigned char *block, filter_probes probes);
+
+/* Set every probed bit of `block` (the writer's side of filter_block_test). */
+RUNS_INTERNAL void filter_block_set(unsigned char *block, filter_probes probes);
 
 /* Ask for the probed block of a filter of `blocks` blocks at `filter` to be
    brought into the cache (a hint: never faults, returns at once). */

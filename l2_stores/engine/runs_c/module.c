@@ -1,5 +1,5 @@
 /* The module l2_stores.engine._runs: its init only (see run_lookup.c for
-   the reader, filter.c for the filter, format.h for the constants). It is
+   the reader, run_writer.c for the builder and the merge, filter.c for the filter, format.h for the constants). It is
    optional: without it, run.py reads runs in Python (see accel.py). */
 
 #define PY_SSIZE_T_CLEAN
@@ -7,6 +7,7 @@
 
 #include "format.h"
 #include "run_lookup.h"
+#include "run_writer.h"
 
 static PyMethodDef runs_functions[] = {
     {"find_first", (PyCFunction)(void (*)(void))runs_find_first, METH_FASTCALL,
@@ -17,7 +18,8 @@ static PyMethodDef runs_functions[] = {
 static struct PyModuleDef runs_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "l2_stores.engine._runs",
-    .m_doc = "Optional C reader of runs: find, seek, the filter and checked rows.",
+    .m_doc = "Optional C reader and writer of runs: find, seek, the filter, checked rows; the\n"
+              "byte work of writing a run, and the merge of runs.",
     .m_size = -1,
     .m_methods = runs_functions,
 };
@@ -48,7 +50,7 @@ format_constants(void)
 PyMODINIT_FUNC
 PyInit__runs(void)
 {
-    if (PyType_Ready(&RunReaderType) < 0)
+    if (PyType_Ready(&RunReaderType) < 0 || PyType_Ready(&RunBuilderType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&runs_module);
     if (module == NULL)
@@ -69,7 +71,8 @@ PyInit__runs(void)
         goto error;
     }
     if (PyModule_AddObjectRef(module, "RunCorrupt", RunCorrupt) < 0 ||
-        PyModule_AddObjectRef(module, "RunReader", (PyObject *)&RunReaderType) < 0)
+        PyModule_AddObjectRef(module, "RunReader", (PyObject *)&RunReaderType) < 0 ||
+        PyModule_AddObjectRef(module, "RunBuilder", (PyObject *)&RunBuilderType) < 0)
         goto error;
     return module;
 error:

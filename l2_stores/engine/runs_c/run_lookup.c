@@ -42,24 +42,6 @@ static const char ROW_MISMATCH[] = "run row checksum mismatch";
 static const char RADIX_RANGE[] = "run radix entry out of range";
 static const char FENCES_SHORT[] = "run fences do not cover their rows";
 
-typedef struct {
-    PyObject_HEAD
-    Py_buffer buffer; /* the whole run, while held */
-    int held;
-    PyObject *removed;   /* what a removal row answers */
-    PyObject *first_key; /* bytes: the keys of the first and last rows */
-    PyObject *last_key;
-    Py_ssize_t key_size, value_size, row_size, count;
-    Py_ssize_t filter_at, fence_at, radix_at, rows_at, page_crcs_at; /* offsets */
-    uint64_t filter_blocks;
-    Py_ssize_t fence_rows, fences; /* rows per fence, fences used */
-    Py_ssize_t buckets;            /* 2^radix_bits */
-    Py_ssize_t prefix;             /* the radix's prefix length */
-    Py_ssize_t shift;
-    uint64_t base;
-    Py_ssize_t pages;       /* index pages: filter, fences and radix */
-    unsigned char *checked; /* one bit a page, set once its checksum held */
-} RunReader;
 
 /* ------------------------------------------------------------------ bytes */
 

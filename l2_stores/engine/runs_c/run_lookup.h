@@ -4,10 +4,32 @@
 #define L2_RUNS_RUN_LOOKUP_H
 
 #include <Python.h>
+#include <stdint.h>
 
 #include "format.h"
 
-/* _runs.RunReader: lookups in one mapped run. */
+/* _runs.RunReader: lookups in one mapped run (its state, for the run merge of
+   run_writer.c too, which reads the rows of readers). */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buffer; /* the whole run, while held */
+    int held;
+    PyObject *removed;   /* what a removal row answers */
+    PyObject *first_key; /* bytes: the keys of the first and last rows */
+    PyObject *last_key;
+    Py_ssize_t key_size, value_size, row_size, count;
+    Py_ssize_t filter_at, fence_at, radix_at, rows_at, page_crcs_at; /* offsets */
+    uint64_t filter_blocks;
+    Py_ssize_t fence_rows, fences; /* rows per fence, fences used */
+    Py_ssize_t buckets;            /* 2^radix_bits */
+    Py_ssize_t prefix;             /* the radix's prefix length */
+    Py_ssize_t shift;
+    uint64_t base;
+    Py_ssize_t pages;       /* index pages: filter, fences and radix */
+    unsigned char *checked; /* one bit a page, set once its checksum held */
+} RunReader;
+
+
 RUNS_INTERNAL extern PyTypeObject RunReaderType;
 
 /* _runs.RunCorrupt(what, offset), created by the module's init. */
