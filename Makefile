@@ -11,10 +11,6 @@ RUNS_C := $(addprefix l2_stores/engine/runs_c/,module.c run_lookup.c run_writer.
 BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c l2_stores/_idle_core.c \
 	$(RUNS_C)
 STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
-# The engine's tests, again on the pure-Python paths (as without a C compiler).
-PURE_PYTHON_TESTS := tests/test_engine.py tests/test_model.py tests/test_gc_model.py \
-	tests/test_gc.py tests/test_crash.py tests/test_power_loss.py tests/test_run.py \
-	tests/test_run_accel.py tests/test_run_writer.py
 
 .PHONY: demo test lint doc bench clean
 
@@ -28,9 +24,10 @@ $(STAMP): $(BUILD_INPUTS)
 demo: $(STAMP)
 	$(VENV)/bin/python -m l2_stores demo
 
+# The whole suite, then again on the pure-Python paths (as without a C compiler).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
-	L2_STORES_PURE_PYTHON=1 $(VENV)/bin/python -m pytest -q $(PURE_PYTHON_TESTS)
+	L2_STORES_PURE_PYTHON=1 $(VENV)/bin/python -m pytest -q
 	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m ruff check l2_stores tests bench
 	$(VENV)/bin/python -m sphinx -W --keep-going -q -b html doc doc/_build/html
