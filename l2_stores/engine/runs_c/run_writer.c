@@ -151,10 +151,12 @@ write_pending(RunBuilder *self)
 }
 
 /* RunWriter.add's bytes for a key greater than the last, capacity left:
-   value NULL for a removal, into the pending rows (the caller writes them
+   value NULL for a removal, crc_of_value the 4 bytes of crc32(key | value)
+   when the caller has them checked (or NULL), into the pending rows (the caller writes them
    once they reach WRITE_CHUNK bytes). Runs without the GIL. */
 static void
-append_row(RunBuilder *self, const unsigned char *key, const unsigned char *value)
+append_row(RunBuilder *self, const unsigned char *key, const unsigned char *value,
+           const unsigned char *crc_of_value)
 {
     Py_ssize_t key_size = self->key_size, value_size = self->value_size;
     if (self->count % self->fence_rows == 0)
@@ -173,12 +175,17 @@ append_row(RunBuilder *self, const unsigned char *key, const unsigned char *valu
         memcpy(row + key_size, value, (size_t)value_size);
     else
         memset(row + key_size, 0, (size_t)value_size);
-    uint32_t crc = crc_of(row, key_size + value_size);
-    if (value == NULL) {
-        crc ^= RUN_REMOVAL_MASK;
-        self->removals++;
+    if (value != NULL && crc_of_value != NULL) {
+        /* a checked row's own crc32(key | value): the same bytes */
+        memcpy(row + key_size + value_size, crc_of_value, RUN_CRC_SIZE);
+    } else {
+        uint32_t crc = crc_of(row, key_size + value_size);
+        if (value == NULL) {
+            crc ^= RUN_REMOVAL_MASK;
+            self->removals++;
+        }
+        write_u32(row + key_size + value_size, crc);
     }
-    write_u32(row + key_size + value_size, crc);
     self->pending_length += self->row_size;
     self->count++;
 }
@@ -272,7 +279,7 @@ builder_add(RunBuilder *self, PyObject *rows)
             PyErr_SetString(PyExc_SystemError, "RunBuilder: pending rows overflow");
             return NULL;
         }
-        append_row(self, key, value);
+        append_row(self, key, value, NULL);
         if (self->pending_length >= WRITE_CHUNK) {
             /* (the GIL released: a write may wait for the kernel's writeback) */
             int error;
@@ -347,7 +354,10 @@ merge_cursors(RunBuilder *self, cursor *cursors, Py_ssize_t k, int drop_removals
                 return DISORDER;
             if (self->count >= self->capacity)
                 return DISORDER;
-            append_row(self, key, state == 2 ? NULL : key + key_size);
+            /* a value row is copied whole (its checksum held); a removal is
+               written as RunWriter writes one: zeros, its crc computed */
+            append_row(self, key, state == 2 ? NULL : key + key_size,
+                       state == 2 ? NULL : key + key_size + self->value_size);
             if (self->pending_length >= WRITE_CHUNK) {
                 int error = write_pending(self);
                 if (error) {
