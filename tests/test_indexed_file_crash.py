@@ -129,7 +129,9 @@ def value_records(path: Path) -> list[tuple[int, bytes, bytes]]:
 
 
 def index_files(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory / "index"))
+    """The index directory's files; none when a kill came before the store made it."""
+    index = directory / "index"
+    return sorted(os.listdir(index)) if index.is_dir() else []
 
 
 def observe(
