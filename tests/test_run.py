@@ -20,13 +20,13 @@ from l2_stores.engine.run import (
     REMOVAL_RESIDUE,
     REMOVED,
     RUN_HEADER,
-    Geometry,
     Removed,
     Run,
     RunWriter,
     check_run,
 )
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore
+from tests.helpers.runs import run_sections
 
 Model = dict[bytes, bytes | Removed]
 
@@ -191,19 +191,6 @@ def test_wrong_sizes_and_truncation_refused_naming_the_file(tmp_path: Path) -> N
     assert caught.value.name == "sizes"
 
 
-def _sections(geometry: Geometry) -> dict[str, tuple[int, int]]:
-    g = geometry
-    return {
-        "file header": (0, 64),
-        "run header": (64, 128),
-        "filter": (g.filter, g.fence),
-        "fences": (g.fence, g.fence + g.fences * g.key_size),
-        "radix": (g.radix, g.rows),
-        "rows": (g.rows, g.page_crcs),
-        "page checksums": (g.page_crcs, g.size),
-    }
-
-
 @pytest.mark.parametrize(
     "section", ["file header", "run header", "filter", "fences", "radix", "rows", "page checksums"]
 )
@@ -215,7 +202,7 @@ def test_corruption_is_an_error_never_wrong_data(tmp_path: Path, section: str) -
     written = write_run(path, expected, model, capacity=2100)
     geometry = written.geometry
     written.close()
-    low, high = _sections(geometry)[section]
+    low, high = run_sections(geometry)[section]
     data = bytearray(path.read_bytes())
     for _ in range(3):
         data[rng.randrange(low, high)] ^= 1 << rng.randrange(8)

@@ -26,6 +26,7 @@ from l2_stores.engine import run as runs
 from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import REMOVED, Removed, Run, RunWriter
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore
+from tests.helpers.runs import run_sections
 
 if accel.AcceleratedRunReader is None:
     pytest.skip(
@@ -299,18 +300,6 @@ def test_find_first_names_the_corrupt_reader(tmp_path: Path) -> None:
         run.close()
 
 
-def _sections(g: runs.Geometry) -> dict[str, tuple[int, int]]:
-    return {
-        "file header": (0, 64),
-        "run header": (64, 128),
-        "filter": (g.filter, g.fence),
-        "fences": (g.fence, g.fence + g.fences * g.key_size),
-        "radix": (g.radix, g.rows),
-        "rows": (g.rows, g.page_crcs),
-        "page checksums": (g.page_crcs, g.size),
-    }
-
-
 def corrupt_and_compare(
     path: Path, expected: Expected, data: bytes, model: Model, absent: int = 200
 ) -> bool:
@@ -353,7 +342,7 @@ def test_corruption_same_errors_never_wrong_data(tmp_path: Path, section: str, s
     path = tmp_path / "run"
     write(path, expected, model, 2100)
     run = Run(str(path), expected)
-    low, high = _sections(run.geometry)[section]
+    low, high = run_sections(run.geometry)[section]
     run.close()
     data = bytearray(path.read_bytes())
     for _ in range(1 + seed):
@@ -382,7 +371,7 @@ def test_wrong_index_with_valid_page_checksums(tmp_path: Path, section: str, see
     path = tmp_path / "run"
     write(path, expected, model)
     g = Run(str(path), expected, accelerated=False).geometry
-    low, high = _sections(g)[section]
+    low, high = run_sections(g)[section]
     data = bytearray(path.read_bytes())
     for _ in range(1 + seed % 3):
         at = rng.randrange(low, high)

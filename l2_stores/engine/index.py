@@ -819,16 +819,20 @@ class Index:
             raise CannotLoadStore(
                 "two logs frozen for a merge", name=self._name, path=self.directory
             )
-        # Only now is anything changed on disk.
+        # Only now is anything changed on disk. Leftovers first: an earlier
+        # conversion's pieces among them.
+        for name in listing.temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                filesystem.unlink(os.path.join(directory, name))
         if legacy_data is not None:
             self._convert(legacy_data)
         dropped = [layout.log_name(g) for g in logs[len(scans) :]]
         stale = [layout.data_name(g) for g in listing.data]
         stale += [layout.run_name(span) for span in superseded]
         stale += [layout.log_name(g) for g in listing.logs if g < generation]
-        if stale:  # superseded by data.<generation>: its name must be durable first
+        if stale:  # superseded: what supersedes it must be durably named first
             filesystem.fsync_directory(directory)
-        for name in listing.temporaries + stale + dropped:
+        for name in stale + dropped:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(os.path.join(directory, name))
         if dropped:  # they must not come back beside the logs that replace them
@@ -993,9 +997,6 @@ class Index:
         span = Span(0, data.generation - 1)
         final = os.path.join(self.directory, layout.run_name(span))
         temporary = os.path.join(self.directory, layout.temporary_run_name(span))
-        for name in os.listdir(self.directory):  # what an earlier conversion left
-            if name.startswith("run.") and name.endswith(".tmp"):
-                filesystem.unlink(os.path.join(self.directory, name))
         convert_legacy(data, self.directory, temporary, self._expected)
         filesystem.rename(temporary, final)
         filesystem.fsync_directory(self.directory)

@@ -75,6 +75,7 @@ from .framing import (
     FileHeader,
     Finding,
     crc32,
+    crc_ok,
     decode_header,
     parse_header,
     pwrite_all,
@@ -229,7 +230,7 @@ class Run:
             size = os.fstat(fd).st_size
             head = os.pread(fd, FILTER_OFFSET, 0)
             header = decode_header(head, MAGIC, path, expected)
-            if len(head) < FILTER_OFFSET or not _crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
+            if len(head) < FILTER_OFFSET or not crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)
             (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, _) = (
                 RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])
@@ -515,10 +516,6 @@ class Run:
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a scan still holds a slice
                 self._map.close()
-
-
-def _crc_ok(data: bytes) -> bool:
-    return crc32(data) == CRC_RESIDUE
 
 
 class RunWriter:

@@ -7,6 +7,7 @@ import os
 from l2_stores.engine.framing import HEADER_SIZE, HEADER_STRUCT
 from l2_stores.engine.layout import scan
 from l2_stores.engine.levels import live_and_superseded
+from l2_stores.engine.run import Geometry
 
 
 def run_names(directory: str | os.PathLike[str]) -> list[str]:
@@ -30,3 +31,17 @@ def runs_tag(directory: str | os.PathLike[str]) -> int:
         with open(os.path.join(directory, name), "rb") as file:
             tags.append(HEADER_STRUCT.unpack(file.read(HEADER_SIZE))[9])
     return max(tags)
+
+
+def run_sections(geometry: Geometry) -> dict[str, tuple[int, int]]:
+    """Each section of a run of ``geometry``: its first byte and the byte after its last."""
+    g = geometry
+    return {
+        "file header": (0, 64),
+        "run header": (64, 128),
+        "filter": (g.filter, g.fence),
+        "fences": (g.fence, g.fence + g.fences * g.key_size),
+        "radix": (g.radix, g.rows),
+        "rows": (g.rows, g.page_crcs),
+        "page checksums": (g.page_crcs, g.size),
+    }
