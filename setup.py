@@ -7,16 +7,21 @@ its pure-Python paths (see l2_stores/engine/accel.py).
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
-# The C run reader and writer (l2_stores/engine/runs_c), linked with zlib for its crc32.
-RUNS_C = "l2_stores/engine/runs_c/"
-RUNS_SOURCES = [RUNS_C + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c")]
-RUNS_HEADERS = [RUNS_C + name for name in ("format.h", "filter.h", "run_lookup.h", "run_writer.h")]
+# The engine's C files (l2_stores/engine/csrc): the CRC-32 both extensions share, and
+# the run reader and writer.
+CSRC = "l2_stores/engine/csrc/"
+CRC_SOURCES = [CSRC + "crc32.c"]
+RUNS_SOURCES = [CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c")]
+RUNS_HEADERS = [
+    CSRC + name for name in ("crc32.h", "format.h", "filter.h", "run_lookup.h", "run_writer.h")
+]
 
 setup(
     ext_modules=[
         Extension(
             "l2_stores.engine._accel",
-            ["l2_stores/engine/_accel.c"],
+            ["l2_stores/engine/_accel.c", *CRC_SOURCES],
+            depends=[CSRC + "crc32.h"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),
@@ -28,9 +33,8 @@ setup(
         ),
         Extension(
             "l2_stores.engine._runs",
-            RUNS_SOURCES,
+            [*RUNS_SOURCES, *CRC_SOURCES],
             depends=RUNS_HEADERS,
-            libraries=["z"],
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

@@ -60,7 +60,7 @@ import mmap
 import os
 import struct
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final, overload
 
@@ -136,6 +136,13 @@ REMOVED: Final = Removed()
 
 #: What a run holds for a key: a value, a removal, or (None) nothing.
 Found = bytes | Removed | None
+
+
+class _Undecided:
+    """What ``Run._decide`` answers when the rows it checked prove nothing."""
+
+
+UNDECIDED: Final = _Undecided()
 
 
 def rows_per_fence(row_size: int) -> int:
@@ -259,6 +266,7 @@ class Run:
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
         g = geometry
         self._fences = _Keys(self._view, g.fence, g.key_size, g.key_size, g.fences)
+        self._row_keys = _Keys(self._view, g.rows, g.row_size, g.key_size, header.count)
         self.first_key = self.last_key = b""
         self._reader: RunReader[Removed] | None = None
         try:
@@ -426,9 +434,26 @@ class Run:
             raise self._read_error("run fences do not cover their rows", self.geometry.fence)
         return fence * rows, min((fence + 1) * rows, self.count)
 
+    def _decide(self, key: bytes, index: int) -> Found | _Undecided:
+        """What rows ``index - 1`` and ``index`` prove of ``key``, both checksums checked:
+        row ``index``'s value or ``REMOVED``, None when two sound adjacent rows enclose
+        ``key``, else ``UNDECIDED`` (a row fails, or the keys disagree with the bisect)."""
+        if index >= self.count:
+            return UNDECIDED
+        row = self._row(index)
+        if row is None:
+            return UNDECIDED
+        if row[0] == key:
+            return row[1]
+        if row[0] < key or index == 0:
+            return UNDECIDED
+        before = self._row(index - 1)
+        return None if before is not None and before[0] < key else UNDECIDED
+
     def _lower_bound(self, key: bytes, low: int, high: int) -> int:
         """The first row of ``low`` .. ``high`` whose key is at least ``key``, checking
-        every row it compares (a corrupt key must not steer the search)."""
+        every row it compares (a corrupt key must not steer the search): for when
+        ``_decide`` could not."""
         start, end = low, high
         while low < high:
             middle = (low + high) // 2
@@ -470,13 +495,14 @@ class Run:
                 if error.args[0] != ROW_MISMATCH:
                     raise self.corruption_error(error) from None
                 # a damaged row: the search around it is Python's
-        if not self.count:
+        if not self.count or key < self.first_key or key > self.last_key:
             return None
         if not self.may_contain(crc32(key) if key_hash is None else key_hash):
             return None
-        if key < self.first_key or key > self.last_key:
-            return None
         low, high = self._rows_of_fence(self._fence_of(key))
+        decided = self._decide(key, bisect_left(self._row_keys, key, low, high))
+        if decided is not UNDECIDED:
+            return decided  # type: ignore[return-value]
         index = self._lower_bound(key, low, high)
         if index == high:
             return None

@@ -33,8 +33,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
-#include <zlib.h>
 
+#include "crc32.h"
 #include "filter.h"
 #include "format.h"
 #include "run_lookup.h"
@@ -65,23 +65,6 @@ typedef struct {
 } RunBuilder;
 
 /* ------------------------------------------------------------------ bytes */
-
-static inline uint32_t
-crc_of(const unsigned char *data, Py_ssize_t length)
-{
-#if ZLIB_VERNUM >= 0x1290
-    return (uint32_t)crc32_z(0UL, data, (z_size_t)length);
-#else
-    uLong crc = crc32(0UL, Z_NULL, 0);
-    while (length > 0) {
-        uInt part = length > (1 << 30) ? (1u << 30) : (uInt)length;
-        crc = crc32(crc, data, part);
-        data += part;
-        length -= part;
-    }
-    return (uint32_t)crc;
-#endif
-}
 
 static inline void
 write_u32(unsigned char *p, uint32_t value)
@@ -166,7 +149,7 @@ append_row(RunBuilder *self, const unsigned char *key, const unsigned char *valu
     if (self->count == 0)
         memcpy(self->first, key, (size_t)key_size);
     memcpy(self->last, key, (size_t)key_size);
-    filter_probes probes = filter_probes_of(crc_of(key, key_size));
+    filter_probes probes = filter_probes_of(crc32_of(key, key_size));
     filter_block_set(self->index + filter_block(probes, self->filter_blocks) * FILTER_BLOCK_BYTES,
                      probes);
     unsigned char *row = self->pending + self->pending_length;
@@ -179,7 +162,7 @@ append_row(RunBuilder *self, const unsigned char *key, const unsigned char *valu
         /* a checked row's own crc32(key | value): the same bytes */
         memcpy(row + key_size + value_size, crc_of_value, RUN_CRC_SIZE);
     } else {
-        uint32_t crc = crc_of(row, key_size + value_size);
+        uint32_t crc = crc32_of(row, key_size + value_size);
         if (value == NULL) {
             crc ^= RUN_REMOVAL_MASK;
             self->removals++;
@@ -314,7 +297,7 @@ check_head(cursor *c, Py_ssize_t row_size)
 {
     if (c->index >= c->count)
         return 1;
-    uint32_t residue = crc_of(c->rows + c->index * row_size, row_size);
+    uint32_t residue = crc32_of(c->rows + c->index * row_size, row_size);
     c->state = residue == RUN_CRC_RESIDUE ? 1 : residue == RUN_REMOVAL_RESIDUE ? 2 : 0;
     return c->state != 0;
 }
@@ -569,7 +552,7 @@ finish_bytes(RunBuilder *self, radix_fields *fields)
     for (Py_ssize_t page = 0; page < pages; page++) {
         Py_ssize_t low = page * RUN_PAGE;
         Py_ssize_t high = low + RUN_PAGE < self->index_size ? low + RUN_PAGE : self->index_size;
-        write_u32(crcs + page * RUN_CRC_SIZE, crc_of(self->index + low, high - low));
+        write_u32(crcs + page * RUN_CRC_SIZE, crc32_of(self->index + low, high - low));
     }
     error = pwrite_all(self->fd, crcs, pages * RUN_CRC_SIZE,
                        self->rows_at + self->count * self->row_size);

@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "crc32.h"
 #include "format.h"
 #include "run_lookup.h"
 #include "run_writer.h"
@@ -50,6 +51,7 @@ format_constants(void)
 PyMODINIT_FUNC
 PyInit__runs(void)
 {
+    crc32_init();
     if (PyType_Ready(&RunReaderType) < 0 || PyType_Ready(&RunBuilderType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&runs_module);

@@ -4,7 +4,7 @@
    for step, so that both give the same answer and, on corruption, the same
    error at the same offset:
 
-     find         Run.find          filter, bounds, radix, fences, rows
+     find         Run.find          bounds, filter, radix, fences, rows
      seek         Run.seek          (the key not None)
      may_contain  Run.may_contain
      row          Run._checked_row
@@ -19,7 +19,7 @@
 
    Corruption raises RunCorrupt(what, offset), what one of run.py's texts
    and offset the file offset run.py reports; run.py turns it into
-   CannotReadFromStore. Every checksum is zlib's crc32. Every read lies in
+   CannotReadFromStore. Every checksum is CRC-32. Every read lies in
    the buffer: __init__ checks the sections against it and the radix's
    fields against the first and last keys, so that whatever bytes the file
    holds, a lookup reads only its own sections. */
@@ -28,8 +28,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
-#include <zlib.h>
 
+#include "crc32.h"
 #include "filter.h"
 #include "format.h"
 #include "run_lookup.h"
@@ -50,23 +50,6 @@ read_u32(const unsigned char *p)
 {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
            ((uint32_t)p[3] << 24);
-}
-
-static inline uint32_t
-crc_of(const unsigned char *data, Py_ssize_t length)
-{
-#if ZLIB_VERNUM >= 0x1290
-    return (uint32_t)crc32_z(0UL, data, (z_size_t)length);
-#else
-    uLong crc = crc32(0UL, Z_NULL, 0);
-    while (length > 0) {
-        uInt part = length > (1 << 30) ? (1u << 30) : (uInt)length;
-        crc = crc32(crc, data, part);
-        data += part;
-        length -= part;
-    }
-    return (uint32_t)crc;
-#endif
 }
 
 /* Python's comparison of two bytes objects: <0, 0 or >0. */
@@ -149,7 +132,7 @@ check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
         Py_ssize_t low = self->filter_at + page * RUN_PAGE;
         Py_ssize_t high = low + RUN_PAGE < self->rows_at ? low + RUN_PAGE : self->rows_at;
         uint32_t stored = read_u32(run + self->page_crcs_at + page * RUN_CRC_SIZE);
-        if (crc_of(run + low, high - low) != stored) {
+        if (crc32_of(run + low, high - low) != stored) {
             corrupt(PAGE_MISMATCH, low);
             return -1;
         }
@@ -162,7 +145,7 @@ check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
 static inline int
 row_state(const RunReader *self, Py_ssize_t index)
 {
-    uint32_t residue = crc_of(run_bytes(self) + row_offset(self, index), self->row_size);
+    uint32_t residue = crc32_of(run_bytes(self) + row_offset(self, index), self->row_size);
     if (residue == RUN_CRC_RESIDUE)
         return 1;
     if (residue == RUN_REMOVAL_RESIDUE)
@@ -240,24 +223,72 @@ rows_of_key(RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssi
     return 0;
 }
 
-/* Run._lower_bound: the first row of low .. high whose key is at least key,
-   checking every row it compares; *seen, *seen_state: the last row it
-   checked and what it holds (-1: none). 0, or -1 with RunCorrupt set. */
+/* Ask for rows low .. high (a fence's: 4 KiB at most, unless one row is
+   more) to be brought into the cache at once, not one after the other. */
+static inline void
+prefetch_rows(const RunReader *self, Py_ssize_t low, Py_ssize_t high)
+{
+#if defined(__GNUC__)
+    const unsigned char *run = run_bytes(self);
+    Py_ssize_t end = row_offset(self, high);
+    if (end - row_offset(self, low) > 2 * RUN_PAGE)
+        end = row_offset(self, low) + 2 * RUN_PAGE;
+    for (Py_ssize_t at = row_offset(self, low); at < end; at += 64)
+        __builtin_prefetch(run + at, 0, 0);
+#else
+    (void)self, (void)low, (void)high;
+#endif
+}
+
+/* Run._bisect_keys: the first row of low .. high whose key is at least key,
+   comparing keys alone (no checksum): where the deciding rows lie. */
+static Py_ssize_t
+bisect_keys(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t low,
+            Py_ssize_t high)
+{
+    const unsigned char *run = run_bytes(self);
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (compare(run + row_offset(self, middle), self->key_size, key, length) < 0)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+/* Run._decide: what rows index - 1 and index prove of key, checking both
+   checksums: 1 row index holds key's value, 2 its removal, 0 key is absent
+   (two sound adjacent rows enclose it), -1 nothing (a row fails, or the
+   keys disagree with the bisect: the careful search decides). */
+static int
+decide(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t index)
+{
+    if (index >= self->count)
+        return -1;
+    const unsigned char *run = run_bytes(self);
+    int state = row_state(self, index);
+    if (!state)
+        return -1;
+    int order = compare(run + row_offset(self, index), self->key_size, key, length);
+    if (order == 0)
+        return state;
+    if (order < 0 || index == 0 || !row_state(self, index - 1) ||
+        compare(run + row_offset(self, index - 1), self->key_size, key, length) >= 0)
+        return -1;
+    return 0;
+}
+
+/* Run._lower_bound: bisect_keys checking every row it compares, for when
+   decide could not (a corrupt key must not steer the search); *seen,
+   *seen_state: the last row it checked and what it holds (-1: none). 0, or
+   -1 with RunCorrupt set at the first row that fails. */
 static int
 lower_bound(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t low,
             Py_ssize_t high, Py_ssize_t *index, Py_ssize_t *seen, int *seen_state)
 {
     const unsigned char *run = run_bytes(self);
     *seen = -1;
-#if defined(__GNUC__)
-    /* the bisect's rows (a fence's: 4 KiB at most, unless one row is more)
-       fetched at once, not one after the other */
-    Py_ssize_t end = row_offset(self, high);
-    if (end - row_offset(self, low) > 2 * RUN_PAGE)
-        end = row_offset(self, low) + 2 * RUN_PAGE;
-    for (Py_ssize_t at = row_offset(self, low); at < end; at += 64)
-        __builtin_prefetch(run + at, 0, 0);
-#endif
     while (low < high) {
         Py_ssize_t middle = (low + high) / 2;
         int state = row_state(self, middle);
@@ -276,38 +307,48 @@ lower_bound(const RunReader *self, const unsigned char *key, Py_ssize_t length, 
     return 0;
 }
 
+/* Whether key lies between the run's first and last keys. */
+static inline int
+within_bounds(const RunReader *self, const unsigned char *key, Py_ssize_t length)
+{
+    return compare(key, length, first_key(self), self->key_size) >= 0 &&
+           compare(key, length, last_key(self), self->key_size) <= 0;
+}
+
 /* Run.find: a new reference to the value, removed or None; NULL with an
    error set. */
 static PyObject *
 lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
 {
-    if (!self->count)
+    if (!self->count || !within_bounds(self, key, length))
         Py_RETURN_NONE;
     int maybe = may_contain(self, probes);
     if (maybe <= 0)
         return maybe < 0 ? NULL : Py_NewRef(Py_None);
-    Py_ssize_t key_size = self->key_size;
-    if (compare(key, length, first_key(self), key_size) < 0 ||
-        compare(key, length, last_key(self), key_size) > 0)
-        Py_RETURN_NONE;
     Py_ssize_t low, high, index, seen;
-    int seen_state = 0;
-    if (rows_of_key(self, key, length, &low, &high) < 0 ||
-        lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
+    if (rows_of_key(self, key, length, &low, &high) < 0)
         return NULL;
-    if (index == high)
-        Py_RETURN_NONE;
-    int state = index == seen ? seen_state : row_state(self, index);
-    if (!state) {
-        corrupt(ROW_MISMATCH, row_offset(self, index));
-        return NULL;
+    prefetch_rows(self, low, high);
+    index = bisect_keys(self, key, length, low, high);
+    int state = decide(self, key, length, index);
+    if (state < 0) {
+        int seen_state = 0;
+        if (lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
+            return NULL;
+        if (index == high)
+            Py_RETURN_NONE;
+        state = index == seen ? seen_state : row_state(self, index);
+        if (!state) {
+            corrupt(ROW_MISMATCH, row_offset(self, index));
+            return NULL;
+        }
     }
     const unsigned char *row = run_bytes(self) + row_offset(self, index);
-    if (length != key_size || memcmp(row, key, (size_t)key_size) != 0)
+    if (!state || length != self->key_size || memcmp(row, key, (size_t)length) != 0)
         Py_RETURN_NONE;
     if (state == 2)
         return Py_NewRef(self->removed);
-    return PyBytes_FromStringAndSize((const char *)row + key_size, self->value_size);
+    return PyBytes_FromStringAndSize((const char *)row + self->key_size, self->value_size);
 }
 
 /* Run.seek (the key not None): the first row whose key is at least key, or
@@ -322,8 +363,10 @@ seek(RunReader *self, const unsigned char *key, Py_ssize_t length)
         return self->count;
     Py_ssize_t low, high, index, seen;
     int seen_state;
-    if (rows_of_key(self, key, length, &low, &high) < 0 ||
-        lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
+    if (rows_of_key(self, key, length, &low, &high) < 0)
+        return -1;
+    prefetch_rows(self, low, high);
+    if (lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
         return -1;
     return index;
 }
@@ -528,7 +571,7 @@ reader_find(RunReader *self, PyObject *const *args, Py_ssize_t nargs)
     if (!usable(self) || key_bytes(args[0], &key, &length) < 0)
         return NULL;
     if (nargs == 1 || args[1] == Py_None)
-        hash = crc_of(key, length);
+        hash = crc32_of(key, length);
     else if (key_hash_of(args[1], &hash) < 0)
         return NULL;
     return lookup(self, key, length, filter_probes_of(hash));
@@ -719,10 +762,10 @@ runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         if (!usable((RunReader *)item))
             return NULL;
     }
-    filter_probes probes = filter_probes_of(crc_of(key, length));
+    filter_probes probes = filter_probes_of(crc32_of(key, length));
     for (Py_ssize_t i = 0; i < n; i++) {
         RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
-        if (reader->count)
+        if (reader->count && within_bounds(reader, key, length))
             filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks, probes);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
