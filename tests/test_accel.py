@@ -579,15 +579,12 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
     cap it hands over to Python, which waits for the merge."""
     import threading
 
-    import l2_stores.engine.index as index_module
     from l2_stores.engine.index import Index
 
     release = threading.Event()
-    real_write = index_module.write_run
 
-    def held_write(*args: Any, **options: Any) -> Any:
+    def held_write() -> None:
         assert release.wait(30), "the test never released the merge"
-        return real_write(*args, **options)
 
     handed: list[bytes] = []
     python_put = Index._put_in_python
@@ -596,10 +593,10 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
         handed.append(key)
         python_put(self, key, value, flush)
 
-    monkeypatch.setattr(index_module, "write_run", held_write)
     monkeypatch.setattr(Index, "_put_in_python", counted)
     expected = Expected("accel", key_size=8, value_size=8)
     index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=4)  # cap 12
+    index.hooks.add("flush_write", held_write)
     keys = [bytes([i]) * 8 for i in range(17)]
     try:
         for key in keys[:4]:  # the fourth freezes the log: a held merge

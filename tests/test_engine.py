@@ -7,7 +7,6 @@ import sys
 import threading
 import zlib
 from pathlib import Path
-from typing import Any
 
 import construct
 import pytest
@@ -564,15 +563,13 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_write = index_module.write_run
 
-    def held_write(*args: Any, **options: Any) -> int:
+    def held_write() -> None:
         assert release.wait(30), "the test never released the merge"
-        return real_write(*args, **options)
 
-    monkeypatch.setattr(index_module, "write_run", held_write)
     directory = os.path.join(tmp_path, "index")
     index = open_index(directory, buffer_size=4)  # paced from 11 records, capped at 12
+    index.hooks.add("flush_write", held_write)
     try:
         assert not index.pacing
         for i in range(4):  # the fourth put freezes the log and starts the (held) merge
@@ -617,18 +614,16 @@ def test_close_waits_for_a_merge_thread_still_deleting_what_its_switch_supersede
     from l2_stores import make_indexable
 
     entered, release = threading.Event(), threading.Event()
-    original = index_module._delete
 
-    def held(paths: list[str]) -> None:
-        if paths and threading.current_thread() is not threading.main_thread():
+    def held() -> None:
+        if threading.current_thread() is not threading.main_thread():
             entered.set()
             release.wait(10)
-        original(paths)
 
-    monkeypatch.setattr(index_module, "_delete", held)
     cls = make_indexable("deleting", construct.Bytes(4), construct.Bytes(4))
     directory = tmp_path / "store"
     store = cls.load(directory, index_buffer_size=8)
+    store._engine.hooks.add("delete", held)
     for i in range(8):
         store.add(i.to_bytes(4, "big"), b"vvvv")  # the 8th freezes the log: a merge
     for i in range(8, 16):

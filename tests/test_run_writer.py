@@ -76,8 +76,7 @@ def model_rows(rng: random.Random, count: int, key_size: int, value_size: int) -
     while len(keys) < min(count, 256**key_size):
         keys.add(rng.randbytes(key_size))
     return [
-        (key, REMOVED if rng.random() < 0.2 else rng.randbytes(value_size))
-        for key in sorted(keys)
+        (key, REMOVED if rng.random() < 0.2 else rng.randbytes(value_size)) for key in sorted(keys)
     ]
 
 
@@ -140,6 +139,76 @@ def test_long_shared_prefixes(tmp_path: Path, shared: int) -> None:
 def test_empty_runs(tmp_path: Path) -> None:
     for capacity in (0, 1, 1000):
         assert_same_run(tmp_path, Expected("t", 32, 36), [], capacity)
+
+
+def write_bindings_of(
+    path: Path,
+    expected: Expected,
+    bindings: dict[bytes, bytes | None],
+    *,
+    accelerated: bool,
+    drop_removals: bool,
+) -> bytes:
+    writer = RunWriter(str(path), expected, 2, 9, len(bindings), tag=5, accelerated=accelerated)
+    writer.add_bindings(bindings, drop_removals=drop_removals)
+    writer.finish(fsync=False)
+    return path.read_bytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key_size=st.integers(1, 40),
+    value_size=st.integers(0, 12),
+    count=st.integers(0, 3000),
+    drop_removals=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_a_logs_bindings_are_written_sorted_as_their_rows_would_be(
+    tmp_path_factory: pytest.TempPathFactory,
+    key_size: int,
+    value_size: int,
+    count: int,
+    drop_removals: bool,
+    seed: int,
+) -> None:
+    """A flush hands the frozen log's dict (None: a removal), in insertion order: the C
+    sort and the Python one write the run of its sorted rows, removals left out or kept."""
+    tmp_path = tmp_path_factory.mktemp("bindings")
+    rng = random.Random(seed)
+    expected = Expected("t", key_size, value_size)
+    rows = model_rows(rng, count, key_size, value_size)
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    bindings = {key: None if value is REMOVED else value for key, value in shuffled}
+    kept = [row for row in rows if not (drop_removals and row[1] is REMOVED)]
+    reference = tmp_path / "rows"
+    writer = RunWriter(str(reference), expected, 2, 9, len(bindings), tag=5, accelerated=False)
+    writer.add_rows(kept)
+    writer.finish(fsync=False)
+    for accelerated in (False, True):
+        written = write_bindings_of(
+            tmp_path / f"b{accelerated}",
+            expected,
+            bindings,
+            accelerated=accelerated,
+            drop_removals=drop_removals,
+        )
+        assert written == reference.read_bytes()
+
+
+def test_bindings_of_other_sizes_are_refused_and_leave_rows_unwritten(tmp_path: Path) -> None:
+    expected = Expected("t", 4, 3)
+    for bad in ({b"abcd": b"vv"}, {b"abc": b"vvv"}, {b"abcd": 5}):
+        writer = RunWriter(str(tmp_path / "run"), expected, 0, 0, 2)
+        with pytest.raises(ValueError, match="add_bindings"):
+            writer.add_bindings(bad, drop_removals=False)  # type: ignore[arg-type]
+        assert writer.count == 0
+        writer.abort()
+    writer = RunWriter(str(tmp_path / "run"), expected, 0, 0, 2)
+    writer.add(b"aaaa", b"vvv")
+    with pytest.raises(ValueError, match="add_bindings"):
+        writer.add_bindings({b"bbbb": b"vvv"}, drop_removals=False)
+    writer.abort()
 
 
 def outcome(call: object) -> tuple[type[BaseException], str] | None:
@@ -249,9 +318,7 @@ def test_c_merge_writes_the_python_merge(tmp_path: Path, seed: int, drop_removal
         assert count == Run(str(tmp_path / "c"), expected).count
         # the Python path of merge_runs (runs without C readers) writes the same
         slow = [Run(run.path, expected, accelerated=False) for run in newest_first]
-        merge_runs(
-            str(tmp_path / "slow"), expected, span, slow, tag=3, drop_removals=drop_removals
-        )
+        merge_runs(str(tmp_path / "slow"), expected, span, slow, tag=3, drop_removals=drop_removals)
         assert (tmp_path / "slow").read_bytes() == python
         for run in slow:
             run.close()

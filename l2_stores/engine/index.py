@@ -49,6 +49,7 @@ from . import filesystem, layout
 from .accel import AcceleratedLayers, AcceleratedWriter
 from .datafile import DataFile
 from .framing import CRC_SIZE, HEADER_SIZE, Expected
+from .hooks import Hooks
 from .interface import ReferencedValues
 from .levels import Span, TilingError, live_and_superseded, merged, merges
 from .lock import WriterLock, loaded_writer
@@ -62,7 +63,7 @@ from .log import (
     read_log,
     record_size,
 )
-from .run import REMOVED, Removed
+from .run import Removed
 from .runstack import (
     Cancelled,
     LegacyData,
@@ -71,7 +72,7 @@ from .runstack import (
     Source,
     convert_legacy,
     merge_runs,
-    sorted_in_steps,
+    write_bindings,
     write_run,
 )
 from .selection import Selection
@@ -143,6 +144,8 @@ class Index:
         if buffer_size < 1:
             raise ValueError(f"index_buffer_size must be at least 1, got {buffer_size}")
         self.directory = directory
+        #: Named points where tests step in (see hooks.py).
+        self.hooks = Hooks()
         self._expected = expected
         self._name = expected.name
         self._readonly = readonly
@@ -420,15 +423,12 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(temporary)
             if gc is None:
-                rows = sorted_in_steps(
-                    [(key, REMOVED if value is None else value) for key, value in frozen.items()]
-                )
-                write_run(
+                self.hooks.run("flush_write")
+                write_bindings(
                     temporary,
                     self._expected,
                     span,
-                    rows,
-                    len(frozen),
+                    frozen,
                     tag=stack.tag,
                     drop_removals=not stack.runs,
                 )
@@ -541,6 +541,8 @@ class Index:
         """
         with self._delete_lock:
             paths, self._superseded = self._superseded, []
+            if paths:
+                self.hooks.run("delete")
             _delete(paths)
 
     def _switch_unlocked(self) -> None:
@@ -605,6 +607,7 @@ class Index:
         try:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(temporary)
+            self.hooks.run("merge_write")
             merge_runs(
                 temporary,
                 self._expected,

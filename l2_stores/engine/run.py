@@ -658,6 +658,22 @@ class RunWriter:
         for key, value in rows:
             self.add(key, value)
 
+    def add_bindings(self, bindings: dict[bytes, bytes | None], *, drop_removals: bool) -> None:
+        """Add the rows of ``bindings`` (None: a removal, left out with ``drop_removals``)
+        in key order, to a writer nothing was added to; with the C builder, sorted and
+        written without the GIL."""
+        if self._builder is not None:
+            self._builder.add_bindings(bindings, drop_removals)
+            return
+        if self._count:
+            raise ValueError("add_bindings: rows were added already")
+        for key in sorted(bindings):
+            value = bindings[key]
+            if value is not None:
+                self.add(key, value)
+            elif not drop_removals:
+                self.add(key, REMOVED)
+
     def merge(
         self,
         readers: tuple[RunReader[Removed], ...],

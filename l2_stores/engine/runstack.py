@@ -264,6 +264,28 @@ def write_run(
     return writer.count
 
 
+def write_bindings(
+    path: str,
+    expected: Expected,
+    span: Span,
+    bindings: dict[bytes, bytes | None],
+    *,
+    tag: int = 0,
+    drop_removals: bool = False,
+) -> int:
+    """Write the run of ``span`` at ``path`` from a log's ``bindings`` (None: a removal,
+    left out with ``drop_removals``); return its row count. With the C run builder
+    the sort and the writing run without the GIL."""
+    writer = RunWriter(path, expected, span.lo, span.hi, len(bindings), tag)
+    try:
+        writer.add_bindings(bindings, drop_removals=drop_removals)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.count
+
+
 def merge_runs(
     path: str,
     expected: Expected,

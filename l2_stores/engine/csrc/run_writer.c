@@ -280,6 +280,113 @@ builder_add(RunBuilder *self, PyObject *rows)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------ a dict */
+
+typedef struct {
+    const unsigned char *key;
+    const unsigned char *value; /* NULL: a removal */
+} binding;
+
+/* qsort's comparator reads the key size from here (one sort per thread at a time). */
+static _Thread_local size_t sorted_key_size;
+
+static int
+compare_bindings(const void *a, const void *b)
+{
+    return memcmp(((const binding *)a)->key, ((const binding *)b)->key, sorted_key_size);
+}
+
+/* Sort the bindings and append their rows; 0, or an errno. Runs without the GIL. */
+static int
+append_sorted(RunBuilder *self, binding *bindings, Py_ssize_t n, int drop_removals)
+{
+    sorted_key_size = (size_t)self->key_size;
+    qsort(bindings, (size_t)n, sizeof(binding), compare_bindings);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (drop_removals && bindings[i].value == NULL)
+            continue;
+        append_row(self, bindings[i].key, bindings[i].value, NULL);
+        if (self->pending_length >= WRITE_CHUNK) {
+            int error = write_pending(self);
+            if (error)
+                return error;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+builder_add_bindings(RunBuilder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "add_bindings(bindings, drop_removals, /): a dict");
+        return NULL;
+    }
+    if (!ready(self))
+        return NULL;
+    int drop_removals = PyObject_IsTrue(args[1]);
+    if (drop_removals < 0)
+        return NULL;
+    PyObject *mapping = args[0];
+    Py_ssize_t n = PyDict_GET_SIZE(mapping);
+    if (self->count > 0 || n > self->capacity) {
+        PyErr_Format(PyExc_ValueError,
+                     "add_bindings: %zd bindings into a run of %zd rows and capacity %zd", n,
+                     self->count, self->capacity);
+        return NULL;
+    }
+    binding *bindings = PyMem_Malloc(((size_t)n + 1) * sizeof(binding));
+    /* the keys and values, referenced until the rows are written */
+    PyObject **held = PyMem_Malloc(((size_t)n * 2 + 1) * sizeof(PyObject *));
+    Py_ssize_t holding = 0, position = 0, i = 0;
+    PyObject *key_object, *value_object, *result = NULL;
+    if (bindings == NULL || held == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    while (PyDict_Next(mapping, &position, &key_object, &value_object)) {
+        if (i >= n) {
+            PyErr_SetString(PyExc_RuntimeError, "add_bindings: the dict changed size");
+            goto done;
+        }
+        if (!PyBytes_Check(key_object) || PyBytes_GET_SIZE(key_object) != self->key_size) {
+            PyErr_Format(PyExc_ValueError, "add_bindings: a key is not %zd bytes", self->key_size);
+            goto done;
+        }
+        if (value_object != Py_None &&
+            (!PyBytes_Check(value_object) || PyBytes_GET_SIZE(value_object) != self->value_size)) {
+            PyErr_Format(PyExc_ValueError, "add_bindings: a value is neither None nor %zd bytes",
+                         self->value_size);
+            goto done;
+        }
+        held[holding++] = Py_NewRef(key_object);
+        held[holding++] = Py_NewRef(value_object);
+        bindings[i].key = (const unsigned char *)PyBytes_AS_STRING(key_object);
+        bindings[i].value =
+            value_object == Py_None ? NULL : (const unsigned char *)PyBytes_AS_STRING(value_object);
+        i++;
+    }
+    int error;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    error = append_sorted(self, bindings, i, drop_removals);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (error) {
+        errno = error;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    else
+        result = Py_NewRef(Py_None);
+done:
+    if (held != NULL)
+        for (Py_ssize_t j = 0; j < holding; j++)
+            Py_DECREF(held[j]);
+    PyMem_Free(held);
+    PyMem_Free(bindings);
+    return result;
+}
+
 /* ------------------------------------------------------------ the merge */
 
 typedef struct {
@@ -706,6 +813,9 @@ static PyMethodDef builder_methods[] = {
     {"add", (PyCFunction)builder_add, METH_O,
      "add(rows, /): append rows, a list of (key, value | removed) in ascending key order\n"
      "(ValueError as RunWriter.add's, TypeError, OSError from writing)."},
+    {"add_bindings", (PyCFunction)(void (*)(void))builder_add_bindings, METH_FASTCALL,
+     "add_bindings(bindings, drop_removals, /): the rows of a dict of key to value (None: a\n"
+     "removal, left out with drop_removals), sorted by key, into an empty run; without the GIL."},
     {"merge", (PyCFunction)(void (*)(void))builder_merge, METH_FASTCALL,
      "merge(readers, drop_removals, cancel, /) -> bool: append the rows of the readers (a\n"
      "tuple of RunReader, newest first), each key once from the newest reader holding it,\n"

@@ -1,0 +1,44 @@
+"""Named points where tests step into the engine (as mirage/index's ``Private.Hook``).
+
+An engine runs its hooks at each point it reaches; by default there are
+none and a point costs one dict lookup on the slow paths only (never on a
+put or a find). Tests hold a flush back, fail a step or count them by
+adding an action at a point, instead of patching module globals::
+
+    index.hooks.add("flush_write", lambda: release.wait())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+#: The points, in the order a flush or a run merge reaches them:
+#: ``flush_write``: a flush's thread, before it writes the frozen log's run;
+#: ``merge_write``: a run merge's thread, before it writes the merged run;
+#: ``delete``: before superseded files are deleted (outside the exclusive section).
+Point = Literal["flush_write", "merge_write", "delete"]
+POINTS: tuple[Point, ...] = get_args(Point)
+
+
+class Hooks:
+    """The actions to run at each point of one engine."""
+
+    def __init__(self) -> None:
+        self._actions: dict[str, list[Callable[[], object]]] = {}
+
+    def add(self, point: Point, action: Callable[[], object]) -> None:
+        """Run ``action`` every time the engine reaches ``point`` (an error it raises
+        is the step's)."""
+        if point not in POINTS:
+            raise ValueError(f"no hook point {point!r}; the points are {', '.join(POINTS)}")
+        self._actions.setdefault(point, []).append(action)
+
+    def clear(self) -> None:
+        """Remove every action."""
+        self._actions.clear()
+
+    def run(self, point: Point) -> None:
+        """Run the actions of ``point``, in the order they were added."""
+        for action in self._actions.get(point, ()):
+            action()
