@@ -507,22 +507,30 @@ def test_c_put_hands_other_cases_to_python(tmp_path: Path, monkeypatch: pytest.M
         reader.close()
 
 
-def test_c_put_reports_a_failed_write_as_python_does(
+def test_a_failed_c_write_is_made_again_and_reported_by_the_python_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write the C put cannot make raises the store's error from the OSError, the
-    log cut back to its end (as LogWriter.append_set does); Python is not asked."""
+    """A write the C put cannot make changes nothing and goes to the Python put, which
+    writes again and, failing too, raises the store's error from the OSError, the log
+    cut back to its end (as LogWriter.append_set does)."""
     from l2_stores.engine.index import Index
     from l2_stores.errors import CannotWriteToStore
 
     handed: list[bytes] = []
-    monkeypatch.setattr(Index, "_put_in_python", lambda self, key, *rest: handed.append(key))
+    python_put = Index._put_in_python
+
+    def counted(self: Index, key: bytes, value: bytes, flush: bool) -> None:
+        handed.append(key)
+        python_put(self, key, value, flush)
+
+    monkeypatch.setattr(Index, "_put_in_python", counted)
     expected = Expected("accel", key_size=8, value_size=8)
     index = Index(str(tmp_path / "a"), expected, readonly=False, buffer_size=100)
     log = index._log
     assert log is not None
     log._unmap()  # the written path: a store into the map cannot fail this way
     index.put(b"a" * 8, b"1" * 8, True)
+    assert handed == []
     end = log._end
     cuts: list[int] = []
     real_failed_write = log._failed_write
@@ -534,12 +542,12 @@ def test_c_put_reports_a_failed_write_as_python_does(
     log._failed_write = failed_write  # type: ignore[method-assign]
     fd = log._fd
     try:
-        os.close(fd)  # the C write fails: EBADF
+        os.close(fd)  # every write fails: EBADF
         with pytest.raises(CannotWriteToStore, match="Bad file descriptor") as raised:
             index.put(b"b" * 8, b"2" * 8, True)
         assert isinstance(raised.value.__cause__, OSError)
         assert raised.value.__cause__.errno == errno.EBADF
-        assert cuts == [end] and handed == []
+        assert handed == [b"b" * 8] and cuts == [end]
         assert log._end == end and log.records == 1
         assert index.get(b"b" * 8) is None
     finally:
@@ -599,16 +607,17 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
     index.hooks.add("flush_write", held_write)
     keys = [bytes([i]) * 8 for i in range(17)]
     try:
-        for key in keys[:4]:  # the fourth freezes the log: a held merge
+        for key in keys[:4]:  # the fourth fills the buffer, in Python: a held merge
             index.put(key, key, True)
+        assert handed == [keys[3]]
         for key in keys[4:16]:  # the new log to its cap, past the buffer: all in C
             index.put(key, key, True)
-        assert handed == [] and index._log is not None and index._log.records == 12
+        assert handed == [keys[3]] and index._log is not None and index._log.records == 12
         releaser = threading.Timer(0.2, release.set)
         releaser.start()
         index.put(keys[16], keys[16], True)  # at the cap: Python, which waits for the merge
         releaser.join()
-        assert handed == [keys[16]]
+        assert handed == [keys[3], keys[16]]
         for key in keys:
             assert index.get(key) == key
     finally:

@@ -355,15 +355,16 @@ accel_write_framed(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
 
    Writer.put is Index.put for the common add: flushed, no fsync, nothing
    pending, no GC recording keys, bytes of the expected sizes, and room in
-   the active log (below the buffer size, or below the log cap while a
-   merge runs). It reads the index's current log and dicts on every call
-   (nothing to keep in step), writes the record in one pwritev, binds the
-   key in the active dict and, when the log is full, hands over to the
-   index's _after_append. Anything else goes to the index's Python put. A
-   failed write is reported as the Python put reports it (the log's
-   _failed_write cuts the file back and makes the store's error). The
-   writer holds the index by a weak reference, so that an index dropped
-   without close() is freed at once, as before. */
+   the active log (one that does not fill the buffer; past it, while a
+   merge runs, up to the log cap). It works on the state the
+   index hands it with set() whenever that changes (the active log, its
+   dict, whether a merge runs, whether a GC records keys) and reads no
+   attribute of the index: it writes the record, binds the key in the
+   dict, and leaves everything else to the index's Python put: the put
+   that fills the log (and starts a merge), and one whose write fails
+   (which writes again and reports a failure itself). It holds that put as
+   a weakref.WeakMethod, so that an index dropped without close() is freed
+   at once. */
 
 typedef struct {
     PyObject_HEAD
@@ -609,36 +610,47 @@ static PyTypeObject ValuesTailType = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *index; /* a weak reference */
+    /* the state the index hands over with set() whenever it changes */
+    PyObject *log;    /* the active log (a LogTail), or None */
+    PyObject *active; /* its dict */
+    int merging;      /* a merge runs: the log may grow past the buffer */
+    int recording;    /* a GC records written keys: every put is Python's */
+    /* the index's Python put, as a weakref.WeakMethod (see below) */
+    PyObject *put_in_python;
     Py_ssize_t buffer_size;
     Py_ssize_t log_cap;
     Py_ssize_t key_size;
     Py_ssize_t value_size;
 } Writer;
 
-static PyObject *str_log, *str_active, *str_touched, *str_merging, *str_after_append,
-    *str_put_in_python, *str_failed_write;
 static const char op_set = 1;
 
 static int
 writer_init(Writer *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *index;
+    PyObject *put_in_python;
     Py_ssize_t buffer_size, log_cap, key_size, value_size;
-    static char *names[] = {"index", "buffer_size", "log_cap", "key_size", "value_size", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnn:Writer", names, &index, &buffer_size,
-                                     &log_cap, &key_size, &value_size))
+    static char *names[] = {"put_in_python", "buffer_size", "log_cap", "key_size", "value_size",
+                            NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnn:Writer", names, &put_in_python,
+                                     &buffer_size, &log_cap, &key_size, &value_size))
         return -1;
     if (buffer_size < 1 || log_cap < buffer_size || key_size < 0 || value_size < 0) {
         PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, cap, key or value size");
         return -1;
     }
-    if (self->index != NULL) {
-        PyErr_SetString(PyExc_TypeError, "Writer: already bound to an index");
+    if (!PyCallable_Check(put_in_python)) {
+        PyErr_SetString(PyExc_TypeError, "Writer: put_in_python must be callable");
         return -1;
     }
-    self->index = PyWeakref_NewRef(index, NULL);
-    if (self->index == NULL)
+    if (self->put_in_python != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Writer: already initialized");
+        return -1;
+    }
+    self->put_in_python = Py_NewRef(put_in_python);
+    self->log = Py_NewRef(Py_None);
+    self->active = PyDict_New();
+    if (self->active == NULL)
         return -1;
     self->buffer_size = buffer_size;
     self->log_cap = log_cap;
@@ -650,14 +662,18 @@ writer_init(Writer *self, PyObject *args, PyObject *kwargs)
 static int
 writer_traverse(Writer *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->index);
+    Py_VISIT(self->log);
+    Py_VISIT(self->active);
+    Py_VISIT(self->put_in_python);
     return 0;
 }
 
 static int
 writer_clear(Writer *self)
 {
-    Py_CLEAR(self->index);
+    Py_CLEAR(self->log);
+    Py_CLEAR(self->active);
+    Py_CLEAR(self->put_in_python);
     return 0;
 }
 
@@ -669,68 +685,51 @@ writer_dealloc(Writer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Raise what LogWriter.append_set raises for the OSError now set:
-   log._failed_write(error) (which cuts the file back to the log's end),
-   from the OSError. */
-static void
-writer_report_failed_write(PyObject *log)
+static PyObject *
+writer_set(Writer *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *type, *error, *traceback;
-    PyErr_Fetch(&type, &error, &traceback);
-    PyErr_NormalizeException(&type, &error, &traceback);
-    if (traceback != NULL)
-        PyException_SetTraceback(error, traceback);
-    PyObject *reported = PyObject_CallMethodOneArg(log, str_failed_write, error);
-    if (reported == NULL) {
-        Py_XDECREF(type);
-        Py_XDECREF(error);
-        Py_XDECREF(traceback);
-        return;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "set(log, active, merging, recording, /)");
+        return NULL;
     }
-    PyException_SetCause(reported, Py_NewRef(error));
-    PyException_SetContext(reported, error); /* steals error */
-    PyErr_SetObject((PyObject *)Py_TYPE(reported), reported);
-    Py_DECREF(reported);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
+    PyObject *log = args[0], *active = args[1];
+    if (log != Py_None && !PyObject_TypeCheck(log, &LogTailType)) {
+        PyErr_SetString(PyExc_TypeError, "Writer.set: log is a LogTail or None");
+        return NULL;
+    }
+    if (!PyDict_CheckExact(active)) {
+        PyErr_SetString(PyExc_TypeError, "Writer.set: active is a dict");
+        return NULL;
+    }
+    int merging = PyObject_IsTrue(args[2]);
+    int recording = PyObject_IsTrue(args[3]);
+    if (merging < 0 || recording < 0)
+        return NULL;
+    Py_SETREF(self->log, Py_NewRef(log));
+    Py_SETREF(self->active, Py_NewRef(active));
+    self->merging = merging;
+    self->recording = recording;
+    Py_RETURN_NONE;
 }
 
-/* The fast put, or 0 when it does not apply (no exception set then). */
+/* The common put, or 0 when it is not one (nothing changed, no exception
+   set): then the index's Python put decides. The put that fills the buffer
+   (which starts a merge) is always Python's, and so is one whose write
+   fails: it writes again, and reports a failure as it does. */
 static int
-writer_put_fast(Writer *self, PyObject *index, PyObject *log, PyObject *key, PyObject *value)
+writer_put_fast(Writer *self, PyObject *key, PyObject *value)
 {
-    if (!PyObject_TypeCheck(log, &LogTailType) || !PyBytes_CheckExact(key) ||
+    if (self->recording || self->log == Py_None || !PyBytes_CheckExact(key) ||
         !PyBytes_CheckExact(value) || PyBytes_GET_SIZE(key) != self->key_size ||
         PyBytes_GET_SIZE(value) != self->value_size)
         return 0;
-    LogTail *tail = (LogTail *)log;
-    if (tail->fsync || tail->fd < 0 || tail->records >= self->log_cap ||
-        tail->pending == NULL || !PyByteArray_CheckExact(tail->pending) ||
-        PyByteArray_GET_SIZE(tail->pending) != 0)
+    LogTail *tail = (LogTail *)self->log;
+    /* below the buffer, not filling it; or while a merge runs, below the cap */
+    int room = self->merging ? tail->records < self->log_cap
+                             : tail->records + 1 < self->buffer_size;
+    if (!room || tail->fsync || tail->fd < 0 || tail->pending == NULL ||
+        !PyByteArray_CheckExact(tail->pending) || PyByteArray_GET_SIZE(tail->pending) != 0)
         return 0;
-    int full = tail->records >= self->buffer_size;
-    if (full) { /* past the buffer: only while a merge runs, which is then left alone */
-        PyObject *merging = PyObject_GetAttr(index, str_merging);
-        if (merging == NULL)
-            return -1;
-        Py_DECREF(merging);
-        if (merging != Py_True)
-            return 0;
-    }
-    PyObject *touched = PyObject_GetAttr(index, str_touched);
-    if (touched == NULL)
-        return -1;
-    int recording = touched != Py_None;
-    Py_DECREF(touched);
-    if (recording)
-        return 0;
-    PyObject *active = PyObject_GetAttr(index, str_active);
-    if (active == NULL)
-        return -1;
-    if (!PyDict_CheckExact(active)) {
-        Py_DECREF(active);
-        return 0;
-    }
     Py_ssize_t record_size = 1 + self->key_size + self->value_size + 4;
     if (tail->map != NULL && tail->end >= 0 && tail->end < tail->map_size - record_size) {
         /* A store into the shared mapping is in the page cache, as a
@@ -743,39 +742,27 @@ writer_put_fast(Writer *self, PyObject *index, PyObject *log, PyObject *key, PyO
         memcpy(at + 1, PyBytes_AS_STRING(key), (size_t)self->key_size);
         memcpy(at + 1 + self->key_size, PyBytes_AS_STRING(value), (size_t)self->value_size);
         write_u32(at + record_size - 4, crc32_of(at, record_size - 4));
-        tail->end += record_size;
-        tail->records += 1;
-        goto bind;
     }
-    struct iovec iov[4];
-    iov[0].iov_base = (void *)&op_set;
-    iov[0].iov_len = 1;
-    iov[1].iov_base = PyBytes_AS_STRING(key);
-    iov[1].iov_len = (size_t)self->key_size;
-    iov[2].iov_base = PyBytes_AS_STRING(value);
-    iov[2].iov_len = (size_t)self->value_size;
-    int failed_errno;
-    Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3, &failed_errno);
-    if (written < 0) {
-        Py_DECREF(active);
-        if (failed_errno)
-            writer_report_failed_write(log);
-        return -1;
+    else {
+        struct iovec iov[4];
+        iov[0].iov_base = (void *)&op_set;
+        iov[0].iov_len = 1;
+        iov[1].iov_base = PyBytes_AS_STRING(key);
+        iov[1].iov_len = (size_t)self->key_size;
+        iov[2].iov_base = PyBytes_AS_STRING(value);
+        iov[2].iov_len = (size_t)self->value_size;
+        int failed_errno;
+        Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3, &failed_errno);
+        if (written < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        record_size = written;
     }
-    tail->end += written;
+    /* the record is in place: count it, then bind */
+    tail->end += record_size;
     tail->records += 1;
-bind:;
-    int bound = PyDict_SetItem(active, key, value);
-    Py_DECREF(active);
-    if (bound < 0)
-        return -1;
-    if (!full && tail->records >= self->buffer_size) {
-        PyObject *done = PyObject_CallMethodOneArg(index, str_after_append, log);
-        if (done == NULL)
-            return -1;
-        Py_DECREF(done);
-    }
-    return 1;
+    return PyDict_SetItem(self->active, key, value) < 0 ? -1 : 1;
 }
 
 static PyObject *
@@ -791,43 +778,38 @@ writer_put(Writer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     int flushed = PyObject_IsTrue(flush);
     if (flushed < 0)
         return NULL;
-    if (self->index == NULL) {
-        PyErr_SetString(PyExc_TypeError, "Writer: not bound to an index");
+    if (self->put_in_python == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Writer: not initialized");
         return NULL;
     }
-    PyObject *index = PyWeakref_GetObject(self->index);
-    if (index == NULL)
+    if (flushed) {
+        int put = writer_put_fast(self, key, value);
+        if (put < 0)
+            return NULL;
+        if (put)
+            Py_RETURN_NONE;
+    }
+    /* the index's Python put: a WeakMethod gives the bound method (or None
+       once the index is gone, which holds the writer, not the other way) */
+    PyObject *method = PyObject_CallNoArgs(self->put_in_python);
+    if (method == NULL)
         return NULL;
-    if (index == Py_None) {
+    if (method == Py_None) {
+        Py_DECREF(method);
         PyErr_SetString(PyExc_ReferenceError, "Writer: its index is gone");
         return NULL;
     }
-    Py_INCREF(index); /* held across the write, which releases the GIL */
-    PyObject *result = NULL;
-    if (flushed) {
-        PyObject *log = PyObject_GetAttr(index, str_log);
-        if (log == NULL)
-            goto done;
-        int put = writer_put_fast(self, index, log, key, value);
-        Py_DECREF(log);
-        if (put < 0)
-            goto done;
-        if (put) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
-    }
-    PyObject *call[4] = {index, key, value, flush};
-    result = PyObject_VectorcallMethod(str_put_in_python, call,
-                                       4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-done:
-    Py_DECREF(index);
+    PyObject *call[3] = {key, value, flush};
+    PyObject *result = PyObject_Vectorcall(method, call, 3, NULL);
+    Py_DECREF(method);
     return result;
 }
 
 static PyMethodDef writer_methods[] = {
     {"put", (PyCFunction)(void (*)(void))writer_put, METH_FASTCALL | METH_KEYWORDS,
      "put(key, value, flush): Index.put, the common case in C."},
+    {"set", (PyCFunction)(void (*)(void))writer_set, METH_FASTCALL,
+     "set(log, active, merging, recording, /): the index's put state, whenever it changes."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -836,7 +818,8 @@ static PyTypeObject WriterType = {
     .tp_name = "l2_stores.engine._accel.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Writer(index, buffer_size, log_cap, key_size, value_size): an index's put in C.",
+    .tp_doc = "Writer(put_in_python, buffer_size, log_cap, key_size, value_size): an index's put\n"
+              "in C, on the state the index hands it with set().",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
     .tp_traverse = (traverseproc)writer_traverse,
@@ -1900,19 +1883,10 @@ PyInit__accel(void)
         PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0 ||
         PyType_Ready(&ContainerDecoderType) < 0)
         return NULL;
-    str_log = PyUnicode_InternFromString("_log");
-    str_active = PyUnicode_InternFromString("_active");
-    str_touched = PyUnicode_InternFromString("_touched");
-    str_merging = PyUnicode_InternFromString("_merging");
-    str_failed_write = PyUnicode_InternFromString("_failed_write");
-    str_after_append = PyUnicode_InternFromString("_after_append");
-    str_put_in_python = PyUnicode_InternFromString("_put_in_python");
     str_target = PyUnicode_InternFromString("target");
     str_append_entry = PyUnicode_InternFromString("append_entry");
     str_put = PyUnicode_InternFromString("put");
-    if (str_log == NULL || str_active == NULL || str_touched == NULL || str_merging == NULL ||
-        str_failed_write == NULL || str_after_append == NULL || str_put_in_python == NULL ||
-        str_target == NULL || str_append_entry == NULL || str_put == NULL)
+    if (str_target == NULL || str_append_entry == NULL || str_put == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accel_module);
     if (module == NULL)

@@ -59,9 +59,22 @@ class IndexedAppend:
 
 class Writer:
     def __init__(
-        self, index: object, buffer_size: int, log_cap: int, key_size: int, value_size: int
+        self,
+        put_in_python: Callable[[], Callable[[bytes, bytes, bool], None] | None],
+        buffer_size: int,
+        log_cap: int,
+        key_size: int,
+        value_size: int,
     ) -> None: ...
     def put(self, key: bytes, value: bytes, flush: bool) -> None: ...
+    def set(
+        self,
+        log: LogTail | None,
+        active: dict[bytes, bytes | None],
+        merging: bool,
+        recording: bool,
+        /,
+    ) -> None: ...
 
 class LruCache:
     capacity: int

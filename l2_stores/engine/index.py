@@ -1,36 +1,40 @@
-"""The index engine: a log, a sorted data file, and merges between them.
+"""The index engine: logs of recent bindings over immutable runs sorted by key.
 
-State: the data file of generation D (``data.D``, absent while D is 0), the
-*active* log ``log.G`` that takes new bindings, and, during a merge, the
-*frozen* log ``log.D`` (then G = D + 1). Each log's bindings are also held in
-a dict, so memory is bounded by ``buffer_size`` records per log.
+State: the *active* log ``log.G`` that takes new bindings (and its dict);
+during a flush, the *frozen* log ``log.G-1`` (and its dict); and the runs
+``run.lo-hi``, which tile the generations below (see run.py for a run,
+levels.py for which runs a store holds and which it merges).
 
-Merge: when the active log holds ``buffer_size`` records and no merge runs,
-it is frozen and a new active log ``log.D+1`` takes its place (renamed from
-``log.D+1.tmp``, which the previous merge prepared, header fsynced); a
-background thread prepares ``log.D+2.tmp`` for the next freeze, writes
-``data.D+1.tmp`` from ``data.D`` and the frozen dict, fsyncs it, syncs the
-directory (so ``log.D+1``'s name is durable first) and renames it to
-``data.D+1``. The switch, in the store's exclusive section, maps the new
-file, forgets the frozen dict and deletes ``log.D`` and ``data.D``. Reads go
-on during the merge (active dict, frozen dict, old data file); writes go on
-into the active log, which is frozen in turn once the merge is switched in.
-Only a writer that fills it to ``LOG_CAP_FACTOR`` times the buffer size
-before the merge ends waits for it, so memory stays bounded; from
-``PACE_FACTOR`` times the buffer, each write gives the merge a moment first.
+Flush: when the active log holds ``buffer_size`` records and no flush runs,
+it is sealed and frozen, and the next log (prepared by the previous flush)
+takes its place; a background thread writes the frozen dict as the run
+``G-1..G-1``, fsyncs it and renames it into place; the switch, in the
+store's exclusive section, puts it on the run stack, forgets the frozen
+dict, deletes the frozen log and starts the run merges the policy asks
+for. Reads go on meanwhile (active dict, frozen dict, runs newest first);
+so do writes, into the active log, up to ``LOG_CAP_FACTOR`` times the
+buffer (from ``PACE_FACTOR`` times, each write gives the flush a moment).
+The code still calls a flush a *merge* (``_run_merge``, ``wait_merge``).
+
+Run merges: a thread per group of runs writes their merge, renames it into
+place and switches it in; ``close`` cancels the ones still writing.
 
 GC: ``begin_gc`` (in the exclusive section) returns a lookup into the
 bindings as they are and starts recording the keys written from then on;
-``collect`` (from the GC's thread) freezes the log and merges everything into
-the next data file through a ``Selection``: the retained keys, the touched
-keys, nothing else. It is an ordinary merge in every other respect, so a
-crash before its rename leaves the old content and one after it the new.
+``collect`` (from the GC's thread) freezes the log and writes one run of
+everything kept (a ``Selection``: the retained keys and the touched ones),
+which replaces every run: a crash before its rename leaves the old content,
+one after it the new.
 
-Recovery: the newest data file is complete (it is renamed into place only
-once written and fsynced) and holds every log older than itself; the logs of
-its generation and above are replayed in order, torn tails dropped; older
-files and ``.tmp`` leftovers are deleted; two logs mean a merge was cut short
-and it is started again.
+Recovery: the runs whose names tile the generations from 0 are the store
+(a run that covers others supersedes them); the logs above them are
+replayed in order, torn tails dropped; superseded files and ``.tmp``
+leftovers are deleted; a frozen log left by a flush cut short is flushed
+again. A data file of the format before runs is converted at a writer's
+load (see runstack.convert_legacy).
+
+The C read path (``Layers``) and the C put (``Writer``) get the state above
+from ``_hand_over`` whenever it changes; they read no attribute of the index.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from _thread import start_new_thread as start_thread
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import filesystem, layout
@@ -76,6 +81,9 @@ from .runstack import (
     write_run,
 )
 from .selection import Selection
+
+if TYPE_CHECKING:
+    from ._accel import Writer
 
 logger = logging.getLogger("l2_stores.engine")
 
@@ -158,22 +166,12 @@ class Index:
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
         self._stack = RunStack()
-        # The C read path, told of every change of the three above by _relayer.
-        self._layers = AcceleratedLayers() if AcceleratedLayers is not None else None
-        if self._layers is not None:
-            self._relayer()
-            self.get = self._layers.get  # type: ignore[method-assign,assignment]
         self._log: LogWriter | None = None
         #: Bytes of records a new log allocates ahead, for the C put to write
         #: through a map: only where that put runs (no fsync, the accelerator).
         self._log_ahead = 0
         if AcceleratedWriter is not None and not fsync:
             self._log_ahead = self._log_cap * record_size(expected)
-        if AcceleratedWriter is not None:  # the common put in C, the rest in _put_in_python
-            writer = AcceleratedWriter(
-                self, buffer_size, self._log_cap, expected.key_size, expected.value_size
-            )
-            self.put = writer.put  # type: ignore[method-assign]
         self._lock: WriterLock | None = None
         self._closed = False
         #: Nonzero once closed: the run merges poll it (in C, without the GIL).
@@ -203,6 +201,22 @@ class Index:
         self._run_merges_changed = threading.Condition()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
+        # The C read path and the C put, handed the state above by _hand_over
+        # whenever it changes (the log, the dicts, the runs, merging, touched).
+        self._layers = AcceleratedLayers() if AcceleratedLayers is not None else None
+        if self._layers is not None:
+            self.get = self._layers.get  # type: ignore[method-assign,assignment]
+        self._writer: Writer | None = None
+        if AcceleratedWriter is not None:  # the common put in C, the rest in _put_in_python
+            self._writer = AcceleratedWriter(
+                weakref.WeakMethod(self._put_in_python),
+                buffer_size,
+                self._log_cap,
+                expected.key_size,
+                expected.value_size,
+            )
+            self.put = self._writer.put  # type: ignore[method-assign]
+        self._hand_over()
         # read-only state: the listing and scans seen at the last (re)load
         self._seen: tuple[int, tuple[int, ...]] | None = None
         self._scans: list[LogScan] = []
@@ -246,11 +260,14 @@ class Index:
             if not isinstance(row_value, Removed) and key not in logged:
                 yield key, row_value
 
-    def _relayer(self) -> None:
-        """Hand the C read path the current dicts and runs (after any change of them)."""
+    def _hand_over(self) -> None:
+        """Hand the C read path and the C put the current state (after any change of
+        the log, the dicts, the runs, ``_merging`` or ``_touched``)."""
         if self._layers is not None:
             stack = self._stack
             self._layers.set(self._active, self._frozen, stack.find if stack.runs else None)
+        if self._writer is not None:
+            self._writer.set(self._log, self._active, self._merging, self._touched is not None)
 
     @property
     def generation(self) -> int:
@@ -354,8 +371,8 @@ class Index:
         next_log = self._next_log(log.generation + 1)
         log.abandon()  # flushed above
         self._frozen, self._active = self._active, {}
-        self._relayer()
         self._log = next_log
+        self._hand_over()
         self._start_merge(gc)
 
     def _next_log(self, generation: int) -> LogWriter:
@@ -384,6 +401,7 @@ class Index:
         self._merging = True
         self.pacing = True
         self._merge_gc = gc
+        self._hand_over()
         try:
             # Not threading.Thread: its start() waits until the new thread
             # runs, about a millisecond per merge on a busy machine, in the
@@ -393,6 +411,7 @@ class Index:
         except RuntimeError as error:  # no thread to be had: the frozen log waits
             self._merging = False
             self.pacing = False
+            self._hand_over()
             raise CannotWriteToStore(
                 f"cannot start the merge thread: {error}", name=self._name, path=self.directory
             ) from error
@@ -550,6 +569,7 @@ class Index:
             return
         self._merging = False
         self.pacing = False
+        self._hand_over()
         outcome = self._merge_outcome
         gc, self._merge_gc = self._merge_gc, None
         spare, self._merge_spare = self._merge_spare, None
@@ -562,7 +582,7 @@ class Index:
         old, frozen_log = self._stack, outcome.span.hi
         self._stack = RunStack([outcome]) if gc is not None else old.with_run(outcome)
         self._frozen = None
-        self._relayer()
+        self._hand_over()
         self._merge_outcome = None
         # Deleted by _delete_superseded; leftovers of a failure, or of a
         # kill, go at the next writer load.
@@ -649,7 +669,7 @@ class Index:
             self._superseded.extend(paths)
             switched = True
         if switched:
-            self._relayer()
+            self._hand_over()
             self._schedule_merges()
 
     def _wait_run_merges(self) -> None:
@@ -670,6 +690,7 @@ class Index:
         if self._log is None:
             raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
         self._touched = set()
+        self._hand_over()
         active = dict(self._active)
         frozen = self._frozen
         stack = self._stack
@@ -687,6 +708,7 @@ class Index:
     def end_gc(self) -> None:
         """Stop recording written keys (a GC given up; exclusive section)."""
         self._touched = None
+        self._hand_over()
 
     def collect(
         self,
@@ -742,6 +764,7 @@ class Index:
                     self._start_merge()
                     continue
                 touched, self._touched = self._touched, None
+                self._hand_over()
                 selection = Selection(retained, touched, self.tag if tag is None else tag)
                 gc = _GcMerge(selection, on_switch)
                 try:
@@ -816,7 +839,7 @@ class Index:
         self._stack = (
             RunStack([LegacyData(legacy_data)]) if legacy_data else self._open_runs(live)
         )
-        self._relayer()
+        self._hand_over()
         scans = self._point_in_time([self._read_log(g, whole=True) for g in logs], True)
         if len(scans) == 2 and scans[1].sealed:
             raise CannotLoadStore(
@@ -844,19 +867,20 @@ class Index:
             self._sync_recovered(scans)
         if not scans:
             self._log = self._new_log(generation)
+            self._hand_over()
             return
         last = scans[-1]
         if last.sealed:  # frozen for a merge, but its next log never appeared
             self._frozen = last.bindings
             self._log = self._new_log(last.generation + 1)
-            self._relayer()
+            self._hand_over()
             self._start_merge()
             return
         path = os.path.join(directory, layout.log_name(last.generation))
         self._log = LogWriter.reopen(path, last, self._expected, self._fsync, self._log_ahead)
         self._active = last.bindings
         self._frozen = scans[0].bindings if len(scans) == 2 else None
-        self._relayer()
+        self._hand_over()
         if self._frozen is not None:  # a merge was cut short: run it again
             self._start_merge()
 
@@ -1004,7 +1028,7 @@ class Index:
         filesystem.rename(temporary, final)
         filesystem.fsync_directory(self.directory)
         self._stack = RunStack([OpenRun(final, self._expected, span)])
-        self._relayer()
+        self._hand_over()
         data.close()
 
     def _open_data(self, generation: int) -> DataFile | None:
@@ -1074,7 +1098,7 @@ class Index:
         self._stack = stack
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
-        self._relayer()
+        self._hand_over()
         self._scans = [] if cut else scans  # cut at a point in time: load whole again
         self._seen = (generation, logs)
 
