@@ -8,12 +8,15 @@ from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 # The engine's C files (l2_stores/engine/csrc): the CRC-32 both extensions share, and
-# the run reader and writer.
+# the run reader and writer, and the index's read path.
 CSRC = "l2_stores/engine/csrc/"
 CRC_SOURCES = [CSRC + "crc32.c"]
-RUNS_SOURCES = [CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c")]
+RUNS_SOURCES = [
+    CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c", "layers.c")
+]
 RUNS_HEADERS = [
-    CSRC + name for name in ("crc32.h", "format.h", "filter.h", "run_lookup.h", "run_writer.h")
+    CSRC + name
+    for name in ("crc32.h", "format.h", "filter.h", "run_lookup.h", "run_writer.h", "layers.h")
 ]
 
 setup(

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from l2_stores.engine import accel, framing
 from l2_stores.engine.framing import Expected
-from l2_stores.errors import CannotReadFromStore
 
 _accel = pytest.importorskip(
     "l2_stores.engine._accel", reason="the C accelerator is not built (no C compiler?)"
@@ -223,7 +222,7 @@ def test_value_of_record_refusals() -> None:
 
 
 def test_accelerator_is_in_use_unless_turned_off() -> None:
-    assert accel.AcceleratedLayers is _accel.Layers
+    assert accel.AcceleratedWriter is _accel.Writer
     code = (
         "from l2_stores.engine import accel; "
         "print(accel.AcceleratedLayers, accel.AcceleratedWriter, accel.accelerated_framed)"
@@ -231,50 +230,6 @@ def test_accelerator_is_in_use_unless_turned_off() -> None:
     env = dict(os.environ, **{accel.ENV_PURE_PYTHON: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["None", "None", "None"], out.stderr
-
-
-def test_layers_look_in_active_then_frozen_then_the_data_file() -> None:
-    layers = _accel.Layers()
-    assert layers.get(b"k") is None  # nothing set yet: an empty store
-    asked: list[bytes] = []
-
-    def find(key: bytes) -> bytes | None:
-        asked.append(key)
-        return b"data" if key == b"in-data" else None
-
-    active: dict[bytes, bytes | None] = {b"a": b"1", b"removed": None, b"both": b"new"}
-    frozen: dict[bytes, bytes | None] = {b"f": b"2", b"both": b"old", b"gone": None}
-    layers.set(active, frozen, find)
-    assert layers.get(b"a") == b"1"
-    assert layers.get(b"both") == b"new"  # the active log wins over the frozen one
-    assert layers.get(b"f") == b"2"
-    assert layers.get(b"removed") is None and layers.get(b"gone") is None
-    assert asked == []  # a binding or a removal in a log answers without the data file
-    assert layers.get(b"in-data") == b"data"
-    assert layers.get(b"absent") is None
-    assert asked == [b"in-data", b"absent"]
-    active[b"later"] = b"3"  # the dicts are shared, not copied
-    assert layers.get(b"later") == b"3"
-    layers.set(active, None, None)
-    assert layers.get(b"f") is None and layers.get(b"in-data") is None
-
-
-def test_layers_pass_errors_through_and_refuse_bad_arguments() -> None:
-    layers = _accel.Layers()
-
-    def broken(key: bytes) -> bytes | None:
-        raise CannotReadFromStore("corrupt", name="accel")
-
-    layers.set({}, None, broken)
-    with pytest.raises(CannotReadFromStore):
-        layers.get(b"k")
-    with pytest.raises(TypeError):
-        layers.get([])  # unhashable: the dict's own error
-    for bad in (([], None, None), ({}, [], None), ({}, None, 3)):
-        with pytest.raises(TypeError):
-            layers.set(*bad)
-    with pytest.raises(TypeError):
-        layers.set({}, None)
 
 
 def test_index_c_read_path_follows_merges_and_reloads(tmp_path: Path) -> None:

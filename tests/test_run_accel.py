@@ -680,3 +680,101 @@ def test_format_constants_are_checked() -> None:
         accel.check_runs_format("run", runs.FORMAT | {"PAGE": 8192})
     with pytest.raises(RuntimeError, match="no such constant"):
         accel.check_runs_format("filter", {"WIDTH": 1})
+
+
+def test_layers_look_in_active_then_frozen_then_the_runs() -> None:
+    layers = _runs.Layers()
+    assert layers.get(b"k") is None  # nothing set yet: an empty store
+    asked: list[bytes] = []
+
+    def find(key: bytes) -> bytes | None:
+        asked.append(key)
+        return b"data" if key == b"in-data" else None
+
+    active: dict[bytes, bytes | None] = {b"a": b"1", b"removed": None, b"both": b"new"}
+    frozen: dict[bytes, bytes | None] = {b"f": b"2", b"both": b"old", b"gone": None}
+    layers.set(active, frozen, None, find)
+    assert layers.get(b"a") == b"1"
+    assert layers.get(b"both") == b"new"  # the active log wins over the frozen one
+    assert layers.get(b"f") == b"2"
+    assert layers.get(b"removed") is None and layers.get(b"gone") is None
+    assert asked == []  # a binding or a removal in a log answers without the runs
+    assert layers.get(b"in-data") == b"data"
+    assert layers.get(b"absent") is None
+    assert asked == [b"in-data", b"absent"]
+    active[b"later"] = b"3"  # the dicts are shared, not copied
+    assert layers.get(b"later") == b"3"
+    layers.set(active, None, None, None)
+    assert layers.get(b"f") is None and layers.get(b"in-data") is None
+
+
+def test_layers_search_the_readers_themselves_and_fall_back_on_damage(tmp_path: Path) -> None:
+    """With the runs' readers, a lookup never calls Python: values, removal rows (None)
+    and misses come from the readers, newest first; a damaged row hands the key to the
+    Python lookup, whose answer (or error) is the lookup's."""
+    expected = Expected("layers", 8, 8)
+    rng = random.Random(5)
+    older: Model = {rng.randbytes(8): rng.randbytes(8) for _ in range(800)}
+    newer: Model = {key: REMOVED for key in list(older)[:100]}
+    newer.update({rng.randbytes(8): rng.randbytes(8) for _ in range(300)})
+    write(tmp_path / "older", expected, older)
+    write(tmp_path / "newer", expected, newer)
+    opened_runs = [Run(str(tmp_path / name), expected) for name in ("newer", "older")]
+    readers = tuple(run.reader for run in opened_runs)
+    asked: list[object] = []
+
+    def find(key: bytes) -> bytes | None:
+        asked.append(key)
+        return b"python"
+
+    layers = _runs.Layers()
+    layers.set({b"x" * 8: b"logged!!"}, None, readers, find)
+    try:
+        assert layers.get(b"x" * 8) == b"logged!!"
+        for key, value in newer.items():
+            assert layers.get(key) == (None if value is REMOVED else value)
+        for key, value in older.items():
+            if key not in newer:
+                assert layers.get(key) == value
+        for _ in range(300):
+            assert layers.get(rng.randbytes(8)) is None
+        assert layers.get(b"short") is None  # another size: in no run
+        assert layers.get("text") == b"python"  # not bytes: the Python lookup decides
+        assert asked == ["text"]
+        asked.clear()
+        # damage the row of one key of the older run: that key goes to Python
+        victim = sorted(key for key in older if key not in newer)[10]
+        older_run = opened_runs[1]
+        index = sorted(older).index(victim)
+        offset = older_run.geometry.rows + index * older_run.geometry.row_size
+        for run in opened_runs:
+            run.close()
+        data = bytearray((tmp_path / "older").read_bytes())
+        data[offset + 9] ^= 1  # its value
+        (tmp_path / "older").write_bytes(bytes(data))
+        opened_runs = [Run(str(tmp_path / name), expected) for name in ("newer", "older")]
+        layers.set({}, None, tuple(run.reader for run in opened_runs), find)
+        assert layers.get(victim) == b"python" and asked == [victim]
+        with pytest.raises(TypeError, match="readers must be a tuple of RunReader"):
+            layers.set({}, None, ("reader",), find)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            layers.set({}, None, None)  # type: ignore[call-arg]
+    finally:
+        for run in opened_runs:
+            run.close()
+
+
+def test_layers_pass_errors_through_and_refuse_bad_arguments() -> None:
+    layers = _runs.Layers()
+
+    def broken(key: bytes) -> bytes | None:
+        raise CannotReadFromStore("corrupt", name="accel")
+
+    layers.set({}, None, None, broken)
+    with pytest.raises(CannotReadFromStore):
+        layers.get(b"k")
+    with pytest.raises(TypeError):
+        layers.get([])  # type: ignore[arg-type]  # unhashable: the dict's own error
+    for bad in (([], None, None, None), ({}, [], None, None), ({}, None, None, 3)):
+        with pytest.raises(TypeError):
+            layers.set(*bad)  # type: ignore[arg-type]

@@ -63,108 +63,6 @@ write_u64(unsigned char *p, uint64_t v)
 
 
 
-/* ------------------------------------------------------------------ Layers */
-
-/* An index's read path in one call: the active log's dict, then the frozen
-   log's dict (while a merge runs), then the data file's find. The index
-   hands it the three in its exclusive section whenever one changes; a
-   removed key's None in a dict answers None without looking further. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *active; /* dict */
-    PyObject *frozen; /* dict or None */
-    PyObject *find;   /* callable or None */
-} Layers;
-
-static int
-layers_traverse(Layers *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->active);
-    Py_VISIT(self->frozen);
-    Py_VISIT(self->find);
-    return 0;
-}
-
-static int
-layers_clear(Layers *self)
-{
-    Py_CLEAR(self->active);
-    Py_CLEAR(self->frozen);
-    Py_CLEAR(self->find);
-    return 0;
-}
-
-static void
-layers_dealloc(Layers *self)
-{
-    PyObject_GC_UnTrack(self);
-    layers_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-layers_set(Layers *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "Layers.set(active, frozen, find) takes 3 arguments");
-        return NULL;
-    }
-    PyObject *active = args[0], *frozen = args[1], *find = args[2];
-    if (!PyDict_CheckExact(active) || (frozen != Py_None && !PyDict_CheckExact(frozen)) ||
-        (find != Py_None && !PyCallable_Check(find))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "Layers.set: active must be a dict, frozen a dict or None, "
-                        "find a callable or None");
-        return NULL;
-    }
-    Py_INCREF(active);
-    Py_INCREF(frozen);
-    Py_INCREF(find);
-    Py_XSETREF(self->active, active);
-    Py_XSETREF(self->frozen, frozen);
-    Py_XSETREF(self->find, find);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-layers_get(Layers *self, PyObject *key)
-{
-    if (self->active == NULL)
-        Py_RETURN_NONE;
-    PyObject *value = PyDict_GetItemWithError(self->active, key);
-    if (value == NULL && !PyErr_Occurred() && self->frozen != Py_None)
-        value = PyDict_GetItemWithError(self->frozen, key);
-    if (value != NULL)
-        return Py_NewRef(value);
-    if (PyErr_Occurred() || self->find == Py_None)
-        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-    PyObject *find = Py_NewRef(self->find); /* a switch may replace it while find runs */
-    PyObject *found = PyObject_CallOneArg(find, key);
-    Py_DECREF(find);
-    return found;
-}
-
-static PyMethodDef layers_methods[] = {
-    {"get", (PyCFunction)layers_get, METH_O,
-     "get(key) -> value | None: the active dict, the frozen dict, then the data file."},
-    {"set", (PyCFunction)(void (*)(void))layers_set, METH_FASTCALL,
-     "set(active, frozen, find): the layers from now on."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject LayersType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "l2_stores.engine._accel.Layers",
-    .tp_basicsize = sizeof(Layers),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "An index's read path: active log, frozen log, data file.",
-    .tp_new = PyType_GenericNew,
-    .tp_traverse = (traverseproc)layers_traverse,
-    .tp_clear = (inquiry)layers_clear,
-    .tp_dealloc = (destructor)layers_dealloc,
-    .tp_methods = layers_methods,
-};
-
 /* --------------------------------------------------------------- functions */
 
 /* Runs longer than this are checksummed without the GIL (values may be large). */
@@ -1878,7 +1776,7 @@ PyMODINIT_FUNC
 PyInit__accel(void)
 {
     crc32_init();
-    if (PyType_Ready(&LayersType) < 0 || PyType_Ready(&LogTailType) < 0 ||
+    if (PyType_Ready(&LogTailType) < 0 ||
         PyType_Ready(&ValuesTailType) < 0 || PyType_Ready(&IndexedAppendType) < 0 ||
         PyType_Ready(&WriterType) < 0 || PyType_Ready(&LruCacheType) < 0 ||
         PyType_Ready(&ContainerDecoderType) < 0)
@@ -1894,12 +1792,6 @@ PyInit__accel(void)
     if (PyModule_AddObject(module, "LOG_FORMAT",
                            Py_BuildValue("(iiiii)", LOG_OP_SET, LOG_OP_REMOVE, LOG_OP_MARK,
                                          LOG_OP_SEAL, LOG_SYNCED)) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&LayersType);
-    if (PyModule_AddObject(module, "Layers", (PyObject *)&LayersType) < 0) {
-        Py_DECREF(&LayersType);
         Py_DECREF(module);
         return NULL;
     }

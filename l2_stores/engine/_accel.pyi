@@ -22,16 +22,6 @@ LOG_FORMAT: tuple[int, int, int, int, int]
 def write_framed(fd: int, offset: int, /, *parts: bytes | bytearray | memoryview) -> int: ...
 
 
-class Layers:
-    def get(self, key: bytes, /) -> bytes | None: ...
-    def set(
-        self,
-        active: dict[bytes, bytes | None],
-        frozen: dict[bytes, bytes | None] | None,
-        find: Callable[[bytes], bytes | None] | None,
-        /,
-    ) -> None: ...
-
 class LogTail:
     _fd: int
     _fsync: bool

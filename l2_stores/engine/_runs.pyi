@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from mmap import mmap
 from typing import Any, Final, Generic, TypeVar
 
@@ -42,6 +43,19 @@ class RunReader(Generic[_Removed]):
     def check_pages(self, start: int, end: int, /) -> None: ...
     def page_checked(self, page: int, /) -> bool: ...
     def release(self) -> None: ...
+
+class Layers:
+    """The index's read path: the active log's dict, the frozen one's, then the runs."""
+
+    def get(self, key: bytes, /) -> bytes | None: ...
+    def set(
+        self,
+        active: dict[bytes, bytes | None],
+        frozen: dict[bytes, bytes | None] | None,
+        readers: tuple[RunReader[Any], ...] | None,
+        find: Callable[[bytes], bytes | None] | None,
+        /,
+    ) -> None: ...
 
 def find_first(
     readers: tuple[RunReader[_Removed], ...], key: bytes, /

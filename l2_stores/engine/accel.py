@@ -1,7 +1,8 @@
 """The optional C accelerator: checksums, the read path, the common put, caches, codecs.
 
 ``_accel`` is built from ``_accel.c`` when the package is installed with a C
-compiler at hand, and ``_runs`` (the run reader and writer) from ``runs_c/``. Without
+compiler at hand, and ``_runs`` (the run reader and writer, and the index's
+read path over its logs and runs) from ``csrc/``. Without
 one, or with ``L2_STORES_PURE_PYTHON=1`` in the environment, every path is
 pure Python. Both paths read the same bytes and check the same checksums;
 the tests run both.
@@ -41,7 +42,6 @@ if _module is not None:
         LOG_FORMAT,
         ContainerDecoder,
         IndexedAppend,
-        Layers,
         LogTail,
         LruCache,
         ValuesTail,
@@ -55,8 +55,6 @@ if _module is not None:
         write_framed,
     )
 
-    #: The index's read path in one C call (active dict, frozen dict, then the runs).
-    AcceleratedLayers: type[Layers] | None = Layers
     #: The index's common put in one C call (see ``Writer`` in ``_accel.c``).
     AcceleratedWriter: type[Writer] | None = Writer
     #: The base of ``LogWriter``: its tail state in C, where the C put appends.
@@ -92,7 +90,7 @@ if _module is not None:
         value_of_record
     )
 else:
-    AcceleratedLayers = AcceleratedWriter = None
+    AcceleratedWriter = None
     AcceleratedLruCache = AcceleratedContainerDecoder = AcceleratedIndexedAppend = None
     accelerated_framed = accelerated_crc32 = accelerated_mappable = None
 
@@ -127,9 +125,12 @@ def _load_runs() -> ModuleType | None:
 _runs_module = _load_runs()
 if _runs_module is not None:
     from ._runs import FORMAT as _RUNS_FORMAT
-    from ._runs import RunBuilder, RunCorrupt, RunReader, find_first
+    from ._runs import Layers, RunBuilder, RunCorrupt, RunReader, find_first
 
-    #: The C run reader (``runs_c/``), or None when running pure Python.
+    #: The index's read path in one C call (active dict, frozen dict, then the runs).
+    AcceleratedLayers: type[Layers] | None = Layers
+
+    #: The C run reader (``csrc/``), or None when running pure Python.
     AcceleratedRunReader: type[RunReader[Any]] | None = RunReader
     #: The C run writer's byte work and the C merge of runs (``RunWriter`` uses it).
     AcceleratedRunBuilder: type[RunBuilder] | None = RunBuilder
@@ -141,6 +142,7 @@ if _runs_module is not None:
     runs_format: Mapping[str, int] | None = _RUNS_FORMAT
 else:
     AcceleratedRunReader = AcceleratedRunBuilder = accelerated_find_first = runs_format = None
+    AcceleratedLayers = None
 
     class RunCorrupt(Exception):  # type: ignore[no-redef]
         """Never raised without the C run reader."""

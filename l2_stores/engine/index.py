@@ -265,7 +265,9 @@ class Index:
         the log, the dicts, the runs, ``_merging`` or ``_touched``)."""
         if self._layers is not None:
             stack = self._stack
-            self._layers.set(self._active, self._frozen, stack.find if stack.runs else None)
+            self._layers.set(
+                self._active, self._frozen, stack.readers, stack.find if stack.runs else None
+            )
         if self._writer is not None:
             self._writer.set(self._log, self._active, self._merging, self._touched is not None)
 

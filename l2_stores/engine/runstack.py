@@ -155,17 +155,18 @@ class RunStack:
         self.runs: tuple[Source, ...] = tuple(runs)
         self._newest_first = self.runs[::-1]
         readers = [run.reader for run in self._newest_first]
-        #: The runs' C readers, newest first, when every run has one.
-        self._readers: tuple[Any, ...] | None = None
+        #: The runs' C readers, newest first, when every run has one (the C read path
+        #: of the index searches them itself).
+        self.readers: tuple[Any, ...] | None = None
         if accelerated_find_first is not None and readers and None not in readers:
-            self._readers = tuple(readers)
+            self.readers = tuple(readers)
 
     def find(self, key: bytes) -> bytes | None:
         """The value the newest run that knows ``key`` holds, or None."""
-        if self._readers is not None:
+        if self.readers is not None:
             assert accelerated_find_first is not None
             try:
-                found = accelerated_find_first(self._readers, key)
+                found = accelerated_find_first(self.readers, key)
             except RunCorrupt:  # each run again: Python's handling of damage
                 return self._find_in_each(key)
             return None if found is REMOVED else found

@@ -7,6 +7,7 @@
 
 #include "crc32.h"
 #include "format.h"
+#include "layers.h"
 #include "run_lookup.h"
 #include "run_writer.h"
 
@@ -52,7 +53,8 @@ PyMODINIT_FUNC
 PyInit__runs(void)
 {
     crc32_init();
-    if (PyType_Ready(&RunReaderType) < 0 || PyType_Ready(&RunBuilderType) < 0)
+    if (PyType_Ready(&RunReaderType) < 0 || PyType_Ready(&RunBuilderType) < 0 ||
+        PyType_Ready(&LayersType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&runs_module);
     if (module == NULL)
@@ -74,7 +76,8 @@ PyInit__runs(void)
     }
     if (PyModule_AddObjectRef(module, "RunCorrupt", RunCorrupt) < 0 ||
         PyModule_AddObjectRef(module, "RunReader", (PyObject *)&RunReaderType) < 0 ||
-        PyModule_AddObjectRef(module, "RunBuilder", (PyObject *)&RunBuilderType) < 0)
+        PyModule_AddObjectRef(module, "RunBuilder", (PyObject *)&RunBuilderType) < 0 ||
+        PyModule_AddObjectRef(module, "Layers", (PyObject *)&LayersType) < 0)
         goto error;
     return module;
 error:

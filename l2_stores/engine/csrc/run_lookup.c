@@ -736,32 +736,28 @@ const char runs_find_first_doc[] =
     "and every reader's filter block is prefetched before the first probe. A RunCorrupt\n"
     "it raises has an index attribute: the reader's place in the tuple.";
 
-PyObject *
-runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+int
+readers_check(PyObject *readers, const char *who)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "find_first(readers, key, /)");
-        return NULL;
-    }
-    PyObject *readers = args[0];
     if (!PyTuple_Check(readers)) {
-        PyErr_SetString(PyExc_TypeError, "find_first: readers must be a tuple of RunReader");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s: readers must be a tuple of RunReader", who);
+        return -1;
     }
-    const unsigned char *key;
-    Py_ssize_t length;
-    if (key_bytes(args[1], &key, &length) < 0)
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(readers);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyTuple_GET_ITEM(readers, i);
-        if (!PyObject_TypeCheck(item, &RunReaderType)) {
-            PyErr_SetString(PyExc_TypeError, "find_first: readers must be a tuple of RunReader");
-            return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(readers); i++)
+        if (!PyObject_TypeCheck(PyTuple_GET_ITEM(readers, i), &RunReaderType)) {
+            PyErr_Format(PyExc_TypeError, "%s: readers must be a tuple of RunReader", who);
+            return -1;
         }
-        if (!usable((RunReader *)item))
+    return 0;
+}
+
+PyObject *
+first_answer(PyObject *readers, const unsigned char *key, Py_ssize_t length)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(readers);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!usable((RunReader *)PyTuple_GET_ITEM(readers, i)))
             return NULL;
-    }
     filter_probes probes = filter_probes_of(crc32_of(key, length));
     for (Py_ssize_t i = 0; i < n; i++) {
         RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
@@ -781,4 +777,18 @@ runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         Py_DECREF(found);
     }
     Py_RETURN_NONE;
+}
+
+PyObject *
+runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "find_first(readers, key, /)");
+        return NULL;
+    }
+    const unsigned char *key;
+    Py_ssize_t length;
+    if (readers_check(args[0], "find_first") < 0 || key_bytes(args[1], &key, &length) < 0)
+        return NULL;
+    return first_answer(args[0], key, length);
 }

@@ -35,6 +35,15 @@ RUNS_INTERNAL extern PyTypeObject RunReaderType;
 /* _runs.RunCorrupt(what, offset), created by the module's init. */
 RUNS_INTERNAL extern PyObject *RunCorrupt;
 
+/* 0 when readers is a tuple of RunReader; else -1 with TypeError (who: the caller). */
+RUNS_INTERNAL int readers_check(PyObject *readers, const char *who);
+
+/* find_first over readers that passed readers_check: a new reference to the
+   first answer other than None (a value, or a reader's removed object), to
+   None, or NULL with an error (RunCorrupt naming the reader). */
+RUNS_INTERNAL PyObject *first_answer(PyObject *readers, const unsigned char *key,
+                                     Py_ssize_t length);
+
 /* _runs.find_first(readers, key). */
 RUNS_INTERNAL PyObject *runs_find_first(PyObject *module, PyObject *const *args,
                                         Py_ssize_t nargs);
