@@ -5,11 +5,9 @@
 
 PYTHON ?= python3
 VENV := .venv
-# (the engine's C files: csrc/, every .c and .h, as setup.py lists them)
-RUNS_C := $(addprefix l2_stores/engine/csrc/,crc32.c module.c run_lookup.c run_writer.c filter.c \
-	layers.c crc32.h format.h filter.h run_lookup.h run_writer.h layers.h)
-BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/engine/_accel.c l2_stores/_idle_core.c \
-	$(RUNS_C)
+# (the engine's C files, every .c and .h of csrc/, which setup.py lists)
+ENGINE_C := $(sort $(wildcard l2_stores/engine/csrc/*.c l2_stores/engine/csrc/*.h))
+BUILD_INPUTS := setup.cfg pyproject.toml setup.py l2_stores/_idle_core.c $(ENGINE_C)
 STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint doc bench clean

@@ -11,6 +11,19 @@ COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 # the run reader and writer, and the index's read path.
 CSRC = "l2_stores/engine/csrc/"
 CRC_SOURCES = [CSRC + "crc32.c"]
+ACCEL_SOURCES = [
+    CSRC + name
+    for name in (
+        "accel_module.c",
+        "framing.c",
+        "log_writer.c",
+        "values_tail.c",
+        "lru_cache.c",
+        "container_decoder.c",
+        "files.c",
+    )
+]
+ACCEL_HEADERS = [CSRC + name for name in ("accel.h", "crc32.h", "format.h")]
 RUNS_SOURCES = [
     CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c", "layers.c")
 ]
@@ -23,8 +36,8 @@ setup(
     ext_modules=[
         Extension(
             "l2_stores.engine._accel",
-            ["l2_stores/engine/_accel.c", *CRC_SOURCES],
-            depends=[CSRC + "crc32.h"],
+            [*ACCEL_SOURCES, *CRC_SOURCES],
+            depends=ACCEL_HEADERS,
             optional=True,
             extra_compile_args=COMPILE_ARGS,
         ),

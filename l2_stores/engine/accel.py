@@ -1,11 +1,13 @@
 """The optional C accelerator: checksums, the read path, the common put, caches, codecs.
 
-``_accel`` is built from ``_accel.c`` when the package is installed with a C
-compiler at hand, and ``_runs`` (the run reader and writer, and the index's
-read path over its logs and runs) from ``csrc/``. Without
-one, or with ``L2_STORES_PURE_PYTHON=1`` in the environment, every path is
-pure Python. Both paths read the same bytes and check the same checksums;
-the tests run both.
+Two extensions are built from ``csrc/`` when the package is installed with a
+C compiler at hand: ``_accel`` (framing, the logs' and values files' tails,
+the index's put, the log's replay, the indexed files' cache and appends) and
+``_runs`` (the run reader and writer, and the index's read path over its
+logs and runs). Without them, or with ``L2_STORES_PURE_PYTHON=1`` in the
+environment, every path is pure Python. Both paths read the same bytes and
+check the same checksums; the tests run both. This module is the one place
+that chooses.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ if _module is not None:
         write_framed,
     )
 
-    #: The index's common put in one C call (see ``Writer`` in ``_accel.c``).
+    #: The index's common put in one C call (see ``Writer`` in ``csrc/log_writer.c``).
     AcceleratedWriter: type[Writer] | None = Writer
     #: The base of ``LogWriter``: its tail state in C, where the C put appends.
     LogTailBase: type = LogTail

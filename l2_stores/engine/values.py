@@ -75,7 +75,7 @@ assert POINTER.size == 16
 GC_COPY = 1
 
 #: How far past its end a writer reserves a values file's blocks (when the
-#: file system can: see ``reserve`` in ``_accel.c``); an append into
+#: file system can: see ``reserve`` in ``csrc/files.c``); an append into
 #: reserved blocks skips the file system's block allocation.
 RESERVE_STEP = 1 << 20
 

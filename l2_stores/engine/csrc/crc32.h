@@ -16,10 +16,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifndef L2_INTERNAL
 #if defined(__GNUC__)
 #define L2_INTERNAL __attribute__((visibility("hidden")))
 #else
 #define L2_INTERNAL
+#endif
 #endif
 
 /* Build the tables and look for carry-less multiplication; call once from

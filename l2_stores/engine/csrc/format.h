@@ -1,10 +1,23 @@
-/* The run format's constants, as the C run reader reads them (see run.py and
-   filter.py for the layout). The module exposes them as _runs.FORMAT, and
-   run.py and filter.py check at import that they equal their own: a reader
-   built from other constants is refused, never used. */
+/* The engine's format constants, as the C reads and writes them: framing.py
+   and log.py's (the _accel extension exposes the log's as _accel.LOG_FORMAT,
+   which log.py checks at import), run.py's and filter.py's (the _runs
+   extension exposes them as _runs.FORMAT, which run.py and filter.py check
+   at import): an extension built from other constants is refused, never
+   used. */
 
 #ifndef L2_RUNS_FORMAT_H
 #define L2_RUNS_FORMAT_H
+
+/* framing.py */
+#define CRC_RESIDUE 0x2144DF1CU /* crc32 of data followed by its crc32 (little-endian) */
+
+/* log.py: a record's op byte (bit 7: the SYNCED flag) */
+#define LOG_OP_SET 1
+#define LOG_OP_REMOVE 2
+#define LOG_OP_MARK 3
+#define LOG_OP_SEAL 4
+#define LOG_SYNCED 0x80
+#define LOG_OP_MASK 0x7F
 
 /* run.py */
 #define RUN_MAGIC 0x00004E555253324CULL /* b"L2SRUN\0\0", little-endian */
@@ -13,7 +26,7 @@
 #define RUN_FILTER_OFFSET 128           /* the filter follows both headers */
 #define RUN_PAGE 4096                   /* the index region's checksummed pages */
 #define RUN_CRC_SIZE 4
-#define RUN_CRC_RESIDUE 0x2144DF1CU     /* zlib crc32 of data and its crc32 */
+#define RUN_CRC_RESIDUE CRC_RESIDUE      /* a row: its data and its crc32 */
 #define RUN_REMOVAL_MASK 0xFFFFFFFFU    /* a removal row's crc32 is inverted */
 #define RUN_REMOVAL_RESIDUE 0xFFFFFFFFU /* zlib crc32 of data and its inverted crc32 */
 #define RUN_RADIX_ENTRY 4
@@ -53,11 +66,14 @@
 #error "a block's probes must fit one 64-bit mix and address every bit of a block"
 #endif
 
-/* Symbols shared between the extension's files, not exported from it. */
+/* Symbols shared between an extension's files, not exported from it. */
+#ifndef L2_INTERNAL
 #if defined(__GNUC__)
-#define RUNS_INTERNAL __attribute__((visibility("hidden")))
+#define L2_INTERNAL __attribute__((visibility("hidden")))
 #else
-#define RUNS_INTERNAL
+#define L2_INTERNAL
 #endif
+#endif
+#define RUNS_INTERNAL L2_INTERNAL
 
 #endif
