@@ -7,10 +7,10 @@ its pure-Python paths (see l2_stores/engine/accel.py).
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
-# The engine's C files (l2_stores/engine/csrc): the CRC-32 both extensions share, and
-# the run reader and writer, and the index's read path.
+# The engine's C files (l2_stores/engine/csrc): what both extensions share (the CRC-32,
+# writing through a map), then each extension's own.
 CSRC = "l2_stores/engine/csrc/"
-CRC_SOURCES = [CSRC + "crc32.c"]
+SHARED_SOURCES = [CSRC + "crc32.c", CSRC + "mapping.c"]
 ACCEL_SOURCES = [
     CSRC + name
     for name in (
@@ -23,20 +23,28 @@ ACCEL_SOURCES = [
         "files.c",
     )
 ]
-ACCEL_HEADERS = [CSRC + name for name in ("accel.h", "crc32.h", "format.h")]
+ACCEL_HEADERS = [CSRC + name for name in ("accel.h", "crc32.h", "format.h", "mapping.h")]
 RUNS_SOURCES = [
     CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c", "layers.c")
 ]
 RUNS_HEADERS = [
     CSRC + name
-    for name in ("crc32.h", "format.h", "filter.h", "run_lookup.h", "run_writer.h", "layers.h")
+    for name in (
+        "crc32.h",
+        "format.h",
+        "filter.h",
+        "run_lookup.h",
+        "run_writer.h",
+        "layers.h",
+        "mapping.h",
+    )
 ]
 
 setup(
     ext_modules=[
         Extension(
             "l2_stores.engine._accel",
-            [*ACCEL_SOURCES, *CRC_SOURCES],
+            [*ACCEL_SOURCES, *SHARED_SOURCES],
             depends=ACCEL_HEADERS,
             optional=True,
             extra_compile_args=COMPILE_ARGS,
@@ -49,7 +57,7 @@ setup(
         ),
         Extension(
             "l2_stores.engine._runs",
-            [*RUNS_SOURCES, *CRC_SOURCES],
+            [*RUNS_SOURCES, *SHARED_SOURCES],
             depends=RUNS_HEADERS,
             optional=True,
             extra_compile_args=COMPILE_ARGS,

@@ -423,3 +423,71 @@ def test_write_run_and_merge_runs_agree_on_the_count(tmp_path: Path) -> None:
     finally:
         run.close()
     assert (tmp_path / "c").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+@pytest.mark.parametrize("through_a_map", [True, False])
+def test_index_sections_written_through_a_map_are_the_same_bytes(
+    tmp_path: Path, through_a_map: bool
+) -> None:
+    """Large index sections are written through a shared map of the file (not kept in
+    private memory), rows added and merged alike: the same file as the Python writer's."""
+    rng = random.Random(8)
+    expected = Expected("t", 16, 8)
+    rows = model_rows(rng, 5000, 16, 8)
+    threshold = 0 if through_a_map else 1 << 40
+    paths = []
+    for name, accelerated in (("python", False), ("c", True)):
+        path = tmp_path / name
+        writer = RunWriter(
+            str(path),
+            expected,
+            2,
+            9,
+            len(rows) + 100,
+            tag=5,
+            accelerated=accelerated,
+            map_index_from=threshold,
+        )
+        assert writer.mapped == (accelerated and through_a_map)
+        writer.add_rows(rows)
+        writer.finish(fsync=False)
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    # a merge into a mapped writer: the bytes of write_run of the merged rows
+    halves = [dict(rows[::2]), dict(rows[1::2])]
+    inputs = []
+    for number, half in enumerate(halves):
+        path = tmp_path / f"half{number}"
+        writer = RunWriter(str(path), expected, number, number, len(half), accelerated=False)
+        writer.add_rows(sorted(half.items()))
+        writer.finish(fsync=False)
+        inputs.append(Run(str(path), expected))
+    try:
+        merged = RunWriter(
+            str(tmp_path / "merged"),
+            expected,
+            2,
+            9,
+            len(rows) + 100,
+            tag=5,
+            map_index_from=threshold,
+        )
+        assert merged.mapped == through_a_map
+        readers = tuple(run.reader for run in inputs)
+        assert None not in readers
+        assert merged.merge(readers, drop_removals=False)  # type: ignore[arg-type]
+        merged.finish(fsync=False)
+    finally:
+        for run in inputs:
+            run.close()
+    assert (tmp_path / "merged").read_bytes() == paths[0].read_bytes()
+
+
+def test_a_mapped_writer_aborted_leaves_no_file(tmp_path: Path) -> None:
+    expected = Expected("t", 16, 8)
+    path = tmp_path / "run"
+    writer = RunWriter(str(path), expected, 0, 0, 100_000, map_index_from=0)
+    assert writer.mapped
+    writer.add_rows(model_rows(random.Random(1), 1000, 16, 8))
+    writer.abort()
+    assert not path.exists()

@@ -77,9 +77,13 @@ class RunBuilder:
         fence_offset: int,
         radix_offset: int,
         rows_offset: int,
+        map_index_from: int = ...,
     ) -> None: ...
     @property
     def count(self) -> int: ...
+    @property
+    def mapped(self) -> bool:
+        """Whether the index sections are written through a map of the file."""
     def add(self, rows: list[tuple[bytes, bytes | object]], /) -> None: ...
     def add_bindings(self, bindings: dict[bytes, bytes | None], drop_removals: bool, /) -> None: ...
     def merge(

@@ -565,7 +565,15 @@ class RunWriter:
         tag: int = 0,
         *,
         accelerated: bool = True,
+        map_index_from: int | None = None,
     ) -> None:
+        """A writer of the run ``lo``..``hi`` at ``path`` (created; it must not exist).
+
+        With the C builder, index sections (filter, fences, radix) of at least
+        ``map_index_from`` bytes (None: the builder's default, 1 MiB) are written
+        through a shared mapping of the file where that is safe, not kept in
+        private memory.
+        """
         if not 0 <= lo <= hi:
             raise ValueError(f"run generations {lo}..{hi}")
         self.path = path
@@ -592,6 +600,7 @@ class RunWriter:
                     g.fence,
                     g.radix,
                     g.rows,
+                    *(() if map_index_from is None else (map_index_from,)),
                 )
             else:
                 os.ftruncate(self._fd, g.rows)
@@ -606,6 +615,11 @@ class RunWriter:
         self._first = b""
         self._pending = bytearray()
         self._written = g.rows
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the C builder writes the index sections through a map of the file."""
+        return self._builder is not None and self._builder.mapped
 
     @property
     def accelerated(self) -> bool:

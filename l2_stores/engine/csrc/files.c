@@ -9,11 +9,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/vfs.h>
-#endif
 
 #include "accel.h"
+#include "mapping.h"
 
 /* mappable(fd) -> bool: whether the file system of ``fd`` is one where a
    log may be written through a shared mapping: one that allocates the
@@ -26,25 +24,13 @@ accel_mappable(PyObject *Py_UNUSED(module), PyObject *arg)
     int fd = PyObject_AsFileDescriptor(arg);
     if (fd < 0)
         return NULL;
-#ifdef __linux__
-    struct statfs info;
-    int failed;
+    int safe;
     Py_BEGIN_ALLOW_THREADS
-    failed = fstatfs(fd, &info);
+    safe = mapping_safe(fd);
     Py_END_ALLOW_THREADS
-    if (failed)
+    if (safe < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    switch ((unsigned long)info.f_type) {
-    case 0xEF53UL:     /* ext2, ext3, ext4 */
-    case 0x58465342UL: /* XFS */
-    case 0x01021994UL: /* tmpfs */
-        Py_RETURN_TRUE;
-    default:
-        Py_RETURN_FALSE;
-    }
-#else
-    Py_RETURN_FALSE;
-#endif
+    return PyBool_FromLong(safe);
 }
 
 /* reserve(fd, offset, length) -> bool | None: allocate the file's blocks

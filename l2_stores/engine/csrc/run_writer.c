@@ -13,11 +13,16 @@
      radix        from the fences, as RunWriter.finish computes it
      page crcs    crc32 of each 4 KiB page of filter .. rows
 
-   The filter, fences and radix are built in memory (calloc'd, the size of
-   the index sections: about 10 bits a row of capacity) and written at
-   finish; RunWriter then writes the two headers from what finish returns
-   (count, removals, prefix, shift, base). Nothing is written through a map,
-   so a full disk is an OSError, not a SIGBUS.
+   The filter, fences and radix (about 10 bits and a key's bytes every P
+   rows of capacity) are built in memory and written at finish; RunWriter
+   then writes the two headers from what finish returns (count, removals,
+   prefix, shift, base). Small ones are calloc'd; from MAP_INDEX_FROM bytes
+   on (a merge into a run of a million rows and more: 225 MB at 100M rows,
+   which must not be private memory) they are the file's own bytes,
+   allocated on disk first and written through a shared mapping, where
+   mapping.c says that is safe (the blocks allocated, a full disk cannot
+   raise SIGBUS); elsewhere, or when the allocation fails, calloc'd too.
+   Rows are always written, so a full disk there is an OSError.
 
    Rows come from Python (add: a list of (key, value | removed), GIL held
    but for the writes of full chunks, checked as RunWriter.add checks them) or from a merge of runs' readers
@@ -40,11 +45,14 @@
 
 #include "crc32.h"
 #include "filter.h"
+#include "mapping.h"
 #include "format.h"
 #include "run_lookup.h"
 #include "run_writer.h"
 
 #define WRITE_CHUNK (1 << 20) /* run.py's WRITE_CHUNK: rows written in chunks this big */
+#define MAP_INDEX_FROM (1 << 20) /* index sections this big are written through a map
+                                    (by default: RunBuilder's map_index_from) */
 #define CANCEL_CHECK 256      /* rows between two looks at the cancel flag */
 
 static const char ROW_MISMATCH[] = "run row checksum mismatch";
@@ -59,6 +67,7 @@ typedef struct {
     Py_ssize_t fence_at, radix_at, rows_at; /* offsets in the file */
     unsigned char *index;                   /* the file's bytes FILTER_OFFSET .. rows_at */
     Py_ssize_t index_size;
+    unsigned char *map; /* the file's bytes 0 .. rows_at, mapped, when index lies there */
     unsigned char *pending; /* rows not written yet */
     Py_ssize_t pending_length, pending_capacity;
     Py_ssize_t written; /* the file offset of pending's first byte */
@@ -661,9 +670,11 @@ finish_bytes(RunBuilder *self, radix_fields *fields)
         fields->shift = shift;
         fields->base = base;
     }
-    error = pwrite_all(self->fd, self->index, self->index_size, RUN_FILTER_OFFSET);
-    if (error)
-        return error;
+    if (self->map == NULL) { /* (mapped: the bytes are the file's already) */
+        error = pwrite_all(self->fd, self->index, self->index_size, RUN_FILTER_OFFSET);
+        if (error)
+            return error;
+    }
     Py_ssize_t pages = (self->index_size + RUN_PAGE - 1) / RUN_PAGE;
     unsigned char *crcs = PyMem_RawMalloc((size_t)pages * RUN_CRC_SIZE + 1);
     if (crcs == NULL)
@@ -705,7 +716,11 @@ builder_finish(RunBuilder *self, PyObject *Py_UNUSED(ignored))
 static void
 builder_free_state(RunBuilder *self)
 {
-    PyMem_RawFree(self->index);
+    if (self->map != NULL)
+        mapping_release(self->map, (size_t)self->rows_at);
+    else
+        PyMem_RawFree(self->index);
+    self->map = NULL;
     PyMem_RawFree(self->pending);
     PyMem_RawFree(self->first);
     PyMem_RawFree(self->last);
@@ -751,14 +766,16 @@ builder_init(RunBuilder *self, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"fd",         "removed",      "key_size",   "value_size",
                                "capacity",   "filter_blocks", "fence_rows", "radix_bits",
-                               "fence_offset", "radix_offset", "rows_offset", NULL};
+                               "fence_offset", "radix_offset", "rows_offset", "map_index_from",
+                               NULL};
     int fd;
     PyObject *removed;
     Py_ssize_t key_size, value_size, capacity, blocks, fence_rows, radix_bits;
-    Py_ssize_t fence_at, radix_at, rows_at;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOnnnnnnnnn:RunBuilder", keywords, &fd,
+    Py_ssize_t fence_at, radix_at, rows_at, map_from = MAP_INDEX_FROM;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOnnnnnnnnn|n:RunBuilder", keywords, &fd,
                                      &removed, &key_size, &value_size, &capacity, &blocks,
-                                     &fence_rows, &radix_bits, &fence_at, &radix_at, &rows_at))
+                                     &fence_rows, &radix_bits, &fence_at, &radix_at, &rows_at,
+                                     &map_from))
         return -1;
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "RunBuilder is in use by another thread");
@@ -796,7 +813,18 @@ builder_init(RunBuilder *self, PyObject *args, PyObject *kwds)
     self->written = rows_at;
     self->count = self->removals = 0;
     self->finished = 0;
-    self->index = PyMem_RawCalloc((size_t)self->index_size, 1);
+    if (self->index_size >= map_from) {
+        unsigned char *map;
+        Py_BEGIN_ALLOW_THREADS
+        map = mapping_allocate(fd, RUN_FILTER_OFFSET, (size_t)self->index_size);
+        Py_END_ALLOW_THREADS
+        if (map != NULL) {
+            self->map = map;
+            self->index = map + RUN_FILTER_OFFSET;
+        }
+    }
+    if (self->index == NULL)
+        self->index = PyMem_RawCalloc((size_t)self->index_size, 1);
     self->pending = PyMem_RawMalloc((size_t)self->pending_capacity);
     self->first = PyMem_RawMalloc((size_t)key_size);
     self->last = PyMem_RawMalloc((size_t)key_size);
@@ -816,8 +844,16 @@ builder_count(RunBuilder *self, void *Py_UNUSED(closure))
     return PyLong_FromSsize_t(self->count);
 }
 
+static PyObject *
+builder_mapped(RunBuilder *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->map != NULL);
+}
+
 static PyGetSetDef builder_getset[] = {
     {"count", (getter)builder_count, NULL, "Rows added so far.", NULL},
+    {"mapped", (getter)builder_mapped, NULL,
+     "Whether the index sections are written through a map of the file.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
