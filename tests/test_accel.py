@@ -535,11 +535,12 @@ def test_c_writer_goes_with_its_index(tmp_path: Path) -> None:
     assert tail._fd == -1 and tail.records == 0
 
 
-def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
+def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_pace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As the Python put: past the buffer while a merge runs, the C put appends; at the
-    cap it hands over to Python, which waits for the merge."""
+    """As the Python put: past the buffer while a merge runs, the C put appends; from the
+    pace threshold it hands over to Python, which paces writers and, at the cap, waits
+    for the merge."""
     import threading
 
     from l2_stores.engine.index import Index
@@ -565,14 +566,15 @@ def test_c_put_goes_past_the_buffer_while_a_merge_runs_up_to_the_cap(
         for key in keys[:4]:  # the fourth fills the buffer, in Python: a held merge
             index.put(key, key, True)
         assert handed == [keys[3]]
-        for key in keys[4:16]:  # the new log to its cap, past the buffer: all in C
+        for key in keys[4:16]:  # the new log past the buffer: in C up to the pace (11)
             index.put(key, key, True)
-        assert handed == [keys[3]] and index._log is not None and index._log.records == 12
+        assert handed == [keys[3], keys[14], keys[15]]  # from the pace on: Python, pacing
+        assert index.pacing and index._log is not None and index._log.records == 12
         releaser = threading.Timer(0.2, release.set)
         releaser.start()
         index.put(keys[16], keys[16], True)  # at the cap: Python, which waits for the merge
         releaser.join()
-        assert handed == [keys[3], keys[16]]
+        assert handed == [keys[3], keys[14], keys[15], keys[16]]
         for key in keys:
             assert index.get(key) == key
     finally:

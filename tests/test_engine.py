@@ -574,7 +574,7 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
         assert not index.pacing
         for i in range(4):  # the fourth put freezes the log and starts the (held) merge
             index.put(key(i), value(i), flush=True)
-        assert index.pacing
+        assert not index.pacing  # the new log is far from its cap: no store need call reserve
         waits: list[float | None] = []
         real_wait = index._merge_ready.wait
 
@@ -586,6 +586,7 @@ def test_writers_are_paced_near_the_log_cap_and_wait_at_it(
         for i in range(4, 15):  # the new log from 0 to 11 records: below the pace, no wait
             index.reserve()
             index.put(key(i), value(i), flush=True)
+            assert index.pacing == (i == 14)  # from 11 records on, stores call reserve
         assert waits == []
         index.reserve()  # 11 records: one short wait for the merge, which is still held
         assert waits == [index_module.PACE_SECONDS]

@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -491,3 +492,72 @@ def test_a_mapped_writer_aborted_leaves_no_file(tmp_path: Path) -> None:
     writer.add_rows(model_rows(random.Random(1), 1000, 16, 8))
     writer.abort()
     assert not path.exists()
+
+
+FULL_DISK_CHILD = """
+import sys
+from l2_stores.engine.framing import Expected
+from l2_stores.engine.run import RunWriter
+path, accelerated, map_from = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+try:
+    writer = RunWriter(path, Expected("full", 16, 16), 0, 0, 200_000,
+                       accelerated=accelerated, map_index_from=map_from)
+    writer.add_rows([(i.to_bytes(16, "big"), bytes(16)) for i in range(200_000)])
+    writer.finish(fsync=False)
+except OSError as error:
+    print("OSError", error.errno)
+else:
+    print("written")
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (root only): a disk that fills up."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("accelerated", "map_from"),
+    [(False, 0), (True, 0), (True, 1 << 40)],
+    ids=["python", "c-map", "c"],
+)
+def test_a_full_disk_is_an_oserror_never_a_sigbus(
+    small_disk: Path, accelerated: bool, map_from: int
+) -> None:
+    """A run bigger than the disk: its writer raises ENOSPC (a writer that stored into a
+    map of unallocated blocks would die of SIGBUS instead)."""
+    import errno
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FULL_DISK_CHILD,
+            str(small_disk / "run"),
+            str(int(accelerated)),
+            str(map_from),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split() == ["OSError", str(errno.ENOSPC)]

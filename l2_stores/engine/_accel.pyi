@@ -52,7 +52,7 @@ class Writer:
         self,
         put_in_python: Callable[[], Callable[[bytes, bytes, bool], None] | None],
         buffer_size: int,
-        log_cap: int,
+        pace_from: int,
         key_size: int,
         value_size: int,
     ) -> None: ...

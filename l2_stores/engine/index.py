@@ -177,8 +177,10 @@ class Index:
         #: Nonzero once closed: the run merges poll it (in C, without the GIL).
         self._cancel_merges = bytearray(1)
         # merge state
-        #: Whether a merge runs (on a thread of its own); ``pacing`` mirrors it
-        #: for the stores, so that ``reserve`` is only called when it may wait.
+        #: Whether a merge runs (on a thread of its own). ``pacing`` tells the
+        #: stores when ``reserve`` may wait: a merge runs and the active log
+        #: holds ``_pace_from`` records or more (set by the Python put, which
+        #: takes every put from there on; cleared by the switch).
         self._merging = False
         self.pacing = False
         self._merge_ready = threading.Event()
@@ -211,7 +213,7 @@ class Index:
             self._writer = AcceleratedWriter(
                 weakref.WeakMethod(self._put_in_python),
                 buffer_size,
-                self._log_cap,
+                self._pace_from,
                 expected.key_size,
                 expected.value_size,
             )
@@ -343,7 +345,10 @@ class Index:
         return log
 
     def _after_append(self, log: LogWriter) -> None:
-        """Start a merge if the log is full; the write itself is done, so errors only log."""
+        """Start a merge if the log is full, or pace writers if one runs and the log is
+        near its cap; the write itself is done, so errors only log."""
+        if self._merging and log.records >= self._pace_from:
+            self.pacing = True
         if log.records >= self._buffer_size and not self._merging and self._frozen is None:
             try:
                 self._freeze_and_merge()
@@ -401,7 +406,7 @@ class Index:
         # otherwise keep the frozen dict alive until the thread ends.
         args = (self._merge_ticket, [self._stack, self._frozen], self._log.generation, gc)
         self._merging = True
-        self.pacing = True
+        self.pacing = self._log.records >= self._pace_from
         self._merge_gc = gc
         self._hand_over()
         try:

@@ -603,7 +603,9 @@ class RunWriter:
                     *(() if map_index_from is None else (map_index_from,)),
                 )
             else:
-                os.ftruncate(self._fd, g.rows)
+                # allocated, not a hole: a store into the map must not meet a full disk
+                # (SIGBUS); posix_fallocate writes zeros where it cannot allocate
+                os.posix_fallocate(self._fd, 0, g.rows)
                 self._map = mmap.mmap(self._fd, g.rows)
                 self._view = memoryview(self._map)
         except BaseException:

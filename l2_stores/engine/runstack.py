@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -254,7 +253,9 @@ def write_run(
         while batch := list(itertools.islice(iterator, _CANCEL_CHECK)):
             if cancelled is not None and cancelled():
                 raise Cancelled(path)
-            time.sleep(0)  # a moment for other threads (an event loop's) between batches
+            # (no explicit yield: each batch is one short C call, so the interpreter's
+            # switch interval lets other threads in; a time.sleep(0) here cost up to a
+            # switch interval per batch whenever another thread was busy)
             if drop_removals:
                 batch = [row for row in batch if row[1] is not REMOVED]
             writer.add_rows(batch)

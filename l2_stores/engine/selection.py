@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
+
+from .runstack import sorted_in_steps
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,11 @@ class Selection:
         """The bindings kept, in key order: ``logged`` (the frozen log, removals as None)
         over ``lookup`` (the runs) gives each key's value as it is."""
         rows: list[tuple[bytes, bytes]] = []
-        for count, key in enumerate(sorted(self.retained.keys() | self.touched)):
-            if count % 256 == 255:
-                time.sleep(0)  # a moment for other threads (an event loop's)
+        # Sorted a chunk at a time, and no explicit yield: Python's switch interval
+        # lets other threads in (a time.sleep(0) every 256 keys cost up to a switch
+        # interval each whenever another thread was busy: 5 s for a 1M-key GC's
+        # 100K kept keys beside a reader, against 1 s alone).
+        for key in sorted_in_steps(list(self.retained.keys() | self.touched)):
             value = None if key in self.touched else self.retained.get(key)
             if value is None:
                 value = logged[key] if key in logged else lookup(key)

@@ -273,7 +273,10 @@ class Collectable(EngineStore):
     def _gc_commit(self, retained: dict[bytes, bytes], check: Callable[[], None]) -> None:
         """Merge the engine's bindings, keeping ``retained`` and the written keys."""
         check()
-        self._engine.collect(dict.fromkeys(retained))
+        # The entries as the walk read them: a key not written since keeps that
+        # value, so the engine need not look it up again; a written key keeps
+        # its new value whatever this says.
+        self._engine.collect(retained)
 
     def _gc_abandon(self) -> None:
         """Undo what ``_gc_begin`` started (exclusive section)."""

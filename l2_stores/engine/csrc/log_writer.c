@@ -24,7 +24,8 @@
    Writer.put is Index.put for the common add: flushed, no fsync, nothing
    pending, no GC recording keys, bytes of the expected sizes, and room in
    the active log (one that does not fill the buffer; past it, while a
-   merge runs, up to the log cap). It works on the state the
+   merge runs, up to the pace threshold, from which the Python put paces
+   writers). It works on the state the
    index hands it with set() whenever that changes (the active log, its
    dict, whether a merge runs, whether a GC records keys) and reads no
    attribute of the index: it writes the record, binds the key in the
@@ -151,7 +152,7 @@ typedef struct {
     /* the index's Python put, as a weakref.WeakMethod (see below) */
     PyObject *put_in_python;
     Py_ssize_t buffer_size;
-    Py_ssize_t log_cap;
+    Py_ssize_t pace_from;
     Py_ssize_t key_size;
     Py_ssize_t value_size;
 } Writer;
@@ -162,13 +163,13 @@ static int
 writer_init(Writer *self, PyObject *args, PyObject *kwargs)
 {
     PyObject *put_in_python;
-    Py_ssize_t buffer_size, log_cap, key_size, value_size;
-    static char *names[] = {"put_in_python", "buffer_size", "log_cap", "key_size", "value_size",
+    Py_ssize_t buffer_size, pace_from, key_size, value_size;
+    static char *names[] = {"put_in_python", "buffer_size", "pace_from", "key_size", "value_size",
                             NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Onnnn:Writer", names, &put_in_python,
-                                     &buffer_size, &log_cap, &key_size, &value_size))
+                                     &buffer_size, &pace_from, &key_size, &value_size))
         return -1;
-    if (buffer_size < 1 || log_cap < buffer_size || key_size < 0 || value_size < 0) {
+    if (buffer_size < 1 || pace_from < buffer_size || key_size < 0 || value_size < 0) {
         PyErr_SetString(PyExc_ValueError, "Writer: bad buffer, cap, key or value size");
         return -1;
     }
@@ -186,7 +187,7 @@ writer_init(Writer *self, PyObject *args, PyObject *kwargs)
     if (self->active == NULL)
         return -1;
     self->buffer_size = buffer_size;
-    self->log_cap = log_cap;
+    self->pace_from = pace_from;
     self->key_size = key_size;
     self->value_size = value_size;
     return 0;
@@ -257,8 +258,9 @@ writer_put_fast(Writer *self, PyObject *key, PyObject *value)
         PyBytes_GET_SIZE(value) != self->value_size)
         return 0;
     LogTail *tail = (LogTail *)self->log;
-    /* below the buffer, not filling it; or while a merge runs, below the cap */
-    int room = self->merging ? tail->records < self->log_cap
+    /* below the buffer, not filling it; or while a merge runs, not reaching the
+       pace threshold (from there the Python put paces writers) */
+    int room = self->merging ? tail->records + 1 < self->pace_from
                              : tail->records + 1 < self->buffer_size;
     if (!room || tail->fsync || tail->fd < 0 || tail->pending == NULL ||
         !PyByteArray_CheckExact(tail->pending) || PyByteArray_GET_SIZE(tail->pending) != 0)
@@ -351,7 +353,7 @@ PyTypeObject WriterType = {
     .tp_name = "l2_stores.engine._accel.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Writer(put_in_python, buffer_size, log_cap, key_size, value_size): an index's put\n"
+    .tp_doc = "Writer(put_in_python, buffer_size, pace_from, key_size, value_size): an index's put\n"
               "in C, on the state the index hands it with set().",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)writer_init,
