@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -22,16 +21,6 @@ from l2_stores.engine.levels import Span
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore, StoreLockedError
 
 EXPECTED = Expected("unit", key_size=8, value_size=4)
-
-
-def in_a_merge() -> bool:
-    """Whether the caller runs in a merge or in the preparation of its spare log (by frame)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in ("_run_merge", "_prepare_spare"):
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
 
 
 def key(i: int) -> bytes:
@@ -414,10 +403,10 @@ def test_index_freezes_into_the_log_a_merge_prepared(
     index.wait_merge()
     assert layout.scan(directory).temporaries == [layout.log_name(2) + ".tmp"]
 
-    def no_create(*args: object) -> log.LogWriter:
+    def no_create() -> None:
         raise AssertionError("the writer created a log although a spare was ready")
 
-    monkeypatch.setattr(log.LogWriter, "create", no_create)
+    index.hooks.add("create_log", no_create)
     for i in range(10, 20):  # the second freeze renames the spare into place
         index.put(key(i), value(i), flush=True)
     index.wait_merge()
@@ -425,7 +414,6 @@ def test_index_freezes_into_the_log_a_merge_prepared(
     assert log.read_log(os.path.join(directory, layout.log_name(2)), EXPECTED).generation == 2
     index.put(key(20), value(20), flush=True)
     index.close()
-    monkeypatch.undo()
     again = open_index(directory, buffer_size=10)
     assert dict(again.items()) == {key(i): value(i) for i in range(21)}
     again.close()
@@ -436,26 +424,22 @@ def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = os.path.join(tmp_path, "index")
-    created: list[str] = []
-    real_prepare = log.SpareLog.prepare
+    created: list[int] = []
 
-    def failing_in_merges(
-        path: str, generation: int, expected: Expected, ahead: int = 0
-    ) -> log.SpareLog:
-        if in_a_merge():
-            raise OSError("no room for a spare")
-        created.append(path)
-        return real_prepare(path, generation, expected, ahead)
+    def no_room() -> None:
+        raise OSError("no room for a spare")
 
-    monkeypatch.setattr(log.SpareLog, "prepare", failing_in_merges)
     index = open_index(directory, buffer_size=5)
+    index.hooks.add("prepare_spare", no_room)
+    index.hooks.add("create_log", lambda: created.append(index.generation))
     for i in range(30):
         index.put(key(i), value(i), flush=True)
         if i % 5 == 4:
             index.wait_merge()
+    assert layout.scan(directory).temporaries == []  # no spare was ever made
     index.close()
-    # the first log, then one per freeze, each created by the writer itself
-    assert [os.path.basename(path) for path in created] == [layout.log_name(g) for g in range(7)]
+    # one log per freeze, each created by the writer itself (after its run is in)
+    assert len(created) == 6
     again = open_index(directory, buffer_size=5)
     assert dict(again.items()) == {key(i): value(i) for i in range(30)}
     again.close()
@@ -506,18 +490,15 @@ def test_with_fsync_the_writer_syncs_the_directory_of_a_spare_it_installs(
 def test_a_spare_that_cannot_be_prepared_never_stops_the_merge(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_prepare = log.SpareLog.prepare
+    refused: list[int] = []
 
-    def no_memory_in_merges(
-        path: str, generation: int, expected: Expected, ahead: int = 0
-    ) -> log.SpareLog:
-        if in_a_merge():
-            raise MemoryError("no memory for a spare")
-        return real_prepare(path, generation, expected, ahead)
+    def no_memory() -> None:
+        refused.append(1)
+        raise MemoryError("no memory for a spare")
 
-    monkeypatch.setattr(log.SpareLog, "prepare", no_memory_in_merges)
     directory = os.path.join(tmp_path, "index")
     index = open_index(directory, buffer_size=5)
+    index.hooks.add("prepare_spare", no_memory)
     done = threading.Event()
 
     def writer() -> None:
@@ -530,6 +511,8 @@ def test_a_spare_that_cannot_be_prepared_never_stops_the_merge(
     thread.start()
     thread.join(60)
     assert done.is_set(), "a writer hangs on a merge whose thread died"
+    assert refused  # the flushes tried to prepare spares, and failed
+    assert dict(index.items()) == {key(i): value(i) for i in range(30)}
     index.close()
 
 

@@ -14,10 +14,14 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 #: The points, in the order a flush or a run merge reaches them:
+#: ``create_log``: the writer, freezing a log, creates the next one itself (no
+#: spare was prepared); an action that raises fails the freeze;
+#: ``prepare_spare``: a flush's helper thread, before it prepares the next
+#: spare log; an action that raises is a failed preparation;
 #: ``flush_write``: a flush's thread, before it writes the frozen log's run;
 #: ``merge_write``: a run merge's thread, before it writes the merged run;
 #: ``delete``: before superseded files are deleted (outside the exclusive section).
-Point = Literal["flush_write", "merge_write", "delete"]
+Point = Literal["create_log", "prepare_spare", "flush_write", "merge_write", "delete"]
 POINTS: tuple[Point, ...] = get_args(Point)
 
 

@@ -394,6 +394,7 @@ class Index:
             return LogWriter.install(spare, self._expected, self._fsync, False)
         if spare is not None:
             spare.discard()
+        self.hooks.run("create_log")
         path = os.path.join(self.directory, layout.log_name(generation))
         return LogWriter.create(path, generation, self._expected, self._fsync, self._log_ahead)
 
@@ -535,6 +536,7 @@ class Index:
         """
         path = os.path.join(self.directory, layout.log_name(generation))
         try:
+            self.hooks.run("prepare_spare")
             return SpareLog.prepare(path, generation, self._expected, self._log_ahead)
         except Exception:
             logger.exception(
