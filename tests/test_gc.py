@@ -1464,19 +1464,16 @@ def test_gc_merge_failing_after_its_rename_leaves_the_store_as_it_was(
     from l2_stores.engine import index as index_module
 
     path = tmp_path / "store"
-    real_run = index_module.OpenRun
     armed = threading.Event()
 
-    class FailingRun(real_run):  # type: ignore[misc,valid-type]
-        def __init__(self, file: str, expected: Any, span: Any) -> None:
-            if armed.is_set():
-                armed.clear()
-                raise OSError(24, "Too many open files")
-            super().__init__(file, expected, span)
+    def cannot_open() -> None:
+        if armed.is_set():
+            armed.clear()
+            raise OSError(24, "Too many open files")
 
     with load(kind, path, buffer=1000) as store:
         want = build_loose(store, kind, "r", 20)
-        monkeypatch.setattr(index_module, "OpenRun", FailingRun)
+        store._engine.hooks.add("flush_renamed", cannot_open)
         armed.set()
         with pytest.raises(GcFailed) as raised:
             store.gc(Retain([key("r", 0)]), background=False)

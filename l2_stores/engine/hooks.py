@@ -19,9 +19,13 @@ from typing import Literal, get_args
 #: ``prepare_spare``: a flush's helper thread, before it prepares the next
 #: spare log; an action that raises is a failed preparation;
 #: ``flush_write``: a flush's thread, before it writes the frozen log's run;
+#: ``flush_renamed``: a flush's thread (a GC's too), once its run is renamed into
+#: place, before it opens it; an action that raises is a run that cannot be opened;
 #: ``merge_write``: a run merge's thread, before it writes the merged run;
 #: ``delete``: before superseded files are deleted (outside the exclusive section).
-Point = Literal["create_log", "prepare_spare", "flush_write", "merge_write", "delete"]
+Point = Literal[
+    "create_log", "prepare_spare", "flush_write", "flush_renamed", "merge_write", "delete"
+]
 POINTS: tuple[Point, ...] = get_args(Point)
 
 

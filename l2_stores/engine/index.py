@@ -475,6 +475,7 @@ class Index:
             # Before anything it supersedes is deleted (by the switch, or a GC's
             # values files below its floor): if this fails, the merge failed.
             filesystem.fsync_directory(self.directory)
+            self.hooks.run("flush_renamed")
             outcome = OpenRun(final, self._expected, span)
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
