@@ -249,7 +249,9 @@ writer_set(Writer *self, PyObject *const *args, Py_ssize_t nargs)
 /* The common put, or 0 when it is not one (nothing changed, no exception
    set): then the index's Python put decides. The put that fills the buffer
    (which starts a merge) is always Python's, and so is one whose write
-   fails: it writes again, and reports a failure as it does. */
+   fails with an OSError: it writes again, and reports a failure as it
+   does. An exception a signal handler raised during the write (Ctrl-C)
+   goes on as the put's. */
 static int
 writer_put_fast(Writer *self, PyObject *key, PyObject *value)
 {
@@ -279,6 +281,9 @@ writer_put_fast(Writer *self, PyObject *key, PyObject *value)
         write_u32(at + record_size - 4, crc32_of(at, record_size - 4));
     }
     else {
+        /* the write releases the GIL: hold the log and the dict it is for, which
+           a hand-over elsewhere could replace meanwhile */
+        PyObject *log = Py_NewRef(self->log), *active = Py_NewRef(self->active);
         struct iovec iov[4];
         iov[0].iov_base = (void *)&op_set;
         iov[0].iov_len = 1;
@@ -288,11 +293,19 @@ writer_put_fast(Writer *self, PyObject *key, PyObject *value)
         iov[2].iov_len = (size_t)self->value_size;
         int failed_errno;
         Py_ssize_t written = write_frame(tail->fd, tail->end, iov, 3, &failed_errno);
-        if (written < 0) {
-            PyErr_Clear();
-            return 0;
+        int bound = 0;
+        if (written >= 0) {
+            tail->end += written;
+            tail->records += 1;
+            bound = PyDict_SetItem(active, key, value) < 0 ? -1 : 1;
         }
-        record_size = written;
+        else if (failed_errno) /* (an OSError: the Python put writes again and reports) */
+            PyErr_Clear();
+        else /* another error: a signal handler's (Ctrl-C), which must not be lost */
+            bound = -1;
+        Py_DECREF(log);
+        Py_DECREF(active);
+        return bound;
     }
     /* the record is in place: count it, then bind */
     tail->end += record_size;

@@ -815,9 +815,11 @@ builder_init(RunBuilder *self, PyObject *args, PyObject *kwds)
     self->finished = 0;
     if (self->index_size >= map_from) {
         unsigned char *map;
+        self->busy = 1; /* (the GIL released: no other call may touch this builder) */
         Py_BEGIN_ALLOW_THREADS
         map = mapping_allocate(fd, RUN_FILTER_OFFSET, (size_t)self->index_size);
         Py_END_ALLOW_THREADS
+        self->busy = 0;
         if (map != NULL) {
             self->map = map;
             self->index = map + RUN_FILTER_OFFSET;
