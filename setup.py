@@ -23,7 +23,9 @@ ACCEL_SOURCES = [
         "files.c",
     )
 ]
-ACCEL_HEADERS = [CSRC + name for name in ("accel.h", "crc32.h", "format.h", "mapping.h")]
+ACCEL_HEADERS = [
+    CSRC + name for name in ("accel.h", "crc32.h", "format.h", "internal.h", "mapping.h")
+]
 RUNS_SOURCES = [
     CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "filter.c", "layers.c")
 ]
@@ -32,6 +34,7 @@ RUNS_HEADERS = [
     for name in (
         "crc32.h",
         "format.h",
+        "internal.h",
         "filter.h",
         "run_lookup.h",
         "run_writer.h",

@@ -26,25 +26,6 @@ from .run import REMOVED, Found, Removed, Run, RunWriter
 Row = tuple[bytes, bytes | Removed]
 _CANCEL_CHECK = 256
 CONVERT_CHUNK = 1 << 18
-_SORT_CHUNK = 4096
-
-
-def sorted_in_steps(items: list[Any], key: Callable[[Any], Any] | None = None) -> Iterable[Any]:
-    """``items`` in order, sorted a chunk at a time.
-
-    One ``sort`` of 100,000 items holds the GIL for tens of milliseconds,
-    which readers in other threads would see as a stall; chunks and a lazy
-    merge keep every step short.
-    """
-    if len(items) <= _SORT_CHUNK:
-        return sorted(items, key=key)
-    chunks = [
-        sorted(items[start : start + _SORT_CHUNK], key=key)
-        for start in range(0, len(items), _SORT_CHUNK)
-    ]
-    return heapq.merge(*chunks, key=key)
-
-
 class Source(Protocol):
     """What a stack reads: a run, or a data file of the format before runs."""
 

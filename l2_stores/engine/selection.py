@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
-from .runstack import sorted_in_steps
+from .run import sorted_in_steps
 
 
 @dataclass(frozen=True)

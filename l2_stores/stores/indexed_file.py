@@ -26,7 +26,7 @@ from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.files import stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
-from ..engine.runstack import sorted_in_steps
+from ..engine.run import sorted_in_steps
 from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values
 from ..engine.values import POINTER
 from ..errors import CannotLoadStore, CodecError, DecodingError, StoreLockedError

@@ -12,35 +12,6 @@
 #include "crc32.h"
 #include "format.h"
 
-static inline uint32_t
-read_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
-}
-
-static inline uint64_t
-read_u64(const unsigned char *p)
-{
-    return (uint64_t)read_u32(p) | ((uint64_t)read_u32(p + 4) << 32);
-}
-
-static inline void
-write_u32(unsigned char *p, uint32_t v)
-{
-    p[0] = v & 0xff;
-    p[1] = (v >> 8) & 0xff;
-    p[2] = (v >> 16) & 0xff;
-    p[3] = v >> 24;
-}
-
-static inline void
-write_u64(unsigned char *p, uint64_t v)
-{
-    write_u32(p, (uint32_t)v);
-    write_u32(p + 4, (uint32_t)(v >> 32));
-}
-
 /* Checksums longer than this are computed without the GIL (values may be large). */
 #define CRC_GIL_FREE ((Py_ssize_t)1 << 16)
 

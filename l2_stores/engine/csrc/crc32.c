@@ -28,13 +28,6 @@ build_tables(void)
     }
 }
 
-static inline uint32_t
-read_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
-}
-
 static uint32_t
 crc32_tables(uint32_t crc, const unsigned char *p, size_t n)
 {

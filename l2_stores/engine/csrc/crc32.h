@@ -16,13 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifndef L2_INTERNAL
-#if defined(__GNUC__)
-#define L2_INTERNAL __attribute__((visibility("hidden")))
-#else
-#define L2_INTERNAL
-#endif
-#endif
+#include "internal.h"
 
 /* Build the tables and look for carry-less multiplication; call once from
    a module's init, before any other function here (idempotent). */

@@ -8,6 +8,8 @@
 #ifndef L2_RUNS_FORMAT_H
 #define L2_RUNS_FORMAT_H
 
+#include "internal.h"
+
 /* framing.py */
 #define CRC_RESIDUE 0x2144DF1CU /* crc32 of data followed by its crc32 (little-endian) */
 
@@ -66,14 +68,6 @@
 #error "a block's probes must fit one 64-bit mix and address every bit of a block"
 #endif
 
-/* Symbols shared between an extension's files, not exported from it. */
-#ifndef L2_INTERNAL
-#if defined(__GNUC__)
-#define L2_INTERNAL __attribute__((visibility("hidden")))
-#else
-#define L2_INTERNAL
-#endif
-#endif
 #define RUNS_INTERNAL L2_INTERNAL
 
 #endif

@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 
-#include "crc32.h" /* L2_INTERNAL */
+#include "internal.h"
 
 /* 1 when the file system of fd allocates the blocks fallocate asks for and
    writes them in place (ext2/3/4, XFS, tmpfs), so that a store into a

@@ -45,13 +45,6 @@ static const char FENCES_SHORT[] = "run fences do not cover their rows";
 
 /* ------------------------------------------------------------------ bytes */
 
-static inline uint32_t
-read_u32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-           ((uint32_t)p[3] << 24);
-}
-
 /* Python's comparison of two bytes objects: <0, 0 or >0. */
 static inline int
 compare(const unsigned char *a, Py_ssize_t a_length, const unsigned char *b,
@@ -62,16 +55,6 @@ compare(const unsigned char *a, Py_ssize_t a_length, const unsigned char *b,
     if (order)
         return order;
     return (a_length > b_length) - (a_length < b_length);
-}
-
-/* run.py's _normalized: the 8 bytes after the prefix, zero-padded, big-endian. */
-static inline uint64_t
-normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
-{
-    uint64_t value = 0;
-    for (Py_ssize_t i = prefix; i < prefix + 8; i++)
-        value = (value << 8) | (i < length ? key[i] : 0);
-    return value;
 }
 
 /* Python's a // b for b > 0. */

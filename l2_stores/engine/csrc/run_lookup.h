@@ -44,6 +44,17 @@ RUNS_INTERNAL int readers_check(PyObject *readers, const char *who);
 RUNS_INTERNAL PyObject *first_answer(PyObject *readers, const unsigned char *key,
                                      Py_ssize_t length);
 
+/* run.py's _normalized: the 8 bytes after the prefix, zero-padded, big-endian
+   (the radix's coordinate of a key, for the reader and the writer alike). */
+static inline uint64_t
+normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
+{
+    uint64_t value = 0;
+    for (Py_ssize_t i = prefix; i < prefix + 8; i++)
+        value = (value << 8) | (i < length ? key[i] : 0);
+    return value;
+}
+
 /* _runs.find_first(readers, key). */
 RUNS_INTERNAL PyObject *runs_find_first(PyObject *module, PyObject *const *args,
                                         Py_ssize_t nargs);

@@ -79,25 +79,6 @@ typedef struct {
 
 /* ------------------------------------------------------------------ bytes */
 
-static inline void
-write_u32(unsigned char *p, uint32_t value)
-{
-    p[0] = (unsigned char)value;
-    p[1] = (unsigned char)(value >> 8);
-    p[2] = (unsigned char)(value >> 16);
-    p[3] = (unsigned char)(value >> 24);
-}
-
-/* run.py's _normalized: the 8 bytes after the prefix, zero-padded, big-endian. */
-static inline uint64_t
-normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
-{
-    uint64_t value = 0;
-    for (Py_ssize_t i = prefix; i < prefix + 8; i++)
-        value = (value << 8) | (i < length ? key[i] : 0);
-    return value;
-}
-
 /* Python's int.bit_length of a u64. */
 static inline int
 bit_length(uint64_t value)
@@ -886,7 +867,8 @@ PyTypeObject RunBuilderType = {
     .tp_basicsize = sizeof(RunBuilder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "RunBuilder(fd, removed, key_size, value_size, capacity, filter_blocks, "
-              "fence_rows, radix_bits, fence_offset, radix_offset, rows_offset)\n\n"
+              "fence_rows, radix_bits, fence_offset, radix_offset, rows_offset, "
+              "map_index_from=1 MiB)\n\n"
               "The byte work of run.RunWriter: rows, filter, fences, radix and page checksums\n"
               "written through fd (run.Geometry gives the sizes and offsets).",
     .tp_new = PyType_GenericNew,
