@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import zlib
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import construct
 import pytest
-from helpers.faults import RecordingFileSystem
+from helpers.faults import FailingFileSystem, RecordingFileSystem
 from helpers.legacy import data_file_bytes
 from helpers.runs import assert_runs_tile
 
@@ -18,7 +19,12 @@ from l2_stores.engine import index as index_module
 from l2_stores.engine.framing import HEADER_SIZE, Expected, FileHeader
 from l2_stores.engine.index import Index
 from l2_stores.engine.levels import Span
-from l2_stores.errors import CannotLoadStore, CannotReadFromStore, StoreLockedError
+from l2_stores.errors import (
+    CannotLoadStore,
+    CannotReadFromStore,
+    CannotWriteToStore,
+    StoreLockedError,
+)
 
 EXPECTED = Expected("unit", key_size=8, value_size=4)
 
@@ -442,6 +448,58 @@ def test_index_creates_the_log_itself_when_no_spare_can_be_prepared(
     assert len(created) == 6
     again = open_index(directory, buffer_size=5)
     assert dict(again.items()) == {key(i): value(i) for i in range(30)}
+    again.close()
+
+
+def test_a_log_that_cannot_be_created_leaves_the_store_writable(
+    tmp_path: os.PathLike[str],
+) -> None:
+    directory = os.path.join(tmp_path, "index")
+    failures = [1]
+
+    def no_room() -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "no room for a log")
+
+    index = open_index(directory, buffer_size=100)  # no flush: the GC freezes the log
+    for i in range(10):
+        index.put(key(i), value(i), flush=True)
+    index.begin_gc()
+    index.hooks.add("create_log", no_room)
+    with pytest.raises(CannotWriteToStore, match="no room for a log"):
+        index.collect({})
+    assert failures == [0]
+    for i in range(10, 20):  # into the log the GC could not freeze
+        index.put(key(i), value(i), flush=True)
+    index.close()
+    again = open_index(directory, buffer_size=100)
+    assert dict(again.items()) == {key(i): value(i) for i in range(20)}
+    again.close()
+
+
+def test_a_seal_that_fails_leaves_the_store_writable(tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "index")
+    failing = FailingFileSystem("fsync")
+
+    armed = [True]
+
+    def fail_the_seal() -> None:  # the next log's header is fsynced, then the seal
+        if armed.pop() if armed else False:
+            failing.passes, failing.failures = 1, 1
+
+    index = Index(directory, EXPECTED, readonly=False, buffer_size=4, fsync=True)
+    index.hooks.add("create_log", fail_the_seal)
+    with filesystem.installed(failing):
+        for i in range(4):  # the fourth fills the log: its freeze fails, logged
+            index.put(key(i), value(i), flush=True)
+        assert (failing.passes, failing.failures) == (0, 0)
+        assert layout.scan(directory).logs == [0]  # the next log went with the seal
+        for i in range(4, 12):
+            index.put(key(i), value(i), flush=True)
+    index.close()
+    again = open_index(directory)
+    assert dict(again.items()) == {key(i): value(i) for i in range(12)}
     again.close()
 
 

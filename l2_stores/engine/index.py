@@ -6,14 +6,15 @@ during a flush, the *frozen* log ``log.G-1`` (and its dict); and the runs
 levels.py for which runs a store holds and which it merges).
 
 Flush: when the active log holds ``buffer_size`` records and no flush runs,
-it is sealed and frozen, and the next log (prepared by the previous flush)
-takes its place; a background thread writes the frozen dict as the run
-``G-1..G-1``, fsyncs it and renames it into place; the switch, in the
-store's exclusive section, puts it on the run stack, forgets the frozen
-dict, deletes the frozen log and starts the run merges the policy asks
-for. Reads go on meanwhile (active dict, frozen dict, runs newest first);
-so do writes, into the active log, up to ``LOG_CAP_FACTOR`` times the
-buffer (from ``PACE_FACTOR`` times, each write gives the flush a moment).
+the next log (prepared by the previous flush) is put in place, the active
+one is sealed and frozen, and the next takes its place; a background
+thread writes the frozen dict as the run ``G-1..G-1``, fsyncs it and
+renames it into place; the switch, in the store's exclusive section, puts
+it on the run stack, forgets the frozen dict, deletes the frozen log and
+starts the run merges the policy asks for. Reads go on meanwhile (active
+dict, frozen dict, runs newest first); so do writes, into the active log,
+up to ``LOG_CAP_FACTOR`` times the buffer (from ``PACE_FACTOR`` times,
+each write gives the flush a moment).
 The code still calls a flush a *merge* (``_run_merge``, ``wait_merge``).
 
 Run merges: a thread per group of runs writes their merge, renames it into
@@ -374,9 +375,17 @@ class Index:
     def _freeze_and_merge(self, gc: _GcMerge | None = None) -> None:
         log = self._log
         assert log is not None and self._frozen is None
-        log.seal()  # on error nothing has changed
-        next_log = self._next_log(log.generation + 1)
-        log.abandon()  # flushed above
+        # The next log first: once sealed, the log takes no more records, so a
+        # seal without a next log would leave the store unable to write.
+        next_log = self._next_log(log.generation + 1)  # on error nothing has changed
+        try:
+            log.seal()
+        except BaseException:
+            next_log.abandon()
+            with contextlib.suppress(OSError):  # a leftover: empty, dropped at the next load
+                filesystem.unlink(next_log.path)
+            raise
+        log.abandon()  # flushed by the seal
         self._frozen, self._active = self._active, {}
         self._log = next_log
         self._hand_over()
@@ -927,12 +936,14 @@ class Index:
         """
         for position, scan in enumerate(scans[:-1]):
             if scan.version >= SEALED_VERSION and not scan.sealed:
-                logger.warning(
-                    "%s: %s lost its end to a power loss; the %d later log(s) go with it",
-                    self._name,
-                    layout.log_name(scan.generation),
-                    len(scans) - position - 1,
-                )
+                # Empty later logs are the next log made before the seal: nothing lost.
+                if any(later.records for later in scans[position + 1 :]):
+                    logger.warning(
+                        "%s: %s lost its end to a power loss; the %d later log(s) go with it",
+                        self._name,
+                        layout.log_name(scan.generation),
+                        len(scans) - position - 1,
+                    )
                 scans = scans[: position + 1]
                 break
         if self._referenced is None or not scans or not check_values:

@@ -454,8 +454,9 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         ``sync_directory`` (or ``fsync``) fsyncs the directory entry too;
         without it, the caller makes the name durable later (a merge syncs
         the directory before renaming the data file that supersedes the
-        previous log). With ``fsync``, everything before was made durable
-        (the frozen log's seal was fsynced), so the first record is SYNCED.
+        previous log). With ``fsync``, everything before its first record is
+        durable by then (the frozen log's seal is fsynced before it takes
+        records), so that record is SYNCED.
         """
         try:
             filesystem.rename(spare.temporary, spare.path)

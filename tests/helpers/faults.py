@@ -55,14 +55,19 @@ class RecordingFileSystem(OsFileSystem):
 
 
 class FailingFileSystem(OsFileSystem):
-    """The real file system whose named calls raise ENOSPC while ``failures`` is positive."""
+    """The real file system whose named calls raise ENOSPC while ``failures`` is positive,
+    after letting ``passes`` of them through."""
 
     def __init__(self, *names: str) -> None:
         self.names = set(names)
         self.failures = 0
+        self.passes = 0
 
     def _maybe_fail(self, name: str) -> None:
         if name in self.names and self.failures > 0:
+            if self.passes > 0:
+                self.passes -= 1
+                return
             self.failures -= 1
             raise OSError(errno.ENOSPC, "No space left on device")
 
