@@ -151,6 +151,12 @@ class PowerLossFileSystem(FileSystem):
                     if status.st_ino == namespace.inodes.get(number):
                         self._ids[(status.st_dev, status.st_ino)] = number
 
+    def still(self) -> contextlib.AbstractContextManager[object]:
+        """While held, no recorded operation is half done (its real effect made, its
+        journal entry not yet written): a hook that kills the process holds it, or the
+        next process could meet a file it never heard of."""
+        return self._lock
+
     def _call(self, name: str) -> None:
         with self._counter:
             self.calls += 1

@@ -33,13 +33,13 @@ def main() -> None:
 
     def hook(call: str, number: int) -> None:
         if number >= int(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
+            # when no other thread is half-way through a recorded operation
+            assert power_loss is not None  # (the hook is the layer's)
+            with power_loss.still():
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    layer = (
-        contextlib.nullcontext()
-        if state == "-"
-        else filesystem.installed(PowerLossFileSystem(root, state, hook))
-    )
+    power_loss = PowerLossFileSystem(root, state, hook) if state != "-" else None
+    layer = contextlib.nullcontext() if power_loss is None else filesystem.installed(power_loss)
     options = {} if kind == "singleton" else {"index_buffer_size": int(buffer), "fsync": fsync}
     with layer:
         store = load(kind, store_path(root, kind), **options)
