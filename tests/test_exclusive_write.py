@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import re
 import threading
 from typing import Any
 
@@ -153,14 +154,17 @@ def test_a_failed_write_leaves_the_section_and_reports_the_stores_error(
     store = Plain.load(os.path.join(tmp_path, "s"))
     store.append(b"a" * 32, b"first", b"h" * 16)
     target = store._values.target
-
-    def refusing(key: bytes, value: bytes, header: bytes) -> bytes:
-        raise CannotWriteToStore("disk full", name="plain", path=target.path)
-
-    target.append_entry = refusing
-    with pytest.raises(CannotWriteToStore, match="disk full"):
-        store.append(b"b" * 32, b"second", b"h" * 16)
-    del target.append_entry
+    assert target is not None
+    writable = os.dup(target._fd)
+    readonly = os.open(target.path, os.O_RDONLY)
+    os.dup2(readonly, target._fd)  # the values file's writes now fail (EBADF)
+    try:
+        with pytest.raises(CannotWriteToStore, match=re.escape(target.path)):
+            store.append(b"b" * 32, b"second", b"h" * 16)
+    finally:
+        os.dup2(writable, target._fd)
+        os.close(writable)
+        os.close(readonly)
     assert store._waiter.is_idle()
     store.append(b"c" * 32, b"third", b"h" * 16)
     assert state(store) == {b"a" * 32: (b"first", b"h" * 16), b"c" * 32: (b"third", b"h" * 16)}

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 
 from ..errors import CannotLoadStore, CannotReadFromStore
 from . import filesystem
@@ -136,7 +137,8 @@ class ValueFiles:
         self.floor = floor
         self._files: dict[int, ValuesFile] = {}
         self._open_lock = threading.Lock()
-        self.target: ValuesFile | None = None
+        self._target: ValuesFile | None = None
+        self._follower: Callable[[ValuesFile], object] | None = None
         try:
             if readonly:
                 self.refresh(floor)
@@ -186,7 +188,23 @@ class ValueFiles:
         last = max(self._files)
         if self._files[last].flags & GC_COPY:
             self._files[last + 1] = self._open(last + 1)
-        self.target = self._files[max(self._files)]
+        self._retarget(self._files[max(self._files)])
+
+    @property
+    def target(self) -> ValuesFile | None:
+        """The file appends go to (None when read-only)."""
+        return self._target
+
+    def follow_target(self, follower: Callable[[ValuesFile], object]) -> None:
+        """Hand ``follower`` the target now and each time it changes (one follower)."""
+        self._follower = follower
+        if self._target is not None:
+            follower(self._target)
+
+    def _retarget(self, target: ValuesFile) -> None:
+        self._target = target
+        if self._follower is not None:
+            self._follower(target)
 
     def _delete(self, name: str) -> None:
         logger.info("%s: deleting %s, left by an interrupted GC", self._name, name)
@@ -273,7 +291,7 @@ class ValueFiles:
         if self.target is not None:
             self.target.release_reserve()  # it takes no more appends
         self._files[target.number] = target
-        self.target = target
+        self._retarget(target)
         return copy_number
 
     def create_copy(self, number: int) -> ValuesFile:

@@ -148,11 +148,13 @@ class IndexedFileBase(Collectable):
             or not self._greedy_bytes_value
         ):
             return
+        append = AcceleratedIndexedAppend(self._engine.put, self._cache)
+        self._values.follow_target(append.retarget)
         fast = exclusive_write(
             self._waiter,
             self._lifetime,
             self._engine,
-            AcceleratedIndexedAppend(self._values, self._engine.put, self._cache),
+            append,
             (self._bytes_key_size, -1, self._bytes_header_size),
             # through a proxy: a store must not refer to itself (see IndexableStore)
             MethodType(IndexedFileBase.append, weakref.proxy(self)),

@@ -209,50 +209,47 @@ done:
 
 /* ----------------------------------------------------------- IndexedAppend */
 
-/* IndexedAppend(values, put, cache)(key, value, header): the body of an
-   indexed file's append for encoded bytes, in one call: the record and its
-   index entry from values.target.append_entry, put(key, entry, True), and
-   the pair cached. It runs inside the writer's exclusive section (the
-   caller's: see _idle_core's ExclusiveWrite). Errors propagate as the
-   Python body lets them. */
+/* IndexedAppend(put, cache)(key, value, header): the body of an indexed
+   file's append for encoded bytes, in one call: the record and its index
+   entry from the target's append_entry, put(key, entry, True), and the pair
+   cached. The values files hand it their target through retarget() each
+   time it changes (ValueFiles.follow_target); it reads no attribute. It
+   runs inside the writer's exclusive section (the caller's: see
+   _idle_core's ExclusiveWrite). Errors propagate as the Python body lets
+   them. */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *values; /* ValueFiles: its target is read at every call */
-    PyObject *put;    /* the index's put */
-    PyObject *cache;  /* the LRU cache */
+    ValuesTail *target; /* the values file appends go to; NULL until retarget */
+    PyObject *put;      /* the index's put */
+    PyObject *cache;    /* the LRU cache */
     vectorcallfunc vectorcall;
 } IndexedAppend;
 
-static PyObject *str_target, *str_append_entry, *str_put;
+static PyObject *str_put;
 
 int
 indexed_append_names(void)
 {
-    str_target = PyUnicode_InternFromString("target");
-    str_append_entry = PyUnicode_InternFromString("append_entry");
     str_put = PyUnicode_InternFromString("put");
-    return str_target != NULL && str_append_entry != NULL && str_put != NULL ? 0 : -1;
+    return str_put != NULL ? 0 : -1;
 }
 
 static PyObject *
 iappend_call(IndexedAppend *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (self->values == NULL) {
-        PyErr_SetString(PyExc_TypeError, "IndexedAppend: not initialized");
+    if (self->put == NULL || self->target == NULL) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend: no target to append to");
         return NULL;
     }
     if (PyVectorcall_NARGS(nargsf) != 3 || kwnames != NULL) {
         PyErr_SetString(PyExc_TypeError, "IndexedAppend(key, value, header)");
         return NULL;
     }
-    PyObject *target = PyObject_GetAttr(self->values, str_target);
-    if (target == NULL)
-        return NULL;
-    /* Through the method, as the Python body calls it (an instance may
-       have it replaced). */
-    PyObject *call[4] = {target, args[0], args[1], args[2]};
-    PyObject *entry = PyObject_VectorcallMethod(str_append_entry, call, 4, NULL);
+    /* the target is held across the append: a retarget meanwhile (a GC's
+       begin, from a Python fallback) must not free it under the call */
+    ValuesTail *target = (ValuesTail *)Py_NewRef(self->target);
+    PyObject *entry = valuestail_append_entry(target, args, 3);
     Py_DECREF(target);
     if (entry == NULL)
         return NULL;
@@ -277,13 +274,30 @@ iappend_call(IndexedAppend *self, PyObject *const *args, size_t nargsf, PyObject
     Py_RETURN_NONE;
 }
 
+static PyObject *
+iappend_retarget(IndexedAppend *self, PyObject *target)
+{
+    if (!PyObject_TypeCheck(target, &ValuesTailType)) {
+        PyErr_SetString(PyExc_TypeError, "IndexedAppend.retarget: the target must be a values file");
+        return NULL;
+    }
+    Py_XSETREF(self->target, (ValuesTail *)Py_NewRef(target));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef iappend_methods[] = {
+    {"retarget", (PyCFunction)iappend_retarget, METH_O,
+     "retarget(target): append to the values file `target` from now on."},
+    {NULL, NULL, 0, NULL},
+};
+
 static int
 iappend_init(IndexedAppend *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *values, *put, *cache;
-    if (kwargs != NULL || !PyArg_ParseTuple(args, "OOO:IndexedAppend", &values, &put, &cache))
+    PyObject *put, *cache;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO:IndexedAppend", &put, &cache))
         return -1;
-    if (self->values != NULL) {
+    if (self->put != NULL) {
         PyErr_SetString(PyExc_TypeError, "IndexedAppend: already initialized");
         return -1;
     }
@@ -291,7 +305,6 @@ iappend_init(IndexedAppend *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "IndexedAppend: put must be callable");
         return -1;
     }
-    self->values = Py_NewRef(values);
     self->put = Py_NewRef(put);
     self->cache = Py_NewRef(cache);
     self->vectorcall = (vectorcallfunc)iappend_call;
@@ -301,7 +314,7 @@ iappend_init(IndexedAppend *self, PyObject *args, PyObject *kwargs)
 static int
 iappend_traverse(IndexedAppend *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->values);
+    Py_VISIT(self->target);
     Py_VISIT(self->put);
     Py_VISIT(self->cache);
     return 0;
@@ -310,7 +323,7 @@ iappend_traverse(IndexedAppend *self, visitproc visit, void *arg)
 static int
 iappend_clear(IndexedAppend *self)
 {
-    Py_CLEAR(self->values);
+    Py_CLEAR(self->target);
     Py_CLEAR(self->put);
     Py_CLEAR(self->cache);
     return 0;
@@ -327,8 +340,9 @@ iappend_dealloc(IndexedAppend *self)
 PyTypeObject IndexedAppendType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "l2_stores.engine._accel.IndexedAppend",
-    .tp_doc = "IndexedAppend(values, put, cache)(key, value, header): an indexed file's append\n"
-              "of encoded bytes: values.target.append_entry, put(key, entry, True), cache.put.",
+    .tp_doc = "IndexedAppend(put, cache)(key, value, header): an indexed file's append of\n"
+              "encoded bytes: the target's append_entry, put(key, entry, True), cache.put.",
+    .tp_methods = iappend_methods,
     .tp_basicsize = sizeof(IndexedAppend),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = PyType_GenericNew,
