@@ -57,7 +57,10 @@ def _dump(args: argparse.Namespace) -> int:
     if len(stores) != 1 or os.path.normpath(stores[0].path) != os.path.normpath(args.path):
         _error(f"{args.path} is a directory of {len(stores)} stores; dump takes one store")
         return 1
-    for row in dump.bindings(stores[0], args.limit):
+    rows = dump.bindings(
+        stores[0], args.limit, start=args.start, stop=args.stop, reverse=args.reverse
+    )
+    for row in rows:
         print(
             json.dumps(row)
             if args.json
@@ -148,9 +151,16 @@ def parser() -> argparse.ArgumentParser:
     sub = command("verify", _verify, "check every record of every file; exit 1 on any problem")
     sub.add_argument("path", help="a store, or a directory of stores")
 
-    sub = command("dump", _dump, "print every binding of one store, in hex")
+    sub = command("dump", _dump, "print the bindings of one store, in hex, in key order")
     sub.add_argument("path", help="one store")
     sub.add_argument("--limit", type=_non_negative, metavar="N", help="print at most N bindings")
+    key_help = (
+        "a whole key in hex (as dump prints it), 0x and a hex prefix, or a number "
+        "(a big-endian integer key)"
+    )
+    sub.add_argument("--start", metavar="KEY", help=f"from this key on: {key_help}")
+    sub.add_argument("--stop", metavar="KEY", help=f"before this key: {key_help}")
+    sub.add_argument("--reverse", action="store_true", help="in descending key order")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
 
     sub = command(

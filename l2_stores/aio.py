@@ -198,23 +198,40 @@ class _Collectable(AsyncStore[S]):
         """Make every earlier ``flush=False`` write survive a kill."""
         await _in_thread(self._store.flush)  # type: ignore[attr-defined]
 
-    def keys(self) -> AsyncIterator[Any]:
-        """Every key bound at the time of the call, once each, in no particular order.
+    def keys(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> AsyncIterator[Any]:
+        """The keys bound now with ``start <= key < stop`` (None: open), in key order
+        (``reverse``: descending), each once; see the synchronous ``keys``.
 
         While a write holds or waits for the store, the snapshot is taken at
         the first step instead (in a worker thread), not to block the loop.
         """
         store: Any = self._store
-        return _BatchedIterator(store, store.keys, store._keys_nowait())
+        return _BatchedIterator(
+            store,
+            functools.partial(store.keys, start, stop, reverse=reverse),
+            store._keys_nowait(start, stop, reverse),
+        )
 
-    def items(self) -> AsyncIterator[Any]:
-        """Every binding at the time of the call, once each, in no particular order.
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> AsyncIterator[Any]:
+        """The bindings now with ``start <= key < stop``, as ``keys``.
 
         While a write holds or waits for the store, the snapshot is taken at
         the first step instead (in a worker thread), not to block the loop.
         """
         store: Any = self._store
-        return _BatchedIterator(store, store.items, store._items_nowait())
+        return _BatchedIterator(
+            store,
+            functools.partial(store.items, start, stop, reverse=reverse),
+            store._items_nowait(start, stop, reverse),
+        )
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """The keys, in key order."""
+        return self.keys()
 
     async def gc(self, spec: Retain | Chain, *, background: bool = True) -> None:
         """Start a GC (``background``) or run one to its end; see the synchronous ``gc``."""
@@ -255,6 +272,11 @@ class AsyncIndexableStore(_Collectable[IndexableStore]):
             return await _in_thread(self._store.find, key)
         return value
 
+    async def get(self, key: Any, default: Any = None) -> Any:
+        """The value bound to ``key``, or ``default``."""
+        value = await self.find(key)
+        return default if value is None else value
+
     async def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
         """Bind ``key`` to ``value``; durable on return with ``flush``."""
         if not self._store._add_nowait(key, value, flush):
@@ -294,6 +316,11 @@ class AsyncIndexedFile(_Collectable[IndexedFile]):
         if found is WOULD_BLOCK:
             return await _in_thread(self._store.read, key)
         return found  # type: ignore[no-any-return]
+
+    async def get(self, key: Any, default: Any = None) -> Any:
+        """The ``(value, header)`` of ``key``, or ``default``."""
+        found = await self.read(key)
+        return default if found is None else found
 
     async def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
         """Append ``value`` with ``header`` for ``key``; a later append wins."""

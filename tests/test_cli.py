@@ -25,7 +25,7 @@ from typing import Any
 import construct
 import pytest
 
-from l2_stores import Mode, make_singleton
+from l2_stores import Mode, make_indexable, make_singleton
 from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import Run
 from tests.helpers.runs import run_names
@@ -880,6 +880,44 @@ def test_dump_limit(built_zoo: tuple[Path, Any], tmp_path: Path) -> None:
     assert len(objects) == 3 and set(canonical(objects)) <= allowed
     assert len(set(canonical(objects))) == 3
     assert lines(zero) == []
+
+
+def test_dump_in_key_order_with_ranges(built_zoo: tuple[Path, Any], tmp_path: Path) -> None:
+    root, expected = built_zoo
+    everything = sorted(expected_lines("indexable", expected["plain"]))
+    keys = [key for key, _ in everything]
+    low, high = keys[10], keys[20]
+    whole, ranged, backwards, prefix, bad = run_many(
+        [
+            ["dump", root / "plain"],
+            ["dump", root / "plain", "--start", low, "--stop", high],
+            ["dump", root / "plain", "--reverse", "--limit", "5", "--stop", high],
+            ["dump", root / "plain", "--start", "0x" + low[:4], "--stop", "0x" + high[:4]],
+            ["dump", root / "plain", "--start", "not a key"],
+        ],
+        tmp_path,
+    )
+    for proc in (whole, ranged, backwards, prefix):
+        assert_ok(proc)
+    assert [tuple(line.split()) for line in lines(whole)] == everything
+    assert [tuple(line.split()) for line in lines(ranged)] == everything[10:20]
+    assert [tuple(line.split()) for line in lines(backwards)] == everything[15:20][::-1]
+    by_prefix = [row for row in everything if low[:4] <= row[0][:4] < high[:4]]
+    assert [tuple(line.split()) for line in lines(prefix)] == by_prefix
+    assert_error(bad)
+    assert "not a key" in bad.stderr and str(root / "plain") in bad.stderr, describe(bad)
+
+
+def test_dump_integer_keys_given_as_numbers(tmp_path: Path) -> None:
+    levels = make_indexable("cli_levels", construct.Int32ub, construct.Bytes(1))
+    with levels.load(tmp_path / "levels", index_buffer_size=8) as store:
+        for level in range(300):
+            store.add(level, bytes([level % 256]), flush=False)
+    proc = run("dump", tmp_path / "levels", "--start", "254", "--stop", "258", cwd=tmp_path)
+    assert_ok(proc)
+    assert [line.split()[0] for line in lines(proc)] == [
+        level.to_bytes(4, "big").hex() for level in range(254, 258)
+    ]
 
 
 def test_dump_of_a_directory_of_stores_is_refused(

@@ -251,6 +251,7 @@ def _rewrite_run_header(path: Path, **changes: int) -> None:
     """Change fields of the run header and give it a valid checksum again."""
     data = bytearray(path.read_bytes())
     names = ["lo", "capacity", "blocks", "fence_rows", "removals", "prefix", "shift", "base"]
+    names.append("live")
     fields = dict(zip(names, RUN_HEADER.unpack(data[64:128])[:-1], strict=True))
     fields.update(changes)
     body = RUN_HEADER.pack(*fields.values(), 0)[:-4]

@@ -275,6 +275,45 @@ def test_find_first_answers_as_the_runs_in_order(
         _runs.find_first(readers, bytearray(universe[0]))
 
 
+def test_count_changes_agrees_with_python_lookups(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """count_changes (C, lookups without the GIL) counts as a lookup of each key in
+    Python does: +1 a value, -1 a key the runs hold a value for (removals hold none)."""
+    rng = random.Random(12)
+    expected = Expected("changes", 16, 8)
+    universe = [rng.randbytes(16) for _ in range(5000)]
+    pairs = []
+    for number in range(5):
+        model: Model = {}
+        for key in rng.sample(universe, rng.choice([0, 40, 1200, 2500])):
+            model[key] = REMOVED if rng.random() < 0.25 else bytes([number]) * 8
+        path = tmp_path / f"run{number}"
+        write(path, expected, model, len(model) + rng.randrange(50))
+        pairs.append(opened(path, expected))
+    readers = tuple(c.reader for c, _ in pairs)
+
+    def python_count(bindings: dict[bytes, bytes | None]) -> int:
+        count = 0
+        for key, value in bindings.items():
+            found = next((f for _, p in pairs if (f := p.find(key)) is not None), None)
+            count += (value is not None) - (found is not None and found is not REMOVED)
+        return count
+
+    for size in (0, 1, 300, 4000):
+        keys = rng.sample(universe, size) + [rng.randbytes(16) for _ in range(size // 3)]
+        bindings = {key: None if rng.random() < 0.3 else b"v" * 8 for key in keys}
+        assert _runs.count_changes(readers, bindings) == python_count(bindings)
+        assert _runs.count_changes((), bindings) == sum(v is not None for v in bindings.values())
+    with pytest.raises(ValueError, match="another size"):
+        _runs.count_changes(readers, {b"short": None})
+    with pytest.raises(TypeError):
+        _runs.count_changes(readers, [(universe[0], None)])
+    pairs[0][0].close()  # a released reader is refused, not read
+    with pytest.raises(ValueError, match="released"):
+        _runs.count_changes(readers, {universe[0]: None})
+
+
 def test_find_first_names_the_corrupt_reader(tmp_path: Path) -> None:
     expected = Expected("named", 8, 8)
     model = random_model(random.Random(4), 500, 8, 8)

@@ -60,6 +60,9 @@ class Layers:
 def find_first(
     readers: tuple[RunReader[_Removed], ...], key: bytes, /
 ) -> bytes | _Removed | None: ...
+def count_changes(
+    readers: tuple[RunReader[Any], ...], bindings: dict[bytes, bytes | None], /
+) -> int: ...
 
 class RunBuilder:
     """The byte work of ``run.RunWriter``, written through ``fd``."""

@@ -127,7 +127,7 @@ def _load_runs() -> ModuleType | None:
 _runs_module = _load_runs()
 if _runs_module is not None:
     from ._runs import FORMAT as _RUNS_FORMAT
-    from ._runs import Layers, RunBuilder, RunCorrupt, RunReader, find_first
+    from ._runs import Layers, RunBuilder, RunCorrupt, RunReader, count_changes, find_first
 
     #: The index's read path in one C call (active dict, frozen dict, then the runs).
     AcceleratedLayers: type[Layers] | None = Layers
@@ -140,10 +140,15 @@ if _runs_module is not None:
     accelerated_find_first: Callable[[tuple[RunReader[Any], ...], bytes], Any] | None = (
         find_first
     )
+    #: ``count_changes(readers, bindings)``: the live keys bindings add on top of the runs.
+    accelerated_count_changes: (
+        Callable[[tuple[RunReader[Any], ...], dict[bytes, bytes | None]], int] | None
+    ) = count_changes
     #: The run format's constants the C run reader was built with.
     runs_format: Mapping[str, int] | None = _RUNS_FORMAT
 else:
     AcceleratedRunReader = AcceleratedRunBuilder = accelerated_find_first = runs_format = None
+    accelerated_count_changes = None
     AcceleratedLayers = None
 
     class RunCorrupt(Exception):  # type: ignore[no-redef]
@@ -180,6 +185,7 @@ __all__ = [
     "RunCorrupt",
     "ValuesTailBase",
     "accelerated_crc32",
+    "accelerated_count_changes",
     "accelerated_find_first",
     "accelerated_framed",
     "accelerated_log_format",

@@ -69,7 +69,7 @@ from .log import (
     read_log,
     record_size,
 )
-from .run import Removed
+from .run import REMOVED, Removed, sorted_in_steps
 from .runstack import (
     Cancelled,
     LegacyData,
@@ -78,6 +78,7 @@ from .runstack import (
     Source,
     convert_legacy,
     merge_runs,
+    merged_rows,
     write_bindings,
     write_run,
 )
@@ -134,6 +135,24 @@ def _delete(paths: list[str]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
             filesystem.unlink(path)
+
+
+
+def _live_after(stack: RunStack, bindings: dict[bytes, bytes | None]) -> int | None:
+    """The live keys of ``stack`` with ``bindings`` (None: a removal) on top; None when
+    the stack's count is not known. A damaged run raises ``CannotReadFromStore``."""
+    live = stack.live
+    return None if live is None else live + stack.count_changes(bindings)
+
+
+def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: str) -> int | None:
+    """``_live_after`` for a flush's run: a damaged run below leaves the count unknown
+    (a later count reads the runs again), the flush goes on."""
+    try:
+        return _live_after(stack, bindings)
+    except CannotReadFromStore:
+        logger.warning("%s: a damaged run: the flush's run records no count", name, exc_info=True)
+        return None
 
 
 class Index:
@@ -246,22 +265,56 @@ class Index:
                 return self._stack.find(key)
         return value  # type: ignore[return-value]
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """A snapshot of every live binding, taken now, iterated lazily."""
+    def items(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """A snapshot, taken now and iterated lazily, of the live bindings with
+        ``start <= key < stop`` (None: open) in key order (``reverse``: descending)."""
+        logged: dict[bytes, bytes | None] = {}
+        for bindings in (self._frozen, self._active):
+            if bindings is not None:
+                logged.update(
+                    bindings
+                    if start is None and stop is None
+                    else {
+                        key: value
+                        for key, value in bindings.items()
+                        if (start is None or key >= start) and (stop is None or key < stop)
+                    }
+                )
+        return self._iterate(logged, self._stack, start, stop, reverse)
+
+    def live_count(self) -> int:
+        """The exact number of live bindings: the runs' recorded count and what the
+        logs change (a lookup of each logged key)."""
+        stack = self._stack
+        stack.count_live()
         logged = dict(self._frozen) if self._frozen is not None else {}
         logged.update(self._active)
-        return self._iterate(logged, self._stack)
+        live = _live_after(stack, logged)
+        assert live is not None
+        return live
 
     @staticmethod
     def _iterate(
-        logged: dict[bytes, bytes | None], stack: RunStack
+        logged: dict[bytes, bytes | None],
+        stack: RunStack,
+        start: bytes | None,
+        stop: bytes | None,
+        reverse: bool,
     ) -> Iterator[tuple[bytes, bytes]]:
-        for key, value in logged.items():
-            if value is not None:
+        # The logs' bindings, at most a few buffers of them, are sorted here;
+        # the runs are read in order from the first key of the range on.
+        from_logs = [
+            (key, REMOVED if value is None else value)
+            for key, value in sorted_in_steps(list(logged.items()), reverse=reverse)
+        ]
+        del logged
+        for key, value in merged_rows(
+            [from_logs, stack.rows(start, stop, reverse=reverse)], reverse=reverse
+        ):
+            if not isinstance(value, Removed):
                 yield key, value
-        for key, row_value in stack.rows():
-            if not isinstance(row_value, Removed) and key not in logged:
-                yield key, row_value
 
     def _hand_over(self) -> None:
         """Hand the C read path and the C put the current state (after any change of
@@ -467,6 +520,7 @@ class Index:
                     frozen,
                     tag=stack.tag,
                     drop_removals=not stack.runs,
+                    live=_flushed_live(stack, frozen, self._name),
                 )
             else:
                 kept = gc.selection.kept(frozen, stack.find)

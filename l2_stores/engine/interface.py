@@ -71,8 +71,14 @@ class Paced(Protocol):
 class Iteration(Protocol):
     """Every live binding, as of one moment."""
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """A snapshot of every live binding, taken when called."""
+    def items(
+        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """A snapshot, taken when called, of the live bindings with ``start <= key < stop``
+        (None: open), in key order (``reverse``: descending)."""
+
+    def live_count(self) -> int:
+        """The exact number of live bindings, without reading them all."""
 
 
 class Collection(Protocol):

@@ -10,7 +10,7 @@ ceil(n / P) fences used, 2^r radix buckets)::
                           generation = hi, count = n, fan-out bits = r, tag
     64      64            run header (``RUN_HEADER``): lo, capacity c, m, P,
                           removals, prefix length p, shift s, base u0,
-                          crc32 of bytes 64..123
+                          live + 1 (0: not known), crc32 of bytes 64..123
     A = 128 64 m          filter (``filter``), over every row's key
     B       K F           fences: the key of rows 0, P, 2P, ..., f of them used
     C       4 (2^r + 1)   radix: u32 index of the first fence of each bucket, then f
@@ -34,6 +34,12 @@ the smallest shift that maps u(last key) into 2^r buckets. Buckets are
 monotonic in the key order and spread evenly for random hashes as for dense
 counters (``Int32ub`` levels), so a bucket names a fence or two; skewed keys
 only make some buckets longer.
+
+**Live.** The number of live keys (bound, not removed) of the store as of
+generation ``hi``: of this run and every older one together. A run from
+generation 0 counts its own rows that are not removals; a flush's run adds
+what its log changed to the run below; a merge's keeps its newest input's.
+Runs written before the field existed hold 0: not known (``live`` None).
 
 **Lookup.** Filter; bounds (first and last key); radix -> fence range ->
 bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
@@ -86,7 +92,7 @@ if TYPE_CHECKING:
     from ._runs import RunBuilder, RunReader
 
 MAGIC = b"L2SRUN\0\0"
-RUN_HEADER = struct.Struct("<QQQIQBBQ14xI")
+RUN_HEADER = struct.Struct("<QQQIQBBQQ6xI")
 RUN_HEADER_SIZE = 64
 assert RUN_HEADER.size == RUN_HEADER_SIZE
 FILTER_OFFSET = HEADER_SIZE + RUN_HEADER_SIZE
@@ -208,20 +214,22 @@ class Geometry:
 _SORT_CHUNK = 4096  # items sorted in one call by sorted_in_steps
 
 
-def sorted_in_steps(items: list[Any], key: Callable[[Any], Any] | None = None) -> Iterable[Any]:
-    """``items`` in order, sorted a chunk at a time.
+def sorted_in_steps(
+    items: list[Any], key: Callable[[Any], Any] | None = None, *, reverse: bool = False
+) -> Iterable[Any]:
+    """``items`` in order (``reverse``: descending), sorted a chunk at a time.
 
     One ``sort`` of 100,000 items holds the GIL for tens of milliseconds,
     which readers in other threads would see as a stall; chunks and a lazy
     merge keep every step short.
     """
     if len(items) <= _SORT_CHUNK:
-        return sorted(items, key=key)
+        return sorted(items, key=key, reverse=reverse)
     chunks = [
-        sorted(items[start : start + _SORT_CHUNK], key=key)
+        sorted(items[start : start + _SORT_CHUNK], key=key, reverse=reverse)
         for start in range(0, len(items), _SORT_CHUNK)
     ]
-    return heapq.merge(*chunks, key=key)
+    return heapq.merge(*chunks, key=key, reverse=reverse)
 
 
 class _Keys(Sequence[bytes]):
@@ -259,7 +267,7 @@ class Run:
             header = decode_header(head, MAGIC, path, expected)
             if len(head) < FILTER_OFFSET or not crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)
-            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, _) = (
+            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, live, _) = (
                 RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])
             )
             geometry = Geometry(expected, capacity, header.count)
@@ -281,6 +289,8 @@ class Run:
         self.tag = header.tag
         self.count = header.count
         self.removals = removals
+        #: Live keys of the store as of ``hi`` (see the layout), None when not known.
+        self.live: int | None = live - 1 if live else None
         self.geometry = geometry
         self._prefix, self._shift, self._base = prefix, shift, base
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
@@ -586,8 +596,12 @@ class RunWriter:
         *,
         accelerated: bool = True,
         map_index_from: int | None = None,
+        live: int | None = None,
     ) -> None:
         """A writer of the run ``lo``..``hi`` at ``path`` (created; it must not exist).
+
+        ``live``: the store's live keys as of ``hi``, recorded in the header
+        (a run from generation 0 counts its own, whatever is given).
 
         With the C builder, index sections (filter, fences, radix) of at least
         ``map_index_from`` bytes (None: the builder's default, 1 MiB) are written
@@ -599,6 +613,7 @@ class RunWriter:
         self.path = path
         self._expected = expected
         self._lo, self._hi, self._tag = lo, hi, tag
+        self._live = live
         self._geometry = Geometry(expected, capacity, 0)
         g = self._geometry
         self._done = False  # finished or aborted
@@ -795,6 +810,7 @@ class RunWriter:
 
     def _headers(self, g: Geometry, prefix: int, shift: int, base: int) -> bytes:
         """The file header and the run header (bytes 0 .. ``FILTER_OFFSET``)."""
+        live = self._count - self._removals if self._lo == 0 else self._live
         run_header = RUN_HEADER.pack(
             self._lo,
             g.capacity,
@@ -804,6 +820,7 @@ class RunWriter:
             prefix,
             shift,
             base,
+            0 if live is None else live + 1,
             0,
         )[:-CRC_SIZE]
         file_header = FileHeader(

@@ -9,6 +9,7 @@ the last reader lets go of it (an unlinked file stays readable until then).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import os
@@ -17,7 +18,12 @@ from typing import Any, Protocol
 
 from ..errors import CannotLoadStore
 from . import filesystem
-from .accel import AcceleratedRunBuilder, RunCorrupt, accelerated_find_first
+from .accel import (
+    AcceleratedRunBuilder,
+    RunCorrupt,
+    accelerated_count_changes,
+    accelerated_find_first,
+)
 from .datafile import DataFile
 from .framing import Expected, crc32
 from .levels import Span
@@ -33,6 +39,8 @@ class Source(Protocol):
     span: Span
     tag: int
     count: int
+    #: Live keys of the store as of the source's last generation, None when not known.
+    live: int | None
 
     @property
     def reader(self) -> Any:
@@ -81,6 +89,7 @@ class LegacyData:
         self.span = Span(0, data.generation - 1)
         self.tag = data.tag
         self.count = data.count
+        self.live: int | None = data.count  # it holds no removals
         self.reader = None
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
@@ -133,6 +142,7 @@ class RunStack:
 
     def __init__(self, runs: Sequence[Source] = ()) -> None:
         self.runs: tuple[Source, ...] = tuple(runs)
+        self._counted: int | None = None  # count_live's count, when the runs record none
         self._newest_first = self.runs[::-1]
         readers = [run.reader for run in self._newest_first]
         #: The runs' C readers, newest first, when every run has one (the C read path
@@ -170,6 +180,35 @@ class RunStack:
             [run.rows(start, stop, reverse=reverse) for run in self._newest_first],
             reverse=reverse,
         )
+
+    @property
+    def live(self) -> int | None:
+        """Live keys in the runs together (the newest run's count), None when not known."""
+        if not self.runs:
+            return 0
+        recorded = self.runs[-1].live
+        return self._counted if recorded is None else recorded
+
+    def count_changes(self, bindings: dict[bytes, bytes | None]) -> int:
+        """How many more live keys there are with ``bindings`` (None: a removal) on top of
+        the runs (one lookup a key: in C without the GIL when every run has a reader)."""
+        if self.readers is not None:
+            assert accelerated_count_changes is not None
+            with contextlib.suppress(RunCorrupt):  # each key again: Python's handling of damage
+                return accelerated_count_changes(self.readers, bindings)
+        changes = 0
+        for key, value in bindings.items():
+            changes += (value is not None) - (self._find_in_each(key) is not None)
+        return changes
+
+    def count_live(self) -> int:
+        """:attr:`live`, counted by reading every row once when no run records it."""
+        live = self.live
+        if live is None:
+            live = self._counted = sum(
+                not isinstance(value, Removed) for _, value in self.rows()
+            )
+        return live
 
     @property
     def spans(self) -> list[Span]:
@@ -220,15 +259,18 @@ def write_run(
     drop_removals: bool = False,
     cancelled: Callable[[], bool] | None = None,
     fsync: bool = True,
+    live: int | None = None,
 ) -> int:
     """Write the run of ``span`` at ``path`` from ``rows`` (in key order); return its row count.
+
+    ``live`` is recorded as the store's live keys as of the run (see run.py).
 
     Removals are left out with ``drop_removals`` (nothing older remains for
     them to hide). The rows go to the writer a batch at a time (one C call
     each with the C run builder); ``cancelled`` is asked before each batch;
     when it says so the file is deleted and :class:`Cancelled` raised.
     """
-    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag)
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live)
     try:
         iterator = iter(rows)
         while batch := list(itertools.islice(iterator, _CANCEL_CHECK)):
@@ -255,11 +297,12 @@ def write_bindings(
     *,
     tag: int = 0,
     drop_removals: bool = False,
+    live: int | None = None,
 ) -> int:
     """Write the run of ``span`` at ``path`` from a log's ``bindings`` (None: a removal,
     left out with ``drop_removals``); return its row count. With the C run builder
-    the sort and the writing run without the GIL."""
-    writer = RunWriter(path, expected, span.lo, span.hi, len(bindings), tag)
+    the sort and the writing run without the GIL. ``live`` as for ``write_run``."""
+    writer = RunWriter(path, expected, span.lo, span.hi, len(bindings), tag, live=live)
     try:
         writer.add_bindings(bindings, drop_removals=drop_removals)
         writer.finish()
@@ -290,6 +333,7 @@ def merge_runs(
     merge up (the file deleted, :class:`Cancelled` raised).
     """
     capacity = sum(source.count for source in sources)
+    live = sources[0].live if sources else 0  # the store as of the newest source
     runs = [source for source in sources if isinstance(source, Run)]
     readers = tuple(run.reader for run in runs if run.reader is not None)
     if AcceleratedRunBuilder is None or len(readers) != len(sources):
@@ -303,8 +347,9 @@ def merge_runs(
             drop_removals=drop_removals,
             cancelled=None if cancel is None else lambda: bool(cancel[0]),
             fsync=fsync,
+            live=live,
         )
-    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag)
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live)
     try:
         try:
             done = writer.merge(

@@ -236,21 +236,46 @@ class EngineStore(Store):
     def _after_sync(self) -> None:
         """Refresh what the kind keeps beside the engine (in the exclusive section)."""
 
-    def _snapshot(self) -> Iterator[tuple[bytes, bytes]]:
-        """The engine's snapshot of every binding, taken now, checked lazily for close."""
+    def _snapshot(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The engine's snapshot of the bindings with ``start <= key < stop`` (decoded keys,
+        None: open) in key order, taken now, checked lazily for close."""
+        low, high = self._bounds(start, stop)
         with self._waiter.task():
             self._check_open()
-            snapshot = self._engine.items()
+            snapshot = self._engine.items(low, high, reverse=reverse)
         return self._while_open(snapshot)
+
+    def _bounds(self, start: Any, stop: Any) -> tuple[bytes | None, bytes | None]:
+        """``start`` and ``stop`` encoded (None stays None)."""
+        return (
+            None if start is None else self._encode(self._key, start),
+            None if stop is None else self._encode(self._key, stop),
+        )
+
+    def __len__(self) -> int:
+        """The exact number of live bindings."""
+        with self._waiter.task():
+            self._check_open()
+            return self._engine.live_count()
+
+    def __bool__(self) -> bool:
+        """Always true, as any open or closed store object: ``len(store)`` tells if it is empty."""
+        return True
+
 
     def _mem_nowait(self, key: Any) -> bool | WouldBlock:
         encoded = self._encode(self._key, key)
         found = self._in_task_nowait(partial(self._engine.get, encoded))
         return found if isinstance(found, WouldBlock) else found is not None
 
-    def _snapshot_nowait(self) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
+    def _snapshot_nowait(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
         """``_snapshot`` if its task can start without waiting."""
-        snapshot = self._in_task_nowait(self._engine.items)
+        low, high = self._bounds(start, stop)
+        snapshot = self._in_task_nowait(partial(self._engine.items, low, high, reverse=reverse))
         return snapshot if isinstance(snapshot, WouldBlock) else self._while_open(snapshot)
 
     def _close_resources(self) -> None:

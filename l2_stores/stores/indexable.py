@@ -141,25 +141,52 @@ class IndexableStore(Collectable):
             engine.can_put_at_once, partial(engine.put, encoded_key, encoded_value, flush=flush)
         )
 
-    def keys(self) -> Iterator[Any]:
-        """Every key bound at the time of the call, once each, in no particular order."""
-        return self._decoded(self._snapshot(), with_values=False)
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys bound now with ``start <= key < stop`` (None: open), in key order
+        (``reverse``: descending), each once."""
+        return self._decoded(self._snapshot(start, stop, reverse), with_values=False)
 
-    def items(self) -> Iterator[tuple[Any, Any]]:
-        """Every (key, value) bound at the time of the call, once each, in no particular order."""
-        return self._decoded(self._snapshot(), with_values=True)
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """The ``(key, value)`` pairs bound now with ``start <= key < stop``, as ``keys``."""
+        return self._decoded(self._snapshot(start, stop, reverse), with_values=True)
 
-    def _keys_nowait(self) -> Iterator[Any] | WouldBlock:
-        snapshot = self._snapshot_nowait()
+    def _keys_nowait(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[Any] | WouldBlock:
+        snapshot = self._snapshot_nowait(start, stop, reverse)
         if isinstance(snapshot, WouldBlock):
             return snapshot
         return self._decoded(snapshot, with_values=False)
 
-    def _items_nowait(self) -> Iterator[tuple[Any, Any]] | WouldBlock:
-        snapshot = self._snapshot_nowait()
+    def _items_nowait(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[tuple[Any, Any]] | WouldBlock:
+        snapshot = self._snapshot_nowait(start, stop, reverse)
         if isinstance(snapshot, WouldBlock):
             return snapshot
         return self._decoded(snapshot, with_values=True)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The keys, in key order."""
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        """``mem``."""
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        """``find``; KeyError when ``key`` is not bound."""
+        value = self.find(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``find``, or ``default`` when ``key`` is not bound."""
+        value = self.find(key)
+        return default if value is None else value
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
         decode_key, decode_value = self._key.decode, self._value.decode

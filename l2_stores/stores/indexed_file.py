@@ -327,32 +327,63 @@ class IndexedFileBase(Collectable):
         offset, length, number = POINTER.unpack_from(entry)
         return self._values.read(number, offset, length, key), entry[POINTER.size :]
 
-    def keys(self) -> Iterator[Any]:
-        """Every key with a value at the time of the call, once each, in no particular order."""
-        return self._keys(self._snapshot())
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys with a value now and ``start <= key < stop`` (None: open), in key order
+        (``reverse``: descending), each once."""
+        return self._keys(self._snapshot(start, stop, reverse))
 
     def _keys(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[Any]:
         for key, _ in snapshot:
             yield self._decode(self._key, key)
 
-    def items(self) -> Iterator[tuple[Any, tuple[Any, Any]]]:
-        """Every ``(key, (value, header))`` at the time of the call, in no particular order."""
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        """The ``(key, (value, header))`` pairs now with ``start <= key < stop``, as ``keys``."""
+        low, high = self._bounds(start, stop)
         with self._waiter.task():
             self._check_open()
-            snapshot = self._engine.items()
+            snapshot = self._engine.items(low, high, reverse=reverse)
             pinned = self._values.pin()  # readable even after a GC deleted them
         return self._items(self._while_open(snapshot), pinned)
 
-    def _keys_nowait(self) -> Iterator[Any] | WouldBlock:
-        snapshot = self._snapshot_nowait()
+    def _keys_nowait(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[Any] | WouldBlock:
+        snapshot = self._snapshot_nowait(start, stop, reverse)
         return snapshot if isinstance(snapshot, WouldBlock) else self._keys(snapshot)
 
-    def _items_nowait(self) -> Iterator[tuple[Any, tuple[Any, Any]]] | WouldBlock:
-        taken = self._in_task_nowait(lambda: (self._engine.items(), self._values.pin()))
+    def _items_nowait(
+        self, start: Any = None, stop: Any = None, reverse: bool = False
+    ) -> Iterator[tuple[Any, tuple[Any, Any]]] | WouldBlock:
+        low, high = self._bounds(start, stop)
+        taken = self._in_task_nowait(
+            lambda: (self._engine.items(low, high, reverse=reverse), self._values.pin())
+        )
         if isinstance(taken, WouldBlock):
             return taken
         snapshot, pinned = taken
         return self._items(self._while_open(snapshot), pinned)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The keys, in key order."""
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        """``mem``."""
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> tuple[Any, Any]:
+        """``read``: ``(value, header)``; KeyError when ``key`` has no value."""
+        found = self.read(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``read``, or ``default`` when ``key`` has no value."""
+        found = self.read(key)
+        return default if found is None else found
 
     def _items(
         self, snapshot: Iterator[tuple[bytes, bytes]], pinned: dict[int, Any]

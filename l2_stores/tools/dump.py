@@ -1,31 +1,71 @@
-"""``l2-stores dump``: every live binding of one store, as hex."""
+"""``l2-stores dump``: the live bindings of one store, as hex, in key order."""
 
 from __future__ import annotations
 
 import itertools
+import string
 from collections.abc import Iterator
 
+from ..errors import StoreError
 from ..stores.base import Store
 from .on_disk import Kind, StoreOnDisk
 
 
-def bindings(store: StoreOnDisk, limit: int | None = None) -> Iterator[dict[str, str]]:
-    """The bindings of ``store`` as ``{"key", "value"[, "header"]}`` hex strings, in no order."""
+def bindings(
+    store: StoreOnDisk,
+    limit: int | None = None,
+    *,
+    start: str | None = None,
+    stop: str | None = None,
+    reverse: bool = False,
+) -> Iterator[dict[str, str]]:
+    """The bindings of ``store`` with ``start <= key < stop`` (see :func:`parse_key`), as
+    ``{"key", "value"[, "header"]}`` hex strings, in key order (``reverse``: descending)."""
+    key_size = store.sizes().key
+    low = None if start is None or key_size is None else parse_key(start, key_size, store)
+    high = None if stop is None or key_size is None else parse_key(stop, key_size, store)
     opened = store.open()
     if opened is None:
         return
     with opened:
-        yield from itertools.islice(_rows(store.kind, opened), limit)
+        yield from itertools.islice(_rows(store.kind, opened, low, high, reverse), limit)
 
 
-def _rows(kind: Kind, store: Store) -> Iterator[dict[str, str]]:
+def parse_key(text: str, key_size: int, store: StoreOnDisk) -> bytes:
+    """A key given on the command line: ``2 * key_size`` hex digits (a whole key, as
+    ``dump`` prints it), ``0x`` and hex digits (a prefix, zeros after it), or a decimal
+    number (a big-endian integer key, as ``Int32ub`` and the like encode it)."""
+    digits = text[2:] if text.lower().startswith("0x") else text
+    whole = len(text) == 2 * key_size and all(ch in string.hexdigits for ch in text)
+    try:
+        if whole or digits is not text:
+            key = bytes.fromhex(digits)
+            if len(key) > key_size:
+                raise ValueError(f"{len(key)} bytes, the keys have {key_size}")
+            return key.ljust(key_size, b"\x00")
+        if text.isdigit():
+            return int(text).to_bytes(key_size, "big")
+        raise ValueError("neither hex digits nor a number")
+    except (ValueError, OverflowError) as error:
+        raise StoreError(
+            f"bad key {text!r}: {error}; give {2 * key_size} hex digits, 0x and a hex "
+            "prefix, or a number",
+            name=store.name,
+            path=store.path,
+        ) from None
+
+
+def _rows(
+    kind: Kind, store: Store, start: bytes | None, stop: bytes | None, reverse: bool
+) -> Iterator[dict[str, str]]:
     if kind is Kind.SINGLETON:
         value = store.read()  # type: ignore[attr-defined]
         if value is not None:
             yield {"value": value.hex()}
     elif kind is Kind.INDEXED_FILE:
-        for key, (value, header) in store.items():  # type: ignore[attr-defined]
+        pairs = store.items(start, stop, reverse=reverse)  # type: ignore[attr-defined]
+        for key, (value, header) in pairs:
             yield {"key": key.hex(), "header": header.hex(), "value": value.hex()}
     else:
-        for key, value in store.items():  # type: ignore[attr-defined]
+        for key, value in store.items(start, stop, reverse=reverse):  # type: ignore[attr-defined]
             yield {"key": key.hex(), "value": value.hex()}

@@ -14,6 +14,8 @@
 static PyMethodDef runs_functions[] = {
     {"find_first", (PyCFunction)(void (*)(void))runs_find_first, METH_FASTCALL,
      runs_find_first_doc},
+    {"count_changes", (PyCFunction)(void (*)(void))runs_count_changes, METH_FASTCALL,
+     runs_count_changes_doc},
     {NULL, NULL, 0, NULL},
 };
 

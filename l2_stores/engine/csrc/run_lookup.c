@@ -65,9 +65,23 @@ floor_div(Py_ssize_t a, Py_ssize_t b)
     return (a % b != 0 && a < 0) ? q - 1 : q;
 }
 
+/* Where a lookup without the GIL (count_changes) records the corruption it
+   meets, for its caller to raise once it holds the GIL again. */
+typedef struct {
+    const char *what;
+    Py_ssize_t offset;
+} run_fault;
+
+static _Thread_local run_fault *gil_free_fault;
+
 static void
 corrupt(const char *what, Py_ssize_t offset)
 {
+    if (gil_free_fault != NULL) {
+        gil_free_fault->what = what;
+        gil_free_fault->offset = offset;
+        return;
+    }
     PyObject *args = Py_BuildValue("(sn)", what, offset);
     if (args != NULL) {
         PyErr_SetObject(RunCorrupt, args);
@@ -110,7 +124,8 @@ check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
     Py_ssize_t last = floor_div(end - 1 - self->filter_at, RUN_PAGE);
     const unsigned char *run = run_bytes(self);
     for (Py_ssize_t page = first; page <= last; page++) {
-        if (self->checked[page >> 3] & (1u << (page & 7)))
+        unsigned char bit = (unsigned char)(1u << (page & 7));
+        if (__atomic_load_n(&self->checked[page >> 3], __ATOMIC_RELAXED) & bit)
             continue;
         Py_ssize_t low = self->filter_at + page * RUN_PAGE;
         Py_ssize_t high = low + RUN_PAGE < self->rows_at ? low + RUN_PAGE : self->rows_at;
@@ -119,7 +134,7 @@ check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
             corrupt(PAGE_MISMATCH, low);
             return -1;
         }
-        self->checked[page >> 3] |= (unsigned char)(1u << (page & 7));
+        __atomic_fetch_or(&self->checked[page >> 3], bit, __ATOMIC_RELAXED);
     }
     return 0;
 }
@@ -298,39 +313,57 @@ within_bounds(const RunReader *self, const unsigned char *key, Py_ssize_t length
            compare(key, length, last_key(self), self->key_size) <= 0;
 }
 
-/* Run.find: a new reference to the value, removed or None; NULL with an
-   error set. */
-static PyObject *
-lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
+/* Run.find's steps, without allocating: 1 the run holds key's value (at
+   row *found), 2 its removal, 0 nothing of key, -1 corruption (reported by
+   corrupt). Needs no GIL when corrupt records (count_changes). */
+static int
+lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes,
+             Py_ssize_t *found)
 {
     if (!self->count || !within_bounds(self, key, length))
-        Py_RETURN_NONE;
+        return 0;
     int maybe = may_contain(self, probes);
     if (maybe <= 0)
-        return maybe < 0 ? NULL : Py_NewRef(Py_None);
+        return maybe;
     Py_ssize_t low, high, index, seen;
     if (rows_of_key(self, key, length, &low, &high) < 0)
-        return NULL;
+        return -1;
     prefetch_rows(self, low, high);
     index = bisect_keys(self, key, length, low, high);
     int state = decide(self, key, length, index);
     if (state < 0) {
         int seen_state = 0;
         if (lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
-            return NULL;
+            return -1;
         if (index == high)
-            Py_RETURN_NONE;
+            return 0;
         state = index == seen ? seen_state : row_state(self, index);
         if (!state) {
             corrupt(ROW_MISMATCH, row_offset(self, index));
-            return NULL;
+            return -1;
         }
     }
     const unsigned char *row = run_bytes(self) + row_offset(self, index);
     if (!state || length != self->key_size || memcmp(row, key, (size_t)length) != 0)
+        return 0;
+    *found = index;
+    return state;
+}
+
+/* Run.find: a new reference to the value, removed or None; NULL with an
+   error set. */
+static PyObject *
+lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
+{
+    Py_ssize_t index = 0;
+    int state = lookup_state(self, key, length, probes, &index);
+    if (state < 0)
+        return NULL;
+    if (state == 0)
         Py_RETURN_NONE;
     if (state == 2)
         return Py_NewRef(self->removed);
+    const unsigned char *row = run_bytes(self) + row_offset(self, index);
     return PyBytes_FromStringAndSize((const char *)row + self->key_size, self->value_size);
 }
 
@@ -652,6 +685,10 @@ reader_page_checked(RunReader *self, PyObject *page_object)
 static PyObject *
 reader_release(RunReader *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->in_use) { /* count_changes reads it without the GIL: it releases it */
+        self->release_pending = 1;
+        Py_RETURN_NONE;
+    }
     if (self->held) {
         self->held = 0;
         PyBuffer_Release(&self->buffer);
@@ -774,4 +811,102 @@ runs_find_first(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     if (readers_check(args[0], "find_first") < 0 || key_bytes(args[1], &key, &length) < 0)
         return NULL;
     return first_answer(args[0], key, length);
+}
+
+/* ---------------------------------------------------------- count_changes */
+
+const char runs_count_changes_doc[] =
+    "count_changes(readers, bindings, /) -> int: how many more live keys the runs (a tuple,\n"
+    "newest first) hold with bindings (a dict: key -> value, or None for a removal) on top:\n"
+    "for each key, 1 if its value is not None, less 1 if the runs hold a value for it. The\n"
+    "lookups run without the GIL. A RunCorrupt it raises has the reader's index.";
+
+PyObject *
+runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "count_changes(readers, bindings: dict, /)");
+        return NULL;
+    }
+    PyObject *readers = args[0], *bindings = args[1];
+    if (readers_check(readers, "count_changes") < 0)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(readers);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!usable((RunReader *)PyTuple_GET_ITEM(readers, i)))
+            return NULL;
+    Py_ssize_t count = PyDict_GET_SIZE(bindings);
+    if (n == 0 || count == 0) { /* nothing to look up: the values alone */
+        Py_ssize_t live = 0, position = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(bindings, &position, &key, &value))
+            live += value != Py_None;
+        return PyLong_FromSsize_t(live);
+    }
+    Py_ssize_t key_size = ((RunReader *)PyTuple_GET_ITEM(readers, 0))->key_size;
+    /* the keys copied (the dict is not read without the GIL), then whether each is bound */
+    unsigned char *keys = PyMem_Malloc((size_t)(count * key_size) + 1);
+    unsigned char *bound = PyMem_Malloc((size_t)count + 1);
+    if (keys == NULL || bound == NULL) {
+        PyMem_Free(keys);
+        PyMem_Free(bound);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t position = 0, i = 0, live = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(bindings, &position, &key, &value)) {
+        if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_size) {
+            PyMem_Free(keys);
+            PyMem_Free(bound);
+            PyErr_SetString(PyExc_ValueError, "count_changes: a key of another size");
+            return NULL;
+        }
+        memcpy(keys + i * key_size, PyBytes_AS_STRING(key), (size_t)key_size);
+        bound[i++] = value != Py_None;
+    }
+    for (Py_ssize_t r = 0; r < n; r++)
+        ((RunReader *)PyTuple_GET_ITEM(readers, r))->in_use++;
+    run_fault fault = {NULL, 0};
+    Py_ssize_t failed = -1;
+    Py_BEGIN_ALLOW_THREADS
+    gil_free_fault = &fault;
+    for (Py_ssize_t k = 0; k < count && failed < 0; k++) {
+        const unsigned char *at = keys + k * key_size;
+        filter_probes probes = filter_probes_of(crc32_of(at, key_size));
+        for (Py_ssize_t r = 0; r < n; r++) {
+            RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, r);
+            if (reader->count && within_bounds(reader, at, key_size))
+                filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks,
+                                probes);
+        }
+        int state = 0;
+        for (Py_ssize_t r = 0; r < n && state == 0; r++) {
+            Py_ssize_t row;
+            state = lookup_state((RunReader *)PyTuple_GET_ITEM(readers, r), at, key_size,
+                                 probes, &row);
+            if (state < 0)
+                failed = r;
+        }
+        live += bound[k] - (state == 1);
+    }
+    gil_free_fault = NULL;
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < n; r++) {
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, r);
+        if (--reader->in_use == 0 && reader->release_pending) {
+            reader->release_pending = 0;
+            if (reader->held) {
+                reader->held = 0;
+                PyBuffer_Release(&reader->buffer);
+            }
+        }
+    }
+    PyMem_Free(keys);
+    PyMem_Free(bound);
+    if (failed >= 0) {
+        corrupt(fault.what, fault.offset);
+        note_reader(failed);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(live);
 }

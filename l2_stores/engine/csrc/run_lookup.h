@@ -26,7 +26,10 @@ typedef struct {
     Py_ssize_t shift;
     uint64_t base;
     Py_ssize_t pages;       /* index pages: filter, fences and radix */
-    unsigned char *checked; /* one bit a page, set once its checksum held */
+    unsigned char *checked; /* one bit a page, set once its checksum held (atomically:
+                               count_changes looks up without the GIL) */
+    int in_use;             /* count_changes calls using it without the GIL */
+    int release_pending;    /* release() was asked meanwhile: done when they end */
 } RunReader;
 
 
@@ -43,6 +46,11 @@ RUNS_INTERNAL int readers_check(PyObject *readers, const char *who);
    None, or NULL with an error (RunCorrupt naming the reader). */
 RUNS_INTERNAL PyObject *first_answer(PyObject *readers, const unsigned char *key,
                                      Py_ssize_t length);
+
+/* _runs.count_changes(readers, bindings). */
+RUNS_INTERNAL PyObject *runs_count_changes(PyObject *module, PyObject *const *args,
+                                           Py_ssize_t nargs);
+RUNS_INTERNAL extern const char runs_count_changes_doc[];
 
 /* run.py's _normalized: the 8 bytes after the prefix, zero-padded, big-endian
    (the radix's coordinate of a key, for the reader and the writer alike). */

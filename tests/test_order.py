@@ -1,0 +1,304 @@
+"""Order, ranges and the mapping protocol (API.md "Order, ranges and the mapping protocol").
+
+Model-based: random scenarios of adds, removes, flushes, reloads and GCs on a
+store with many runs (a tiny ``index_buffer_size``), checked after each step
+against a sorted witness: ``keys``/``items`` with ``start``, ``stop`` and
+``reverse``, ``in``, ``[]``, ``get``, ``iter`` and an exact ``len``. Then
+snapshots under concurrent writers, run counts written before they existed,
+indexed files, the asyncio face and bad bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import construct as c
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from l2_stores import (
+    CodecError,
+    Mode,
+    Retain,
+    aio,
+    make_indexable,
+    make_indexable_removable,
+    make_indexed_file,
+)
+from l2_stores.engine import layout
+from l2_stores.engine.run import REMOVED, RUN_HEADER
+
+PAIR = c.Struct("level" / c.Int32ub, "index" / c.Int16ub)
+
+Hashes = make_indexable_removable("order_hashes", c.Bytes(32), c.Bytes(4))
+Levels = make_indexable_removable("order_levels", c.Int32ub, c.Bytes(4))
+Messages = make_indexable_removable("order_messages", PAIR, c.Bytes(4))
+
+
+def _hash_key(i: int) -> bytes:
+    return zlib.crc32(i.to_bytes(4, "big")).to_bytes(4, "big") * 8
+
+
+def _pair_key(i: int) -> Any:
+    return c.Container(level=i // 7, index=i % 7)
+
+
+def _plain(key: Any) -> Any:
+    return (key.level, key.index) if isinstance(key, c.Container) else key
+
+
+KINDS = {
+    "bytes32": (Hashes, _hash_key),
+    "int32ub": (Levels, lambda i: i),
+    "struct": (Messages, _pair_key),
+}
+
+
+def _encoded(cls: Any, key: Any) -> bytes:
+    return bytes(cls.key_codec.build(key))
+
+
+def check_against(store: Any, model: dict[bytes, tuple[Any, bytes]], bounds: list[Any]) -> None:
+    """Every ordered question of the API against the witness (encoded key -> (key, value))."""
+    cls = type(store)
+    ordered = sorted(model)
+    assert [_plain(k) for k in store.keys(None, None)] == [_plain(model[e][0]) for e in ordered]
+    assert [_plain(k) for k in iter(store)] == [_plain(model[e][0]) for e in ordered]
+    assert len(store) == len(model)
+    for start, stop in zip(bounds, [*bounds[1:], None], strict=True):
+        low = None if start is None else _encoded(cls, start)
+        high = None if stop is None else _encoded(cls, stop)
+        chosen = [
+            e for e in ordered if (low is None or e >= low) and (high is None or e < high)
+        ]
+        want = [(_plain(model[e][0]), model[e][1]) for e in chosen]
+        got = [(_plain(k), v) for k, v in store.items(start, stop)]
+        assert got == want
+        got = [(_plain(k), v) for k, v in store.items(start, stop, reverse=True)]
+        assert got == want[::-1]
+        assert [_plain(k) for k in store.keys(start, stop, reverse=True)] == [
+            k for k, _ in want[::-1]
+        ]
+    for start in bounds:
+        if start is None:
+            continue
+        encoded = _encoded(cls, start)
+        assert (start in store) is (encoded in model)
+        if encoded in model:
+            assert store[start] == model[encoded][1] == store.get(start)
+        else:
+            with pytest.raises(KeyError):
+                store[start]
+            assert store.get(start, "absent") == "absent"
+
+
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "add", "remove", "flush", "reload", "gc", "check"]),
+        st.integers(0, 60),
+        st.integers(0, 2**32 - 1),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=actions, buffer=st.sampled_from([1, 2, 3, 7]), probes=st.lists(st.integers(0, 60)))
+def test_ordered_reads_match_a_sorted_witness(
+    kind: str, steps: list[tuple[str, int, int]], buffer: int, probes: list[int]
+) -> None:
+    import tempfile
+
+    cls, make_key = KINDS[kind]
+    probed = {_encoded(cls, make_key(i)): make_key(i) for i in probes}
+    bounds = [None, *(probed[e] for e in sorted(probed))]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "store")
+        store = cls.load(path, index_buffer_size=buffer)
+        model: dict[bytes, tuple[Any, bytes]] = {}
+        try:
+            for action, i, word in steps:
+                key = make_key(i)
+                encoded = _encoded(cls, key)
+                value = word.to_bytes(4, "big")
+                if action == "add":
+                    store.add(key, value, flush=False)
+                    model[encoded] = (key, value)
+                elif action == "remove":
+                    store.remove(key, flush=False)
+                    model.pop(encoded, None)
+                elif action == "flush":
+                    store.flush()
+                elif action == "reload":
+                    store.close()
+                    store = cls.load(path, index_buffer_size=buffer)
+                elif action == "gc":
+                    kept = [model[e][0] for e in sorted(model)[::2]]
+                    store.gc(Retain(kept), background=False)
+                    model = {_encoded(cls, k): model[_encoded(cls, k)] for k in kept}
+                else:
+                    check_against(store, model, bounds)
+            check_against(store, model, bounds)
+            store.close()
+            store = cls.load(path, index_buffer_size=buffer)
+            check_against(store, model, bounds)
+        finally:
+            store.close()
+
+
+def test_big_endian_keys_iterate_numerically_little_endian_ones_do_not(tmp_path: Path) -> None:
+    little = make_indexable("order_little", c.Int32ul, c.Bytes(1))
+    with Levels.load(tmp_path / "big", index_buffer_size=16) as big, little.load(
+        tmp_path / "little", index_buffer_size=16
+    ) as small:
+        for level in (1, 256, 2, 65536, 3):
+            big.add(level, b"\x00\x00\x00\x00")
+            small.add(level, b"x")
+        assert list(big.keys()) == [1, 2, 3, 256, 65536]
+        assert list(small.keys()) == [65536, 256, 1, 2, 3]  # byte order of the encoding
+
+
+def test_the_last_levels_and_the_oldest(tmp_path: Path) -> None:
+    with Levels.load(tmp_path / "levels", index_buffer_size=100) as levels:
+        for level in range(50, 1_050):
+            levels.add(level, level.to_bytes(4, "big"), flush=False)
+        last = [level for level, _ in zip(levels.keys(reverse=True), range(100), strict=False)]
+        assert last == list(range(1_049, 949, -1))
+        assert next(iter(levels)) == 50
+        assert list(levels.keys(500, 503)) == [500, 501, 502]
+        assert len(levels) == 1_000
+
+
+def test_a_levels_messages_by_struct_key(tmp_path: Path) -> None:
+    with Messages.load(tmp_path / "messages", index_buffer_size=10) as messages:
+        for level in range(20):
+            for index in range(level % 5):
+                messages.add({"level": level, "index": index}, b"msg" + bytes([index]))
+        found = [
+            (k.level, k.index)
+            for k in messages.keys({"level": 12, "index": 0}, {"level": 13, "index": 0})
+        ]
+        assert found == [(12, 0), (12, 1)]
+
+
+def test_an_iterator_is_a_snapshot_under_concurrent_writers(tmp_path: Path) -> None:
+    store = Levels.load(tmp_path / "levels", index_buffer_size=50)
+    for level in range(2_000):
+        store.add(level, b"old!", flush=False)
+    before = dict(store.items())
+    iterators = [store.items(), store.items(500, 1_500), store.items(reverse=True)]
+    firsts = [next(iterator) for iterator in iterators]  # started, not finished
+
+    def write(offset: int) -> None:
+        for level in range(offset, 4_000, 4):
+            if level % 3:
+                store.add(level, b"new!", flush=False)
+            else:
+                store.remove(level, flush=False)
+
+    writers = [threading.Thread(target=write, args=(offset,)) for offset in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    store.gc(Retain(range(0, 4_000, 2)), background=False)
+    expected = sorted(before.items())
+    assert [firsts[0], *iterators[0]] == expected
+    assert [firsts[1], *iterators[1]] == [(k, v) for k, v in expected if 500 <= k < 1_500]
+    assert [firsts[2], *iterators[2]] == expected[::-1]
+    now = {k: b"new!" for k in range(4_000) if k % 3 and k % 2 == 0}
+    assert dict(store.items()) == now and len(store) == len(now)
+    store.close()
+
+
+def _forget_counts(path: Path) -> int:
+    """Zero the live count of every run (as runs written before it existed), checksums
+    kept; return how many runs."""
+    runs = layout.scan(str(path)).runs
+    for span in runs:
+        run = path / layout.run_name(span)
+        data = bytearray(run.read_bytes())
+        fields = list(RUN_HEADER.unpack(data[64:128]))
+        fields[-2] = 0
+        body = RUN_HEADER.pack(*fields)[:-4]
+        data[64:128] = body + zlib.crc32(body).to_bytes(4, "little")
+        run.write_bytes(bytes(data))
+    return len(runs)
+
+
+def _recorded_counts(path: Path) -> list[int]:
+    return [
+        RUN_HEADER.unpack((path / layout.run_name(span)).read_bytes()[64:128])[-2]
+        for span in layout.scan(str(path)).runs
+    ]
+
+
+def test_runs_without_a_count_are_counted_once_then_counts_are_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "levels"
+    with Levels.load(path, index_buffer_size=20) as store:
+        for level in range(300):
+            store.add(level, b"abcd", flush=False)
+        for level in range(0, 300, 7):
+            store.remove(level, flush=False)
+    assert all(_recorded_counts(path))
+    assert _forget_counts(path) > 2
+    expected = 300 - len(range(0, 300, 7))
+    with Levels.load(path, index_buffer_size=20) as store:
+        assert len(store) == expected  # counted by reading the runs
+        for level in range(300, 340):  # flushes on top of the counted runs
+            store.add(level, b"abcd", flush=False)
+        assert len(store) == expected + 40
+    assert _recorded_counts(path)[-1]  # the flushes since recorded theirs
+    with Levels.load(path, Mode.READ_ONLY) as reader:
+        assert len(reader) == expected + 40
+        runs = reader._engine._stack
+        newest = runs.runs[-1].live
+        assert newest == sum(value is not REMOVED for _, value in runs.rows())
+
+
+def test_indexed_files_iterate_in_key_order_with_values_and_headers(tmp_path: Path) -> None:
+    Blocks = make_indexed_file("order_blocks", c.Int32ub, c.GreedyBytes, c.Bytes(2))
+    with Blocks.load(tmp_path / "blocks", index_buffer_size=4) as blocks:
+        for level in (5, 1, 9, 3, 7, 3):
+            blocks.append(level, b"block %d" % level * level, struct.pack(">H", level))
+        assert list(blocks) == [1, 3, 5, 7, 9] and len(blocks) == 5
+        assert list(blocks.items(3, 7, reverse=True)) == [
+            (5, (b"block 5" * 5, b"\x00\x05")),
+            (3, (b"block 3" * 3, b"\x00\x03")),
+        ]
+        assert blocks[9] == (b"block 9" * 9, b"\x00\x09") and 4 not in blocks
+        with pytest.raises(KeyError):
+            blocks[4]
+
+
+def test_asyncio_ranges(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with aio.open(Levels, tmp_path / "levels", index_buffer_size=8) as levels:
+            for level in range(40):
+                await levels.add(level, level.to_bytes(4, "big"), flush=False)
+            assert [k async for k in levels.keys(10, 15)] == [10, 11, 12, 13, 14]
+            assert [k async for k in levels.keys(35, reverse=True)] == [39, 38, 37, 36, 35]
+            assert [k async for k, _ in levels.items(None, 2)] == [0, 1]
+            assert [k async for k in levels][:3] == [0, 1, 2]
+
+    asyncio.run(main())
+
+
+def test_bad_bounds_name_the_store(tmp_path: Path) -> None:
+    with Levels.load(tmp_path / "levels") as levels:
+        levels.add(1, b"abcd")
+        with pytest.raises(CodecError, match="order_levels") as caught:
+            list(levels.keys("one"))
+        assert caught.value.path == str(tmp_path / "levels")
+        with pytest.raises(CodecError, match="order_levels"):
+            levels.items(stop=-1)
+        assert list(levels.keys()) == [1]
