@@ -419,11 +419,70 @@ def run_aio(slug: str, directory: str, n: int, seed: int) -> dict[str, Any]:
     return result
 
 
+def run_o(slug: str, directory: str, n: int, seed: int, keys: str = "sequential") -> dict[str, Any]:
+    """Workload O (order): N bindings loaded, closed and reopened; then a full ordered
+    scan, seeks to random keys, the last 100 bindings, and the exact count.
+
+    ``keys``: ``sequential`` (a big-endian counter, as levels) or ``random``.
+    """
+    peer = PEERS[slug]
+    rng = random.Random(seed)
+    blob = sequential_keys(0, n) if keys == "sequential" else random_bytes(rng, KEY_SIZE * n)
+    path = os.path.join(directory, "store")
+    result: dict[str, Any] = {"store": peer.name, "n": n, "setting": peer.setting, "keys": keys}
+    store = peer.open_o(path)
+    step = 1_000_000
+    for at in range(0, n, step):
+        chunk = blob[at * KEY_SIZE : min(n, at + step) * KEY_SIZE]
+        pairs = [
+            (chunk[i : i + KEY_SIZE], chunk[i : i + KEY_SIZE])
+            for i in range(0, len(chunk), KEY_SIZE)
+        ]
+        if keys == "random":
+            rng.shuffle(pairs)
+        store.load(pairs)
+        del pairs
+    store.close()
+    clock = time.perf_counter
+    store = peer.open_o(path)
+    base = rss_anon_bytes()
+    memory = PeakMemory()
+    started = clock()
+    seen = sum(1 for _ in store.scan())
+    result["scan_us"] = (clock() - started) / n * 1e6
+    result["scan_rss_mb"] = (memory.stop() - base) / 1e6
+    if seen != n:
+        raise AssertionError(f"{peer.name}: the scan saw {seen} of {n} bindings")
+    seeks = min(n, 100_000)
+    starts = [blob[i * KEY_SIZE : (i + 1) * KEY_SIZE] for i in rng.sample(range(n), seeks)]
+    seek = store.seek
+    started = clock()
+    for key in starts:
+        if seek(key) is None:
+            raise AssertionError(f"{peer.name}: a seek found nothing")
+    result["seek_us"] = (clock() - started) / seeks * 1e6
+    rounds = 100
+    started = clock()
+    for _ in range(rounds):
+        found = store.last(100)
+    result["last_100_us"] = (clock() - started) / rounds * 1e6
+    if len(found) != min(n, 100) or found[0][0] != max(found)[0]:
+        raise AssertionError(f"{peer.name}: the last 100 are not the highest keys, descending")
+    started = clock()
+    counted = store.count()
+    result["count_ms"] = None if counted is None else (clock() - started) * 1e3
+    if counted is not None and counted != n:
+        raise AssertionError(f"{peer.name}: counted {counted} of {n}")
+    store.close()
+    return result
+
+
 RUNNERS: dict[str, Callable[[str, str, int, int], dict[str, Any]]] = {
     "A": run_a,
     "B": run_b,
     "GC": run_gc,
     "AIO": run_aio,
+    "O": run_o,
 }
 WORKLOADS = {
     "A": [
@@ -440,13 +499,15 @@ WORKLOADS = {
     "B": ["l2_stores", "lmdb", "rocksdict", "sqlite3", "diskcache", "dbm", "dict", "raw"],
     "GC": ["l2_stores"],
     "AIO": ["l2_stores", "l2_stores_aio"],
+    "O": ["l2_stores", "lmdb", "rocksdict"],
 }
-DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000, "AIO": 400_000}
+DEFAULT_N = {"A": 1_000_000, "B": 100_000, "GC": 1_000_000, "AIO": 400_000, "O": 1_000_000}
 TITLES = {
     "A": "random 32-byte keys -> 32-byte values (A' = the l2_stores (Struct) row)",
     "B": "32-byte keys -> values of 100 B to 8 KiB with a 16-byte header",
     "GC": "blocks chained by predecessor hash, a background Chain GC keeping the last 10 %",
     "AIO": "A's operations (and N/4 1 KiB appends) through the sync and the asyncio faces",
+    "O": "32-byte keys (a counter, or random with --keys random): scan, seek, last 100, count",
 }
 
 COLUMNS_A = [
@@ -492,7 +553,14 @@ COLUMNS_AIO = [
     ("read_header_us", "read header µs", "{:.2f}"),
     ("read_value_us", "read value µs", "{:.2f}"),
 ]
-COLUMNS = {"A": COLUMNS_A, "B": COLUMNS_B, "GC": COLUMNS_GC, "AIO": COLUMNS_AIO}
+COLUMNS_O = [
+    ("scan_us", "scan µs/binding", "{:.3f}"),
+    ("scan_rss_mb", "scan RSS+ MB", "{:.1f}"),
+    ("seek_us", "seek µs", "{:.2f}"),
+    ("last_100_us", "last 100 µs", "{:.0f}"),
+    ("count_ms", "count ms", "{:.2f}"),
+]
+COLUMNS = {"A": COLUMNS_A, "B": COLUMNS_B, "GC": COLUMNS_GC, "AIO": COLUMNS_AIO, "O": COLUMNS_O}
 
 # The targets of issue 5: (workload, l2_stores row, figure, peer row or None, bound).
 # With a peer, the bound is on the ratio l2_stores / peer; without, on the figure.
@@ -521,6 +589,13 @@ TARGETS: list[tuple[str, str, str, str | None, float]] = [
     ("GC", "l2_stores", "find_p99_gc_us", None, 2000.0),
     # issue 7: asyncio / sync, for operations that complete on the loop
     *[("AIO", "l2_stores_aio", figure, "l2_stores", 2.0) for figure, _, _ in COLUMNS_AIO],
+    # issue 24: order
+    ("O", "l2_stores", "scan_us", "lmdb", 1.0),
+    ("O", "l2_stores", "scan_us", "rocksdict", 0.5),
+    ("O", "l2_stores", "seek_us", "lmdb", 1.0),
+    ("O", "l2_stores", "last_100_us", None, 100.0),
+    ("O", "l2_stores", "count_ms", None, 10.0),
+    ("O", "l2_stores", "scan_rss_mb", None, 32.0),
 ]
 
 
@@ -547,7 +622,7 @@ def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str
         for key, _, fmt in columns:
             in_megabytes = key.startswith("disk_") and key.endswith("bytes")
             value = result[key] / 1e6 if in_megabytes else result[key]
-            row.append(fmt.format(value))
+            row.append("-" if value is None else fmt.format(value))
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -556,10 +631,14 @@ def print_table(results: list[dict[str, Any]], columns: list[tuple[str, str, str
 
 def print_targets(workload: str, by_slug: dict[str, dict[str, Any]], n: int = 0) -> None:
     lines = []
-    for name, slug, figure, peer, bound in TARGETS_LARGE if n >= LARGE else TARGETS:
+    for name, slug, figure, peer, bound in (
+        TARGETS_LARGE if n >= LARGE and workload == "A" else TARGETS
+    ):
         if name != workload or slug not in by_slug or (peer is not None and peer not in by_slug):
             continue
         value = by_slug[slug][figure]
+        if value is None or (peer is not None and by_slug[peer][figure] is None):
+            continue
         if peer is None:
             measured, what = value, f"{figure} of {slug}"
         else:
@@ -638,6 +717,8 @@ def main() -> None:
         workload, slug = args.child.split(":", 1)
         if workload == "A":
             print(json.dumps(run_a(slug, args.dir, args.n, args.seed, args.keys, args.finds)))
+        elif workload == "O":
+            print(json.dumps(run_o(slug, args.dir, args.n, args.seed, args.keys)))
         else:
             print(json.dumps(RUNNERS[workload](slug, args.dir, args.n, args.seed)))
         return

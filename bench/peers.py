@@ -8,9 +8,10 @@ result per lookup (LMDB: one read transaction per phase).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,23 @@ class OpenB:
     close: Callable[[], None]
 
 
+@dataclass
+class OpenO:
+    """An open store of workload O (order): bulk load, ordered questions, close."""
+
+    #: Add (key, value) pairs, given in any order; made durable by ``close``.
+    load: Callable[[list[tuple[bytes, bytes]]], None]
+    #: Every (key, value) in key order.
+    scan: Callable[[], Iterator[tuple[bytes, bytes]]]
+    #: The first (key, value) with a key at least the given one, or None.
+    seek: Callable[[bytes], object]
+    #: The last ``count`` pairs, highest key first.
+    last: Callable[[int], list[tuple[bytes, bytes]]]
+    #: The exact number of bindings (None: the store has no exact count).
+    count: Callable[[], int | None]
+    close: Callable[[], None]
+
+
 class Peer:
     """A store kind under benchmark."""
 
@@ -47,6 +65,9 @@ class Peer:
         raise NotImplementedError
 
     def open_b(self, path: str) -> OpenB:
+        raise NotImplementedError
+
+    def open_o(self, path: str) -> OpenO:
         raise NotImplementedError
 
 
@@ -92,6 +113,26 @@ class L2Stores(Peer):
             value = c.Bytes(32)
         store = make_indexable("bench", c.Bytes(KEY_SIZE), value).load(path)
         return OpenA(store.add, lambda: store.find, store.close)
+
+    def open_o(self, path: str) -> OpenO:
+        import construct as c
+
+        from l2_stores import make_indexable
+
+        store = make_indexable("bench_o", c.Bytes(KEY_SIZE), c.Bytes(32)).load(path)
+
+        def load(pairs: list[tuple[bytes, bytes]]) -> None:
+            add = store.add
+            for key, value in pairs:
+                add(key, value, flush=False)
+
+        def seek(key: bytes) -> object:
+            return next(store.items(key), None)
+
+        def last(count: int) -> list[tuple[bytes, bytes]]:
+            return list(itertools.islice(store.items(reverse=True), count))
+
+        return OpenO(load, store.items, seek, last, lambda: len(store), store.close)
 
     def open_b(self, path: str) -> OpenB:
         import construct as c
@@ -180,6 +221,35 @@ class Lmdb(Peer):
 
         return OpenA(add, reader, env.close)
 
+    def open_o(self, path: str) -> OpenO:
+        env = self._env(path)
+
+        def load(pairs: list[tuple[bytes, bytes]]) -> None:
+            for at in range(0, len(pairs), 10_000):
+                with env.begin(write=True) as txn:
+                    for key, value in pairs[at : at + 10_000]:
+                        txn.put(key, value)
+
+        def scan() -> Iterator[tuple[bytes, bytes]]:
+            with env.begin() as txn:
+                yield from txn.cursor()
+
+        def seek(key: bytes) -> object:
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                return cursor.item() if cursor.set_range(key) else None
+
+        def last(count: int) -> list[tuple[bytes, bytes]]:
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                cursor.last()
+                return list(itertools.islice(cursor.iterprev(), count))
+
+        def count() -> int:
+            return int(env.stat()["entries"])
+
+        return OpenO(load, scan, seek, last, count, env.close)
+
     def open_b(self, path: str) -> OpenB:
         env = self._env(path, dbs=2)
         values = env.open_db(b"values")
@@ -225,6 +295,31 @@ class RocksDict(Peer):
     def open_b(self, path: str) -> OpenB:
         db = self._open(path)
         return concatenated_b(db.put, db.get, db.close)
+
+    def open_o(self, path: str) -> OpenO:
+        from rocksdict import WriteBatch
+
+        db = self._open(path)
+
+        def load(pairs: list[tuple[bytes, bytes]]) -> None:
+            for at in range(0, len(pairs), 10_000):
+                batch = WriteBatch(raw_mode=True)
+                for key, value in pairs[at : at + 10_000]:
+                    batch.put(key, value)
+                db.write(batch)
+
+        def scan() -> Iterator[tuple[bytes, bytes]]:
+            return iter(db.items())
+
+        def seek(key: bytes) -> object:
+            iterator = db.iter()
+            iterator.seek(key)
+            return (iterator.key(), iterator.value()) if iterator.valid() else None
+
+        def last(count: int) -> list[tuple[bytes, bytes]]:
+            return list(itertools.islice(db.items(backwards=True), count))
+
+        return OpenO(load, scan, seek, last, lambda: None, db.close)
 
 
 class DumbDbm(Peer):
