@@ -11,6 +11,7 @@ indexed files, the asyncio face and bad bounds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 import threading
@@ -302,3 +303,53 @@ def test_bad_bounds_name_the_store(tmp_path: Path) -> None:
         with pytest.raises(CodecError, match="order_levels"):
             levels.items(stop=-1)
         assert list(levels.keys()) == [1]
+
+
+def test_iterators_taken_between_writes_keep_their_moment(tmp_path: Path) -> None:
+    """Iterators made at many moments, left unread while the writes go on (copied
+    active logs, freezes, merges), each yield the store of their moment."""
+    import random
+
+    rng = random.Random(24)
+    store = Levels.load(tmp_path / "levels", index_buffer_size=7)
+    model: dict[int, bytes] = {}
+    taken: list[tuple[Any, list[tuple[int, bytes]]]] = []
+    for step in range(600):
+        level = rng.randrange(150)
+        if rng.random() < 0.25:
+            store.remove(level, flush=False)
+            model.pop(level, None)
+        else:
+            model[level] = step.to_bytes(4, "big")
+            store.add(level, model[level], flush=False)
+        if step % 11 == 0:
+            low, high = sorted(rng.sample(range(160), 2))
+            reverse = rng.random() < 0.5
+            want = [(k, model[k]) for k in sorted(model) if low <= k < high]
+            taken.append((store.items(low, high, reverse=reverse), want[::-1] if reverse else want))
+            if step % 22 == 0:  # some are started, most are not
+                iterator, expected = taken[-1]
+                first = next(iterator, None)
+                started = [] if first is None else [first]
+                taken[-1] = (itertools.chain(started, iterator), expected)
+    for iterator, want in taken:
+        assert list(iterator) == want
+    store.close()
+
+
+def test_a_readers_iterator_keeps_its_moment_across_syncs(tmp_path: Path) -> None:
+    path = tmp_path / "levels"
+    writer = Levels.load(path, index_buffer_size=1_000)  # one log: the reader reads on in it
+    for level in range(30):
+        writer.add(level, b"one!")
+    reader = Levels.load(path, Mode.READ_ONLY)
+    iterator = reader.items()
+    assert next(iterator) == (0, b"one!")
+    for level in range(30):
+        writer.add(level, b"two!") if level % 2 else writer.remove(level)
+    reader.sync()
+    assert list(iterator) == [(level, b"one!") for level in range(1, 30)]
+    assert list(reader.items()) == [(level, b"two!") for level in range(1, 30, 2)]
+    assert len(reader) == 15
+    reader.close()
+    writer.close()

@@ -41,11 +41,13 @@ from ``_hand_over`` whenever it changes; they read no attribute of the index.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
 import weakref
 from _thread import start_new_thread as start_thread
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -69,7 +71,7 @@ from .log import (
     read_log,
     record_size,
 )
-from .run import REMOVED, Removed, sorted_in_steps
+from .run import REMOVED, Removed
 from .runstack import (
     Cancelled,
     LegacyData,
@@ -185,6 +187,12 @@ class Index:
         self._referenced = referenced
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
+        #: Whether an iterator holds the active dict: the next write copies it first
+        #: (the C put declines meanwhile), so the iterator's dict never changes.
+        self._shared = False
+        #: The sorted keys of the last log dicts iterated: (dict, keys, how many of
+        #: the dict's keys the list holds), newest first (see _sorted_keys).
+        self._key_orders: tuple[tuple[dict[bytes, bytes | None], list[bytes], int], ...] = ()
         self._stack = RunStack()
         self._log: LogWriter | None = None
         #: Bytes of records a new log allocates ahead, for the C put to write
@@ -269,20 +277,70 @@ class Index:
         self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         """A snapshot, taken now and iterated lazily, of the live bindings with
-        ``start <= key < stop`` (None: open) in key order (``reverse``: descending)."""
-        logged: dict[bytes, bytes | None] = {}
-        for bindings in (self._frozen, self._active):
-            if bindings is not None:
-                logged.update(
-                    bindings
-                    if start is None and stop is None
-                    else {
-                        key: value
-                        for key, value in bindings.items()
-                        if (start is None or key >= start) and (stop is None or key < stop)
-                    }
-                )
-        return self._iterate(logged, self._stack, start, stop, reverse)
+        ``start <= key < stop`` (None: open) in key order (``reverse``: descending).
+
+        Nothing is copied: the iterator holds the log dicts of this moment (the
+        frozen one never changes; the active one is copied by the next write, see
+        ``_shared``), their keys in order, and the run stack.
+        """
+        active, frozen, stack = self._active, self._frozen, self._stack
+        if not self._shared:
+            self._shared = True
+            self._hand_over()
+        logs = [active] if frozen is None else [active, frozen]  # newest first
+        sources = [
+            self._logged_rows(bindings, self._sorted_keys(bindings), start, stop, reverse)
+            for bindings in logs
+        ]
+        return self._iterate(sources, stack, start, stop, reverse)
+
+    def _sorted_keys(self, bindings: dict[bytes, bytes | None]) -> list[bytes]:
+        """The keys of a log dict in order, from the cache when it is there.
+
+        A log dict never loses a key (a removal binds None), and keeps its keys
+        in the order they came: those a cached list lacks are its last ones.
+        A list once returned is never changed (iterators hold it).
+        """
+        orders = self._key_orders
+        for cached, keys, covered in orders:
+            if cached is bindings:
+                if covered != len(bindings):
+                    added = list(itertools.islice(reversed(bindings), len(bindings) - covered))
+                    keys = keys + added
+                    keys.sort()  # two sorted runs after sorting the added ones: linear
+                break
+        else:
+            keys = sorted(bindings)
+        rest = tuple(entry for entry in orders if entry[0] is not bindings)
+        self._key_orders = ((bindings, keys, len(keys)), *rest[:3])
+        return keys
+
+    @staticmethod
+    def _logged_rows(
+        bindings: dict[bytes, bytes | None],
+        keys: list[bytes],
+        start: bytes | None,
+        stop: bytes | None,
+        reverse: bool,
+    ) -> Iterator[tuple[bytes, bytes | Removed]]:
+        low = 0 if start is None else bisect_left(keys, start)
+        high = len(keys) if stop is None else bisect_left(keys, stop)
+        indices = range(high - 1, low - 1, -1) if reverse else range(low, high)
+        for index in indices:
+            key = keys[index]
+            value = bindings[key]
+            yield key, REMOVED if value is None else value
+
+    def _unshare(self) -> None:
+        """Before a write into the active dict that an iterator holds: copy it."""
+        held = self._active
+        self._active = dict(held)
+        self._shared = False
+        for cached, keys, covered in self._key_orders:
+            if cached is held:  # the copy has the same keys, in the same order
+                self._key_orders = ((self._active, keys, covered), *self._key_orders)[:4]
+                break
+        self._hand_over()
 
     def live_count(self) -> int:
         """The exact number of live bindings: the runs' recorded count and what the
@@ -297,21 +355,14 @@ class Index:
 
     @staticmethod
     def _iterate(
-        logged: dict[bytes, bytes | None],
+        logs: list[Iterator[tuple[bytes, bytes | Removed]]],
         stack: RunStack,
         start: bytes | None,
         stop: bytes | None,
         reverse: bool,
     ) -> Iterator[tuple[bytes, bytes]]:
-        # The logs' bindings, at most a few buffers of them, are sorted here;
-        # the runs are read in order from the first key of the range on.
-        from_logs = [
-            (key, REMOVED if value is None else value)
-            for key, value in sorted_in_steps(list(logged.items()), reverse=reverse)
-        ]
-        del logged
         for key, value in merged_rows(
-            [from_logs, stack.rows(start, stop, reverse=reverse)], reverse=reverse
+            [*logs, stack.rows(start, stop, reverse=reverse)], reverse=reverse
         ):
             if not isinstance(value, Removed):
                 yield key, value
@@ -325,7 +376,9 @@ class Index:
                 self._active, self._frozen, stack.readers, stack.find if stack.runs else None
             )
         if self._writer is not None:
-            self._writer.set(self._log, self._active, self._merging, self._touched is not None)
+            self._writer.set(
+                self._log, self._active, self._merging, self._touched is not None or self._shared
+            )
 
     @property
     def generation(self) -> int:
@@ -364,6 +417,8 @@ class Index:
         if log is None or log.records >= self._buffer_size:
             log = self._writable_log()
         log.append_set(key, value, flush)
+        if self._shared:
+            self._unshare()
         self._active[key] = value
         if self._touched is not None:
             self._touched.add(key)
@@ -377,6 +432,8 @@ class Index:
         """Unbind ``key`` (a record is logged even if it looks absent)."""
         log = self._writable_log()
         log.append_remove(key, flush)
+        if self._shared:
+            self._unshare()
         self._active[key] = None
         if self._touched is not None:
             self._touched.add(key)
@@ -440,6 +497,7 @@ class Index:
             raise
         log.abandon()  # flushed by the seal
         self._frozen, self._active = self._active, {}
+        self._shared = False  # (an iterator may hold the frozen one: it never changes)
         self._log = next_log
         self._hand_over()
         self._start_merge(gc)
@@ -1196,6 +1254,9 @@ class Index:
         logs = tuple(g for g in listing.logs if g >= generation)
         if (generation, logs) == self._seen and self._scans:
             last = self._scans[-1]
+            if self._shared:  # an iterator holds the dict that reading on would change
+                self._unshare()
+                last.bindings = self._active
             path = os.path.join(self.directory, layout.log_name(last.generation))
             try:
                 read_log(path, self._expected, scan=last)
