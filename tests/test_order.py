@@ -170,6 +170,8 @@ def test_big_endian_keys_iterate_numerically_little_endian_ones_do_not(tmp_path:
 
 def test_the_last_levels_and_the_oldest(tmp_path: Path) -> None:
     with Levels.load(tmp_path / "levels", index_buffer_size=100) as levels:
+        assert len(levels) == 0 and bool(levels)  # a store is true, even empty
+        assert next(iter(levels), None) is None and list(levels.items(reverse=True)) == []
         for level in range(50, 1_050):
             levels.add(level, level.to_bytes(4, "big"), flush=False)
         last = [level for level, _ in zip(levels.keys(reverse=True), range(100), strict=False)]

@@ -190,8 +190,8 @@ class Index:
         #: Whether an iterator holds the active dict: the next write copies it first
         #: (the C put declines meanwhile), so the iterator's dict never changes.
         self._shared = False
-        #: The sorted keys of the last log dicts iterated: (dict, keys, how many of
-        #: the dict's keys the list holds), newest first (see _sorted_keys).
+        #: The sorted keys of the log dicts last iterated, of those the index still
+        #: holds: (dict, keys, how many of the dict's keys the list holds).
         self._key_orders: tuple[tuple[dict[bytes, bytes | None], list[bytes], int], ...] = ()
         self._stack = RunStack()
         self._log: LogWriter | None = None
@@ -311,8 +311,10 @@ class Index:
                 break
         else:
             keys = sorted(bindings)
-        rest = tuple(entry for entry in orders if entry[0] is not bindings)
-        self._key_orders = ((bindings, keys, len(keys)), *rest[:3])
+        # only the dicts the index holds now: a dict an iterator alone holds goes with it
+        live = (self._active, self._frozen)
+        rest = tuple(e for e in orders if e[0] is not bindings and any(e[0] is d for d in live))
+        self._key_orders = ((bindings, keys, len(keys)), *rest)
         return keys
 
     @staticmethod
@@ -336,10 +338,11 @@ class Index:
         held = self._active
         self._active = dict(held)
         self._shared = False
-        for cached, keys, covered in self._key_orders:
-            if cached is held:  # the copy has the same keys, in the same order
-                self._key_orders = ((self._active, keys, covered), *self._key_orders)[:4]
-                break
+        # the copy has the same keys, in the same order: it takes over their cached order
+        self._key_orders = tuple(
+            (self._active, keys, covered) if cached is held else (cached, keys, covered)
+            for cached, keys, covered in self._key_orders
+        )
         self._hand_over()
 
     def live_count(self) -> int:
@@ -713,6 +716,7 @@ class Index:
         old, frozen_log = self._stack, outcome.span.hi
         self._stack = RunStack([outcome]) if gc is not None else old.with_run(outcome)
         self._frozen = None
+        self._key_orders = tuple(e for e in self._key_orders if e[0] is self._active)
         self._hand_over()
         self._merge_outcome = None
         # Deleted by _delete_superseded; leftovers of a failure, or of a
