@@ -1235,6 +1235,8 @@ class Index:
         self._stack = stack
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
+        self._shared = False  # new dicts: no iterator holds them
+        self._key_orders = ()
         self._hand_over()
         self._scans = [] if cut else scans  # cut at a point in time: load whole again
         self._seen = (generation, logs)

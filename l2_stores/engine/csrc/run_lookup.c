@@ -454,6 +454,10 @@ reader_init(RunReader *self, PyObject *args, PyObject *kwds)
                                      &radix_at, &radix_bits, &rows_at, &page_crcs_at, &prefix,
                                      &shift, &base_object, &first, &last))
         return -1;
+    if (self->in_use) { /* count_changes reads its state without the GIL */
+        PyErr_SetString(PyExc_ValueError, "RunReader: in use, cannot be initialized again");
+        return -1;
+    }
     reader_clear_state(self);
     if (!PyLong_Check(base_object)) {
         PyErr_SetString(PyExc_TypeError, "RunReader: base must be an int");
@@ -679,7 +683,8 @@ reader_page_checked(RunReader *self, PyObject *page_object)
         PyErr_SetString(PyExc_IndexError, "run index page out of range");
         return NULL;
     }
-    return PyBool_FromLong((self->checked[page >> 3] >> (page & 7)) & 1);
+    return PyBool_FromLong((__atomic_load_n(&self->checked[page >> 3], __ATOMIC_RELAXED) >>
+                            (page & 7)) & 1);
 }
 
 static PyObject *
