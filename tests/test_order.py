@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import struct
+import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -34,7 +36,8 @@ from l2_stores import (
     make_indexed_file,
 )
 from l2_stores.engine import layout
-from l2_stores.engine.run import REMOVED, RUN_HEADER
+from l2_stores.engine.run import REMOVED
+from tests.helpers.runs import rewrite_run_header, run_header
 
 PAIR = c.Struct("level" / c.Int32ub, "index" / c.Int16ub)
 
@@ -76,9 +79,7 @@ def check_against(store: Any, model: dict[bytes, tuple[Any, bytes]], bounds: lis
     for start, stop in zip(bounds, [*bounds[1:], None], strict=True):
         low = None if start is None else _encoded(cls, start)
         high = None if stop is None else _encoded(cls, stop)
-        chosen = [
-            e for e in ordered if (low is None or e >= low) and (high is None or e < high)
-        ]
+        chosen = [e for e in ordered if (low is None or e >= low) and (high is None or e < high)]
         want = [(_plain(model[e][0]), model[e][1]) for e in chosen]
         got = [(_plain(k), v) for k, v in store.items(start, stop)]
         assert got == want
@@ -117,8 +118,6 @@ actions = st.lists(
 def test_ordered_reads_match_a_sorted_witness(
     kind: str, steps: list[tuple[str, int, int]], buffer: int, probes: list[int]
 ) -> None:
-    import tempfile
-
     cls, make_key = KINDS[kind]
     probed = {_encoded(cls, make_key(i)): make_key(i) for i in probes}
     bounds = [None, *(probed[e] for e in sorted(probed))]
@@ -158,9 +157,10 @@ def test_ordered_reads_match_a_sorted_witness(
 
 def test_big_endian_keys_iterate_numerically_little_endian_ones_do_not(tmp_path: Path) -> None:
     little = make_indexable("order_little", c.Int32ul, c.Bytes(1))
-    with Levels.load(tmp_path / "big", index_buffer_size=16) as big, little.load(
-        tmp_path / "little", index_buffer_size=16
-    ) as small:
+    with (
+        Levels.load(tmp_path / "big", index_buffer_size=16) as big,
+        little.load(tmp_path / "little", index_buffer_size=16) as small,
+    ):
         for level in (1, 256, 2, 65536, 3):
             big.add(level, b"\x00\x00\x00\x00")
             small.add(level, b"x")
@@ -228,20 +228,13 @@ def _forget_counts(path: Path) -> int:
     kept; return how many runs."""
     runs = layout.scan(str(path)).runs
     for span in runs:
-        run = path / layout.run_name(span)
-        data = bytearray(run.read_bytes())
-        fields = list(RUN_HEADER.unpack(data[64:128]))
-        fields[-2] = 0
-        body = RUN_HEADER.pack(*fields)[:-4]
-        data[64:128] = body + zlib.crc32(body).to_bytes(4, "little")
-        run.write_bytes(bytes(data))
+        rewrite_run_header(path / layout.run_name(span), live=0)
     return len(runs)
 
 
 def _recorded_counts(path: Path) -> list[int]:
     return [
-        RUN_HEADER.unpack((path / layout.run_name(span)).read_bytes()[64:128])[-2]
-        for span in layout.scan(str(path)).runs
+        run_header(path / layout.run_name(span))["live"] for span in layout.scan(str(path)).runs
     ]
 
 
@@ -312,8 +305,6 @@ def test_iterators_taken_between_writes_keep_their_moment(tmp_path: Path, flush:
     """Iterators made at many moments, left unread while the writes go on (copied
     active logs, freezes, merges), each yield the store of their moment; flushed
     adds are the C put's, which must leave a dict an iterator holds to Python."""
-    import random
-
     rng = random.Random(24)
     # few keys, a log of 25: the writes after an iterator often overwrite keys it holds
     store = Levels.load(tmp_path / "levels", index_buffer_size=25)

@@ -19,14 +19,13 @@ from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import (
     REMOVAL_RESIDUE,
     REMOVED,
-    RUN_HEADER,
     Removed,
     Run,
     RunWriter,
     check_run,
 )
 from l2_stores.errors import CannotLoadStore, CannotReadFromStore
-from tests.helpers.runs import run_sections
+from tests.helpers.runs import rewrite_run_header, run_header, run_sections
 
 Model = dict[bytes, bytes | Removed]
 
@@ -247,18 +246,6 @@ def test_keys_sharing_a_long_prefix(tmp_path: Path, count: int, shared: int) -> 
     run.close()
 
 
-def _rewrite_run_header(path: Path, **changes: int) -> None:
-    """Change fields of the run header and give it a valid checksum again."""
-    data = bytearray(path.read_bytes())
-    names = ["lo", "capacity", "blocks", "fence_rows", "removals", "prefix", "shift", "base"]
-    names.append("live")
-    fields = dict(zip(names, RUN_HEADER.unpack(data[64:128])[:-1], strict=True))
-    fields.update(changes)
-    body = RUN_HEADER.pack(*fields.values(), 0)[:-4]
-    data[64:128] = body + zlib.crc32(body).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize(
     "change",
     [{"base": 1}, {"shift": 0}, {"blocks": 1}, {"capacity": 1}, {"prefix": 1}],
@@ -272,9 +259,10 @@ def test_header_fields_checked_against_the_rows(tmp_path: Path, change: dict[str
     model = random_model(rng, 3000, 8, 8)
     path = tmp_path / "run"
     write_run(path, expected, model).close()
-    _, shift, base = RUN_HEADER.unpack(path.read_bytes()[64:128])[5:8]
+    header = run_header(path)
+    shift, base = header["shift"], header["base"]
     assert shift > 0 and base > 1  # so that each change is one
-    _rewrite_run_header(path, **change)
+    rewrite_run_header(path, **change)
     with pytest.raises(CannotLoadStore, match="run header disagrees") as caught:
         Run(str(path), expected)
     assert caught.value.offset == 64

@@ -242,6 +242,35 @@ def test_tiny_keys_agree(
         python.close()
 
 
+def overlapping_runs(
+    tmp_path: Path,
+    expected: Expected,
+    opened: Callable[[Path, Expected], tuple[Run, Run]],
+    rng: random.Random,
+    universe: list[bytes],
+    sizes: list[int],
+    runs: int,
+    removed: float = 0.2,
+    slack: int = 100,
+) -> list[tuple[Run, Run]]:
+    """``runs`` runs of keys drawn from ``universe`` (in the order made), each of one of
+    ``sizes`` keys, a ``removed`` share of them removals, opened through C and Python."""
+    pairs = []
+    for number in range(runs):
+        model: Model = {}
+        for key in rng.sample(universe, rng.choice(sizes)):
+            model[key] = REMOVED if rng.random() < removed else bytes([number]) * 8
+        path = tmp_path / f"run{number}"
+        write(path, expected, model, len(model) + rng.randrange(slack))
+        pairs.append(opened(path, expected))
+    return pairs
+
+
+def first_in_python(pairs: list[tuple[Run, Run]], key: bytes) -> bytes | Removed | None:
+    """The first answer other than None of the Python runs, in the order given."""
+    return next((found for _, run in pairs if (found := run.find(key)) is not None), None)
+
+
 def test_find_first_answers_as_the_runs_in_order(
     tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
 ) -> None:
@@ -249,23 +278,11 @@ def test_find_first_answers_as_the_runs_in_order(
     rng = random.Random(11)
     expected = Expected("first", 16, 8)
     universe = [rng.randbytes(16) for _ in range(6000)]
-    pairs = []
-    for number in range(6):
-        model: Model = {}
-        for key in rng.sample(universe, rng.choice([0, 50, 1500, 3000])):
-            model[key] = REMOVED if rng.random() < 0.2 else bytes([number]) * 8
-        path = tmp_path / f"run{number}"
-        write(path, expected, model, len(model) + rng.randrange(100))
-        pairs.append(opened(path, expected))
+    pairs = overlapping_runs(tmp_path, expected, opened, rng, universe, [0, 50, 1500, 3000], 6)
     readers = tuple(c.reader for c, _ in pairs)
     assert all(reader is not None for reader in readers)
     for key in [*universe, *(rng.randbytes(16) for _ in range(1000)), b"", b"\xff" * 17]:
-        want = None
-        for _, python in pairs:
-            want = python.find(key)
-            if want is not None:
-                break
-        assert _runs.find_first(readers, key) == want
+        assert _runs.find_first(readers, key) == first_in_python(pairs, key)
     assert _runs.find_first((), universe[0]) is None
     with pytest.raises(TypeError):
         _runs.find_first(list(readers), universe[0])
@@ -283,20 +300,14 @@ def test_count_changes_agrees_with_python_lookups(
     rng = random.Random(12)
     expected = Expected("changes", 16, 8)
     universe = [rng.randbytes(16) for _ in range(5000)]
-    pairs = []
-    for number in range(5):
-        model: Model = {}
-        for key in rng.sample(universe, rng.choice([0, 40, 1200, 2500])):
-            model[key] = REMOVED if rng.random() < 0.25 else bytes([number]) * 8
-        path = tmp_path / f"run{number}"
-        write(path, expected, model, len(model) + rng.randrange(50))
-        pairs.append(opened(path, expected))
+    sizes = [0, 40, 1200, 2500]
+    pairs = overlapping_runs(tmp_path, expected, opened, rng, universe, sizes, 5, 0.25, 50)
     readers = tuple(c.reader for c, _ in pairs)
 
     def python_count(bindings: dict[bytes, bytes | None]) -> int:
         count = 0
         for key, value in bindings.items():
-            found = next((f for _, p in pairs if (f := p.find(key)) is not None), None)
+            found = first_in_python(pairs, key)
             count += (value is not None) - (found is not None and found is not REMOVED)
         return count
 

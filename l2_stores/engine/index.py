@@ -139,19 +139,15 @@ def _delete(paths: list[str]) -> None:
             filesystem.unlink(path)
 
 
-
-def _live_after(stack: RunStack, bindings: dict[bytes, bytes | None]) -> int | None:
-    """The live keys of ``stack`` with ``bindings`` (None: a removal) on top; None when
-    the stack's count is not known. A damaged run raises ``CannotReadFromStore``."""
-    live = stack.live
-    return None if live is None else live + stack.count_changes(bindings)
-
-
 def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: str) -> int | None:
-    """``_live_after`` for a flush's run: a damaged run below leaves the count unknown
-    (a later count reads the runs again), the flush goes on."""
+    """The live keys of ``stack`` with a flush's ``bindings`` on top, for its run; None
+    when the stack's count is not known, or a damaged run below stops the lookups (a
+    later count reads the runs again; the flush goes on)."""
+    live = stack.live
+    if live is None:
+        return None
     try:
-        return _live_after(stack, bindings)
+        return live + stack.count_changes(bindings)
     except CannotReadFromStore:
         logger.warning("%s: a damaged run: the flush's run records no count", name, exc_info=True)
         return None
@@ -348,13 +344,9 @@ class Index:
     def live_count(self) -> int:
         """The exact number of live bindings: the runs' recorded count and what the
         logs change (a lookup of each logged key)."""
-        stack = self._stack
-        stack.count_live()
         logged = dict(self._frozen) if self._frozen is not None else {}
         logged.update(self._active)
-        live = _live_after(stack, logged)
-        assert live is not None
-        return live
+        return self._stack.count_live() + self._stack.count_changes(logged)
 
     @staticmethod
     def _iterate(

@@ -214,22 +214,20 @@ class Geometry:
 _SORT_CHUNK = 4096  # items sorted in one call by sorted_in_steps
 
 
-def sorted_in_steps(
-    items: list[Any], key: Callable[[Any], Any] | None = None, *, reverse: bool = False
-) -> Iterable[Any]:
-    """``items`` in order (``reverse``: descending), sorted a chunk at a time.
+def sorted_in_steps(items: list[Any], key: Callable[[Any], Any] | None = None) -> Iterable[Any]:
+    """``items`` in order, sorted a chunk at a time.
 
     One ``sort`` of 100,000 items holds the GIL for tens of milliseconds,
     which readers in other threads would see as a stall; chunks and a lazy
     merge keep every step short.
     """
     if len(items) <= _SORT_CHUNK:
-        return sorted(items, key=key, reverse=reverse)
+        return sorted(items, key=key)
     chunks = [
-        sorted(items[start : start + _SORT_CHUNK], key=key, reverse=reverse)
+        sorted(items[start : start + _SORT_CHUNK], key=key)
         for start in range(0, len(items), _SORT_CHUNK)
     ]
-    return heapq.merge(*chunks, key=key, reverse=reverse)
+    return heapq.merge(*chunks, key=key)
 
 
 class _Keys(Sequence[bytes]):

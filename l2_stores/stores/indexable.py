@@ -168,25 +168,8 @@ class IndexableStore(Collectable):
             return snapshot
         return self._decoded(snapshot, with_values=True)
 
-    def __iter__(self) -> Iterator[Any]:
-        """The keys, in key order."""
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        """``mem``."""
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        """``find``; KeyError when ``key`` is not bound."""
-        value = self.find(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``find``, or ``default`` when ``key`` is not bound."""
-        value = self.find(key)
-        return default if value is None else value
+    def _point_read(self, key: Any) -> Any:
+        return self.find(key)  # (the instance's: its C fast path when bound)
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
         decode_key, decode_value = self._key.decode, self._value.decode

@@ -365,25 +365,8 @@ class IndexedFileBase(Collectable):
         snapshot, pinned = taken
         return self._items(self._while_open(snapshot), pinned)
 
-    def __iter__(self) -> Iterator[Any]:
-        """The keys, in key order."""
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        """``mem``."""
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> tuple[Any, Any]:
-        """``read``: ``(value, header)``; KeyError when ``key`` has no value."""
-        found = self.read(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``read``, or ``default`` when ``key`` has no value."""
-        found = self.read(key)
-        return default if found is None else found
+    def _point_read(self, key: Any) -> Any:
+        return self.read(key)
 
     def _items(
         self, snapshot: Iterator[tuple[bytes, bytes]], pinned: dict[int, Any]

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import os
+import zlib
+from pathlib import Path
 
 from l2_stores.engine.framing import HEADER_SIZE, HEADER_STRUCT
 from l2_stores.engine.layout import scan
 from l2_stores.engine.levels import live_and_superseded
-from l2_stores.engine.run import Geometry
+from l2_stores.engine.run import FILTER_OFFSET, RUN_HEADER, Geometry
+
+#: The run header's fields, in order (its checksum after them).
+RUN_HEADER_FIELDS = (
+    "lo",
+    "capacity",
+    "blocks",
+    "fence_rows",
+    "removals",
+    "prefix",
+    "shift",
+    "base",
+    "live",
+)
+
+
+def run_header(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The run header's fields of the run at ``path``."""
+    data = Path(path).read_bytes()[HEADER_SIZE:FILTER_OFFSET]
+    return dict(zip(RUN_HEADER_FIELDS, RUN_HEADER.unpack(data)[:-1], strict=True))
+
+
+def rewrite_run_header(path: str | os.PathLike[str], **changes: int) -> None:
+    """Change fields of the run header and give it a valid checksum again."""
+    data = bytearray(Path(path).read_bytes())
+    fields = run_header(path) | changes
+    body = RUN_HEADER.pack(*fields.values(), 0)[:-4]
+    data[HEADER_SIZE:FILTER_OFFSET] = body + zlib.crc32(body).to_bytes(4, "little")
+    Path(path).write_bytes(bytes(data))
 
 
 def run_names(directory: str | os.PathLike[str]) -> list[str]:

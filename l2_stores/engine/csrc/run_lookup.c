@@ -350,13 +350,11 @@ lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filte
     return state;
 }
 
-/* Run.find: a new reference to the value, removed or None; NULL with an
-   error set. */
+/* What lookup_state's state and row answer: a new reference to the value,
+   removed or None; NULL with an error set (state -1: RunCorrupt). */
 static PyObject *
-lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
+answer(const RunReader *self, int state, Py_ssize_t index)
 {
-    Py_ssize_t index = 0;
-    int state = lookup_state(self, key, length, probes, &index);
     if (state < 0)
         return NULL;
     if (state == 0)
@@ -365,6 +363,16 @@ lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_prob
         return Py_NewRef(self->removed);
     const unsigned char *row = run_bytes(self) + row_offset(self, index);
     return PyBytes_FromStringAndSize((const char *)row + self->key_size, self->value_size);
+}
+
+/* Run.find: a new reference to the value, removed or None; NULL with an
+   error set. */
+static PyObject *
+lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes)
+{
+    Py_ssize_t index = 0;
+    int state = lookup_state(self, key, length, probes, &index);
+    return answer(self, state, index);
 }
 
 /* Run.seek (the key not None): the first row whose key is at least key, or
@@ -389,13 +397,20 @@ seek(RunReader *self, const unsigned char *key, Py_ssize_t length)
 
 /* ------------------------------------------------------------ the type */
 
+/* Let go of the run's buffer (the mapping can then be closed). */
 static void
-reader_clear_state(RunReader *self)
+release_buffer(RunReader *self)
 {
     if (self->held) {
         self->held = 0;
         PyBuffer_Release(&self->buffer);
     }
+}
+
+static void
+reader_clear_state(RunReader *self)
+{
+    release_buffer(self);
     Py_CLEAR(self->removed);
     Py_CLEAR(self->first_key);
     Py_CLEAR(self->last_key);
@@ -690,14 +705,10 @@ reader_page_checked(RunReader *self, PyObject *page_object)
 static PyObject *
 reader_release(RunReader *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->in_use) { /* count_changes reads it without the GIL: it releases it */
+    if (self->in_use) /* count_changes reads it without the GIL: it releases it */
         self->release_pending = 1;
-        Py_RETURN_NONE;
-    }
-    if (self->held) {
-        self->held = 0;
-        PyBuffer_Release(&self->buffer);
-    }
+    else
+        release_buffer(self);
     Py_RETURN_NONE;
 }
 
@@ -776,13 +787,26 @@ readers_check(PyObject *readers, const char *who)
     return 0;
 }
 
-PyObject *
-first_answer(PyObject *readers, const unsigned char *key, Py_ssize_t length)
+/* Whether every reader of a tuple that passed readers_check holds its
+   buffer; else 0 with ValueError. */
+static int
+readers_usable(PyObject *readers)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(readers); i++)
+        if (!usable((RunReader *)PyTuple_GET_ITEM(readers, i)))
+            return 0;
+    return 1;
+}
+
+/* The first answer of the readers (newest first) for key, as lookup_state
+   gives it (the state; the reader at *at, the row at *row), every reader's
+   filter block prefetched before the first probe; -1 with *at the reader
+   that failed. Needs no GIL when corrupt records (count_changes). */
+static int
+first_state(PyObject *readers, const unsigned char *key, Py_ssize_t length, Py_ssize_t *at,
+            Py_ssize_t *row)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(readers);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!usable((RunReader *)PyTuple_GET_ITEM(readers, i)))
-            return NULL;
     filter_probes probes = filter_probes_of(crc32_of(key, length));
     for (Py_ssize_t i = 0; i < n; i++) {
         RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
@@ -790,18 +814,31 @@ first_answer(PyObject *readers, const unsigned char *key, Py_ssize_t length)
             filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks, probes);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
-        /* (held: a lookup allocates only bytes, which run no finalizer) */
-        PyObject *found = lookup(reader, key, length, probes);
-        if (found == NULL) {
-            note_reader(i);
-            return NULL;
+        int state = lookup_state((RunReader *)PyTuple_GET_ITEM(readers, i), key, length, probes,
+                                 row);
+        if (state != 0) {
+            *at = i;
+            return state;
         }
-        if (found != Py_None)
-            return found;
-        Py_DECREF(found);
     }
-    Py_RETURN_NONE;
+    return 0;
+}
+
+PyObject *
+first_answer(PyObject *readers, const unsigned char *key, Py_ssize_t length)
+{
+    if (!readers_usable(readers))
+        return NULL;
+    Py_ssize_t at = 0, row = 0;
+    int state = first_state(readers, key, length, &at, &row);
+    if (state < 0) {
+        note_reader(at);
+        return NULL;
+    }
+    if (state == 0)
+        Py_RETURN_NONE;
+    /* (held: an answer allocates only bytes, which run no finalizer) */
+    return answer((RunReader *)PyTuple_GET_ITEM(readers, at), state, row);
 }
 
 PyObject *
@@ -836,10 +873,9 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     PyObject *readers = args[0], *bindings = args[1];
     if (readers_check(readers, "count_changes") < 0)
         return NULL;
+    if (!readers_usable(readers))
+        return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(readers);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!usable((RunReader *)PyTuple_GET_ITEM(readers, i)))
-            return NULL;
     Py_ssize_t count = PyDict_GET_SIZE(bindings);
     if (n == 0 || count == 0) { /* nothing to look up: the values alone */
         Py_ssize_t live = 0, position = 0;
@@ -876,22 +912,10 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     Py_BEGIN_ALLOW_THREADS
     gil_free_fault = &fault;
     for (Py_ssize_t k = 0; k < count && failed < 0; k++) {
-        const unsigned char *at = keys + k * key_size;
-        filter_probes probes = filter_probes_of(crc32_of(at, key_size));
-        for (Py_ssize_t r = 0; r < n; r++) {
-            RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, r);
-            if (reader->count && within_bounds(reader, at, key_size))
-                filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks,
-                                probes);
-        }
-        int state = 0;
-        for (Py_ssize_t r = 0; r < n && state == 0; r++) {
-            Py_ssize_t row;
-            state = lookup_state((RunReader *)PyTuple_GET_ITEM(readers, r), at, key_size,
-                                 probes, &row);
-            if (state < 0)
-                failed = r;
-        }
+        Py_ssize_t at = 0, row = 0;
+        int state = first_state(readers, keys + k * key_size, key_size, &at, &row);
+        if (state < 0)
+            failed = at;
         live += bound[k] - (state == 1);
     }
     gil_free_fault = NULL;
@@ -900,10 +924,7 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, r);
         if (--reader->in_use == 0 && reader->release_pending) {
             reader->release_pending = 0;
-            if (reader->held) {
-                reader->held = 0;
-                PyBuffer_Release(&reader->buffer);
-            }
+            release_buffer(reader);
         }
     }
     PyMem_Free(keys);
