@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import random
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import zlib
@@ -349,3 +352,84 @@ def test_a_readers_iterator_keeps_its_moment_across_syncs(tmp_path: Path) -> Non
     assert len(reader) == 15
     reader.close()
     writer.close()
+
+
+ORDER_READER = Path(__file__).parent / "helpers" / "order_reader.py"
+
+
+def test_a_read_only_process_iterates_its_moment_beside_a_writer_process(
+    tmp_path: Path,
+) -> None:
+    """A READ_ONLY process's iterators keep their moment while it syncs between steps
+    and the writer (here) overwrites, removes, merges runs and GCs their files away."""
+    path = tmp_path / "levels"
+    writer = Levels.load(path, index_buffer_size=40)
+    levels = 1_500
+    state: dict[int, bytes] = {}
+
+    def write_round(number: int) -> None:
+        for level in range(levels):
+            if (level + number) % 5 == 0:
+                writer.remove(level, flush=level % 50 == 0)
+                state.pop(level, None)
+            else:
+                value = struct.pack(">HH", number, level % 997)
+                writer.add(level, value, flush=level % 50 == 0)
+                state[level] = value
+        writer.flush()
+
+    def as_pairs(bindings: dict[int, bytes], reverse: bool = False) -> list[list[Any]]:
+        return [[level, value.hex()] for level, value in sorted(bindings.items(), reverse=reverse)]
+
+    write_round(0)
+    reader = subprocess.Popen(
+        [sys.executable, str(ORDER_READER), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdin is not None and reader.stdout is not None
+
+    def ask(line: str) -> Any:
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write(line + "\n")
+        reader.stdin.flush()
+        answer = reader.stdout.readline()
+        if not answer:
+            reader.kill()
+            pytest.fail(f"the reader exited: {reader.communicate(timeout=60)[1][-3000:]}")
+        return json.loads(answer)
+
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        expected = {"first": as_pairs(state), "back": as_pairs(state, reverse=True)}
+        ask("iter first")
+        ask("iter back reverse")
+        got: dict[str, list[list[Any]]] = {"first": [], "back": []}
+        for number in range(1, 9):
+            write_round(number)  # merges: runs replaced, their files deleted
+            if number % 3 == 0:
+                writer.gc(Retain(range(0, levels, 2)), background=False)
+                state = {level: v for level, v in state.items() if level % 2 == 0}
+            assert ask("sync") == {"ok": "sync"}
+            for name in got:
+                got[name] += ask(f"step {name} 150")
+            if number == 4:  # one more iterator, of this moment
+                ask("iter middle")
+                expected["middle"] = as_pairs(state)
+                got["middle"] = []
+        for name in got:
+            got[name] += ask(f"step {name} {levels}")
+        assert got == expected
+        ask("iter now")
+        assert ask(f"step now {levels}") == as_pairs(state)
+        assert ask("len") == {"len": len(state)}
+        reader.stdin.write("quit\n")
+        reader.stdin.flush()
+        assert reader.wait(timeout=60) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.communicate(timeout=60)
+        writer.close()

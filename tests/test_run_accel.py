@@ -828,3 +828,175 @@ def test_layers_pass_errors_through_and_refuse_bad_arguments() -> None:
     for bad in (([], None, None, None), ({}, [], None, None), ({}, None, None, 3)):
         with pytest.raises(TypeError):
             layers.set(*bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- MergeCursor
+
+Log = dict[bytes, bytes | None]
+
+
+def merge_witness(
+    logs: list[Log], runs_model: list[Model], start: bytes | None, stop: bytes | None, reverse: bool
+) -> list[tuple[bytes, bytes]]:
+    """What a merge of logs over runs (both newest first) must give: a plain dict of the
+    newest binding of each key, its removals left out, bounded, sorted."""
+    newest: dict[bytes, bytes | None] = {}
+    for run_model in reversed(runs_model):
+        newest.update({k: None if v is REMOVED else v for k, v in run_model.items()})  # type: ignore[misc]
+    for log in reversed(logs):
+        newest.update(log)
+    live = [
+        (key, value)
+        for key, value in newest.items()
+        if value is not None and (start is None or key >= start) and (stop is None or key < stop)
+    ]
+    return sorted(live, reverse=reverse)
+
+
+def cursor_sources(
+    tmp_path: Path, rng: random.Random, universe: list[bytes], expected: Expected, runs_count: int
+) -> tuple[list[Log], list[Model], list[Run]]:
+    """Two logs and ``runs_count`` runs over keys of ``universe``, newest first."""
+    runs_model: list[Model] = []
+    opened_runs: list[Run] = []
+    for number in range(runs_count):
+        model: Model = {}
+        for key in rng.sample(universe, rng.choice([0, 1, 30, 400, 1500])):
+            model[key] = REMOVED if rng.random() < 0.2 else bytes([number]) * 8
+        path = tmp_path / f"cursor-run{number}"
+        write(path, expected, model, len(model) + rng.randrange(20))
+        runs_model.insert(0, model)
+        opened_runs.insert(0, Run(str(path), expected))
+    logs: list[Log] = [
+        {
+            key: None if rng.random() < 0.25 else b"log%d-%03d" % (age, rng.randrange(1000))
+            for key in rng.sample(universe, size)
+        }
+        for age, size in enumerate(rng.sample([0, 5, 200], 2))
+    ]
+    return logs, runs_model, opened_runs
+
+
+def cursor(
+    logs: list[Log],
+    opened_runs: list[Run],
+    start: bytes | None = None,
+    stop: bytes | None = None,
+    reverse: bool = False,
+    on_corrupt: Callable[[Any], BaseException] | None = None,
+    key_size: int = 16,
+) -> _runs.MergeCursor:
+    return _runs.MergeCursor(
+        tuple((log, sorted(log)) for log in logs),
+        tuple(run.reader for run in opened_runs),
+        key_size,
+        start,
+        stop,
+        reverse,
+        on_corrupt,
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_cursor_agrees_with_a_dict_witness(tmp_path: Path, seed: int) -> None:
+    """Each key once, from the newest source holding it, removals left out, in key order
+    either way, within any bounds (keys held, keys between them, outside them, None)."""
+    rng = random.Random(seed)
+    expected = Expected("cursor", 16, 8)
+    universe = [rng.randbytes(16) for _ in range(3000)]
+    logs, runs_model, opened_runs = cursor_sources(tmp_path, rng, universe, expected, 1 + seed)
+    bounds: list[bytes | None] = [None, b"", b"\xff" * 16, *rng.sample(universe, 8)]
+    bounds += [rng.randbytes(16) for _ in range(4)]
+    for start in bounds:
+        for stop in rng.sample(bounds, 5):
+            for reverse in (False, True):
+                assert list(cursor(logs, opened_runs, start, stop, reverse)) == merge_witness(
+                    logs, runs_model, start, stop, reverse
+                ), (start, stop, reverse)
+    for run in opened_runs:
+        run.close()
+
+
+def test_merge_cursor_over_disjoint_runs_and_no_sources(tmp_path: Path) -> None:
+    """Runs of a counter (each a range of its own, as levels are) and the empty cases."""
+    expected = Expected("counter", 16, 8)
+    runs_model: list[Model] = []
+    opened_runs: list[Run] = []
+    for number in range(5):
+        levels = range(number * 700, number * 700 + 700)
+        model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in levels}
+        path = tmp_path / f"counter{number}"
+        write(path, expected, model)
+        runs_model.insert(0, model)
+        opened_runs.insert(0, Run(str(path), expected))
+    log: Log = {(3500 + i).to_bytes(16, "big"): b"x" * 8 for i in range(10)}
+    for reverse in (False, True):
+        got = list(cursor([log], opened_runs, reverse=reverse))
+        assert got == merge_witness([log], runs_model, None, None, reverse)
+        assert len(got) == 3510
+    assert list(cursor([], [])) == []
+    assert list(cursor([{}], opened_runs, b"\x01" * 16, b"\x00" * 16)) == []  # stop before start
+    for run in opened_runs:
+        run.close()
+
+
+def test_merge_cursor_raises_a_damaged_row_at_its_place_every_time(tmp_path: Path) -> None:
+    """The rows before the damage come; then the error, from on_corrupt when given (the
+    run's CannotReadFromStore), again at every later step: never a wrong row."""
+    expected = Expected("damaged", 16, 8)
+    model: Model = {i.to_bytes(16, "big"): b"v" * 8 for i in range(1000)}
+    path = tmp_path / "run"
+    write(path, expected, model)
+    run = Run(str(path), expected)
+    offset = run.geometry.rows + 600 * run.geometry.row_size
+    run.close()
+    data = bytearray(path.read_bytes())
+    data[offset + 20] ^= 1
+    path.write_bytes(bytes(data))
+    run = Run(str(path), expected)
+    plain = cursor([], [run])
+    assert [next(plain)[0] for _ in range(600)] == sorted(model)[:600]
+    for _ in range(2):
+        with pytest.raises(_runs.RunCorrupt) as caught:
+            next(plain)
+        assert caught.value.args == (runs.ROW_MISMATCH, offset) and caught.value.index == 0
+    translated = cursor([], [run], on_corrupt=run.corruption_error, reverse=True)
+    assert [next(translated)[0] for _ in range(399)] == sorted(model)[:600:-1]
+    for _ in range(2):
+        with pytest.raises(CannotReadFromStore) as read_error:
+            next(translated)
+        assert read_error.value.path == str(path) and read_error.value.offset == offset
+        assert read_error.value.__suppress_context__
+    run.close()
+
+
+def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
+    tmp_path: Path,
+) -> None:
+    expected = Expected("refused", 16, 8)
+    path = tmp_path / "run"
+    write(path, expected, {i.to_bytes(16, "big"): b"v" * 8 for i in range(100)})
+    run = Run(str(path), expected)
+    reader = run.reader
+    assert reader is not None
+    live = cursor([], [run])
+    next(live)
+    with pytest.raises(TypeError):
+        _runs.MergeCursor([], (reader,), 16, None, None, False, None)
+    with pytest.raises(TypeError):
+        _runs.MergeCursor(((({}, [])),), ("reader",), 16, None, None, False, None)
+    with pytest.raises(TypeError):
+        _runs.MergeCursor(((([], {})),), (), 16, None, None, False, None)
+    with pytest.raises(TypeError):
+        cursor([], [run], on_corrupt="not callable")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _runs.MergeCursor((), (reader,), 16, "start", None, False, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key size"):
+        cursor([], [run], key_size=8)
+    with pytest.raises(ValueError, match="another size"):
+        list(cursor([{b"short": b"v"}], []))
+    run.close()  # the store closed: its readers are released, never read again
+    with pytest.raises(ValueError, match="released"):
+        next(live)
+    with pytest.raises(ValueError, match="released"):
+        cursor([], [run])

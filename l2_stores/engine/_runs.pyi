@@ -57,6 +57,24 @@ class Layers:
         /,
     ) -> None: ...
 
+class MergeCursor:
+    """The live ``(key, value)`` pairs of logs and runs (newest first) with ``start <= key
+    < stop``, in key order (``reverse``: descending), each key from its newest source."""
+
+    def __new__(
+        cls,
+        logs: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...],
+        readers: tuple[RunReader[Any], ...],
+        key_size: int,
+        start: bytes | None,
+        stop: bytes | None,
+        reverse: bool,
+        on_corrupt: Callable[[RunCorrupt], BaseException] | None,
+        /,
+    ) -> MergeCursor: ...
+    def __iter__(self) -> MergeCursor: ...
+    def __next__(self) -> tuple[bytes, bytes]: ...
+
 def find_first(
     readers: tuple[RunReader[_Removed], ...], key: bytes, /
 ) -> bytes | _Removed | None: ...

@@ -127,7 +127,15 @@ def _load_runs() -> ModuleType | None:
 _runs_module = _load_runs()
 if _runs_module is not None:
     from ._runs import FORMAT as _RUNS_FORMAT
-    from ._runs import Layers, RunBuilder, RunCorrupt, RunReader, count_changes, find_first
+    from ._runs import (
+        Layers,
+        MergeCursor,
+        RunBuilder,
+        RunCorrupt,
+        RunReader,
+        count_changes,
+        find_first,
+    )
 
     #: The index's read path in one C call (active dict, frozen dict, then the runs).
     AcceleratedLayers: type[Layers] | None = Layers
@@ -144,12 +152,14 @@ if _runs_module is not None:
     accelerated_count_changes: (
         Callable[[tuple[RunReader[Any], ...], dict[bytes, bytes | None]], int] | None
     ) = count_changes
+    #: The ordered merge of a store's logs and runs (``Index.items``).
+    AcceleratedMergeCursor: type[MergeCursor] | None = MergeCursor
     #: The run format's constants the C run reader was built with.
     runs_format: Mapping[str, int] | None = _RUNS_FORMAT
 else:
     AcceleratedRunReader = AcceleratedRunBuilder = accelerated_find_first = runs_format = None
     accelerated_count_changes = None
-    AcceleratedLayers = None
+    AcceleratedLayers = AcceleratedMergeCursor = None
 
     class RunCorrupt(Exception):  # type: ignore[no-redef]
         """Never raised without the C run reader."""
@@ -178,6 +188,7 @@ __all__ = [
     "AcceleratedIndexedAppend",
     "AcceleratedLayers",
     "AcceleratedLruCache",
+    "AcceleratedMergeCursor",
     "AcceleratedRunBuilder",
     "AcceleratedRunReader",
     "AcceleratedWriter",

@@ -47,7 +47,6 @@ import os
 import threading
 import weakref
 from _thread import start_new_thread as start_thread
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -71,7 +70,6 @@ from .log import (
     read_log,
     record_size,
 )
-from .run import REMOVED, Removed
 from .runstack import (
     Cancelled,
     LegacyData,
@@ -80,7 +78,6 @@ from .runstack import (
     Source,
     convert_legacy,
     merge_runs,
-    merged_rows,
     write_bindings,
     write_run,
 )
@@ -283,12 +280,18 @@ class Index:
         if not self._shared:
             self._shared = True
             self._hand_over()
-        logs = [active] if frozen is None else [active, frozen]  # newest first
-        sources = [
-            self._logged_rows(bindings, self._sorted_keys(bindings), start, stop, reverse)
-            for bindings in logs
-        ]
-        return self._iterate(sources, stack, start, stop, reverse)
+        logs: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...] = (
+            ((active, self._sorted_keys(active)),)  # newest first
+            if frozen is None
+            else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
+        )
+        return stack.live_rows(
+            logs,
+            self._expected.key_size,
+            start,
+            stop,
+            reverse,
+        )
 
     def _sorted_keys(self, bindings: dict[bytes, bytes | None]) -> list[bytes]:
         """The keys of a log dict in order, from the cache when it is there.
@@ -298,6 +301,9 @@ class Index:
         A list once returned is never changed (iterators hold it).
         """
         orders = self._key_orders
+        for cached, keys, covered in orders:
+            if cached is bindings and covered == len(bindings):
+                return keys  # complete: as it was
         for cached, keys, covered in orders:
             if cached is bindings:
                 if covered != len(bindings):
@@ -312,22 +318,6 @@ class Index:
         rest = tuple(e for e in orders if e[0] is not bindings and any(e[0] is d for d in live))
         self._key_orders = ((bindings, keys, len(keys)), *rest)
         return keys
-
-    @staticmethod
-    def _logged_rows(
-        bindings: dict[bytes, bytes | None],
-        keys: list[bytes],
-        start: bytes | None,
-        stop: bytes | None,
-        reverse: bool,
-    ) -> Iterator[tuple[bytes, bytes | Removed]]:
-        low = 0 if start is None else bisect_left(keys, start)
-        high = len(keys) if stop is None else bisect_left(keys, stop)
-        indices = range(high - 1, low - 1, -1) if reverse else range(low, high)
-        for index in indices:
-            key = keys[index]
-            value = bindings[key]
-            yield key, REMOVED if value is None else value
 
     def _unshare(self) -> None:
         """Before a write into the active dict that an iterator holds: copy it."""
@@ -347,20 +337,6 @@ class Index:
         logged = dict(self._frozen) if self._frozen is not None else {}
         logged.update(self._active)
         return self._stack.count_live() + self._stack.count_changes(logged)
-
-    @staticmethod
-    def _iterate(
-        logs: list[Iterator[tuple[bytes, bytes | Removed]]],
-        stack: RunStack,
-        start: bytes | None,
-        stop: bytes | None,
-        reverse: bool,
-    ) -> Iterator[tuple[bytes, bytes]]:
-        for key, value in merged_rows(
-            [*logs, stack.rows(start, stop, reverse=reverse)], reverse=reverse
-        ):
-            if not isinstance(value, Removed):
-                yield key, value
 
     def _hand_over(self) -> None:
         """Hand the C read path and the C put the current state (after any change of

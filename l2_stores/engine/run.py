@@ -43,7 +43,10 @@ Runs written before the field existed hold 0: not known (``live`` None).
 
 **Lookup.** Filter; bounds (first and last key); radix -> fence range ->
 bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
-checksum. Each 4 KiB page of A..D is checked against its CRC the first
+checksum. A seek (the first row at least a key) bisects the same way
+and is proven by the checksums and keys of the two rows around its
+answer; only when they disagree does it bisect again checking every row
+it compares. Each 4 KiB page of A..D is checked against its CRC the first
 time a lookup uses it (the file never changes, so once is enough); rows
 are checked every time they are read. A run never returns a value that
 its checksums do not vouch for: a corrupt byte on the way raises
@@ -550,7 +553,22 @@ class Run:
         if key > self.last_key:
             return self.count
         low, high = self._rows_of_fence(self._fence_of(key))
+        index = bisect_left(self._row_keys, key, low, high)
+        if self._bound_proven(key, index):
+            return index
         return self._lower_bound(key, low, high)
+
+    def _bound_proven(self, key: bytes, index: int) -> bool:
+        """Whether rows ``index - 1`` and ``index``, both sound, prove ``index`` the first
+        row whose key is at least ``key`` (a row past either end needs no proof)."""
+        if index < self.count:
+            row = self._row(index)
+            if row is None or row[0] < key:
+                return False
+        if index == 0:
+            return True
+        before = self._row(index - 1)
+        return before is not None and before[0] < key
 
     def rows(
         self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False

@@ -13,12 +13,14 @@ import contextlib
 import heapq
 import itertools
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
-from ..errors import CannotLoadStore
+from ..errors import CannotLoadStore, CannotReadFromStore
 from . import filesystem
 from .accel import (
+    AcceleratedMergeCursor,
     AcceleratedRunBuilder,
     RunCorrupt,
     accelerated_count_changes,
@@ -132,6 +134,28 @@ def merged_rows(sources: Sequence[Iterable[Row]], *, reverse: bool = False) -> I
             yield key, value
 
 
+def _log_rows(
+    bindings: dict[bytes, bytes | None],
+    keys: list[bytes],
+    start: bytes | None,
+    stop: bytes | None,
+    reverse: bool,
+) -> Iterator[Row]:
+    """A log's rows (``REMOVED`` for a None) with ``start <= key < stop``, in key order."""
+    low = 0 if start is None else bisect_left(keys, start)
+    high = len(keys) if stop is None else bisect_left(keys, stop)
+    for index in range(high - 1, low - 1, -1) if reverse else range(low, high):
+        key = keys[index]
+        value = bindings[key]
+        yield key, REMOVED if value is None else value
+
+
+def _without_removals(rows: Iterator[Row]) -> Iterator[tuple[bytes, bytes]]:
+    for key, value in rows:
+        if not isinstance(value, Removed):
+            yield key, value
+
+
 def _aged(source: Iterable[Row], age: int) -> Iterator[tuple[bytes, int, bytes | Removed]]:
     for key, value in source:
         yield key, age, value
@@ -180,6 +204,45 @@ class RunStack:
             [run.rows(start, stop, reverse=reverse) for run in self._newest_first],
             reverse=reverse,
         )
+
+    def live_rows(
+        self,
+        logs: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...],
+        key_size: int,
+        start: bytes | None,
+        stop: bytes | None,
+        reverse: bool,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The live bindings with ``start <= key < stop`` in key order (``reverse``:
+        descending) of ``logs`` over the runs: each log a dict (None: a removal) with its
+        keys in order, newest first, none of them changed while iterated.
+
+        The C merge cursor when every run has a C reader; else a merge of each
+        source's rows. A damaged row raises its run's ``CannotReadFromStore``.
+        """
+        if AcceleratedMergeCursor is not None and (self.readers is not None or not self.runs):
+            readers = self.readers or ()
+            try:
+                return AcceleratedMergeCursor(
+                    logs, readers, key_size, start, stop, reverse, self._corruption_error
+                )
+            except RunCorrupt:
+                pass  # a seek met damage: Python's merge, which reads around it
+        return _without_removals(
+            merged_rows(
+                [
+                    *(_log_rows(bindings, keys, start, stop, reverse) for bindings, keys in logs),
+                    self.rows(start, stop, reverse=reverse),
+                ],
+                reverse=reverse,
+            )
+        )
+
+    def _corruption_error(self, error: RunCorrupt) -> CannotReadFromStore:
+        """The error of the run whose C reader (``error.index``, newest first) met damage."""
+        run = self._newest_first[error.index]
+        assert isinstance(run, Run)  # every run has a C reader
+        return run.corruption_error(error)
 
     @property
     def live(self) -> int | None:

@@ -240,18 +240,22 @@ class EngineStore(Store):
         self, start: Any = None, stop: Any = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         """The engine's snapshot of the bindings with ``start <= key < stop`` (decoded keys,
-        None: open) in key order, taken now, checked lazily for close."""
+        None: open) in key order, taken now (its reader checks for close: ``_while_open``)."""
         low, high = self._bounds(start, stop)
         with self._waiter.task():
             self._check_open()
-            snapshot = self._engine.items(low, high, reverse=reverse)
-        return self._while_open(snapshot)
+            return self._engine.items(low, high, reverse=reverse)
 
     def _bounds(self, start: Any, stop: Any) -> tuple[bytes | None, bytes | None]:
         """``start`` and ``stop`` encoded (None stays None)."""
+        size = self._bytes_key_size
         return (
-            None if start is None else self._encode(self._key, start),
-            None if stop is None else self._encode(self._key, stop),
+            start
+            if start is None or (type(start) is bytes and len(start) == size)
+            else self._encode(self._key, start),
+            stop
+            if stop is None or (type(stop) is bytes and len(stop) == size)
+            else self._encode(self._key, stop),
         )
 
     def __len__(self) -> int:
@@ -308,8 +312,7 @@ class EngineStore(Store):
     ) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
         """``_snapshot`` if its task can start without waiting."""
         low, high = self._bounds(start, stop)
-        snapshot = self._in_task_nowait(partial(self._engine.items, low, high, reverse=reverse))
-        return snapshot if isinstance(snapshot, WouldBlock) else self._while_open(snapshot)
+        return self._in_task_nowait(partial(self._engine.items, low, high, reverse=reverse))
 
     def _close_resources(self) -> None:
         self._engine.close()

@@ -172,12 +172,29 @@ class IndexableStore(Collectable):
         return self.find(key)  # (the instance's: its C fast path when bound)
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
-        decode_key, decode_value = self._key.decode, self._value.decode
+        """Iterate ``snapshot`` decoded, raising StoreClosedError once the store is closed."""
+        lifetime = self._lifetime
+        decode_key = None if self._bytes_key_size >= 0 else self._key.decode
+        decode_value = None if self._bytes_value_size >= 0 else self._value.decode
         try:
-            for key, value in snapshot:
-                yield (decode_key(key), decode_value(value)) if with_values else decode_key(key)
+            if decode_key is None and decode_value is None:
+                for pair in snapshot:
+                    if lifetime.closed:
+                        self._raise_closed()
+                    yield pair if with_values else pair[0]
+            else:
+                decode_key = decode_key or bytes
+                decode_value = decode_value or bytes
+                for key, value in snapshot:
+                    if lifetime.closed:
+                        self._raise_closed()
+                    yield (decode_key(key), decode_value(value)) if with_values else decode_key(key)
         except DecodingError as error:
             raise self._decoding_error(error) from error
+        except ValueError:  # a run was unmapped by a concurrent close()
+            if lifetime.closed:
+                self._raise_closed()
+            raise
 
     # -- writes (exclusive sections)
 

@@ -330,7 +330,7 @@ class IndexedFileBase(Collectable):
     def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
         """The keys with a value now and ``start <= key < stop`` (None: open), in key order
         (``reverse``: descending), each once."""
-        return self._keys(self._snapshot(start, stop, reverse))
+        return self._keys(self._while_open(self._snapshot(start, stop, reverse)))
 
     def _keys(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[Any]:
         for key, _ in snapshot:
@@ -351,7 +351,9 @@ class IndexedFileBase(Collectable):
         self, start: Any = None, stop: Any = None, reverse: bool = False
     ) -> Iterator[Any] | WouldBlock:
         snapshot = self._snapshot_nowait(start, stop, reverse)
-        return snapshot if isinstance(snapshot, WouldBlock) else self._keys(snapshot)
+        if isinstance(snapshot, WouldBlock):
+            return snapshot
+        return self._keys(self._while_open(snapshot))
 
     def _items_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False

@@ -1,5 +1,6 @@
 /* The module l2_stores.engine._runs: its init only (see run_lookup.c for
-   the reader, run_writer.c for the builder and the merge, filter.c for the filter, format.h for the constants). It is
+   the reader, run_writer.c for the builder and the merge, run_cursor.c for
+   ordered reads, filter.c for the filter, format.h for the constants). It is
    optional: without it, run.py reads runs in Python (see accel.py). */
 
 #define PY_SSIZE_T_CLEAN
@@ -8,6 +9,7 @@
 #include "crc32.h"
 #include "format.h"
 #include "layers.h"
+#include "run_cursor.h"
 #include "run_lookup.h"
 #include "run_writer.h"
 
@@ -56,7 +58,7 @@ PyInit__runs(void)
 {
     crc32_init();
     if (PyType_Ready(&RunReaderType) < 0 || PyType_Ready(&RunBuilderType) < 0 ||
-        PyType_Ready(&LayersType) < 0)
+        PyType_Ready(&LayersType) < 0 || PyType_Ready(&MergeCursorType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&runs_module);
     if (module == NULL)
@@ -79,7 +81,8 @@ PyInit__runs(void)
     if (PyModule_AddObjectRef(module, "RunCorrupt", RunCorrupt) < 0 ||
         PyModule_AddObjectRef(module, "RunReader", (PyObject *)&RunReaderType) < 0 ||
         PyModule_AddObjectRef(module, "RunBuilder", (PyObject *)&RunBuilderType) < 0 ||
-        PyModule_AddObjectRef(module, "Layers", (PyObject *)&LayersType) < 0)
+        PyModule_AddObjectRef(module, "Layers", (PyObject *)&LayersType) < 0 ||
+        PyModule_AddObjectRef(module, "MergeCursor", (PyObject *)&MergeCursorType) < 0)
         goto error;
     return module;
 error:

@@ -151,6 +151,12 @@ row_state(const RunReader *self, Py_ssize_t index)
     return 0;
 }
 
+void
+row_mismatch(const RunReader *self, Py_ssize_t index)
+{
+    corrupt(ROW_MISMATCH, row_offset(self, index));
+}
+
 /* Run.may_contain: 1, 0, or -1 with RunCorrupt set. */
 static int
 may_contain(RunReader *self, filter_probes probes)
@@ -277,6 +283,22 @@ decide(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ss
     return 0;
 }
 
+/* Run._bound_proven: whether rows index - 1 and index, both sound, prove
+   index the first row whose key is at least key (row index's key at least
+   key, row index - 1's below it; a row past either end needs no proof). */
+static int
+bound_proven(const RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t index)
+{
+    const unsigned char *run = run_bytes(self);
+    if (index < self->count &&
+        (!row_state(self, index) ||
+         compare(run + row_offset(self, index), self->key_size, key, length) < 0))
+        return 0;
+    return index == 0 || (row_state(self, index - 1) &&
+                          compare(run + row_offset(self, index - 1), self->key_size, key,
+                                  length) < 0);
+}
+
 /* Run._lower_bound: bisect_keys checking every row it compares, for when
    decide could not (a corrupt key must not steer the search); *seen,
    *seen_state: the last row it checked and what it holds (-1: none). 0, or
@@ -375,10 +397,8 @@ lookup(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_prob
     return answer(self, state, index);
 }
 
-/* Run.seek (the key not None): the first row whose key is at least key, or
-   -1 with RunCorrupt set. */
-static Py_ssize_t
-seek(RunReader *self, const unsigned char *key, Py_ssize_t length)
+Py_ssize_t
+reader_seek_key(RunReader *self, const unsigned char *key, Py_ssize_t length)
 {
     Py_ssize_t key_size = self->key_size;
     if (!self->count || compare(key, length, first_key(self), key_size) <= 0)
@@ -390,6 +410,9 @@ seek(RunReader *self, const unsigned char *key, Py_ssize_t length)
     if (rows_of_key(self, key, length, &low, &high) < 0)
         return -1;
     prefetch_rows(self, low, high);
+    index = bisect_keys(self, key, length, low, high);
+    if (bound_proven(self, key, length, index))
+        return index;
     if (lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
         return -1;
     return index;
@@ -619,7 +642,7 @@ reader_seek(RunReader *self, PyObject *key_object)
     Py_ssize_t length;
     if (!usable(self) || key_bytes(key_object, &key, &length) < 0)
         return NULL;
-    Py_ssize_t index = seek(self, key, length);
+    Py_ssize_t index = reader_seek_key(self, key, length);
     return index < 0 ? NULL : PyLong_FromSsize_t(index);
 }
 
@@ -750,8 +773,7 @@ PyTypeObject RunReaderType = {
 
 /* ------------------------------------------------------------ find_first */
 
-/* Name the reader (its place in the tuple) on the RunCorrupt being raised. */
-static void
+void
 note_reader(Py_ssize_t index)
 {
     if (!PyErr_ExceptionMatches(RunCorrupt))

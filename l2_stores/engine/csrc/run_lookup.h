@@ -63,6 +63,17 @@ normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
     return value;
 }
 
+/* Run.seek (the key not None): the first row whose key is at least key, or
+   -1 with RunCorrupt set. */
+RUNS_INTERNAL Py_ssize_t reader_seek_key(RunReader *self, const unsigned char *key,
+                                         Py_ssize_t length);
+
+/* Raise RunCorrupt for row index, whose checksum failed (run.py's text and offset). */
+RUNS_INTERNAL void row_mismatch(const RunReader *self, Py_ssize_t index);
+
+/* Name the reader (its place in its tuple) on the RunCorrupt being raised. */
+RUNS_INTERNAL void note_reader(Py_ssize_t index);
+
 /* _runs.find_first(readers, key). */
 RUNS_INTERNAL PyObject *runs_find_first(PyObject *module, PyObject *const *args,
                                         Py_ssize_t nargs);

@@ -1,0 +1,468 @@
+/* MergeCursor: a store's ordered merge of its logs and runs (Index.items), in C.
+
+   runstack.merged_rows does the same in Python over the sources' own
+   iterators; both give the same rows. The sources come newest first: the
+   logs' dicts (key -> value, None for a removal) each with its keys in
+   order, then the runs' readers. Each key comes once, from the newest
+   source that holds it; removals are left out. Bounds and direction are
+   fixed at creation: a log's by bisecting its keys, a run's by its seek.
+
+   The cursor owns its state and reads no Python attribute. It holds its
+   dicts, key lists and readers; the engine never changes a dict or a key
+   list an iterator holds (it copies the active dict first), and a run's
+   rows never change. Every run row is checked (its CRC) when it becomes a
+   source's head, before its key is compared. Each step runs with the GIL
+   held; a reader released meanwhile (the store closed) is seen at the next
+   step, before its rows are read, and raises ValueError. A step reads the
+   runs' rows before it allocates any object the garbage collector tracks
+   (the result's tuple comes last), so no finalizer runs between. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#include "crc32.h"
+#include "format.h"
+#include "run_cursor.h"
+#include "run_lookup.h"
+
+typedef struct {
+    RunReader *reader;    /* a run's, or NULL for a log */
+    PyObject *bindings;   /* a log's dict */
+    PyObject *keys;       /* a log's keys in order (a list) */
+    Py_ssize_t position;  /* the head's index */
+    Py_ssize_t limit;     /* the index past the last one to read (reverse: before) */
+    const unsigned char *head; /* the head's key, NULL when done */
+    int state;            /* a run head's: 1 a value, 2 a removal */
+} source;
+
+/* The sources with a head are in a binary heap, the next key at its root
+   (ties: the newest source first). A step takes the root's row and moves
+   the root on; its next head is read, and sifted down, at the start of the
+   next step (so that a failing row fails that step, and again any later
+   one). A root whose key is the last key given is an older row of it: it
+   is skipped the same way. Keys merged from disjoint runs (a counter) cost
+   about three comparisons a step. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *readers; /* the tuple given, held */
+    PyObject *logs;    /* the tuple given, held */
+    PyObject *on_corrupt; /* a callable, or None */
+    source *sources;
+    Py_ssize_t count;     /* sources */
+    Py_ssize_t log_count; /* the first ones are logs, the rest runs */
+    Py_ssize_t key_size;
+    int step;             /* +1, or -1 in reverse */
+    Py_ssize_t *heap;     /* indices of sources */
+    Py_ssize_t heap_size;
+    int started;          /* the heap is built */
+    int root_moved;       /* the root's head is to be read at its new position */
+    int given;            /* key holds the last key given (a removal's too) */
+    unsigned char *key;
+} MergeCursor;
+
+/* The first index of keys (a list of bytes) whose key is at least key. */
+static Py_ssize_t
+bisect_list(PyObject *keys, const char *key, Py_ssize_t length)
+{
+    Py_ssize_t low = 0, high = PyList_GET_SIZE(keys);
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        PyObject *item = PyList_GET_ITEM(keys, middle);
+        Py_ssize_t size = PyBytes_GET_SIZE(item);
+        Py_ssize_t common = size < length ? size : length;
+        int order = memcmp(PyBytes_AS_STRING(item), key, (size_t)common);
+        if (order < 0 || (order == 0 && size < length))
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+/* Read the head at a source's position: 0, or -1 with an error set (a
+   released reader, a row whose checksum fails, a log key of another size). */
+static int
+read_head(MergeCursor *self, Py_ssize_t at)
+{
+    source *s = &self->sources[at];
+    if (s->position == s->limit) {
+        s->head = NULL;
+        return 0;
+    }
+    if (s->reader == NULL) {
+        PyObject *key = PyList_GET_ITEM(s->keys, s->position);
+        if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != self->key_size) {
+            PyErr_SetString(PyExc_ValueError, "MergeCursor: a log key of another size");
+            return -1;
+        }
+        s->head = (const unsigned char *)PyBytes_AS_STRING(key);
+    } else {
+        RunReader *reader = s->reader;
+        const unsigned char *row = (const unsigned char *)reader->buffer.buf +
+                                   reader->rows_at + s->position * reader->row_size;
+        uint32_t residue = crc32_of(row, (size_t)reader->row_size);
+        s->state = residue == RUN_CRC_RESIDUE ? 1 : residue == RUN_REMOVAL_RESIDUE ? 2 : 0;
+        if (!s->state) {
+            row_mismatch(reader, s->position);
+            note_reader(at - self->log_count);
+            return -1;
+        }
+        s->head = row;
+    }
+    return 0;
+}
+
+/* The value of a log's head: a borrowed reference, Py_None for a removal. */
+static PyObject *
+log_value(source *s)
+{
+    PyObject *value = PyDict_GetItemWithError(s->bindings, PyList_GET_ITEM(s->keys, s->position));
+    if (value == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_KeyError, "MergeCursor: a log key without its binding");
+    return value;
+}
+
+/* memcmp's sign for two keys of size bytes, eight bytes at a time (libc's
+   memcmp is a call: it was a third of a step). */
+static inline int
+key_order(const unsigned char *a, const unsigned char *b, Py_ssize_t size)
+{
+    Py_ssize_t at = 0;
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; at + 8 <= size; at += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + at, 8);
+        memcpy(&y, b + at, 8);
+        if (x != y)
+            return __builtin_bswap64(x) < __builtin_bswap64(y) ? -1 : 1;
+    }
+#endif
+    for (; at < size; at++)
+        if (a[at] != b[at])
+            return a[at] < b[at] ? -1 : 1;
+    return 0;
+}
+
+/* Whether source a's head comes before source b's. */
+static inline int
+before(const MergeCursor *self, Py_ssize_t a, Py_ssize_t b)
+{
+    int order = key_order(self->sources[a].head, self->sources[b].head, self->key_size);
+    return order * self->step < 0 || (order == 0 && a < b);
+}
+
+static void
+sift_down(MergeCursor *self, Py_ssize_t at)
+{
+    Py_ssize_t *heap = self->heap, size = self->heap_size, moving = heap[at];
+    for (;;) {
+        Py_ssize_t child = 2 * at + 1;
+        if (child >= size)
+            break;
+        if (child + 1 < size && before(self, heap[child + 1], heap[child]))
+            child++;
+        if (!before(self, heap[child], moving))
+            break;
+        heap[at] = heap[child];
+        at = child;
+    }
+    heap[at] = moving;
+}
+
+/* Read every head and build the heap: 0, or -1 with an error set. */
+static int
+start(MergeCursor *self)
+{
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        if (read_head(self, i) < 0)
+            return -1;
+    self->heap_size = 0;
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        if (self->sources[i].head != NULL)
+            self->heap[self->heap_size++] = i;
+    for (Py_ssize_t at = self->heap_size / 2 - 1; at >= 0; at--)
+        sift_down(self, at);
+    self->started = 1;
+    return 0;
+}
+
+/* Read the moved root's head and put it in its place: 0, or -1 with an error set. */
+static int
+settle_root(MergeCursor *self)
+{
+    if (read_head(self, self->heap[0]) < 0)
+        return -1;
+    self->root_moved = 0;
+    if (self->sources[self->heap[0]].head == NULL)
+        self->heap[0] = self->heap[--self->heap_size];
+    if (self->heap_size)
+        sift_down(self, 0);
+    return 0;
+}
+
+static PyObject *
+next_pair(MergeCursor *self)
+{
+    Py_ssize_t key_size = self->key_size;
+    /* every reader still held (a closed store releases them) before a head is read */
+    for (Py_ssize_t i = self->log_count; i < self->count; i++)
+        if (!self->sources[i].reader->held) {
+            PyErr_SetString(PyExc_ValueError, "RunReader is released");
+            return NULL;
+        }
+    if (!self->started && start(self) < 0)
+        return NULL;
+    for (;;) {
+        if (self->root_moved && settle_root(self) < 0)
+            return NULL;
+        if (self->heap_size == 0)
+            return NULL; /* StopIteration */
+        source *winner = &self->sources[self->heap[0]];
+        const unsigned char *key = winner->head;
+        if (self->given && key_order(key, self->key, key_size) == 0) {
+            winner->position += self->step; /* shadowed by a newer source's row */
+            self->root_moved = 1;
+            continue;
+        }
+        PyObject *key_object = NULL, *value = NULL;
+        if (winner->reader == NULL) {
+            PyObject *bound = log_value(winner);
+            if (bound == NULL)
+                return NULL;
+            if (bound != Py_None) {
+                key_object = Py_NewRef(PyList_GET_ITEM(winner->keys, winner->position));
+                value = Py_NewRef(bound);
+            }
+        } else if (winner->state == 1) {
+            key_object = PyBytes_FromStringAndSize((const char *)key, key_size);
+            value = PyBytes_FromStringAndSize((const char *)key + key_size,
+                                              winner->reader->value_size);
+            if (key_object == NULL || value == NULL) {
+                Py_XDECREF(key_object);
+                Py_XDECREF(value);
+                return NULL;
+            }
+        }
+        memcpy(self->key, key, (size_t)key_size);
+        self->given = 1;
+        winner->position += self->step;
+        self->root_moved = 1;
+        if (key_object == NULL)
+            continue; /* a removal */
+        PyObject *pair = PyTuple_New(2);
+        if (pair == NULL) {
+            Py_DECREF(key_object);
+            Py_DECREF(value);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, key_object);
+        PyTuple_SET_ITEM(pair, 1, value);
+        return pair;
+    }
+}
+
+/* The next pair; a RunCorrupt handed to on_corrupt, which returns the error to raise. */
+static PyObject *
+cursor_next(MergeCursor *self)
+{
+    PyObject *pair = next_pair(self);
+    if (pair != NULL || self->on_corrupt == Py_None || !PyErr_ExceptionMatches(RunCorrupt))
+        return pair;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyObject *error = PyObject_CallOneArg(self->on_corrupt, value);
+    Py_XDECREF(value);
+    if (error == NULL)
+        return NULL;
+    if (!PyExceptionInstance_Check(error)) {
+        PyErr_SetString(PyExc_TypeError, "MergeCursor: on_corrupt must return an exception");
+    } else {
+        PyException_SetCause(error, NULL); /* raise error from None */
+        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+    }
+    Py_DECREF(error);
+    return NULL;
+}
+
+static int
+cursor_traverse(MergeCursor *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->readers);
+    Py_VISIT(self->logs);
+    Py_VISIT(self->on_corrupt);
+    return 0;
+}
+
+static int
+cursor_clear(MergeCursor *self)
+{
+    PyMem_Free(self->sources);
+    PyMem_Free(self->heap);
+    self->sources = NULL;
+    self->heap = NULL;
+    self->count = self->heap_size = 0;
+    self->started = 1;
+    self->root_moved = 0;
+    Py_CLEAR(self->readers);
+    Py_CLEAR(self->logs);
+    Py_CLEAR(self->on_corrupt);
+    return 0;
+}
+
+static void
+cursor_dealloc(MergeCursor *self)
+{
+    PyObject_GC_UnTrack(self);
+    cursor_clear(self);
+    PyMem_Free(self->key);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A bound given as bytes or None: 0, or -1 with TypeError. */
+static int
+bound_of(PyObject *object, const char **bytes, Py_ssize_t *length)
+{
+    if (object == Py_None) {
+        *bytes = NULL;
+        *length = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(object)) {
+        PyErr_SetString(PyExc_TypeError, "MergeCursor: start and stop are bytes or None");
+        return -1;
+    }
+    *bytes = PyBytes_AS_STRING(object);
+    *length = PyBytes_GET_SIZE(object);
+    return 0;
+}
+
+/* A run's rows start <= key < stop: low and high, or -1 with RunCorrupt set. */
+static int
+run_range(RunReader *reader, const char *start, Py_ssize_t start_length, const char *stop,
+          Py_ssize_t stop_length, Py_ssize_t *low, Py_ssize_t *high)
+{
+    *low = start == NULL ? 0
+                         : reader_seek_key(reader, (const unsigned char *)start, start_length);
+    if (*low < 0)
+        return -1;
+    *high = stop == NULL ? reader->count
+                         : reader_seek_key(reader, (const unsigned char *)stop, stop_length);
+    return *high < 0 ? -1 : 0;
+}
+
+/* MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, /) */
+static PyObject *
+cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *logs, *readers, *start_object, *stop_object, *on_corrupt;
+    Py_ssize_t key_size;
+    int reverse;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "MergeCursor takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!nOOpO:MergeCursor", &PyTuple_Type, &logs, &PyTuple_Type,
+                          &readers, &key_size, &start_object, &stop_object, &reverse,
+                          &on_corrupt))
+        return NULL;
+    if (on_corrupt != Py_None && !PyCallable_Check(on_corrupt)) {
+        PyErr_SetString(PyExc_TypeError, "MergeCursor: on_corrupt is a callable or None");
+        return NULL;
+    }
+    const char *start, *stop;
+    Py_ssize_t start_length, stop_length;
+    if (bound_of(start_object, &start, &start_length) < 0 ||
+        bound_of(stop_object, &stop, &stop_length) < 0 ||
+        readers_check(readers, "MergeCursor") < 0)
+        return NULL;
+    if (key_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "MergeCursor: key_size must be positive");
+        return NULL;
+    }
+    Py_ssize_t log_count = PyTuple_GET_SIZE(logs), run_count = PyTuple_GET_SIZE(readers);
+    for (Py_ssize_t i = 0; i < log_count; i++) {
+        PyObject *log = PyTuple_GET_ITEM(logs, i);
+        if (!PyTuple_Check(log) || PyTuple_GET_SIZE(log) != 2 ||
+            !PyDict_Check(PyTuple_GET_ITEM(log, 0)) || !PyList_Check(PyTuple_GET_ITEM(log, 1))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "MergeCursor: logs must be a tuple of (dict, list of keys)");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < run_count; i++) {
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
+        if (!reader->held) {
+            PyErr_SetString(PyExc_ValueError, "RunReader is released");
+            return NULL;
+        }
+        if (reader->key_size != key_size) {
+            PyErr_SetString(PyExc_ValueError, "MergeCursor: a reader of another key size");
+            return NULL;
+        }
+    }
+    MergeCursor *self = (MergeCursor *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->readers = Py_NewRef(readers);
+    self->logs = Py_NewRef(logs);
+    self->on_corrupt = Py_NewRef(on_corrupt);
+    self->key_size = key_size;
+    self->step = reverse ? -1 : 1;
+    self->count = log_count + run_count;
+    self->log_count = log_count;
+    self->sources = PyMem_Calloc((size_t)self->count + 1, sizeof(source));
+    self->heap = PyMem_Calloc((size_t)self->count + 1, sizeof(Py_ssize_t));
+    self->key = PyMem_Malloc((size_t)key_size);
+    if (self->sources == NULL || self->heap == NULL || self->key == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        source *s = &self->sources[i];
+        Py_ssize_t low, high;
+        if (i < log_count) {
+            PyObject *log = PyTuple_GET_ITEM(logs, i);
+            s->bindings = PyTuple_GET_ITEM(log, 0);
+            s->keys = PyTuple_GET_ITEM(log, 1);
+            low = start == NULL ? 0 : bisect_list(s->keys, start, start_length);
+            high = stop == NULL ? PyList_GET_SIZE(s->keys)
+                                : bisect_list(s->keys, stop, stop_length);
+        } else {
+            s->reader = (RunReader *)PyTuple_GET_ITEM(readers, i - log_count);
+            if (run_range(s->reader, start, start_length, stop, stop_length, &low, &high) < 0) {
+                note_reader(i - log_count);
+                Py_DECREF(self);
+                return NULL;
+            }
+        }
+        if (high < low)
+            high = low; /* stop before start: nothing */
+        s->position = reverse ? high - 1 : low;
+        s->limit = reverse ? low - 1 : high;
+    }
+    return (PyObject *)self;
+}
+
+PyTypeObject MergeCursorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "l2_stores.engine._runs.MergeCursor",
+    .tp_basicsize = sizeof(MergeCursor),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, /): the\n"
+              "live (key, value) pairs with start <= key < stop (None: open) in key order\n"
+              "(reverse: descending), each key from the newest source holding it. logs: a\n"
+              "tuple of (dict, sorted list of its keys), newest first (a None value is a\n"
+              "removal); readers: the runs' RunReaders, newest first. A RunCorrupt has the\n"
+              "reader's index; while iterating, on_corrupt (unless None) gets it and returns\n"
+              "the exception to raise in its place. A released reader raises ValueError.",
+    .tp_new = cursor_create,
+    .tp_dealloc = (destructor)cursor_dealloc,
+    .tp_traverse = (traverseproc)cursor_traverse,
+    .tp_clear = (inquiry)cursor_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)cursor_next,
+};
