@@ -702,8 +702,8 @@ def main() -> None:
     parser.add_argument(
         "--keys",
         choices=["random", "sequential"],
-        default="random",
-        help="workload A's keys: random, or a counter added in order",
+        default=None,
+        help="random keys, or a counter (A: added in order); default: A random, O a counter",
     )
     parser.add_argument(
         "--finds",
@@ -723,14 +723,16 @@ def main() -> None:
             print(json.dumps(RUNNERS[workload](slug, args.dir, args.n, args.seed)))
         return
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    default_keys = {"O": "sequential"}
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {platform.platform()}")
     for workload in workloads:
         n = args.n or DEFAULT_N[workload]
         slugs = WORKLOADS[workload]
         if args.stores:
             slugs = [slug for slug in args.stores.split(",") if slug in slugs]
+        keys = args.keys or default_keys.get(workload, "random")
         results = {
-            slug: run_child(workload, slug, n, args.seed, args.dir, args.keys, args.finds)
+            slug: run_child(workload, slug, n, args.seed, args.dir, keys, args.finds)
             for slug in slugs
         }
         if args.json:
@@ -738,8 +740,11 @@ def main() -> None:
                 print(json.dumps({"workload": workload, "slug": slug, **result}))
             continue
         title = TITLES[workload]
-        if workload == "A" and args.keys == "sequential":
+        if workload == "A" and keys == "sequential":
             title = title.replace("random", "sequential (a counter, in order)")
+        if workload == "O":
+            order = "a counter" if keys == "sequential" else "random"
+            title = f"32-byte keys ({order}): scan, seek, last 100, count"
         print(f"\nworkload {workload}: {n:,} {title}")
         good = {slug: r for slug, r in results.items() if "error" not in r}
         print_table(list(good.values()), COLUMNS[workload])

@@ -885,6 +885,8 @@ def cursor(
     reverse: bool = False,
     on_corrupt: Callable[[Any], BaseException] | None = None,
     key_size: int = 16,
+    closed: bytearray | None = None,
+    on_closed: Callable[[], BaseException] | None = None,
 ) -> _runs.MergeCursor:
     return _runs.MergeCursor(
         tuple((log, sorted(log)) for log in logs),
@@ -894,6 +896,8 @@ def cursor(
         stop,
         reverse,
         on_corrupt,
+        closed,
+        on_closed,
     )
 
 
@@ -982,20 +986,32 @@ def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
     live = cursor([], [run])
     next(live)
     with pytest.raises(TypeError):
-        _runs.MergeCursor([], (reader,), 16, None, None, False, None)
+        _runs.MergeCursor([], (reader,), 16, None, None, False, None, None, None)
     with pytest.raises(TypeError):
-        _runs.MergeCursor(((({}, [])),), ("reader",), 16, None, None, False, None)
+        _runs.MergeCursor(((({}, [])),), ("reader",), 16, None, None, False, None, None, None)
     with pytest.raises(TypeError):
-        _runs.MergeCursor(((([], {})),), (), 16, None, None, False, None)
+        _runs.MergeCursor(((([], {})),), (), 16, None, None, False, None, None, None)
     with pytest.raises(TypeError):
         cursor([], [run], on_corrupt="not callable")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        _runs.MergeCursor((), (reader,), 16, "start", None, False, None)  # type: ignore[arg-type]
+        _runs.MergeCursor(
+            (), (reader,), 16, "start", None, False, None, None, None  # type: ignore[arg-type]
+        )
+    for closed, on_closed in [(bytearray(), Exception), (b"\0", Exception), (bytearray(1), None)]:
+        with pytest.raises(TypeError, match="closed"):
+            cursor([], [run], closed=closed, on_closed=on_closed)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key size"):
         cursor([], [run], key_size=8)
     with pytest.raises(ValueError, match="another size"):
         list(cursor([{b"short": b"v"}], []))
-    run.close()  # the store closed: its readers are released, never read again
+    closed = bytearray(1)
+    guarded = cursor([], [run], closed=closed, on_closed=lambda: LookupError("closed!"))
+    assert next(guarded)[0] == bytes(16)
+    closed[0] = 1  # the store closes: each step raises what on_closed gives, reads nothing
+    for _ in range(2):
+        with pytest.raises(LookupError, match="closed!"):
+            next(guarded)
+    run.close()  # its readers are released, never read again
     with pytest.raises(ValueError, match="released"):
         next(live)
     with pytest.raises(ValueError, match="released"):

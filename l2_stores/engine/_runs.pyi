@@ -70,6 +70,8 @@ class MergeCursor:
         stop: bytes | None,
         reverse: bool,
         on_corrupt: Callable[[RunCorrupt], BaseException] | None,
+        closed: bytearray | None,
+        on_closed: Callable[[], BaseException] | None,
         /,
     ) -> MergeCursor: ...
     def __iter__(self) -> MergeCursor: ...

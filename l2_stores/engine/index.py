@@ -267,10 +267,17 @@ class Index:
         return value  # type: ignore[return-value]
 
     def items(
-        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+        self,
+        start: bytes | None = None,
+        stop: bytes | None = None,
+        *,
+        reverse: bool = False,
+        closed: bytearray | None = None,
+        on_closed: Callable[[], BaseException] | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """A snapshot, taken now and iterated lazily, of the live bindings with
-        ``start <= key < stop`` (None: open) in key order (``reverse``: descending).
+        ``start <= key < stop`` (None: open) in key order (``reverse``: descending);
+        once ``closed[0]`` is set (the caller closed), each step raises ``on_closed()``.
 
         Nothing is copied: the iterator holds the log dicts of this moment (the
         frozen one never changes; the active one is copied by the next write, see
@@ -291,6 +298,8 @@ class Index:
             start,
             stop,
             reverse,
+            closed,
+            on_closed,
         )
 
     def _sorted_keys(self, bindings: dict[bytes, bytes | None]) -> list[bytes]:

@@ -72,10 +72,17 @@ class Iteration(Protocol):
     """Every live binding, as of one moment."""
 
     def items(
-        self, start: bytes | None = None, stop: bytes | None = None, *, reverse: bool = False
+        self,
+        start: bytes | None = None,
+        stop: bytes | None = None,
+        *,
+        reverse: bool = False,
+        closed: bytearray | None = None,
+        on_closed: Callable[[], BaseException] | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """A snapshot, taken when called, of the live bindings with ``start <= key < stop``
-        (None: open), in key order (``reverse``: descending)."""
+        (None: open), in key order (``reverse``: descending); once ``closed[0]`` is set,
+        each step raises what ``on_closed()`` returns."""
 
     def live_count(self) -> int:
         """The exact number of live bindings, without reading them all."""

@@ -156,6 +156,24 @@ def _without_removals(rows: Iterator[Row]) -> Iterator[tuple[bytes, bytes]]:
             yield key, value
 
 
+def _until_closed(
+    rows: Iterator[tuple[bytes, bytes]], closed: bytearray, on_closed: Callable[[], BaseException]
+) -> Iterator[tuple[bytes, bytes]]:
+    """``rows``, each step raising ``on_closed()`` once ``closed[0]`` is set."""
+    while True:
+        if closed[0]:
+            raise on_closed() from None
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except ValueError:  # a run unmapped by a close between the check and the read
+            if closed[0]:
+                raise on_closed() from None
+            raise
+        yield row
+
+
 def _aged(source: Iterable[Row], age: int) -> Iterator[tuple[bytes, int, bytes | Removed]]:
     for key, value in source:
         yield key, age, value
@@ -212,31 +230,40 @@ class RunStack:
         start: bytes | None,
         stop: bytes | None,
         reverse: bool,
+        closed: bytearray | None = None,
+        on_closed: Callable[[], BaseException] | None = None,
     ) -> Iterator[tuple[bytes, bytes]]:
         """The live bindings with ``start <= key < stop`` in key order (``reverse``:
         descending) of ``logs`` over the runs: each log a dict (None: a removal) with its
-        keys in order, newest first, none of them changed while iterated.
+        keys in order, newest first, none of them changed while iterated. Once
+        ``closed[0]`` is set, each step raises ``on_closed()``.
 
         The C merge cursor when every run has a C reader; else a merge of each
         source's rows. A damaged row raises its run's ``CannotReadFromStore``.
         """
         if AcceleratedMergeCursor is not None and (self.readers is not None or not self.runs):
-            readers = self.readers or ()
             try:
                 return AcceleratedMergeCursor(
-                    logs, readers, key_size, start, stop, reverse, self._corruption_error
+                    logs,
+                    self.readers or (),
+                    key_size,
+                    start,
+                    stop,
+                    reverse,
+                    self._corruption_error,
+                    closed,
+                    on_closed,
                 )
             except RunCorrupt:
                 pass  # a seek met damage: Python's merge, which reads around it
-        return _without_removals(
-            merged_rows(
-                [
-                    *(_log_rows(bindings, keys, start, stop, reverse) for bindings, keys in logs),
-                    self.rows(start, stop, reverse=reverse),
-                ],
-                reverse=reverse,
-            )
-        )
+        sources = [
+            *(_log_rows(bindings, keys, start, stop, reverse) for bindings, keys in logs),
+            self.rows(start, stop, reverse=reverse),
+        ]
+        rows = _without_removals(merged_rows(sources, reverse=reverse))
+        if closed is None or on_closed is None:
+            return rows
+        return _until_closed(rows, closed, on_closed)
 
     def _corruption_error(self, error: RunCorrupt) -> CannotReadFromStore:
         """The error of the run whose C reader (``error.index``, newest first) met damage."""

@@ -33,12 +33,18 @@ T = TypeVar("T")
 
 
 class _Lifetime:
-    """Open/closed state shared by a store and its read-only views."""
+    """Open/closed state shared by a store and its read-only views: ``closed``, and the
+    same as a byte (``flag[0]``) for the engine's ordered reads to check at each step."""
 
-    __slots__ = ("closed",)
+    __slots__ = ("closed", "flag")
 
     def __init__(self, closed: bool = False) -> None:
         self.closed = closed
+        self.flag = bytearray([closed])
+
+    def close(self) -> None:
+        self.closed = True
+        self.flag[0] = 1
 
 
 _DETACHED = _Lifetime(closed=True)
@@ -92,7 +98,7 @@ class Store:
         try:
             if self._lifetime.closed:
                 return
-            self._lifetime.closed = True
+            self._lifetime.close()
             self._close_resources()
         finally:
             waiter.exit_exclusive()
@@ -148,28 +154,15 @@ class Store:
 
     # -- checks and errors, shared by the kinds
 
-    def _while_open(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
-        """Iterate ``snapshot``, raising StoreClosedError once the store is closed."""
-        lifetime = self._lifetime
-        while True:
-            if lifetime.closed:
-                self._raise_closed()
-            try:
-                item = next(snapshot)
-            except StopIteration:
-                return
-            except ValueError:  # the data file was unmapped by a concurrent close()
-                if lifetime.closed:
-                    self._raise_closed()
-                raise
-            yield item
-
     def _check_open(self) -> None:
         if self._lifetime.closed:
             self._raise_closed()
 
     def _raise_closed(self) -> NoReturn:
-        raise StoreClosedError("store is closed", name=self.name, path=self.path)
+        raise self._closed_error()
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError("store is closed", name=self.name, path=self.path)
 
     def _check_writable(self, operation: str) -> None:
         if not self._writable:
@@ -240,11 +233,20 @@ class EngineStore(Store):
         self, start: Any = None, stop: Any = None, reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
         """The engine's snapshot of the bindings with ``start <= key < stop`` (decoded keys,
-        None: open) in key order, taken now (its reader checks for close: ``_while_open``)."""
+        None: open) in key order, taken now; StoreClosedError once the store is closed."""
         low, high = self._bounds(start, stop)
         with self._waiter.task():
             self._check_open()
-            return self._engine.items(low, high, reverse=reverse)
+            return self._ordered(low, high, reverse)
+
+    def _ordered(
+        self, low: bytes | None, high: bytes | None, reverse: bool
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The engine's ordered reads, stopped by the store's close (in a task)."""
+        lifetime = self._lifetime
+        return self._engine.items(
+            low, high, reverse=reverse, closed=lifetime.flag, on_closed=self._closed_error
+        )
 
     def _bounds(self, start: Any, stop: Any) -> tuple[bytes | None, bytes | None]:
         """``start`` and ``stop`` encoded (None stays None)."""
@@ -312,7 +314,7 @@ class EngineStore(Store):
     ) -> Iterator[tuple[bytes, bytes]] | WouldBlock:
         """``_snapshot`` if its task can start without waiting."""
         low, high = self._bounds(start, stop)
-        return self._in_task_nowait(partial(self._engine.items, low, high, reverse=reverse))
+        return self._in_task_nowait(partial(self._ordered, low, high, reverse))
 
     def _close_resources(self) -> None:
         self._engine.close()

@@ -6,6 +6,7 @@ import os
 import weakref
 from collections.abc import Iterator
 from functools import partial
+from operator import itemgetter
 from types import MethodType
 from typing import Any, ClassVar, Self
 
@@ -172,29 +173,21 @@ class IndexableStore(Collectable):
         return self.find(key)  # (the instance's: its C fast path when bound)
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
-        """Iterate ``snapshot`` decoded, raising StoreClosedError once the store is closed."""
-        lifetime = self._lifetime
-        decode_key = None if self._bytes_key_size >= 0 else self._key.decode
-        decode_value = None if self._bytes_value_size >= 0 else self._value.decode
+        """``snapshot`` decoded (bytes codecs decode what the engine holds to itself)."""
+        if self._bytes_key_size >= 0 and self._bytes_value_size >= 0:
+            return snapshot if with_values else map(itemgetter(0), snapshot)
+        return self._decoding(snapshot, with_values)
+
+    def _decoding(
+        self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool
+    ) -> Iterator[Any]:
+        decode_key = bytes if self._bytes_key_size >= 0 else self._key.decode
+        decode_value = bytes if self._bytes_value_size >= 0 else self._value.decode
         try:
-            if decode_key is None and decode_value is None:
-                for pair in snapshot:
-                    if lifetime.closed:
-                        self._raise_closed()
-                    yield pair if with_values else pair[0]
-            else:
-                decode_key = decode_key or bytes
-                decode_value = decode_value or bytes
-                for key, value in snapshot:
-                    if lifetime.closed:
-                        self._raise_closed()
-                    yield (decode_key(key), decode_value(value)) if with_values else decode_key(key)
+            for key, value in snapshot:
+                yield (decode_key(key), decode_value(value)) if with_values else decode_key(key)
         except DecodingError as error:
             raise self._decoding_error(error) from error
-        except ValueError:  # a run was unmapped by a concurrent close()
-            if lifetime.closed:
-                self._raise_closed()
-            raise
 
     # -- writes (exclusive sections)
 

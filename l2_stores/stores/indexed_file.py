@@ -330,7 +330,7 @@ class IndexedFileBase(Collectable):
     def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
         """The keys with a value now and ``start <= key < stop`` (None: open), in key order
         (``reverse``: descending), each once."""
-        return self._keys(self._while_open(self._snapshot(start, stop, reverse)))
+        return self._keys(self._snapshot(start, stop, reverse))
 
     def _keys(self, snapshot: Iterator[tuple[bytes, bytes]]) -> Iterator[Any]:
         for key, _ in snapshot:
@@ -343,9 +343,9 @@ class IndexedFileBase(Collectable):
         low, high = self._bounds(start, stop)
         with self._waiter.task():
             self._check_open()
-            snapshot = self._engine.items(low, high, reverse=reverse)
+            snapshot = self._ordered(low, high, reverse)
             pinned = self._values.pin()  # readable even after a GC deleted them
-        return self._items(self._while_open(snapshot), pinned)
+        return self._items(snapshot, pinned)
 
     def _keys_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False
@@ -353,19 +353,19 @@ class IndexedFileBase(Collectable):
         snapshot = self._snapshot_nowait(start, stop, reverse)
         if isinstance(snapshot, WouldBlock):
             return snapshot
-        return self._keys(self._while_open(snapshot))
+        return self._keys(snapshot)
 
     def _items_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False
     ) -> Iterator[tuple[Any, tuple[Any, Any]]] | WouldBlock:
         low, high = self._bounds(start, stop)
         taken = self._in_task_nowait(
-            lambda: (self._engine.items(low, high, reverse=reverse), self._values.pin())
+            lambda: (self._ordered(low, high, reverse), self._values.pin())
         )
         if isinstance(taken, WouldBlock):
             return taken
         snapshot, pinned = taken
-        return self._items(self._while_open(snapshot), pinned)
+        return self._items(snapshot, pinned)
 
     def _point_read(self, key: Any) -> Any:
         return self.read(key)

@@ -48,6 +48,8 @@ typedef struct {
     PyObject *readers; /* the tuple given, held */
     PyObject *logs;    /* the tuple given, held */
     PyObject *on_corrupt; /* a callable, or None */
+    PyObject *closed;     /* a bytearray of one byte or more, or None */
+    PyObject *on_closed;  /* a callable (when closed is not None) */
     source *sources;
     Py_ssize_t count;     /* sources */
     Py_ssize_t log_count; /* the first ones are logs, the rest runs */
@@ -80,6 +82,26 @@ bisect_list(PyObject *keys, const char *key, Py_ssize_t length)
     return low;
 }
 
+/* Read a run source's row at its position, its checksum checked, as its
+   head: 0, or -1 with RunCorrupt set (naming the reader). */
+static int
+read_row(MergeCursor *self, Py_ssize_t at)
+{
+    source *s = &self->sources[at];
+    RunReader *reader = s->reader;
+    const unsigned char *row =
+        (const unsigned char *)reader->buffer.buf + reader->rows_at + s->position * reader->row_size;
+    uint32_t residue = crc32_of(row, (size_t)reader->row_size);
+    s->state = residue == RUN_CRC_RESIDUE ? 1 : residue == RUN_REMOVAL_RESIDUE ? 2 : 0;
+    if (!s->state) {
+        row_mismatch(reader, s->position);
+        note_reader(at - self->log_count);
+        return -1;
+    }
+    s->head = row;
+    return 0;
+}
+
 /* Read the head at a source's position: 0, or -1 with an error set (a
    released reader, a row whose checksum fails, a log key of another size). */
 static int
@@ -91,24 +113,18 @@ read_head(MergeCursor *self, Py_ssize_t at)
         return 0;
     }
     if (s->reader == NULL) {
+        if (s->position >= PyList_GET_SIZE(s->keys)) { /* (a list changed under it: never) */
+            PyErr_SetString(PyExc_RuntimeError, "MergeCursor: a log's key list shrank");
+            return -1;
+        }
         PyObject *key = PyList_GET_ITEM(s->keys, s->position);
         if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != self->key_size) {
             PyErr_SetString(PyExc_ValueError, "MergeCursor: a log key of another size");
             return -1;
         }
         s->head = (const unsigned char *)PyBytes_AS_STRING(key);
-    } else {
-        RunReader *reader = s->reader;
-        const unsigned char *row = (const unsigned char *)reader->buffer.buf +
-                                   reader->rows_at + s->position * reader->row_size;
-        uint32_t residue = crc32_of(row, (size_t)reader->row_size);
-        s->state = residue == RUN_CRC_RESIDUE ? 1 : residue == RUN_REMOVAL_RESIDUE ? 2 : 0;
-        if (!s->state) {
-            row_mismatch(reader, s->position);
-            note_reader(at - self->log_count);
-            return -1;
-        }
-        s->head = row;
+    } else if (read_row(self, at) < 0) {
+        return -1;
     }
     return 0;
 }
@@ -262,10 +278,30 @@ next_pair(MergeCursor *self)
     }
 }
 
-/* The next pair; a RunCorrupt handed to on_corrupt, which returns the error to raise. */
+/* Raise what a handler returned (a new reference, NULL with an error set),
+   as `raise error from None`; always NULL. */
+static PyObject *
+raise_handled(PyObject *error, const char *handler)
+{
+    if (error == NULL)
+        return NULL;
+    if (!PyExceptionInstance_Check(error)) {
+        PyErr_Format(PyExc_TypeError, "MergeCursor: %s must return an exception", handler);
+    } else {
+        PyException_SetCause(error, NULL);
+        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+    }
+    Py_DECREF(error);
+    return NULL;
+}
+
+/* The next pair, unless closed[0] is set (then on_closed's error); a
+   RunCorrupt handed to on_corrupt, which returns the error to raise. */
 static PyObject *
 cursor_next(MergeCursor *self)
 {
+    if (self->closed != Py_None && PyByteArray_AS_STRING(self->closed)[0])
+        return raise_handled(PyObject_CallNoArgs(self->on_closed), "on_closed");
     PyObject *pair = next_pair(self);
     if (pair != NULL || self->on_corrupt == Py_None || !PyErr_ExceptionMatches(RunCorrupt))
         return pair;
@@ -276,16 +312,7 @@ cursor_next(MergeCursor *self)
     Py_XDECREF(traceback);
     PyObject *error = PyObject_CallOneArg(self->on_corrupt, value);
     Py_XDECREF(value);
-    if (error == NULL)
-        return NULL;
-    if (!PyExceptionInstance_Check(error)) {
-        PyErr_SetString(PyExc_TypeError, "MergeCursor: on_corrupt must return an exception");
-    } else {
-        PyException_SetCause(error, NULL); /* raise error from None */
-        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
-    }
-    Py_DECREF(error);
-    return NULL;
+    return raise_handled(error, "on_corrupt");
 }
 
 static int
@@ -294,6 +321,8 @@ cursor_traverse(MergeCursor *self, visitproc visit, void *arg)
     Py_VISIT(self->readers);
     Py_VISIT(self->logs);
     Py_VISIT(self->on_corrupt);
+    Py_VISIT(self->closed);
+    Py_VISIT(self->on_closed);
     return 0;
 }
 
@@ -310,6 +339,8 @@ cursor_clear(MergeCursor *self)
     Py_CLEAR(self->readers);
     Py_CLEAR(self->logs);
     Py_CLEAR(self->on_corrupt);
+    Py_CLEAR(self->closed);
+    Py_CLEAR(self->on_closed);
     return 0;
 }
 
@@ -354,21 +385,30 @@ run_range(RunReader *reader, const char *start, Py_ssize_t start_length, const c
     return *high < 0 ? -1 : 0;
 }
 
-/* MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, /) */
+/* MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, closed,
+               on_closed, /) */
 static PyObject *
 cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *logs, *readers, *start_object, *stop_object, *on_corrupt;
+    PyObject *logs, *readers, *start_object, *stop_object, *on_corrupt, *closed, *on_closed;
     Py_ssize_t key_size;
     int reverse;
     if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
         PyErr_SetString(PyExc_TypeError, "MergeCursor takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!nOOpO:MergeCursor", &PyTuple_Type, &logs, &PyTuple_Type,
+    if (!PyArg_ParseTuple(args, "O!O!nOOpOOO:MergeCursor", &PyTuple_Type, &logs, &PyTuple_Type,
                           &readers, &key_size, &start_object, &stop_object, &reverse,
-                          &on_corrupt))
+                          &on_corrupt, &closed, &on_closed))
         return NULL;
+    if (closed != Py_None &&
+        (!PyByteArray_CheckExact(closed) || PyByteArray_GET_SIZE(closed) < 1 ||
+         !PyCallable_Check(on_closed))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "MergeCursor: closed is a bytearray of one byte or more, with a "
+                        "callable on_closed, or None");
+        return NULL;
+    }
     if (on_corrupt != Py_None && !PyCallable_Check(on_corrupt)) {
         PyErr_SetString(PyExc_TypeError, "MergeCursor: on_corrupt is a callable or None");
         return NULL;
@@ -410,6 +450,8 @@ cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->readers = Py_NewRef(readers);
     self->logs = Py_NewRef(logs);
     self->on_corrupt = Py_NewRef(on_corrupt);
+    self->closed = Py_NewRef(closed);
+    self->on_closed = Py_NewRef(on_closed);
     self->key_size = key_size;
     self->step = reverse ? -1 : 1;
     self->count = log_count + run_count;
@@ -452,13 +494,15 @@ PyTypeObject MergeCursorType = {
     .tp_name = "l2_stores.engine._runs.MergeCursor",
     .tp_basicsize = sizeof(MergeCursor),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, /): the\n"
-              "live (key, value) pairs with start <= key < stop (None: open) in key order\n"
-              "(reverse: descending), each key from the newest source holding it. logs: a\n"
-              "tuple of (dict, sorted list of its keys), newest first (a None value is a\n"
-              "removal); readers: the runs' RunReaders, newest first. A RunCorrupt has the\n"
-              "reader's index; while iterating, on_corrupt (unless None) gets it and returns\n"
-              "the exception to raise in its place. A released reader raises ValueError.",
+    .tp_doc = "MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, closed,\n"
+              "on_closed, /): the live (key, value) pairs with start <= key < stop (None:\n"
+              "open) in key order (reverse: descending), each key from the newest source\n"
+              "holding it. logs: a tuple of (dict, sorted list of its keys), newest first (a\n"
+              "None value is a removal); readers: the runs' RunReaders, newest first. A\n"
+              "RunCorrupt has the reader's index; while iterating, on_corrupt (unless None)\n"
+              "gets it and returns the exception to raise in its place. Once closed[0] (a\n"
+              "bytearray, or None) is set, each step raises what on_closed() returns. A\n"
+              "released reader raises ValueError.",
     .tp_new = cursor_create,
     .tp_dealloc = (destructor)cursor_dealloc,
     .tp_traverse = (traverseproc)cursor_traverse,
