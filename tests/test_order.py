@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import select
 import struct
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from l2_stores import (
     CodecError,
     Mode,
     Retain,
+    StoreClosedError,
     aio,
     make_indexable,
     make_indexable_removable,
@@ -391,18 +393,23 @@ def test_a_read_only_process_iterates_its_moment_beside_a_writer_process(
     )
     assert reader.stdin is not None and reader.stdout is not None
 
+    def answer() -> str:
+        assert reader.stdout is not None
+        ready, _, _ = select.select([reader.stdout], [], [], 60)
+        line = reader.stdout.readline() if ready else ""
+        if not line:
+            reader.kill()
+            pytest.fail(f"the reader is gone or stuck: {reader.communicate(timeout=60)[1][-3000:]}")
+        return line
+
     def ask(line: str) -> Any:
-        assert reader.stdin is not None and reader.stdout is not None
+        assert reader.stdin is not None
         reader.stdin.write(line + "\n")
         reader.stdin.flush()
-        answer = reader.stdout.readline()
-        if not answer:
-            reader.kill()
-            pytest.fail(f"the reader exited: {reader.communicate(timeout=60)[1][-3000:]}")
-        return json.loads(answer)
+        return json.loads(answer())
 
     try:
-        assert reader.stdout.readline().strip() == "ready"
+        assert answer().strip() == "ready"
         expected = {"first": as_pairs(state), "back": as_pairs(state, reverse=True)}
         ask("iter first")
         ask("iter back reverse")
@@ -433,3 +440,32 @@ def test_a_read_only_process_iterates_its_moment_beside_a_writer_process(
             reader.kill()
         reader.communicate(timeout=60)
         writer.close()
+
+
+@pytest.mark.parametrize("codec", ["bytes", "int"])
+def test_a_views_iterators_end_with_the_view_or_the_store(tmp_path: Path, codec: str) -> None:
+    """Closing a view stops its iterators (not the store's); closing the store stops
+    every iterator of the store and of its views, at their next step."""
+    cls = Hashes if codec == "bytes" else Levels
+    key = _hash_key if codec == "bytes" else (lambda i: i)
+    store = cls.load(tmp_path / "store", index_buffer_size=20)
+    for i in range(100):
+        store.add(key(i), b"v%03d" % (i % 1000))
+    view, other_view = store.readonly(), store.readonly()
+    of_view, keys_of_view = view.items(), view.keys(reverse=True)
+    of_other, of_store = other_view.items(), store.items()
+    for iterator in (of_view, keys_of_view, of_other, of_store):
+        next(iterator)
+    view.close()
+    for iterator in (of_view, keys_of_view):
+        with pytest.raises(StoreClosedError):
+            next(iterator)
+    assert len([next(of_other), *of_store]) == 100  # the other view and the store go on
+    late = store.readonly()
+    of_late = late.items()
+    store.close()
+    for iterator in (of_other, of_late):
+        with pytest.raises(StoreClosedError):
+            next(iterator)
+    with pytest.raises(StoreClosedError):
+        store.readonly()

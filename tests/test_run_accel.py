@@ -862,7 +862,7 @@ def cursor_sources(
     for number in range(runs_count):
         model: Model = {}
         for key in rng.sample(universe, rng.choice([0, 1, 30, 400, 1500])):
-            model[key] = REMOVED if rng.random() < 0.2 else bytes([number]) * 8
+            model[key] = REMOVED if rng.random() < 0.2 else key[:7] + bytes([number])
         path = tmp_path / f"cursor-run{number}"
         write(path, expected, model, len(model) + rng.randrange(20))
         runs_model.insert(0, model)
@@ -1007,12 +1007,84 @@ def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
     closed = bytearray(1)
     guarded = cursor([], [run], closed=closed, on_closed=lambda: LookupError("closed!"))
     assert next(guarded)[0] == bytes(16)
+    ended = cursor([], [run], closed=closed, on_closed=lambda: LookupError("closed!"))
+    assert len(list(ended)) == 100
+    with pytest.raises(ValueError, match="in use"):  # (its buffer must not change under them)
+        reader.__init__(b"", None, *[0] * 14, 0, b"", b"")  # type: ignore[misc]
     closed[0] = 1  # the store closes: each step raises what on_closed gives, reads nothing
     for _ in range(2):
         with pytest.raises(LookupError, match="closed!"):
             next(guarded)
+    assert list(ended) == []  # ended before: ends again
     run.close()  # its readers are released, never read again
+    with pytest.raises(LookupError, match="closed!"):  # the close comes first
+        next(guarded)
     with pytest.raises(ValueError, match="released"):
         next(live)
     with pytest.raises(ValueError, match="released"):
         cursor([], [run])
+
+
+def test_merge_cursor_holds_its_log_keys_and_refuses_what_is_not_bytes(tmp_path: Path) -> None:
+    """A log's key list is not trusted: a list cut short under a cursor raises, its
+    heads stay readable (held), keys that are not bytes are refused."""
+    log: Log = {bytes([i]) * 16: b"v" * 8 for i in range(10)}
+    keys = sorted(log)
+    live = _runs.MergeCursor(((log, keys),), (), 16, None, None, False, None, None, None)
+    assert next(live) == (keys[0], b"v" * 8)
+    keys.clear()
+    with pytest.raises(RuntimeError, match="shrank"):
+        next(live)
+    with pytest.raises(TypeError, match="bytes"):
+        _runs.MergeCursor((({}, [1, 2, 3]),), (), 16, b"x" * 16, None, False, None, None, None)
+
+
+def test_merge_cursor_raises_a_damaged_row_even_when_a_newer_source_hides_it(
+    tmp_path: Path,
+) -> None:
+    expected = Expected("hidden", 16, 8)
+    model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in range(500)}
+    old_path, new_path = tmp_path / "old", tmp_path / "new"
+    write(old_path, expected, model)
+    write(new_path, expected, {key: b"newer!!!" for key in sorted(model)[200:300]})
+    old = Run(str(old_path), expected)
+    offset = old.geometry.rows + 250 * old.geometry.row_size
+    old.close()
+    data = bytearray(old_path.read_bytes())
+    data[offset + 20] ^= 8  # its value
+    old_path.write_bytes(bytes(data))
+    old, new = Run(str(old_path), expected), Run(str(new_path), expected)
+    iterator = cursor([], [new, old], on_corrupt=old.corruption_error)
+    assert [next(iterator)[1] for _ in range(250)][-1] == b"newer!!!"
+    with pytest.raises(CannotReadFromStore) as caught:
+        next(iterator)
+    assert caught.value.offset == offset
+    old.close()
+    new.close()
+
+
+def test_a_seek_that_meets_damage_falls_back_to_reading_around_it(tmp_path: Path) -> None:
+    """A damaged row just below a range's start fails the C seek at creation; the
+    stack then merges in Python, whose seek reads around it: the range is whole."""
+    from l2_stores.engine.runstack import RunStack
+
+    expected = Expected("around", 16, 8)
+    model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in range(1000)}
+    path = tmp_path / "run"
+    write(path, expected, model)
+    run = Run(str(path), expected)
+    offset = run.geometry.rows + 600 * run.geometry.row_size
+    run.close()
+    data = bytearray(path.read_bytes())
+    data[offset + 3] ^= 2  # row 600's key
+    path.write_bytes(bytes(data))
+    run = Run(str(path), expected)
+    keys = sorted(model)
+    with pytest.raises(_runs.RunCorrupt):  # the C cursor alone gives up at creation
+        cursor([], [run], keys[601])
+    stack = RunStack([run])  # type: ignore[list-item]
+    rows = list(stack.live_rows((), 16, keys[601], None, False))
+    assert rows == [(key, model[key]) for key in keys[601:]]
+    with pytest.raises(CannotReadFromStore):  # a range over the damaged row
+        list(stack.live_rows((), 16, keys[500], None, False))
+    run.close()

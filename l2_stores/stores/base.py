@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from types import TracebackType
@@ -33,21 +35,36 @@ T = TypeVar("T")
 
 
 class _Lifetime:
-    """Open/closed state shared by a store and its read-only views: ``closed``, and the
-    same as a byte (``flag[0]``) for the engine's ordered reads to check at each step."""
+    """Open/closed state of a store or of a view: ``closed``, and the same as a byte
+    (``flag[0]``) for the engine's ordered reads to check at each step. A view's
+    lifetime is a child of its store's: closed with it, or alone."""
 
-    __slots__ = ("closed", "flag")
+    __slots__ = ("__weakref__", "_children", "_lock", "closed", "flag")
 
-    def __init__(self, closed: bool = False) -> None:
-        self.closed = closed
-        self.flag = bytearray([closed])
+    def __init__(self) -> None:
+        self.closed = False
+        self.flag = bytearray(1)
+        self._children: list[weakref.ref[_Lifetime]] = []
+        self._lock = threading.Lock()
+
+    def child(self) -> _Lifetime:
+        """A lifetime that ends when this one does, or before."""
+        child = _Lifetime()
+        with self._lock:
+            self._children = [ref for ref in self._children if ref() is not None]
+            self._children.append(weakref.ref(child))
+            if self.closed:
+                child.close()
+        return child
 
     def close(self) -> None:
-        self.closed = True
-        self.flag[0] = 1
-
-
-_DETACHED = _Lifetime(closed=True)
+        with self._lock:
+            self.closed = True
+            self.flag[0] = 1
+            children = [ref() for ref in self._children]
+        for child in children:
+            if child is not None:
+                child.close()
 
 
 class Store:
@@ -73,6 +90,7 @@ class Store:
         """A view of this open store on which every write raises ReadOnlyError."""
         self._check_open()
         view = copy.copy(self)
+        view._lifetime = self._lifetime.child()
         view._writable = False
         view._is_view = True
         view._bind_fast_paths()
@@ -89,7 +107,7 @@ class Store:
     def close(self) -> None:
         """Close the store; idempotent. Closing a view only detaches the view."""
         if self._is_view:
-            self._lifetime = _DETACHED
+            self._lifetime.close()  # its iterators stop; the store goes on
             self._bind_fast_paths()
             return
         self._before_close()

@@ -30,6 +30,7 @@ typedef struct {
     RunReader *reader;    /* a run's, or NULL for a log */
     PyObject *bindings;   /* a log's dict */
     PyObject *keys;       /* a log's keys in order (a list) */
+    PyObject *key_object; /* a log's head: its key, held (the list is not trusted) */
     Py_ssize_t position;  /* the head's index */
     Py_ssize_t limit;     /* the index past the last one to read (reverse: before) */
     const unsigned char *head; /* the head's key, NULL when done */
@@ -60,10 +61,12 @@ typedef struct {
     int started;          /* the heap is built */
     int root_moved;       /* the root's head is to be read at its new position */
     int given;            /* key holds the last key given (a removal's too) */
+    int pinned;           /* the readers' cursors counts include this one */
     unsigned char *key;
 } MergeCursor;
 
-/* The first index of keys (a list of bytes) whose key is at least key. */
+/* The first index of keys (a list of bytes) whose key is at least key, or -1
+   with TypeError. */
 static Py_ssize_t
 bisect_list(PyObject *keys, const char *key, Py_ssize_t length)
 {
@@ -71,6 +74,10 @@ bisect_list(PyObject *keys, const char *key, Py_ssize_t length)
     while (low < high) {
         Py_ssize_t middle = (low + high) / 2;
         PyObject *item = PyList_GET_ITEM(keys, middle);
+        if (!PyBytes_CheckExact(item)) {
+            PyErr_SetString(PyExc_TypeError, "MergeCursor: a log's keys are bytes");
+            return -1;
+        }
         Py_ssize_t size = PyBytes_GET_SIZE(item);
         Py_ssize_t common = size < length ? size : length;
         int order = memcmp(PyBytes_AS_STRING(item), key, (size_t)common);
@@ -110,6 +117,7 @@ read_head(MergeCursor *self, Py_ssize_t at)
     source *s = &self->sources[at];
     if (s->position == s->limit) {
         s->head = NULL;
+        Py_CLEAR(s->key_object);
         return 0;
     }
     if (s->reader == NULL) {
@@ -122,6 +130,7 @@ read_head(MergeCursor *self, Py_ssize_t at)
             PyErr_SetString(PyExc_ValueError, "MergeCursor: a log key of another size");
             return -1;
         }
+        Py_XSETREF(s->key_object, Py_NewRef(key));
         s->head = (const unsigned char *)PyBytes_AS_STRING(key);
     } else if (read_row(self, at) < 0) {
         return -1;
@@ -133,7 +142,7 @@ read_head(MergeCursor *self, Py_ssize_t at)
 static PyObject *
 log_value(source *s)
 {
-    PyObject *value = PyDict_GetItemWithError(s->bindings, PyList_GET_ITEM(s->keys, s->position));
+    PyObject *value = PyDict_GetItemWithError(s->bindings, s->key_object);
     if (value == NULL && !PyErr_Occurred())
         PyErr_SetString(PyExc_KeyError, "MergeCursor: a log key without its binding");
     return value;
@@ -247,7 +256,7 @@ next_pair(MergeCursor *self)
             if (bound == NULL)
                 return NULL;
             if (bound != Py_None) {
-                key_object = Py_NewRef(PyList_GET_ITEM(winner->keys, winner->position));
+                key_object = Py_NewRef(winner->key_object);
                 value = Py_NewRef(bound);
             }
         } else if (winner->state == 1) {
@@ -278,6 +287,27 @@ next_pair(MergeCursor *self)
     }
 }
 
+/* Let go of the sources (at the end, and at clear): the snapshot is freed. */
+static void
+release_sources(MergeCursor *self)
+{
+    if (self->pinned) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->readers); i++)
+            ((RunReader *)PyTuple_GET_ITEM(self->readers, i))->cursors--;
+        self->pinned = 0;
+    }
+    if (self->sources != NULL)
+        for (Py_ssize_t i = 0; i < self->count; i++)
+            Py_CLEAR(self->sources[i].key_object);
+    PyMem_Free(self->sources);
+    PyMem_Free(self->heap);
+    self->sources = NULL;
+    self->heap = NULL;
+    self->count = self->heap_size = 0;
+    Py_CLEAR(self->readers);
+    Py_CLEAR(self->logs);
+}
+
 /* Raise what a handler returned (a new reference, NULL with an error set),
    as `raise error from None`; always NULL. */
 static PyObject *
@@ -296,13 +326,18 @@ raise_handled(PyObject *error, const char *handler)
 }
 
 /* The next pair, unless closed[0] is set (then on_closed's error); a
-   RunCorrupt handed to on_corrupt, which returns the error to raise. */
+   RunCorrupt handed to on_corrupt, which returns the error to raise. At the
+   end the sources go, and every later step ends too. */
 static PyObject *
 cursor_next(MergeCursor *self)
 {
+    if (self->sources == NULL)
+        return NULL; /* ended (or cleared): ends again */
     if (self->closed != Py_None && PyByteArray_AS_STRING(self->closed)[0])
         return raise_handled(PyObject_CallNoArgs(self->on_closed), "on_closed");
     PyObject *pair = next_pair(self);
+    if (pair == NULL && !PyErr_Occurred())
+        release_sources(self);
     if (pair != NULL || self->on_corrupt == Py_None || !PyErr_ExceptionMatches(RunCorrupt))
         return pair;
     PyObject *type, *value, *traceback;
@@ -329,15 +364,7 @@ cursor_traverse(MergeCursor *self, visitproc visit, void *arg)
 static int
 cursor_clear(MergeCursor *self)
 {
-    PyMem_Free(self->sources);
-    PyMem_Free(self->heap);
-    self->sources = NULL;
-    self->heap = NULL;
-    self->count = self->heap_size = 0;
-    self->started = 1;
-    self->root_moved = 0;
-    Py_CLEAR(self->readers);
-    Py_CLEAR(self->logs);
+    release_sources(self);
     Py_CLEAR(self->on_corrupt);
     Py_CLEAR(self->closed);
     Py_CLEAR(self->on_closed);
@@ -433,17 +460,6 @@ cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    for (Py_ssize_t i = 0; i < run_count; i++) {
-        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
-        if (!reader->held) {
-            PyErr_SetString(PyExc_ValueError, "RunReader is released");
-            return NULL;
-        }
-        if (reader->key_size != key_size) {
-            PyErr_SetString(PyExc_ValueError, "MergeCursor: a reader of another key size");
-            return NULL;
-        }
-    }
     MergeCursor *self = (MergeCursor *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
@@ -463,6 +479,20 @@ cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
+    /* (after the allocations, which may run finalizers: from here on nothing does) */
+    for (Py_ssize_t i = 0; i < run_count; i++) {
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
+        if (!reader->held || reader->key_size != key_size) {
+            PyErr_SetString(PyExc_ValueError, !reader->held
+                                                  ? "RunReader is released"
+                                                  : "MergeCursor: a reader of another key size");
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < run_count; i++)
+        ((RunReader *)PyTuple_GET_ITEM(readers, i))->cursors++;
+    self->pinned = 1;
     for (Py_ssize_t i = 0; i < self->count; i++) {
         source *s = &self->sources[i];
         Py_ssize_t low, high;
@@ -473,6 +503,10 @@ cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
             low = start == NULL ? 0 : bisect_list(s->keys, start, start_length);
             high = stop == NULL ? PyList_GET_SIZE(s->keys)
                                 : bisect_list(s->keys, stop, stop_length);
+            if (low < 0 || high < 0) {
+                Py_DECREF(self);
+                return NULL;
+            }
         } else {
             s->reader = (RunReader *)PyTuple_GET_ITEM(readers, i - log_count);
             if (run_range(s->reader, start, start_length, stop, stop_length, &low, &high) < 0) {

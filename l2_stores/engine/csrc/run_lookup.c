@@ -492,7 +492,7 @@ reader_init(RunReader *self, PyObject *args, PyObject *kwds)
                                      &radix_at, &radix_bits, &rows_at, &page_crcs_at, &prefix,
                                      &shift, &base_object, &first, &last))
         return -1;
-    if (self->in_use) { /* count_changes reads its state without the GIL */
+    if (self->in_use || self->cursors) { /* count_changes or a cursor reads its state */
         PyErr_SetString(PyExc_ValueError, "RunReader: in use, cannot be initialized again");
         return -1;
     }

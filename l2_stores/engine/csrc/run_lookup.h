@@ -30,6 +30,7 @@ typedef struct {
                                count_changes looks up without the GIL) */
     int in_use;             /* count_changes calls using it without the GIL */
     int release_pending;    /* release() was asked meanwhile: done when they end */
+    Py_ssize_t cursors;     /* MergeCursors holding it (it cannot be initialized again) */
 } RunReader;
 
 
