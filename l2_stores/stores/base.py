@@ -39,17 +39,21 @@ class _Lifetime:
     (``flag[0]``) for the engine's ordered reads to check at each step. A view's
     lifetime is a child of its store's: closed with it, or alone."""
 
-    __slots__ = ("__weakref__", "_children", "_lock", "closed", "flag")
+    __slots__ = ("__weakref__", "_children", "_lock", "_store", "closed", "flag")
 
-    def __init__(self) -> None:
+    def __init__(self, store: _Lifetime | None = None) -> None:
         self.closed = False
         self.flag = bytearray(1)
+        self._store = store  # a view's: its store's lifetime
         self._children: list[weakref.ref[_Lifetime]] = []
         self._lock = threading.Lock()
 
     def child(self) -> _Lifetime:
-        """A lifetime that ends when this one does, or before."""
-        child = _Lifetime()
+        """A view's lifetime: it ends when the store's does, or before (a view of a view
+        is a view of the store: closing one view leaves the others)."""
+        if self._store is not None:
+            return self._store.child()
+        child = _Lifetime(self)
         with self._lock:
             self._children = [ref for ref in self._children if ref() is not None]
             self._children.append(weakref.ref(child))
