@@ -901,6 +901,19 @@ def cursor(
     )
 
 
+def write_damaged(path: Path, expected: Expected, model: Model, row: int, at: int) -> int:
+    """Write the run of ``model`` at ``path``, then flip a bit of byte ``at`` of row
+    ``row``; return that row's file offset."""
+    write(path, expected, model)
+    run = Run(str(path), expected)
+    offset = run.geometry.rows + row * run.geometry.row_size
+    run.close()
+    data = bytearray(path.read_bytes())
+    data[offset + at] ^= 4
+    path.write_bytes(bytes(data))
+    return offset
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_merge_cursor_agrees_with_a_dict_witness(tmp_path: Path, seed: int) -> None:
     """Each key once, from the newest source holding it, removals left out, in key order
@@ -950,13 +963,7 @@ def test_merge_cursor_raises_a_damaged_row_at_its_place_every_time(tmp_path: Pat
     expected = Expected("damaged", 16, 8)
     model: Model = {i.to_bytes(16, "big"): b"v" * 8 for i in range(1000)}
     path = tmp_path / "run"
-    write(path, expected, model)
-    run = Run(str(path), expected)
-    offset = run.geometry.rows + 600 * run.geometry.row_size
-    run.close()
-    data = bytearray(path.read_bytes())
-    data[offset + 20] ^= 1
-    path.write_bytes(bytes(data))
+    offset = write_damaged(path, expected, model, 600, 20)  # its value
     run = Run(str(path), expected)
     plain = cursor([], [run])
     assert [next(plain)[0] for _ in range(600)] == sorted(model)[:600]
@@ -1045,14 +1052,8 @@ def test_merge_cursor_raises_a_damaged_row_even_when_a_newer_source_hides_it(
     expected = Expected("hidden", 16, 8)
     model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in range(500)}
     old_path, new_path = tmp_path / "old", tmp_path / "new"
-    write(old_path, expected, model)
+    offset = write_damaged(old_path, expected, model, 250, 20)  # its value
     write(new_path, expected, {key: b"newer!!!" for key in sorted(model)[200:300]})
-    old = Run(str(old_path), expected)
-    offset = old.geometry.rows + 250 * old.geometry.row_size
-    old.close()
-    data = bytearray(old_path.read_bytes())
-    data[offset + 20] ^= 8  # its value
-    old_path.write_bytes(bytes(data))
     old, new = Run(str(old_path), expected), Run(str(new_path), expected)
     iterator = cursor([], [new, old], on_corrupt=old.corruption_error)
     assert [next(iterator)[1] for _ in range(250)][-1] == b"newer!!!"
@@ -1071,13 +1072,7 @@ def test_a_seek_that_meets_damage_falls_back_to_reading_around_it(tmp_path: Path
     expected = Expected("around", 16, 8)
     model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in range(1000)}
     path = tmp_path / "run"
-    write(path, expected, model)
-    run = Run(str(path), expected)
-    offset = run.geometry.rows + 600 * run.geometry.row_size
-    run.close()
-    data = bytearray(path.read_bytes())
-    data[offset + 3] ^= 2  # row 600's key
-    path.write_bytes(bytes(data))
+    write_damaged(path, expected, model, 600, 3)  # its key
     run = Run(str(path), expected)
     keys = sorted(model)
     with pytest.raises(_runs.RunCorrupt):  # the C cursor alone gives up at creation
