@@ -27,7 +27,8 @@ ACCEL_HEADERS = [
     CSRC + name for name in ("accel.h", "crc32.h", "format.h", "internal.h", "mapping.h")
 ]
 RUNS_SOURCES = [
-    CSRC + name for name in ("module.c", "run_lookup.c", "run_writer.c", "run_cursor.c", "filter.c", "layers.c")
+    CSRC + name
+    for name in ("module.c", "run_lookup.c", "run_writer.c", "run_cursor.c", "filter.c", "layers.c")
 ]
 RUNS_HEADERS = [
     CSRC + name
