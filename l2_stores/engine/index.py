@@ -311,14 +311,12 @@ class Index:
         """
         orders = self._key_orders
         for cached, keys, covered in orders:
-            if cached is bindings and covered == len(bindings):
-                return keys  # complete: as it was
-        for cached, keys, covered in orders:
             if cached is bindings:
-                if covered != len(bindings):
-                    added = list(itertools.islice(reversed(bindings), len(bindings) - covered))
-                    keys = keys + added
-                    keys.sort()  # two sorted runs after sorting the added ones: linear
+                if covered == len(bindings):
+                    return keys  # complete: as it was
+                added = list(itertools.islice(reversed(bindings), len(bindings) - covered))
+                keys = keys + added
+                keys.sort()  # two sorted runs after sorting the added ones: linear
                 break
         else:
             keys = sorted(bindings)

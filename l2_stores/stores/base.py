@@ -265,9 +265,8 @@ class EngineStore(Store):
         self, low: bytes | None, high: bytes | None, reverse: bool
     ) -> Iterator[tuple[bytes, bytes]]:
         """The engine's ordered reads, stopped by the store's close (in a task)."""
-        lifetime = self._lifetime
         return self._engine.items(
-            low, high, reverse=reverse, closed=lifetime.flag, on_closed=self._closed_error
+            low, high, reverse=reverse, closed=self._lifetime.flag, on_closed=self._closed_error
         )
 
     def _bounds(self, start: Any, stop: Any) -> tuple[bytes | None, bytes | None]:

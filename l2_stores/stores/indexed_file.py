@@ -351,9 +351,7 @@ class IndexedFileBase(Collectable):
         self, start: Any = None, stop: Any = None, reverse: bool = False
     ) -> Iterator[Any] | WouldBlock:
         snapshot = self._snapshot_nowait(start, stop, reverse)
-        if isinstance(snapshot, WouldBlock):
-            return snapshot
-        return self._keys(snapshot)
+        return snapshot if isinstance(snapshot, WouldBlock) else self._keys(snapshot)
 
     def _items_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False

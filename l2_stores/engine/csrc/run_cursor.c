@@ -21,7 +21,6 @@
 #include <Python.h>
 #include <string.h>
 
-#include "crc32.h"
 #include "format.h"
 #include "run_cursor.h"
 #include "run_lookup.h"
@@ -78,10 +77,8 @@ bisect_list(PyObject *keys, const char *key, Py_ssize_t length)
             PyErr_SetString(PyExc_TypeError, "MergeCursor: a log's keys are bytes");
             return -1;
         }
-        Py_ssize_t size = PyBytes_GET_SIZE(item);
-        Py_ssize_t common = size < length ? size : length;
-        int order = memcmp(PyBytes_AS_STRING(item), key, (size_t)common);
-        if (order < 0 || (order == 0 && size < length))
+        if (compare((const unsigned char *)PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item),
+                    (const unsigned char *)key, length) < 0)
             low = middle + 1;
         else
             high = middle;
@@ -95,17 +92,13 @@ static int
 read_row(MergeCursor *self, Py_ssize_t at)
 {
     source *s = &self->sources[at];
-    RunReader *reader = s->reader;
-    const unsigned char *row =
-        (const unsigned char *)reader->buffer.buf + reader->rows_at + s->position * reader->row_size;
-    uint32_t residue = crc32_of(row, (size_t)reader->row_size);
-    s->state = residue == RUN_CRC_RESIDUE ? 1 : residue == RUN_REMOVAL_RESIDUE ? 2 : 0;
+    s->state = row_state(s->reader, s->position);
     if (!s->state) {
-        row_mismatch(reader, s->position);
+        row_mismatch(s->reader, s->position);
         note_reader(at - self->log_count);
         return -1;
     }
-    s->head = row;
+    s->head = run_bytes(s->reader) + row_offset(s->reader, s->position);
     return 0;
 }
 

@@ -45,18 +45,6 @@ static const char FENCES_SHORT[] = "run fences do not cover their rows";
 
 /* ------------------------------------------------------------------ bytes */
 
-/* Python's comparison of two bytes objects: <0, 0 or >0. */
-static inline int
-compare(const unsigned char *a, Py_ssize_t a_length, const unsigned char *b,
-        Py_ssize_t b_length)
-{
-    Py_ssize_t common = a_length < b_length ? a_length : b_length;
-    int order = common ? memcmp(a, b, (size_t)common) : 0;
-    if (order)
-        return order;
-    return (a_length > b_length) - (a_length < b_length);
-}
-
 /* Python's a // b for b > 0. */
 static inline Py_ssize_t
 floor_div(Py_ssize_t a, Py_ssize_t b)
@@ -92,18 +80,6 @@ corrupt(const char *what, Py_ssize_t offset)
 /* ------------------------------------------------------------ the lookup */
 
 static inline const unsigned char *
-run_bytes(const RunReader *self)
-{
-    return (const unsigned char *)self->buffer.buf;
-}
-
-static inline Py_ssize_t
-row_offset(const RunReader *self, Py_ssize_t index)
-{
-    return self->rows_at + index * self->row_size;
-}
-
-static inline const unsigned char *
 first_key(const RunReader *self)
 {
     return (const unsigned char *)PyBytes_AS_STRING(self->first_key);
@@ -136,18 +112,6 @@ check_pages(RunReader *self, Py_ssize_t start, Py_ssize_t end)
         }
         __atomic_fetch_or(&self->checked[page >> 3], bit, __ATOMIC_RELAXED);
     }
-    return 0;
-}
-
-/* Run._row's checksum: 1 a value, 2 a removal, 0 a row that fails. */
-static inline int
-row_state(const RunReader *self, Py_ssize_t index)
-{
-    uint32_t residue = crc32_of(run_bytes(self) + row_offset(self, index), self->row_size);
-    if (residue == RUN_CRC_RESIDUE)
-        return 1;
-    if (residue == RUN_REMOVAL_RESIDUE)
-        return 2;
     return 0;
 }
 

@@ -5,7 +5,9 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
+#include "crc32.h"
 #include "format.h"
 
 /* _runs.RunReader: lookups in one mapped run (its state, for the run merge of
@@ -33,6 +35,44 @@ typedef struct {
     Py_ssize_t cursors;     /* MergeCursors holding it (it cannot be initialized again) */
 } RunReader;
 
+
+/* ------------------------------------------- a run's rows (every C reader of runs) */
+
+/* Python's comparison of two bytes objects: <0, 0 or >0. */
+static inline int
+compare(const unsigned char *a, Py_ssize_t a_length, const unsigned char *b,
+        Py_ssize_t b_length)
+{
+    Py_ssize_t common = a_length < b_length ? a_length : b_length;
+    int order = common ? memcmp(a, b, (size_t)common) : 0;
+    if (order)
+        return order;
+    return (a_length > b_length) - (a_length < b_length);
+}
+
+static inline const unsigned char *
+run_bytes(const RunReader *self)
+{
+    return (const unsigned char *)self->buffer.buf;
+}
+
+static inline Py_ssize_t
+row_offset(const RunReader *self, Py_ssize_t index)
+{
+    return self->rows_at + index * self->row_size;
+}
+
+/* Run._row's checksum: 1 a value, 2 a removal, 0 a row that fails. */
+static inline int
+row_state(const RunReader *self, Py_ssize_t index)
+{
+    uint32_t residue = crc32_of(run_bytes(self) + row_offset(self, index), self->row_size);
+    if (residue == RUN_CRC_RESIDUE)
+        return 1;
+    if (residue == RUN_REMOVAL_RESIDUE)
+        return 2;
+    return 0;
+}
 
 RUNS_INTERNAL extern PyTypeObject RunReaderType;
 
