@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l2_stores.engine import accel, framing
+from l2_stores.engine import accel, framing, log
 from l2_stores.engine.framing import Expected
 
 _accel = pytest.importorskip(
@@ -279,40 +279,66 @@ def test_index_c_read_path_follows_merges_and_reloads(tmp_path: Path) -> None:
 
 def python_replay(
     buffer: bytes, key_size: int, value_size: int
-) -> tuple[tuple[int, int, bool], dict[bytes, Any]]:
-    """The log's replay rule as log.py's docstring gives it (the oracle of the C one)."""
+) -> tuple[tuple[int, int, bool, int, int], dict[bytes, Any]]:
+    """The log's replay rule as log.py's docstring gives it (the oracle of the C one):
+    records up to the first bad one or a seal; a part's records count at its end; an
+    open part gives back everything from its begin."""
     size = 1 + key_size + value_size + 4
-    bindings: dict[bytes, Any] = {}
-    position, synced_at = 0, -1
+    good = []  # (position, op, synced, key, value) of each good record, in order
+    position = 0
     while position + size <= len(buffer):
         record = buffer[position : position + size]
-        op, synced = record[0] & 0x7F, record[0] & 0x80
-        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "little") or op not in (
-            1,
-            2,
-            3,
-            4,
-        ):
+        op, synced = record[0] & 0x7F, bool(record[0] & 0x80)
+        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "little") or not 1 <= op <= 6:
             break
-        key = record[1 : 1 + key_size]
-        if op in (1, 2):
-            bindings[key] = record[1 + key_size : -4] if op == 1 else None
-        if synced or op == 3:
-            synced_at = position
+        good.append((position, op, synced, record[1 : 1 + key_size], record[1 + key_size : -4]))
         position += size
         if op == 4:
-            return (position, synced_at, True), bindings
-    return (position, synced_at, False), bindings
+            break
+    bindings: dict[bytes, Any] = {}
+    taken_end, synced_at, parts, sealed = 0, -1, 0, False
+    part: list[tuple[int, int, bool, bytes, bytes]] | None = None
+    valid_end = 0
+    for record in good:
+        at, op, synced, key, value = record
+        if (op == 6) != (part is not None) and op in (3, 4, 5, 6):
+            if not (op == 5 and part is None):
+                break
+        valid_end = at + size
+        if part is not None and op != 6:
+            part.append(record)
+            continue
+        if op == 5:
+            part = [record]
+            continue
+        if op == 6:
+            assert part is not None
+            for _, part_op, part_synced, part_key, part_value in part:
+                if part_op in (1, 2):
+                    bindings[part_key] = part_value if part_op == 1 else None
+                if part_synced:
+                    synced_at = _
+            part = None
+            parts += 1
+        elif op in (1, 2):
+            bindings[key] = value if op == 1 else None
+        if synced or op == 3:
+            synced_at = at
+        taken_end = at + size
+        if op == 4:
+            sealed = True
+            break
+    return (taken_end, synced_at, sealed, parts, valid_end), bindings
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(200))
 def test_replay_log_stops_where_python_stops(seed: int) -> None:
     rng = random.Random(seed)
     key_size, value_size = rng.choice([(8, 4), (32, 32), (1, 0), (0, 3)])
     keys = [rng.randbytes(key_size) for _ in range(5)]
     records = []
     for _ in range(rng.randrange(0, 30)):
-        op = rng.choice([1, 1, 1, 2, 2, 3, 4]) | rng.choice([0, 0, 0x80])
+        op = rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 5, 6, 6]) | rng.choice([0, 0, 0x80])
         value = rng.randbytes(value_size) if op & 0x7F == 1 else bytes(value_size)
         records.append(framing.framed(bytes([op]), rng.choice(keys), value))
     buffer = bytearray(b"".join(records))
@@ -323,7 +349,7 @@ def test_replay_log_stops_where_python_stops(seed: int) -> None:
         record_size = len(records[0])
         at = rng.randrange(len(records)) * record_size
         buffer[at : at + record_size] = framing.framed(
-            bytes([rng.choice([0, 5, 0x85, 0x7F])]), buffer[at + 1 : at + record_size - 4]
+            bytes([rng.choice([0, 7, 0x87, 0x7F])]), buffer[at + 1 : at + record_size - 4]
         )
     elif damage == "torn":
         buffer += rng.randbytes(rng.randrange(1, 1 + key_size + value_size + 4))
@@ -331,7 +357,13 @@ def test_replay_log_stops_where_python_stops(seed: int) -> None:
         buffer += bytes(rng.randrange(1, 100))
     bindings: dict[bytes, bytes | None] = {}
     stopped = _accel.replay_log(bytes(buffer), key_size, value_size, bindings)
-    assert (stopped, bindings) == python_replay(bytes(buffer), key_size, value_size)
+    oracle = python_replay(bytes(buffer), key_size, value_size)
+    assert (stopped, bindings) == oracle
+    in_python: dict[bytes, bytes | None] = {}
+    size = 1 + key_size + value_size + 4
+    assert (tuple(log._replay_in_python(bytes(buffer), size, key_size, in_python)), in_python) == (
+        oracle
+    )
 
 
 def test_replay_log_refusals() -> None:

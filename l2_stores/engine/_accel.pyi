@@ -15,10 +15,10 @@ def replay_log(
     value_size: int,
     bindings: dict[bytes, bytes | None],
     /,
-) -> tuple[int, int, bool]: ...
+) -> tuple[int, int, bool, int, int]: ...
 
-#: (set, remove, mark, seal, SYNCED flag): the log's op bytes as the C replay reads them.
-LOG_FORMAT: tuple[int, int, int, int, int]
+#: (set, remove, mark, seal, begin, end, SYNCED flag): the log op bytes the C replay reads.
+LOG_FORMAT: tuple[int, int, int, int, int, int, int]
 def write_framed(fd: int, offset: int, /, *parts: bytes | bytearray | memoryview) -> int: ...
 
 

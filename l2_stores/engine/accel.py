@@ -78,15 +78,18 @@ if _module is not None:
     #: size; True, False (failed this time), or None (cannot be done there).
     accelerated_reserve: Callable[[int, int, int], bool | None] | None = reserve
     #: ``replay_log(buffer, key_size, value_size, bindings)``: where the replay
-    #: stopped, where the last SYNCED record is (-1: none), whether after a seal.
+    #: stopped, where the last SYNCED record is (-1: none), whether after a seal,
+    #: the parts taken and the end of the good records (``log.Replayed``).
     accelerated_replay_log: (
         Callable[
-            [bytes | memoryview, int, int, dict[bytes, bytes | None]], tuple[int, int, bool]
+            [bytes | memoryview, int, int, dict[bytes, bytes | None]],
+            tuple[int, int, bool, int, int],
         ]
         | None
     ) = replay_log
-    #: The log's op bytes as the C replay reads them: (set, remove, mark, seal, SYNCED).
-    accelerated_log_format: tuple[int, int, int, int, int] | None = LOG_FORMAT
+    #: The log's op bytes as the C replay reads them: (set, remove, mark, seal,
+    #: begin, end, SYNCED).
+    accelerated_log_format: tuple[int, ...] | None = LOG_FORMAT
     #: ``value_of_record(buffer, offset, length, key)``: a checked value, or None.
     accelerated_value_of_record: Callable[[mmap, int, int, bytes], bytes | None] | None = (
         value_of_record

@@ -47,7 +47,7 @@ import os
 import threading
 import weakref
 from _thread import start_new_thread as start_thread
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +63,12 @@ from .lock import WriterLock, loaded_writer
 from .log import (
     OP_MASK,
     OP_SET,
+    PARTS_VERSION,
     SEALED_VERSION,
     LogScan,
     LogWriter,
     SpareLog,
+    part_spans,
     read_log,
     record_size,
 )
@@ -163,6 +165,7 @@ class Index:
         fsync: bool = False,
         exclusive: Callable[[], AbstractContextManager[None]] | None = None,
         referenced: ReferencedValues | None = None,
+        committed: Callable[[int], bool] | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"index_buffer_size must be at least 1, got {buffer_size}")
@@ -178,6 +181,16 @@ class Index:
         self._fsync = fsync
         self._exclusive = exclusive or contextlib.nullcontext
         self._referenced = referenced
+        #: The batch journal's word on a part (by ordinal) a power loss may
+        #: have left without its journal record (see ``_committed_parts``).
+        self._committed = committed
+        #: Batch parts taken (see ``log``): the runs' and the logs' together;
+        #: those of the frozen log and before, for its run.
+        self._parts = 0
+        self._frozen_parts = 0
+        #: Called before the engine makes its logs durable (a merge, a close's
+        #: mark): the batch journal makes the parts they hold durable first.
+        self.before_durable: Callable[[], None] | None = None
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: dict[bytes, bytes | None] | None = None
         #: Whether an iterator holds the active dict: the next write copies it first
@@ -422,6 +435,64 @@ class Index:
         if self._log is not None:
             self._log.flush()
 
+    # ------------------------------------------------------- batch parts
+
+    @property
+    def parts(self) -> int:
+        """The batch parts this store has taken (see ``log``), ever."""
+        return self._parts
+
+    @property
+    def durable_parts(self) -> int:
+        """The parts a power loss cannot take any more: those the runs hold."""
+        return self._stack.parts
+
+    def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Take a committed batch's writes to this store (a None value: a removal) as one
+        part: written at once, flushed but not fsynced (the journal holds it durably)."""
+        log = self._writable_log()
+        if log.version < PARTS_VERSION:  # a log of an older version takes no part
+            self._make_room()
+            log = self._writable_log()
+        log.append_part(ops)
+        if self._shared:
+            self._unshare()
+        active = self._active
+        for key, value in ops:
+            active[key] = value
+        if self._touched is not None:
+            self._touched.update(key for key, _ in ops)
+        self._parts += 1
+        self._after_append(log)
+
+    def _journal_first(self) -> None:
+        """Before the logs' parts are made durable, the journal's records of them."""
+        if self.before_durable is not None and self._parts > self._stack.parts:
+            self.before_durable()
+
+    def _committed_parts(self, scans: list[LogScan]) -> list[LogScan]:
+        """The logs without the first part a power loss may have left without its journal
+        record (and everything after it): it was never committed."""
+        if self._committed is None:
+            return scans
+        ordinal = self._stack.parts
+        for position, scan in enumerate(scans):
+            path = os.path.join(self.directory, layout.log_name(scan.generation))
+            durable_end = scan.synced_at if scan.synced_at is not None else HEADER_SIZE
+            for begin, end in part_spans(path, self._expected, scan.end):
+                ordinal += 1
+                if end <= durable_end or self._committed(ordinal):
+                    continue
+                logger.warning(
+                    "%s: %s holds part %d of a batch the journal does not hold: "
+                    "a power loss took its commit; the logs end before it",
+                    self._name,
+                    path,
+                    ordinal,
+                )
+                return [*scans[:position], read_log(path, self._expected, whole=True, limit=begin)]
+        return scans
+
     def _writable_log(self) -> LogWriter:
         log = self._log
         if log is None:
@@ -463,6 +534,7 @@ class Index:
     def _freeze_and_merge(self, gc: _GcMerge | None = None) -> None:
         log = self._log
         assert log is not None and self._frozen is None
+        self._journal_first()
         # The next log first: once sealed, the log takes no more records, so a
         # seal without a next log would leave the store unable to write.
         next_log = self._next_log(log.generation + 1)  # on error nothing has changed
@@ -475,6 +547,7 @@ class Index:
             raise
         log.abandon()  # flushed by the seal
         self._frozen, self._active = self._active, {}
+        self._frozen_parts = self._parts
         self._shared = False  # (an iterator may hold the frozen one: it never changes)
         self._log = next_log
         self._hand_over()
@@ -503,7 +576,8 @@ class Index:
         self._merge_outcome = None
         # The inputs in a list the merge empties: the thread's arguments would
         # otherwise keep the frozen dict alive until the thread ends.
-        args = (self._merge_ticket, [self._stack, self._frozen], self._log.generation, gc)
+        inputs = [self._stack, self._frozen, self._frozen_parts]
+        args = (self._merge_ticket, inputs, self._log.generation, gc)
         self._merging = True
         self.pacing = self._log.records >= self._pace_from
         self._merge_gc = gc
@@ -531,7 +605,8 @@ class Index:
     ) -> None:
         stack: RunStack
         frozen: dict[bytes, bytes | None]
-        stack, frozen = inputs
+        parts: int
+        stack, frozen, parts = inputs
         inputs.clear()
         frozen_log = generation - 1
         first = stack.runs[0].span.lo if stack.runs and gc is not None else frozen_log
@@ -557,11 +632,18 @@ class Index:
                     tag=stack.tag,
                     drop_removals=not stack.runs,
                     live=_flushed_live(stack, frozen, self._name),
+                    parts=parts,
                 )
             else:
                 kept = gc.selection.kept(frozen, stack.find)
                 write_run(
-                    temporary, self._expected, span, kept, len(kept), tag=gc.selection.tag
+                    temporary,
+                    self._expected,
+                    span,
+                    kept,
+                    len(kept),
+                    tag=gc.selection.tag,
+                    parts=parts,
                 )
             del stack, frozen  # the index's own references go at the switch
             if self._referenced is not None:  # what the new run's values point at first
@@ -955,6 +1037,9 @@ class Index:
             raise CannotLoadStore(
                 "two logs frozen for a merge", name=self._name, path=self.directory
             )
+        scans = self._committed_parts(scans)
+        self._parts = self._stack.parts + sum(scan.parts for scan in scans)
+        self._frozen_parts = self._stack.parts + (scans[0].parts if scans else 0)
         # Only now is anything changed on disk. Leftovers first: an earlier
         # conversion's pieces among them.
         for name in listing.temporaries:
@@ -982,6 +1067,7 @@ class Index:
         last = scans[-1]
         if last.sealed:  # frozen for a merge, but its next log never appeared
             self._frozen = last.bindings
+            self._frozen_parts = self._parts
             self._log = self._new_log(last.generation + 1)
             self._hand_over()
             self._start_merge()
@@ -1210,6 +1296,7 @@ class Index:
         self._stack = stack
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._active = scans[-1].bindings if scans else {}
+        self._parts = stack.parts + sum(scan.parts for scan in scans)
         self._shared = False  # new dicts: no iterator holds them
         self._key_orders = ()
         self._hand_over()
@@ -1284,6 +1371,7 @@ class Index:
         try:
             if self._referenced is not None:
                 self._referenced.sync()
+            self._journal_first()
         except OSError:
             logger.warning("%s: cannot fsync the values at close", self._name, exc_info=True)
             log.flush()

@@ -11,7 +11,8 @@ Layout of ``log.<generation>`` (integers little-endian)::
          0     1  op: bits 0-6 the operation, bit 7 SYNCED (version 3)
                     1 = set, 2 = remove,
                     3 = mark (no binding: a point where everything before was durable),
-                    4 = seal (no binding: the last record of a log frozen for a merge)
+                    4 = seal (no binding: the last record of a log frozen for a merge),
+                    5 = begin, 6 = end (no binding: they enclose a batch's part, version 4)
          1     K  key (zeros for a mark or a seal)
        1+K     V  value (zeros for a remove, a mark or a seal)
      1+K+V     4  crc32 of the 1+K+V bytes before it
@@ -36,9 +37,17 @@ Format versions (the header's version field):
 - 2: the file may also end in zero-filled *free space*, allocated ahead so
   that the C put writes records through a shared map, without a system
   call. A writer's close cuts the free space off.
-- 3 (written since): version 2 with SYNCED flags, marks and seals. Versions
-  1 and 2 are read as version 3 logs that have none (their frozen logs need
-  no seal), and appended to as they are.
+- 3: version 2 with SYNCED flags, marks and seals. Versions 1 and 2 are
+  read as version 3 logs that have none (their frozen logs need no seal),
+  and appended to as they are.
+- 4 (written since): version 3 with *parts*. A batch's part (its writes to
+  this store, see ``batches``) is a begin record, its sets and removes, and
+  an end record, written at once. Its bindings count only once its end is
+  read: a part cut short (a kill while it was written, a reader reading
+  while it is) binds nothing, and the records stop at its begin. A store
+  counts its parts (``LogScan.parts``, and the runs' header) so that the
+  batch journal knows which of its batches the store holds. Older logs are
+  appended to as they are, but take no part: a part goes to a new log.
 """
 
 from __future__ import annotations
@@ -48,9 +57,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from ..errors import CannotLoadStore, CannotWriteToStore
 from . import filesystem
@@ -79,21 +88,29 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"L2SLOG\0\0"
 #: The version new logs are written with, and the versions read.
-LOG_VERSION = 3
-LOG_VERSIONS = (1, 2, 3)
+LOG_VERSION = 4
+LOG_VERSIONS = (1, 2, 3, 4)
 #: The first version with SYNCED flags, marks and seals.
 SEALED_VERSION = 3
+#: The first version with parts (begin and end records).
+PARTS_VERSION = 4
 OP_SET = 1
 OP_REMOVE = 2
 OP_MARK = 3
 OP_SEAL = 4
+OP_BEGIN = 5
+OP_END = 6
 #: Flag of the op byte: everything written before this record was durable.
 SYNCED = 0x80
 OP_MASK = 0x7F
-if accelerated_log_format not in (None, (OP_SET, OP_REMOVE, OP_MARK, OP_SEAL, SYNCED)):
+if accelerated_log_format not in (
+    None,
+    (OP_SET, OP_REMOVE, OP_MARK, OP_SEAL, OP_BEGIN, OP_END, SYNCED),
+):
     raise ImportError(f"_accel reads log op bytes {accelerated_log_format}: rebuild it")
 _OP_SET_BYTE = bytes([OP_SET])
 _OP_REMOVE_BYTE = bytes([OP_REMOVE])
+_OP_END_BYTE = bytes([OP_END])
 
 #: Pending bytes of unflushed appends (``flush=False``) handed to the OS
 #: once they reach this size, to bound memory.
@@ -129,6 +146,11 @@ class LogScan:
     synced_at: int | None = None
     #: Whether the records end with a seal (the log was frozen for a merge).
     sealed: bool = False
+    #: The parts taken whole (see the version 4 format).
+    parts: int = 0
+    #: Bytes of good records of a part left open at the end (counted in
+    #: ``torn_bytes``): a kill cut it short, or a writer is writing it.
+    open_part: int = 0
 
 
 #: Bytes of log records read at a time (about): a reader's sync reads up to
@@ -136,50 +158,96 @@ class LogScan:
 READ_CHUNK = 1 << 16
 
 
+class Replayed(NamedTuple):
+    """Where a replay of a buffer of records stopped, and what it saw."""
+
+    #: The end of the last record it took (before an open part's begin).
+    position: int
+    #: The position of the last record with the SYNCED flag (a mark included)
+    #: before ``position`` (-1: none).
+    synced_at: int
+    #: Whether it stopped after a seal.
+    sealed: bool
+    #: The parts it took whole (their end records).
+    parts: int
+    #: The end of the last good record: past ``position`` when a part is open
+    #: there (its end record not in the buffer, or a bad record before it).
+    valid_end: int
+
+
 def _replay_in_python(
     buffer: bytes | memoryview, size: int, key_size: int, bindings: dict[bytes, bytes | None]
-) -> tuple[int, int, bool]:
+) -> Replayed:
     complete = len(buffer) - len(buffer) % size
     key_end = 1 + key_size
     value_end = size - CRC_SIZE
     position = 0
     synced_at = -1
+    parts = 0
+    part: dict[bytes, bytes | None] | None = None  # an open part's bindings
+    part_start = part_synced_at = -1
     while position < complete:
         record = bytes(buffer[position : position + size])
         op = record[0] & OP_MASK
-        if crc32(record) != CRC_RESIDUE or not OP_SET <= op <= OP_SEAL:
+        if crc32(record) != CRC_RESIDUE or not OP_SET <= op <= OP_END:
             break
+        if (op == OP_END and part is None) or (op >= OP_MARK and op != OP_END and part is not None):
+            break  # an end outside a part; a mark, seal or begin inside one
         if op <= OP_REMOVE:
-            bindings[record[1:key_end]] = record[key_end:value_end] if op == OP_SET else None
+            target = bindings if part is None else part
+            target[record[1:key_end]] = record[key_end:value_end] if op == OP_SET else None
+        if op == OP_BEGIN:
+            part, part_start, part_synced_at = {}, position, synced_at
         if record[0] & SYNCED or op == OP_MARK:
             synced_at = position
         position += size
+        if op == OP_END:
+            assert part is not None
+            bindings.update(part)
+            part = None
+            parts += 1
         if op == OP_SEAL:
-            return position, synced_at, True
-    return position, synced_at, False
+            return Replayed(position, synced_at, True, parts, position)
+    if part is not None:
+        return Replayed(part_start, part_synced_at, False, parts, position)
+    return Replayed(position, synced_at, False, parts, position)
 
 
 def _replay(
     buffer: bytes | memoryview, expected: Expected, bindings: dict[bytes, bytes | None]
-) -> tuple[int, int, bool]:
-    """Replay the whole records of ``buffer`` up to the first bad one, or a seal.
-
-    Returns where it stopped, the position of the last record with the
-    SYNCED flag (-1: none) and whether it stopped after a seal.
-    """
+) -> Replayed:
+    """Replay the whole records of ``buffer`` up to the first bad one, a seal, or an
+    open part's begin (see :class:`Replayed`)."""
     size = record_size(expected)
     if accelerated_replay_log is not None:  # the same loop in C
-        position, synced_at, sealed = accelerated_replay_log(
-            buffer, expected.key_size, expected.value_size, bindings
+        return Replayed(
+            *accelerated_replay_log(buffer, expected.key_size, expected.value_size, bindings)
         )
-        return int(position), int(synced_at), bool(sealed)
     return _replay_in_python(buffer, size, expected.key_size, bindings)
+
+
+def part_spans(path: str, expected: Expected, end: int) -> list[tuple[int, int]]:
+    """Where each whole part of the log at ``path`` begins and ends, up to ``end`` (the
+    end of its good records, as a scan found them)."""
+    size = record_size(expected)
+    spans = []
+    begin = None
+    with open(path, "rb") as file:
+        records = os.pread(file.fileno(), end - HEADER_SIZE, HEADER_SIZE)
+    for at in range(0, len(records) - len(records) % size, size):
+        op = records[at] & OP_MASK
+        if op == OP_BEGIN:
+            begin = HEADER_SIZE + at
+        elif op == OP_END and begin is not None:
+            spans.append((begin, HEADER_SIZE + at + size))
+            begin = None
+    return spans
 
 
 def _good_synced_record(record: bytes) -> bool:
     return (
         crc32(record) == CRC_RESIDUE
-        and OP_SET <= record[0] & OP_MASK <= OP_SEAL
+        and OP_SET <= record[0] & OP_MASK <= OP_END
         and bool(record[0] & SYNCED or record[0] & OP_MASK == OP_MARK)
     )
 
@@ -290,24 +358,39 @@ def _read_records(
     while not scan.sealed:  # a chunk, and one record more to tell a torn store from corruption
         wanted = step if limit is None else min(step, limit - scan.end)
         buffer = os.pread(fd, wanted + size, scan.end)
-        position, synced_at, sealed = _replay(memoryview(buffer)[:wanted], expected, scan.bindings)
-        if synced_at >= 0:
-            scan.synced_at = scan.end + synced_at
+        replayed = _replay(memoryview(buffer)[:wanted], expected, scan.bindings)
+        position = replayed.position
+        if replayed.synced_at >= 0:
+            scan.synced_at = scan.end + replayed.synced_at
         scan.records += position // size
+        scan.parts += replayed.parts
         scan.end += position
-        scan.sealed = sealed
+        scan.sealed = replayed.sealed
+        if (
+            position < wanted == step < len(buffer)
+            and replayed.valid_end >= wanted - wanted % size
+        ):
+            step *= 2  # a part runs on past the chunk: read it whole
+            continue
         if position < wanted or len(buffer) <= wanted or scan.end == limit:
             break
     else:
         buffer, position = b"", 0
-    rest = buffer[position:]
-    remaining = max(len(rest), file_size - scan.end)
+        replayed = Replayed(0, -1, True, 0, 0)
+    scan.open_part = replayed.valid_end - position
+    rest = buffer[replayed.valid_end :]
+    remaining = max(len(buffer) - position, file_size - scan.end)
     if limit is not None:
         return _Stop(torn=remaining, damaged=any(rest))
     if whole or any(rest[:size]):  # a bad record, not free space: is a SYNCED one after it?
-        file.seek(scan.end + len(rest))
+        file.seek(scan.end + len(buffer) - position)
         rest += file.read()
-    return _classify_stop(rest, size, remaining)
+    stop = _classify_stop(rest, size, remaining - scan.open_part)
+    if not scan.open_part:
+        return stop
+    if stop.corrupt_at is not None:
+        return _Stop(corrupt_at=stop.corrupt_at + scan.open_part)
+    return _Stop(torn=stop.torn + scan.open_part, free=stop.free, damaged=stop.damaged)
 
 
 class SpareLog:
@@ -565,6 +648,28 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                     raise
         self.records += 1
 
+    def append_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Append a batch's part in one write: a begin record, a set for each ``(key,
+        value)`` of ``ops`` (a remove for a None value), an end record. Flushed, not
+        fsynced; if this raises, no record of it is in the log."""
+        assert self.version >= PARTS_VERSION
+        self.flush()
+        zero_key, zero_value = self._zero_key, self._zero_value
+        records = [framed(self._op(OP_BEGIN), zero_key, zero_value)]
+        for key, value in ops:
+            if value is None:
+                records.append(framed(_OP_REMOVE_BYTE, key, zero_value))
+            else:
+                records.append(framed(_OP_SET_BYTE, key, value))
+        records.append(framed(_OP_END_BYTE, zero_key, zero_value))
+        data = b"".join(records)
+        try:
+            pwrite_all(self._fd, data, self._end)
+        except OSError as error:
+            raise self._failed_write(error) from error
+        self._end += len(data)
+        self.records += len(records)
+
     def seal(self) -> None:
         """End the log, after its pending records, with a seal: it is frozen for a merge."""
         if self.version >= SEALED_VERSION:
@@ -674,11 +779,22 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
             return
         buffer = file.read()
     size = 1 + header.key_size + header.value_size + CRC_SIZE
-    position, _, sealed = _replay_in_python(buffer, size, header.key_size, {})
-    rest = buffer[position:]
+    replayed = _replay_in_python(buffer, size, header.key_size, {})
+    position, sealed = replayed.position, replayed.sealed
+    rest = buffer[replayed.valid_end :]
+    open_part = replayed.valid_end - position
+    offset = HEADER_SIZE + position
+    if open_part:
+        yield Finding(
+            path,
+            offset,
+            f"a batch's part cut short at the end ({open_part} bytes of whole records "
+            "without their end record: dropped at the next writer load)",
+            False,
+        )
     if not rest:
         return
-    offset = HEADER_SIZE + position
+    offset += open_part
     stop = _classify_stop(rest, size, len(rest))
     if stop.corrupt_at is not None:
         yield Finding(

@@ -10,7 +10,8 @@ ceil(n / P) fences used, 2^r radix buckets)::
                           generation = hi, count = n, fan-out bits = r, tag
     64      64            run header (``RUN_HEADER``): lo, capacity c, m, P,
                           removals, prefix length p, shift s, base u0,
-                          live + 1 (0: not known), crc32 of bytes 64..123
+                          live + 1 (0: not known), parts (6 bytes),
+                          crc32 of bytes 64..123
     A = 128 64 m          filter (``filter``), over every row's key
     B       K F           fences: the key of rows 0, P, 2P, ..., f of them used
     C       4 (2^r + 1)   radix: u32 index of the first fence of each bucket, then f
@@ -40,6 +41,11 @@ generation ``hi``: of this run and every older one together. A run from
 generation 0 counts its own rows that are not removals; a flush's run adds
 what its log changed to the run below; a merge's keeps its newest input's.
 Runs written before the field existed hold 0: not known (``live`` None).
+
+**Parts.** The number of batch parts (see ``log``) the store had taken as of
+generation ``hi``: a flush's run records the store's count when its log was
+frozen, a merge's its newest input's. Runs written before hold 0, as do
+stores that never took part in a batch.
 
 **Lookup.** Filter; bounds (first and last key); radix -> fence range ->
 bisect the fences -> bisect the fence's P rows (about 4 KiB) -> row
@@ -95,7 +101,8 @@ if TYPE_CHECKING:
     from ._runs import RunBuilder, RunReader
 
 MAGIC = b"L2SRUN\0\0"
-RUN_HEADER = struct.Struct("<QQQIQBBQQ6xI")
+RUN_HEADER = struct.Struct("<QQQIQBBQQ6sI")
+PARTS_BYTES = 6
 RUN_HEADER_SIZE = 64
 assert RUN_HEADER.size == RUN_HEADER_SIZE
 FILTER_OFFSET = HEADER_SIZE + RUN_HEADER_SIZE
@@ -268,7 +275,7 @@ class Run:
             header = decode_header(head, MAGIC, path, expected)
             if len(head) < FILTER_OFFSET or not crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)
-            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, live, _) = (
+            (lo, capacity, blocks, fence_rows, removals, prefix, shift, base, live, parts, _) = (
                 RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])
             )
             geometry = Geometry(expected, capacity, header.count)
@@ -292,6 +299,8 @@ class Run:
         self.removals = removals
         #: Live keys of the store as of ``hi`` (see the layout), None when not known.
         self.live: int | None = live - 1 if live else None
+        #: Batch parts the store had taken as of ``hi`` (see the layout).
+        self.parts = int.from_bytes(parts, "little")
         self.geometry = geometry
         self._prefix, self._shift, self._base = prefix, shift, base
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
@@ -613,11 +622,13 @@ class RunWriter:
         accelerated: bool = True,
         map_index_from: int | None = None,
         live: int | None = None,
+        parts: int = 0,
     ) -> None:
         """A writer of the run ``lo``..``hi`` at ``path`` (created; it must not exist).
 
         ``live``: the store's live keys as of ``hi``, recorded in the header
-        (a run from generation 0 counts its own, whatever is given).
+        (a run from generation 0 counts its own, whatever is given);
+        ``parts``: the store's batch parts as of ``hi``.
 
         With the C builder, index sections (filter, fences, radix) of at least
         ``map_index_from`` bytes (None: the builder's default, 1 MiB) are written
@@ -630,6 +641,7 @@ class RunWriter:
         self._expected = expected
         self._lo, self._hi, self._tag = lo, hi, tag
         self._live = live
+        self._parts = parts
         self._geometry = Geometry(expected, capacity, 0)
         g = self._geometry
         self._done = False  # finished or aborted
@@ -837,6 +849,7 @@ class RunWriter:
             shift,
             base,
             0 if live is None else live + 1,
+            self._parts.to_bytes(PARTS_BYTES, "little"),
             0,
         )[:-CRC_SIZE]
         file_header = FileHeader(

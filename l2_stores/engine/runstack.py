@@ -43,6 +43,8 @@ class Source(Protocol):
     count: int
     #: Live keys of the store as of the source's last generation, None when not known.
     live: int | None
+    #: Batch parts the store had taken as of the source's last generation.
+    parts: int
 
     @property
     def reader(self) -> Any:
@@ -92,6 +94,7 @@ class LegacyData:
         self.tag = data.tag
         self.count = data.count
         self.live: int | None = data.count  # it holds no removals
+        self.parts = 0
         self.reader = None
 
     def find(self, key: bytes, key_hash: int | None = None) -> Found:
@@ -272,6 +275,11 @@ class RunStack:
         return run.corruption_error(error)
 
     @property
+    def parts(self) -> int:
+        """Batch parts the store had taken as of the runs (the newest run's count)."""
+        return self.runs[-1].parts if self.runs else 0
+
+    @property
     def live(self) -> int | None:
         """Live keys in the runs together (the newest run's count), None when not known."""
         if not self.runs:
@@ -350,17 +358,19 @@ def write_run(
     cancelled: Callable[[], bool] | None = None,
     fsync: bool = True,
     live: int | None = None,
+    parts: int = 0,
 ) -> int:
     """Write the run of ``span`` at ``path`` from ``rows`` (in key order); return its row count.
 
-    ``live`` is recorded as the store's live keys as of the run (see run.py).
+    ``live`` and ``parts`` are recorded as the store's live keys and batch
+    parts as of the run (see run.py).
 
     Removals are left out with ``drop_removals`` (nothing older remains for
     them to hide). The rows go to the writer a batch at a time (one C call
     each with the C run builder); ``cancelled`` is asked before each batch;
     when it says so the file is deleted and :class:`Cancelled` raised.
     """
-    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live)
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live, parts=parts)
     try:
         iterator = iter(rows)
         while batch := list(itertools.islice(iterator, _CANCEL_CHECK)):
@@ -388,11 +398,15 @@ def write_bindings(
     tag: int = 0,
     drop_removals: bool = False,
     live: int | None = None,
+    parts: int = 0,
 ) -> int:
     """Write the run of ``span`` at ``path`` from a log's ``bindings`` (None: a removal,
     left out with ``drop_removals``); return its row count. With the C run builder
-    the sort and the writing run without the GIL. ``live`` as for ``write_run``."""
-    writer = RunWriter(path, expected, span.lo, span.hi, len(bindings), tag, live=live)
+    the sort and the writing run without the GIL. ``live`` and ``parts`` as for
+    ``write_run``."""
+    writer = RunWriter(
+        path, expected, span.lo, span.hi, len(bindings), tag, live=live, parts=parts
+    )
     try:
         writer.add_bindings(bindings, drop_removals=drop_removals)
         writer.finish()
@@ -424,6 +438,7 @@ def merge_runs(
     """
     capacity = sum(source.count for source in sources)
     live = sources[0].live if sources else 0  # the store as of the newest source
+    parts = sources[0].parts if sources else 0
     runs = [source for source in sources if isinstance(source, Run)]
     readers = tuple(run.reader for run in runs if run.reader is not None)
     if AcceleratedRunBuilder is None or len(readers) != len(sources):
@@ -438,8 +453,9 @@ def merge_runs(
             cancelled=None if cancel is None else lambda: bool(cancel[0]),
             fsync=fsync,
             live=live,
+            parts=parts,
         )
-    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live)
+    writer = RunWriter(path, expected, span.lo, span.hi, capacity, tag, live=live, parts=parts)
     try:
         try:
             done = writer.merge(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 from l2_stores.engine.framing import HEADER_SIZE, HEADER_STRUCT
 from l2_stores.engine.layout import scan
 from l2_stores.engine.levels import live_and_superseded
-from l2_stores.engine.run import FILTER_OFFSET, RUN_HEADER, Geometry
+from l2_stores.engine.run import FILTER_OFFSET, PARTS_BYTES, RUN_HEADER, Geometry
 
 #: The run header's fields, in order (its checksum after them).
 RUN_HEADER_FIELDS = (
@@ -22,19 +23,23 @@ RUN_HEADER_FIELDS = (
     "shift",
     "base",
     "live",
+    "parts",
 )
 
 
 def run_header(path: str | os.PathLike[str]) -> dict[str, int]:
-    """The run header's fields of the run at ``path``."""
+    """The run header's fields of the run at ``path`` (``parts`` as an int)."""
     data = Path(path).read_bytes()[HEADER_SIZE:FILTER_OFFSET]
-    return dict(zip(RUN_HEADER_FIELDS, RUN_HEADER.unpack(data)[:-1], strict=True))
+    fields = dict(zip(RUN_HEADER_FIELDS, RUN_HEADER.unpack(data)[:-1], strict=True))
+    fields["parts"] = int.from_bytes(fields["parts"], "little")
+    return fields
 
 
 def rewrite_run_header(path: str | os.PathLike[str], **changes: int) -> None:
     """Change fields of the run header and give it a valid checksum again."""
     data = bytearray(Path(path).read_bytes())
-    fields = run_header(path) | changes
+    fields: dict[str, Any] = run_header(path) | changes
+    fields["parts"] = fields["parts"].to_bytes(PARTS_BYTES, "little")
     body = RUN_HEADER.pack(*fields.values(), 0)[:-4]
     data[HEADER_SIZE:FILTER_OFFSET] = body + zlib.crc32(body).to_bytes(4, "little")
     Path(path).write_bytes(bytes(data))

@@ -53,8 +53,8 @@ PyInit__accel(void)
     if (module == NULL)
         return NULL;
     if (PyModule_AddObject(module, "LOG_FORMAT",
-                           Py_BuildValue("(iiiii)", LOG_OP_SET, LOG_OP_REMOVE, LOG_OP_MARK,
-                                         LOG_OP_SEAL, LOG_SYNCED)) < 0) {
+                           Py_BuildValue("(iiiiiii)", LOG_OP_SET, LOG_OP_REMOVE, LOG_OP_MARK,
+                                         LOG_OP_SEAL, LOG_OP_BEGIN, LOG_OP_END, LOG_SYNCED)) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -18,6 +18,8 @@
 #define LOG_OP_REMOVE 2
 #define LOG_OP_MARK 3
 #define LOG_OP_SEAL 4
+#define LOG_OP_BEGIN 5
+#define LOG_OP_END 6
 #define LOG_SYNCED 0x80
 #define LOG_OP_MASK 0x7F
 

@@ -376,14 +376,18 @@ PyTypeObject WriterType = {
     .tp_methods = writer_methods,
 };
 
-/* replay_log(buffer, key_size, value_size, bindings) -> (position, synced_at, sealed):
-   put the complete log records of buffer (op, key, value, CRC-32) into
-   bindings, a set (op 1) as key -> value and a remove (op 2) as key -> None,
-   in order; marks (op 3) and seals (op 4) bind nothing. Bit 7 of the op
-   byte is the SYNCED flag. Stop at the first record whose checksum or op
-   fails, or after a seal; return where it stopped, the position of the
-   last record with the SYNCED flag or a mark (-1: none), and whether it
-   stopped after a seal. (log.py's _replay_in_python is the same loop.) */
+/* replay_log(buffer, key_size, value_size, bindings) -> (position, synced_at,
+   sealed, parts, valid_end): put the complete log records of buffer (op,
+   key, value, CRC-32) into bindings, a set (op 1) as key -> value and a
+   remove (op 2) as key -> None, in order; marks (op 3) and seals (op 4) bind
+   nothing. A part (begin, op 5, to end, op 6) binds its records only at its
+   end. Bit 7 of the op byte is the SYNCED flag. Stop at the first record
+   whose checksum or op fails (an end outside a part, a mark, seal or begin
+   inside one), or after a seal; return where it stopped (an open part's
+   begin), the position of the last record with the SYNCED flag or a mark
+   before it (-1: none), whether it stopped after a seal, the parts taken
+   and the end of the last good record. (log.py's _replay_in_python is the
+   same loop.) */
 
 PyObject *
 accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
@@ -409,35 +413,63 @@ accel_replay_log(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
         return NULL;
     const unsigned char *base = (const unsigned char *)view.buf;
     Py_ssize_t size = 1 + key_size + value_size + 4;
-    Py_ssize_t complete = view.len - view.len % size, position = 0, synced_at = -1;
+    Py_ssize_t complete = view.len - view.len % size, position = 0, synced_at = -1, parts = 0;
+    Py_ssize_t part_start = -1, part_synced_at = -1;
+    PyObject *part = NULL; /* an open part's bindings */
     int sealed = 0;
     while (position < complete) {
         const unsigned char *record = base + position;
         int op = record[0] & LOG_OP_MASK;
-        if (op < LOG_OP_SET || op > LOG_OP_SEAL ||
+        if (op < LOG_OP_SET || op > LOG_OP_END ||
             crc32_of(record, size - 4) != read_u32(record + size - 4))
+            break;
+        if ((op == LOG_OP_END && part == NULL) ||
+            (op >= LOG_OP_MARK && op != LOG_OP_END && part != NULL))
             break;
         if (op <= LOG_OP_REMOVE) {
             PyObject *key = PyBytes_FromStringAndSize((const char *)record + 1, key_size);
             PyObject *value = op == LOG_OP_SET ? PyBytes_FromStringAndSize(
                                                      (const char *)record + 1 + key_size, value_size)
                                                : Py_NewRef(Py_None);
-            int failed = key == NULL || value == NULL || PyDict_SetItem(bindings, key, value) < 0;
+            int failed = key == NULL || value == NULL ||
+                         PyDict_SetItem(part != NULL ? part : bindings, key, value) < 0;
             Py_XDECREF(key);
             Py_XDECREF(value);
-            if (failed) {
-                PyBuffer_Release(&view);
-                return NULL;
-            }
+            if (failed)
+                goto error;
+        }
+        if (op == LOG_OP_BEGIN) {
+            part = PyDict_New();
+            if (part == NULL)
+                goto error;
+            part_start = position;
+            part_synced_at = synced_at;
         }
         if ((record[0] & LOG_SYNCED) || op == LOG_OP_MARK)
             synced_at = position;
         position += size;
+        if (op == LOG_OP_END) {
+            int failed = PyDict_Update(bindings, part) < 0;
+            Py_CLEAR(part);
+            if (failed)
+                goto error;
+            parts++;
+        }
         if (op == LOG_OP_SEAL) {
             sealed = 1;
             break;
         }
     }
     PyBuffer_Release(&view);
-    return Py_BuildValue("(nnO)", position, synced_at, sealed ? Py_True : Py_False);
+    if (part != NULL) {
+        Py_DECREF(part);
+        return Py_BuildValue("(nnOnn)", part_start, part_synced_at, Py_False, parts, position);
+    }
+    return Py_BuildValue("(nnOnn)", position, synced_at, sealed ? Py_True : Py_False, parts,
+                         position);
+
+error:
+    Py_XDECREF(part);
+    PyBuffer_Release(&view);
+    return NULL;
 }
