@@ -5,6 +5,7 @@ A Python port of the store functors of the Octez layer-2 store library
 and return store classes; see ``shared/API.md`` and the guide in ``doc/``.
 """
 
+from .batches import Batch, batch
 from .codecs import fixed
 from .errors import (
     CannotLoadStore,
@@ -36,6 +37,7 @@ from .stores.singleton import SingletonStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "CannotLoadStore",
     "CannotReadFromStore",
     "CannotWriteToStore",
@@ -56,6 +58,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "StoreLockedError",
+    "batch",
     "fixed",
     "make_indexable",
     "make_indexable_removable",

@@ -301,9 +301,8 @@ def python_replay(
     valid_end = 0
     for record in good:
         at, op, synced, key, value = record
-        if (op == 6) != (part is not None) and op in (3, 4, 5, 6):
-            if not (op == 5 and part is None):
-                break
+        if (op == 6 and part is None) or (op in (3, 4, 5) and part is not None):
+            break  # an end outside a part; a mark, seal or begin inside one
         valid_end = at + size
         if part is not None and op != 6:
             part.append(record)

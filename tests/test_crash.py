@@ -11,30 +11,24 @@ acked ``flush()`` with ``flush=False``). Nothing else may appear.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import random
 import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import construct
 import pytest
 
 from l2_stores import Mode, make_indexable, make_indexable_removable, make_singleton
+from tests.helpers.child import Child
 from tests.helpers.runs import assert_runs_tile
 
 HELPERS = Path(__file__).parent / "helpers"
 CRASH_WRITER = HELPERS / "crash_writer.py"
 SINGLETON_WRITER = HELPERS / "singleton_writer.py"
-DEADLOCK_GUARD = 60.0
 
 KEY = construct.Bytes(32)
 Plain = make_indexable("crash_plain", KEY, KEY)
@@ -47,65 +41,6 @@ RECORD_SIZE = 1 + 32 + 32 + 4
 
 # --------------------------------------------------------------------------
 # child processes
-
-
-class Child:
-    """A helper script run with ``sys.executable``; its stdout is read in a thread."""
-
-    def __init__(self, script: Path, args: list[object], stderr_path: Path) -> None:
-        self.lines: list[str] = []
-        self.acks = 0
-        self.eof = False
-        self._cond = threading.Condition()
-        self.stderr_path = stderr_path
-        with open(stderr_path, "ab") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), *map(str, args)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
-        assert self.proc.stdout is not None
-        # A one-page pipe: the child cannot run far ahead of what the parent
-        # has read, so kills land close to the line that triggered them.
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if not line.endswith("\n"):
-                break  # a line cut by the kill: the op it reports never happened
-            with self._cond:
-                self.lines.append(line[:-1])
-                if line.startswith("ack "):
-                    self.acks += 1
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLOCK_GUARD) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: predicate() or self.eof, timeout)
-
-    def kill(self) -> int:
-        """SIGKILL the child, reap it, and read everything it printed."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout=DEADLOCK_GUARD)
-        self._thread.join(DEADLOCK_GUARD)
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-4000:]
 
 
 # --------------------------------------------------------------------------

@@ -23,8 +23,18 @@ from typing import Literal, get_args
 #: place, before it opens it; an action that raises is a run that cannot be opened;
 #: ``merge_write``: a run merge's thread, before it writes the merged run;
 #: ``delete``: before superseded files are deleted (outside the exclusive section).
+#: A batch's commit (``batches.Batch.hooks``): ``journal_written``: its record
+#: is in the journal, no store has taken its part; ``part_taken``: after each
+#: store takes its part.
 Point = Literal[
-    "create_log", "prepare_spare", "flush_write", "flush_renamed", "merge_write", "delete"
+    "create_log",
+    "prepare_spare",
+    "flush_write",
+    "flush_renamed",
+    "merge_write",
+    "delete",
+    "journal_written",
+    "part_taken",
 ]
 POINTS: tuple[Point, ...] = get_args(Point)
 

@@ -188,6 +188,7 @@ class Index:
         #: those of the frozen log and before, for its run.
         self._parts = 0
         self._frozen_parts = 0
+        self._marked_parts = 0  # the parts a close's mark made durable
         #: Called before the engine makes its logs durable (a merge, a close's
         #: mark): the batch journal makes the parts they hold durable first.
         self.before_durable: Callable[[], None] | None = None
@@ -444,8 +445,9 @@ class Index:
 
     @property
     def durable_parts(self) -> int:
-        """The parts a power loss cannot take any more: those the runs hold."""
-        return self._stack.parts
+        """The parts a power loss cannot take any more: those the runs hold, or all of
+        them once a close marked the log durable."""
+        return max(self._stack.parts, self._marked_parts)
 
     def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Take a committed batch's writes to this store (a None value: a removal) as one
@@ -1376,7 +1378,8 @@ class Index:
             logger.warning("%s: cannot fsync the values at close", self._name, exc_info=True)
             log.flush()
             return
-        log.mark()
+        if log.mark():
+            self._marked_parts = self._parts
 
     def close(self, *, durable: bool = True) -> None:
         """Finish any merge, make everything durable and close everything; idempotent.

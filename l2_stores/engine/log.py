@@ -677,9 +677,9 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         else:
             self.flush()
 
-    def mark(self) -> None:
+    def mark(self) -> bool:
         """Flush, make the log durable and record that with a mark (the caller made the
-        values durable).
+        values durable); whether the log is durable to its end now.
 
         Does nothing more than the flush when nothing was written since the
         last durable point: a store closed and reopened without writes gains
@@ -687,10 +687,10 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         mark spares the next load some checks, nothing depends on it.
         """
         if self._fd < 0:
-            return
+            return False
         self.flush()
         if self.version < SEALED_VERSION or self._end <= max(self._synced_end, HEADER_SIZE):
-            return
+            return self._end <= max(self._synced_end, HEADER_SIZE)
         try:
             if not self._fsync:
                 filesystem.fsync(self._fd)
@@ -701,10 +701,11 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
             logger.warning("%s: cannot mark the log durable", self.path, exc_info=True)
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._end)
-            return
+            return False
         self._end += size
         self.records += 1
         self._synced_end = self._end
+        return True
 
     def flush(self) -> None:
         """Hand every pending record to the OS (and to the disk with ``fsync``).

@@ -10,6 +10,7 @@ from operator import itemgetter
 from types import MethodType
 from typing import Any, ClassVar, Self
 
+from .. import batches
 from ..codecs import Codec
 from ..engine.framing import Expected
 from ..engine.index import Index
@@ -20,6 +21,8 @@ from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
+#: The link file that ties the store to its batch journal (``engine.journal``).
+LINK = "batch"
 
 
 class IndexableStore(Collectable):
@@ -33,6 +36,9 @@ class IndexableStore(Collectable):
     value_codec: ClassVar[Any]
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
+    _engine: Index
+    _fsync = False
+    _batch: batches.Membership | None = None
 
     @classmethod
     def load(
@@ -54,16 +60,76 @@ class IndexableStore(Collectable):
         if not isinstance(mode, Mode):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(directory, mode)
-        store._engine = Index(
-            directory,
-            Expected(cls.name, cls._key.size or 0, cls._value.size or 0),
-            readonly=mode is Mode.READ_ONLY,
-            buffer_size=index_buffer_size,
-            fsync=fsync,
-            exclusive=store._waiter.force_idle,
+        store._fsync = bool(fsync)
+        membership = (
+            batches.attach(store._link_path(), cls.name, directory)
+            if mode is Mode.READ_WRITE
+            else None
         )
+        try:
+            store._engine = Index(
+                directory,
+                Expected(cls.name, cls._key.size or 0, cls._value.size or 0),
+                readonly=mode is Mode.READ_ONLY,
+                buffer_size=index_buffer_size,
+                fsync=fsync,
+                exclusive=store._waiter.force_idle,
+                committed=membership.committed if membership is not None else None,
+            )
+        except BaseException:
+            if membership is not None:
+                membership.abandon()
+            raise
+        if membership is not None:
+            try:
+                membership.catch_up(store)
+            except BaseException:
+                store._engine.close(durable=False)
+                membership.abandon()
+                raise
+            store._join(membership)
         store._bind_fast_paths()
         return store
+
+    # -- batches (see ``batches``)
+
+    def _link_path(self) -> str:
+        return os.path.join(self.path, LINK)
+
+    def _part_count(self) -> int:
+        return self._engine.parts
+
+    def _durable_part_count(self) -> int:
+        return self._engine.durable_parts
+
+    def _batch_fsync(self) -> bool:
+        return self._fsync
+
+    def _join(self, membership: batches.Membership) -> None:
+        self._batch = membership
+        self._engine.before_durable = membership.sync_journal
+
+    def _batch_view(self, batch: batches.Batch) -> IndexableBatchView:
+        return IndexableBatchView(batch, self)
+
+    def _take_part(self, data: bytes) -> None:
+        key_end = 1 + (self._key.size or 0)
+        size = key_end + (self._value.size or 0)
+        ops = [
+            (data[at + 1 : at + key_end], data[at + key_end : at + size] if data[at] == 1 else None)
+            for at in range(0, len(data), size)
+        ]
+        engine = self._engine
+        if engine.pacing:
+            engine.reserve()
+        with self._waiter.force_idle():
+            self._check_open()
+            engine.apply_part(ops)
+
+    def _close_resources(self) -> None:
+        super()._close_resources()
+        if self._batch is not None:
+            self._batch.leave(self)
 
     def _bind_fast_paths(self) -> None:
         if self._bytes_key_size < 0 or type(self).find is not IndexableStore.find:
@@ -118,6 +184,12 @@ class IndexableStore(Collectable):
             return self._engine.get(encoded) is not None
         finally:
             waiter.exit_task()
+
+    def _has_encoded(self, encoded: bytes) -> bool:
+        """Whether the encoded key ``encoded`` is bound."""
+        with self._waiter.task():
+            self._check_open()
+            return self._engine.get(encoded) is not None
 
     def _find_nowait(self, key: Any) -> Any:
         # find's body with a task that never waits: asyncio's hot path.
@@ -246,6 +318,9 @@ class IndexableRemovableStore(IndexableStore):
         finally:
             waiter.exit_exclusive()
 
+    def _batch_view(self, batch: batches.Batch) -> IndexableRemovableBatchView:
+        return IndexableRemovableBatchView(batch, self)
+
     def _remove_nowait(self, key: Any, flush: bool) -> bool:
         self._check_writable("remove")
         encoded_key = self._encode(self._key, key)
@@ -258,3 +333,103 @@ class IndexableRemovableStore(IndexableStore):
                 engine.flush()
 
         return self._exclusive_nowait(engine.can_put_at_once, remove)
+
+
+class IndexableBatchView(batches.BatchView):
+    """An indexable store inside a batch: its writes held by the batch, its reads the
+    store's as committed at the moment of the read with the batch's writes over them."""
+
+    _store: IndexableStore
+
+    def __init__(self, batch: batches.Batch, store: IndexableStore) -> None:
+        super().__init__(batch, store)
+        #: The batch's last write to each key (None: a removal), encoded.
+        self._writes: dict[bytes, bytes | None] = {}
+
+    def _has_writes(self) -> bool:
+        return bool(self._writes)
+
+    def _encode_part(self) -> bytes:
+        """The writes as ``IndexableStore._take_part`` reads them: op, key, value each."""
+        zero = bytes(self._store._value.size or 0)
+        return b"".join(
+            b"\x01" + key + value if value is not None else b"\x02" + key + zero
+            for key, value in self._writes.items()
+        )
+
+    def _encoded_key(self, key: Any) -> bytes:
+        store = self._store
+        if type(key) is bytes and len(key) == store._bytes_key_size:
+            return key
+        return store._encode(store._key, key)
+
+    def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
+        """Bind ``key`` to ``value`` when the batch commits (``flush`` means nothing here)."""
+        self._check_open()
+        store = self._store
+        self._writes[self._encoded_key(key)] = store._encode(store._value, value)
+
+    def find(self, key: Any) -> Any | None:
+        """The batch's value of ``key`` if it wrote one, else the store's."""
+        self._check_open()
+        encoded = self._encoded_key(key)
+        if encoded in self._writes:
+            raw = self._writes[encoded]
+            return None if raw is None else self._store._decode(self._store._value, raw)
+        return self._store.find(key)
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` is bound, the batch's writes counted."""
+        return self.find(key) is not None
+
+    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        self._check_open()
+        store = self._store
+        low, high = store._bounds(start, stop)
+        base = store._snapshot(start, stop, reverse)
+        return batches.iter_sorted_overlay(base, dict(self._writes), low, high, reverse)
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys bound with ``start <= key < stop``, in key order, the batch's included."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """The ``(key, value)`` pairs, as ``keys``."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        found = self.find(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``find``, or ``default`` when not bound."""
+        found = self.find(key)
+        return default if found is None else found
+
+    def __len__(self) -> int:
+        """The exact number of bindings, the batch's writes counted."""
+        self._check_open()
+        store = self._store
+        count = len(store)
+        for key, value in list(self._writes.items()):
+            count += (value is not None) - store._has_encoded(key)
+        return count
+
+
+class IndexableRemovableBatchView(IndexableBatchView):
+    """A removable store inside a batch."""
+
+    def remove(self, key: Any, *, flush: bool = True) -> None:
+        """Unbind ``key`` when the batch commits."""
+        self._check_open()
+        self._writes[self._encoded_key(key)] = None

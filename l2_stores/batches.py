@@ -1,0 +1,392 @@
+"""Atomic batches across stores (API.md, "Atomic batches across stores").
+
+A batch holds its writes, one dict per store, until it commits. A commit
+writes every store's part into one record of a batch journal
+(``engine.journal``): that record is the commit point. Each store then takes
+its part (``Index.apply_part``) in its own exclusive section. A store that
+loads after a crash takes from the journal the parts it lacks, and drops a
+part that a power loss left in its log without the journal's record (see
+``doc/design.md``, "Batches").
+
+The stores of a batch share a journal for life: the first batch of a store
+links it (a link file beside its files) to the journal of its partners, or
+to a new one in the directory that holds them all. One process commits to
+a journal at a time (it holds the journal's lock while any linked store is
+loaded ``READ_WRITE`` in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+from .engine.hooks import Hooks
+from .engine.journal import Journal, Link, Part, read_link, write_link
+from .errors import CannotLoadStore, StoreClosedError, StoreError
+
+logger = logging.getLogger("l2_stores.batches")
+
+#: The journal directory a first batch creates in the directory that holds its stores.
+JOURNAL_DIRECTORY = "l2_stores.journal"
+
+
+class Member(Protocol):
+    """What a store kind gives the batches (``EngineStore`` and its kinds implement it)."""
+
+    @property
+    def name(self) -> str:
+        """The store's name."""
+
+    @property
+    def path(self) -> str:
+        """The store's path."""
+
+    def _link_path(self) -> str:
+        """Where the store's link file is."""
+
+    def _part_count(self) -> int:
+        """The batch parts the store has taken."""
+
+    def _durable_part_count(self) -> int:
+        """The parts a power loss can no longer take from it."""
+
+    def _batch_fsync(self) -> bool:
+        """Whether the store's writes are fsynced (its batches' commits are then)."""
+
+    def _take_part(self, data: bytes) -> None:
+        """Take a committed part (encoded by the store's batch view), alone."""
+
+    def _batch_view(self, batch: Batch) -> BatchView:
+        """A view of the store that holds its writes for ``batch``."""
+
+    def _join(self, membership: Membership) -> None:
+        """Belong to ``membership``'s group from now on."""
+
+
+class _Group:
+    """A journal open in this process, and the loaded stores linked to it."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        #: Held through a commit: parts get their ordinals and go to the stores in order.
+        self.commit_lock = threading.Lock()
+        self.members: dict[int, weakref.ref[Any]] = {}
+        #: The durable parts of members, recorded when they close.
+        self.durable: dict[int, int] = {}
+        self.users = 0
+
+    def durable_parts(self) -> dict[int, int]:
+        """What each linked store known here holds durably (for ``Journal.trim``)."""
+        known = dict(self.durable)
+        for participant, ref in list(self.members.items()):
+            store = ref()
+            if store is not None:
+                known[participant] = store._durable_part_count()
+        return known
+
+
+_groups: dict[str, _Group] = {}
+_groups_lock = threading.RLock()
+
+
+def _open_group(directory: str, *, create: bool) -> _Group:
+    key = os.path.realpath(directory)
+    with _groups_lock:
+        group = _groups.get(key)
+        if group is None:
+            group = _groups[key] = _Group(Journal(directory, create=create))
+        group.users += 1
+        return group
+
+
+def _release_group(group: _Group) -> None:
+    with _groups_lock:
+        group.users -= 1
+        if group.users > 0:
+            return
+        for key, open_group in list(_groups.items()):
+            if open_group is group:
+                del _groups[key]
+    try:
+        group.journal.trim(group.durable_parts())
+    except OSError:
+        logger.warning("cannot trim the batch journal %s", group.journal.directory, exc_info=True)
+    group.journal.close()
+
+
+class Membership:
+    """A loaded store's place in its journal's group."""
+
+    def __init__(self, group: _Group, link: Link, known: dict[int, bytes]) -> None:
+        self.group = group
+        self.link = link
+        self._known: dict[int, bytes] | None = known
+
+    @property
+    def participant(self) -> int:
+        """The store's id in the journal."""
+        return self.link.participant
+
+    def committed(self, ordinal: int) -> bool:
+        """Whether the journal holds the store's part ``ordinal`` (at load)."""
+        return self._known is not None and ordinal in self._known
+
+    def catch_up(self, store: Member) -> None:
+        """Take the parts the journal holds and the store lacks, in order (at load)."""
+        known, self._known = self._known or {}, None
+        for ordinal in sorted(known):
+            have = store._part_count()
+            if ordinal <= have:
+                continue
+            if ordinal != have + 1:
+                raise CannotLoadStore(
+                    f"the batch journal {self.group.journal.directory} holds part {ordinal} "
+                    f"of this store, which holds {have}: parts are missing",
+                    name=store.name,
+                    path=store.path,
+                )
+            store._take_part(known[ordinal])
+        self.group.members[self.participant] = weakref.ref(store)
+
+    def abandon(self) -> None:
+        """The store's load failed: let go of the journal."""
+        _release_group(self.group)
+
+    def leave(self, store: Member) -> None:
+        """The store closed: remember what it holds durably; let go of the journal."""
+        self.group.members.pop(self.participant, None)
+        self.group.durable[self.participant] = store._durable_part_count()
+        _release_group(self.group)
+
+    def sync_journal(self) -> None:
+        """Make the journal durable (before the store makes its parts durable)."""
+        self.group.journal.sync()
+
+
+def attach(link_path: str, name: str, store_path: str) -> Membership | None:
+    """At a ``READ_WRITE`` load: the membership of the store whose link file is
+    ``link_path`` (its journal opened), or None when it has none or its journal is gone."""
+    link = read_link(link_path, name)
+    if link is None:
+        return None
+    directory = link.journal_directory()
+    if directory is None:
+        logger.warning(
+            "%s: the batch journal %s is gone (moved or deleted); loading %s without it",
+            name,
+            link.absolute,
+            store_path,
+        )
+        return None
+    group = _open_group(directory, create=False)
+    try:
+        if group.journal.id != link.journal_id:
+            raise CannotLoadStore(
+                f"linked to batch journal {link.journal_id:#x}, {directory} is journal "
+                f"{group.journal.id:#x}",
+                name=name,
+                path=store_path,
+            )
+        return Membership(group, link, group.journal.parts_of(link.participant))
+    except BaseException:
+        _release_group(group)
+        raise
+
+
+# ------------------------------------------------------------------- batches
+
+
+class BatchView:
+    """A store's face inside a batch: its writes held, its reads over them."""
+
+    def __init__(self, batch: Batch, store: Any) -> None:
+        self._batch = batch
+        self._store = store
+
+    def _check_open(self) -> None:
+        self._batch._check_open(self._store)
+
+    def _has_writes(self) -> bool:
+        raise NotImplementedError
+
+    def _encode_part(self) -> bytes:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<batch view of {self._store!r}>"
+
+
+def _place(store: Member) -> str:
+    """The directory that holds a store (its directory's parent, or its file's)."""
+    return os.path.dirname(os.path.abspath(store.path))
+
+
+class Batch:
+    """Writes to several stores, held until one atomic commit (see :func:`batch`)."""
+
+    def __init__(self, stores: Sequence[Any]) -> None:
+        if not stores:
+            raise ValueError("a batch needs at least one store")
+        seen: set[int] = set()
+        for store in stores:
+            if id(store) in seen:
+                raise ValueError(f"store given twice to one batch: {store!r}")
+            seen.add(id(store))
+        for store in stores:
+            if not hasattr(store, "_batch_view"):
+                raise TypeError(f"not a store that batches support yet: {store!r}")
+            store._check_open()
+            store._check_writable("write in a batch")
+        groups = {id(store._batch.group) for store in stores if store._batch is not None}
+        if len(groups) > 1:
+            raise ValueError(
+                "stores linked to different batch journals cannot share a batch: "
+                + ", ".join(
+                    f"{store.name} ({store._batch.group.journal.directory})"
+                    for store in stores
+                    if store._batch is not None
+                )
+            )
+        self._stores = tuple(stores)
+        self._state = "open"
+        #: Named points of the commit where tests step in (``journal_written``,
+        #: ``part_taken``; see ``engine.hooks``).
+        self.hooks = Hooks()
+        #: One batch view per store, in the order given.
+        self.views: tuple[Any, ...] = tuple(store._batch_view(self) for store in stores)
+
+    def _check_open(self, store: Any = None) -> None:
+        if self._state != "open":
+            name = store.name if store is not None else "batch"
+            path = store.path if store is not None else None
+            raise StoreClosedError(f"batch already {self._state}", name=name, path=path)
+
+    def __enter__(self) -> tuple[Any, ...]:
+        self._check_open()
+        return self.views
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def rollback(self) -> None:
+        """Drop every write of the batch; its views close."""
+        self._check_open()
+        self._state = "rolled back"
+
+    def commit(self) -> None:
+        """Write every store's part at once: all of them, or none (see the module)."""
+        self._check_open()
+        writing = [view for view in self.views if view._has_writes()]
+        if not writing:
+            self._state = "committed"
+            return
+        stores = [view._store for view in writing]
+        for store in stores:
+            store._check_open()
+        group = self._link(stores)
+        with group.commit_lock:
+            parts = [
+                Part(store._batch.participant, store._part_count() + 1, view._encode_part())
+                for view, store in zip(writing, stores, strict=True)
+            ]
+            fsync = any(store._batch_fsync() for store in stores)
+            group.journal.append(parts, fsync=fsync)  # the commit point
+            self._state = "committed"
+            self.hooks.run("journal_written")
+            for store, part in zip(stores, parts, strict=True):
+                try:
+                    store._take_part(part.data)
+                except StoreError:  # committed: its next load takes the part from the journal
+                    logger.exception(
+                        "%s: batch committed, but the store did not take its part now; "
+                        "its next load will",
+                        store.name,
+                    )
+                    raise
+                self.hooks.run("part_taken")
+            if len(group.journal.segments) > 1:
+                try:
+                    group.journal.trim(group.durable_parts())
+                except OSError:
+                    logger.warning("cannot trim the batch journal", exc_info=True)
+
+    def _link(self, stores: Sequence[Any]) -> _Group:
+        """The group of the batch's journal, every store linked to it (once, durably)."""
+        with _groups_lock:
+            group = next((store._batch.group for store in stores if store._batch), None)
+            if group is None:
+                parent = os.path.commonpath([_place(store) for store in stores])
+                group = _open_group(os.path.join(parent, JOURNAL_DIRECTORY), create=True)
+            else:
+                group.users += 1
+            try:
+                for store in stores:
+                    if store._batch is None:
+                        link = write_link(store._link_path(), group.journal)
+                        group.users += 1
+                        membership = Membership(group, link, {})
+                        membership.catch_up(store)
+                        store._join(membership)
+            finally:
+                _release_group(group)  # this call's hold; the members hold it on
+            return group
+
+
+def batch(*stores: Any) -> Batch:
+    """A batch over ``stores`` (open, ``READ_WRITE``, each once): ``with batch(a, b) as
+    (a_view, b_view):`` commits on normal exit and rolls back on an exception."""
+    return Batch(stores)
+
+
+def iter_sorted_overlay(
+    base: Iterator[tuple[bytes, bytes]],
+    writes: dict[bytes, bytes | None],
+    start: bytes | None,
+    stop: bytes | None,
+    reverse: bool,
+) -> Iterator[tuple[bytes, bytes]]:
+    """``base`` (encoded pairs in key order) with ``writes`` over it (None: removed)."""
+    keys = sorted(
+        key
+        for key in writes
+        if (start is None or key >= start) and (stop is None or key < stop)
+    )
+    if reverse:
+        keys.reverse()
+    position = 0
+
+    def before(a: bytes, b: bytes) -> bool:
+        return a > b if reverse else a < b
+
+    for key, value in base:
+        while position < len(keys) and before(keys[position], key):
+            written = writes[keys[position]]
+            if written is not None:
+                yield keys[position], written
+            position += 1
+        if position < len(keys) and keys[position] == key:
+            written = writes[key]
+            position += 1
+            if written is not None:
+                yield key, written
+            continue
+        yield key, value
+    for key in keys[position:]:
+        written = writes[key]
+        if written is not None:
+            yield key, written

@@ -1,0 +1,79 @@
+"""Child process for tests/test_batches.py: commit block batches over three stores until
+killed.
+
+Usage: batch_writer.py DIR SEED BUFFER N_BATCHES KILL [fsync]
+
+Batch n (1, 2, ...) writes ``levels[n] = level_hash(n)``, ``blocks[level_hash(n)] =
+block(n)`` and ``messages[n] = message(n)``, and removes ``messages[n - 3]``. KILL is
+``none``, or ``journal:K`` / ``part:K``: SIGKILL itself in batch K's commit once its
+journal record is written / once the first store took its part.
+
+Prints, flushing stdout after each line: ``ready``, then ``ack N`` after each commit,
+then ``done``; then waits for stdin EOF.
+"""
+
+import hashlib
+import os
+import signal
+import sys
+
+import construct
+
+import l2_stores
+from l2_stores import make_indexable, make_indexable_removable
+
+Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
+Blocks = make_indexable("blocks", construct.Bytes(32), construct.Bytes(32))
+Messages = make_indexable_removable("messages", construct.Int32ub, construct.Bytes(8))
+
+
+def level_hash(n: int) -> bytes:
+    return hashlib.sha256(b"level %d" % n).digest()
+
+
+def block(n: int) -> bytes:
+    return hashlib.sha256(b"block %d" % n).digest()
+
+
+def message(n: int) -> bytes:
+    return hashlib.sha256(b"message %d" % n).digest()[:8]
+
+
+def load(directory: str, buffer: int, fsync: bool) -> tuple:
+    options = {"index_buffer_size": buffer, "fsync": fsync}
+    return (
+        Levels.load(os.path.join(directory, "levels"), **options),
+        Blocks.load(os.path.join(directory, "blocks"), **options),
+        Messages.load(os.path.join(directory, "messages"), **options),
+    )
+
+
+def main() -> None:
+    directory, _seed, buffer, n_batches, kill = sys.argv[1:6]
+    fsync = sys.argv[6:7] == ["fsync"]
+    stores = load(directory, int(buffer), fsync)
+    levels = stores[0]
+    start = max(levels.keys(reverse=True), default=0) + 1
+    print("ready", flush=True)
+    mode, _, at = kill.partition(":")
+    for n in range(start, start + int(n_batches)):
+        batch = l2_stores.batch(*stores)
+        if mode != "none" and n == int(at):
+            point = "journal_written" if mode == "journal" else "part_taken"
+            batch.hooks.add(point, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        levels_b, blocks_b, messages_b = batch.views
+        levels_b.add(n, level_hash(n))
+        blocks_b.add(level_hash(n), block(n))
+        messages_b.add(n, message(n))
+        if n > 3:
+            messages_b.remove(n - 3)
+        batch.commit()
+        print(f"ack {n}", flush=True)
+    print("done", flush=True)
+    sys.stdin.read()
+    for store in stores:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

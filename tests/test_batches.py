@@ -1,0 +1,360 @@
+"""Atomic batches across stores: the journal, the log's parts, the API, and kills."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import construct
+import pytest
+
+import l2_stores
+from l2_stores import (
+    Mode,
+    ReadOnlyError,
+    StoreClosedError,
+    make_indexable,
+    make_indexable_removable,
+)
+from l2_stores.batches import JOURNAL_DIRECTORY
+from l2_stores.engine import journal as journal_module
+from l2_stores.engine.framing import Expected
+from l2_stores.engine.journal import Journal, Part, read_link
+from l2_stores.engine.log import read_log
+from tests.helpers import batch_writer
+from tests.helpers.child import Child
+
+HELPERS = Path(__file__).parent / "helpers"
+Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
+Messages = make_indexable_removable("messages", construct.Int32ub, construct.Bytes(8))
+
+
+def value(n: int) -> bytes:
+    return n.to_bytes(4, "big") * 8
+
+
+# ------------------------------------------------------------------ journal
+
+
+def test_journal_records_come_back_in_order(tmp_path: Path) -> None:
+    journal = Journal(str(tmp_path / "j"), create=True)
+    seqs = [
+        journal.append([Part(7, n, b"x" * n), Part(9, n, b"")], fsync=n % 2 == 0)
+        for n in range(1, 6)
+    ]
+    journal.close()
+    assert seqs == [1, 2, 3, 4, 5]
+    again = Journal(str(tmp_path / "j"), create=False)
+    records = list(again.records())
+    assert [record.seq for record in records] == seqs
+    assert [record.parts[0].data for record in records] == [b"x" * n for n in range(1, 6)]
+    assert again.parts_of(9) == {n: b"" for n in range(1, 6)}
+    assert again.append([Part(7, 6, b"y")], fsync=False) == 6
+    again.close()
+
+
+def test_a_torn_journal_tail_is_cut_and_a_synced_record_after_damage_is_corruption(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(str(tmp_path / "j"), create=True)
+    for n in range(1, 4):
+        journal.append([Part(1, n, b"abc")], fsync=True)
+    (segment,) = journal.segments
+    journal.close()
+    whole = Path(segment).read_bytes()
+    Path(segment).write_bytes(whole[:-5])  # the last record cut short: torn
+    torn = Journal(str(tmp_path / "j"), create=False)
+    assert [record.seq for record in torn.records()] == [1, 2]
+    torn.close()
+    assert os.path.getsize(segment) < len(whole) - 5
+    damaged = bytearray(whole)
+    damaged[64 + 22] ^= 1  # the first record's payload: records after it were fsynced
+    Path(segment).write_bytes(bytes(damaged))
+    with pytest.raises(l2_stores.CannotLoadStore, match="offset 64"):
+        Journal(str(tmp_path / "j"), create=False)
+
+
+def test_journal_segments_are_trimmed_once_their_parts_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 200)
+    journal = Journal(str(tmp_path / "j"), create=True)
+    for n in range(1, 11):
+        journal.append([Part(1, n, b"p" * 50), Part(2, n, b"q")], fsync=False)
+    assert len(journal.segments) > 3
+    assert journal.trim({1: 10}) == 0  # participant 2 unknown: nothing goes
+    assert journal.trim({1: 4, 2: 4}) >= 1
+    assert min(journal.parts_of(1)) <= 5
+    journal.trim({1: 10, 2: 10})
+    assert len(journal.segments) == 1  # the last one stays, to append to
+    journal.close()
+
+
+def test_a_second_process_cannot_open_the_journal(tmp_path: Path) -> None:
+    journal = Journal(str(tmp_path / "j"), create=True)
+    try:
+        with pytest.raises(l2_stores.StoreLockedError):
+            Journal(str(tmp_path / "j"), create=False)
+    finally:
+        journal.close()
+
+
+# --------------------------------------------------------------- log parts
+
+
+def test_a_part_cut_short_binds_nothing(tmp_path: Path) -> None:
+    store = Levels.load(tmp_path / "levels")
+    store.add(1, value(1))
+    store._engine.apply_part([(b"\0\0\0\2", value(2)), (b"\0\0\0\3", value(3))])
+    log_path = store._engine._log.path
+    expected = Expected("levels", 4, 32)
+    store._engine._log.flush()
+    whole = Path(log_path).read_bytes()
+    record = 1 + 4 + 32 + 4
+    end = 64 + 5 * record  # a set, begin, two sets, end
+    scan = read_log(log_path, expected)
+    assert scan.parts == 1 and set(scan.bindings) == {b"\0\0\0\1", b"\0\0\0\2", b"\0\0\0\3"}
+    store._engine.close(durable=False)
+    store._lifetime.close()
+    Path(log_path).write_bytes(whole[: end - record])  # the end record lost
+    scan = read_log(log_path, expected)
+    assert scan.parts == 0 and set(scan.bindings) == {b"\0\0\0\1"}
+    assert scan.open_part == 3 * record and scan.end == 64 + record
+    reloaded = Levels.load(tmp_path / "levels")
+    assert dict(reloaded.items()) == {1: value(1)}
+    reloaded.add(4, value(4))
+    reloaded.close()
+    assert dict(Levels.load(tmp_path / "levels", Mode.READ_ONLY).items()) == {
+        1: value(1),
+        4: value(4),
+    }
+
+
+def test_parts_are_counted_through_merges_and_reloads(tmp_path: Path) -> None:
+    store = Levels.load(tmp_path / "levels", index_buffer_size=7)
+    for n in range(1, 41):
+        store._engine.apply_part([(n.to_bytes(4, "big"), value(n))])
+    store._engine.wait_merge()
+    assert store._engine.parts == 40
+    assert store._engine.durable_parts >= 30
+    store.close()
+    again = Levels.load(tmp_path / "levels", Mode.READ_ONLY)
+    assert again._engine.parts == 40 and len(again) == 40
+    again.close()
+
+
+# --------------------------------------------------------------------- API
+
+
+def test_a_batch_commits_every_write_or_none(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    messages.add(9, b"old mess")
+    with l2_stores.batch(levels, messages) as (levels_b, messages_b):
+        levels_b.add(1, value(1))
+        messages_b.add(1, b"message1")
+        messages_b.remove(9)
+        # read-your-writes, and nothing reaches the stores yet
+        assert levels_b.find(1) == value(1) and levels.find(1) is None
+        assert 9 not in messages_b and 9 in messages
+        assert len(messages_b) == 1 and len(messages) == 1
+        assert list(messages_b.items()) == [(1, b"message1")]
+        assert levels_b[1] == value(1) and levels_b.get(2, "none") == "none"
+    assert levels.find(1) == value(1) and messages.find(1) == b"message1" and 9 not in messages
+    with pytest.raises(StoreClosedError):
+        levels_b.add(2, value(2))
+
+    with pytest.raises(RuntimeError), l2_stores.batch(levels, messages) as (levels_b, messages_b):
+        levels_b.add(2, value(2))
+        messages_b.remove(1)
+        raise RuntimeError("the block failed")
+    assert 2 not in levels and messages.find(1) == b"message1"
+    assert sorted(os.listdir(tmp_path)) == [JOURNAL_DIRECTORY, "levels", "messages"]
+    levels.close()
+    messages.close()
+
+
+def test_a_batch_view_reads_plain_writes_made_meanwhile(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    batch = l2_stores.batch(levels)
+    (view,) = batch.views
+    view.add(1, value(1))
+    levels.add(1, value(100))
+    levels.add(2, value(2))
+    assert view.find(1) == value(1) and view.find(2) == value(2)
+    assert list(view.keys()) == [1, 2] and list(view.keys(reverse=True)) == [2, 1]
+    batch.commit()
+    assert levels.find(1) == value(1)  # the batch's commit came after the plain write
+    levels.close()
+
+
+def test_batch_refusals_come_before_anything(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    with pytest.raises(ValueError):
+        l2_stores.batch()
+    with pytest.raises(ValueError):
+        l2_stores.batch(levels, levels)
+    with pytest.raises(ReadOnlyError):
+        l2_stores.batch(levels.readonly())
+    reader = Levels.load(tmp_path / "levels", Mode.READ_ONLY)
+    with pytest.raises(ReadOnlyError):
+        l2_stores.batch(reader)
+    reader.close()
+    levels.close()
+    with pytest.raises(StoreClosedError):
+        l2_stores.batch(levels)
+    assert not (tmp_path / JOURNAL_DIRECTORY).exists()
+
+
+def test_a_store_links_to_its_journal_once(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    with l2_stores.batch(levels) as (view,):
+        view.add(1, value(1))
+    link = read_link(str(tmp_path / "levels" / "batch"), "levels")
+    assert link is not None and link.journal_directory() == str(tmp_path / JOURNAL_DIRECTORY)
+    with l2_stores.batch(levels) as (view,):
+        view.add(2, value(2))
+    assert read_link(str(tmp_path / "levels" / "batch"), "levels") == link
+    levels.close()
+
+
+def test_a_committed_part_the_store_lacks_is_taken_at_its_next_load(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    batch = l2_stores.batch(levels, messages)
+    levels_b, messages_b = batch.views
+    levels_b.add(1, value(1))
+    messages_b.add(1, b"message1")
+
+    def crash() -> None:
+        raise KeyboardInterrupt  # the process dies here: nothing after runs
+
+    batch.hooks.add("journal_written", crash)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    assert levels.find(1) is None  # committed, not taken
+    levels._engine.close(durable=False)  # as a kill leaves them
+    messages._engine.close(durable=False)
+    levels._batch.abandon()
+    messages._batch.abandon()
+    levels = Levels.load(tmp_path / "levels")  # alone: its partner is not loaded
+    assert levels.find(1) == value(1)
+    levels.close()
+    messages = Messages.load(tmp_path / "messages")
+    assert messages.find(1) == b"message1"
+    messages.close()
+
+
+def test_a_store_whose_journal_was_deleted_loads_alone(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    with l2_stores.batch(levels) as (view,):
+        view.add(1, value(1))
+    levels.close()
+    for name in os.listdir(tmp_path / JOURNAL_DIRECTORY):
+        os.unlink(tmp_path / JOURNAL_DIRECTORY / name)
+    os.rmdir(tmp_path / JOURNAL_DIRECTORY)
+    again = Levels.load(tmp_path / "levels")
+    assert again.find(1) == value(1)
+    again.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches_match_a_dict(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    witness: dict[str, dict[int, bytes]] = {"levels": {}, "messages": {}}
+    levels = Levels.load(tmp_path / "levels", index_buffer_size=16)
+    messages = Messages.load(tmp_path / "messages", index_buffer_size=16)
+    for step in range(120):
+        roll = rng.random()
+        if roll < 0.1:
+            levels.close()
+            messages.close()
+            levels = Levels.load(tmp_path / "levels", index_buffer_size=16)
+            messages = Messages.load(tmp_path / "messages", index_buffer_size=16)
+            continue
+        if roll < 0.3:
+            key = rng.randrange(50)
+            levels.add(key, value(step))
+            witness["levels"][key] = value(step)
+            continue
+        batch = l2_stores.batch(levels, messages)
+        levels_b, messages_b = batch.views
+        staged = {"levels": dict(witness["levels"]), "messages": dict(witness["messages"])}
+        for _ in range(rng.randrange(1, 6)):
+            key = rng.randrange(50)
+            if rng.random() < 0.3:
+                messages_b.remove(key)
+                staged["messages"].pop(key, None)
+            elif rng.random() < 0.5:
+                messages_b.add(key, step.to_bytes(8, "big"))
+                staged["messages"][key] = step.to_bytes(8, "big")
+            else:
+                levels_b.add(key, value(step))
+                staged["levels"][key] = value(step)
+        assert dict(messages_b.items()) == staged["messages"]
+        assert len(levels_b) == len(staged["levels"])
+        if rng.random() < 0.25:
+            batch.rollback()
+        else:
+            batch.commit()
+            witness = staged
+        assert dict(levels.items()) == witness["levels"]
+        assert dict(messages.items()) == witness["messages"]
+    levels.close()
+    messages.close()
+
+
+# ------------------------------------------------------------------- kills
+
+
+def check_batches(directory: Path, acked: int) -> int:
+    """Every batch whole or absent, in commit order, each acknowledged one there; the
+    number of batches found."""
+    levels, blocks, messages = batch_writer.load(str(directory), 10_000, False)
+    try:
+        found = max(levels.keys(reverse=True), default=0)
+        assert found >= acked
+        assert list(levels.keys()) == list(range(1, found + 1))
+        for n in range(1, found + 1):
+            assert levels.find(n) == batch_writer.level_hash(n)
+            assert blocks.find(batch_writer.level_hash(n)) == batch_writer.block(n)
+        assert blocks.find(batch_writer.level_hash(found + 1)) is None
+        assert len(blocks) == found
+        assert dict(messages.items()) == {
+            n: batch_writer.message(n) for n in range(max(1, found - 2), found + 1)
+        }
+    finally:
+        for store in (levels, blocks, messages):
+            store.close()
+    return found
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_batches_survive_sigkill(tmp_path: Path, seed: int, fsync: bool) -> None:
+    rng = random.Random(seed)
+    directory = tmp_path / "node"
+    acked = 0
+    for round_ in range(4):
+        mode = rng.choice(["none", "journal", "part"])
+        kill = "none" if mode == "none" else f"{mode}:{acked + rng.randrange(1, 30)}"
+        args = [directory, seed, rng.choice([8, 50, 1000]), 400, kill]
+        child = Child(
+            HELPERS / "batch_writer.py",
+            [*args, *(["fsync"] if fsync else [])],
+            tmp_path / f"stderr{round_}",
+        )
+        child.wait_for(lambda c=child: any(line == "ready" for line in c.lines))
+        if mode == "none":
+            wanted = rng.randrange(1, 60)
+            child.wait_for(lambda c=child, w=wanted: c.acks >= w or c.eof)
+        else:
+            child.wait_for(lambda c=child: c.eof)
+        child.kill()
+        acks = [int(line.split()[1]) for line in child.lines if line.startswith("ack ")]
+        assert "Traceback" not in child.stderr(), child.stderr()
+        acked = max([acked, *acks])
+        if mode != "none":  # killed in the commit of this batch, after its commit point
+            acked = max(acked, int(kill.split(":")[1]))
+        acked = check_batches(directory, acked)
