@@ -58,6 +58,9 @@ class Member(Protocol):
     def _batch_fsync(self) -> bool:
         """Whether the store's writes are fsynced (its batches' commits are then)."""
 
+    def _needs_durable_journal(self) -> bool:
+        """Whether the journal record must be durable before the store takes its part."""
+
     def _take_part(self, data: bytes) -> None:
         """Take a committed part (encoded by the store's batch view), alone."""
 
@@ -304,7 +307,9 @@ class Batch:
                 Part(store._batch.participant, store._part_count() + 1, view._encode_part())
                 for view, store in zip(writing, stores, strict=True)
             ]
-            fsync = any(store._batch_fsync() for store in stores)
+            fsync = any(
+                store._batch_fsync() or store._needs_durable_journal() for store in stores
+            )
             group.journal.append(parts, fsync=fsync)  # the commit point
             self._state = "committed"
             self.hooks.run("journal_written")

@@ -35,6 +35,7 @@ from l2_stores import (
 )
 from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import Run
+from l2_stores.stores import singleton
 
 KEY = construct.Bytes(32)
 Plain = make_indexable("bad_plain", KEY, KEY)
@@ -48,7 +49,7 @@ HEADER = struct.Struct("<8sHHIIIQQB19xI")
 HEADER_SIZE = 64
 RECORD = 1 + 32 + 32 + 4
 ROW = 32 + 32 + 4
-SINGLETON_HEADER = 24
+SINGLETON_HEADER = singleton.HEADER_SIZE
 
 # errors a damaged store may raise; anything else (or wrong data) is a bug
 DAMAGE_ERRORS = (CannotLoadStore, CannotReadFromStore, DecodingError)
@@ -808,12 +809,12 @@ def test_log_cut_in_its_header_refused(tmp_path: Path, size: int, mode: Mode) ->
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("size", [0, 1, 12, 23, 24, 27, 40, 59])
+@pytest.mark.parametrize("size", [0, 1, 12, 23, 24, 27, 31, 32, 40, 67])
 def test_truncated_singleton_refused(tmp_path: Path, size: int, mode: Mode) -> None:
     path = tmp_path / "single"
     with Single.load(path) as store:
         store.write(b"s" * 32)
-    assert path.stat().st_size == 60
+    assert path.stat().st_size == SINGLETON_HEADER + 32 + 4
     os.truncate(path, size)
     expect_load_error(Single, path, mode, tmp_path)
 

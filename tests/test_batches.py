@@ -16,6 +16,9 @@ from l2_stores import (
     StoreClosedError,
     make_indexable,
     make_indexable_removable,
+    make_indexed_file,
+    make_simple_indexed_file,
+    make_singleton,
 )
 from l2_stores.batches import JOURNAL_DIRECTORY
 from l2_stores.engine import journal as journal_module
@@ -27,6 +30,11 @@ from tests.helpers.child import Child
 
 HELPERS = Path(__file__).parent / "helpers"
 Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
+Head = make_singleton("head", construct.Int32ub)
+Blocks = make_indexed_file("blocks", construct.Bytes(8), construct.GreedyBytes, construct.Int32ub)
+Notes = make_simple_indexed_file(
+    "notes", construct.Int32ub, construct.GreedyBytes, construct.Int16ub, len
+)
 Messages = make_indexable_removable("messages", construct.Int32ub, construct.Bytes(8))
 
 
@@ -175,6 +183,57 @@ def test_a_batch_commits_every_write_or_none(tmp_path: Path) -> None:
     messages.close()
 
 
+def test_indexed_files_in_a_batch(tmp_path: Path) -> None:
+    blocks = Blocks.load(tmp_path / "blocks")
+    notes = Notes.load(tmp_path / "notes")
+    blocks.append(b"old-blok", b"x" * 5000, 1)
+    with l2_stores.batch(blocks, notes) as (blocks_b, notes_b):
+        blocks_b.append(b"new-blok", b"y" * 8000, 2)
+        blocks_b.append(b"old-blok", b"z", 3)
+        notes_b.append(7, b"note")
+        assert blocks_b.read(b"old-blok") == (b"z", 3) and blocks.read(b"old-blok")[1] == 1
+        assert blocks_b.header(b"new-blok") == 2 and b"new-blok" not in blocks
+        assert [key for key, _ in blocks_b.items(reverse=True)] == [b"old-blok", b"new-blok"]
+        assert len(blocks_b) == 2 and notes_b[7] == (b"note", 4) and len(notes) == 0
+    assert blocks.read(b"new-blok") == (b"y" * 8000, 2) and blocks.read(b"old-blok") == (b"z", 3)
+    with pytest.raises(KeyError), l2_stores.batch(blocks, notes) as (blocks_b, notes_b):
+        notes_b.append(8, b"lost")
+        blocks_b.append(b"new-blok", b"lost", 9)
+        _ = notes_b[9]
+    assert 8 not in notes and blocks.header(b"new-blok") == 2
+    blocks.close()
+    notes.close()
+    blocks = Blocks.load(tmp_path / "blocks", Mode.READ_ONLY)
+    assert dict(blocks.items()) == {b"new-blok": (b"y" * 8000, 2), b"old-blok": (b"z", 3)}
+    blocks.close()
+
+
+def test_plain_writes_after_a_batch_survive_reloads(tmp_path: Path) -> None:
+    for round_ in range(3):
+        levels = Levels.load(tmp_path / "levels")
+        head = Head.load(tmp_path / "head")
+        if round_ == 0:
+            with l2_stores.batch(levels, head) as (levels_b, head_b):
+                levels_b.add(1, value(1))
+                head_b.write(1)
+                assert head_b.read() == 1 and head.read() is None
+            levels.add(1, value(2))  # after the batch: last write wins, now and later
+            head.write(2)
+        assert (levels.find(1), head.read()) == (value(2), 2)
+        assert head._part_count() == 1 and levels._part_count() == 1
+        levels.close()
+        head.close()
+    head = Head.load(tmp_path / "head")
+    with l2_stores.batch(head) as (head_b,):
+        head_b.delete()
+    assert head.read() is None and head._part_count() == 2
+    head.delete()  # keeps the count in a DELETED file
+    head.close()
+    head = Head.load(tmp_path / "head")
+    assert head.read() is None and head._part_count() == 2
+    head.close()
+
+
 def test_a_batch_view_reads_plain_writes_made_meanwhile(tmp_path: Path) -> None:
     levels = Levels.load(tmp_path / "levels")
     batch = l2_stores.batch(levels)
@@ -311,21 +370,26 @@ def test_random_batches_match_a_dict(tmp_path: Path, seed: int) -> None:
 def check_batches(directory: Path, acked: int) -> int:
     """Every batch whole or absent, in commit order, each acknowledged one there; the
     number of batches found."""
-    levels, blocks, messages = batch_writer.load(str(directory), 10_000, False)
+    levels, blocks, messages, head = batch_writer.load(str(directory), 10_000, False)
     try:
         found = max(levels.keys(reverse=True), default=0)
         assert found >= acked
         assert list(levels.keys()) == list(range(1, found + 1))
         for n in range(1, found + 1):
             assert levels.find(n) == batch_writer.level_hash(n)
-            assert blocks.find(batch_writer.level_hash(n)) == batch_writer.block(n)
-        assert blocks.find(batch_writer.level_hash(found + 1)) is None
+            assert blocks.read(batch_writer.level_hash(n)) == (batch_writer.block(n), n)
+        assert blocks.read(batch_writer.level_hash(found + 1)) is None
         assert len(blocks) == found
         assert dict(messages.items()) == {
             n: batch_writer.message(n) for n in range(max(1, found - 2), found + 1)
         }
+        written = head.read()
+        if found:
+            assert (written.level, written.hash) == (found, batch_writer.level_hash(found))
+        else:
+            assert written is None
     finally:
-        for store in (levels, blocks, messages):
+        for store in (levels, blocks, messages, head):
             store.close()
     return found
 
@@ -358,3 +422,50 @@ def test_batches_survive_sigkill(tmp_path: Path, seed: int, fsync: bool) -> None
         if mode != "none":  # killed in the commit of this batch, after its commit point
             acked = max(acked, int(kill.split(":")[1]))
         acked = check_batches(directory, acked)
+
+
+def test_tools_check_the_link_and_skip_the_journal(tmp_path: Path) -> None:
+    from l2_stores.engine import files
+    from l2_stores.tools.on_disk import find_stores
+
+    levels = Levels.load(tmp_path / "levels")
+    with l2_stores.batch(levels) as (view,):
+        view.add(1, value(1))
+    levels.close()
+    assert [store.path for store in find_stores(str(tmp_path))] == [str(tmp_path / "levels")]
+    link = tmp_path / "levels" / "batch"
+
+    def findings() -> list[str]:
+        checks = dict(files.index_checks(str(tmp_path / "levels")))
+        return [str(finding) for finding in checks[str(link)](str(link), "levels")]
+
+    assert findings() == []
+    damaged = bytearray(link.read_bytes())
+    damaged[70] ^= 1
+    link.write_bytes(bytes(damaged))
+    assert findings() and "damaged batch link" in findings()[0]
+    with pytest.raises(l2_stores.CannotLoadStore, match="damaged batch link"):
+        Levels.load(tmp_path / "levels")
+
+
+def test_a_singleton_file_of_version_1_loads_and_is_rewritten_as_version_2(
+    tmp_path: Path,
+) -> None:
+    import struct
+    import zlib
+
+    body = struct.pack("<8sHHIQ", b"L2SSING\0", 1, 0, 4, 4) + (41).to_bytes(4, "big")
+    (tmp_path / "head").write_bytes(body + zlib.crc32(body).to_bytes(4, "little"))
+    head = Head.load(tmp_path / "head", Mode.READ_ONLY)
+    assert head.read() == 41
+    head.close()
+    head = Head.load(tmp_path / "head")
+    assert head.read() == 41 and head._part_count() == 0
+    with l2_stores.batch(head) as (view,):
+        view.write(42)
+    head.close()
+    raw = (tmp_path / "head").read_bytes()
+    assert raw[8:10] == (2).to_bytes(2, "little") and len(raw) == 32 + 4 + 4
+    head = Head.load(tmp_path / "head")
+    assert head.read() == 42 and head._part_count() == 1
+    head.close()

@@ -250,7 +250,9 @@ def check_image(capture: Capture, kind: str, ops: list[Op], fsync: bool) -> None
     untouched = capture.path.parent / (capture.path.name + "-ro")
     copy_tree(str(capture.path), str(untouched))
     before = tree(untouched)
-    options = {} if kind == "singleton" else {"index_buffer_size": BUFFER, "fsync": fsync}
+    options = (
+        {"fsync": fsync} if kind == "singleton" else {"index_buffer_size": BUFFER, "fsync": fsync}
+    )
     reader_options = {} if kind == "singleton" else {"index_buffer_size": BUFFER}
     with load(kind, store_path(str(untouched), kind), Mode.READ_ONLY, **reader_options) as store:
         seen = store_content(store, kind)
@@ -296,7 +298,9 @@ def in_process_captures(
             captures.append(Capture(path, low, progress.begun, gcs_done, modes))
 
     fs = PowerLossFileSystem(str(root), str(state), hook)
-    options = {} if kind == "singleton" else {"index_buffer_size": BUFFER, "fsync": fsync}
+    options = (
+        {"fsync": fsync} if kind == "singleton" else {"index_buffer_size": BUFFER, "fsync": fsync}
+    )
     with filesystem.installed(fs):
         path = store_path(str(root), kind)
         def reopen() -> Any:
@@ -313,8 +317,6 @@ def in_process_captures(
 def test_power_loss_at_many_moments_leaves_a_prefix_of_the_writes(
     tmp_path: Path, kind: str, fsync: bool
 ) -> None:
-    if kind == "singleton" and not fsync:
-        pytest.skip("singletons have no fsync setting")
     captures, ops = in_process_captures(tmp_path, kind, fsync, seed=7, count=240, every=9)
     assert len(captures) > 10
     for capture in captures:
@@ -331,8 +333,6 @@ SOAK = os.environ.get("L2_STORES_SLOW", "") not in ("", "0")
 @pytest.mark.parametrize("kind", KINDS)
 def test_power_loss_soak(tmp_path: Path, kind: str, fsync: bool, seed: int) -> None:
     """Many more seeds, longer workloads, an image every few calls."""
-    if kind == "singleton" and not fsync:
-        pytest.skip("singletons have no fsync setting")
     captures, ops = in_process_captures(tmp_path, kind, fsync, seed=seed, count=700, every=6)
     for capture in captures:
         check_image(capture, kind, ops, fsync)
@@ -365,8 +365,6 @@ def test_power_loss_after_a_kill_in_rounds(tmp_path: Path, kind: str, fsync: boo
     Each round goes on from the image the previous one left, so later rounds
     recover stores that earlier power losses damaged.
     """
-    if kind == "singleton" and not fsync:
-        pytest.skip("singletons have no fsync setting")
     rng = random.Random(f"rounds {kind} {fsync}")
     root = tmp_path / "round0"
     count = 160

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from . import datafile, layout, log, run
+from . import datafile, journal, layout, log, run
 from .framing import FORMAT_VERSION, HEADER_SIZE, FileHeader, Finding, parse_header
 
 #: ``check(path, store_name)``: the findings of one file.
@@ -23,10 +23,13 @@ def index_lock(directory: str) -> str:
 
 
 def holds_index(directory: str) -> bool:
-    """Whether ``directory`` holds an index (any of its files, or its lock)."""
+    """Whether ``directory`` holds an index (any of its files, or its lock; not a batch
+    journal, which has a lock too)."""
     listing = layout.scan(directory)
-    return bool(listing.data or listing.logs or listing.runs) or os.path.isfile(
-        os.path.join(directory, layout.LOCK)
+    if listing.data or listing.logs or listing.runs:
+        return True
+    return os.path.isfile(os.path.join(directory, layout.LOCK)) and not journal.holds_journal(
+        directory
     )
 
 
@@ -92,6 +95,8 @@ def index_checks(directory: str) -> list[tuple[str, FileCheck]]:
     checks += [(layout.data_name(g), datafile.check_data_file) for g in listing.data]
     checks += [(layout.log_name(g), log.check_log) for g in listing.logs]
     checks += [(file_name, leftover) for file_name in listing.temporaries]
+    if os.path.isfile(os.path.join(directory, journal.LINK)):
+        checks.append((journal.LINK, journal.check_link))
     known = {layout.LOCK, *(file_name for file_name, _ in checks)}
     checks += [(n, unknown) for n in sorted(os.listdir(directory)) if n not in known]
     return [(os.path.join(directory, file_name), check) for file_name, check in checks]

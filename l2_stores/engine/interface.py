@@ -4,14 +4,14 @@ Keys and values are encoded bytes of fixed sizes. Writes and ``sync`` are
 called by the store under its idle-waiter's exclusive section; reads under a
 shared task. ``KeyValue`` is the core; ``Paced`` lets writers wait outside
 their exclusive section; ``Iteration`` lists bindings; ``Collection`` is the
-GC's. ``ReferencedValues`` is what an engine is told of values kept outside
-it (an indexed file's values files). A second engine (SQLite, say)
-implements these and nothing else.
+GC's; ``Batched`` takes batches' parts. ``ReferencedValues`` is what an
+engine is told of values kept outside it (an indexed file's values files).
+A second engine (SQLite, say) implements these and nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 
@@ -114,5 +114,23 @@ class Collection(Protocol):
         """Keep only ``retained`` (with new values where given) and the written keys."""
 
 
-class Engine(KeyValue, Paced, Iteration, Collection, Protocol):
+class Batched(Protocol):
+    """Batch parts (see ``batches``): a committed batch's writes to this engine, whole."""
+
+    #: Called before the engine makes parts durable: the journal's records first.
+    before_durable: Callable[[], None] | None
+
+    @property
+    def parts(self) -> int:
+        """The parts taken, ever."""
+
+    @property
+    def durable_parts(self) -> int:
+        """The parts a power loss can no longer take."""
+
+    def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Take one part: ``(key, value)`` writes (None: a removal), at once."""
+
+
+class Engine(KeyValue, Paced, Iteration, Collection, Batched, Protocol):
     """What the stores use: every capability. Tools use ``engine.files`` instead."""

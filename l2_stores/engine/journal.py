@@ -58,6 +58,7 @@ from .framing import (
     CRC_SIZE,
     HEADER_SIZE,
     FileHeader,
+    Finding,
     crc_ok,
     parse_header,
     pwrite_all,
@@ -79,8 +80,18 @@ SEGMENT_BYTES = 8 << 20
 #: The most parts one record holds (the payload's u16).
 MAX_PARTS = 0xFFFF
 LOCK = "lock"
+#: The link file's name in an index directory (a singleton's is ``<file>.batch``).
+LINK = "batch"
 _SEGMENT = re.compile(r"journal\.(\d{8})")
 _LINK_PATH = struct.Struct("<H")
+
+
+def holds_journal(directory: str) -> bool:
+    """Whether ``directory`` is a batch journal (it holds a segment)."""
+    try:
+        return any(_SEGMENT.fullmatch(name) for name in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def segment_name(number: int) -> str:
@@ -478,3 +489,11 @@ def write_link(path: str, journal: Journal) -> Link:
     filesystem.fsync_directory(os.path.dirname(os.path.abspath(path)))
     return Link(path, journal.id, participant, relative, absolute)
 
+
+
+def check_link(path: str, name: str) -> Iterator[Finding]:
+    """The findings of a link file: its header and checksum."""
+    try:
+        read_link(path, name)
+    except CannotLoadStore as error:
+        yield Finding(path, error.offset or 0, error.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -10,7 +11,9 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self, TypeVar
 
+from .. import batches
 from ..codecs import Codec
+from ..engine import journal
 from ..engine.interface import Engine
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
@@ -214,6 +217,8 @@ class EngineStore(Store):
     """A store kept in an engine (see ``engine.interface``): flush, sync, snapshots."""
 
     _engine: Engine
+    _fsync = False
+    _batch: batches.Membership | None = None
     _key: ClassVar[Codec]
     # n for a plain ``Bytes(n)`` codec, -1 for any other: encoding bytes of
     # size n and decoding what the engine returns are then the identity, so
@@ -281,6 +286,12 @@ class EngineStore(Store):
             else self._encode(self._key, stop),
         )
 
+    def _has_encoded(self, encoded: bytes) -> bool:
+        """Whether the encoded key ``encoded`` is bound."""
+        with self._waiter.task():
+            self._check_open()
+            return self._engine.get(encoded) is not None
+
     def __len__(self) -> int:
         """The exact number of live bindings."""
         with self._waiter.task():
@@ -338,4 +349,62 @@ class EngineStore(Store):
         return self._in_task_nowait(partial(self._ordered, low, high, reverse))
 
     def _close_resources(self) -> None:
-        self._engine.close()
+        try:
+            self._engine.close()
+        finally:
+            self._leave_batches()
+
+    # -- batches (see ``batches``): the store's side
+
+    def _attach_batches(self, engine_directory: str) -> batches.Membership | None:
+        """At a load, before the engine's: the store's journal membership, if linked."""
+        if self.mode is not Mode.READ_WRITE:
+            return None
+        self._link = os.path.join(engine_directory, journal.LINK)
+        return batches.attach(self._link, self.name, self.path)
+
+    def _catch_up(self, membership: batches.Membership | None) -> None:
+        """After the load: take the journal's parts the store lacks, then belong to it."""
+        if membership is None:
+            return
+        try:
+            membership.catch_up(self)
+        except BaseException:
+            membership.abandon()
+            self._close_resources_after_failed_load()
+            raise
+        self._join(membership)
+
+    def _close_resources_after_failed_load(self) -> None:
+        self._engine.close(durable=False)
+
+    def _join(self, membership: batches.Membership) -> None:
+        self._batch = membership
+        self._engine.before_durable = membership.sync_journal
+
+    def _leave_batches(self) -> None:
+        if self._batch is not None:
+            self._batch.leave(self)
+
+    def _link_path(self) -> str:
+        return self._link
+
+    def _part_count(self) -> int:
+        return self._engine.parts
+
+    def _durable_part_count(self) -> int:
+        return self._engine.durable_parts
+
+    def _batch_fsync(self) -> bool:
+        return self._fsync
+
+    def _needs_durable_journal(self) -> bool:
+        return False
+
+    def _take_part(self, data: bytes) -> None:
+        """Take a committed part, encoded by the kind's batch view (alone)."""
+        raise NotImplementedError
+
+    def _batch_view(self, batch: batches.Batch) -> batches.BatchView:
+        """A view of the store holding its writes for ``batch``."""
+        raise NotImplementedError

@@ -21,8 +21,6 @@ from .base import WOULD_BLOCK, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
-#: The link file that ties the store to its batch journal (``engine.journal``).
-LINK = "batch"
 
 
 class IndexableStore(Collectable):
@@ -37,8 +35,6 @@ class IndexableStore(Collectable):
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
     _engine: Index
-    _fsync = False
-    _batch: batches.Membership | None = None
 
     @classmethod
     def load(
@@ -61,11 +57,7 @@ class IndexableStore(Collectable):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(directory, mode)
         store._fsync = bool(fsync)
-        membership = (
-            batches.attach(store._link_path(), cls.name, directory)
-            if mode is Mode.READ_WRITE
-            else None
-        )
+        membership = store._attach_batches(directory)
         try:
             store._engine = Index(
                 directory,
@@ -80,34 +72,11 @@ class IndexableStore(Collectable):
             if membership is not None:
                 membership.abandon()
             raise
-        if membership is not None:
-            try:
-                membership.catch_up(store)
-            except BaseException:
-                store._engine.close(durable=False)
-                membership.abandon()
-                raise
-            store._join(membership)
+        store._catch_up(membership)
         store._bind_fast_paths()
         return store
 
     # -- batches (see ``batches``)
-
-    def _link_path(self) -> str:
-        return os.path.join(self.path, LINK)
-
-    def _part_count(self) -> int:
-        return self._engine.parts
-
-    def _durable_part_count(self) -> int:
-        return self._engine.durable_parts
-
-    def _batch_fsync(self) -> bool:
-        return self._fsync
-
-    def _join(self, membership: batches.Membership) -> None:
-        self._batch = membership
-        self._engine.before_durable = membership.sync_journal
 
     def _batch_view(self, batch: batches.Batch) -> IndexableBatchView:
         return IndexableBatchView(batch, self)
@@ -125,11 +94,6 @@ class IndexableStore(Collectable):
         with self._waiter.force_idle():
             self._check_open()
             engine.apply_part(ops)
-
-    def _close_resources(self) -> None:
-        super()._close_resources()
-        if self._batch is not None:
-            self._batch.leave(self)
 
     def _bind_fast_paths(self) -> None:
         if self._bytes_key_size < 0 or type(self).find is not IndexableStore.find:
@@ -184,12 +148,6 @@ class IndexableStore(Collectable):
             return self._engine.get(encoded) is not None
         finally:
             waiter.exit_task()
-
-    def _has_encoded(self, encoded: bytes) -> bool:
-        """Whether the encoded key ``encoded`` is bound."""
-        with self._waiter.task():
-            self._check_open()
-            return self._engine.get(encoded) is not None
 
     def _find_nowait(self, key: Any) -> Any:
         # find's body with a task that never waits: asyncio's hot path.

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from types import MethodType
 from typing import Any, ClassVar, Self
 
+from .. import batches
 from ..codecs import Codec
 from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.files import stored_generation
@@ -101,6 +103,8 @@ class IndexedFileBase(Collectable):
         readonly = mode is Mode.READ_ONLY
         index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
         values_existed = bool(list_values(directory)[0])
+        store._fsync = bool(fsync)
+        membership = store._attach_batches(os.path.join(directory, INDEX_DIRECTORY))
         try:
             store._engine = Index(
                 os.path.join(directory, INDEX_DIRECTORY),
@@ -110,9 +114,16 @@ class IndexedFileBase(Collectable):
                 fsync=fsync,
                 exclusive=store._waiter.force_idle,
                 referenced=ValuesOnDisk(directory),
+                committed=membership.committed if membership is not None else None,
             )
         except StoreLockedError as error:  # name the store, not its index directory
+            if membership is not None:
+                membership.abandon()
             raise StoreLockedError(error.reason, name=cls.name, path=directory) from None
+        except BaseException:
+            if membership is not None:
+                membership.abandon()
+            raise
         try:
             if not values_existed:
                 store._refuse_index_without_values()
@@ -127,11 +138,16 @@ class IndexedFileBase(Collectable):
                 store._drop_unreferenced_tail()
         except OSError as error:
             store._close_resources(durable=False)
+            if membership is not None:
+                membership.abandon()
             raise CannotLoadStore(f"cannot load: {error}", name=cls.name, path=directory) from error
         except BaseException:
             store._close_resources(durable=False)
+            if membership is not None:
+                membership.abandon()
             raise
         store._cache = cache
+        store._catch_up(membership)
         store._bind_fast_paths()
         return store
 
@@ -340,12 +356,8 @@ class IndexedFileBase(Collectable):
         self, start: Any = None, stop: Any = None, *, reverse: bool = False
     ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
         """The ``(key, (value, header))`` pairs now with ``start <= key < stop``, as ``keys``."""
-        low, high = self._bounds(start, stop)
-        with self._waiter.task():
-            self._check_open()
-            snapshot = self._ordered(low, high, reverse)
-            pinned = self._values.pin()  # readable even after a GC deleted them
-        return self._items(snapshot, pinned)
+        # the values files pinned: readable even after a GC deleted them
+        return self._items(*self._raw_items(start, stop, reverse))
 
     def _keys_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False
@@ -371,12 +383,8 @@ class IndexedFileBase(Collectable):
     def _items(
         self, snapshot: Iterator[tuple[bytes, bytes]], pinned: dict[int, Any]
     ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
-        read = self._values.read_pinned
         for key, entry in snapshot:
-            offset, length, number = POINTER.unpack_from(entry)
-            with self._waiter.task():
-                self._check_open()
-                value = read(pinned, number, offset, length, key)
+            value = self._read_pinned(key, entry, pinned)
             header = self._decode(self._header, entry[POINTER.size :])
             yield self._decode(self._key, key), (self._decode(self._value, value), header)
 
@@ -455,6 +463,48 @@ class IndexedFileBase(Collectable):
             values = getattr(self, "_values", None)
             if values is not None:
                 values.close()
+            self._leave_batches()
+
+    def _close_resources_after_failed_load(self) -> None:
+        self._close_resources(durable=False)
+
+    # -- batches (see ``batches``)
+
+    def _batch_view(self, batch: batches.Batch) -> IndexedFileBatchView:
+        return IndexedFileBatchView(batch, self)
+
+    def _take_part(self, data: bytes) -> None:
+        """Append a part's values, then take its index entries as the engine's part."""
+        writes = _decode_part(data, self._key.size or 0, self._header.size or 0)
+        engine = self._engine
+        if engine.pacing:
+            engine.reserve()
+        with self._waiter.force_idle():
+            self._check_open()
+            target = self._values.target
+            assert target is not None
+            ops: list[tuple[bytes, bytes | None]] = [
+                (key, target.append_entry(key, value, header)) for key, value, header in writes
+            ]
+            engine.apply_part(ops)
+            for key, value, header in writes:
+                self._cache.put(key, (value, header))
+
+    def _raw_items(
+        self, start: Any, stop: Any, reverse: bool
+    ) -> tuple[Iterator[tuple[bytes, bytes]], dict[int, Any]]:
+        """The engine's snapshot with ``start <= key < stop`` and the values files it needs."""
+        low, high = self._bounds(start, stop)
+        with self._waiter.task():
+            self._check_open()
+            return self._ordered(low, high, reverse), self._values.pin()
+
+    def _read_pinned(self, key: bytes, entry: bytes, pinned: dict[int, Any]) -> bytes:
+        """The value an index entry of a snapshot points at."""
+        offset, length, number = POINTER.unpack_from(entry)
+        with self._waiter.task():
+            self._check_open()
+            return self._values.read_pinned(pinned, number, offset, length, key)
 
     # -- GC
 
@@ -507,6 +557,32 @@ class IndexedFileBase(Collectable):
             self._gc_copy = None
 
 
+_VALUE_LENGTH = struct.Struct("<I")
+
+
+def _encode_part(writes: dict[bytes, tuple[bytes, bytes]]) -> bytes:
+    """A batch's appends as ``_take_part`` reads them: key, header, value length, value."""
+    return b"".join(
+        key + header + _VALUE_LENGTH.pack(len(value)) + value
+        for key, (value, header) in writes.items()
+    )
+
+
+def _decode_part(data: bytes, key_size: int, header_size: int) -> list[tuple[bytes, bytes, bytes]]:
+    """The ``(key, value, header)`` appends of a part."""
+    writes = []
+    at = 0
+    while at < len(data):
+        key = data[at : at + key_size]
+        header = data[at + key_size : at + key_size + header_size]
+        at += key_size + header_size
+        (length,) = _VALUE_LENGTH.unpack_from(data, at)
+        at += _VALUE_LENGTH.size
+        writes.append((key, data[at : at + length], header))
+        at += length
+    return writes
+
+
 class IndexedFile(IndexedFileBase):
     """Keys to values with a header given at each append (``Make_indexed_file``)."""
 
@@ -521,3 +597,118 @@ class SimpleIndexedFile(IndexedFileBase):
     def append(self, key: Any, value: Any, *, flush: bool = True) -> None:  # type: ignore[override]
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
         self._append(key, value, type(self).header_of(value), flush=flush)
+
+
+class IndexedFileBatchView(batches.BatchView):
+    """An indexed file inside a batch: its appends held by the batch, its reads the
+    store's as committed at the moment of the read with the batch's appends over them."""
+
+    _store: IndexedFileBase
+
+    def __init__(self, batch: batches.Batch, store: IndexedFileBase) -> None:
+        super().__init__(batch, store)
+        #: The batch's last append of each key: (value, header), encoded.
+        self._writes: dict[bytes, tuple[bytes, bytes]] = {}
+
+    def _has_writes(self) -> bool:
+        return bool(self._writes)
+
+    def _encode_part(self) -> bytes:
+        return _encode_part(self._writes)
+
+    def _encoded_key(self, key: Any) -> bytes:
+        store = self._store
+        if type(key) is bytes and len(key) == store._bytes_key_size:
+            return key
+        return store._encode(store._key, key)
+
+    def append(self, key: Any, value: Any, header: Any = None, *, flush: bool = True) -> None:
+        """Append ``value`` with ``header`` for ``key`` when the batch commits (a simple
+        indexed file derives the header; ``flush`` means nothing here)."""
+        self._check_open()
+        store = self._store
+        if isinstance(store, SimpleIndexedFile):
+            header = type(store).header_of(value)
+        self._writes[self._encoded_key(key)] = (
+            store._encode(store._value, value),
+            store._encode(store._header, header),
+        )
+
+    def _written(self, key: Any) -> tuple[bytes, tuple[bytes, bytes] | None]:
+        self._check_open()
+        encoded = self._encoded_key(key)
+        return encoded, self._writes.get(encoded)
+
+    def read(self, key: Any) -> tuple[Any, Any] | None:
+        """The batch's ``(value, header)`` of ``key`` if it appended one, else the store's."""
+        _, written = self._written(key)
+        if written is None:
+            return self._store.read(key)
+        store = self._store
+        return store._decode(store._value, written[0]), store._decode(store._header, written[1])
+
+    def header(self, key: Any) -> Any | None:
+        """The header of ``key``'s value, the batch's appends first."""
+        _, written = self._written(key)
+        if written is None:
+            return self._store.header(key)
+        return self._store._decode(self._store._header, written[1])
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` has a value, the batch's appends counted."""
+        _, written = self._written(key)
+        return written is not None or self._store.mem(key)
+
+    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, Any]]:
+        self._check_open()
+        store = self._store
+        low, high = store._bounds(start, stop)
+        snapshot, pinned = store._raw_items(start, stop, reverse)
+        writes: dict[bytes, Any] = dict(self._writes)
+        for key, found in batches.iter_sorted_overlay(snapshot, writes, low, high, reverse):
+            yield key, found if isinstance(found, tuple) else (found, pinned)
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys with a value, ``start <= key < stop``, in key order, the batch's included."""
+        store = self._store
+        for key, _ in self._pairs(start, stop, reverse):
+            yield store._decode(store._key, key)
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        """The ``(key, (value, header))`` pairs, as ``keys``."""
+        store = self._store
+        for key, found in self._pairs(start, stop, reverse):
+            if isinstance(found[1], dict):  # the store's: an index entry and the pinned files
+                entry, pinned = found
+                value, header = store._read_pinned(key, entry, pinned), entry[POINTER.size :]
+            else:
+                value, header = found
+            yield (
+                store._decode(store._key, key),
+                (store._decode(store._value, value), store._decode(store._header, header)),
+            )
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        found = self.read(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``read``, or ``default`` when ``key`` has no value."""
+        found = self.read(key)
+        return default if found is None else found
+
+    def __len__(self) -> int:
+        """The exact number of keys with a value, the batch's appends counted."""
+        self._check_open()
+        store = self._store
+        return len(store) + sum(not store._has_encoded(key) for key in list(self._writes))

@@ -1,19 +1,32 @@
 """Singleton stores: one updatable value in one file (``Make_singleton``).
 
-Layout of the store file (little-endian)::
+Layout of the store file (little-endian), format version 2::
 
     offset  size  field
          0     8  magic ``L2SSING\\0``
          8     2  format version
-        10     2  reserved, zero
+        10     2  flags: bit 0 DELETED (no value: n = 0)
         12     4  value size: bytes of the value codec, 0xFFFFFFFF if variable
-        16     8  n: length of the encoded value
-        24     n  the encoded value
-      24+n     4  crc32 of bytes 0..24+n
+        16     8  parts: the batch parts the store has taken (see ``batches``)
+        24     8  n: length of the encoded value
+        32     n  the encoded value
+      32+n     4  crc32 of bytes 0..32+n
+
+Version 1 (written before batches) has no flags and no parts field (its
+value starts at 24); it is read as parts 0, and rewritten as version 2 by
+the next write.
 
 A write goes to ``<path>.tmp``, is fsynced, renamed over ``<path>`` and the
-directory fsynced: a reader or a crash sees the old file or the new one.
-``delete`` unlinks the file. The writer lock is ``<path>.lock``.
+directory fsynced (not with ``fsync=False``: the rename may then be lost
+to a power loss, leaving the old value): a reader or a crash sees the old
+file or the new one. ``delete`` unlinks the file, or, once the store has
+taken a batch's part, writes a DELETED file that keeps its count. The
+writer lock is ``<path>.lock``; the batch link ``<path>.batch``.
+
+A batch's part (``_take_part``) is written the same way without the
+directory's fsync; the batch fsyncs its journal record before any
+singleton renames its part into place, so the file never holds a part whose
+record a power loss can still take.
 """
 
 from __future__ import annotations
@@ -24,8 +37,9 @@ import struct
 from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
+from .. import batches
 from ..codecs import Codec
-from ..engine import filesystem
+from ..engine import filesystem, journal
 from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_crc
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
@@ -34,9 +48,16 @@ from .base import Store
 
 MAGIC = b"L2SSING\0"
 VARIABLE_SIZE = 0xFFFFFFFF
-_HEADER = struct.Struct("<8sHHIQ")
-HEADER_SIZE = 24
+SINGLETON_VERSION = 2
+_HEADER = struct.Struct("<8sHHIQQ")
+HEADER_SIZE = 32
 assert _HEADER.size == HEADER_SIZE
+_HEADER_V1 = struct.Struct("<8sHHIQ")
+HEADER_SIZE_V1 = 24
+assert _HEADER_V1.size == HEADER_SIZE_V1
+DELETED = 0x0001
+#: A part's first byte: a write (the encoded value follows) or a delete.
+_PART_WRITE, _PART_DELETE = b"\x01", b"\x02"
 
 
 def _show_size(size: int) -> str:
@@ -62,14 +83,29 @@ class SingletonStore(Store):
         super().__init__(path, mode)
         self._lock: WriterLock | None = None
         self._cache = _Cache()
+        self._fsync = True
+        #: The batch parts taken, and those a power loss can no longer take.
+        self._parts = 0
+        self._durable_parts = 0
+        self._batch: batches.Membership | None = None
+        #: A rename or unlink not made durable yet (``fsync=False``, a batch's part).
+        self._unsynced = False
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE) -> Self:
+    def load(
+        cls, path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE, *, fsync: bool = True
+    ) -> Self:
         """Open the singleton stored in file ``path`` (parent directories are
-        created in ``READ_WRITE``)."""
+        created in ``READ_WRITE``).
+
+        ``fsync``: a write reaches stable storage before it returns (default
+        True); with False the file is still fsynced before its rename (a power
+        loss leaves the old value or the new one), but not the directory.
+        """
         if not isinstance(mode, Mode):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(os.fspath(path), mode)
+        store._fsync = bool(fsync)
         if mode is Mode.READ_WRITE:
             directory = os.path.dirname(os.path.abspath(store.path))
             try:
@@ -79,14 +115,23 @@ class SingletonStore(Store):
                     f"cannot create directory: {error}", name=cls.name, path=store.path
                 ) from error
             store._lock = WriterLock(store.path + ".lock", cls.name, store.path)
+        membership = None
         try:
+            if mode is Mode.READ_WRITE:
+                membership = batches.attach(store._link_path(), cls.name, store.path)
             store._cache.value = store._read_file()
+            store._durable_parts = store._parts
+            if mode is Mode.READ_WRITE:  # a write cut short by a crash
+                with contextlib.suppress(FileNotFoundError):
+                    filesystem.unlink(store.path + ".tmp")
+            if membership is not None:
+                membership.catch_up(store)
+                store._join(membership)
         except BaseException:
+            if membership is not None:
+                membership.abandon()
             store._release()
             raise
-        if mode is Mode.READ_WRITE:  # a write cut short by a crash
-            with contextlib.suppress(FileNotFoundError):
-                filesystem.unlink(store.path + ".tmp")
         return store
 
     @property
@@ -97,8 +142,11 @@ class SingletonStore(Store):
     def _read_file(self) -> Any | None:
         found = read_singleton_file(self.path, self.name)
         if found is None:
+            self._parts = 0
             return None
-        value_size, encoded = found
+        value_size, encoded, self._parts = found
+        if encoded is None:
+            return None
         if value_size != self._value_size:
             raise CannotLoadStore(
                 f"encoding sizes differ: expected value {_show_size(self._value_size)}, "
@@ -118,36 +166,26 @@ class SingletonStore(Store):
         return self._in_task_nowait(lambda: self._cache.value)
 
     def write(self, value: Any) -> None:
-        """Replace the value, atomically and durably."""
+        """Replace the value, atomically (and durably with ``fsync``)."""
         self._check_writable("write")
         encoded = self._encode(self._value, value)
-        record = with_crc(
-            _HEADER.pack(MAGIC, FORMAT_VERSION, 0, self._value_size, len(encoded)) + encoded
-        )
         decoded = self._decode(self._value, encoded)
         with self._waiter.force_idle():
             self._check_open()
-            temporary = self.path + ".tmp"
-            try:
-                fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                try:
-                    pwrite_all(fd, record, 0)
-                    filesystem.fsync(fd)
-                finally:
-                    os.close(fd)
-                filesystem.rename(temporary, self.path)
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    filesystem.unlink(temporary)
-                raise self._write_error("write", error) from error
-            self._cache.value = decoded  # the file is in place
-            self._fsync_directory("write")
+            self._replace(encoded, decoded, self._parts, "write")
+            if self._fsync:
+                self._fsync_directory("write")
 
     def delete(self) -> None:
         """Remove the value."""
         self._check_writable("delete")
         with self._waiter.force_idle():
             self._check_open()
+            if self._parts or self._batch is not None:  # the file keeps the parts' count
+                self._replace(None, None, self._parts, "delete")
+                if self._fsync:
+                    self._fsync_directory("delete")
+                return
             try:
                 filesystem.unlink(self.path)
             except FileNotFoundError:
@@ -156,7 +194,34 @@ class SingletonStore(Store):
             except OSError as error:
                 raise self._write_error("delete", error) from error
             self._cache.value = None  # the file is gone
-            self._fsync_directory("delete")
+            self._unsynced = True
+            if self._fsync:
+                self._fsync_directory("delete")
+
+    def _replace(self, encoded: bytes | None, decoded: Any, parts: int, operation: str) -> None:
+        """Put a new file in place: ``encoded`` (None: DELETED) with ``parts`` (exclusive)."""
+        flags = DELETED if encoded is None else 0
+        body = b"" if encoded is None else encoded
+        record = with_crc(
+            _HEADER.pack(MAGIC, SINGLETON_VERSION, flags, self._value_size, parts, len(body))
+            + body
+        )
+        temporary = self.path + ".tmp"
+        try:
+            fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                pwrite_all(fd, record, 0)
+                filesystem.fsync(fd)
+            finally:
+                os.close(fd)
+            filesystem.rename(temporary, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                filesystem.unlink(temporary)
+            raise self._write_error(operation, error) from error
+        self._cache.value = decoded  # the file is in place
+        self._parts = parts
+        self._unsynced = True
 
     def _write_error(self, operation: str, error: OSError) -> CannotWriteToStore:
         return CannotWriteToStore(f"cannot {operation}: {error}", name=self.name, path=self.path)
@@ -166,6 +231,39 @@ class SingletonStore(Store):
             filesystem.fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except OSError as error:
             raise self._write_error(f"make the {operation} durable", error) from error
+        self._durable_parts = self._parts
+        self._unsynced = False
+
+    # -- batches (see ``batches``)
+
+    def _link_path(self) -> str:
+        return self.path + "." + journal.LINK
+
+    def _part_count(self) -> int:
+        return self._parts
+
+    def _durable_part_count(self) -> int:
+        return self._durable_parts
+
+    def _batch_fsync(self) -> bool:
+        return self._fsync
+
+    def _needs_durable_journal(self) -> bool:
+        """A part renamed into place must never outlive its journal record."""
+        return True
+
+    def _join(self, membership: batches.Membership) -> None:
+        self._batch = membership
+
+    def _batch_view(self, batch: batches.Batch) -> SingletonBatchView:
+        return SingletonBatchView(batch, self)
+
+    def _take_part(self, data: bytes) -> None:
+        encoded = data[1:] if data[:1] == _PART_WRITE else None
+        decoded = None if encoded is None else self._decode(self._value, encoded)
+        with self._waiter.force_idle():
+            self._check_open()
+            self._replace(encoded, decoded, self._parts + 1, "take a batch's part")
 
     def sync(self) -> None:
         """``READ_ONLY``: read the value the writer last wrote."""
@@ -174,7 +272,14 @@ class SingletonStore(Store):
             self._cache.value = self._read_file()
 
     def _close_resources(self) -> None:
-        self._release()
+        try:
+            if self._unsynced:  # a close makes every write durable, whatever fsync says
+                with contextlib.suppress(CannotWriteToStore):
+                    self._fsync_directory("close")
+        finally:
+            self._release()
+            if self._batch is not None:
+                self._batch.leave(self)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -182,8 +287,9 @@ class SingletonStore(Store):
             self._lock = None
 
 
-def read_singleton_file(path: str, name: str = "") -> tuple[int, bytes] | None:
-    """``(value size, encoded value)`` of the singleton file at ``path``; None if absent.
+def read_singleton_file(path: str, name: str = "") -> tuple[int, bytes | None, int] | None:
+    """``(value size, encoded value or None when DELETED, parts)`` of the singleton file at
+    ``path``; None if absent.
 
     Raises :class:`CannotLoadStore` when the file is cut short, corrupted or of
     another format.
@@ -201,16 +307,28 @@ def read_singleton_file(path: str, name: str = "") -> tuple[int, bytes] | None:
             f"{what} (file {path}, offset {offset})", name=name, path=path, offset=offset
         )
 
-    if len(raw) < HEADER_SIZE + 4:
+    if len(raw) < HEADER_SIZE_V1 + 4:
         raise fail(f"file cut short: {len(raw)} bytes", 0)
-    magic, version, _, value_size, length = _HEADER.unpack_from(raw)
+    magic, version, flags, value_size, length = _HEADER_V1.unpack_from(raw)
     if magic != MAGIC:
         raise fail(f"not a singleton file: magic {magic!r}", 0)
-    if len(raw) != HEADER_SIZE + length + 4 or not crc_ok(raw):
-        raise fail("checksum mismatch or wrong length", HEADER_SIZE)
-    if version != FORMAT_VERSION:
-        raise fail(f"format version {version} found, version {FORMAT_VERSION} expected", 8)
-    return value_size, raw[HEADER_SIZE:-4]
+    if version not in (FORMAT_VERSION, SINGLETON_VERSION):
+        raise fail(
+            f"format version {version} found, version {FORMAT_VERSION} or "
+            f"{SINGLETON_VERSION} expected",
+            8,
+        )
+    header_size, parts = HEADER_SIZE_V1, 0
+    if version == SINGLETON_VERSION:
+        if len(raw) < HEADER_SIZE + 4:
+            raise fail(f"file cut short: {len(raw)} bytes", 0)
+        _, _, _, _, parts, length = _HEADER.unpack_from(raw)
+        header_size = HEADER_SIZE
+    else:
+        flags = 0
+    if len(raw) != header_size + length + 4 or not crc_ok(raw):
+        raise fail("checksum mismatch or wrong length", header_size)
+    return value_size, None if flags & DELETED else raw[header_size:-4], parts
 
 
 def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
@@ -219,3 +337,41 @@ def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
         read_singleton_file(path, name)
     except CannotLoadStore as error:
         yield Finding(path, error.offset or 0, error.reason.split(" (file ", 1)[0])
+
+
+class SingletonBatchView(batches.BatchView):
+    """A singleton inside a batch: its write or delete held by the batch, its read the
+    store's value unless the batch wrote one."""
+
+    _store: SingletonStore
+
+    def __init__(self, batch: batches.Batch, store: SingletonStore) -> None:
+        super().__init__(batch, store)
+        self._written: bytes | None = None  # encoded; None with _deleted: a delete
+        self._deleted = False
+
+    def _has_writes(self) -> bool:
+        return self._written is not None or self._deleted
+
+    def _encode_part(self) -> bytes:
+        return _PART_DELETE if self._deleted else _PART_WRITE + (self._written or b"")
+
+    def write(self, value: Any) -> None:
+        """Replace the value when the batch commits."""
+        self._check_open()
+        self._written = self._store._encode(self._store._value, value)
+        self._deleted = False
+
+    def delete(self) -> None:
+        """Remove the value when the batch commits."""
+        self._check_open()
+        self._written, self._deleted = None, True
+
+    def read(self) -> Any | None:
+        """The batch's value if it wrote one (None after its delete), else the store's."""
+        self._check_open()
+        if self._deleted:
+            return None
+        if self._written is None:
+            return self._store.read()
+        return self._store._decode(self._store._value, self._written)

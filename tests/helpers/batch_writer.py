@@ -3,8 +3,10 @@ killed.
 
 Usage: batch_writer.py DIR SEED BUFFER N_BATCHES KILL [fsync]
 
-Batch n (1, 2, ...) writes ``levels[n] = level_hash(n)``, ``blocks[level_hash(n)] =
-block(n)`` and ``messages[n] = message(n)``, and removes ``messages[n - 3]``. KILL is
+Batch n (1, 2, ...) writes ``levels[n] = level_hash(n)``, appends ``block(n)`` (1-8 KiB)
+with header ``n`` for ``level_hash(n)`` to the indexed file ``blocks``, and writes
+``messages[n] = message(n)`` and removes ``messages[n - 3]``, and writes the singleton
+``head`` = ``(n, level_hash(n))``. KILL is
 ``none``, or ``journal:K`` / ``part:K``: SIGKILL itself in batch K's commit once its
 journal record is written / once the first store took its part.
 
@@ -20,11 +22,14 @@ import sys
 import construct
 
 import l2_stores
-from l2_stores import make_indexable, make_indexable_removable
+from l2_stores import make_indexable, make_indexable_removable, make_indexed_file, make_singleton
 
 Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
-Blocks = make_indexable("blocks", construct.Bytes(32), construct.Bytes(32))
+Blocks = make_indexed_file("blocks", construct.Bytes(32), construct.GreedyBytes, construct.Int32ub)
 Messages = make_indexable_removable("messages", construct.Int32ub, construct.Bytes(8))
+Head = make_singleton(
+    "head", construct.Struct("level" / construct.Int32ub, "hash" / construct.Bytes(32))
+)
 
 
 def level_hash(n: int) -> bytes:
@@ -32,7 +37,8 @@ def level_hash(n: int) -> bytes:
 
 
 def block(n: int) -> bytes:
-    return hashlib.sha256(b"block %d" % n).digest()
+    digest = hashlib.sha256(b"block %d" % n).digest()
+    return digest * (32 + digest[0] % 224)  # 1 to 8 KiB
 
 
 def message(n: int) -> bytes:
@@ -45,6 +51,7 @@ def load(directory: str, buffer: int, fsync: bool) -> tuple:
         Levels.load(os.path.join(directory, "levels"), **options),
         Blocks.load(os.path.join(directory, "blocks"), **options),
         Messages.load(os.path.join(directory, "messages"), **options),
+        Head.load(os.path.join(directory, "head"), fsync=fsync),
     )
 
 
@@ -61,12 +68,13 @@ def main() -> None:
         if mode != "none" and n == int(at):
             point = "journal_written" if mode == "journal" else "part_taken"
             batch.hooks.add(point, lambda: os.kill(os.getpid(), signal.SIGKILL))
-        levels_b, blocks_b, messages_b = batch.views
+        levels_b, blocks_b, messages_b, head_b = batch.views
         levels_b.add(n, level_hash(n))
-        blocks_b.add(level_hash(n), block(n))
+        blocks_b.append(level_hash(n), block(n), n)
         messages_b.add(n, message(n))
         if n > 3:
             messages_b.remove(n - 3)
+        head_b.write({"level": n, "hash": level_hash(n)})
         batch.commit()
         print(f"ack {n}", flush=True)
     print("done", flush=True)

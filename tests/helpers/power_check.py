@@ -27,8 +27,7 @@ def main() -> None:
     try:
         with load(kind, path, Mode.READ_ONLY, **options) as store:
             report["read_only"] = {k.hex(): v.hex() for k, v in store_content(store, kind).items()}
-        if kind != "singleton":
-            options["fsync"] = fsync_word == "fsync"
+        options["fsync"] = fsync_word == "fsync"
         with load(kind, path, **options) as store:
             report["read_write"] = {
                 k.hex(): v.hex() for k, v in store_content(store, kind).items()

@@ -108,7 +108,7 @@ class Progress:
     fsync: bool
     begun: int = 0
     acked: int = 0
-    #: Operations whose effect is known durable (fsync=True, or a singleton).
+    #: Operations whose effect is known durable (fsync=True).
     durable: int = 0
     #: GCs known finished (``wait_gc_completion`` returned).
     gcs_done: int = 0
@@ -125,8 +125,7 @@ class Progress:
         if name in ("add", "remove") and not op[-1]:
             self._unflushed = True
         flushed = name in ("flush", "write", "delete") or (name in ("add", "remove") and op[-1])
-        known_durable = self.fsync or self.kind == "singleton"
-        if flushed and known_durable and (name == "flush" or not self._unflushed):
+        if flushed and self.fsync and (name == "flush" or not self._unflushed):
             self.durable = number + 1
         if name == "reopen":  # whatever fsync says, a close makes everything durable
             self.durable = number + 1

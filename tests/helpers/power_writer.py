@@ -40,7 +40,9 @@ def main() -> None:
 
     power_loss = PowerLossFileSystem(root, state, hook) if state != "-" else None
     layer = contextlib.nullcontext() if power_loss is None else filesystem.installed(power_loss)
-    options = {} if kind == "singleton" else {"index_buffer_size": int(buffer), "fsync": fsync}
+    options: dict[str, object] = {"fsync": fsync}
+    if kind != "singleton":
+        options["index_buffer_size"] = int(buffer)
     with layer:
         store = load(kind, store_path(root, kind), **options)
         report("ready")
