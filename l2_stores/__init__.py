@@ -29,6 +29,7 @@ from .factories import (
 from .gc import Chain, Retain
 from .idle_waiter import IdleWaiter
 from .mode import Mode
+from .snapshots import Snapshot, snapshot
 from .stores.base import Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import IndexedFile, SimpleIndexedFile
@@ -54,6 +55,7 @@ __all__ = [
     "Retain",
     "SimpleIndexedFile",
     "SingletonStore",
+    "Snapshot",
     "Store",
     "StoreClosedError",
     "StoreError",
@@ -65,4 +67,5 @@ __all__ = [
     "make_indexed_file",
     "make_simple_indexed_file",
     "make_singleton",
+    "snapshot",
 ]

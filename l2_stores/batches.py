@@ -17,6 +17,7 @@ loaded ``READ_WRITE`` in it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -350,6 +351,24 @@ class Batch:
             finally:
                 _release_group(group)  # this call's hold; the members hold it on
             return group
+
+
+@contextlib.contextmanager
+def no_commit_running(stores: Sequence[Any]) -> Iterator[None]:
+    """Hold back every commit to the journals of ``stores`` (none is half applied meanwhile)."""
+    while True:
+        with _groups_lock:
+            groups = sorted(
+                {id(store._batch.group): store._batch.group for store in stores if store._batch}
+                .items()
+            )
+        with contextlib.ExitStack() as held:
+            for _, group in groups:
+                held.enter_context(group.commit_lock)
+            now = {id(store._batch.group) for store in stores if store._batch}
+            if now == {key for key, _ in groups}:  # no store joined a journal meanwhile
+                yield
+                return
 
 
 def batch(*stores: Any) -> Batch:

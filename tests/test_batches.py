@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import construct
@@ -469,3 +470,79 @@ def test_a_singleton_file_of_version_1_loads_and_is_rewritten_as_version_2(
     head = Head.load(tmp_path / "head")
     assert head.read() == 42 and head._part_count() == 1
     head.close()
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def test_a_snapshot_shows_one_moment_and_refuses_writes(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels", index_buffer_size=4)
+    blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=4)
+    head = Head.load(tmp_path / "head")
+    for n in range(10):
+        levels.add(n, value(n))
+        blocks.append(n.to_bytes(8, "big"), b"b" * n, n)
+    head.write(9)
+    with l2_stores.snapshot(levels, blocks, head) as (levels_s, blocks_s, head_s):
+        for n in range(10, 30):  # writes, merges and a GC after the snapshot
+            levels.add(n, value(n))
+            blocks.append(n.to_bytes(8, "big"), b"c" * n, n)
+        head.write(29)
+        levels.gc(l2_stores.Retain([29]), background=False)
+        blocks.gc(l2_stores.Retain([(29).to_bytes(8, "big")]), background=False)
+        assert len(levels) == 1 and len(levels_s) == 10
+        assert list(levels_s.keys()) == list(range(10)) and levels_s[3] == value(3)
+        assert blocks_s.read((9).to_bytes(8, "big")) == (b"b" * 9, 9)
+        assert next(key for key, _ in blocks_s.items(reverse=True)) == (9).to_bytes(8, "big")
+        assert head_s.read() == 9 and head.read() == 29
+        with pytest.raises(ReadOnlyError):
+            levels_s.add(1, value(1))
+        with pytest.raises(ReadOnlyError):
+            head_s.write(1)
+    with pytest.raises(StoreClosedError):
+        levels_s.find(1)
+    for store in (levels, blocks, head):
+        store.close()
+
+
+def test_snapshots_never_show_part_of_a_batch(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels", index_buffer_size=8)
+    blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=8)
+    head = Head.load(tmp_path / "head")
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def commit_blocks() -> None:
+        try:
+            for n in range(1, 301):
+                with l2_stores.batch(levels, blocks, head) as (levels_b, blocks_b, head_b):
+                    levels_b.add(n, value(n))
+                    blocks_b.append(value(n)[:8], b"x" * n, n)
+                    head_b.write(n)
+        except BaseException as error:  # reported by the test
+            failures.append(error)
+        finally:
+            done.set()
+
+    def read_snapshots() -> None:
+        try:
+            while not done.is_set():
+                with l2_stores.snapshot(levels, blocks, head) as (levels_s, blocks_s, head_s):
+                    top = head_s.read() or 0
+                    assert len(levels_s) == top == len(blocks_s)
+                    assert levels_s.find(top + 1) is None
+                    if top:
+                        assert blocks_s.read(value(top)[:8]) == (b"x" * top, top)
+        except BaseException as error:  # reported by the test
+            failures.append(error)
+
+    threads = [threading.Thread(target=commit_blocks)]
+    threads += [threading.Thread(target=read_snapshots) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert head.read() == 300 and len(levels) == 300
+    for store in (levels, blocks, head):
+        store.close()

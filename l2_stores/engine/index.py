@@ -152,6 +152,52 @@ def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: st
         return None
 
 
+class EngineSnapshot:
+    """An index's bindings at one moment: its log dicts then (never changed afterwards:
+    the index copies a shared dict before writing to it) over its run stack then."""
+
+    def __init__(
+        self,
+        index: Index,
+        active: dict[bytes, bytes | None],
+        frozen: dict[bytes, bytes | None] | None,
+        stack: RunStack,
+    ) -> None:
+        self._index = index
+        self._logs = (active,) if frozen is None else (active, frozen)
+        self._stack = stack
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value bound to ``key`` then, or None."""
+        for bindings in self._logs:
+            value = bindings.get(key, _MISSING)
+            if value is not _MISSING:
+                return value  # type: ignore[return-value]
+        return self._stack.find(key)
+
+    def items(
+        self,
+        start: bytes | None = None,
+        stop: bytes | None = None,
+        *,
+        reverse: bool = False,
+        closed: bytearray | None = None,
+        on_closed: Callable[[], BaseException] | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The bindings then with ``start <= key < stop``, as ``Index.items``."""
+        logs = tuple((bindings, self._index._sorted_keys(bindings)) for bindings in self._logs)
+        return self._stack.live_rows(
+            logs, self._index._expected.key_size, start, stop, reverse, closed, on_closed
+        )
+
+    def live_count(self) -> int:
+        """The number of live bindings then."""
+        logged: dict[bytes, bytes | None] = {}
+        for bindings in reversed(self._logs):
+            logged.update(bindings)
+        return self._stack.count_live() + self._stack.count_changes(logged)
+
+
 class Index:
     """The engine of indexable stores (see the module docstring)."""
 
@@ -315,6 +361,13 @@ class Index:
             closed,
             on_closed,
         )
+
+    def snapshot(self) -> EngineSnapshot:
+        """The bindings of this moment, held without a copy (see ``items``)."""
+        if not self._shared:
+            self._shared = True
+            self._hand_over()
+        return EngineSnapshot(self, self._active, self._frozen, self._stack)
 
     def _sorted_keys(self, bindings: dict[bytes, bytes | None]) -> list[bytes]:
         """The keys of a log dict in order, from the cache when it is there.

@@ -87,6 +87,30 @@ class Iteration(Protocol):
     def live_count(self) -> int:
         """The exact number of live bindings, without reading them all."""
 
+    def snapshot(self) -> Snapshot:
+        """The bindings of this moment, held without a copy."""
+
+
+class Snapshot(Protocol):
+    """An engine's bindings at one moment (``Iteration.snapshot``)."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value bound to ``key`` then, or None."""
+
+    def items(
+        self,
+        start: bytes | None = None,
+        stop: bytes | None = None,
+        *,
+        reverse: bool = False,
+        closed: bytearray | None = None,
+        on_closed: Callable[[], BaseException] | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The bindings then, as ``Iteration.items``."""
+
+    def live_count(self) -> int:
+        """The number of live bindings then."""
+
 
 class Collection(Protocol):
     """Garbage collection: keep a selection and what is written meanwhile."""

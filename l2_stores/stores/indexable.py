@@ -10,11 +10,12 @@ from operator import itemgetter
 from types import MethodType
 from typing import Any, ClassVar, Self
 
-from .. import batches
+from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine.framing import Expected
 from ..engine.index import Index
-from ..errors import CodecError, DecodingError
+from ..engine.interface import Snapshot as EngineSnapshot
+from ..errors import CodecError, DecodingError, ReadOnlyError
 from ..idle_waiter import task_read
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
@@ -80,6 +81,11 @@ class IndexableStore(Collectable):
 
     def _batch_view(self, batch: batches.Batch) -> IndexableBatchView:
         return IndexableBatchView(batch, self)
+
+    def _snapshot_view(self, snapshot: snapshots.Snapshot) -> IndexableSnapshotView:
+        with self._waiter.task():
+            self._check_open()
+            return IndexableSnapshotView(snapshot, self, self._engine.snapshot())
 
     def _take_part(self, data: bytes) -> None:
         key_end = 1 + (self._key.size or 0)
@@ -391,3 +397,85 @@ class IndexableRemovableBatchView(IndexableBatchView):
         """Unbind ``key`` when the batch commits."""
         self._check_open()
         self._writes[self._encoded_key(key)] = None
+
+
+class IndexableSnapshotView:
+    """An indexable store as it was when a snapshot was taken: every read, no write."""
+
+    def __init__(
+        self, snapshot: snapshots.Snapshot, store: IndexableStore, engine: EngineSnapshot
+    ) -> None:
+        self._snapshot = snapshot
+        self._store = store
+        self._engine = engine
+
+    def _encoded_key(self, key: Any) -> bytes:
+        store = self._store
+        if type(key) is bytes and len(key) == store._bytes_key_size:
+            return key
+        return store._encode(store._key, key)
+
+    def find(self, key: Any) -> Any | None:
+        """The value bound to ``key`` then, or None."""
+        store = self._store
+        encoded = self._encoded_key(key)
+        with store._waiter.task():
+            self._snapshot.check_open(store)
+            raw = self._engine.get(encoded)
+        return None if raw is None else store._decode(store._value, raw)
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` was bound then."""
+        return self.find(key) is not None
+
+    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        store = self._store
+        low, high = store._bounds(start, stop)
+        with store._waiter.task():
+            self._snapshot.check_open(store)
+            return self._engine.items(
+                low,
+                high,
+                reverse=reverse,
+                closed=store._lifetime.flag,
+                on_closed=store._closed_error,
+            )
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys bound then with ``start <= key < stop``, in key order."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """The ``(key, value)`` pairs bound then, as ``keys``."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
+
+    def __len__(self) -> int:
+        """The number of bindings then."""
+        with self._store._waiter.task():
+            self._snapshot.check_open(self._store)
+            return self._engine.live_count()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        found = self.find(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``find``, or ``default`` when not bound."""
+        found = self.find(key)
+        return default if found is None else found
+
+    def _refuse(self, *_: Any, **__: Any) -> None:
+        store = self._store
+        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)
+
+    add = remove = flush = _refuse

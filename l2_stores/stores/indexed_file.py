@@ -22,16 +22,23 @@ from functools import partial
 from types import MethodType
 from typing import Any, ClassVar, Self
 
-from .. import batches
+from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.files import stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
+from ..engine.interface import Snapshot as EngineSnapshot
 from ..engine.run import sorted_in_steps
 from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values
 from ..engine.values import POINTER
-from ..errors import CannotLoadStore, CodecError, DecodingError, StoreLockedError
+from ..errors import (
+    CannotLoadStore,
+    CodecError,
+    DecodingError,
+    ReadOnlyError,
+    StoreLockedError,
+)
 from ..idle_waiter import exclusive_write
 from ..mode import Mode
 from .base import WOULD_BLOCK, WouldBlock
@@ -473,6 +480,13 @@ class IndexedFileBase(Collectable):
     def _batch_view(self, batch: batches.Batch) -> IndexedFileBatchView:
         return IndexedFileBatchView(batch, self)
 
+    def _snapshot_view(self, snapshot: snapshots.Snapshot) -> IndexedFileSnapshotView:
+        with self._waiter.task():
+            self._check_open()
+            return IndexedFileSnapshotView(
+                snapshot, self, self._engine.snapshot(), self._values.pin()
+            )
+
     def _take_part(self, data: bytes) -> None:
         """Append a part's values, then take its index entries as the engine's part."""
         writes = _decode_part(data, self._key.size or 0, self._header.size or 0)
@@ -712,3 +726,105 @@ class IndexedFileBatchView(batches.BatchView):
         self._check_open()
         store = self._store
         return len(store) + sum(not store._has_encoded(key) for key in list(self._writes))
+
+
+class IndexedFileSnapshotView:
+    """An indexed file as it was when a snapshot was taken: every read, no write. It
+    pins the values files of that moment (readable even after a GC deleted them)."""
+
+    def __init__(
+        self,
+        snapshot: snapshots.Snapshot,
+        store: IndexedFileBase,
+        engine: EngineSnapshot,
+        pinned: dict[int, Any],
+    ) -> None:
+        self._snapshot = snapshot
+        self._store = store
+        self._engine = engine
+        self._pinned = pinned
+
+    def _entry(self, key: Any) -> tuple[bytes, bytes | None]:
+        store = self._store
+        if type(key) is bytes and len(key) == store._bytes_key_size:
+            encoded = key
+        else:
+            encoded = store._encode(store._key, key)
+        with store._waiter.task():
+            self._snapshot.check_open(store)
+            return encoded, self._engine.get(encoded)
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` had a value then."""
+        return self._entry(key)[1] is not None
+
+    def header(self, key: Any) -> Any | None:
+        """The header of ``key``'s value then, or None."""
+        entry = self._entry(key)[1]
+        if entry is None:
+            return None
+        return self._store._decode(self._store._header, entry[POINTER.size :])
+
+    def read(self, key: Any) -> tuple[Any, Any] | None:
+        """The ``(value, header)`` of ``key`` then, or None."""
+        encoded, entry = self._entry(key)
+        if entry is None:
+            return None
+        store = self._store
+        value = store._read_pinned(encoded, entry, self._pinned)
+        return (
+            store._decode(store._value, value),
+            store._decode(store._header, entry[POINTER.size :]),
+        )
+
+    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        store = self._store
+        low, high = store._bounds(start, stop)
+        with store._waiter.task():
+            self._snapshot.check_open(store)
+            return self._engine.items(
+                low,
+                high,
+                reverse=reverse,
+                closed=store._lifetime.flag,
+                on_closed=store._closed_error,
+            )
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys with a value then, ``start <= key < stop``, in key order."""
+        return self._store._keys(self._pairs(start, stop, reverse))
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        """The ``(key, (value, header))`` pairs then, as ``keys``."""
+        return self._store._items(self._pairs(start, stop, reverse), self._pinned)
+
+    def __len__(self) -> int:
+        """The number of keys with a value then."""
+        with self._store._waiter.task():
+            self._snapshot.check_open(self._store)
+            return self._engine.live_count()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        found = self.read(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``read``, or ``default`` when ``key`` had no value."""
+        found = self.read(key)
+        return default if found is None else found
+
+    def _refuse(self, *_: Any, **__: Any) -> None:
+        store = self._store
+        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)
+
+    append = flush = _refuse

@@ -37,12 +37,12 @@ import struct
 from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 
-from .. import batches
+from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine import filesystem, journal
 from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_crc
 from ..engine.lock import WriterLock
-from ..errors import CannotLoadStore, CannotWriteToStore
+from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store
 
@@ -258,6 +258,11 @@ class SingletonStore(Store):
     def _batch_view(self, batch: batches.Batch) -> SingletonBatchView:
         return SingletonBatchView(batch, self)
 
+    def _snapshot_view(self, snapshot: snapshots.Snapshot) -> SingletonSnapshotView:
+        with self._waiter.task():
+            self._check_open()
+            return SingletonSnapshotView(snapshot, self, self._cache.value)
+
     def _take_part(self, data: bytes) -> None:
         encoded = data[1:] if data[:1] == _PART_WRITE else None
         decoded = None if encoded is None else self._decode(self._value, encoded)
@@ -375,3 +380,23 @@ class SingletonBatchView(batches.BatchView):
         if self._written is None:
             return self._store.read()
         return self._store._decode(self._store._value, self._written)
+
+
+class SingletonSnapshotView:
+    """A singleton's value when a snapshot was taken."""
+
+    def __init__(self, snapshot: snapshots.Snapshot, store: SingletonStore, value: Any) -> None:
+        self._snapshot = snapshot
+        self._store = store
+        self._value = value
+
+    def read(self) -> Any | None:
+        """The value then, or None."""
+        self._snapshot.check_open(self._store)
+        return self._value
+
+    def _refuse(self, *_: Any, **__: Any) -> None:
+        store = self._store
+        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)
+
+    write = delete = _refuse
