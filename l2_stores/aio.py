@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
 
+from . import batches, snapshots
 from .gc import Chain, Retain
 from .idle_waiter import IdleWaiter
 from .mode import Mode
@@ -453,6 +454,110 @@ async def open(
         yield store
     finally:
         await store.close()
+
+
+# -- batches and snapshots
+
+#: What a batch view holds in memory: never a wait, so run on the loop.
+_HELD_WRITES = frozenset({"add", "remove", "append", "write", "delete"})
+
+
+class AsyncView:
+    """A batch's or a snapshot's view as asyncio sees it: each method a coroutine (run in
+    a worker thread, except a batch's held writes), ``keys``/``items`` async iterators."""
+
+    def __init__(self, view: Any, store: Store) -> None:
+        self._view = view
+        self._store = store
+
+    def keys(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> AsyncIterator[Any]:
+        """The view's keys, as an async iterator."""
+        return _BatchedIterator(
+            self._store, functools.partial(self._view.keys, start, stop, reverse=reverse)
+        )
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> AsyncIterator[Any]:
+        """The view's bindings, as an async iterator."""
+        return _BatchedIterator(
+            self._store, functools.partial(self._view.items, start, stop, reverse=reverse)
+        )
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self.keys()
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._view, name)
+        if name in _HELD_WRITES:
+
+            async def held(*args: Any, **kwargs: Any) -> Any:
+                return method(*args, **kwargs)
+
+            return held
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await _in_thread(method, *args, **kwargs)
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"<asyncio {self._view!r}>"
+
+
+class AsyncBatch:
+    """``l2_stores.batch`` for asyncio stores: the commit runs off the event loop."""
+
+    def __init__(self, stores: tuple[AsyncStore[Any], ...]) -> None:
+        plain = [store.unwrap() if isinstance(store, AsyncStore) else store for store in stores]
+        self._batch = batches.Batch(plain)
+        #: One asyncio batch view per store, in the order given.
+        self.views = tuple(
+            AsyncView(view, store) for view, store in zip(self._batch.views, plain, strict=True)
+        )
+
+    async def commit(self) -> None:
+        """Commit every write of the batch at once (see ``Batch.commit``)."""
+        await _in_own_thread(self._batch.commit)
+
+    async def rollback(self) -> None:
+        """Drop every write of the batch."""
+        self._batch.rollback()
+
+    async def __aenter__(self) -> tuple[AsyncView, ...]:
+        self._batch._check_open()
+        return self.views
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._batch._state != "open":
+            return
+        if exc_type is None:
+            await self.commit()
+        else:
+            await self.rollback()
+
+
+def batch(*stores: Any) -> AsyncBatch:
+    """A batch of asyncio stores: ``async with aio.batch(a, b) as (a_view, b_view):``."""
+    return AsyncBatch(stores)
+
+
+@asynccontextmanager
+async def snapshot(*stores: Any) -> AsyncIterator[tuple[AsyncView, ...]]:
+    """``l2_stores.snapshot`` for asyncio stores, taken off the event loop."""
+    plain = [store.unwrap() if isinstance(store, AsyncStore) else store for store in stores]
+    taken = await _in_thread(snapshots.Snapshot, plain)
+    try:
+        yield tuple(AsyncView(view, store) for view, store in zip(taken.views, plain, strict=True))
+    finally:
+        taken.close()
 
 
 # -- the idle-waiter

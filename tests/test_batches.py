@@ -546,3 +546,32 @@ def test_snapshots_never_show_part_of_a_batch(tmp_path: Path) -> None:
     assert head.read() == 300 and len(levels) == 300
     for store in (levels, blocks, head):
         store.close()
+
+
+def test_asyncio_batches_and_snapshots(tmp_path: Path) -> None:
+    import asyncio
+
+    from l2_stores import aio
+
+    async def main() -> None:
+        levels = await aio.load(Levels, tmp_path / "levels")
+        head = await aio.load(Head, tmp_path / "head")
+        async with aio.batch(levels, head) as (levels_b, head_b):
+            await levels_b.add(1, value(1))
+            await head_b.write(1)
+            assert await levels_b.find(1) == value(1) and await levels.find(1) is None
+            assert [key async for key in levels_b.keys(reverse=True)] == [1]
+        assert await levels.find(1) == value(1) and await head.read() == 1
+        with pytest.raises(RuntimeError):
+            async with aio.batch(levels, head) as (levels_b, head_b):
+                await levels_b.add(2, value(2))
+                raise RuntimeError
+        assert await levels.find(2) is None
+        async with aio.snapshot(levels, head) as (levels_s, head_s):
+            await levels.add(3, value(3))
+            assert [key async for key in levels_s] == [1]
+            assert await head_s.read() == 1 and await levels_s.find(3) is None
+        await levels.close()
+        await head.close()
+
+    asyncio.run(main())
