@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from .engine.hooks import Hooks
 from .engine.journal import Journal, Link, Part, read_link, write_link
-from .errors import CannotLoadStore, StoreClosedError, StoreError
+from .errors import CannotLoadStore, CannotWriteToStore, StoreClosedError, StoreError
 
 logger = logging.getLogger("l2_stores.batches")
 
@@ -64,6 +64,13 @@ class Member(Protocol):
 
     def _take_part(self, data: bytes) -> None:
         """Take a committed part (encoded by the store's batch view), alone."""
+
+    def _prepare_part(self, data: bytes) -> Any:
+        """Write a part without binding it (its exclusive section held): ``finish()``
+        binds it, ``cancel()`` takes it back."""
+
+    def _before_exclusive(self) -> None:
+        """Wait, before its exclusive section, until a write need not wait inside it."""
 
     def _batch_view(self, batch: Batch) -> BatchView:
         """A view of the store that holds its writes for ``batch``."""
@@ -311,25 +318,49 @@ class Batch:
             fsync = any(
                 store._batch_fsync() or store._needs_durable_journal() for store in stores
             )
-            group.journal.append(parts, fsync=fsync)  # the commit point
-            self._state = "committed"
-            self.hooks.run("journal_written")
-            for store, part in zip(stores, parts, strict=True):
-                try:
-                    store._take_part(part.data)
-                except StoreError:  # committed: its next load takes the part from the journal
-                    logger.exception(
-                        "%s: batch committed, but the store did not take its part now; "
-                        "its next load will",
-                        store.name,
-                    )
-                    raise
-                self.hooks.run("part_taken")
+            for store in stores:
+                store._before_exclusive()
+            with contextlib.ExitStack() as sections:
+                for store in stores:  # every store alone, from its part's write to its end
+                    sections.enter_context(store._waiter.force_idle())
+                    store._check_open()
+                self._commit(group, stores, parts, fsync)
             if len(group.journal.segments) > 1:
                 try:
                     group.journal.trim(group.durable_parts())
                 except OSError:
                     logger.warning("cannot trim the batch journal", exc_info=True)
+
+    def _commit(
+        self, group: _Group, stores: Sequence[Any], parts: Sequence[Part], fsync: bool
+    ) -> None:
+        """Write the parts, then the journal's record (the commit point), then the parts'
+        ends; every store's exclusive section held."""
+        prepared: list[Any] = []
+        try:
+            for store, part in zip(stores, parts, strict=True):
+                prepared.append(store._prepare_part(part.data))
+            group.journal.append(parts, fsync=fsync)  # the commit point
+        except BaseException:
+            for written in prepared:
+                try:
+                    written.cancel()
+                except (OSError, StoreError):
+                    logger.exception("a batch's part could not be taken back")
+            raise
+        self._state = "committed"
+        self.hooks.run("journal_written")
+        for store, written in zip(stores, prepared, strict=True):
+            try:
+                written.finish()
+            except (OSError, StoreError) as error:  # its next load takes it from the journal
+                raise CannotWriteToStore(
+                    f"the batch committed, but the store could not take its part now "
+                    f"({error}); its next load will",
+                    name=store.name,
+                    path=store.path,
+                ) from error
+            self.hooks.run("part_taken")
 
     def _link(self, stores: Sequence[Any]) -> _Group:
         """The group of the batch's journal, every store linked to it (once, durably)."""

@@ -575,3 +575,86 @@ def test_asyncio_batches_and_snapshots(tmp_path: Path) -> None:
         await head.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- failures
+
+FAILING_COMMIT_CHILD = """
+import os, resource, signal, sys
+import construct
+import l2_stores
+from l2_stores import CannotWriteToStore, make_indexable, make_indexed_file, make_singleton
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+directory = sys.argv[1]
+Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
+Blocks = make_indexed_file("blocks", construct.Bytes(8), construct.GreedyBytes, construct.Int32ub)
+Head = make_singleton("head", construct.Int32ub)
+levels = Levels.load(os.path.join(directory, "levels"))
+blocks = Blocks.load(os.path.join(directory, "blocks"))
+head = Head.load(os.path.join(directory, "head"))
+with l2_stores.batch(levels, blocks, head) as (l, b, h):
+    l.add(1, bytes(32)); b.append(b"block001", b"x" * 100, 1); h.write(1)
+values = max(os.path.getsize(os.path.join(directory, "blocks", name))
+             for name in os.listdir(os.path.join(directory, "blocks")) if name.startswith("values"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (values + 50, resource.RLIM_INFINITY))
+try:
+    with l2_stores.batch(levels, blocks, head) as (l, b, h):
+        l.add(2, bytes(32)); b.append(b"block002", b"y" * 8000, 2); h.write(2)
+except CannotWriteToStore as error:
+    print("refused", "File too large" in str(error))
+print("after", levels.find(2) is None, blocks.read(b"block002") is None, head.read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+with l2_stores.batch(levels, blocks, head) as (l, b, h):
+    l.add(3, bytes(32)); b.append(b"block003", b"z" * 8000, 3); h.write(3)
+for store in (levels, blocks, head):
+    store.close()
+"""
+
+
+def test_a_commit_the_disk_refuses_applies_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FAILING_COMMIT_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.split() == ["refused", "True", "after", "True", "True", "1"], out.stderr
+    levels = Levels.load(tmp_path / "levels")
+    blocks = Blocks.load(tmp_path / "blocks")
+    head = Head.load(tmp_path / "head")
+    assert list(levels.keys()) == [1, 3] and head.read() == 3
+    assert sorted(blocks.keys()) == [b"block001", b"block003"]
+    assert blocks.read(b"block003") == (b"z" * 8000, 3)
+    for store in (levels, blocks, head):
+        store.close()
+
+
+def test_a_journal_that_cannot_be_written_applies_nothing(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    head = Head.load(tmp_path / "head")
+    with l2_stores.batch(levels, head) as (levels_b, head_b):
+        levels_b.add(1, value(1))
+        head_b.write(1)
+    journal = levels._batch.group.journal
+    good_fd, journal._fd = journal._fd, os.open(os.devnull, os.O_RDONLY)  # writes fail: EBADF
+    with pytest.raises(l2_stores.CannotWriteToStore), l2_stores.batch(levels, head) as views:
+        views[0].add(2, value(2))
+        views[1].write(2)
+    os.close(journal._fd)
+    journal._fd = good_fd
+    assert levels.find(2) is None and head.read() == 1 and len(levels) == 1
+    levels.add(3, value(3))  # the stores go on
+    with l2_stores.batch(levels, head) as (levels_b, head_b):
+        levels_b.add(4, value(4))
+        head_b.write(4)
+    levels.close()
+    head.close()
+    levels = Levels.load(tmp_path / "levels")
+    head = Head.load(tmp_path / "head")
+    assert list(levels.keys()) == [1, 3, 4] and head.read() == 4
+    assert levels._part_count() == 2 and head._part_count() == 2
+    levels.close()
+    head.close()

@@ -152,6 +152,31 @@ def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: st
         return None
 
 
+class PreparedPart:
+    """A batch's part written to an index's log without its end (``Index.prepare_part``)."""
+
+    def __init__(
+        self,
+        index: Index,
+        log: LogWriter,
+        ops: Sequence[tuple[bytes, bytes | None]],
+        end_at: int,
+    ) -> None:
+        self._index = index
+        self._log = log
+        self._ops = ops
+        self._end_at = end_at
+
+    def finish(self) -> None:
+        """Write the part's end (the batch committed): it binds, in the file and here."""
+        self._log.end_part(self._end_at)
+        self._index._part_taken(self._log, self._ops)
+
+    def cancel(self) -> None:
+        """Take the part back (the batch gave up before its commit point)."""
+        self._log.cancel_part()
+
+
 class EngineSnapshot:
     """An index's bindings at one moment: its log dicts then (never changed afterwards:
     the index copies a shared dict before writing to it) over its run stack then."""
@@ -505,11 +530,20 @@ class Index:
     def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Take a committed batch's writes to this store (a None value: a removal) as one
         part: written at once, flushed but not fsynced (the journal holds it durably)."""
+        self.prepare_part(ops).finish()
+
+    def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> PreparedPart:
+        """Write a batch's part without its end (``LogWriter.open_part``), before the
+        batch's commit point: a part the disk refuses fails here, where the batch can
+        still give up. Called, like its ``finish`` or ``cancel``, in the exclusive
+        section, which the caller holds from this call to that one."""
         log = self._writable_log()
         if log.version < PARTS_VERSION:  # a log of an older version takes no part
             self._make_room()
             log = self._writable_log()
-        log.append_part(ops)
+        return PreparedPart(self, log, ops, log.open_part(ops))
+
+    def _part_taken(self, log: LogWriter, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         if self._shared:
             self._unshare()
         active = self._active

@@ -155,6 +155,19 @@ class Batched(Protocol):
     def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Take one part: ``(key, value)`` writes (None: a removal), at once."""
 
+    def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> Prepared:
+        """Write one part without binding it yet (before a batch's commit point)."""
+
+
+class Prepared(Protocol):
+    """A part written but not bound: finished once the batch commits, else cancelled."""
+
+    def finish(self) -> None:
+        """Bind the part."""
+
+    def cancel(self) -> None:
+        """Take the part back."""
+
 
 class Engine(KeyValue, Paced, Iteration, Collection, Batched, Protocol):
     """What the stores use: every capability. Tools use ``engine.files`` instead."""

@@ -509,6 +509,8 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         #: The file's size when it was allocated ahead (0: none); the close cuts it to the end.
         self._allocated = allocated
         self._owner = os.getpid()
+        #: Where a part written by open_part, its end not yet written, begins (-1: none).
+        self._open_part = -1
         if allocated:
             try:
                 self._map(allocated)
@@ -649,9 +651,15 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         self.records += 1
 
     def append_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Append a batch's part in one write: a begin record, a set for each ``(key,
-        value)`` of ``ops`` (a remove for a None value), an end record. Flushed, not
-        fsynced; if this raises, no record of it is in the log."""
+        """Append a batch's part whole (see :meth:`open_part`)."""
+        self.end_part(self.open_part(ops))
+
+    def open_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> int:
+        """Write a batch's part without its end: a begin record, a set for each ``(key,
+        value)`` of ``ops`` (a remove for a None value), and zeros where the end record
+        goes, in one write (flushed, not fsynced). Until :meth:`end_part` writes the end
+        into that room (which the disk can no longer refuse), the part binds nothing.
+        Returns where the end goes; if this raises, nothing of the part is in the log."""
         assert self.version >= PARTS_VERSION
         self.flush()
         zero_key, zero_value = self._zero_key, self._zero_value
@@ -661,14 +669,42 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                 records.append(framed(_OP_REMOVE_BYTE, key, zero_value))
             else:
                 records.append(framed(_OP_SET_BYTE, key, value))
-        records.append(framed(_OP_END_BYTE, zero_key, zero_value))
+        records.append(bytes(record_size(self._expected)))
         data = b"".join(records)
+        start = self._end
         try:
-            pwrite_all(self._fd, data, self._end)
+            pwrite_all(self._fd, data, start)
         except OSError as error:
             raise self._failed_write(error) from error
         self._end += len(data)
         self.records += len(records)
+        self._open_part = start
+        return self._end - len(records[-1])
+
+    def end_part(self, at: int) -> None:
+        """Write the end record of the part :meth:`open_part` wrote: it binds from now on.
+        If this raises, the part is taken back."""
+        try:
+            pwrite_all(self._fd, framed(_OP_END_BYTE, self._zero_key, self._zero_value), at)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self.cancel_part()
+            raise self._write_error(error) from error
+        self._open_part = -1
+
+    def cancel_part(self) -> None:
+        """Take back the part :meth:`open_part` wrote (zeros over it: free space again)."""
+        start, self._open_part = self._open_part, -1
+        if start < 0:
+            return
+        size = record_size(self._expected)
+        self.records -= (self._end - start) // size
+        try:
+            pwrite_all(self._fd, bytes(self._end - start), start)
+            if not self._allocated:
+                os.ftruncate(self._fd, start)
+        finally:
+            self._end = start
 
     def seal(self) -> None:
         """End the log, after its pending records, with a seal: it is frozen for a merge."""

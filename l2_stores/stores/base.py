@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NoReturn, Self, TypeVar
 from .. import batches
 from ..codecs import Codec
 from ..engine import journal
-from ..engine.interface import Engine
+from ..engine.interface import Engine, Prepared
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
@@ -401,9 +401,21 @@ class EngineStore(Store):
     def _needs_durable_journal(self) -> bool:
         return False
 
-    def _take_part(self, data: bytes) -> None:
-        """Take a committed part, encoded by the kind's batch view (alone)."""
+    def _before_exclusive(self) -> None:
+        """Before a batch takes the store's exclusive section: wait for room, as writes do."""
+        if self._engine.pacing:
+            self._engine.reserve()
+
+    def _prepare_part(self, data: bytes) -> Prepared:
+        """Write a part (encoded by the kind's batch view) without binding it (exclusive)."""
         raise NotImplementedError
+
+    def _take_part(self, data: bytes) -> None:
+        """Take a committed part at once (a load's catch-up)."""
+        self._before_exclusive()
+        with self._waiter.force_idle():
+            self._check_open()
+            self._prepare_part(data).finish()
 
     def _batch_view(self, batch: batches.Batch) -> batches.BatchView:
         """A view of the store holding its writes for ``batch``."""

@@ -14,6 +14,7 @@ from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine.framing import Expected
 from ..engine.index import Index
+from ..engine.interface import Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError, ReadOnlyError
 from ..idle_waiter import task_read
@@ -87,19 +88,14 @@ class IndexableStore(Collectable):
             self._check_open()
             return IndexableSnapshotView(snapshot, self, self._engine.snapshot())
 
-    def _take_part(self, data: bytes) -> None:
+    def _prepare_part(self, data: bytes) -> Prepared:
         key_end = 1 + (self._key.size or 0)
         size = key_end + (self._value.size or 0)
         ops = [
             (data[at + 1 : at + key_end], data[at + key_end : at + size] if data[at] == 1 else None)
             for at in range(0, len(data), size)
         ]
-        engine = self._engine
-        if engine.pacing:
-            engine.reserve()
-        with self._waiter.force_idle():
-            self._check_open()
-            engine.apply_part(ops)
+        return self._engine.prepare_part(ops)
 
     def _bind_fast_paths(self) -> None:
         if self._bytes_key_size < 0 or type(self).find is not IndexableStore.find:

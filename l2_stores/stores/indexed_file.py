@@ -28,6 +28,7 @@ from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.files import stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
+from ..engine.interface import Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
 from ..engine.run import sorted_in_steps
 from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values
@@ -487,22 +488,15 @@ class IndexedFileBase(Collectable):
                 snapshot, self, self._engine.snapshot(), self._values.pin()
             )
 
-    def _take_part(self, data: bytes) -> None:
-        """Append a part's values, then take its index entries as the engine's part."""
+    def _prepare_part(self, data: bytes) -> Prepared:
+        """Append a part's values, then write its index entries as the engine's part."""
         writes = _decode_part(data, self._key.size or 0, self._header.size or 0)
-        engine = self._engine
-        if engine.pacing:
-            engine.reserve()
-        with self._waiter.force_idle():
-            self._check_open()
-            target = self._values.target
-            assert target is not None
-            ops: list[tuple[bytes, bytes | None]] = [
-                (key, target.append_entry(key, value, header)) for key, value, header in writes
-            ]
-            engine.apply_part(ops)
-            for key, value, header in writes:
-                self._cache.put(key, (value, header))
+        target = self._values.target
+        assert target is not None
+        ops: list[tuple[bytes, bytes | None]] = [
+            (key, target.append_entry(key, value, header)) for key, value, header in writes
+        ]
+        return _PreparedAppends(self._engine.prepare_part(ops), self._cache, writes)
 
     def _raw_items(
         self, start: Any, stop: Any, reverse: bool
@@ -572,6 +566,25 @@ class IndexedFileBase(Collectable):
 
 
 _VALUE_LENGTH = struct.Struct("<I")
+
+
+class _PreparedAppends:
+    """A part's values appended and its index part written, not bound yet."""
+
+    def __init__(
+        self, index_part: Prepared, cache: Cache, writes: list[tuple[bytes, bytes, bytes]]
+    ) -> None:
+        self._index_part = index_part
+        self._cache = cache
+        self._writes = writes
+
+    def finish(self) -> None:
+        self._index_part.finish()
+        for key, value, header in self._writes:
+            self._cache.put(key, (value, header))
+
+    def cancel(self) -> None:
+        self._index_part.cancel()  # the values stay, referenced by nothing
 
 
 def _encode_part(writes: dict[bytes, tuple[bytes, bytes]]) -> bytes:

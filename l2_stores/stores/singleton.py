@@ -200,6 +200,11 @@ class SingletonStore(Store):
 
     def _replace(self, encoded: bytes | None, decoded: Any, parts: int, operation: str) -> None:
         """Put a new file in place: ``encoded`` (None: DELETED) with ``parts`` (exclusive)."""
+        temporary = self._write_temporary(encoded, parts, operation)
+        self._rename_into_place(temporary, decoded, parts, operation)
+
+    def _write_temporary(self, encoded: bytes | None, parts: int, operation: str) -> str:
+        """Write the file of ``encoded`` (None: DELETED) with ``parts`` to ``.tmp``, fsynced."""
         flags = DELETED if encoded is None else 0
         body = b"" if encoded is None else encoded
         record = with_crc(
@@ -214,6 +219,14 @@ class SingletonStore(Store):
                 filesystem.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                filesystem.unlink(temporary)
+            raise self._write_error(operation, error) from error
+        return temporary
+
+    def _rename_into_place(self, temporary: str, decoded: Any, parts: int, operation: str) -> None:
+        try:
             filesystem.rename(temporary, self.path)
         except OSError as error:
             with contextlib.suppress(OSError):
@@ -263,18 +276,20 @@ class SingletonStore(Store):
             self._check_open()
             return SingletonSnapshotView(snapshot, self, self._cache.value)
 
-    def _take_part(self, data: bytes) -> None:
+    def _before_exclusive(self) -> None:
+        pass
+
+    def _prepare_part(self, data: bytes) -> _PreparedFile:
+        """Write the part's file (fsynced) beside the store's; renamed by ``finish``."""
         encoded = data[1:] if data[:1] == _PART_WRITE else None
         decoded = None if encoded is None else self._decode(self._value, encoded)
-        with self._waiter.force_idle():
-            self._check_open()
-            self._replace(encoded, decoded, self._parts + 1, "take a batch's part")
+        temporary = self._write_temporary(encoded, self._parts + 1, "take a batch's part")
+        return _PreparedFile(self, temporary, decoded)
 
-    def sync(self) -> None:
-        """``READ_ONLY``: read the value the writer last wrote."""
+    def _take_part(self, data: bytes) -> None:
         with self._waiter.force_idle():
             self._check_open()
-            self._cache.value = self._read_file()
+            self._prepare_part(data).finish()
 
     def _close_resources(self) -> None:
         try:
@@ -342,6 +357,25 @@ def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
         read_singleton_file(path, name)
     except CannotLoadStore as error:
         yield Finding(path, error.offset or 0, error.reason.split(" (file ", 1)[0])
+
+
+class _PreparedFile:
+    """A singleton's part written to its ``.tmp`` file, not in place yet."""
+
+    def __init__(self, store: SingletonStore, temporary: str, decoded: Any) -> None:
+        self._store = store
+        self._temporary = temporary
+        self._decoded = decoded
+
+    def finish(self) -> None:
+        store = self._store
+        store._rename_into_place(
+            self._temporary, self._decoded, store._parts + 1, "take a batch's part"
+        )
+
+    def cancel(self) -> None:
+        with contextlib.suppress(OSError):
+            filesystem.unlink(self._temporary)
 
 
 class SingletonBatchView(batches.BatchView):
