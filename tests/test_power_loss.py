@@ -39,6 +39,7 @@ import pytest
 from helpers.power_loss import (
     PowerLossFileSystem,
     UnknownFile,
+    choose_modes,
     copy_tree,
     power_loss_image,
     surviving_bytes,
@@ -216,13 +217,6 @@ class Capture:
     high: int
     gcs_done: int
     modes: dict[str, str]
-
-
-def choose_modes(rng: random.Random) -> dict[str, str]:
-    return {
-        "pages": rng.choice(("none", "all", "prefix", "pages", "torn", "mixed", "mixed")),
-        "names": rng.choice(("none", "all", "prefix", "subset", "subset")),
-    }
 
 
 def tree(path: Path) -> dict[str, bytes]:

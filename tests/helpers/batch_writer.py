@@ -45,14 +45,30 @@ def message(n: int) -> bytes:
     return hashlib.sha256(b"message %d" % n).digest()[:8]
 
 
-def load(directory: str, buffer: int, fsync: bool) -> tuple:
+def load(directory: str, buffer: int, fsync: bool, head: bool = True) -> tuple:
+    """The stores of a node: levels, blocks, messages, and the head unless not ``head``."""
     options = {"index_buffer_size": buffer, "fsync": fsync}
-    return (
+    stores = (
         Levels.load(os.path.join(directory, "levels"), **options),
         Blocks.load(os.path.join(directory, "blocks"), **options),
         Messages.load(os.path.join(directory, "messages"), **options),
-        Head.load(os.path.join(directory, "head"), fsync=fsync),
     )
+    if head:
+        stores += (Head.load(os.path.join(directory, "head"), fsync=fsync),)
+    return stores
+
+
+def commit_block(batch: l2_stores.Batch, n: int) -> None:
+    """Write block ``n`` in ``batch`` (over the stores of ``load``) and commit it."""
+    levels_b, blocks_b, messages_b, *head_b = batch.views
+    levels_b.add(n, level_hash(n))
+    blocks_b.append(level_hash(n), block(n), n)
+    messages_b.add(n, message(n))
+    if n > 3:
+        messages_b.remove(n - 3)
+    for head in head_b:
+        head.write({"level": n, "hash": level_hash(n)})
+    batch.commit()
 
 
 def main() -> None:
@@ -68,14 +84,7 @@ def main() -> None:
         if mode != "none" and n == int(at):
             point = "journal_written" if mode == "journal" else "part_taken"
             batch.hooks.add(point, lambda: os.kill(os.getpid(), signal.SIGKILL))
-        levels_b, blocks_b, messages_b, head_b = batch.views
-        levels_b.add(n, level_hash(n))
-        blocks_b.append(level_hash(n), block(n), n)
-        messages_b.add(n, message(n))
-        if n > 3:
-            messages_b.remove(n - 3)
-        head_b.write({"level": n, "hash": level_hash(n)})
-        batch.commit()
+        commit_block(batch, n)
         print(f"ack {n}", flush=True)
     print("done", flush=True)
     sys.stdin.read()

@@ -59,6 +59,14 @@ NAME_MODES = ("none", "all", "prefix", "subset")
 Entry = tuple[str, int]  # ("file", id) or ("dir", 0)
 
 
+def choose_modes(rng: random.Random) -> dict[str, str]:
+    """How one power loss treats unsynced pages and entries, drawn from ``rng``."""
+    return {
+        "pages": rng.choice(("none", "all", "prefix", "pages", "torn", "mixed", "mixed")),
+        "names": rng.choice(("none", "all", "prefix", "subset", "subset")),
+    }
+
+
 class UnknownFile(AssertionError):
     """An fsync of a file the layer never saw created: a call that bypassed the seam."""
 
@@ -335,27 +343,45 @@ def _replay(state: str) -> _Namespace:
     return namespace
 
 
-def _apply(entries: dict[str, Entry], change: tuple[str, ...], known: dict[str, Entry]) -> None:
+def _apply(entries: dict[str, Entry], change: tuple[str, ...]) -> None:
     kind = change[0]
     if kind == "link":
         _, name, what, number = change
         entries[name] = (what, int(number))
     elif kind == "rename":
-        _, source, target = change
-        moved = entries.pop(source, None)
-        if moved is None:  # its creation did not persist, the rename did: the file is there
-            moved = known.get(source)
-        if moved is not None:
-            entries[target] = moved
+        # The file the source named when the rename was made, whatever it names in this
+        # image: a rename moves an inode, never a later file of the same name.
+        _, source, target, what, number = change
+        moved = (what, int(number))
+        if entries.get(source) == moved:
+            del entries[source]
+        entries[target] = moved  # its creation may not have persisted: the file is there
     elif kind == "unlink":
         entries.pop(change[1], None)
+
+
+def _with_moved_files(
+    durable: dict[str, Entry], changes: list[tuple[str, ...]]
+) -> list[tuple[str, ...]]:
+    """The changes, each rename with the entry its source named at that moment."""
+    names = dict(durable)
+    annotated: list[tuple[str, ...]] = []
+    for change in changes:
+        if change[0] == "rename":
+            moved = names.get(change[1])
+            if moved is None:
+                continue  # a rename of nothing the layer knows: it moved nothing
+            change = (*change, moved[0], str(moved[1]))
+        annotated.append(change)
+        _apply(names, change)
+    return annotated
 
 
 def _surviving_entries(
     namespace: _Namespace, directory: str, rng: random.Random, mode: str
 ) -> dict[str, Entry]:
     entries = dict(namespace.durable[directory])
-    changes = namespace.pending[directory]
+    changes = _with_moved_files(entries, namespace.pending[directory])
     if mode == "none":
         kept = []
     elif mode == "all":
@@ -364,15 +390,8 @@ def _surviving_entries(
         kept = changes[: rng.randint(0, len(changes))]
     else:  # any subset, in order
         kept = [change for change in changes if rng.random() < 0.5]
-    # What a name referred to at some point, for a rename whose creation was lost.
-    known: dict[str, Entry] = {}
-    for change in changes:
-        if change[0] == "link":
-            known[change[1]] = (change[2], int(change[3]))
-        elif change[0] == "rename" and change[1] in known:
-            known[change[2]] = known[change[1]]
     for change in kept:
-        _apply(entries, change, known)
+        _apply(entries, change)
     return entries
 
 
