@@ -21,14 +21,21 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
 from .engine.hooks import Hooks
-from .engine.journal import Journal, Link, Part, read_link, write_link
-from .errors import CannotLoadStore, CannotWriteToStore, StoreClosedError, StoreError
+from .engine.journal import Journal, Link, Part, Record, read_link, read_records, write_link
+from .errors import (
+    CannotLoadStore,
+    CannotReadFromStore,
+    CannotWriteToStore,
+    StoreClosedError,
+    StoreError,
+)
 
 logger = logging.getLogger("l2_stores.batches")
 
@@ -71,6 +78,9 @@ class Member(Protocol):
 
     def _before_exclusive(self) -> None:
         """Wait, before its exclusive section, until a write need not wait inside it."""
+
+    def _limit_parts(self, parts: int) -> bool:
+        """``READ_ONLY``: show only the first ``parts`` parts; False when it cannot."""
 
     def _batch_view(self, batch: Batch) -> BatchView:
         """A view of the store that holds its writes for ``batch``."""
@@ -315,9 +325,7 @@ class Batch:
                 Part(store._batch.participant, store._part_count() + 1, view._encode_part())
                 for view, store in zip(writing, stores, strict=True)
             ]
-            fsync = any(
-                store._batch_fsync() or store._needs_durable_journal() for store in stores
-            )
+            fsync = any(store._batch_fsync() or store._needs_durable_journal() for store in stores)
             for store in stores:
                 store._before_exclusive()
             with contextlib.ExitStack() as sections:
@@ -384,14 +392,87 @@ class Batch:
             return group
 
 
+#: How long a READ_ONLY snapshot waits for a writer to finish a commit it sees half of,
+#: before it hides the commit's parts from the stores that have them.
+SETTLE_SECONDS = 0.5
+
+
+def synced_together(stores: Sequence[Any]) -> None:
+    """Bring ``READ_ONLY`` stores up to date at one batch boundary: every batch whole in
+    all of them or in none (see the design's "Batches")."""
+    for store in stores:
+        store.sync()
+    by_journal: dict[str, list[tuple[Any, Link]]] = {}
+    for store in stores:
+        link = read_link(store._link_path(), store.name)
+        directory = link.journal_directory() if link is not None else None
+        if link is not None and directory is not None:
+            by_journal.setdefault(directory, []).append((store, link))
+    for directory, members in by_journal.items():
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            records = read_records(directory)  # after the syncs: it holds what they saw
+            allowed = _cut(
+                records, {link.participant: store._part_count() for store, link in members}
+            )
+            if allowed is None:
+                break
+            if time.monotonic() < deadline:
+                time.sleep(0.001)  # a writer in its commit: its next parts come at once
+                for store, _ in members:
+                    store.sync()
+                continue
+            for store, link in members:
+                limit = allowed.get(link.participant)
+                if (
+                    limit is not None
+                    and store._part_count() > limit
+                    and not store._limit_parts(limit)
+                ):
+                    raise CannotReadFromStore(
+                        f"a batch is half applied (part {limit + 1} of this store, the "
+                        "writer stopped in its commit) and merged: a READ_WRITE load "
+                        "completes it",
+                        name=store.name,
+                        path=store.path,
+                    )
+            break
+
+
+def _cut(records: Sequence[Record], visible: dict[int, int]) -> dict[int, int] | None:
+    """Where the stores (participant -> parts they show) must end for every batch to be
+    whole in all of them or in none; None when they are so already."""
+    first_missing = None
+    for record in records:
+        if any(
+            part.participant in visible and visible[part.participant] < part.ordinal
+            for part in record.parts
+        ):
+            first_missing = record.seq
+            break
+    if first_missing is None:
+        return None
+    allowed: dict[int, int] = {}
+    for record in records:
+        if record.seq < first_missing:
+            continue
+        for part in record.parts:
+            if part.participant in visible and part.participant not in allowed:
+                allowed[part.participant] = part.ordinal - 1
+    if all(visible[participant] <= limit for participant, limit in allowed.items()):
+        return None  # the first batch not whole shows nowhere: a boundary already
+    return allowed
+
+
 @contextlib.contextmanager
 def no_commit_running(stores: Sequence[Any]) -> Iterator[None]:
     """Hold back every commit to the journals of ``stores`` (none is half applied meanwhile)."""
     while True:
         with _groups_lock:
             groups = sorted(
-                {id(store._batch.group): store._batch.group for store in stores if store._batch}
-                .items()
+                {
+                    id(store._batch.group): store._batch.group for store in stores if store._batch
+                }.items()
             )
         with contextlib.ExitStack() as held:
             for _, group in groups:
@@ -417,9 +498,7 @@ def iter_sorted_overlay(
 ) -> Iterator[tuple[bytes, bytes]]:
     """``base`` (encoded pairs in key order) with ``writes`` over it (None: removed)."""
     keys = sorted(
-        key
-        for key in writes
-        if (start is None or key >= start) and (stop is None or key < stop)
+        key for key in writes if (start is None or key >= start) and (stop is None or key < stop)
     )
     if reverse:
         keys.reverse()

@@ -5,8 +5,8 @@
 batch shows in part. A store's snapshot copies nothing: an engine store's is
 its engine's (``Index.snapshot``: the log dicts and run stack of the moment,
 plus the values files an indexed file pins), a singleton's its value.
-``READ_ONLY`` stores are synced first, one after the other (see the
-design's "Batches": a cut at a batch boundary for them is still to come).
+``READ_ONLY`` stores are first brought up to date together, at a batch
+boundary (``batches.synced_together``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class Snapshot:
             if not hasattr(store, "_snapshot_view"):
                 raise TypeError(f"not a store: {store!r}")
             store._check_open()
-        for store in stores:
-            if store.mode is Mode.READ_ONLY and not store._is_view:
-                store.sync()
+        readers = [store for store in stores if store.mode is Mode.READ_ONLY]
+        if readers:
+            batches.synced_together(readers)
         self.closed = False
         with batches.no_commit_running(stores):
             #: One read-only view per store, in the order given.

@@ -712,3 +712,82 @@ def test_a_power_loss_leaves_whole_batches_in_commit_order(
             problems = []
         assert problems == [], f"{image.name}: {problems}"
         check_batches(image, acknowledged if fsync else 0, with_head)
+
+
+# ------------------------------------------------------------------ readers
+
+
+def test_read_only_snapshots_never_show_part_of_a_batch(tmp_path: Path) -> None:
+    writer = batch_writer.load(str(tmp_path), 8, False)
+    batch_writer.commit_block(l2_stores.batch(*writer), 1)
+    readers = [
+        cls.load(tmp_path / name, Mode.READ_ONLY)
+        for cls, name in (
+            (batch_writer.Levels, "levels"),
+            (batch_writer.Blocks, "blocks"),
+            (batch_writer.Messages, "messages"),
+            (batch_writer.Head, "head"),
+        )
+    ]
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def commit() -> None:
+        try:
+            for n in range(2, 121):
+                batch_writer.commit_block(l2_stores.batch(*writer), n)
+        except BaseException as error:  # reported by the test
+            failures.append(error)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=commit)
+    thread.start()
+    seen = set()
+    while not done.is_set() or not seen:
+        with l2_stores.snapshot(*readers) as (levels, blocks, messages, head):
+            top = head.read().level
+            seen.add(top)
+            assert len(levels) == top == len(blocks) and levels.find(top + 1) is None
+            assert blocks.header(batch_writer.level_hash(top)) == top
+            assert sorted(messages.keys()) == list(range(max(1, top - 2), top + 1))
+    thread.join()
+    assert not failures, failures
+    assert len(seen) > 1
+    for store in (*readers, *writer):
+        store.close()
+
+
+def test_a_read_only_snapshot_hides_a_batch_its_writer_left_half_applied(
+    tmp_path: Path,
+) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    with l2_stores.batch(levels, messages) as (levels_b, messages_b):
+        levels_b.add(1, value(1))
+        messages_b.add(1, b"message1")
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(2, value(2))
+    batch.views[1].add(2, b"message2")
+
+    def die() -> None:
+        raise KeyboardInterrupt  # the writer stops here: levels took its part, messages not
+
+    batch.hooks.add("part_taken", die)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    levels_r = Levels.load(tmp_path / "levels", Mode.READ_ONLY)
+    messages_r = Messages.load(tmp_path / "messages", Mode.READ_ONLY)
+    assert levels_r.find(2) == value(2)  # a store alone shows its whole part
+    with l2_stores.snapshot(levels_r, messages_r) as (levels_s, messages_s):
+        assert list(levels_s.keys()) == [1] and list(messages_s.keys()) == [1]
+    levels._engine.close(durable=False)  # as the dead writer leaves them
+    messages._engine.close(durable=False)
+    levels._batch.abandon()
+    messages._batch.abandon()
+    levels = Levels.load(tmp_path / "levels")  # a writer completes the batch
+    messages = Messages.load(tmp_path / "messages")
+    with l2_stores.snapshot(levels_r, messages_r) as (levels_s, messages_s):
+        assert list(levels_s.keys()) == [1, 2] and list(messages_s.keys()) == [1, 2]
+    for store in (levels_r, messages_r, levels, messages):
+        store.close()

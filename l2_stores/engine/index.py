@@ -559,28 +559,56 @@ class Index:
         if self.before_durable is not None and self._parts > self._stack.parts:
             self.before_durable()
 
+    def limit_parts(self, parts: int) -> bool:
+        """Read-only: load again, the logs ending before the part after ``parts`` (a
+        snapshot's cut at a batch); False when a run holds that part (it cannot be cut)."""
+        assert self._readonly
+        self._load_readonly()
+        if self._parts <= parts:
+            return True
+        if self._stack.parts > parts or not self._scans:
+            return False
+        scans, _ = self._cut_parts(self._scans, lambda ordinal, _: ordinal <= parts, False)
+        self._active = scans[-1].bindings if scans else {}
+        self._frozen = scans[0].bindings if len(scans) == 2 else None
+        self._parts = self._stack.parts + sum(scan.parts for scan in scans)
+        self._shared = False
+        self._key_orders = ()
+        self._hand_over()
+        self._scans = []  # cut: the next sync loads whole again
+        return True
+
     def _committed_parts(self, scans: list[LogScan]) -> list[LogScan]:
         """The logs without the first part a power loss may have left without its journal
         record (and everything after it): it was never committed."""
-        if self._committed is None:
+        committed = self._committed
+        if committed is None:
             return scans
+        kept, cut = self._cut_parts(scans, lambda ordinal, durable: durable or committed(ordinal))
+        if cut is not None:
+            logger.warning(
+                "%s: part %d of a batch, which the journal does not hold, is in the logs: "
+                "a power loss took its commit; the logs end before it",
+                self._name,
+                cut,
+            )
+        return kept
+
+    def _cut_parts(
+        self, scans: list[LogScan], keep: Callable[[int, bool], bool], whole: bool = True
+    ) -> tuple[list[LogScan], int | None]:
+        """The logs ending before the first part ``keep(ordinal, durable)`` refuses, and
+        that part's ordinal (None: every part kept). ``whole`` as for ``read_log``."""
         ordinal = self._stack.parts
         for position, scan in enumerate(scans):
             path = os.path.join(self.directory, layout.log_name(scan.generation))
             durable_end = scan.synced_at if scan.synced_at is not None else HEADER_SIZE
             for begin, end in part_spans(path, self._expected, scan.end):
                 ordinal += 1
-                if end <= durable_end or self._committed(ordinal):
-                    continue
-                logger.warning(
-                    "%s: %s holds part %d of a batch the journal does not hold: "
-                    "a power loss took its commit; the logs end before it",
-                    self._name,
-                    path,
-                    ordinal,
-                )
-                return [*scans[:position], read_log(path, self._expected, whole=True, limit=begin)]
-        return scans
+                if not keep(ordinal, end <= durable_end):
+                    cut = read_log(path, self._expected, whole=whole, limit=begin)
+                    return [*scans[:position], cut], ordinal
+        return scans, None
 
     def _writable_log(self) -> LogWriter:
         log = self._log
@@ -1417,6 +1445,7 @@ class Index:
             path = os.path.join(self.directory, layout.log_name(last.generation))
             try:
                 read_log(path, self._expected, scan=last)
+                self._parts = self._stack.parts + sum(scan.parts for scan in self._scans)
                 return
             except FileNotFoundError:
                 pass

@@ -158,6 +158,9 @@ class Batched(Protocol):
     def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> Prepared:
         """Write one part without binding it yet (before a batch's commit point)."""
 
+    def limit_parts(self, parts: int) -> bool:
+        """Read-only: show only the first ``parts`` parts; False when it cannot."""
+
 
 class Prepared(Protocol):
     """A part written but not bound: finished once the batch commits, else cancelled."""

@@ -218,6 +218,27 @@ def _read_segment(path: str, journal_id: int | None) -> tuple[FileHeader, list[R
     return header, records, at, len(data) - at
 
 
+def read_records(directory: str) -> list[Record]:
+    """The records of the journal at ``directory`` as they are now, for a reader (no lock;
+    a record being appended, a segment being deleted are skipped)."""
+    try:
+        names = sorted(name for name in os.listdir(directory) if _SEGMENT.fullmatch(name))
+    except FileNotFoundError:
+        return []
+    records = []
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            continue  # trimmed meanwhile: every part in it is in its store
+        at = HEADER_SIZE
+        while (decoded := decode_record(data, at)) is not None:
+            record, at, _ = decoded
+            records.append(record)
+    return records
+
+
 class Journal:
     """A batch journal directory, opened by the one process that commits to it."""
 

@@ -358,10 +358,17 @@ class EngineStore(Store):
 
     def _attach_batches(self, engine_directory: str) -> batches.Membership | None:
         """At a load, before the engine's: the store's journal membership, if linked."""
+        self._link = os.path.join(engine_directory, journal.LINK)
         if self.mode is not Mode.READ_WRITE:
             return None
-        self._link = os.path.join(engine_directory, journal.LINK)
         return batches.attach(self._link, self.name, self.path)
+
+    def _limit_parts(self, parts: int) -> bool:
+        with self._waiter.force_idle():
+            self._check_open()
+            limited = self._engine.limit_parts(parts)
+            self._after_sync()
+            return limited
 
     def _catch_up(self, membership: batches.Membership | None) -> None:
         """After the load: take the journal's parts the store lacks, then belong to it."""

@@ -279,6 +279,9 @@ class SingletonStore(Store):
     def _before_exclusive(self) -> None:
         pass
 
+    def _limit_parts(self, parts: int) -> bool:
+        return self._parts <= parts  # one file: its last part cannot be hidden
+
     def _prepare_part(self, data: bytes) -> _PreparedFile:
         """Write the part's file (fsynced) beside the store's; renamed by ``finish``."""
         encoded = data[1:] if data[:1] == _PART_WRITE else None
@@ -290,6 +293,12 @@ class SingletonStore(Store):
         with self._waiter.force_idle():
             self._check_open()
             self._prepare_part(data).finish()
+
+    def sync(self) -> None:
+        """``READ_ONLY``: read the value the writer last wrote."""
+        with self._waiter.force_idle():
+            self._check_open()
+            self._cache.value = self._read_file()
 
     def _close_resources(self) -> None:
         try:
