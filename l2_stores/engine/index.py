@@ -512,7 +512,18 @@ class Index:
     def flush(self) -> None:
         """Hand every pending record to the OS (and the disk with fsync)."""
         if self._log is not None:
+            try:
+                self._values_first()
+            except OSError as error:
+                raise CannotWriteToStore(
+                    f"cannot fsync the values: {error}", name=self._name, path=self.directory
+                ) from error
             self._log.flush()
+
+    def _values_first(self) -> None:
+        """Before the log is fsynced: the values it points at (a batch's are not yet)."""
+        if self._fsync and self._referenced is not None:
+            self._referenced.sync()
 
     # ------------------------------------------------------- batch parts
 
@@ -652,6 +663,7 @@ class Index:
         log = self._log
         assert log is not None and self._frozen is None
         self._journal_first()
+        self._values_first()  # the seal is fsynced with fsync
         # The next log first: once sealed, the log takes no more records, so a
         # seal without a next log would leave the store unable to write.
         next_log = self._next_log(log.generation + 1)  # on error nothing has changed

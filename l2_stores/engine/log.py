@@ -366,10 +366,7 @@ def _read_records(
         scan.parts += replayed.parts
         scan.end += position
         scan.sealed = replayed.sealed
-        if (
-            position < wanted == step < len(buffer)
-            and replayed.valid_end >= wanted - wanted % size
-        ):
+        if position < wanted == step < len(buffer) and replayed.valid_end >= wanted - wanted % size:
             step *= 2  # a part runs on past the chunk: read it whole
             continue
         if position < wanted or len(buffer) <= wanted or scan.end == limit:
@@ -582,11 +579,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                 os.ftruncate(fd, scan.end)
                 if scan.torn_bytes or fsync:
                     filesystem.fsync(fd)
-            allocated = (
-                allocate_ahead(fd, scan.end, ahead)
-                if scan.version >= 2
-                else 0
-            )
+            allocated = allocate_ahead(fd, scan.end, ahead) if scan.version >= 2 else 0
         except BaseException:
             os.close(fd)
             raise
@@ -661,24 +654,26 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         into that room (which the disk can no longer refuse), the part binds nothing.
         Returns where the end goes; if this raises, nothing of the part is in the log."""
         assert self.version >= PARTS_VERSION
-        self.flush()
         zero_key, zero_value = self._zero_key, self._zero_value
-        records = [framed(self._op(OP_BEGIN), zero_key, zero_value)]
+        pending = bytes(self._pending)  # records of flush=False writes go first, same write
+        records = [
+            framed(self._op(OP_BEGIN) if not pending else bytes([OP_BEGIN]), zero_key, zero_value)
+        ]
         for key, value in ops:
             if value is None:
                 records.append(framed(_OP_REMOVE_BYTE, key, zero_value))
             else:
                 records.append(framed(_OP_SET_BYTE, key, value))
         records.append(bytes(record_size(self._expected)))
-        data = b"".join(records)
-        start = self._end
+        data = pending + b"".join(records)
         try:
-            pwrite_all(self._fd, data, start)
+            pwrite_all(self._fd, data, self._end)
         except OSError as error:
             raise self._failed_write(error) from error
+        self._pending.clear()
         self._end += len(data)
         self.records += len(records)
-        self._open_part = start
+        self._open_part = self._end - len(data) + len(pending)
         return self._end - len(records[-1])
 
     def end_part(self, at: int) -> None:
@@ -850,7 +845,9 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
         )
     elif stop.torn == size:
         yield Finding(
-            path, offset, "half-written record at the end (torn; dropped at the next writer load)",
+            path,
+            offset,
+            "half-written record at the end (torn; dropped at the next writer load)",
             False,
         )
     elif stop.torn:

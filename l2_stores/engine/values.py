@@ -39,7 +39,7 @@ import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import filesystem
@@ -308,6 +308,15 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
     if not hasattr(ValuesTailBase, "append"):  # no accelerator: the Python appends
         append = _append_in_python
         append_entry = _append_entry_in_python
+
+    def append_entries(self, writes: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        """Append ``(key, value, header)`` records, not fsynced whatever ``fsync`` says (a
+        batch's: its journal holds them); the index entries pointing at them."""
+        fsync, self._fsync = self._fsync, False
+        try:
+            return [self.append_entry(key, value, header) for key, value, header in writes]
+        finally:
+            self._fsync = fsync
 
     def _reserve(self, needed: int) -> None:
         """Reserve the blocks up to ``RESERVE_STEP`` past ``needed``."""

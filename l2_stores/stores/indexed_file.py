@@ -493,8 +493,9 @@ class IndexedFileBase(Collectable):
         writes = _decode_part(data, self._key.size or 0, self._header.size or 0)
         target = self._values.target
         assert target is not None
+        entries = target.append_entries(writes)
         ops: list[tuple[bytes, bytes | None]] = [
-            (key, target.append_entry(key, value, header)) for key, value, header in writes
+            (key, entry) for (key, _, _), entry in zip(writes, entries, strict=True)
         ]
         return _PreparedAppends(self._engine.prepare_part(ops), self._cache, writes)
 
