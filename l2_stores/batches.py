@@ -66,8 +66,8 @@ class Member(Protocol):
     def _batch_fsync(self) -> bool:
         """Whether the store's writes are fsynced (its batches' commits are then)."""
 
-    def _needs_durable_journal(self) -> bool:
-        """Whether the journal record must be durable before the store takes its part."""
+    def _checkpoint(self) -> None:
+        """Make durable in the store's own files the parts only the journal holds."""
 
     def _take_part(self, data: bytes) -> None:
         """Take a committed part (encoded by the store's batch view), alone."""
@@ -97,9 +97,18 @@ class _Group:
         #: Held through a commit: parts get their ordinals and go to the stores in order.
         self.commit_lock = threading.Lock()
         self.members: dict[int, weakref.ref[Any]] = {}
+        #: The journal's rotations when the group last trimmed it.
+        self.trimmed_at = 0
         #: The durable parts of members, recorded when they close.
         self.durable: dict[int, int] = {}
         self.users = 0
+
+    def checkpoint(self) -> None:
+        """Have the members hold durably the parts only the journal holds (singletons)."""
+        for ref in list(self.members.values()):
+            store = ref()
+            if store is not None:
+                store._checkpoint()
 
     def durable_parts(self) -> dict[int, int]:
         """What each linked store known here holds durably (for ``Journal.trim``)."""
@@ -325,7 +334,7 @@ class Batch:
                 Part(store._batch.participant, store._part_count() + 1, view._encode_part())
                 for view, store in zip(writing, stores, strict=True)
             ]
-            fsync = any(store._batch_fsync() or store._needs_durable_journal() for store in stores)
+            fsync = any(store._batch_fsync() for store in stores)
             for store in stores:
                 store._before_exclusive()
             with contextlib.ExitStack() as sections:
@@ -333,8 +342,10 @@ class Batch:
                     sections.enter_context(store._waiter.force_idle())
                     store._check_open()
                 self._commit(group, stores, parts, fsync)
-            if len(group.journal.segments) > 1:
+            if group.journal.rotations != group.trimmed_at:  # a segment just ended
+                group.trimmed_at = group.journal.rotations
                 try:
+                    group.checkpoint()
                     group.journal.trim(group.durable_parts())
                 except OSError:
                     logger.warning("cannot trim the batch journal", exc_info=True)
@@ -437,6 +448,28 @@ def synced_together(stores: Sequence[Any]) -> None:
                         path=store.path,
                     )
             break
+
+
+def latest_part(
+    link_path: str, name: str, have: int, limit: int | None = None
+) -> tuple[int, bytes] | None:
+    """For a reader: the newest part (ordinal, bytes) the journal holds for the store whose
+    link is ``link_path``, if newer than ``have`` (and at most ``limit``)."""
+    link = read_link(link_path, name)
+    directory = link.journal_directory() if link is not None else None
+    if link is None or directory is None:
+        return None
+    newest = None
+    for record in read_records(directory):
+        for part in record.parts:
+            if (
+                part.participant == link.participant
+                and part.ordinal > have
+                and (limit is None or part.ordinal <= limit)
+                and (newest is None or part.ordinal > newest[0])
+            ):
+                newest = (part.ordinal, part.data)
+    return newest
 
 
 def _cut(records: Sequence[Record], visible: dict[int, int]) -> dict[int, int] | None:

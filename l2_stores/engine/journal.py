@@ -294,6 +294,8 @@ class Journal:
             if os.fstat(self._fd).st_size != last.end:  # a torn tail: cut it off
                 os.ftruncate(self._fd, last.end)
             filesystem.fsync(self._fd)  # what a kill left in the page cache: durable now
+        #: Segments started since the journal was opened (the batches trim after each).
+        self.rotations = 0
         #: Where the bytes known durable end in the last segment.
         self._synced_end = self._segments[-1].end
         self._synced_seq = self.last_seq
@@ -335,8 +337,10 @@ class Journal:
             if self._segments[-1].end >= SEGMENT_BYTES:
                 self._sync()  # the segment ends whole before the next
                 self._new_segment(self._segments[-1].number + 1)
+                self.rotations += 1
             segment = self._segments[-1]
             seq = self.last_seq + 1
+            parts = tuple(parts)
             data = encode_record(seq, parts, synced=self._synced_end == segment.end)
             try:
                 pwrite_all(self._fd, data, segment.end)
@@ -353,9 +357,7 @@ class Journal:
                 path=self.directory,
             ) from error
         segment.end += len(data)
-        decoded = decode_record(data, 0)
-        assert decoded is not None
-        segment.note(decoded[0])
+        segment.note(Record(seq, parts))
         self.last_seq = seq
         if fsync:
             self._synced_end, self._synced_seq = segment.end, seq

@@ -405,8 +405,8 @@ class EngineStore(Store):
     def _batch_fsync(self) -> bool:
         return self._fsync
 
-    def _needs_durable_journal(self) -> bool:
-        return False
+    def _checkpoint(self) -> None:
+        """Nothing: an engine store's parts are in its logs (the runs make them durable)."""
 
     def _before_exclusive(self) -> None:
         """Before a batch takes the store's exclusive section: wait for room, as writes do."""

@@ -23,10 +23,13 @@ file or the new one. ``delete`` unlinks the file, or, once the store has
 taken a batch's part, writes a DELETED file that keeps its count. The
 writer lock is ``<path>.lock``; the batch link ``<path>.batch``.
 
-A batch's part (``_take_part``) is written the same way without the
-directory's fsync; the batch fsyncs its journal record before any
-singleton renames its part into place, so the file never holds a part whose
-record a power loss can still take.
+A batch's part is not written to the file when it commits: the batch's
+journal record holds it, the store's memory takes it, and the file catches
+up at the next write, at a checkpoint (when the journal wants to drop a
+segment) and at close, after the journal is made durable (so the file never
+holds a part whose record a power loss can still take). A ``READ_WRITE``
+load takes the journal's parts the file lacks; a ``READ_ONLY`` load or sync
+reads them from the journal too.
 """
 
 from __future__ import annotations
@@ -88,8 +91,11 @@ class SingletonStore(Store):
         self._parts = 0
         self._durable_parts = 0
         self._batch: batches.Membership | None = None
-        #: A rename or unlink not made durable yet (``fsync=False``, a batch's part).
+        #: A rename or unlink not made durable yet (``fsync=False``).
         self._unsynced = False
+        #: What the file lacks: the encoded value (None: deleted) of the parts taken since
+        #: it was written, as a one-tuple; None when the file is up to date.
+        self._behind: tuple[bytes | None] | None = None
 
     @classmethod
     def load(
@@ -139,12 +145,17 @@ class SingletonStore(Store):
         size = self._value.size
         return VARIABLE_SIZE if size is None else size
 
-    def _read_file(self) -> Any | None:
+    def _read_file(self, parts_limit: int | None = None) -> Any | None:
         found = read_singleton_file(self.path, self.name)
         if found is None:
-            self._parts = 0
-            return None
-        value_size, encoded, self._parts = found
+            value_size, encoded, self._parts = self._value_size, None, 0
+        else:
+            value_size, encoded, self._parts = found
+        if self.mode is Mode.READ_ONLY:  # the parts the file lacks are in the journal
+            part = batches.latest_part(self._link_path(), self.name, self._parts, parts_limit)
+            if part is not None:
+                self._parts, data = part
+                encoded = data[1:] if data[:1] == _PART_WRITE else None
         if encoded is None:
             return None
         if value_size != self._value_size:
@@ -200,8 +211,14 @@ class SingletonStore(Store):
 
     def _replace(self, encoded: bytes | None, decoded: Any, parts: int, operation: str) -> None:
         """Put a new file in place: ``encoded`` (None: DELETED) with ``parts`` (exclusive)."""
+        if self._batch is not None and parts > self._durable_parts:
+            try:
+                self._batch.sync_journal()  # the file must not outlive the parts' records
+            except OSError as error:
+                raise self._write_error(operation, error) from error
         temporary = self._write_temporary(encoded, parts, operation)
         self._rename_into_place(temporary, decoded, parts, operation)
+        self._behind = None
 
     def _write_temporary(self, encoded: bytes | None, parts: int, operation: str) -> str:
         """Write the file of ``encoded`` (None: DELETED) with ``parts`` to ``.tmp``, fsynced."""
@@ -236,6 +253,14 @@ class SingletonStore(Store):
         self._parts = parts
         self._unsynced = True
 
+    def _checkpoint(self) -> None:
+        """Write the parts taken since the file was, durably (the journal may then drop them)."""
+        with self._waiter.force_idle():
+            if self._lifetime.closed or self._behind is None:
+                return
+            self._replace(self._behind[0], self._cache.value, self._parts, "checkpoint")
+            self._fsync_directory("checkpoint")
+
     def _write_error(self, operation: str, error: OSError) -> CannotWriteToStore:
         return CannotWriteToStore(f"cannot {operation}: {error}", name=self.name, path=self.path)
 
@@ -261,10 +286,6 @@ class SingletonStore(Store):
     def _batch_fsync(self) -> bool:
         return self._fsync
 
-    def _needs_durable_journal(self) -> bool:
-        """A part renamed into place must never outlive its journal record."""
-        return True
-
     def _join(self, membership: batches.Membership) -> None:
         self._batch = membership
 
@@ -280,14 +301,16 @@ class SingletonStore(Store):
         pass
 
     def _limit_parts(self, parts: int) -> bool:
-        return self._parts <= parts  # one file: its last part cannot be hidden
+        with self._waiter.force_idle():
+            self._check_open()
+            self._cache.value = self._read_file(parts)
+            return self._parts <= parts
 
-    def _prepare_part(self, data: bytes) -> _PreparedFile:
-        """Write the part's file (fsynced) beside the store's; renamed by ``finish``."""
+    def _prepare_part(self, data: bytes) -> _PreparedValue:
+        """The part's value, taken in memory by ``finish`` (the journal holds it)."""
         encoded = data[1:] if data[:1] == _PART_WRITE else None
         decoded = None if encoded is None else self._decode(self._value, encoded)
-        temporary = self._write_temporary(encoded, self._parts + 1, "take a batch's part")
-        return _PreparedFile(self, temporary, decoded)
+        return _PreparedValue(self, encoded, decoded)
 
     def _take_part(self, data: bytes) -> None:
         with self._waiter.force_idle():
@@ -302,6 +325,9 @@ class SingletonStore(Store):
 
     def _close_resources(self) -> None:
         try:
+            if self._behind is not None:
+                with contextlib.suppress(CannotWriteToStore):
+                    self._replace(self._behind[0], self._cache.value, self._parts, "close")
             if self._unsynced:  # a close makes every write durable, whatever fsync says
                 with contextlib.suppress(CannotWriteToStore):
                     self._fsync_directory("close")
@@ -368,23 +394,22 @@ def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
         yield Finding(path, error.offset or 0, error.reason.split(" (file ", 1)[0])
 
 
-class _PreparedFile:
-    """A singleton's part written to its ``.tmp`` file, not in place yet."""
+class _PreparedValue:
+    """A singleton's part, not taken yet."""
 
-    def __init__(self, store: SingletonStore, temporary: str, decoded: Any) -> None:
+    def __init__(self, store: SingletonStore, encoded: bytes | None, decoded: Any) -> None:
         self._store = store
-        self._temporary = temporary
+        self._encoded = encoded
         self._decoded = decoded
 
     def finish(self) -> None:
         store = self._store
-        store._rename_into_place(
-            self._temporary, self._decoded, store._parts + 1, "take a batch's part"
-        )
+        store._cache.value = self._decoded
+        store._parts += 1
+        store._behind = (self._encoded,)
 
     def cancel(self) -> None:
-        with contextlib.suppress(OSError):
-            filesystem.unlink(self._temporary)
+        pass
 
 
 class SingletonBatchView(batches.BatchView):
