@@ -34,9 +34,16 @@ class Snapshot:
         if readers:
             batches.synced_together(readers)
         self.closed = False
+        self._lifetimes: list[Any] = []
         with batches.no_commit_running(stores):
             #: One read-only view per store, in the order given.
             self.views: tuple[Any, ...] = tuple(store._snapshot_view(self) for store in stores)
+
+    def lifetime(self, store: Any) -> Any:
+        """A lifetime that ends with the snapshot or with ``store`` (for the views' C reads)."""
+        lifetime = store._lifetime.child()
+        self._lifetimes.append(lifetime)
+        return lifetime
 
     def check_open(self, store: Any) -> None:
         """Raise StoreClosedError once the snapshot (or ``store``) is closed."""
@@ -48,6 +55,8 @@ class Snapshot:
         """Let go of what the views hold; they raise StoreClosedError from now on."""
         self.closed = True
         self.views = ()
+        for lifetime in self._lifetimes:
+            lifetime.close()
 
     def __enter__(self) -> tuple[Any, ...]:
         return self.views

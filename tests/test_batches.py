@@ -791,3 +791,23 @@ def test_a_read_only_snapshot_hides_a_batch_its_writer_left_half_applied(
         assert list(levels_s.keys()) == [1, 2] and list(messages_s.keys()) == [1, 2]
     for store in (levels_r, messages_r, levels, messages):
         store.close()
+
+
+def test_a_snapshot_of_bytes_keys_reads_on_the_fast_path_and_closes(tmp_path: Path) -> None:
+    Hashes = make_indexable("hashes", construct.Bytes(32), construct.Bytes(32))
+    store = Hashes.load(tmp_path / "hashes", index_buffer_size=4)
+    for n in range(10):
+        store.add(value(n), value(n + 1))
+    snapshot = l2_stores.snapshot(store)
+    (view,) = snapshot.views
+    store.add(value(0), value(99))
+    assert view.find(value(0)) == value(1) and view.get(value(50)) is None
+    assert view[value(3)] == value(4) and value(3) in view and len(view) == 10
+    snapshot.close()
+    with pytest.raises(StoreClosedError):
+        view.find(value(0))
+    with l2_stores.snapshot(store) as (view,):
+        assert view.find(value(0)) == value(99)
+        store.close()
+        with pytest.raises(StoreClosedError):
+            view.find(value(0))

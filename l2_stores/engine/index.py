@@ -191,9 +191,13 @@ class EngineSnapshot:
         self._index = index
         self._logs = (active,) if frozen is None else (active, frozen)
         self._stack = stack
+        if AcceleratedLayers is not None:  # the index's C read path, on these dicts and runs
+            layers = AcceleratedLayers()
+            layers.set(active, frozen, stack.readers, stack.find if stack.runs else None)
+            self.get = layers.get  # type: ignore[method-assign,assignment]
 
     def get(self, key: bytes) -> bytes | None:
-        """The value bound to ``key`` then, or None."""
+        """The value bound to ``key`` then, or None (the C read path replaces it)."""
         for bindings in self._logs:
             value = bindings.get(key, _MISSING)
             if value is not _MISSING:

@@ -404,6 +404,17 @@ class IndexableSnapshotView:
         self._snapshot = snapshot
         self._store = store
         self._engine = engine
+        if store._bytes_key_size >= 0:  # the store's C fast path, on the snapshot
+            fast = task_read(
+                store._waiter,
+                snapshot.lifetime(store),
+                engine.get,
+                store._bytes_key_size,
+                store._value.decode if store._bytes_value_size < 0 else None,
+                MethodType(IndexableSnapshotView.find, weakref.proxy(self)),
+            )
+            if fast is not None:
+                self.find = fast  # type: ignore[method-assign]
 
     def _encoded_key(self, key: Any) -> bytes:
         store = self._store
@@ -414,11 +425,21 @@ class IndexableSnapshotView:
     def find(self, key: Any) -> Any | None:
         """The value bound to ``key`` then, or None."""
         store = self._store
-        encoded = self._encoded_key(key)
-        with store._waiter.task():
-            self._snapshot.check_open(store)
+        if type(key) is bytes and len(key) == store._bytes_key_size:
+            encoded = key
+        else:
+            encoded = store._encode(store._key, key)
+        waiter = store._waiter
+        waiter.enter_task()
+        try:
+            if self._snapshot.closed or store._lifetime.closed:
+                self._snapshot.check_open(store)
             raw = self._engine.get(encoded)
-        return None if raw is None else store._decode(store._value, raw)
+        finally:
+            waiter.exit_task()
+        if raw is None or store._bytes_value_size >= 0:
+            return raw
+        return store._decode(store._value, raw)
 
     def mem(self, key: Any) -> bool:
         """True when ``key`` was bound then."""
