@@ -1,10 +1,12 @@
 """The ``demo`` command: a small rollup node's storage, built from the library's factories.
 
 Blocks (a simple indexed file), the level -> hash map, the pending messages
-(removable) and the head (a singleton) are written block by block while
-reader threads look up recent blocks and background GCs keep the last
-``keep`` levels. Then every store is closed, reopened read-only and checked.
-Run again on the same directory, the demo resumes from the head.
+(removable) and the head (a singleton) are written block by block, each
+block in one atomic batch, while reader threads look up recent blocks
+through snapshots of the stores and background GCs keep the last ``keep``
+levels. Then every store is closed, reopened read-only and checked through
+one snapshot. Run again on the same directory, the demo resumes from the
+head.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import construct as c
 
+from .batches import batch
 from .errors import StoreError
 from .factories import (
     make_indexable,
@@ -31,6 +34,7 @@ from .factories import (
 from .gc import Chain, Retain
 from .mode import Mode
 from .progress import Progress
+from .snapshots import snapshot
 from .stores.indexable import IndexableStore
 from .stores.indexed_file import SimpleIndexedFile
 
@@ -190,16 +194,17 @@ class _Readers:
 
     def _lookup(self, level: int) -> str | None:
         hashed = block_hash(level)
-        header = self._blocks.header(hashed)
-        if header is None or header.level != level:
-            return f"header() gave {header}"
-        found = self._blocks.read(hashed)
-        if found is None or found[0].level != level:
-            return "read() gave no block or a wrong one"
-        if not self._blocks.mem(hashed):
-            return "mem() is False"
-        if self._levels.find(level) != hashed:
-            return "levels_to_hashes.find() disagrees"
+        with snapshot(self._blocks, self._levels) as (blocks, levels):  # one moment of both
+            header = blocks.header(hashed)
+            if header is None or header.level != level:
+                return f"header() gave {header}"
+            found = blocks.read(hashed)
+            if found is None or found[0].level != level:
+                return "read() gave no block or a wrong one"
+            if not blocks.mem(hashed):
+                return "mem() is False"
+            if levels.find(level) != hashed:
+                return "levels_to_hashes.find() disagrees"
         return None
 
     def stop(self) -> int:
@@ -320,12 +325,19 @@ def run(
                 for level in range(first, first + blocks):
                     hashed = block_hash(level)
                     block = {"level": level, "predecessor": predecessor, "payload": payload(level)}
-                    block_store.append(hashed, block)
-                    levels.add(level, hashed)
-                    pending.add(message_hash(level), level)
-                    if level >= MESSAGE_DELAY:
-                        pending.remove(message_hash(level - MESSAGE_DELAY))
-                    head.write({"level": level, "hash": hashed})
+                    # One atomic step: a crash leaves all four writes or none.
+                    with batch(block_store, levels, pending, head) as (
+                        block_b,
+                        levels_b,
+                        pending_b,
+                        head_b,
+                    ):
+                        block_b.append(hashed, block)
+                        levels_b.add(level, hashed)
+                        pending_b.add(message_hash(level), level)
+                        if level >= MESSAGE_DELAY:
+                            pending_b.remove(message_hash(level - MESSAGE_DELAY))
+                        head_b.write({"level": level, "hash": hashed})
                     lookers.head, predecessor = level, hashed
                     if (level - first + 1) % gc_every == 0:
                         gc.due(level)
@@ -373,10 +385,16 @@ def verify(
     """
     head_path, blocks_path, levels_path, pending_path = _store_paths(directory)
     with (
-        HeadStore.load(head_path, Mode.READ_ONLY) as head,
-        Blocks.load(blocks_path, Mode.READ_ONLY) as block_store,
-        LevelsToHashes.load(levels_path, Mode.READ_ONLY) as levels,
-        PendingMessages.load(pending_path, Mode.READ_ONLY) as pending,
+        HeadStore.load(head_path, Mode.READ_ONLY) as head_store,
+        Blocks.load(blocks_path, Mode.READ_ONLY) as blocks_store,
+        LevelsToHashes.load(levels_path, Mode.READ_ONLY) as levels_store,
+        PendingMessages.load(pending_path, Mode.READ_ONLY) as pending_store,
+        snapshot(head_store, blocks_store, levels_store, pending_store) as (
+            head,
+            block_store,
+            levels,
+            pending,
+        ),
     ):
         current = head.read()
         if current is None:

@@ -130,5 +130,8 @@ def test_a_corrupted_store_fails_verification(tmp_path: Path, corrupt: Any, reas
 def test_a_missing_head_fails_verification(tmp_path: Path) -> None:
     assert _run(tmp_path, 50, readers=0).verified
     os.remove(tmp_path / "head")
+    # its batch journal still holds the head's last parts: a reader would find it there
+    assert demo.verify(str(tmp_path), 49, 50)[0] is None
+    os.remove(tmp_path / "head.batch")
     report = demo.verify(str(tmp_path), 49, 50)
     assert report == ("there is no head", None)
