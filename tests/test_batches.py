@@ -373,32 +373,8 @@ def test_random_batches_match_a_dict(tmp_path: Path, seed: int) -> None:
 
 
 def check_batches(directory: Path, acked: int, with_head: bool = True) -> int:
-    """Every batch whole or absent, in commit order, each acknowledged one there; the
-    number of batches found."""
-    stores = batch_writer.load(str(directory), 10_000, False, with_head)
-    levels, blocks, messages, *heads = stores
-    try:
-        found = max(levels.keys(reverse=True), default=0)
-        assert found >= acked
-        assert list(levels.keys()) == list(range(1, found + 1))
-        for n in range(1, found + 1):
-            assert levels.find(n) == batch_writer.level_hash(n)
-            assert blocks.read(batch_writer.level_hash(n)) == (batch_writer.block(n), n)
-        assert blocks.read(batch_writer.level_hash(found + 1)) is None
-        assert len(blocks) == found
-        assert dict(messages.items()) == {
-            n: batch_writer.message(n) for n in range(max(1, found - 2), found + 1)
-        }
-        for head in heads:
-            written = head.read()
-            if found:
-                assert (written.level, written.hash) == (found, batch_writer.level_hash(found))
-            else:
-                assert written is None
-    finally:
-        for store in stores:
-            store.close()
-    return found
+    """``batch_writer.check``: every batch whole or absent, in order, the acked ones there."""
+    return batch_writer.check(str(directory), acked, with_head)
 
 
 @pytest.mark.parametrize("fsync", [False, True])

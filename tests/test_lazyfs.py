@@ -326,3 +326,35 @@ def test_power_loss_on_lazyfs(tmp_path: Path, kind: str, fsync: bool, fault: str
             passed += 1
     detail = f" ({fired} with the fault fired, the rest a crash)" if fault != "clear-cache" else ""
     print(f"\nlazyfs {kind} fsync={fsync} {fault}: {passed} rounds passed{detail}")
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "fsync"])
+def test_batches_on_lazyfs(tmp_path: Path, fsync: bool) -> None:
+    """A child commits blocks as batches over four stores, is killed at a random moment,
+    LazyFS drops what was not fsynced; remounted, every batch is whole or absent, in
+    order, and with fsync every acknowledged one is there."""
+    from helpers import batch_writer
+    from helpers.child import Child
+
+    rng = random.Random(f"lazyfs batches {fsync}")
+    acked = 0
+    with lazyfs() as fs:
+        for number in range(ROUNDS):
+            args = [fs.mount, number, rng.choice([8, 50, 1000]), 2000, "none"]
+            child = Child(
+                HELPERS / "batch_writer.py",
+                [*args, *(["fsync"] if fsync else [])],
+                tmp_path / f"stderr{number}",
+            )
+            child.wait_for(lambda c=child: "ready" in c.lines)
+            wanted = rng.randrange(1, 150)
+            child.wait_for(lambda c=child, w=wanted: c.acks >= w or c.eof)
+            child.kill()
+            assert "Traceback" not in child.stderr(), child.stderr()
+            acks = [int(line.split()[1]) for line in child.lines if line.startswith("ack ")]
+            fs.clear_cache()
+            fs.stop()
+            fs.start()
+            found = batch_writer.check(str(fs.mount), max(acks, default=0) if fsync else 0)
+            acked = max(acked, found)
+    print(f"\nlazyfs batches fsync={fsync}: {ROUNDS} rounds passed, {acked} batches at most")

@@ -58,6 +58,35 @@ def load(directory: str, buffer: int, fsync: bool, head: bool = True) -> tuple:
     return stores
 
 
+def check(directory: str, acked: int, with_head: bool = True) -> int:
+    """Load the stores and check that every batch is whole or absent, in commit order,
+    each of the first ``acked`` there; return the number of batches found."""
+    stores = load(directory, 10_000, False, with_head)
+    levels, blocks, messages, *heads = stores
+    try:
+        found = max(levels.keys(reverse=True), default=0)
+        assert found >= acked, (found, acked)
+        assert list(levels.keys()) == list(range(1, found + 1))
+        for n in range(1, found + 1):
+            assert levels.find(n) == level_hash(n)
+            assert blocks.read(level_hash(n)) == (block(n), n)
+        assert blocks.read(level_hash(found + 1)) is None
+        assert len(blocks) == found
+        assert dict(messages.items()) == {
+            n: message(n) for n in range(max(1, found - 2), found + 1)
+        }
+        for head in heads:
+            written = head.read()
+            if found:
+                assert (written.level, written.hash) == (found, level_hash(found))
+            else:
+                assert written is None
+    finally:
+        for store in stores:
+            store.close()
+    return found
+
+
 def commit_block(batch: l2_stores.Batch, n: int) -> None:
     """Write block ``n`` in ``batch`` (over the stores of ``load``) and commit it."""
     levels_b, blocks_b, messages_b, *head_b = batch.views
