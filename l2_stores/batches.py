@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .engine.hooks import Hooks
-from .engine.journal import Journal, Link, Part, Record, read_link, read_records, write_link
+from .engine.journal import Journal, Link, Part, read_link, read_records, write_link
 from .errors import (
     CannotLoadStore,
     CannotReadFromStore,
@@ -403,9 +403,9 @@ class Batch:
             return group
 
 
-#: How long a READ_ONLY snapshot waits for a writer to finish a commit it sees half of,
-#: before it hides the commit's parts from the stores that have them.
-SETTLE_SECONDS = 0.5
+#: How long a READ_ONLY snapshot tries to cut its stores at a batch, when the parts to
+#: hide keep being merged into runs, before it gives up.
+SETTLE_SECONDS = 1.0
 
 
 def synced_together(stores: Sequence[Any]) -> None:
@@ -422,32 +422,64 @@ def synced_together(stores: Sequence[Any]) -> None:
     for directory, members in by_journal.items():
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
-            records = read_records(directory)  # after the syncs: it holds what they saw
-            allowed = _cut(
-                records, {link.participant: store._part_count() for store, link in members}
-            )
-            if allowed is None:
+            lagging = _cut_at_a_batch(directory, members)
+            if not lagging:
                 break
-            if time.monotonic() < deadline:
-                time.sleep(0.001)  # a writer in its commit: its next parts come at once
-                for store, _ in members:
-                    store.sync()
-                continue
-            for store, link in members:
-                limit = allowed.get(link.participant)
-                if (
-                    limit is not None
-                    and store._part_count() > limit
-                    and not store._limit_parts(limit)
-                ):
-                    raise CannotReadFromStore(
-                        f"a batch is half applied (part {limit + 1} of this store, the "
-                        "writer stopped in its commit) and merged: a READ_WRITE load "
-                        "completes it",
-                        name=store.name,
-                        path=store.path,
-                    )
-            break
+            if time.monotonic() > deadline:
+                raise CannotReadFromStore(
+                    "a batch stays half applied in these stores (the writer stopped in "
+                    "its commit) and cannot be hidden (merged): a READ_WRITE load "
+                    "completes it",
+                    name=lagging[0].name,
+                    path=lagging[0].path,
+                )
+            for store in lagging:
+                store.sync()
+
+
+def _cut_at_a_batch(directory: str, members: list[tuple[Any, Link]]) -> list[Any]:
+    """End every store of ``members`` at the newest batch all of them show whole; the
+    stores to sync again before trying again (none: done).
+
+    A part in a run cannot be hidden: when a store holds in its runs a batch that
+    another store does not show yet (it was synced earlier), that other store lags,
+    and is synced again (the writer applied the batch's parts right after its record).
+    """
+    records = read_records(directory)  # after the syncs: it holds every part they show
+    ordinals: dict[int, dict[int, int]] = {link.participant: {} for _, link in members}
+    for record in records:
+        for part in record.parts:
+            if part.participant in ordinals:
+                ordinals[part.participant][part.ordinal] = record.seq
+    shown = {link.participant: store._part_count() for store, link in members}
+    missing = [
+        seq
+        for participant, seqs in ordinals.items()
+        for ordinal, seq in seqs.items()
+        if ordinal > shown[participant]
+    ]
+    if not missing:
+        return []  # every store shows every batch of the journal
+    cut = min(missing) - 1  # the newest batch every store shows whole
+    in_runs = max(
+        ordinals[link.participant].get(store._durable_part_count(), 0) for store, link in members
+    )
+    if in_runs > cut:  # the stores that do not show a batch another holds in a run
+        return [
+            store
+            for store, link in members
+            if any(
+                seq <= in_runs and ordinal > shown[link.participant]
+                for ordinal, seq in ordinals[link.participant].items()
+            )
+        ]
+    for store, link in members:
+        seqs = ordinals[link.participant]
+        older = min(seqs, default=shown[link.participant] + 1) - 1  # before the journal's
+        limit = max((ordinal for ordinal, seq in seqs.items() if seq <= cut), default=older)
+        if shown[link.participant] > limit and not store._limit_parts(limit):
+            return [store]  # merged meanwhile: read it again
+    return []
 
 
 def latest_part(
@@ -470,31 +502,6 @@ def latest_part(
             ):
                 newest = (part.ordinal, part.data)
     return newest
-
-
-def _cut(records: Sequence[Record], visible: dict[int, int]) -> dict[int, int] | None:
-    """Where the stores (participant -> parts they show) must end for every batch to be
-    whole in all of them or in none; None when they are so already."""
-    first_missing = None
-    for record in records:
-        if any(
-            part.participant in visible and visible[part.participant] < part.ordinal
-            for part in record.parts
-        ):
-            first_missing = record.seq
-            break
-    if first_missing is None:
-        return None
-    allowed: dict[int, int] = {}
-    for record in records:
-        if record.seq < first_missing:
-            continue
-        for part in record.parts:
-            if part.participant in visible and part.participant not in allowed:
-                allowed[part.participant] = part.ordinal - 1
-    if all(visible[participant] <= limit for participant, limit in allowed.items()):
-        return None  # the first batch not whole shows nowhere: a boundary already
-    return allowed
 
 
 @contextlib.contextmanager

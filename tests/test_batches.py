@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import construct
@@ -787,3 +788,32 @@ def test_a_snapshot_of_bytes_keys_reads_on_the_fast_path_and_closes(tmp_path: Pa
         store.close()
         with pytest.raises(StoreClosedError):
             view.find(value(0))
+
+
+def test_a_read_only_process_never_sees_part_of_a_batch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A writer much faster than the reader's syncs, merging every few blocks, moves the
+    # parts a reader must hide into runs before the reader is done: the reader then
+    # gives up (see the design's "Batches"). Here: a merge every 600 blocks or so, a block
+    # every millisecond: a node's pace, and more.
+    writer = batch_writer.load(str(tmp_path), 2000, False)
+    batch_writer.commit_block(l2_stores.batch(*writer), 1)
+    reader = subprocess.Popen(
+        [sys.executable, str(HELPERS / "batch_reader.py"), str(tmp_path), "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    n = 1
+    while reader.poll() is None and n < 3000:
+        n += 1
+        batch_writer.commit_block(l2_stores.batch(*writer), n)
+        time.sleep(0.001)
+    out, err = reader.communicate(timeout=60)
+    for store in writer:
+        store.close()
+    words = out.split()
+    assert words[:1] == ["ok"], out + err
+    assert int(words[2]) > 1  # it saw the head move

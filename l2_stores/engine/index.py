@@ -575,15 +575,18 @@ class Index:
             self.before_durable()
 
     def limit_parts(self, parts: int) -> bool:
-        """Read-only: load again, the logs ending before the part after ``parts`` (a
-        snapshot's cut at a batch); False when a run holds that part (it cannot be cut)."""
+        """Read-only: show the store as of its last sync with its logs ending before the
+        part after ``parts`` (a snapshot's cut at a batch); False when a run holds that
+        part, or the writer merged the log meanwhile (it cannot be cut)."""
         assert self._readonly
-        self._load_readonly()
         if self._parts <= parts:
             return True
         if self._stack.parts > parts or not self._scans:
             return False
-        scans, _ = self._cut_parts(self._scans, lambda ordinal, _: ordinal <= parts, False)
+        try:  # the logs of the last sync, read again up to the part
+            scans, _ = self._cut_parts(self._scans, lambda ordinal, _: ordinal <= parts, False)
+        except FileNotFoundError:
+            return False  # merged into a run meanwhile
         self._active = scans[-1].bindings if scans else {}
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._parts = self._stack.parts + sum(scan.parts for scan in scans)

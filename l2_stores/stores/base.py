@@ -366,9 +366,7 @@ class EngineStore(Store):
     def _limit_parts(self, parts: int) -> bool:
         with self._waiter.force_idle():
             self._check_open()
-            limited = self._engine.limit_parts(parts)
-            self._after_sync()
-            return limited
+            return self._engine.limit_parts(parts)
 
     def _catch_up(self, membership: batches.Membership | None) -> None:
         """After the load: take the journal's parts the store lacks, then belong to it."""

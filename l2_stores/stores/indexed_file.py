@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self
 from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine.accel import AcceleratedIndexedAppend
-from ..engine.files import stored_generation
+from ..engine.files import index_header, stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
 from ..engine.interface import Prepared
@@ -463,6 +463,18 @@ class IndexedFileBase(Collectable):
                 break
             engine.sync()
         self._cache.clear()
+
+    def _limit_parts(self, parts: int) -> bool:
+        engine = self._engine
+        with self._waiter.force_idle():
+            self._check_open()
+            if not engine.limit_parts(parts):
+                return False
+            self._values.refresh(engine.tag)
+            self._cache.clear()
+            # a GC since may have deleted values the cut index points at: read again
+            header = index_header(os.path.join(self.path, INDEX_DIRECTORY), self.name)
+            return header is None or header.tag == engine.tag
 
     def _close_resources(self, durable: bool = True) -> None:
         try:

@@ -152,6 +152,7 @@ class SingletonStore(Store):
         else:
             value_size, encoded, self._parts = found
         if self.mode is Mode.READ_ONLY:  # the parts the file lacks are in the journal
+            self._durable_parts = self._parts
             part = batches.latest_part(self._link_path(), self.name, self._parts, parts_limit)
             if part is not None:
                 self._parts, data = part
