@@ -35,6 +35,7 @@ from .errors import (
     CannotWriteToStore,
     StoreClosedError,
     StoreError,
+    StoreLockedError,
 )
 
 logger = logging.getLogger("l2_stores.batches")
@@ -134,19 +135,33 @@ def _open_group(directory: str, *, create: bool) -> _Group:
         return group
 
 
+def _open_free_group(parent: str) -> _Group:
+    """A journal in ``parent`` for stores that have none: ``l2_stores.journal``, or, when
+    another process holds that one, the first of ``l2_stores.journal.2``, ... it can."""
+    for number in range(1, 100):
+        name = JOURNAL_DIRECTORY if number == 1 else f"{JOURNAL_DIRECTORY}.{number}"
+        try:
+            return _open_group(os.path.join(parent, name), create=True)
+        except StoreLockedError:
+            continue
+    raise StoreLockedError("every batch journal here is held by another process", path=parent)
+
+
 def _release_group(group: _Group) -> None:
-    with _groups_lock:
+    with _groups_lock:  # held to the close: a load meanwhile waits, then opens it again
         group.users -= 1
         if group.users > 0:
             return
         for key, open_group in list(_groups.items()):
             if open_group is group:
                 del _groups[key]
-    try:
-        group.journal.trim(group.durable_parts())
-    except OSError:
-        logger.warning("cannot trim the batch journal %s", group.journal.directory, exc_info=True)
-    group.journal.close()
+        try:
+            group.journal.trim(group.durable_parts())
+        except OSError:
+            logger.warning(
+                "cannot trim the batch journal %s", group.journal.directory, exc_info=True
+            )
+        group.journal.close()
 
 
 class Membership:
@@ -155,6 +170,9 @@ class Membership:
     def __init__(self, group: _Group, link: Link, known: dict[int, bytes]) -> None:
         self.group = group
         self.link = link
+        #: The store could not take the part of a committed batch: until it is loaded
+        #: again (and takes it from the journal), it takes no batch.
+        self.missed = False
         self._known: dict[int, bytes] | None = known
 
     @property
@@ -344,10 +362,10 @@ class Batch:
                 self._commit(group, stores, parts, fsync)
             if group.journal.rotations != group.trimmed_at:  # a segment just ended
                 group.trimmed_at = group.journal.rotations
-                try:
+                try:  # the batch is committed: what follows only frees space
                     group.checkpoint()
                     group.journal.trim(group.durable_parts())
-                except OSError:
+                except (OSError, StoreError):
                     logger.warning("cannot trim the batch journal", exc_info=True)
 
     def _commit(
@@ -369,25 +387,52 @@ class Batch:
             raise
         self._state = "committed"
         self.hooks.run("journal_written")
+        failed: tuple[Any, BaseException] | None = None
         for store, written in zip(stores, prepared, strict=True):
             try:
                 written.finish()
-            except (OSError, StoreError) as error:  # its next load takes it from the journal
-                raise CannotWriteToStore(
-                    f"the batch committed, but the store could not take its part now "
-                    f"({error}); its next load will",
-                    name=store.name,
-                    path=store.path,
-                ) from error
+            except (OSError, StoreError) as error:
+                # Committed: the store's next load takes the part from the journal. Until
+                # then its part count lags the journal's, so it takes no other batch.
+                store._batch.missed = True
+                failed = failed or (store, error)
+                continue
             self.hooks.run("part_taken")
+        if failed is not None:
+            missed, cause = failed
+            raise CannotWriteToStore(
+                f"the batch is committed, but the store could not take its part now "
+                f"({cause}): load it again to take it (it refuses batches until then)",
+                name=missed.name,
+                path=missed.path,
+            ) from cause
 
     def _link(self, stores: Sequence[Any]) -> _Group:
         """The group of the batch's journal, every store linked to it (once, durably)."""
         with _groups_lock:
-            group = next((store._batch.group for store in stores if store._batch), None)
+            groups = {
+                id(store._batch.group): store._batch.group for store in stores if store._batch
+            }
+            if len(groups) > 1:  # a batch committed meanwhile linked one of them elsewhere
+                raise ValueError(
+                    "stores linked to different batch journals cannot share a batch: "
+                    + ", ".join(
+                        f"{store.name} ({store._batch.group.journal.directory})"
+                        for store in stores
+                        if store._batch is not None
+                    )
+                )
+            for store in stores:
+                if store._batch is not None and store._batch.missed:
+                    raise CannotWriteToStore(
+                        "the store missed the part of a committed batch: load it again",
+                        name=store.name,
+                        path=store.path,
+                    )
+            group = next(iter(groups.values()), None)
             if group is None:
                 parent = os.path.commonpath([_place(store) for store in stores])
-                group = _open_group(os.path.join(parent, JOURNAL_DIRECTORY), create=True)
+                group = _open_free_group(parent)
             else:
                 group.users += 1
             try:
@@ -452,6 +497,14 @@ def _cut_at_a_batch(directory: str, members: list[tuple[Any, Link]]) -> list[Any
             if part.participant in ordinals:
                 ordinals[part.participant][part.ordinal] = record.seq
     shown = {link.participant: store._part_count() for store, link in members}
+    behind = [  # synced before the journal dropped records of parts it does not show
+        store
+        for store, link in members
+        if ordinals[link.participant]
+        and shown[link.participant] < min(ordinals[link.participant]) - 1
+    ]
+    if behind:
+        return behind
     missing = [
         seq
         for participant, seqs in ordinals.items()

@@ -817,3 +817,89 @@ def test_a_read_only_process_never_sees_part_of_a_batch(tmp_path: Path) -> None:
     words = out.split()
     assert words[:1] == ["ok"], out + err
     assert int(words[2]) > 1  # it saw the head move
+
+
+def test_a_batch_refuses_stores_linked_to_different_journals_at_commit(tmp_path: Path) -> None:
+    a = Levels.load(tmp_path / "one" / "a")
+    b = Levels.load(tmp_path / "two" / "b")
+    c = Levels.load(tmp_path / "three" / "c")
+    with l2_stores.batch(a) as (view,):
+        view.add(1, value(1))  # a: the journal of one/
+    with l2_stores.batch(c) as (view,):
+        view.add(1, value(1))  # c: the journal of three/
+    first = l2_stores.batch(a, b)  # b has no journal yet
+    first.views[0].add(2, value(2))
+    first.views[1].add(2, value(2))
+    with l2_stores.batch(b, c) as (b_view, c_view):  # links b to c's journal
+        b_view.add(3, value(3))
+        c_view.add(3, value(3))
+    with pytest.raises(ValueError, match="different batch journals"):
+        first.commit()
+    assert 2 not in a and 2 not in b
+    for store in (a, b, c):
+        store.close()
+
+
+def test_a_store_that_missed_its_part_refuses_batches_until_loaded_again(
+    tmp_path: Path,
+) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(1, value(1))
+    batch.views[1].add(1, b"message1")
+    log = levels._engine._log
+    saved = [log._fd]
+
+    def break_the_log() -> None:  # the end record's write fails (EBADF), as an EIO would
+        saved.append(os.open(os.devnull, os.O_RDONLY))
+        log._fd = saved[-1]
+
+    batch.hooks.add("journal_written", break_the_log)
+    with pytest.raises(l2_stores.CannotWriteToStore, match="load it again"):
+        batch.commit()
+    log._fd = saved[0]
+    os.close(saved[1])
+    assert messages.find(1) == b"message1"  # the other store took its part
+    assert levels.find(1) is None
+    with (
+        pytest.raises(l2_stores.CannotWriteToStore, match="load it again"),
+        l2_stores.batch(levels, messages) as views,
+    ):
+        views[0].add(2, value(2))
+        views[1].add(2, b"message2")
+    assert 2 not in messages
+    levels.close()
+    levels = Levels.load(tmp_path / "levels")  # takes the part from the journal
+    assert levels.find(1) == value(1)
+    with l2_stores.batch(levels, messages) as (levels_b, messages_b):
+        levels_b.add(3, value(3))
+        messages_b.add(3, b"message3")
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    assert list(levels.keys()) == [1, 3] and levels._part_count() == 2
+    levels.close()
+
+
+def test_two_processes_batch_their_own_stores_in_one_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    a, b = Levels.load(tmp_path / "a"), Levels.load(tmp_path / "b")
+    with l2_stores.batch(a, b) as (a_view, b_view):
+        a_view.add(1, value(1))
+        b_view.add(1, value(1))
+    child = f"""
+import construct, l2_stores
+Levels = l2_stores.make_indexable("levels", construct.Int16ub, construct.Bytes(4))
+c, d = Levels.load({str(tmp_path / "c")!r}), Levels.load({str(tmp_path / "d")!r})
+with l2_stores.batch(c, d) as (c_view, d_view):
+    c_view.add(1, b"cccc")
+    d_view.add(1, b"dddd")
+print(c._batch.group.journal.directory)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / f"{JOURNAL_DIRECTORY}.2"), out.stderr
+    a.close()
+    b.close()

@@ -406,8 +406,11 @@ class Journal:
     def records(self) -> Iterator[Record]:
         """The records, in order, as the segments hold them now."""
         for segment in list(self._segments):
-            with open(segment.path, "rb") as file:
-                data = file.read(segment.end)
+            try:
+                with open(segment.path, "rb") as file:
+                    data = file.read(segment.end)
+            except FileNotFoundError:
+                continue  # trimmed meanwhile: every part in it is in its store
             at = HEADER_SIZE
             while at < segment.end and (decoded := decode_record(data, at)) is not None:
                 record, at, _ = decoded

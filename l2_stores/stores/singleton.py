@@ -90,6 +90,8 @@ class SingletonStore(Store):
         #: The batch parts taken, and those a power loss can no longer take.
         self._parts = 0
         self._durable_parts = 0
+        #: The parts the file holds (it may lag: a batch's part is taken in memory).
+        self._file_parts = 0
         self._batch: batches.Membership | None = None
         #: A rename or unlink not made durable yet (``fsync=False``).
         self._unsynced = False
@@ -126,11 +128,14 @@ class SingletonStore(Store):
             if mode is Mode.READ_WRITE:
                 membership = batches.attach(store._link_path(), cls.name, store.path)
             store._cache.value = store._read_file()
-            store._durable_parts = store._parts
+            store._file_parts = store._parts
             if mode is Mode.READ_WRITE:  # a write cut short by a crash
                 with contextlib.suppress(FileNotFoundError):
                     filesystem.unlink(store.path + ".tmp")
             if membership is not None:
+                # The file's name may not be durable (an fsync=False write, then a kill):
+                # it is now, before the journal may drop the parts the file holds.
+                store._fsync_directory("load")
                 membership.catch_up(store)
                 store._join(membership)
         except BaseException:
@@ -251,7 +256,7 @@ class SingletonStore(Store):
                 filesystem.unlink(temporary)
             raise self._write_error(operation, error) from error
         self._cache.value = decoded  # the file is in place
-        self._parts = parts
+        self._parts = self._file_parts = parts
         self._unsynced = True
 
     def _checkpoint(self) -> None:
@@ -270,7 +275,7 @@ class SingletonStore(Store):
             filesystem.fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except OSError as error:
             raise self._write_error(f"make the {operation} durable", error) from error
-        self._durable_parts = self._parts
+        self._durable_parts = self._file_parts
         self._unsynced = False
 
     # -- batches (see ``batches``)
