@@ -282,7 +282,6 @@ SCENARIOS = [
     for kind in ("indexable", "removable", "indexed", "singleton")
     for fsync in (False, True)
     for fault in ("clear-cache", "torn-seq", "torn-op")
-    if not (kind == "singleton" and not fsync)
 ]
 
 
