@@ -213,7 +213,44 @@ class Store:
             raise self._decoding_error(error) from error
 
 
-class EngineStore(Store):
+class MappingReads:
+    """The mapping protocol (``iter``, ``in``, ``[]``, ``get``) on a kind's own reads: a
+    store's, or a batch's or a snapshot's view of one."""
+
+    def mem(self, key: Any) -> bool:
+        """True when ``key`` is bound."""
+        raise NotImplementedError
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys bound now with ``start <= key < stop`` (None: open), in key order."""
+        raise NotImplementedError
+
+    def _point_read(self, key: Any) -> Any:
+        """What ``store[key]`` answers (the kind's ``find`` or ``read``), None when unbound."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        """The keys, in key order."""
+        return self.keys()
+
+    def __contains__(self, key: Any) -> bool:
+        """``mem``."""
+        return self.mem(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        """The kind's ``find`` (indexed files: ``read``); KeyError when ``key`` is not bound."""
+        found = self._point_read(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The kind's ``find`` (indexed files: ``read``), or ``default`` when not bound."""
+        found = self._point_read(key)
+        return default if found is None else found
+
+
+class EngineStore(Store, MappingReads):
     """A store kept in an engine (see ``engine.interface``): flush, sync, snapshots."""
 
     _engine: Engine
@@ -301,40 +338,6 @@ class EngineStore(Store):
     def __bool__(self) -> bool:
         """Always true, as any open or closed store object: ``len(store)`` tells if it is empty."""
         return True
-
-    # -- the mapping protocol, on each kind's own reads
-
-    def mem(self, key: Any) -> bool:
-        """True when ``key`` is bound."""
-        raise NotImplementedError
-
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
-        """The keys bound now with ``start <= key < stop`` (None: open), in key order."""
-        raise NotImplementedError
-
-    def _point_read(self, key: Any) -> Any:
-        """What ``store[key]`` answers (the kind's ``find`` or ``read``), None when unbound."""
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[Any]:
-        """The keys, in key order."""
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        """``mem``."""
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        """The kind's ``find`` (indexed files: ``read``); KeyError when ``key`` is not bound."""
-        found = self._point_read(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """The kind's ``find`` (indexed files: ``read``), or ``default`` when not bound."""
-        found = self._point_read(key)
-        return default if found is None else found
 
     def _mem_nowait(self, key: Any) -> bool | WouldBlock:
         encoded = self._encode(self._key, key)

@@ -19,7 +19,7 @@ from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError, ReadOnlyError
 from ..idle_waiter import task_read
 from ..mode import Mode
-from .base import WOULD_BLOCK, WouldBlock
+from .base import WOULD_BLOCK, MappingReads, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
@@ -295,7 +295,7 @@ class IndexableRemovableStore(IndexableStore):
         return self._exclusive_nowait(engine.can_put_at_once, remove)
 
 
-class IndexableBatchView(batches.BatchView):
+class IndexableBatchView(batches.BatchView, MappingReads):
     """An indexable store inside a batch: its writes held by the batch, its reads the
     store's as committed at the moment of the read with the batch's writes over them."""
 
@@ -359,22 +359,8 @@ class IndexableBatchView(batches.BatchView):
         """The ``(key, value)`` pairs, as ``keys``."""
         return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
 
-    def __iter__(self) -> Iterator[Any]:
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        found = self.find(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``find``, or ``default`` when not bound."""
-        found = self.find(key)
-        return default if found is None else found
+    def _point_read(self, key: Any) -> Any:
+        return self.find(key)
 
     def __len__(self) -> int:
         """The exact number of bindings, the batch's writes counted."""
@@ -395,7 +381,7 @@ class IndexableRemovableBatchView(IndexableBatchView):
         self._writes[self._encoded_key(key)] = None
 
 
-class IndexableSnapshotView:
+class IndexableSnapshotView(MappingReads):
     """An indexable store as it was when a snapshot was taken: every read, no write."""
 
     def __init__(
@@ -474,22 +460,8 @@ class IndexableSnapshotView:
             self._snapshot.check_open(self._store)
             return self._engine.live_count()
 
-    def __iter__(self) -> Iterator[Any]:
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        found = self.find(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``find``, or ``default`` when not bound."""
-        found = self.find(key)
-        return default if found is None else found
+    def _point_read(self, key: Any) -> Any:
+        return self.find(key)
 
     def _refuse(self, *_: Any, **__: Any) -> None:
         store = self._store

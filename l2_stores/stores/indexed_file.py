@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..idle_waiter import exclusive_write
 from ..mode import Mode
-from .base import WOULD_BLOCK, WouldBlock
+from .base import WOULD_BLOCK, MappingReads, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 from .lru import Cache, lru_cache
@@ -639,7 +639,7 @@ class SimpleIndexedFile(IndexedFileBase):
         self._append(key, value, type(self).header_of(value), flush=flush)
 
 
-class IndexedFileBatchView(batches.BatchView):
+class IndexedFileBatchView(batches.BatchView, MappingReads):
     """An indexed file inside a batch: its appends held by the batch, its reads the
     store's as committed at the moment of the read with the batch's appends over them."""
 
@@ -730,22 +730,8 @@ class IndexedFileBatchView(batches.BatchView):
                 (store._decode(store._value, value), store._decode(store._header, header)),
             )
 
-    def __iter__(self) -> Iterator[Any]:
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        found = self.read(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``read``, or ``default`` when ``key`` has no value."""
-        found = self.read(key)
-        return default if found is None else found
+    def _point_read(self, key: Any) -> Any:
+        return self.read(key)
 
     def __len__(self) -> int:
         """The exact number of keys with a value, the batch's appends counted."""
@@ -754,7 +740,7 @@ class IndexedFileBatchView(batches.BatchView):
         return len(store) + sum(not store._has_encoded(key) for key in list(self._writes))
 
 
-class IndexedFileSnapshotView:
+class IndexedFileSnapshotView(MappingReads):
     """An indexed file as it was when a snapshot was taken: every read, no write. It
     pins the values files of that moment (readable even after a GC deleted them)."""
 
@@ -832,22 +818,8 @@ class IndexedFileSnapshotView:
             self._snapshot.check_open(self._store)
             return self._engine.live_count()
 
-    def __iter__(self) -> Iterator[Any]:
-        return self.keys()
-
-    def __contains__(self, key: Any) -> bool:
-        return self.mem(key)
-
-    def __getitem__(self, key: Any) -> Any:
-        found = self.read(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``read``, or ``default`` when ``key`` had no value."""
-        found = self.read(key)
-        return default if found is None else found
+    def _point_read(self, key: Any) -> Any:
+        return self.read(key)
 
     def _refuse(self, *_: Any, **__: Any) -> None:
         store = self._store

@@ -231,8 +231,7 @@ class SingletonStore(Store):
         flags = DELETED if encoded is None else 0
         body = b"" if encoded is None else encoded
         record = with_crc(
-            _HEADER.pack(MAGIC, SINGLETON_VERSION, flags, self._value_size, parts, len(body))
-            + body
+            _HEADER.pack(MAGIC, SINGLETON_VERSION, flags, self._value_size, parts, len(body)) + body
         )
         temporary = self.path + ".tmp"
         try:
