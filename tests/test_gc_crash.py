@@ -27,18 +27,12 @@ that the recovered store can run another GC and close cleanly.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import random
 import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +41,11 @@ import construct
 import pytest
 
 from l2_stores import Chain, Mode, make_indexable, make_indexable_removable, make_indexed_file
+from tests.helpers.child import Child
 from tests.helpers.runs import assert_runs_tile, runs_tag
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "gc_writer.py"
-DEADLOCK_GUARD = 60.0
 
 KEY = construct.Bytes(32)
 ZERO = bytes(32)
@@ -194,68 +188,6 @@ def observe(kind: str, directory: Path, mode: Mode, probes: set[bytes]) -> tuple
 
 # --------------------------------------------------------------------------
 # the child
-
-
-class Child:
-    """The helper run with ``sys.executable``; its stdout is read in a thread."""
-
-    def __init__(self, args: list[object], stderr_path: Path) -> None:
-        self.lines: list[str] = []
-        self.acks = 0
-        self.eof = False
-        self._cond = threading.Condition()
-        self.stderr_path = stderr_path
-        stderr_path.write_bytes(b"")
-        with open(stderr_path, "ab") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(WRITER), *map(str, args)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
-        assert self.proc.stdout is not None
-        # a one-page pipe: the child cannot run far ahead of what was read
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if not line.endswith("\n"):
-                break  # a line cut by the kill: what it reports is unknown
-            with self._cond:
-                self.lines.append(line[:-1])
-                if line.startswith("ack "):
-                    self.acks += 1
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLOCK_GUARD) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate() or self.eof, timeout)
-
-    def seen(self, line: str) -> bool:
-        return line in self.lines
-
-    def kill(self) -> int:
-        """SIGKILL the child, reap it, and read everything it printed."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout=DEADLOCK_GUARD)
-        self._thread.join(DEADLOCK_GUARD)
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-4000:]
 
 
 # --------------------------------------------------------------------------
@@ -422,9 +354,9 @@ def parent_gc(kind: str, directory: Path, state: State) -> State:
 def kill_round(
     tmp_path: Path, directory: Path, kind: str, seed: str, plan: Plan, before: State, gc_after: bool
 ) -> State:
-    child = Child(
-        [directory, seed, kind, 7, KEEP, plan.walk_round], tmp_path / f"child-{seed}.stderr"
-    )
+    stderr_path = tmp_path / f"child-{seed}.stderr"
+    stderr_path.write_bytes(b"")  # this round's alone
+    child = Child(WRITER, [directory, seed, kind, 7, KEEP, plan.walk_round], stderr_path)
     try:
         if plan.how == "lines":
             child.wait_for(lambda: len(child.lines) >= plan.amount)

@@ -18,17 +18,12 @@ at (corruption, not a torn write).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import os
 import random
 import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -45,11 +40,11 @@ from l2_stores import (
     make_indexed_file,
     make_simple_indexed_file,
 )
+from tests.helpers.child import Child
 from tests.helpers.runs import assert_runs_tile
 
 HELPERS = Path(__file__).parent / "helpers"
 WRITER = HELPERS / "indexed_file_writer.py"
-DEADLOCK_GUARD = 60.0
 
 KEY = construct.Bytes(32)
 FILE_HEADER_SIZE = 64
@@ -69,6 +64,33 @@ CLASSES: dict[str, Any] = {
     ),
 }
 KIND_IDS = list(CLASSES)
+
+
+def parse_lines(
+    lines: list[str], seed: str, known: list[bytes]
+) -> tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes] | None]:
+    """(acked (key, digest) in order, the (key, digest) in flight or None).
+
+    Checks the lines against a replay of the child's appends.
+    """
+    replay = writer_module.appends(seed, sorted(known))
+    acked: list[tuple[bytes, bytes]] = []
+    in_flight: tuple[bytes, bytes] | None = None
+    for line in lines:
+        words = line.split()
+        if words[0] == "begin":
+            assert in_flight is None, f"two appends in flight: {line}"
+            key, value = next(replay)
+            assert words[1] == key.hex(), "the replay of the child's appends diverged"
+            in_flight = (key, sha256(value))
+        elif words[0] == "ack":
+            assert in_flight is not None and words[1] == in_flight[0].hex(), line
+            assert words[2] == in_flight[1].hex(), "acked digest differs from the replay"
+            acked.append(in_flight)
+            in_flight = None
+        else:
+            assert words[0] in ("ready", "done"), line
+    return acked, in_flight
 
 
 def _load_helper() -> Any:
@@ -162,91 +184,6 @@ def observe(
 # the child
 
 
-class Child:
-    """The helper run with ``sys.executable``; its stdout is read in a thread."""
-
-    def __init__(self, args: list[object], stderr_path: Path) -> None:
-        self.lines: list[str] = []
-        self.acks = 0
-        self.eof = False
-        self._cond = threading.Condition()
-        self.stderr_path = stderr_path
-        with open(stderr_path, "ab") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(WRITER), *map(str, args)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
-        assert self.proc.stdout is not None
-        # a one-page pipe: the child cannot run far ahead of what was read
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if not line.endswith("\n"):
-                break  # a line cut by the kill: what it reports is unknown
-            with self._cond:
-                self.lines.append(line[:-1])
-                if line.startswith("ack "):
-                    self.acks += 1
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLOCK_GUARD) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: predicate() or self.eof, timeout)
-
-    def kill(self) -> int:
-        """SIGKILL the child, reap it, and read everything it printed."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout=DEADLOCK_GUARD)
-        self._thread.join(DEADLOCK_GUARD)
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-4000:]
-
-
-def parse_lines(
-    lines: list[str], seed: str, known: list[bytes]
-) -> tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes] | None]:
-    """(acked (key, digest) in order, the (key, digest) in flight or None).
-
-    Checks the lines against a replay of the child's appends.
-    """
-    replay = writer_module.appends(seed, sorted(known))
-    acked: list[tuple[bytes, bytes]] = []
-    in_flight: tuple[bytes, bytes] | None = None
-    for line in lines:
-        words = line.split()
-        if words[0] == "begin":
-            assert in_flight is None, f"two appends in flight: {line}"
-            key, value = next(replay)
-            assert words[1] == key.hex(), "the replay of the child's appends diverged"
-            in_flight = (key, sha256(value))
-        elif words[0] == "ack":
-            assert in_flight is not None and words[1] == in_flight[0].hex(), line
-            assert words[2] == in_flight[1].hex(), "acked digest differs from the replay"
-            acked.append(in_flight)
-            in_flight = None
-        else:
-            assert words[0] in ("ready", "done"), line
-    return acked, in_flight
-
-
 # --------------------------------------------------------------------------
 # appends killed at random moments
 
@@ -261,7 +198,7 @@ def kill_round(
     recover_in_parent: bool,
 ) -> dict[bytes, bytes]:
     cls = CLASSES[kind]
-    child = Child([directory, seed, kind, 20], tmp_path / "child-stderr.log")
+    child = Child(WRITER, [directory, seed, kind, 20], tmp_path / "child-stderr.log")
     try:
         how, amount = plan
         if how == "acks":
@@ -356,7 +293,7 @@ def test_a_reservation_left_by_a_kill_is_given_back_at_the_next_writer_load(
     the next READ_WRITE load gives them back (a READ_ONLY one changes nothing)."""
     tmp_path = reserving_tmp_path
     directory = tmp_path / "store"
-    child = Child([directory, "reserve", "indexed", 20, 30], tmp_path / "child-stderr.log")
+    child = Child(WRITER, [directory, "reserve", "indexed", 20, 30], tmp_path / "child-stderr.log")
     try:
         child.wait_for(lambda: bool(child.lines) and child.lines[-1] == "done")
     finally:

@@ -55,9 +55,14 @@ class Child:
             self.eof = True
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLOCK_GUARD) -> None:
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLOCK_GUARD) -> bool:
+        """Wait until ``predicate()`` holds or the child's output ends; whether either did."""
         with self._cond:
-            self._cond.wait_for(lambda: predicate() or self.eof, timeout)
+            return self._cond.wait_for(lambda: predicate() or self.eof, timeout)
+
+    def seen(self, line: str) -> bool:
+        """Whether the child printed ``line``."""
+        return line in self.lines
 
     def kill(self) -> int:
         """SIGKILL the child, reap it, and read everything it printed."""
