@@ -15,6 +15,7 @@ from .. import batches
 from ..codecs import Codec
 from ..engine import journal
 from ..engine.interface import Engine, Prepared
+from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
@@ -428,3 +429,37 @@ class EngineStore(Store, MappingReads):
     def _batch_view(self, batch: batches.Batch) -> batches.BatchView:
         """A view of the store holding its writes for ``batch``."""
         raise NotImplementedError
+
+
+class EngineSnapshotView(MappingReads):
+    """An engine store as it was when a snapshot was taken (``snapshots``): what every
+    kind's snapshot view shares; the kind adds its point reads."""
+
+    def __init__(self, snapshot: Any, store: Any, engine: EngineSnapshot) -> None:
+        self._snapshot = snapshot
+        self._store = store
+        self._engine = engine
+
+    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+        """The engine's pairs then with ``start <= key < stop``, stopped by the store's close."""
+        store = self._store
+        low, high = store._bounds(start, stop)
+        with store._waiter.task():
+            self._snapshot.check_open(store)
+            return self._engine.items(
+                low,
+                high,
+                reverse=reverse,
+                closed=store._lifetime.flag,
+                on_closed=store._closed_error,
+            )
+
+    def __len__(self) -> int:
+        """The number of bindings then."""
+        with self._store._waiter.task():
+            self._snapshot.check_open(self._store)
+            return self._engine.live_count()
+
+    def _refuse(self, *_: Any, **__: Any) -> None:
+        store = self._store
+        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)

@@ -16,10 +16,10 @@ from ..engine.framing import Expected
 from ..engine.index import Index
 from ..engine.interface import Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
-from ..errors import CodecError, DecodingError, ReadOnlyError
+from ..errors import CodecError, DecodingError
 from ..idle_waiter import task_read
 from ..mode import Mode
-from .base import WOULD_BLOCK, MappingReads, WouldBlock
+from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
@@ -381,15 +381,15 @@ class IndexableRemovableBatchView(IndexableBatchView):
         self._writes[self._encoded_key(key)] = None
 
 
-class IndexableSnapshotView(MappingReads):
+class IndexableSnapshotView(EngineSnapshotView):
     """An indexable store as it was when a snapshot was taken: every read, no write."""
+
+    _store: IndexableStore
 
     def __init__(
         self, snapshot: snapshots.Snapshot, store: IndexableStore, engine: EngineSnapshot
     ) -> None:
-        self._snapshot = snapshot
-        self._store = store
-        self._engine = engine
+        super().__init__(snapshot, store, engine)
         if store._bytes_key_size >= 0:  # the store's C fast path, on the snapshot
             fast = task_read(
                 store._waiter,
@@ -431,19 +431,6 @@ class IndexableSnapshotView(MappingReads):
         """True when ``key`` was bound then."""
         return self.find(key) is not None
 
-    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
-        store = self._store
-        low, high = store._bounds(start, stop)
-        with store._waiter.task():
-            self._snapshot.check_open(store)
-            return self._engine.items(
-                low,
-                high,
-                reverse=reverse,
-                closed=store._lifetime.flag,
-                on_closed=store._closed_error,
-            )
-
     def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
         """The keys bound then with ``start <= key < stop``, in key order."""
         return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
@@ -454,17 +441,7 @@ class IndexableSnapshotView(MappingReads):
         """The ``(key, value)`` pairs bound then, as ``keys``."""
         return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
 
-    def __len__(self) -> int:
-        """The number of bindings then."""
-        with self._store._waiter.task():
-            self._snapshot.check_open(self._store)
-            return self._engine.live_count()
-
     def _point_read(self, key: Any) -> Any:
         return self.find(key)
 
-    def _refuse(self, *_: Any, **__: Any) -> None:
-        store = self._store
-        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)
-
-    add = remove = flush = _refuse
+    add = remove = flush = EngineSnapshotView._refuse

@@ -37,12 +37,11 @@ from ..errors import (
     CannotLoadStore,
     CodecError,
     DecodingError,
-    ReadOnlyError,
     StoreLockedError,
 )
 from ..idle_waiter import exclusive_write
 from ..mode import Mode
-from .base import WOULD_BLOCK, MappingReads, WouldBlock
+from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 from .lru import Cache, lru_cache
@@ -740,9 +739,11 @@ class IndexedFileBatchView(batches.BatchView, MappingReads):
         return len(store) + sum(not store._has_encoded(key) for key in list(self._writes))
 
 
-class IndexedFileSnapshotView(MappingReads):
+class IndexedFileSnapshotView(EngineSnapshotView):
     """An indexed file as it was when a snapshot was taken: every read, no write. It
     pins the values files of that moment (readable even after a GC deleted them)."""
+
+    _store: IndexedFileBase
 
     def __init__(
         self,
@@ -751,9 +752,7 @@ class IndexedFileSnapshotView(MappingReads):
         engine: EngineSnapshot,
         pinned: dict[int, Any],
     ) -> None:
-        self._snapshot = snapshot
-        self._store = store
-        self._engine = engine
+        super().__init__(snapshot, store, engine)
         self._pinned = pinned
 
     def _entry(self, key: Any) -> tuple[bytes, bytes | None]:
@@ -789,19 +788,6 @@ class IndexedFileSnapshotView(MappingReads):
             store._decode(store._header, entry[POINTER.size :]),
         )
 
-    def _pairs(self, start: Any, stop: Any, reverse: bool) -> Iterator[tuple[bytes, bytes]]:
-        store = self._store
-        low, high = store._bounds(start, stop)
-        with store._waiter.task():
-            self._snapshot.check_open(store)
-            return self._engine.items(
-                low,
-                high,
-                reverse=reverse,
-                closed=store._lifetime.flag,
-                on_closed=store._closed_error,
-            )
-
     def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
         """The keys with a value then, ``start <= key < stop``, in key order."""
         return self._store._keys(self._pairs(start, stop, reverse))
@@ -812,17 +798,7 @@ class IndexedFileSnapshotView(MappingReads):
         """The ``(key, (value, header))`` pairs then, as ``keys``."""
         return self._store._items(self._pairs(start, stop, reverse), self._pinned)
 
-    def __len__(self) -> int:
-        """The number of keys with a value then."""
-        with self._store._waiter.task():
-            self._snapshot.check_open(self._store)
-            return self._engine.live_count()
-
     def _point_read(self, key: Any) -> Any:
         return self.read(key)
 
-    def _refuse(self, *_: Any, **__: Any) -> None:
-        store = self._store
-        raise ReadOnlyError("cannot write: a snapshot", name=store.name, path=store.path)
-
-    append = flush = _refuse
+    append = flush = EngineSnapshotView._refuse
