@@ -269,6 +269,22 @@ class BatchView:
         return f"<batch view of {self._store!r}>"
 
 
+def _journal_of(stores: Sequence[Any]) -> _Group | None:
+    """The group of the journal the stores linked to one have (None: none has one);
+    ValueError when they have several."""
+    groups = {id(store._batch.group): store._batch.group for store in stores if store._batch}
+    if len(groups) > 1:
+        raise ValueError(
+            "stores linked to different batch journals cannot share a batch: "
+            + ", ".join(
+                f"{store.name} ({store._batch.group.journal.directory})"
+                for store in stores
+                if store._batch is not None
+            )
+        )
+    return next(iter(groups.values()), None)
+
+
 def _place(store: Member) -> str:
     """The directory that holds a store (its directory's parent, or its file's)."""
     return os.path.dirname(os.path.abspath(store.path))
@@ -290,16 +306,7 @@ class Batch:
                 raise TypeError(f"not a store that batches support yet: {store!r}")
             store._check_open()
             store._check_writable("write in a batch")
-        groups = {id(store._batch.group) for store in stores if store._batch is not None}
-        if len(groups) > 1:
-            raise ValueError(
-                "stores linked to different batch journals cannot share a batch: "
-                + ", ".join(
-                    f"{store.name} ({store._batch.group.journal.directory})"
-                    for store in stores
-                    if store._batch is not None
-                )
-            )
+        _journal_of(stores)
         self._stores = tuple(stores)
         self._state = "open"
         #: Named points of the commit where tests step in (``journal_written``,
@@ -410,18 +417,7 @@ class Batch:
     def _link(self, stores: Sequence[Any]) -> _Group:
         """The group of the batch's journal, every store linked to it (once, durably)."""
         with _groups_lock:
-            groups = {
-                id(store._batch.group): store._batch.group for store in stores if store._batch
-            }
-            if len(groups) > 1:  # a batch committed meanwhile linked one of them elsewhere
-                raise ValueError(
-                    "stores linked to different batch journals cannot share a batch: "
-                    + ", ".join(
-                        f"{store.name} ({store._batch.group.journal.directory})"
-                        for store in stores
-                        if store._batch is not None
-                    )
-                )
+            group = _journal_of(stores)  # again: a commit meanwhile may have linked one
             for store in stores:
                 if store._batch is not None and store._batch.missed:
                     raise CannotWriteToStore(
@@ -429,7 +425,6 @@ class Batch:
                         name=store.name,
                         path=store.path,
                     )
-            group = next(iter(groups.values()), None)
             if group is None:
                 parent = os.path.commonpath([_place(store) for store in stores])
                 group = _open_free_group(parent)

@@ -264,6 +264,9 @@ class Index:
         self._parts = 0
         self._frozen_parts = 0
         self._marked_parts = 0  # the parts a close's mark made durable
+        #: A part was taken since the referenced values were last synced: its values
+        #: were appended without an fsync (with fsync, every other append syncs them).
+        self._unsynced_values = False
         #: Called before the engine makes its logs durable (a merge, a close's
         #: mark): the batch journal makes the parts they hold durable first.
         self.before_durable: Callable[[], None] | None = None
@@ -526,8 +529,9 @@ class Index:
 
     def _values_first(self) -> None:
         """Before the log is fsynced: the values it points at (a batch's are not yet)."""
-        if self._fsync and self._referenced is not None:
+        if self._fsync and self._referenced is not None and self._unsynced_values:
             self._referenced.sync()
+            self._unsynced_values = False
 
     # ------------------------------------------------------- batch parts
 
@@ -567,6 +571,7 @@ class Index:
         if self._touched is not None:
             self._touched.update(key for key, _ in ops)
         self._parts += 1
+        self._unsynced_values = True
         self._after_append(log)
 
     def _journal_first(self) -> None:
@@ -1164,9 +1169,7 @@ class Index:
         logs = [g for g in listing.logs if g >= generation]
         self._check_logs(logs, generation)
         legacy_data = self._open_data(legacy) if legacy and not live else None
-        self._stack = (
-            RunStack([LegacyData(legacy_data)]) if legacy_data else self._open_runs(live)
-        )
+        self._stack = RunStack([LegacyData(legacy_data)]) if legacy_data else self._open_runs(live)
         self._hand_over()
         scans = self._point_in_time([self._read_log(g, whole=True) for g in logs], True)
         if len(scans) == 2 and scans[1].sealed:

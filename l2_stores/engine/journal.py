@@ -449,10 +449,6 @@ class Journal:
             if part.participant == participant
         }
 
-    def holds(self, participant: int) -> bool:
-        """Whether any segment holds a part of ``participant``."""
-        return any(participant in segment.ordinals for segment in self._segments)
-
     @property
     def segments(self) -> list[str]:
         """The paths of the segments, oldest first."""
@@ -538,7 +534,6 @@ def write_link(path: str, journal: Journal) -> Link:
     filesystem.rename(temporary, path)
     filesystem.fsync_directory(os.path.dirname(os.path.abspath(path)))
     return Link(path, journal.id, participant, relative, absolute)
-
 
 
 def check_link(path: str, name: str) -> Iterator[Finding]:

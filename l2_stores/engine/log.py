@@ -643,10 +643,6 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                     raise
         self.records += 1
 
-    def append_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Append a batch's part whole (see :meth:`open_part`)."""
-        self.end_part(self.open_part(ops))
-
     def open_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> int:
         """Write a batch's part without its end: a begin record, a set for each ``(key,
         value)`` of ``ops`` (a remove for a None value), and zeros where the end record

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from operator import itemgetter
 from types import MethodType
@@ -295,7 +295,25 @@ class IndexableRemovableStore(IndexableStore):
         return self._exclusive_nowait(engine.can_put_at_once, remove)
 
 
-class IndexableBatchView(batches.BatchView, MappingReads):
+class _DecodedViewReads:
+    """``keys`` and ``items`` of an indexable store's views, decoded from their ``_pairs``."""
+
+    _store: IndexableStore
+    #: The view's encoded pairs with ``start <= key < stop``, in key order (the view's own).
+    _pairs: Callable[[Any, Any, bool], Iterator[tuple[bytes, bytes]]]
+
+    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+        """The keys the view shows with ``start <= key < stop``, in key order."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
+
+    def items(
+        self, start: Any = None, stop: Any = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Any, Any]]:
+        """The ``(key, value)`` pairs the view shows, as ``keys``."""
+        return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
+
+
+class IndexableBatchView(_DecodedViewReads, batches.BatchView, MappingReads):
     """An indexable store inside a batch: its writes held by the batch, its reads the
     store's as committed at the moment of the read with the batch's writes over them."""
 
@@ -349,16 +367,6 @@ class IndexableBatchView(batches.BatchView, MappingReads):
         base = store._snapshot(start, stop, reverse)
         return batches.iter_sorted_overlay(base, dict(self._writes), low, high, reverse)
 
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
-        """The keys bound with ``start <= key < stop``, in key order, the batch's included."""
-        return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
-
-    def items(
-        self, start: Any = None, stop: Any = None, *, reverse: bool = False
-    ) -> Iterator[tuple[Any, Any]]:
-        """The ``(key, value)`` pairs, as ``keys``."""
-        return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
-
     def _point_read(self, key: Any) -> Any:
         return self.find(key)
 
@@ -381,7 +389,7 @@ class IndexableRemovableBatchView(IndexableBatchView):
         self._writes[self._encoded_key(key)] = None
 
 
-class IndexableSnapshotView(EngineSnapshotView):
+class IndexableSnapshotView(_DecodedViewReads, EngineSnapshotView):
     """An indexable store as it was when a snapshot was taken: every read, no write."""
 
     _store: IndexableStore
@@ -430,16 +438,6 @@ class IndexableSnapshotView(EngineSnapshotView):
     def mem(self, key: Any) -> bool:
         """True when ``key`` was bound then."""
         return self.find(key) is not None
-
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
-        """The keys bound then with ``start <= key < stop``, in key order."""
-        return self._store._decoded(self._pairs(start, stop, reverse), with_values=False)
-
-    def items(
-        self, start: Any = None, stop: Any = None, *, reverse: bool = False
-    ) -> Iterator[tuple[Any, Any]]:
-        """The ``(key, value)`` pairs bound then, as ``keys``."""
-        return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
 
     def _point_read(self, key: Any) -> Any:
         return self.find(key)
