@@ -47,7 +47,25 @@ class StoreError(Exception):
 
 
 class CannotLoadStore(StoreError):
-    """The store's files could not be opened, or are not what was expected."""
+    """The store's files could not be opened, or are not what was expected.
+
+    When the store is of another kind or codecs than the loading class,
+    ``expected`` and ``found`` say both in words (None otherwise).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        offset: int | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ) -> None:
+        super().__init__(message, name=name, path=path, offset=offset)
+        self.expected = expected
+        self.found = found
 
 
 class CannotReadFromStore(StoreError):

@@ -451,16 +451,30 @@ SIZE_CASES = [
 ]
 
 
+# ``recorded``: the store's identity says its codecs; without it (a store made before
+# identities), the files' headers say their sizes.
+RECORDED = pytest.mark.parametrize("recorded", [True, False], ids=["identity", "no-identity"])
+
+
+@RECORDED
 @pytest.mark.parametrize("merged", [False, True], ids=["log-only", "with-data-file"])
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize(
     ("key", "value", "sizes"), [c[1:] for c in SIZE_CASES], ids=[c[0] for c in SIZE_CASES]
 )
 def test_other_codec_sizes_refused(
-    tmp_path: Path, key: Any, value: Any, sizes: tuple[str, ...], mode: Mode, merged: bool
+    tmp_path: Path,
+    key: Any,
+    value: Any,
+    sizes: tuple[str, ...],
+    mode: Mode,
+    merged: bool,
+    recorded: bool,
 ) -> None:
     directory = tmp_path / "store"
     build(directory, 20, buffer=8 if merged else 100)
+    if not recorded:
+        (directory / "identity").unlink()
     other = make_indexable("resized", key, value)
     error = expect_load_error(other, directory, mode, directory)
     text = message_without_paths(error, directory)
@@ -477,6 +491,7 @@ SINGLETON_SIZE_CASES = [
 ]
 
 
+@RECORDED
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize(
     ("written", "value", "read_as", "sizes"),
@@ -484,11 +499,19 @@ SINGLETON_SIZE_CASES = [
     ids=[c[0] for c in SINGLETON_SIZE_CASES],
 )
 def test_singleton_other_codec_sizes_refused(
-    tmp_path: Path, written: Any, value: Any, read_as: Any, sizes: tuple[str, ...], mode: Mode
+    tmp_path: Path,
+    written: Any,
+    value: Any,
+    read_as: Any,
+    sizes: tuple[str, ...],
+    mode: Mode,
+    recorded: bool,
 ) -> None:
     path = tmp_path / "single"
     with make_singleton("sized", written).load(path) as store:
         store.write(value)
+    if not recorded:
+        (tmp_path / "single.identity").unlink()
     other = make_singleton("resized_single", read_as)
     error = expect_load_error(other, path, mode, tmp_path)
     text = message_without_paths(error, path)
@@ -865,7 +888,7 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path: Path) -> None:
     directory = tmp_path / "store"
     state = sweep_store(directory)
     names = sorted(os.listdir(directory))
-    assert {n.split(".")[0] for n in names} == {"run", "lock", "log"}, names
+    assert {n.split(".")[0] for n in names} == {"identity", "run", "lock", "log"}, names
     log = only(directory, "log.")
     assert log.stat().st_size == HEADER_SIZE + 4 * RECORD  # and the close's mark
     assert log.read_bytes()[-RECORD] == 0x83

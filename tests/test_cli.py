@@ -28,6 +28,7 @@ import pytest
 from l2_stores import Mode, make_indexable, make_singleton
 from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import Run
+from l2_stores.stores import identity
 from tests.helpers.runs import run_names
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -386,6 +387,12 @@ def check_info_entry(entry: dict[str, Any], rel: str, root: Path, cwd: Path, exp
         assert entry[field] == value, f"{rel}: {field} = {entry[field]!r}, expected {value!r}"
     assert entry["format_version"] == 1
     assert entry["bindings"] == len(expected[rel]), rel
+    cls = zoo.STORES[rel][0]
+    assert entry["created_as"] == cls._kind, rel
+    assert entry["codecs"] == {
+        role: identity.render(identity.describe(getattr(cls, f"{role}_codec")))
+        for role in cls._roles
+    }, rel
     if meta["kind"] == "singleton":
         assert entry["generation"] is None, rel
     else:
@@ -432,7 +439,6 @@ def test_info_json_on_a_directory_of_stores(built_zoo: tuple[Path, Any], tmp_pat
     assert tree(root) == before, "info changed the stores"
 
 
-KIND_TEXT = {"singleton": "singleton", "indexable": "indexable", "indexed_file": "indexed file"}
 TEXT_FIELD = re.compile(
     r"^\s+(kind|format version|key size|value size|header size|bindings|generation|writer|files)"
     r"(?:\s+(.*?))?\s*$"
@@ -468,7 +474,7 @@ def test_info_text_on_a_directory_of_stores(built_zoo: tuple[Path, Any], tmp_pat
         block = blocks[(root / rel).resolve()]
         meta = expected_meta(rel)
         assert block["name"] == Path(rel).name
-        assert block["kind"] == KIND_TEXT[meta["kind"]], (rel, block)
+        assert block["kind"] == zoo.STORES[rel][0]._kind.replace("_", " "), (rel, block)
         assert block["format version"] == "1", (rel, block)
         assert block["bindings"] == str(len(expected[rel])), (rel, block)
         assert block["writer"] == "none", (rel, block)

@@ -120,7 +120,7 @@ def test_a_kill_during_the_conversion_leaves_a_store_that_loads(tmp_path: Path) 
     with Small.load(directory) as store:
         assert dict(store.items()) == bindings
     names = sorted(os.listdir(directory))
-    assert names == ["lock", "log.00000005", "run.00000000-00000004"], names
+    assert names == ["identity", "lock", "log.00000005", "run.00000000-00000004"], names
     with Small.load(directory, Mode.READ_ONLY) as reader:
         assert dict(reader.items()) == bindings
     print(f"a kill came after the conversion: {converted}")

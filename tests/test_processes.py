@@ -172,11 +172,11 @@ def test_writer_lock_in_one_process(tmp_path: Path, kind: str) -> None:
     try:
         expect_locked(lambda: cls.load(path, Mode.READ_WRITE), cls.name, path)
         # the same path through another class of the same codecs, and via a relative path
-        other: Any = (
-            make_singleton("other_single", KEY)
-            if kind == "singleton"
-            else make_indexable("other_plain", KEY, KEY)
-        )
+        other: Any = {
+            "singleton": lambda: make_singleton("other_single", KEY),
+            "indexable": lambda: make_indexable("other_plain", KEY, KEY),
+            "removable": lambda: make_indexable_removable("other_removable", KEY, KEY),
+        }[kind]()
         expect_locked(lambda: other.load(path, Mode.READ_WRITE), other.name, path)
         relative = os.path.relpath(path)
         with pytest.raises(StoreLockedError):

@@ -84,9 +84,12 @@ def unknown(path: str, name: str) -> Iterator[Finding]:
     yield Finding(path, 0, "not a file of this store; left alone", False)
 
 
-def index_checks(directory: str) -> list[tuple[str, FileCheck]]:
+def index_checks(
+    directory: str, others: dict[str, FileCheck] | None = None
+) -> list[tuple[str, FileCheck]]:
     """Each file of the index directory with its check: runs, data files, logs, leftovers,
-    and files that are none of these."""
+    the store's ``others`` (file name to check) found there, and files that are none of
+    these."""
     if not os.path.isdir(directory):
         return []
     listing = layout.scan(directory)
@@ -97,6 +100,10 @@ def index_checks(directory: str) -> list[tuple[str, FileCheck]]:
     checks += [(file_name, leftover) for file_name in listing.temporaries]
     if os.path.isfile(os.path.join(directory, journal.LINK)):
         checks.append((journal.LINK, journal.check_link))
+    names = set(os.listdir(directory))
+    checks += [
+        (file_name, check) for file_name, check in (others or {}).items() if file_name in names
+    ]
     known = {layout.LOCK, *(file_name for file_name, _ in checks)}
-    checks += [(n, unknown) for n in sorted(os.listdir(directory)) if n not in known]
+    checks += [(n, unknown) for n in sorted(names) if n not in known]
     return [(os.path.join(directory, file_name), check) for file_name, check in checks]

@@ -19,6 +19,7 @@ from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
+from . import identity
 
 
 class WouldBlock:
@@ -83,6 +84,12 @@ class Store:
     """
 
     name: ClassVar[str]
+    #: The kind an identity names (see ``identity``), and the roles of its codecs.
+    _kind: ClassVar[str]
+    _roles: ClassVar[tuple[str, ...]]
+    #: False for the tools' byte-codec classes: they read any store of their files.
+    _checks_identity: ClassVar[bool] = True
+    _identity_of_class: ClassVar[identity.Identity | None] = None  # each class's own
 
     def __init__(self, path: str, mode: Mode) -> None:
         self.path = path
@@ -91,6 +98,28 @@ class Store:
         self._lifetime = _Lifetime()
         self._writable = mode is Mode.READ_WRITE
         self._is_view = False
+
+    # -- identity
+
+    @classmethod
+    def _identity(cls) -> identity.Identity:
+        """What this class records as a store's identity, and loads only."""
+        found = cls.__dict__.get("_identity_of_class")
+        if found is None:
+            codecs = {role: identity.describe(getattr(cls, f"{role}_codec")) for role in cls._roles}
+            found = identity.Identity(cls._kind, cls.name, codecs)
+            cls._identity_of_class = found
+        return found
+
+    def _check_identity(self) -> bool:
+        """Before a load touches anything: refuse a store of another identity; True when
+        the store has none recorded yet."""
+        return self._checks_identity and identity.check(self.path, self._identity(), self.name)
+
+    def _record_identity(self, pending: bool) -> None:
+        """At a ``READ_WRITE`` load, holding the lock: record the identity if ``pending``."""
+        if pending and self.mode is Mode.READ_WRITE:
+            identity.record(self.path, self._identity(), self.name)
 
     # -- views and lifetime
 

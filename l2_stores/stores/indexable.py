@@ -37,6 +37,8 @@ class IndexableStore(Collectable):
     _key: ClassVar[Codec]
     _value: ClassVar[Codec]
     _engine: Index
+    _kind = "indexable"
+    _roles = ("key", "value")
 
     @classmethod
     def load(
@@ -59,6 +61,7 @@ class IndexableStore(Collectable):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(directory, mode)
         store._fsync = bool(fsync)
+        unrecorded = store._check_identity()
         membership = store._attach_batches(directory)
         try:
             store._engine = Index(
@@ -71,6 +74,13 @@ class IndexableStore(Collectable):
                 committed=membership.committed if membership is not None else None,
             )
         except BaseException:
+            if membership is not None:
+                membership.abandon()
+            raise
+        try:
+            store._record_identity(unrecorded)
+        except BaseException:
+            store._close_resources_after_failed_load()
             if membership is not None:
                 membership.abandon()
             raise
@@ -256,6 +266,8 @@ class IndexableStore(Collectable):
 
 class IndexableRemovableStore(IndexableStore):
     """An indexable store whose bindings can also be removed."""
+
+    _kind = "indexable_removable"
 
     def remove(self, key: Any, *, flush: bool = True) -> None:
         """Unbind ``key``; a no-op when it is not bound."""

@@ -44,13 +44,13 @@ from ..mode import Mode
 from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
+from .layout import INDEX_DIRECTORY
 from .lru import Cache, lru_cache
 
 logger = logging.getLogger("l2_stores.indexed_file")
 
 DEFAULT_CACHE_SIZE = 1_000
 DEFAULT_CACHE_BYTES = 512 * 1024
-INDEX_DIRECTORY = "index"
 #: Largest value that asyncio reads or appends on the event loop itself.
 INLINE_VALUE_SIZE = 16 * 1024
 _RELOAD_ATTEMPTS = 50
@@ -74,6 +74,7 @@ class IndexedFileBase(Collectable):
     _values: ValueFiles
     _cache: Cache
     _gc_copy: int | None = None
+    _roles = ("key", "value", "header")
 
     @classmethod
     def load(
@@ -108,6 +109,7 @@ class IndexedFileBase(Collectable):
         header_size = cls._header.size or 0
         expected = Expected(cls.name, cls._key.size or 0, POINTER.size + header_size, header_size)
         readonly = mode is Mode.READ_ONLY
+        unrecorded = store._check_identity()
         index_existed = os.path.isdir(os.path.join(directory, INDEX_DIRECTORY))
         values_existed = bool(list_values(directory)[0])
         store._fsync = bool(fsync)
@@ -143,6 +145,7 @@ class IndexedFileBase(Collectable):
                 )
             if not readonly:
                 store._drop_unreferenced_tail()
+            store._record_identity(unrecorded)
         except OSError as error:
             store._close_resources(durable=False)
             if membership is not None:
@@ -625,11 +628,15 @@ def _decode_part(data: bytes, key_size: int, header_size: int) -> list[tuple[byt
 class IndexedFile(IndexedFileBase):
     """Keys to values with a header given at each append (``Make_indexed_file``)."""
 
+    _kind = "indexed_file"
+
     # append(key, value, header, *, flush=True) is IndexedFileBase.append
 
 
 class SimpleIndexedFile(IndexedFileBase):
     """Keys to values whose header is derived from the value (``Make_simple_indexed_file``)."""
+
+    _kind = "simple_indexed_file"
 
     header_of: ClassVar[Callable[[Any], Any]]
 

@@ -48,8 +48,8 @@ from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store
+from .layout import SINGLETON_MAGIC as MAGIC
 
-MAGIC = b"L2SSING\0"
 VARIABLE_SIZE = 0xFFFFFFFF
 SINGLETON_VERSION = 2
 _HEADER = struct.Struct("<8sHHIQQ")
@@ -81,6 +81,8 @@ class SingletonStore(Store):
 
     value_codec: ClassVar[Any]
     _value: ClassVar[Codec]
+    _kind = "singleton"
+    _roles = ("value",)
 
     def __init__(self, path: str, mode: Mode) -> None:
         super().__init__(path, mode)
@@ -114,6 +116,7 @@ class SingletonStore(Store):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(os.fspath(path), mode)
         store._fsync = bool(fsync)
+        unrecorded = store._check_identity()
         if mode is Mode.READ_WRITE:
             directory = os.path.dirname(os.path.abspath(store.path))
             try:
@@ -127,6 +130,7 @@ class SingletonStore(Store):
         try:
             if mode is Mode.READ_WRITE:
                 membership = batches.attach(store._link_path(), cls.name, store.path)
+            store._record_identity(unrecorded)
             store._cache.value = store._read_file()
             store._file_parts = store._parts
             if mode is Mode.READ_WRITE:  # a write cut short by a crash

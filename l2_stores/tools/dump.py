@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 from ..errors import StoreError
 from ..stores.base import Store
-from .on_disk import Kind, StoreOnDisk
+from ..stores.layout import Kind
+from .on_disk import StoreOnDisk
 
 
 def bindings(

@@ -8,8 +8,10 @@ from typing import Any
 from ..engine.framing import FORMAT_VERSION
 from ..engine.lock import lock_holder
 from ..stores.base import EngineStore
+from ..stores.identity import render
+from ..stores.layout import Kind
 from ..stores.singleton import SingletonStore
-from .on_disk import Kind, StoreOnDisk
+from .on_disk import StoreOnDisk
 
 
 @dataclass
@@ -27,6 +29,10 @@ class StoreInfo:
     generation: int | None
     writer_pid: int | None
     files: dict[str, int] = field(default_factory=dict)
+    #: The recorded identity (see ``stores.identity``): the kind it was created as (``kind``
+    #: tells only its files) and its codecs in words; None for a store made before them.
+    created_as: str | None = None
+    codecs: dict[str, str] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -38,7 +44,14 @@ class StoreInfo:
         def size(value: int | None) -> str:
             return "variable" if value is None else str(value)
 
-        rows = [("kind", Kind(self.kind).label), ("format version", str(self.format_version))]
+        kind = Kind(self.kind).label
+        if self.created_as is not None:
+            kind = self.created_as.replace("_", " ")
+        rows = [("kind", kind), ("format version", str(self.format_version))]
+        if self.codecs is None:
+            rows.append(("codecs", "not recorded (made before identities)"))
+        else:
+            rows += [(role, codec) for role, codec in self.codecs.items()]
         if self.kind != Kind.SINGLETON.value:
             rows.append(("key size", size(self.key_size)))
         rows.append(("value size", size(self.value_size)))
@@ -69,11 +82,12 @@ def describe(store: StoreOnDisk) -> StoreInfo:
                 bindings = 0 if opened.read() is None else 1
             else:
                 assert isinstance(opened, EngineStore)
-                bindings = sum(1 for _ in opened._snapshot())
+                bindings = len(opened)
                 generation = opened._engine.generation
     elif store.kind is not Kind.SINGLETON:
         generation = 0
     writer = lock_holder(store.lock_path)
+    recorded = store.identity()
     return StoreInfo(
         path=store.path,
         name=store.name,
@@ -86,4 +100,8 @@ def describe(store: StoreOnDisk) -> StoreInfo:
         generation=generation,
         writer_pid=writer,
         files=store.files(),
+        created_as=None if recorded is None else recorded.kind,
+        codecs=None
+        if recorded is None
+        else {role: render(codec) for role, codec in recorded.codecs.items()},
     )

@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import construct
 
-from ..engine.files import holds_index, index_header, index_lock
+from ..engine.files import index_header, index_lock
 from ..engine.framing import FileHeader
-from ..engine.value_files import list_values
 from ..errors import CannotLoadStore
 from ..factories import make_indexable_removable, make_indexed_file, make_singleton
 from ..mode import Mode
+from ..stores import identity
 from ..stores.base import Store
-from ..stores.indexed_file import INDEX_DIRECTORY
-from ..stores.singleton import MAGIC as SINGLETON_MAGIC
+from ..stores.layout import INDEX_DIRECTORY, Kind, classify, identity_path
 from ..stores.singleton import VARIABLE_SIZE, read_singleton_file
-
-
-class Kind(enum.Enum):
-    """The kinds of store, as told apart on disk."""
-
-    SINGLETON = "singleton"
-    INDEXABLE = "indexable"  # removable or not: the same files
-    INDEXED_FILE = "indexed_file"  # simple or not: the same files
-
-    @property
-    def label(self) -> str:
-        """The kind in words."""
-        return self.value.replace("_", " ")
 
 
 @dataclass(frozen=True)
@@ -52,8 +37,21 @@ class StoreOnDisk:
 
     @property
     def name(self) -> str:
-        """The store's name: the last component of its path."""
+        """The store's name: the recorded one, else the last component of its path."""
+        try:
+            recorded = self.identity()
+        except CannotLoadStore:
+            recorded = None
+        if recorded is not None:
+            return recorded.name
         return os.path.basename(os.path.normpath(self.path)) or self.path
+
+    def identity(self) -> identity.Identity | None:
+        """The store's recorded identity (None for a store made before identities).
+
+        Raises :class:`CannotLoadStore` when its file is damaged.
+        """
+        return identity.read(identity_path(self.path, self.kind))
 
     @property
     def index_directory(self) -> str | None:
@@ -77,8 +75,9 @@ class StoreOnDisk:
         """Every file of the store (relative path to its store) and its size in bytes."""
         if self.kind is Kind.SINGLETON:
             found = {os.path.basename(self.path): os.path.getsize(self.path)}
-            if os.path.exists(self.lock_path):
-                found[os.path.basename(self.lock_path)] = os.path.getsize(self.lock_path)
+            for beside in (self.lock_path, identity_path(self.path, self.kind)):
+                if os.path.exists(beside):
+                    found[os.path.basename(beside)] = os.path.getsize(beside)
             return found
         found = {}
         for root, _, names in os.walk(self.path):
@@ -121,44 +120,29 @@ class StoreOnDisk:
 
 
 def raw_class(name: str, kind: Kind, sizes: Sizes) -> type[Store]:
-    """A store class of ``kind`` named ``name`` with byte codecs of ``sizes``."""
+    """A store class of ``kind`` named ``name`` with byte codecs of ``sizes``: it loads any
+    store of that kind's files and sizes, whatever its identity, and records none."""
+    cls: type[Store]
     if kind is Kind.SINGLETON:
         value: Any = construct.GreedyBytes if sizes.value is None else construct.Bytes(sizes.value)
-        return make_singleton(name, value)
-    assert sizes.key is not None
-    key = construct.Bytes(sizes.key)
-    if kind is Kind.INDEXED_FILE:
-        return make_indexed_file(name, key, construct.GreedyBytes, construct.Bytes(sizes.header))
-    assert sizes.value is not None
-    return make_indexable_removable(name, key, construct.Bytes(sizes.value))
+        cls = make_singleton(name, value)
+    elif kind is Kind.INDEXED_FILE:
+        assert sizes.key is not None
+        key = construct.Bytes(sizes.key)
+        cls = make_indexed_file(name, key, construct.GreedyBytes, construct.Bytes(sizes.header))
+    else:
+        assert sizes.key is not None and sizes.value is not None
+        cls = make_indexable_removable(
+            name, construct.Bytes(sizes.key), construct.Bytes(sizes.value)
+        )
+    cls._checks_identity = False
+    return cls
 
 
 def _index_header(store: StoreOnDisk) -> FileHeader | None:
     directory = store.index_directory
     assert directory is not None
     return index_header(directory, store.name)
-
-
-def classify(path: str) -> Kind | None:
-    """The kind of store at ``path``, or None when it holds none."""
-    if os.path.isfile(path):
-        if path.endswith(".tmp"):
-            return None  # a singleton's write in progress
-        try:
-            with open(path, "rb") as file:
-                magic = file.read(len(SINGLETON_MAGIC))
-        except OSError:
-            return None
-        return Kind.SINGLETON if magic == SINGLETON_MAGIC else None
-    if not os.path.isdir(path):
-        return None
-    if os.path.isdir(os.path.join(path, INDEX_DIRECTORY)) and holds_index(
-        os.path.join(path, INDEX_DIRECTORY)
-    ):
-        return Kind.INDEXED_FILE
-    if list_values(path)[0]:
-        return Kind.INDEXED_FILE
-    return Kind.INDEXABLE if holds_index(path) else None
 
 
 def find_stores(path: str) -> list[StoreOnDisk]:

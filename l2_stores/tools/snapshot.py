@@ -36,7 +36,9 @@ from ..engine.filesystem import fsync_directory
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
-from .on_disk import Kind, Sizes, StoreOnDisk, find_stores, raw_class
+from ..stores import identity
+from ..stores.layout import Kind, identity_path
+from .on_disk import Sizes, StoreOnDisk, find_stores, raw_class
 
 FORMAT = "l2_stores-snapshot"
 VERSION = 1
@@ -142,6 +144,7 @@ def _export_store(
     store: StoreOnDisk, directory: str, scratch_file: str, progress: Progress | None
 ) -> dict[str, Any]:
     sizes = store.sizes()
+    recorded = store.identity()
     digest = hashlib.sha256()
     count = 0
     with open(scratch_file, "wb") as out:
@@ -168,6 +171,7 @@ def _export_store(
         "bindings": count,
         "bytes": size,
         "sha256": digest.hexdigest(),
+        "identity": None if recorded is None else recorded.as_json(),
     }
 
 
@@ -226,8 +230,8 @@ def import_(
                     total += _build_store(entry, member, staged[-1], archive, progress)
             for built in staged:
                 _fsync_tree(built.path)
-            for built, target in zip(staged, targets, strict=True):
-                _move_into_place(built, target)
+            for built, target, entry in zip(staged, targets, entries, strict=True):
+                _move_into_place(built, target, entry)
             staged.clear()
         finally:
             for leftover in staged:
@@ -296,6 +300,13 @@ def _check_entry(
         raise fail(f"unsafe store path {path!r}")
     if entry["kind"] not in {kind.value for kind in Kind}:
         raise fail(f"unknown store kind {entry['kind']!r}")
+    if entry.get("identity") is not None:
+        try:
+            recorded = identity.from_json(entry["identity"])
+        except ValueError as error:
+            raise fail(f"store {path!r}: {error}") from error
+        if recorded.files.value != entry["kind"]:
+            raise fail(f"store {path!r}: identity of a {recorded.kind}, files of {entry['kind']}")
     if entry["bindings"] < 0 or not _sizes_fit(entry):
         raise fail(f"sizes or count that do not fit a {entry['kind']} store in {entry!r}")
     member = members.get(entry["member"])
@@ -380,6 +391,8 @@ def _build_store(
                     progress(1)
     if kind is Kind.SINGLETON:
         _remove(store.lock_path)
+    elif entry.get("identity") is not None:
+        _record(entry, store.path, kind)
     if count != entry["bindings"]:
         raise CannotLoadStore(
             f"bad snapshot archive: {entry['path']!r} holds {count} bindings, "
@@ -419,14 +432,28 @@ def _reader(
             yield key, exactly(sizes.value), b""
 
 
-def _move_into_place(built: StoreOnDisk, target: str) -> None:
+def _record(entry: dict[str, Any], path: str, kind: Kind) -> None:
+    """Record at ``path`` the identity the archive gives the store of ``entry``."""
+    found = identity.from_json(entry["identity"])
+    identity.write(identity_path(path, kind), found, found.name, path)
+
+
+def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> None:
     """Put the store built at ``built.path`` in place of ``target`` (the caller holds its lock).
 
     A kill between the two renames of a replacement leaves the old store at
-    ``target + _ASIDE``; the next import puts it back first.
+    ``target + _ASIDE``; the next import puts it back first. A singleton's
+    identity is dropped before its value is replaced and recorded after: a
+    kill between leaves a store with no identity, which gains it at its next
+    load.
     """
     if built.kind is Kind.SINGLETON:
+        _remove(identity_path(target, Kind.SINGLETON))
+        fsync_directory(os.path.dirname(os.path.abspath(target)))
         os.replace(built.path, target)
+        fsync_directory(os.path.dirname(os.path.abspath(target)))
+        if entry.get("identity") is not None:
+            _record(entry, target, built.kind)
     elif os.path.lexists(target):
         aside = target + _ASIDE
         _remove(aside)

@@ -14,9 +14,10 @@ from ..engine.value_files import list_values, values_name
 from ..engine.values import POINTER, RECORD_OVERHEAD, check_values_file
 from ..errors import CannotReadFromStore, StoreError
 from ..mode import Mode
-from ..stores.indexed_file import INDEX_DIRECTORY
+from ..stores import identity
+from ..stores.layout import IDENTITY, INDEX_DIRECTORY, Kind, identity_path
 from ..stores.singleton import check_singleton_file
-from .on_disk import Kind, StoreOnDisk
+from .on_disk import StoreOnDisk
 
 
 @dataclass
@@ -59,11 +60,21 @@ def verify(stores: list[StoreOnDisk], on_file: Callable[[int], None] | None = No
 
 
 def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
+    identity_file = identity_path(store.path, store.kind)
+    checks: list[tuple[str, FileCheck]]
     if store.kind is Kind.SINGLETON:
-        return [(store.path, check_singleton_file)]
+        checks = [(store.path, check_singleton_file)]
+        if os.path.isfile(identity_file):
+            checks.append((identity_file, identity.check_file))
+        return checks
     index_directory = store.index_directory
     assert index_directory is not None
-    checks = index_checks(index_directory)
+    if store.kind is Kind.INDEXABLE:
+        checks = index_checks(index_directory, {IDENTITY: identity.check_file})
+    else:
+        checks = index_checks(index_directory)
+        if os.path.isfile(identity_file):
+            checks.append((identity_file, identity.check_file))
     if store.kind is Kind.INDEXED_FILE:
         numbers, temporaries = list_values(store.path)
         ends = _referenced_ends(store)
@@ -77,7 +88,7 @@ def _file_checks(store: StoreOnDisk) -> list[tuple[str, FileCheck]]:
             for n in numbers
         ]
         checks += [(os.path.join(store.path, name), leftover) for name in temporaries]
-        known = {INDEX_DIRECTORY, *map(values_name, numbers), *temporaries}
+        known = {INDEX_DIRECTORY, IDENTITY, *map(values_name, numbers), *temporaries}
         checks += [
             (os.path.join(store.path, name), unknown)
             for name in sorted(os.listdir(store.path))
