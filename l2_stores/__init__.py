@@ -34,10 +34,12 @@ from .stores.base import Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
+from .tools.snapshot import ArchiveSummary, export_archive, import_archive
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArchiveSummary",
     "Batch",
     "CannotLoadStore",
     "CannotReadFromStore",
@@ -61,7 +63,9 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "batch",
+    "export_archive",
     "fixed",
+    "import_archive",
     "make_indexable",
     "make_indexable_removable",
     "make_indexed_file",

@@ -34,6 +34,10 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps([store.as_json() for store in described], indent=1))
     else:
         print("\n\n".join("\n".join(store.lines()) for store in described))
+    damaged = [store.path for store in described if store.problem is not None]
+    if damaged:
+        _error(f"{len(damaged)} of {len(described)} stores damaged: {', '.join(damaged)}")
+        return 1
     return 0
 
 
@@ -71,7 +75,7 @@ def _dump(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     with Progress("export", unit="B") as bar:
-        done = snapshot.export(args.dir, args.file, force=args.force, progress=bar.update)
+        done = snapshot.export_archive(args.dir, args.file, force=args.force, progress=bar.update)
     print(
         f"exported {done.stores} stores, {done.bindings} bindings, "
         f"{done.bytes:,} bytes to {args.file}"
@@ -81,7 +85,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     with Progress("import", unit="bindings") as bar:
-        done = snapshot.import_(args.file, args.dir, force=args.force, progress=bar.update)
+        done = snapshot.import_archive(args.file, args.dir, force=args.force, progress=bar.update)
     print(f"imported {done.stores} stores, {done.bindings} bindings into {args.dir}")
     return 0
 

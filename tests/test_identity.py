@@ -16,6 +16,8 @@ from l2_stores import (
     CannotLoadStore,
     Mode,
     StoreError,
+    export_archive,
+    import_archive,
     make_indexable,
     make_indexable_removable,
     make_indexed_file,
@@ -323,14 +325,12 @@ def test_descriptions_render_what_construct_tells() -> None:
 
 
 def test_an_archive_carries_the_identities(tmp_path: Path) -> None:
-    from l2_stores.tools import snapshot
-
     source = tmp_path / "source"
     for kind, cls in KINDS.items():
         fill(cls, source / kind)
-    snapshot.export(str(source), str(tmp_path / "archive.tar"))
+    export_archive(str(source), str(tmp_path / "archive.tar"))
     target = tmp_path / "target"
-    snapshot.import_(str(tmp_path / "archive.tar"), str(target))
+    import_archive(str(tmp_path / "archive.tar"), str(target))
     for kind, cls in KINDS.items():
         file = identity.identity_path(str(target / kind), identity.KIND_FILES[kind])
         assert identity.read(file) == cls._identity(), kind
@@ -340,6 +340,6 @@ def test_an_archive_carries_the_identities(tmp_path: Path) -> None:
     other = make_singleton("s", construct.Int64ub)
     with other.load(tmp_path / "again" / "singleton") as store:
         store.write(7)
-    snapshot.import_(str(tmp_path / "archive.tar"), str(tmp_path / "again"), force=True)
+    import_archive(str(tmp_path / "archive.tar"), str(tmp_path / "again"), force=True)
     with KINDS["singleton"].load(tmp_path / "again" / "singleton") as store:
         assert store.read() == b"v" * 8

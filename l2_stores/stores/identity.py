@@ -247,10 +247,12 @@ class Identity:
         return with_crc(_HEADER.pack(MAGIC, IDENTITY_VERSION, 0, len(body)) + body)
 
 
-def read(path: str, name: str = "") -> Identity | None:
-    """The identity recorded in the file ``path``; None when there is none.
+def read(path: str, name: str = "", store_path: str | None = None) -> Identity | None:
+    """The identity recorded in the file ``path`` (of the store at ``store_path``); None
+    when there is none.
 
-    Raises :class:`CannotLoadStore` when the file is damaged or of another format.
+    Raises :class:`CannotLoadStore` when the file is damaged or of another format
+    (its path and offset are the error's), or cannot be read (the store's path is).
     """
     try:
         with open(path, "rb") as file:
@@ -258,7 +260,11 @@ def read(path: str, name: str = "") -> Identity | None:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise CannotLoadStore(f"cannot read {path}: {error}", name=name, path=path) from error
+        raise CannotLoadStore(
+            f"cannot read the store's identity ({error.strerror})",
+            name=name,
+            path=store_path or path,
+        ) from error
 
     def fail(what: str, offset: int) -> CannotLoadStore:
         return CannotLoadStore(
@@ -353,9 +359,9 @@ def found_at(path: str, files: Kind, name: str = "") -> Identity | str | None:
         there = classify(path)
         if there is None:  # no store: only the right type of file system entry may be used
             if is_directory == (files is not Kind.SINGLETON):
-                return read(identity_path(path, files), name)
+                return read(identity_path(path, files), name, path)
             return "a directory" if is_directory else "a file that is no store"
-    recorded = read(identity_path(path, there or files), name)
+    recorded = read(identity_path(path, there or files), name, path)
     if recorded is not None:
         return recorded
     if there is not None and there is not files:

@@ -130,8 +130,8 @@ class SingletonStore(Store):
         try:
             if mode is Mode.READ_WRITE:
                 membership = batches.attach(store._link_path(), cls.name, store.path)
-            store._record_identity(unrecorded)
             store._cache.value = store._read_file()
+            store._record_identity(unrecorded)  # once the file is known to fit the codec
             store._file_parts = store._parts
             if mode is Mode.READ_WRITE:  # a write cut short by a crash
                 with contextlib.suppress(FileNotFoundError):

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..engine.framing import FORMAT_VERSION
 from ..engine.lock import lock_holder
+from ..errors import StoreError
 from ..stores.base import EngineStore
 from ..stores.identity import render
 from ..stores.layout import Kind
@@ -33,6 +34,8 @@ class StoreInfo:
     #: tells only its files) and its codecs in words; None for a store made before them.
     created_as: str | None = None
     codecs: dict[str, str] | None = None
+    #: Why the store could not be read whole (its other fields are what could be).
+    problem: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -57,11 +60,13 @@ class StoreInfo:
         rows.append(("value size", size(self.value_size)))
         if self.kind == Kind.INDEXED_FILE.value:
             rows.append(("header size", str(self.header_size)))
-        rows.append(("bindings", str(self.bindings)))
+        rows.append(("bindings", "unknown" if self.problem else str(self.bindings)))
         if self.generation is not None:
             rows.append(("generation", str(self.generation)))
         writer = "none" if self.writer_pid is None else f"pid {self.writer_pid} holds the lock"
         rows.append(("writer", writer))
+        if self.problem is not None:
+            rows.append(("DAMAGED", self.problem))
         width = max(len(file) for file in self.files) if self.files else 0
         return (
             [f"{self.name}  ({self.path})"]
@@ -72,36 +77,39 @@ class StoreInfo:
 
 
 def describe(store: StoreOnDisk) -> StoreInfo:
-    """Open ``store`` read-only (no writer lock) and describe it."""
-    sizes = store.sizes()
-    bindings, generation = 0, None
-    opened = store.open()
-    if opened is not None:
-        with opened:
-            if isinstance(opened, SingletonStore):
-                bindings = 0 if opened.read() is None else 1
-            else:
-                assert isinstance(opened, EngineStore)
-                bindings = len(opened)
-                generation = opened._engine.generation
-    elif store.kind is not Kind.SINGLETON:
-        generation = 0
-    writer = lock_holder(store.lock_path)
-    recorded = store.identity()
-    return StoreInfo(
+    """Open ``store`` read-only (no writer lock) and describe it; a damaged store is
+    described as far as it can be read, with its ``problem``."""
+    found = StoreInfo(
         path=store.path,
         name=store.name,
         kind=store.kind.value,
         format_version=FORMAT_VERSION,
-        key_size=sizes.key,
-        value_size=sizes.value,
-        header_size=sizes.header,
-        bindings=bindings,
-        generation=generation,
-        writer_pid=writer,
+        key_size=None,
+        value_size=None,
+        header_size=0,
+        bindings=0,
+        generation=None,
+        writer_pid=lock_holder(store.lock_path),
         files=store.files(),
-        created_as=None if recorded is None else recorded.kind,
-        codecs=None
-        if recorded is None
-        else {role: render(codec) for role, codec in recorded.codecs.items()},
     )
+    try:
+        recorded = store.identity()
+        if recorded is not None:
+            found.created_as = recorded.kind
+            found.codecs = {role: render(codec) for role, codec in recorded.codecs.items()}
+        sizes = store.sizes()
+        found.key_size, found.value_size, found.header_size = sizes.key, sizes.value, sizes.header
+        opened = store.open()
+        if opened is None:
+            found.generation = None if store.kind is Kind.SINGLETON else 0
+            return found
+        with opened:
+            if isinstance(opened, SingletonStore):
+                found.bindings = 0 if opened.read() is None else 1
+            else:
+                assert isinstance(opened, EngineStore)
+                found.bindings = len(opened)
+                found.generation = opened._engine.generation
+    except StoreError as error:
+        found.problem = str(error)
+    return found

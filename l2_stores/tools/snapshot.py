@@ -52,8 +52,8 @@ Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
-class Summary:
-    """What an export or an import did."""
+class ArchiveSummary:
+    """What an export or an import did: stores, bindings, and the archive's size in bytes."""
 
     stores: int
     bindings: int
@@ -69,14 +69,23 @@ def _open_for_writing(path: str, archive: str) -> tarfile.TarFile:
 # -- export
 
 
-def export(
-    directory: str, archive: str, *, force: bool = False, progress: Progress | None = None
-) -> Summary:
-    """Write the stores found under ``directory`` into ``archive``.
+def export_archive(
+    directory: str | os.PathLike[str],
+    archive: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ArchiveSummary:
+    """Write the stores found under ``directory`` (or the store at ``directory``) into the
+    tar file ``archive`` (gzip-compressed when it ends in ``.gz`` or ``.tgz``), durably.
 
+    Safe while writers run: each store is read as a ``READ_ONLY`` load sees
+    it, singletons first (a head names blocks the stores read after it hold).
+    ``progress(n)`` is called with the bytes of each binding written.
     Raises :class:`CannotWriteToStore` when ``archive`` exists and ``force``
     is False, and :class:`CannotLoadStore` when ``directory`` holds no store.
     """
+    directory, archive = os.fspath(directory), os.fspath(archive)
     if os.path.exists(archive) and not force:
         raise CannotWriteToStore("archive exists (use --force to replace it)", path=archive)
     stores = find_stores(directory)
@@ -97,7 +106,7 @@ def export(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    return Summary(len(stores), total_bindings, os.path.getsize(archive))
+    return ArchiveSummary(len(stores), total_bindings, os.path.getsize(archive))
 
 
 def _write_archive(  # the members, then the manifest; returns the bindings written
@@ -191,16 +200,26 @@ def _records(kind: Kind, store: Any) -> Iterator[bytes]:
 # -- import
 
 
-def import_(
-    archive: str, directory: str, *, force: bool = False, progress: Progress | None = None
-) -> Summary:
-    """Rebuild the stores of ``archive`` under ``directory``.
+def import_archive(
+    archive: str | os.PathLike[str],
+    directory: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ArchiveSummary:
+    """Rebuild the stores of ``archive`` (made by :func:`export_archive`) under
+    ``directory``, each with the identity it had; ``progress(n)`` is called with the
+    bindings written.
+
+    Every member is checked before anything is written; each store is built
+    aside, fsynced, then moved into place (``force`` replaces existing stores).
 
     Raises :class:`CannotLoadStore` for a damaged or foreign archive (nothing
     is written then), :class:`CannotWriteToStore` when a store exists and
     ``force`` is False, and :class:`StoreLockedError` when a writer holds a
     store that ``force`` would replace.
     """
+    archive, directory = os.fspath(archive), os.fspath(directory)
     try:
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the with below
     except (OSError, tarfile.TarError) as error:
@@ -240,7 +259,7 @@ def import_(
                     _remove(leftover.lock_path)
             for lock in locks:
                 lock.release()
-    return Summary(len(entries), total, os.path.getsize(archive))
+    return ArchiveSummary(len(entries), total, os.path.getsize(archive))
 
 
 def _checked_manifest(tar: tarfile.TarFile, archive: str) -> list[dict[str, Any]]:

@@ -1,0 +1,114 @@
+"""Operating a node's stores: load errors, damaged stores in the tools, backups from Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import construct
+import pytest
+
+from l2_stores import (
+    ArchiveSummary,
+    CannotLoadStore,
+    Mode,
+    StoreError,
+    export_archive,
+    import_archive,
+    make_indexable,
+    make_indexable_removable,
+    make_indexed_file,
+    make_singleton,
+)
+from tests.helpers.runs import run_names
+
+Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
+KINDS: list[Any] = [
+    make_singleton("head", construct.Bytes(8)),
+    Levels,
+    make_indexable_removable("messages", construct.Int32ub, construct.Bytes(8)),
+    make_indexed_file("blocks", construct.Int32ub, construct.GreedyBytes, construct.Bytes(8)),
+]
+
+
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l2_stores", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("mode", [Mode.READ_WRITE, Mode.READ_ONLY], ids=["rw", "ro"])
+@pytest.mark.parametrize("cls", KINDS, ids=[cls.name for cls in KINDS])
+def test_a_load_below_a_file_is_a_store_error(tmp_path: Path, cls: Any, mode: Mode) -> None:
+    (tmp_path / "a-file").write_bytes(b"x")
+    path = tmp_path / "a-file" / "store"
+    with pytest.raises(CannotLoadStore) as caught:
+        cls.load(path, mode)
+    assert caught.value.name == cls.name and caught.value.path == str(path)
+    assert "Not a directory" in str(caught.value)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def healthy_and_damaged(root: Path) -> tuple[list[Path], Path]:
+    """Three stores of 250 bindings under ``root``; one byte of a run row of the middle one
+    flipped."""
+    paths = [root / name for name in ("a", "b", "c")]
+    for path in paths:
+        with Levels.load(path, index_buffer_size=50) as store:
+            for level in range(250):
+                store.add(level, bytes([level]) * 32)
+    damaged = paths[1]
+    run = damaged / run_names(damaged)[0]
+    data = bytearray(run.read_bytes())
+    data[len(data) // 2] ^= 0x01  # in the rows, between the header and the index
+    run.write_bytes(bytes(data))
+    return paths, damaged
+
+
+def test_info_reports_a_damaged_store_and_goes_on(tmp_path: Path) -> None:
+    _, damaged = healthy_and_damaged(tmp_path / "d")
+    # info reads no row (the runs count their bindings): damage a file it reads
+    identity_file = damaged / "identity"
+    identity_file.write_bytes(identity_file.read_bytes()[:-1] + b"\x00")
+    proc = cli("info", "--json", tmp_path / "d")
+    assert proc.returncode == 1, proc
+    entries = {Path(entry["path"]).name: entry for entry in json.loads(proc.stdout)}
+    assert set(entries) == {"a", "b", "c"}
+    assert entries["a"]["bindings"] == entries["c"]["bindings"] == 250
+    assert entries["a"]["problem"] is None and "checksum" in entries["b"]["problem"]
+    assert str(damaged) in proc.stderr
+    text = cli("info", tmp_path / "d")
+    assert text.returncode == 1 and text.stdout.count("bindings        250") == 2
+    assert "DAMAGED" in text.stdout
+
+
+def test_verify_reports_a_damaged_row_and_checks_the_others(tmp_path: Path) -> None:
+    _, damaged = healthy_and_damaged(tmp_path / "d")
+    proc = cli("verify", tmp_path / "d")
+    assert proc.returncode == 1
+    assert "in 3 stores" in proc.stdout and str(damaged) in proc.stdout
+    assert cli("verify", tmp_path / "d" / "a").returncode == 0
+
+
+def test_archives_from_python(tmp_path: Path) -> None:
+    source = tmp_path / "node"
+    with KINDS[0].load(source / "head") as head, Levels.load(source / "levels") as levels:
+        head.write(b"h" * 8)
+        for level in range(10):
+            levels.add(level, bytes([level]) * 32)
+        # taken while the writers run
+        done = export_archive(source, tmp_path / "backup.tar.gz")
+        levels.add(99, bytes(32))
+    assert isinstance(done, ArchiveSummary) and (done.stores, done.bindings) == (2, 11)
+    with pytest.raises(StoreError):
+        export_archive(source, tmp_path / "backup.tar.gz")  # exists: force= replaces
+    restored = import_archive(tmp_path / "backup.tar.gz", tmp_path / "restored")
+    assert (restored.stores, restored.bindings) == (2, 11)
+    with Levels.load(tmp_path / "restored" / "levels", Mode.READ_ONLY) as levels:
+        assert dict(levels.items()) == {level: bytes([level]) * 32 for level in range(10)}
+    with KINDS[0].load(tmp_path / "restored" / "head", Mode.READ_ONLY) as head:
+        assert head.read() == b"h" * 8
