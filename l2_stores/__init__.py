@@ -34,6 +34,7 @@ from .stores.base import Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
+from .stores.stats import StoreStats
 from .tools.snapshot import ArchiveSummary, export_archive, import_archive
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "StoreLockedError",
+    "StoreStats",
     "batch",
     "export_archive",
     "fixed",

@@ -37,6 +37,7 @@ from .stores.base import WOULD_BLOCK, Store
 from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import INLINE_VALUE_SIZE, IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
+from .stores.stats import StoreStats
 
 __all__ = [
     "AsyncIdleWaiter",
@@ -157,6 +158,10 @@ class AsyncStore(Generic[S]):
     async def sync(self) -> None:
         """``READ_ONLY``: pick up what a writer elsewhere flushed."""
         await _in_thread(self._store.sync)  # type: ignore[attr-defined]
+
+    async def stats(self) -> StoreStats:
+        """The store's figures now (in a worker thread: it reads the files' sizes)."""
+        return await _in_thread(self._store.stats)
 
     async def __aenter__(self) -> Self:
         return self

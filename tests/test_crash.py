@@ -551,6 +551,7 @@ def test_merge_cut_short_is_redone(tmp_path: Path) -> None:
     """The state a kill leaves after a freeze: two logs and a partial run .tmp."""
     directory = tmp_path / "store"
     state = make_store(directory, 40, buffer=1000)
+    (directory / "identity").unlink()  # made as Plain, given removes by hand below
     log = only(directory, "log.")
     assert generation_of(log) == 0
     append_seal(log)  # frozen
@@ -572,5 +573,5 @@ def test_merge_cut_short_is_redone(tmp_path: Path) -> None:
     assert snapshot(directory) == files, "a READ_ONLY load changed the files"
     assert observe(Removable, directory, Mode.READ_WRITE, 1000, set(some)) == expected
     names = sorted(os.listdir(directory))
-    assert names == ["lock", "log.00000001", "run.00000000-00000000"], names
+    assert names == ["identity", "lock", "log.00000001", "run.00000000-00000000"], names
     assert observe(Removable, directory, Mode.READ_WRITE, 1000, set(some)) == expected

@@ -1072,7 +1072,7 @@ def test_gc_gives_disk_space_back(tmp_path: Path, kind: Kind) -> None:
             assert new_files, os.listdir(path)
             assert min(new_files) > max(old_files), (old_files, os.listdir(path))
             assert sorted(os.listdir(path)) == sorted(
-                ["index", *[f"values.{i:08d}" for i in new_files]]
+                ["identity", "index", *[f"values.{i:08d}" for i in new_files]]
             )
     assert reloaded(kind, path) == kept
     assert directory_size(path) < 0.5 * before

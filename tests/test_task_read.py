@@ -96,6 +96,7 @@ def test_a_value_that_does_not_decode_raises_the_stores_error(tmp_path: os.PathL
     with make_indexable("tagged", c.Bytes(4), c.Bytes(4)).load(path) as raw:
         raw.add(b"good", b"ok\x00\x01")
         raw.add(b"bad!", b"no\x00\x01")
+    os.unlink(os.path.join(path, "identity"))  # as a store made before identities
     tagged = c.Struct("tag" / c.Const(b"ok"), "n" / c.Int16ub)
     store = make_indexable("tagged", c.Bytes(4), tagged).load(path)
     try:

@@ -44,6 +44,26 @@ def stored_generation(directory: str) -> int:
     return layout.scan(directory).data_generation
 
 
+def index_bytes(directory: str) -> dict[str, int]:
+    """Bytes on disk of the index directory's files by kind: ``runs`` (with the data files
+    of the format before runs), ``logs`` (with the next log, prepared ahead), and ``other``
+    (lock, leftovers, the store's own files kept there)."""
+    listing = layout.scan(directory)
+    kinds = {layout.run_name(span): "runs" for span in listing.runs}
+    kinds |= {layout.data_name(generation): "runs" for generation in listing.data}
+    kinds |= {layout.log_name(generation): "logs" for generation in listing.logs}
+    kinds |= {name: "logs" for name in listing.temporaries if name.startswith("log.")}
+    found = {"runs": 0, "logs": 0, "other": 0}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    found[kinds.get(entry.name, "other")] += entry.stat().st_size
+            except FileNotFoundError:
+                continue  # deleted by a merge meanwhile
+    return found
+
+
 def index_header(directory: str, name: str) -> FileHeader | None:
     """The header of the index's newest file (a run, a data file or a log), or None."""
     if not os.path.isdir(directory):

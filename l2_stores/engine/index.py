@@ -45,6 +45,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from _thread import start_new_thread as start_thread
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CannotLoadStore, CannotReadFromStore, CannotWriteToStore
 from . import filesystem, layout
 from .accel import AcceleratedLayers, AcceleratedWriter
+from .counters import Counters, EngineStats
 from .datafile import DataFile
 from .framing import CRC_SIZE, HEADER_SIZE, Expected
 from .hooks import Hooks
@@ -247,6 +249,10 @@ class Index:
         self.directory = directory
         #: Named points where tests step in (see hooks.py).
         self.hooks = Hooks()
+        #: Merges done and bytes written since the load (see ``stats``).
+        self.counters = Counters()
+        #: The records the active log held when this index took it (a load's reopened log).
+        self._log_records_from = 0
         self._expected = expected
         self._name = expected.name
         self._readonly = readonly
@@ -393,6 +399,24 @@ class Index:
             closed,
             on_closed,
         )
+
+    def stats(self) -> EngineStats:
+        """The runs, merges and bytes written since the load, and the bindings not yet in a run."""
+        log = self._log
+        logged = 0 if log is None else log.records - self._log_records_from
+        counters = self.counters
+        return EngineStats(
+            runs=len(self._stack.runs),
+            merges=counters.merges,
+            merge_seconds=counters.merge_seconds,
+            bytes_written=counters.bytes_written + logged * record_size(self._expected),
+            pending_records=len(self._active) + len(self._frozen or ()),
+        )
+
+    def _count_log_bytes(self, log: LogWriter) -> None:
+        """Count the bytes this index appended to ``log``, which takes no more."""
+        self.counters.wrote((log.records - self._log_records_from) * record_size(self._expected))
+        self._log_records_from = 0
 
     def snapshot(self) -> EngineSnapshot:
         """The bindings of this moment, held without a copy (see ``items``)."""
@@ -687,6 +711,7 @@ class Index:
                 filesystem.unlink(next_log.path)
             raise
         log.abandon()  # flushed by the seal
+        self._count_log_bytes(log)
         self._frozen, self._active = self._active, {}
         self._frozen_parts = self._parts
         self._shared = False  # (an iterator may hold the frozen one: it never changes)
@@ -758,6 +783,7 @@ class Index:
             gc.path = final
         outcome: OpenRun | BaseException
         renamed = False
+        started = time.perf_counter()
         take_spare: Callable[[], SpareLog | None] = _no_spare
         try:
             take_spare = self._prepare_spare_aside(generation + 1)
@@ -799,6 +825,7 @@ class Index:
             filesystem.fsync_directory(self.directory)
             self.hooks.run("flush_renamed")
             outcome = OpenRun(final, self._expected, span)
+            self.counters.merged(started, final)
         except BaseException as error:  # reported to the writer
             logger.exception("merge of %s into %s failed", self._name, final)
             outcome = error
@@ -957,6 +984,7 @@ class Index:
         final = os.path.join(self.directory, layout.run_name(span))
         temporary = os.path.join(self.directory, layout.temporary_run_name(span))
         outcome: OpenRun | None = None
+        started = time.perf_counter()
         try:
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(temporary)
@@ -974,6 +1002,7 @@ class Index:
             # Before the runs it supersedes are deleted: if this fails, the merge failed.
             filesystem.fsync_directory(self.directory)
             outcome = OpenRun(final, self._expected, span)
+            self.counters.merged(started, final)
         except Cancelled:
             pass
         except BaseException:
@@ -1213,6 +1242,7 @@ class Index:
             return
         path = os.path.join(directory, layout.log_name(last.generation))
         self._log = LogWriter.reopen(path, last, self._expected, self._fsync, self._log_ahead)
+        self._log_records_from = self._log.records
         self._active = last.bindings
         self._frozen = scans[0].bindings if len(scans) == 2 else None
         self._hand_over()

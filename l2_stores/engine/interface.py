@@ -4,8 +4,9 @@ Keys and values are encoded bytes of fixed sizes. Writes and ``sync`` are
 called by the store under its idle-waiter's exclusive section; reads under a
 shared task. ``KeyValue`` is the core; ``Paced`` lets writers wait outside
 their exclusive section; ``Iteration`` lists bindings; ``Collection`` is the
-GC's; ``Batched`` takes batches' parts. ``ReferencedValues`` is what an
-engine is told of values kept outside it (an indexed file's values files).
+GC's; ``Batched`` takes batches' parts; ``Measured`` tells its figures.
+``ReferencedValues`` is what an engine is told of values kept outside it (an
+indexed file's values files).
 A second engine (SQLite, say) implements these and nothing else.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
+
+from .counters import EngineStats
 
 
 class ReferencedValues(Protocol):
@@ -172,5 +175,13 @@ class Prepared(Protocol):
         """Take the part back."""
 
 
-class Engine(KeyValue, Paced, Iteration, Collection, Batched, Protocol):
+class Measured(Protocol):
+    """An engine's figures, for ``store.stats()``."""
+
+    def stats(self) -> EngineStats:
+        """Its runs, merges and bytes written since the load, and its pending bindings."""
+        ...
+
+
+class Engine(KeyValue, Paced, Iteration, Collection, Batched, Measured, Protocol):
     """What the stores use: every capability. Tools use ``engine.files`` instead."""

@@ -139,6 +139,8 @@ class ValueFiles:
         self._open_lock = threading.Lock()
         self._target: ValuesFile | None = None
         self._follower: Callable[[ValuesFile], object] | None = None
+        #: The target at the load, and its size then (see ``bytes_written``).
+        self._loaded: tuple[int, int] = (-1, 0)
         try:
             if readonly:
                 self.refresh(floor)
@@ -189,6 +191,23 @@ class ValueFiles:
         if self._files[last].flags & GC_COPY:
             self._files[last + 1] = self._open(last + 1)
         self._retarget(self._files[max(self._files)])
+        number = max(self._files)
+        self._loaded = (number, os.path.getsize(self._path(number)))
+
+    def bytes_written(self) -> int:
+        """The bytes appended to the values files since the load (GC copies included)."""
+        loaded, size_then = self._loaded
+        if loaded < 0:
+            return 0
+        written = 0
+        for number in list_values(self.directory)[0]:
+            if number >= loaded:
+                try:
+                    size = os.path.getsize(self._path(number))
+                except FileNotFoundError:
+                    continue  # deleted by a GC meanwhile
+                written += size - size_then if number == loaded else size
+        return written
 
     @property
     def target(self) -> ValuesFile | None:

@@ -14,12 +14,14 @@ from typing import Any, ClassVar, NoReturn, Self, TypeVar
 from .. import batches
 from ..codecs import Codec
 from ..engine import journal
+from ..engine.files import index_bytes
 from ..engine.interface import Engine, Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
 from . import identity
+from .stats import StoreStats
 
 
 class WouldBlock:
@@ -37,6 +39,16 @@ class WouldBlock:
 WOULD_BLOCK = WouldBlock()
 
 T = TypeVar("T")
+
+#: The stores open in this process (not their views), for ``open_stores``.
+_open: weakref.WeakSet[Store] = weakref.WeakSet()
+_open_lock = threading.Lock()
+
+
+def open_stores() -> list[Store]:
+    """The stores loaded in this process and not closed yet."""
+    with _open_lock:
+        return [store for store in list(_open) if not store.closed]
 
 
 class _Lifetime:
@@ -99,6 +111,12 @@ class Store:
         self._writable = mode is Mode.READ_WRITE
         self._is_view = False
 
+    def _loaded(self) -> Self:
+        """The load's last step: the store counts among the open ones (``open_stores``)."""
+        with _open_lock:
+            _open.add(self)
+        return self
+
     # -- identity
 
     @classmethod
@@ -120,6 +138,10 @@ class Store:
         """At a ``READ_WRITE`` load, holding the lock: record the identity if ``pending``."""
         if pending and self.mode is Mode.READ_WRITE:
             identity.record(self.path, self._identity(), self.name)
+
+    def stats(self) -> StoreStats:
+        """The store's figures now (see :class:`StoreStats`)."""
+        raise NotImplementedError
 
     # -- views and lifetime
 
@@ -319,6 +341,39 @@ class EngineStore(Store, MappingReads):
             self._check_open()
             self._engine.sync()
             self._after_sync()
+
+    def stats(self) -> StoreStats:
+        """The store's figures now: bindings, bytes on disk by kind of file, runs, merges,
+        bytes written, GCs, cache hits and pending log records (see :class:`StoreStats`)."""
+        with self._waiter.task():
+            self._check_open()
+            engine = self._engine.stats()
+            bindings = self._engine.live_count()
+        return StoreStats(
+            name=self.name,
+            path=self.path,
+            kind=self._kind,
+            bindings=bindings,
+            disk_bytes=self._disk_bytes(),
+            runs=engine.runs,
+            merges=engine.merges,
+            merge_seconds=engine.merge_seconds,
+            bytes_written=engine.bytes_written + self._bytes_written_beside(),
+            pending_records=engine.pending_records,
+            **self._more_stats(),
+        )
+
+    def _disk_bytes(self) -> dict[str, int]:
+        """The store's bytes on disk by kind of file."""
+        return index_bytes(self.path)
+
+    def _bytes_written_beside(self) -> int:
+        """Bytes the store wrote since the load beside its engine's (an indexed file's values)."""
+        return 0
+
+    def _more_stats(self) -> dict[str, Any]:
+        """The kind's own fields of ``StoreStats`` (GC, cache)."""
+        return {}
 
     def _after_sync(self) -> None:
         """Refresh what the kind keeps beside the engine (in the exclusive section)."""

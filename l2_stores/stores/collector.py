@@ -50,6 +50,9 @@ class _GcState:
         self.closing = False
         self.runner: int | None = None
         self.failure: BaseException | None = None
+        #: GCs completed since the load, and their time.
+        self.runs = 0
+        self.seconds = 0.0
 
 
 class _Plan:
@@ -128,6 +131,10 @@ class Collectable(EngineStore):
                 f"cannot start the GC thread: {error}", name=self.name, path=self.path
             ) from error
 
+    def _more_stats(self) -> dict[str, Any]:
+        with self._gc.lock:
+            return {"gc_runs": self._gc.runs, "gc_seconds": self._gc.seconds}
+
     def wait_gc_completion(self, timeout: float | None = None) -> bool:
         """Wait for the running GC; True when none runs any more.
 
@@ -200,12 +207,11 @@ class Collectable(EngineStore):
         except BaseException:
             self._abandon()
             raise
-        logger.info(
-            "%s: GC kept %d bindings in %.3f s",
-            self.name,
-            len(retained),
-            time.monotonic() - started,
-        )
+        seconds = time.monotonic() - started
+        with self._gc.lock:
+            self._gc.runs += 1
+            self._gc.seconds += seconds
+        logger.info("%s: GC kept %d bindings in %.3f s", self.name, len(retained), seconds)
 
     def _check_cancelled(self) -> None:
         if self._gc.cancelled:

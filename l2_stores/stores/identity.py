@@ -375,7 +375,10 @@ def check(path: str, expected: Identity, name: str) -> bool:
 
     Raises :class:`CannotLoadStore` (see :func:`mismatch`) otherwise.
     """
-    found = found_at(path, expected.files, name)
+    try:
+        found = found_at(path, expected.files, name)
+    except OSError as error:
+        raise CannotLoadStore(f"cannot look at the store: {error}", name=name, path=path) from error
     if found is None:
         return True
     if isinstance(found, str):

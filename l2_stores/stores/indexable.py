@@ -86,7 +86,7 @@ class IndexableStore(Collectable):
             raise
         store._catch_up(membership)
         store._bind_fast_paths()
-        return store
+        return store._loaded()
 
     # -- batches (see ``batches``)
 

@@ -13,6 +13,7 @@ index is in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -25,13 +26,13 @@ from typing import Any, ClassVar, Self
 from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine.accel import AcceleratedIndexedAppend
-from ..engine.files import index_header, stored_generation
+from ..engine.files import index_bytes, index_header, stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
 from ..engine.interface import Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
 from ..engine.run import sorted_in_steps
-from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values
+from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values, values_name
 from ..engine.values import POINTER
 from ..errors import (
     CannotLoadStore,
@@ -44,7 +45,7 @@ from ..mode import Mode
 from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
-from .layout import INDEX_DIRECTORY
+from .layout import IDENTITY, INDEX_DIRECTORY
 from .lru import Cache, lru_cache
 
 logger = logging.getLogger("l2_stores.indexed_file")
@@ -159,7 +160,25 @@ class IndexedFileBase(Collectable):
         store._cache = cache
         store._catch_up(membership)
         store._bind_fast_paths()
-        return store
+        return store._loaded()
+
+    def _disk_bytes(self) -> dict[str, int]:
+        found = index_bytes(os.path.join(self.path, INDEX_DIRECTORY))
+        found["values"] = 0
+        numbers, _ = list_values(self.path)
+        for number in numbers:
+            with contextlib.suppress(FileNotFoundError):  # a GC may delete one meanwhile
+                found["values"] += os.path.getsize(os.path.join(self.path, values_name(number)))
+        with contextlib.suppress(FileNotFoundError):
+            found["other"] += os.path.getsize(os.path.join(self.path, IDENTITY))
+        return found
+
+    def _bytes_written_beside(self) -> int:
+        return self._values.bytes_written()
+
+    def _more_stats(self) -> dict[str, Any]:
+        cache = self._cache
+        return super()._more_stats() | {"cache_hits": cache.hits, "cache_misses": cache.misses}
 
     def _bind_fast_paths(self) -> None:
         # A view is a copy: it must not keep the writer's append.

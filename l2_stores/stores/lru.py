@@ -29,6 +29,10 @@ class Cache(Protocol):
     def max_bytes(self) -> int: ...
     @property
     def used_bytes(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
     def get(self, key: bytes, /) -> Entry | None: ...
     def put(self, key: bytes, entry: Entry, /) -> None: ...
     def clear(self) -> None: ...
@@ -56,6 +60,8 @@ class LruCache:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.used_bytes = 0
+        self.hits = 0
+        self.misses = 0
         self._entries: OrderedDict[bytes, tuple[Entry, int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -64,7 +70,9 @@ class LruCache:
         with self._lock:
             found = self._entries.get(key)
             if found is None:
+                self.misses += 1
                 return None
+            self.hits += 1
             self._entries.move_to_end(key)
             return found[0]
 

@@ -49,6 +49,8 @@ from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store
 from .layout import SINGLETON_MAGIC as MAGIC
+from .layout import Kind, identity_path
+from .stats import StoreStats
 
 VARIABLE_SIZE = 0xFFFFFFFF
 SINGLETON_VERSION = 2
@@ -88,6 +90,7 @@ class SingletonStore(Store):
         super().__init__(path, mode)
         self._lock: WriterLock | None = None
         self._cache = _Cache()
+        self._bytes_written = 0
         self._fsync = True
         #: The batch parts taken, and those a power loss can no longer take.
         self._parts = 0
@@ -147,7 +150,7 @@ class SingletonStore(Store):
                 membership.abandon()
             store._release()
             raise
-        return store
+        return store._loaded()
 
     @property
     def _value_size(self) -> int:
@@ -176,6 +179,29 @@ class SingletonStore(Store):
                 path=self.path,
             )
         return self._decode(self._value, encoded)
+
+    def stats(self) -> StoreStats:
+        """The store's figures now: its value (bindings 1 or 0), its files' bytes, and the
+        bytes its writes sent to storage since the load (see :class:`StoreStats`)."""
+        with self._waiter.task():
+            self._check_open()
+            bindings = 0 if self._cache.value is None else 1
+            written = self._bytes_written
+        disk = {"value": 0, "other": 0}
+        for path, kind in ((self.path, "value"), (self.path + ".lock", "other")):
+            with contextlib.suppress(FileNotFoundError):
+                disk[kind] += os.path.getsize(path)
+        for path in (self._link_path(), identity_path(self.path, Kind.SINGLETON)):
+            with contextlib.suppress(FileNotFoundError):
+                disk["other"] += os.path.getsize(path)
+        return StoreStats(
+            name=self.name,
+            path=self.path,
+            kind=self._kind,
+            bindings=bindings,
+            disk_bytes=disk,
+            bytes_written=written,
+        )
 
     def read(self) -> Any | None:
         """The value, or None when nothing was written or after ``delete``."""
@@ -242,6 +268,7 @@ class SingletonStore(Store):
             fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
                 pwrite_all(fd, record, 0)
+                self._bytes_written += len(record)
                 filesystem.fsync(fd)
             finally:
                 os.close(fd)

@@ -36,6 +36,7 @@ typedef struct {
     /* At most max_bytes, plus one entry's weight (at most max_bytes) for
        the length of a put: unsigned, it cannot overflow. */
     unsigned long long bytes;
+    unsigned long long hits, misses; /* of get */
 } LruCache;
 
 /* The arrays grow with use (doubling, up to the capacity), so a large
@@ -300,8 +301,11 @@ lru_get(LruCache *self, PyObject *key)
     Py_ssize_t slot = lru_slot_of(self, key);
     if (slot == -2)
         return NULL;
-    if (slot < 0)
+    if (slot < 0) {
+        self->misses++;
         Py_RETURN_NONE;
+    }
+    self->hits++;
     lru_touch(self, slot);
     return Py_NewRef(self->entries[slot]);
 }
@@ -428,6 +432,9 @@ static PyMemberDef lru_members[] = {
      "The most bytes kept, all entries together."},
     {"used_bytes", T_ULONGLONG, offsetof(LruCache, bytes), READONLY,
      "The bytes kept now."},
+    {"hits", T_ULONGLONG, offsetof(LruCache, hits), READONLY, "The gets that found their key."},
+    {"misses", T_ULONGLONG, offsetof(LruCache, misses), READONLY,
+     "The gets that did not find their key."},
     {NULL, 0, 0, 0, NULL},
 };
 
