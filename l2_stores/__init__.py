@@ -28,6 +28,7 @@ from .factories import (
 )
 from .gc import Chain, Retain
 from .idle_waiter import IdleWaiter
+from .migration import MigrationSummary, migrate
 from .mode import Mode
 from .snapshots import Snapshot, snapshot
 from .stores.base import Store
@@ -53,6 +54,7 @@ __all__ = [
     "IndexableRemovableStore",
     "IndexableStore",
     "IndexedFile",
+    "MigrationSummary",
     "Mode",
     "ReadOnlyError",
     "Retain",
@@ -73,5 +75,6 @@ __all__ = [
     "make_indexed_file",
     "make_simple_indexed_file",
     "make_singleton",
+    "migrate",
     "snapshot",
 ]

@@ -7,13 +7,15 @@ Exit codes: 0 done, 1 a problem was found (or an error stopped the work),
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from . import demo
+from . import demo, migration
 from .errors import StoreError
 from .progress import Progress
 from .tools import dump, info, snapshot, verify
@@ -88,6 +90,34 @@ def _import(args: argparse.Namespace) -> int:
         done = snapshot.import_archive(args.file, args.dir, force=args.force, progress=bar.update)
     print(f"imported {done.stores} stores, {done.bindings} bindings into {args.dir}")
     return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    old, new = _imported(args.old), _imported(args.new)
+    convert = None if args.convert is None else _imported(args.convert)
+    done = migration.migrate(old, new, args.path, convert)
+    if not done.switched:
+        print(f"{args.path} is already a {new.name!r} store of its codecs: nothing to do")
+    else:
+        print(f"migrated {args.path}: {done.read} bindings read, {done.written} written")
+    return 0
+
+
+def _imported(where: str) -> Any:
+    """The object named ``module:attribute`` (the module importable from here)."""
+    module_name, colon, attribute = where.partition(":")
+    if not (colon and module_name and attribute):
+        raise ValueError(f"{where!r}: expected MODULE:NAME, as my_node.stores:Levels")
+    sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{where!r}: {error}") from error
+    finally:
+        sys.path.pop(0)
+    return found
 
 
 def _error(message: str) -> None:
@@ -192,6 +222,20 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("file", metavar="FILE")
     load.add_argument("dir", metavar="DIR")
     load.add_argument("--force", action="store_true", help="replace stores that exist")
+
+    sub = command("migrate", _migrate, "rewrite a store under new codecs or as another kind")
+    sub.add_argument("path", help="one store")
+    sub.add_argument(
+        "--from", dest="old", required=True, metavar="MODULE:CLASS", help="its store class now"
+    )
+    sub.add_argument(
+        "--to", dest="new", required=True, metavar="MODULE:CLASS", help="its store class after"
+    )
+    sub.add_argument(
+        "--convert",
+        metavar="MODULE:FUNCTION",
+        help="convert(key, value) -> (key, value) or None to drop (default: keep as decoded)",
+    )
     return top
 
 

@@ -15,10 +15,16 @@ whatever part of the rest it chooses.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class FileSystem:
@@ -51,6 +57,35 @@ class FileSystem:
     def mkdir(self, path: str) -> None:
         """``os.mkdir``."""
         os.mkdir(path, 0o777)
+
+    def exchange(self, first: str, second: str) -> None:
+        """Swap the entries ``first`` and ``second`` (files or directories) atomically:
+        Linux's ``renameat2(RENAME_EXCHANGE)``; OSError where it is not supported."""
+        renameat2 = _renameat2()
+        if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), 2) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number), first, None, second)
+
+
+_AT_FDCWD = -100
+
+
+def _unsupported(*_: object) -> int:
+    ctypes.set_errno(errno.ENOSYS)
+    return -1
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, or a stand-in failing with ENOSYS where it has none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return _unsupported
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    function.argtypes += [ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 class OsFileSystem(FileSystem):
@@ -133,3 +168,30 @@ def make_directories(path: str) -> None:
                 raise
             continue  # made meanwhile by someone else, who syncs it
         _installed.fsync_directory(os.path.dirname(directory))
+
+
+def exchange(first: str, second: str) -> None:
+    """Swap ``first`` and ``second`` atomically (see :meth:`FileSystem.exchange`)."""
+    _installed.exchange(first, second)
+
+
+def fsync_tree(path: str) -> None:
+    """Make every file and directory under ``path`` (or the file ``path``) durable."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as file:
+            _installed.fsync(file.fileno())
+        return
+    for root, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                _installed.fsync(file.fileno())
+        _installed.fsync_directory(root)
+
+
+def remove_tree(path: str) -> None:
+    """Delete the file or the directory tree ``path``, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            _installed.unlink(path)

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -32,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..engine.filesystem import fsync_directory
+from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..mode import Mode
@@ -248,15 +247,15 @@ def import_archive(
                 with member:
                     total += _build_store(entry, member, staged[-1], archive, progress)
             for built in staged:
-                _fsync_tree(built.path)
+                fsync_tree(built.path)
             for built, target, entry in zip(staged, targets, entries, strict=True):
                 _move_into_place(built, target, entry)
             staged.clear()
         finally:
             for leftover in staged:
-                _remove(leftover.path)
+                remove_tree(leftover.path)
                 if leftover.kind is Kind.SINGLETON:
-                    _remove(leftover.lock_path)
+                    remove_tree(leftover.lock_path)
             for lock in locks:
                 lock.release()
     return ArchiveSummary(len(entries), total, os.path.getsize(archive))
@@ -387,9 +386,9 @@ def _build_store(
 ) -> int:
     """Write the bindings of ``member`` into a new store at ``store.path``; their number."""
     kind = store.kind
-    _remove(store.path)
+    remove_tree(store.path)
     if kind is Kind.SINGLETON:
-        _remove(store.lock_path)
+        remove_tree(store.lock_path)
     sizes = Sizes(entry.get("key_size"), entry.get("value_size"), entry["header_size"])
     count = 0
     os.makedirs(os.path.dirname(os.path.abspath(store.path)), exist_ok=True)
@@ -409,7 +408,7 @@ def _build_store(
                 if progress is not None:
                     progress(1)
     if kind is Kind.SINGLETON:
-        _remove(store.lock_path)
+        remove_tree(store.lock_path)
     elif entry.get("identity") is not None:
         _record(entry, store.path, kind)
     if count != entry["bindings"]:
@@ -467,7 +466,7 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
     load.
     """
     if built.kind is Kind.SINGLETON:
-        _remove(identity_path(target, Kind.SINGLETON))
+        remove_tree(identity_path(target, Kind.SINGLETON))
         fsync_directory(os.path.dirname(os.path.abspath(target)))
         os.replace(built.path, target)
         fsync_directory(os.path.dirname(os.path.abspath(target)))
@@ -475,11 +474,11 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
             _record(entry, target, built.kind)
     elif os.path.lexists(target):
         aside = target + _ASIDE
-        _remove(aside)
+        remove_tree(aside)
         os.rename(target, aside)
         os.rename(built.path, target)
         fsync_directory(os.path.dirname(os.path.abspath(target)))
-        _remove(aside)
+        remove_tree(aside)
     else:
         os.rename(built.path, target)
     fsync_directory(os.path.dirname(os.path.abspath(target)))
@@ -490,30 +489,9 @@ def _finish_interrupted_import(target: str) -> None:
     aside = target + _ASIDE
     if os.path.lexists(aside):
         if os.path.lexists(target):
-            _remove(aside)  # the new store was in place
+            remove_tree(aside)  # the new store was in place
         else:
             os.rename(aside, target)
     staging = target + _STAGING
-    _remove(staging)
-    _remove(staging + ".lock")
-
-
-def _fsync_tree(path: str) -> None:
-    """Make every file and directory under ``path`` (or the file ``path``) durable."""
-    if not os.path.isdir(path):
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-        return
-    for root, _, names in os.walk(path):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as file:
-                os.fsync(file.fileno())
-        fsync_directory(root)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    remove_tree(staging)
+    remove_tree(staging + ".lock")

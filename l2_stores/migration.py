@@ -1,0 +1,255 @@
+"""``migrate``: rewrite a store under new codecs or as another kind, switching atomically.
+
+The new store is built beside the old one, at ``<path>.migrate-tmp``, from
+the old store's bindings (loaded ``READ_WRITE``: no writer changes it
+meanwhile), and fsynced whole. Then the old store is closed, its writer lock
+taken back bare, and the two swap places in one step:
+
+- a store directory: ``renameat2(RENAME_EXCHANGE)`` swaps the two
+  directories, so ``<path>`` names the old store or the new one, whole, at
+  every instant; the old one, now at ``<path>.migrate-tmp``, is deleted;
+- a singleton (two files: its value and its identity): a marker says the
+  switch has begun (and whether the new store holds a value); the old
+  identity file is removed, the new value file renamed over the old one
+  (or the old one removed), and the new identity file put in place. A kill after the first
+  marker leaves the old or the new value without an identity: the next
+  ``migrate`` finishes the switch (run it before loading the store).
+
+A kill at any moment leaves the old store or the new one at ``<path>``, and
+perhaps a leftover at ``<path>.migrate-tmp`` (a new store cut short, or the
+old one after the switch) that the next ``migrate`` deletes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import filesystem
+from .engine.lock import WriterLock
+from .errors import CannotLoadStore, CannotWriteToStore
+from .mode import Mode
+from .progress import Progress
+from .stores import identity
+from .stores.base import Store
+from .stores.indexable import IndexableStore
+from .stores.indexed_file import IndexedFileBase, SimpleIndexedFile
+from .stores.layout import Kind, identity_path
+from .stores.singleton import SingletonStore
+
+__all__ = ["MigrationSummary", "migrate"]
+
+STAGING = ".migrate-tmp"
+#: Beside a singleton's staging: its switch has begun (a kill then rolls forward); it
+#: holds ``value`` or ``none``: whether the new store's value file is to replace the old.
+SWITCHING = ".switching"
+
+#: ``convert(key, value) -> (key, value) | None``: None drops the binding. An indexed
+#: file's value is ``(value, header)``; a singleton's key is None.
+Convert = Callable[[Any, Any], "tuple[Any, Any] | None"]
+
+
+@dataclass(frozen=True)
+class MigrationSummary:
+    """What a migration did: bindings read from the old store, written to the new one."""
+
+    read: int
+    written: int
+    switched: bool
+
+
+def _files(cls: type[Store]) -> Kind:
+    return identity.KIND_FILES[cls._kind]
+
+
+def _family(cls: type[Store]) -> str:
+    if issubclass(cls, SingletonStore):
+        return "singleton"
+    if issubclass(cls, IndexedFileBase):
+        return "indexed file"
+    if issubclass(cls, IndexableStore):
+        return "indexable"
+    raise TypeError(f"not a store class: {cls!r}")
+
+
+def migrate(
+    old: type[Store],
+    new: type[Store],
+    path: str | os.PathLike[str],
+    convert: Convert | None = None,
+    *,
+    progress: bool = True,
+) -> MigrationSummary:
+    """Rewrite the store of class ``old`` at ``path`` as a store of class ``new``.
+
+    ``convert(key, value)`` returns the new ``(key, value)``, or None to drop
+    the binding (default: keep both as decoded, re-encoded by ``new``'s
+    codecs). The old store stays whole and loadable until one atomic switch.
+    ``progress``: a progress bar on stderr when it is a terminal. Running it
+    again after a migration that was done (or killed after its switch) only
+    tidies up, unless ``old`` and ``new`` have the same identity: then the
+    store cannot tell, and ``convert`` runs again.
+
+    Raises ``ValueError`` for kinds no binding can go between without
+    ``convert`` (or a singleton and another kind), :class:`CannotLoadStore`
+    when ``path`` holds no store of ``old`` (nor of ``new``), and
+    :class:`StoreLockedError` when a writer holds it.
+    """
+    directory = os.fspath(path)
+    families = (_family(old), _family(new))
+    if "singleton" in families and families[0] != families[1]:
+        raise ValueError(f"cannot migrate a {families[0]} store to a {families[1]} store")
+    if families[0] != families[1] and convert is None:
+        raise ValueError(
+            f"migrating a {families[0]} store to a {families[1]} store needs a convert "
+            "function (an indexed file's value is (value, header))"
+        )
+    staging = directory + STAGING
+    if os.path.exists(staging + SWITCHING):  # a singleton's switch cut short: finish it
+        lock = WriterLock(directory + ".lock", new.name, directory)
+        try:
+            _switch_singleton(staging, directory)
+        finally:
+            lock.release()
+    _remove(staging, new)
+    if _already_done(old, new, directory):
+        return MigrationSummary(0, 0, False)
+    source: Any = old.load(directory, Mode.READ_WRITE)  # type: ignore[attr-defined]
+    try:
+        read, written = _copy(source, new, staging, convert, progress)
+        filesystem.fsync_tree(staging)
+        if _files(new) is Kind.SINGLETON:
+            filesystem.fsync_tree(identity_path(staging, Kind.SINGLETON))
+    except BaseException:
+        source.close()
+        _remove(staging, new)
+        raise
+    lock_path = _lock_path(source)
+    source.close()
+    lock = WriterLock(lock_path, old.name, directory)  # no writer between the close and the switch
+    try:
+        _switch(new, staging, directory)
+    finally:
+        lock.release()
+    _remove(staging, old)
+    return MigrationSummary(read, written, True)
+
+
+def _already_done(old: type[Store], new: type[Store], directory: str) -> bool:
+    """Whether ``directory`` holds a store of ``new`` that is not one of ``old``."""
+    if old._identity().same_as(new._identity()):
+        return False
+    try:
+        identity.check(directory, new._identity(), new.name)
+    except CannotLoadStore:
+        return False
+    recorded = identity.read(identity_path(directory, _files(new)), new.name, directory)
+    return recorded is not None
+
+
+def _lock_path(store: Any) -> str:
+    if isinstance(store, SingletonStore):
+        return store.path + ".lock"
+    if isinstance(store, IndexedFileBase):
+        return os.path.join(store.path, "index", "lock")
+    return os.path.join(store.path, "lock")
+
+
+def _pairs(store: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(store, SingletonStore):
+        value = store.read()
+        if value is not None:
+            yield None, value
+        return
+    yield from store.items()
+
+
+def _copy(
+    source: Any, new: type[Store], staging: str, convert: Convert | None, progress: bool
+) -> tuple[int, int]:
+    """Write the converted bindings of ``source`` into a new store at ``staging``."""
+    read = written = 0
+    bar = Progress(f"migrate {source.name}", total=len(source) if hasattr(source, "__len__") else 1)
+    if not progress:
+        bar.close()
+    target: Any = new.load(staging, Mode.READ_WRITE)  # type: ignore[attr-defined]
+    try:
+        for key, value in _pairs(source):
+            read += 1
+            bar.update()
+            converted = (key, value) if convert is None else convert(key, value)
+            if converted is None:
+                continue
+            _put(target, *converted)
+            written += 1
+        if hasattr(target, "flush"):
+            target.flush()
+    finally:
+        target.close()
+        bar.close()
+    return read, written
+
+
+def _put(target: Any, key: Any, value: Any) -> None:
+    if isinstance(target, SingletonStore):
+        target.write(value)
+    elif isinstance(target, SimpleIndexedFile):
+        target.append(key, value[0] if isinstance(value, tuple) else value, flush=False)
+    elif isinstance(target, IndexedFileBase):
+        target.append(key, value[0], value[1], flush=False)
+    else:
+        target.add(key, value, flush=False)
+
+
+def _switch(new: type[Store], staging: str, directory: str) -> None:
+    """Put the store built at ``staging`` in place of the one at ``directory``."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    try:
+        if _files(new) is Kind.SINGLETON:
+            fd = filesystem.open_file(staging + SWITCHING, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:  # whether the new store holds a value: its file is then to be moved
+                os.write(fd, b"value" if os.path.exists(staging) else b"none")
+                filesystem.fsync(fd)
+            finally:
+                os.close(fd)
+            filesystem.fsync_directory(parent)
+            _switch_singleton(staging, directory)
+        else:
+            filesystem.exchange(staging, directory)
+            filesystem.fsync_directory(parent)
+    except OSError as error:
+        raise CannotWriteToStore(
+            f"cannot switch to the migrated store: {error}", name=new.name, path=directory
+        ) from error
+
+
+def _switch_singleton(staging: str, directory: str) -> None:
+    """The singleton's switch, from wherever a kill left it (``SWITCHING`` is there)."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    new_identity = identity_path(staging, Kind.SINGLETON)
+    with open(staging + SWITCHING, "rb") as marker:
+        holds_value = marker.read() == b"value"
+    if os.path.exists(new_identity):  # else the last step is done
+        filesystem.remove_tree(identity_path(directory, Kind.SINGLETON))
+        filesystem.fsync_directory(parent)
+        if os.path.exists(staging):
+            filesystem.rename(staging, directory)
+        elif not holds_value:
+            filesystem.remove_tree(directory)
+        filesystem.fsync_directory(parent)
+        filesystem.rename(new_identity, identity_path(directory, Kind.SINGLETON))
+        filesystem.fsync_directory(parent)
+    filesystem.remove_tree(staging + SWITCHING)
+
+
+def _remove(staging: str, cls: type[Store]) -> None:
+    """Delete a store at ``staging`` (of ``cls``'s files), if there, durably."""
+    paths = [staging]
+    if _files(cls) is Kind.SINGLETON:
+        paths += [staging + ".lock", identity_path(staging, Kind.SINGLETON), staging + ".tmp"]
+    if any(os.path.lexists(path) for path in paths):
+        for path in paths:
+            filesystem.remove_tree(path)
+        filesystem.fsync_directory(os.path.dirname(os.path.abspath(staging)))

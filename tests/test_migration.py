@@ -1,0 +1,194 @@
+"""migrate: a store rewritten under new codecs or as another kind, switched atomically."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import construct
+import pytest
+
+from l2_stores import (
+    CannotLoadStore,
+    Mode,
+    StoreLockedError,
+    make_indexable,
+    make_indexable_removable,
+    make_indexed_file,
+    make_simple_indexed_file,
+    migrate,
+)
+from tests.helpers import migrating
+from tests.helpers.child import Child
+
+SCRIPT = Path(migrating.__file__)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for folder, directories, files in os.walk(root):
+        for name in directories:
+            found[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            full = os.path.join(folder, name)
+            found[os.path.relpath(full, root)] = Path(full).read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("kind", ["indexable", "indexed", "singleton"])
+def test_a_migration_rewrites_the_store_and_the_old_class_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / kind
+    migrating.build(kind, path)
+
+    def convert(key: Any, value: Any) -> tuple[Any, Any] | None:
+        return migrating.convert(kind, key, value)
+
+    done = migrate(migrating.OLD[kind], migrating.NEW[kind], path, convert, progress=False)
+    assert done.switched and done.read == len(migrating.old_state(kind))
+    assert done.written == len(migrating.new_state(kind))
+    assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
+    with pytest.raises(CannotLoadStore):
+        migrating.OLD[kind].load(path, Mode.READ_ONLY)
+    leftovers = [name for name in os.listdir(tmp_path) if "migrate" in name]
+    assert leftovers == []
+    again = migrate(migrating.OLD[kind], migrating.NEW[kind], path, convert, progress=False)
+    assert not again.switched
+    assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
+
+
+def test_codecs_change_without_convert(tmp_path: Path) -> None:
+    little = make_indexable("levels", construct.Int32ul, construct.Bytes(4))
+    big = make_indexable_removable("levels", construct.Int32ub, construct.Bytes(4))
+    with little.load(tmp_path / "levels") as store:
+        for level in range(100):
+            store.add(level, b"abcd")
+    migrate(little, big, tmp_path / "levels", progress=False)
+    with big.load(tmp_path / "levels") as store:
+        assert list(store.keys()) == list(range(100))  # big-endian now: numeric order
+        store.remove(5)
+    files = make_indexed_file("f", construct.Int32ub, construct.GreedyBytes, construct.Bytes(1))
+    simple = make_simple_indexed_file(
+        "f", construct.Int32ub, construct.GreedyBytes, construct.Bytes(1), lambda v: v[:1]
+    )
+    with files.load(tmp_path / "f") as store:
+        store.append(1, b"xyz", b"h")
+    migrate(files, simple, tmp_path / "f", progress=False)
+    with simple.load(tmp_path / "f") as store:
+        assert store.read(1) == (b"xyz", b"x")  # the header is header_of(value) now
+        store.append(2, b"qrs")
+        assert store.header(2) == b"q"
+
+
+def test_impossible_migrations_change_nothing(tmp_path: Path) -> None:
+    migrating.build("indexable", tmp_path / "levels")
+    migrating.build("singleton", tmp_path / "head")
+    before = tree(tmp_path)
+    old = migrating.OLD["indexable"]
+    with pytest.raises(ValueError, match="convert"):
+        migrate(old, migrating.NEW["indexed"], tmp_path / "levels")
+    with pytest.raises(ValueError, match="singleton"):
+        migrate(migrating.OLD["singleton"], old, tmp_path / "head", lambda k, v: (k, v))
+    with pytest.raises(CannotLoadStore):  # the store is not of the old class
+        migrate(migrating.OLD["singleton"], migrating.NEW["singleton"], tmp_path / "levels")
+    with old.load(tmp_path / "levels"), pytest.raises(StoreLockedError):
+        migrate(old, migrating.NEW["indexable"], tmp_path / "levels")
+    assert tree(tmp_path) == before
+
+
+def test_a_failing_convert_leaves_the_old_store(tmp_path: Path) -> None:
+    migrating.build("indexable", tmp_path / "levels")
+    before = tree(tmp_path)
+
+    def convert(key: Any, value: Any) -> tuple[Any, Any]:
+        if key == 200:
+            raise RuntimeError("bad binding")
+        return key, value
+
+    with pytest.raises(RuntimeError, match="bad binding"):
+        migrate(
+            migrating.OLD["indexable"], migrating.NEW["indexable"], tmp_path / "levels", convert
+        )
+    assert tree(tmp_path) == before
+    assert migrating.read(migrating.OLD["indexable"], tmp_path / "levels") == migrating.old_state(
+        "indexable"
+    )
+
+
+@pytest.mark.parametrize("kind", ["indexable", "indexed", "singleton"])
+def test_a_kill_at_any_moment_leaves_the_old_or_the_new_store(tmp_path: Path, kind: str) -> None:
+    rng = random.Random(f"migration kills {kind}")
+    seen = set()
+    for attempt in range(10):
+        root = tmp_path / str(attempt)
+        path = root / kind
+        migrating.build(kind, path)
+        child = Child(SCRIPT, [kind, path], tmp_path / "stderr")
+        assert child.wait_for(partial(child.seen, "migrating")), child.stderr()
+        time.sleep(rng.uniform(0, 0.5))
+        child.kill()
+        try:
+            found = migrating.read(migrating.NEW[kind], path)
+            assert found == migrating.new_state(kind), attempt
+            seen.add("new")
+        except CannotLoadStore:
+            assert migrating.read(migrating.OLD[kind], path) == migrating.old_state(kind), attempt
+            seen.add("old")
+        for name in os.listdir(root):  # nothing but the store and perhaps a leftover
+            assert name.startswith(kind), name
+        done = migrate(
+            migrating.OLD[kind],
+            migrating.NEW[kind],
+            path,
+            lambda k, v: migrating.convert(kind, k, v),
+            progress=False,
+        )
+        assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
+        assert not [name for name in os.listdir(root) if "migrate" in name], done
+    print(f"kills left: {sorted(seen)}")
+
+
+def test_the_command_line_migrates(tmp_path: Path) -> None:
+    (tmp_path / "node_stores.py").write_text(
+        textwrap.dedent(
+            """
+            import construct
+            from l2_stores import make_indexable
+            Old = make_indexable("levels", construct.Int32ul, construct.Bytes(4))
+            New = make_indexable("levels", construct.Int32ub, construct.Bytes(4))
+            def double(key, value):
+                return key * 2, value
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import node_stores  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    with node_stores.Old.load(tmp_path / "levels") as store:
+        for level in range(10):
+            store.add(level, b"abcd")
+    proc = subprocess.run(
+        [sys.executable, "-m", "l2_stores", "migrate", "levels", "--from", "node_stores:Old",
+         "--to", "node_stores:New", "--convert", "node_stores:double"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "10 bindings read, 10 written" in proc.stdout
+    with node_stores.New.load(tmp_path / "levels", Mode.READ_ONLY) as store:
+        assert list(store.keys()) == list(range(0, 20, 2))
+    bad = subprocess.run(
+        [sys.executable, "-m", "l2_stores", "migrate", "levels", "--from", "nowhere:Old",
+         "--to", "node_stores:New"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "nowhere" in bad.stderr
