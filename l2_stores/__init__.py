@@ -36,6 +36,7 @@ from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
 from .stores.stats import StoreStats
+from .tools.salvage import SalvageReport, StoreSalvage, salvage
 from .tools.snapshot import ArchiveSummary, export_archive, import_archive
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "Mode",
     "ReadOnlyError",
     "Retain",
+    "SalvageReport",
     "SimpleIndexedFile",
     "SingletonStore",
     "Snapshot",
@@ -65,6 +67,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "StoreLockedError",
+    "StoreSalvage",
     "StoreStats",
     "batch",
     "export_archive",
@@ -76,5 +79,6 @@ __all__ = [
     "make_simple_indexed_file",
     "make_singleton",
     "migrate",
+    "salvage",
     "snapshot",
 ]

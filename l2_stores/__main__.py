@@ -18,7 +18,7 @@ from typing import Any
 from . import demo, migration
 from .errors import StoreError
 from .progress import Progress
-from .tools import dump, info, snapshot, verify
+from .tools import dump, info, salvage, snapshot, verify
 from .tools.on_disk import find_stores
 
 PROG = "l2-stores"
@@ -90,6 +90,22 @@ def _import(args: argparse.Namespace) -> int:
         done = snapshot.import_archive(args.file, args.dir, force=args.force, progress=bar.update)
     print(f"imported {done.stores} stores, {done.bindings} bindings into {args.dir}")
     return 0
+
+
+def _salvage(args: argparse.Namespace) -> int:
+    def report(store: salvage.StoreSalvage) -> None:
+        lost = f", {len(store.lost)} unreadable" if store.lost else ""
+        print(f"{store.source} -> {store.target}: {store.bindings} bindings{lost}")
+        for finding in store.lost:
+            print(f"  {finding}")
+
+    done = salvage.salvage(args.source, args.target, on_store=report)
+    if done.complete:
+        print(f"salvaged {len(done.stores)} stores: every record was read")
+        return 0
+    damaged = sum(1 for store in done.stores if store.lost)
+    print(f"salvaged {len(done.stores)} stores; {damaged} had unreadable parts (listed above)")
+    return 1
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -222,6 +238,10 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("file", metavar="FILE")
     load.add_argument("dir", metavar="DIR")
     load.add_argument("--force", action="store_true", help="replace stores that exist")
+
+    sub = command("salvage", _salvage, "copy every binding whose checksums verify into new stores")
+    sub.add_argument("source", help="a damaged store, or a directory of stores")
+    sub.add_argument("target", help="where the new stores go (must not exist)")
 
     sub = command("migrate", _migrate, "rewrite a store under new codecs or as another kind")
     sub.add_argument("path", help="one store")

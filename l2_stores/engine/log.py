@@ -792,6 +792,41 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
             self._fd = -1
 
 
+def salvage_log(path: str, name: str, lost: list[Finding]) -> dict[bytes, bytes | None]:
+    """The bindings of the log at ``path`` (None: removed), replayed past damaged records:
+    each record whose checksum verifies counts, in order, whole batch parts at their end;
+    what cannot be read is added to ``lost``. For salvage: not a store's load path."""
+    bindings: dict[bytes, bytes | None] = {}
+    try:
+        with open(path, "rb") as file:
+            header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name, LOG_VERSIONS)
+            buffer = file.read()
+    except (CannotLoadStore, OSError) as error:
+        offset = getattr(error, "offset", None) or 0
+        lost.append(Finding(path, offset, f"log not read: {getattr(error, 'reason', error)}"))
+        return bindings
+    size = 1 + header.key_size + header.value_size + CRC_SIZE
+    complete = len(buffer) - len(buffer) % size
+    at = 0
+    view = memoryview(buffer)[:complete]
+    while at < complete:
+        replayed = _replay_in_python(view[at:], size, header.key_size, bindings)
+        if replayed.sealed:
+            break
+        at += replayed.valid_end
+        if at < complete and not any(buffer[at:complete]):
+            break  # zeros: never written
+        if replayed.valid_end > replayed.position:  # a part cut short by what follows
+            lost.append(
+                Finding(path, HEADER_SIZE + at - replayed.valid_end + replayed.position,
+                        "a batch's part without its end: not taken")
+            )  # fmt: skip
+        if at < complete:
+            lost.append(Finding(path, HEADER_SIZE + at, "log record unreadable"))
+            at += size
+    return bindings
+
+
 def check_log(path: str, name: str = "") -> Iterator[Finding]:
     """Check every record of the log at ``path``: header, framing, op codes, checksums.
 

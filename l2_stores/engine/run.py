@@ -261,6 +261,16 @@ class _Keys(Sequence[bytes]):
         return bytes(self._buffer[start : start + self._size])
 
 
+def _decoded_row(row: bytes | memoryview, key_size: int) -> tuple[bytes, bytes | Removed] | None:
+    """A row's key and value (REMOVED for a removal), or None when its checksum fails."""
+    residue = crc32(row)
+    if residue == CRC_RESIDUE:
+        return bytes(row[:key_size]), bytes(row[key_size:-CRC_SIZE])
+    if residue == REMOVAL_RESIDUE:
+        return bytes(row[:key_size]), REMOVED
+    return None
+
+
 class Run:
     """A run opened for reading: lookups, seeks and ordered scans on its mapping."""
 
@@ -417,13 +427,7 @@ class Run:
         """Row ``index``, or None when its checksum fails."""
         g = self.geometry
         offset = g.rows + index * g.row_size
-        row = self._view[offset : offset + g.row_size]
-        residue = crc32(row)
-        if residue == CRC_RESIDUE:
-            return bytes(row[: g.key_size]), bytes(row[g.key_size : -CRC_SIZE])
-        if residue == REMOVAL_RESIDUE:
-            return bytes(row[: g.key_size]), REMOVED
-        return None
+        return _decoded_row(self._view[offset : offset + g.row_size], g.key_size)
 
     def _row_offset(self, index: int) -> int:
         return self.geometry.rows + index * self.geometry.row_size
@@ -862,9 +866,7 @@ class RunWriter:
             g.radix_bits,
             tag=self._tag,
         )
-        return (
-            file_header.encode() + run_header + crc32(run_header).to_bytes(CRC_SIZE, "little")
-        )
+        return file_header.encode() + run_header + crc32(run_header).to_bytes(CRC_SIZE, "little")
 
     def _release(self) -> None:
         """Let go of the mapping or the builder's memory."""
@@ -896,6 +898,36 @@ class RunWriter:
 
 
 MAX_FINDINGS = 20
+
+
+def salvage_run(path: str, name: str, lost: list[Finding]) -> Iterator[tuple[bytes, bytes | None]]:
+    """The rows of the run at ``path`` whose checksums verify, in key order (None: a
+    removal), read without trusting more of the file than its headers; what cannot be
+    read is added to ``lost``. For salvage: not a store's read path."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(FILTER_OFFSET)
+            header = parse_header(head[:HEADER_SIZE], MAGIC, path, name)
+            if len(head) < FILTER_OFFSET or not crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
+                raise CannotLoadStore("run header checksum mismatch", path=path, offset=HEADER_SIZE)
+            capacity = RUN_HEADER.unpack(head[HEADER_SIZE:FILTER_OFFSET])[1]
+            expected = Expected(name, header.key_size, header.value_size, header.header_size)
+            g = Geometry(expected, capacity, header.count)
+            file.seek(g.rows)
+            rows = file.read(header.count * g.row_size)
+    except (CannotLoadStore, ValueError, OSError) as error:
+        offset = getattr(error, "offset", None) or 0
+        lost.append(Finding(path, offset, f"run not read: {getattr(error, 'reason', error)}"))
+        return
+    for index in range(header.count):
+        at = index * g.row_size
+        row = rows[at : at + g.row_size]
+        found = _decoded_row(row, g.key_size) if len(row) == g.row_size else None
+        if found is None:
+            lost.append(Finding(path, g.rows + at, "run row unreadable (checksum mismatch)"))
+            continue
+        key, value = found
+        yield key, value if isinstance(value, bytes) else None
 
 
 def check_run(path: str, name: str = "") -> Iterator[Finding]:

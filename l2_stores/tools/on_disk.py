@@ -163,8 +163,9 @@ def find_stores(path: str) -> list[StoreOnDisk]:
     return found
 
 
-#: Suffixes of the stores an import builds or sets aside (see ``snapshot``): not stores.
-IMPORT_LEFTOVERS = (".import-tmp", ".import-old")
+#: Suffixes of the stores an import, a migration or a salvage builds or sets aside (see
+#: ``snapshot``, ``migration`` and ``salvage``): not stores.
+IMPORT_LEFTOVERS = (".import-tmp", ".import-old", ".migrate-tmp", ".salvage-tmp", ".salvage-index")
 
 
 def _collect(directory: str, found: list[StoreOnDisk]) -> None:
