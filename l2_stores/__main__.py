@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import demo, migration
-from .errors import StoreError
+from .errors import CannotReadFromStore, StoreError
 from .progress import Progress
 from .tools import dump, info, salvage, snapshot, verify
 from .tools.on_disk import find_stores
@@ -66,12 +66,19 @@ def _dump(args: argparse.Namespace) -> int:
     rows = dump.bindings(
         stores[0], args.limit, start=args.start, stop=args.stop, reverse=args.reverse
     )
-    for row in rows:
-        print(
-            json.dumps(row)
-            if args.json
-            else " ".join(row[k] for k in ("key", "header", "value") if k in row)
-        )
+    try:
+        for row in rows:
+            if args.json:
+                print(json.dumps(row))
+            elif args.decode and "decoded" in row:
+                decoded = row["decoded"]
+                print(" ".join(f"{k}={json.dumps(decoded[k])}" for k in decoded))
+            else:
+                print(" ".join(row[k] for k in ("key", "header", "value") if k in row))
+    except CannotReadFromStore as error:
+        sys.stdout.flush()
+        _error(f"{error} (l2-stores salvage copies every binding that can be read)")
+        return 1
     return 0
 
 
@@ -211,7 +218,17 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--start", metavar="KEY", help=f"from this key on: {key_help}")
     sub.add_argument("--stop", metavar="KEY", help=f"before this key: {key_help}")
     sub.add_argument("--reverse", action="store_true", help="in descending key order")
-    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (with the decoded key and value when the store "
+        "records its codecs)",
+    )
+    sub.add_argument(
+        "--decode",
+        action="store_true",
+        help="print keys and values decoded with the store's recorded codecs (as JSON)",
+    )
 
     sub = command(
         "snapshot", lambda args: 2, "copy a directory of stores into one archive, and back"

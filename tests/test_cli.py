@@ -29,6 +29,7 @@ from l2_stores import Mode, make_indexable, make_singleton
 from l2_stores.engine.framing import Expected
 from l2_stores.engine.run import Run
 from l2_stores.stores import identity
+from l2_stores.tools import dump
 from tests.helpers.runs import run_names
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -846,6 +847,19 @@ def test_dump_each_store(built_zoo: tuple[Path, Any], tmp_path: Path, rel: str) 
     assert set(got) == expected_lines(kind, expected[rel])
     assert_ok(as_json)
     objects = [json.loads(line) for line in lines(as_json)]
+    cls = zoo.STORES[rel][0]
+    for found in objects:  # decoded by the codecs the store recorded, as the class decodes
+        codecs = {
+            role: getattr(cls, f"{role}_codec")
+            for role in ("key", "header", "value")
+            if role in found
+        }
+        rebuilt = {
+            role: dump.jsonable(codec.parse(bytes.fromhex(found[role])))
+            for role, codec in codecs.items()
+            if identity.construct_of(identity.describe(codec)) is not None
+        }
+        assert found.pop("decoded", None) == (rebuilt or None), found
     assert canonical(objects) == canonical(expected_json(kind, expected[rel]))
 
 
@@ -882,6 +896,8 @@ def test_dump_limit(built_zoo: tuple[Path, Any], tmp_path: Path) -> None:
     got = [tuple(line.split()) for line in lines(all_)]
     assert len(got) == len(everything) and set(got) == everything
     objects = [json.loads(line) for line in lines(few_json)]
+    assert all("decoded" in found for found in objects)  # blocks records its codecs
+    objects = [{k: v for k, v in found.items() if k != "decoded"} for found in objects]
     allowed = set(canonical(expected_json("indexed_file", expected["blocks"])))
     assert len(objects) == 3 and set(canonical(objects)) <= allowed
     assert len(set(canonical(objects))) == 3

@@ -112,3 +112,24 @@ def test_archives_from_python(tmp_path: Path) -> None:
         assert dict(levels.items()) == {level: bytes([level]) * 32 for level in range(10)}
     with KINDS[0].load(tmp_path / "restored" / "head", Mode.READ_ONLY) as head:
         assert head.read() == b"h" * 8
+
+
+def test_dump_decodes_with_the_recorded_codecs(tmp_path: Path) -> None:
+    head = make_singleton(
+        "head", construct.Struct("level" / construct.Int32ub, "hash" / construct.Bytes(2))
+    )
+    with head.load(tmp_path / "head") as store:
+        store.write({"level": 7, "hash": b"\xab\xcd"})
+    proc = cli("dump", "--decode", tmp_path / "head")
+    assert proc.returncode == 0 and proc.stdout.strip() == 'value={"level": 7, "hash": "abcd"}'
+    with Levels.load(tmp_path / "levels") as levels:
+        levels.add(5, bytes(32))
+    row = json.loads(cli("dump", "--json", tmp_path / "levels").stdout)
+    assert row["decoded"] == {"key": 5, "value": "00" * 32} and row["key"] == "00000005"
+
+
+def test_dump_of_a_damaged_store_prints_what_it_can_and_names_salvage(tmp_path: Path) -> None:
+    _, damaged = healthy_and_damaged(tmp_path / "d")
+    proc = cli("dump", damaged)
+    assert proc.returncode == 1 and "salvage" in proc.stderr
+    assert 0 < len(proc.stdout.splitlines()) < 250

@@ -183,6 +183,61 @@ def render(description: Description) -> str:
     return f"{kind}({', '.join(arguments)})" if arguments else str(kind)
 
 
+def construct_of(description: Description) -> Any | None:
+    """A construct that reads what the described codec wrote, for the common codecs
+    (integers, floats, bytes, structs of them, strings, arrays...); None for others."""
+    if not isinstance(description, dict):
+        return None
+    kind = description.get("type")
+    try:
+        if kind == "int":
+            bits, signed = description["bits"], description["signed"]
+            swapped = description["order"] == "little"
+            return construct.BytesInteger(bits // 8, signed=signed, swapped=swapped)
+        if kind == "float":
+            order = {"big": ">", "little": "<", "native": "="}[description["order"]]
+            return construct.FormatField(order, {16: "e", 32: "f", 64: "d"}[description["bits"]])
+        if kind == "bytes":
+            return construct.Bytes(description["size"])
+        if kind == "GreedyBytes":
+            return construct.GreedyBytes
+        if kind == "Flag":
+            return construct.Flag
+        if kind == "VarInt":
+            return construct.VarInt
+        if kind == "struct":
+            fields = []
+            for field in description["fields"]:
+                sub = construct_of(field["codec"])
+                if sub is None:
+                    return None
+                fields.append(field["name"] / sub if field["name"] else sub)
+            return construct.Struct(*fields)
+        return _generic_construct(kind, description)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _generic_construct(kind: Any, description: dict[str, Any]) -> Any | None:
+    sub = construct_of(description.get("subcon"))
+    if kind == "StringEncoded" and sub is not None:
+        return construct.StringEncoded(sub, description["encoding"])
+    if kind == "Prefixed" and sub is not None:
+        length = construct_of(description["lengthfield"])
+        if length is not None:
+            return construct.Prefixed(length, sub, description.get("includelength", False))
+    if kind == "Array" and sub is not None and isinstance(description.get("count"), int):
+        return construct.Array(description["count"], sub)
+    if kind == "Const" and sub is not None and isinstance(description.get("value"), dict):
+        return construct.Const(bytes.fromhex(description["value"]["bytes"]), sub)
+    if kind == "Enum" and sub is not None:
+        return construct.Enum(sub, **dict(description.get("encmapping", [])))
+    if kind == "Padded" and sub is not None:
+        pattern = bytes.fromhex(description["pattern"]["bytes"])
+        return construct.Padded(description["length"], sub, pattern)
+    return None
+
+
 def size_of(description: Description) -> int | None:
     """The size in bytes of the encodings of a fixed-size description, else None."""
     if not isinstance(description, dict):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..errors import StoreError
+from ..stores import identity
 from ..stores.base import Store
 from ..stores.layout import Kind
 from .on_disk import StoreOnDisk
@@ -19,17 +21,66 @@ def bindings(
     start: str | None = None,
     stop: str | None = None,
     reverse: bool = False,
-) -> Iterator[dict[str, str]]:
+) -> Iterator[dict[str, Any]]:
     """The bindings of ``store`` with ``start <= key < stop`` (see :func:`parse_key`), as
-    ``{"key", "value"[, "header"]}`` hex strings, in key order (``reverse``: descending)."""
+    ``{"key", "value"[, "header"]}`` hex strings, in key order (``reverse``: descending);
+    with ``"decoded"`` too (role to JSON value) when the store's recorded codecs can be
+    rebuilt (see :func:`decoders`)."""
     key_size = store.sizes().key
     low = None if start is None or key_size is None else parse_key(start, key_size, store)
     high = None if stop is None or key_size is None else parse_key(stop, key_size, store)
+    parsers = decoders(store)
     opened = store.open()
     if opened is None:
         return
     with opened:
-        yield from itertools.islice(_rows(store.kind, opened, low, high, reverse), limit)
+        for row in itertools.islice(_rows(store.kind, opened, low, high, reverse), limit):
+            if parsers:
+                row["decoded"] = {
+                    role: _decoded(parsers[role], bytes.fromhex(row[role]))
+                    for role in ("key", "header", "value")
+                    if role in row and role in parsers
+                }
+            yield row
+
+
+def decoders(store: StoreOnDisk) -> dict[str, Callable[[bytes], Any]]:
+    """Per role (key, value, header), a parser rebuilt from the store's recorded codecs;
+    empty when none is recorded (a role whose codec cannot be rebuilt is left out)."""
+    try:
+        recorded = store.identity()
+    except StoreError:
+        return {}
+    if recorded is None:
+        return {}
+    found = {}
+    for role, description in recorded.codecs.items():
+        codec = identity.construct_of(description)
+        if codec is not None:
+            found[role] = codec.parse
+    return found
+
+
+def _decoded(parse: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return jsonable(parse(data))
+    except Exception as error:  # a codec's own failure: shown, not raised
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def jsonable(value: Any) -> Any:
+    """What ``construct`` parsed, as JSON values: containers as objects, bytes as hex."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, str):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return repr(value)
 
 
 def parse_key(text: str, key_size: int, store: StoreOnDisk) -> bytes:
@@ -58,7 +109,7 @@ def parse_key(text: str, key_size: int, store: StoreOnDisk) -> bytes:
 
 def _rows(
     kind: Kind, store: Store, start: bytes | None, stop: bytes | None, reverse: bool
-) -> Iterator[dict[str, str]]:
+) -> Iterator[dict[str, Any]]:
     if kind is Kind.SINGLETON:
         value = store.read()  # type: ignore[attr-defined]
         if value is not None:
