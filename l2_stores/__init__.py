@@ -5,8 +5,11 @@ A Python port of the store functors of the Octez layer-2 store library
 and return store classes; see ``shared/API.md`` and the guide in ``doc/``.
 """
 
+import logging as _logging
+
 from .batches import Batch, batch
 from .codecs import fixed
+from .engine import accel as _accel
 from .errors import (
     CannotLoadStore,
     CannotReadFromStore,
@@ -41,7 +44,18 @@ from .tools.snapshot import ArchiveSummary, export_archive, import_archive
 
 __version__ = "0.1.0"
 
+#: Whether the C accelerator is in use (built, imported, not turned off by
+#: ``L2_STORES_PURE_PYTHON``); without it every path is pure Python, several times slower.
+accelerated: bool = _accel.in_use()
+if not accelerated and not _accel.pure_python_requested():
+    _logging.getLogger("l2_stores").warning(
+        "the C accelerator is not in use, stores run on their pure-Python paths "
+        "(several times slower): %s",
+        "; ".join(_accel.missing.values()),
+    )
+
 __all__ = [
+    "accelerated",
     "ArchiveSummary",
     "Batch",
     "CannotLoadStore",

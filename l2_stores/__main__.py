@@ -11,11 +11,13 @@ import importlib
 import json
 import logging
 import os
+import platform
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import demo, migration
+from . import __version__, accelerated, demo, migration
+from .engine.accel import ENV_PURE_PYTHON, missing, pure_python_requested
 from .errors import CannotReadFromStore, StoreError
 from .progress import Progress
 from .tools import dump, info, salvage, snapshot, verify
@@ -161,6 +163,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def version_text() -> str:
+    """The version, the Python, and whether the C accelerator is in use."""
+    if accelerated:
+        state = "in use"
+    elif pure_python_requested():
+        state = f"off ({ENV_PURE_PYTHON} is set)"
+    else:
+        state = "not in use: " + "; ".join(missing.values())
+    return (
+        f"{PROG} {__version__} (Python {platform.python_version()}, "
+        f"{platform.python_implementation()}); C accelerator {state}"
+    )
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: print :func:`version_text` as it is (argparse's would rewrap it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the tool."""
     top = argparse.ArgumentParser(
@@ -168,6 +192,12 @@ def parser() -> argparse.ArgumentParser:
         description="Crash-safe stores for layer-2 rollup nodes: run the demo node, "
         "inspect, check, dump and copy stores.",
         epilog="Exit codes: 0 done, 1 a problem was found, 2 bad usage.",
+    )
+    top.add_argument(
+        "--version",
+        action=_PrintVersion,
+        nargs=0,
+        help="print the version, the Python and whether the C accelerator is in use",
     )
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

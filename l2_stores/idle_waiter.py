@@ -46,10 +46,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from .engine.accel import pure_python_requested
+from .engine.accel import load_extension
 
 __all__ = ["CIdleWaiter", "IdleWaiter", "PyIdleWaiter"]
 
@@ -340,14 +340,14 @@ class PyIdleWaiter:
         return True
 
 
+def _import_core() -> ModuleType:
+    from . import _idle_core
+
+    return _idle_core
+
+
 def _core_is_built() -> bool:
-    if pure_python_requested():
-        return False
-    try:
-        from . import _idle_core  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return load_extension("_idle_core", _import_core) is not None
 
 
 #: PyIdleWaiter's behaviour with the state in C, or None when not built.

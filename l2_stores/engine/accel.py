@@ -13,12 +13,13 @@ that chooses.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from mmap import mmap
-    from types import ModuleType
 
 ENV_PURE_PYTHON = "L2_STORES_PURE_PYTHON"
 
@@ -28,17 +29,40 @@ def pure_python_requested() -> bool:
     return os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0")
 
 
-def _load() -> ModuleType | None:
+#: Why each C extension is not in use (its name -> the reason); empty when all are.
+missing: dict[str, str] = {}
+
+
+def load_extension(name: str, importer: Callable[[], ModuleType]) -> ModuleType | None:
+    """The C extension ``importer()`` imports, or None (the reason noted in ``missing``)."""
     if pure_python_requested():
+        missing[name] = f"{ENV_PURE_PYTHON} is set"
         return None
     try:
-        from . import _accel
-    except ImportError:
+        return importer()
+    except ImportError as error:
+        missing[name] = f"{name} was not built, or not for this Python ({error})"
         return None
+
+
+def in_use() -> bool:
+    """Whether every C extension is in use."""
+    return not missing
+
+
+def _import_accel() -> ModuleType:
+    from . import _accel
+
     return _accel
 
 
-_module = _load()
+def _import_runs() -> ModuleType:
+    from . import _runs
+
+    return _runs
+
+
+_module = load_extension("_accel", _import_accel)
 if _module is not None:
     from ._accel import (
         LOG_FORMAT,
@@ -117,17 +141,7 @@ else:
     accelerated_reserve = accelerated_log_format = None
 
 
-def _load_runs() -> ModuleType | None:
-    if pure_python_requested():
-        return None
-    try:
-        from . import _runs
-    except ImportError:
-        return None
-    return _runs
-
-
-_runs_module = _load_runs()
+_runs_module = load_extension("_runs", _import_runs)
 if _runs_module is not None:
     from ._runs import FORMAT as _RUNS_FORMAT
     from ._runs import (
