@@ -178,7 +178,7 @@ class AsyncStore(Generic[S]):
         return f"<async {self._store!r}>"
 
 
-class AsyncSingletonStore(AsyncStore[SingletonStore]):
+class AsyncSingletonStore(AsyncStore[SingletonStore[Any]]):
     """The asyncio face of a :class:`~l2_stores.SingletonStore`."""
 
     async def read(self) -> Any | None:
@@ -261,7 +261,7 @@ class _Collectable(AsyncStore[S]):
         return result
 
 
-class AsyncIndexableStore(_Collectable[IndexableStore]):
+class AsyncIndexableStore(_Collectable[IndexableStore[Any, Any]]):
     """The asyncio face of an :class:`~l2_stores.IndexableStore`."""
 
     async def mem(self, key: Any) -> bool:
@@ -294,12 +294,12 @@ class AsyncIndexableRemovableStore(AsyncIndexableStore):
 
     async def remove(self, key: Any, *, flush: bool = True) -> None:
         """Unbind ``key``; a no-op when it is not bound."""
-        store = cast(IndexableRemovableStore, self._store)
+        store = cast(IndexableRemovableStore[Any, Any], self._store)
         if not store._remove_nowait(key, flush):
             await _in_thread(store.remove, key, flush=flush)
 
 
-class AsyncIndexedFile(_Collectable[IndexedFile]):
+class AsyncIndexedFile(_Collectable[IndexedFile[Any, Any, Any]]):
     """The asyncio face of an :class:`~l2_stores.IndexedFile`."""
 
     async def mem(self, key: Any) -> bool:
@@ -341,7 +341,7 @@ class AsyncSimpleIndexedFile(AsyncIndexedFile):
         self, key: Any, value: Any, *, flush: bool = True
     ) -> None:
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
-        store = cast(SimpleIndexedFile, self._store)
+        store = cast(SimpleIndexedFile[Any, Any, Any], self._store)
         header = type(store).header_of(value)
         if _looks_large(value) or not store._append_nowait(key, value, header, flush):
             await _in_thread(store._append, key, value, header, flush=flush)

@@ -155,8 +155,8 @@ class _Readers:
     def __init__(
         self,
         count: int,
-        blocks: SimpleIndexedFile,
-        levels: IndexableStore,
+        blocks: SimpleIndexedFile[Any, Any, Any],
+        levels: IndexableStore[Any, Any],
         keep: int,
         window: tuple[int, int],
     ) -> None:
@@ -224,7 +224,11 @@ class _GcRounds:
     """
 
     def __init__(
-        self, directory: str, blocks: SimpleIndexedFile, levels: IndexableStore, keep: int
+        self,
+        directory: str,
+        blocks: SimpleIndexedFile[Any, Any, Any],
+        levels: IndexableStore[Any, Any],
+        keep: int,
     ) -> None:
         self._directory, self._blocks, self._levels, self._keep = directory, blocks, levels, keep
         self._watcher: threading.Thread | None = None
@@ -286,7 +290,9 @@ def _store_paths(directory: str) -> tuple[str, str, str, str]:
     )
 
 
-def _recent_low(blocks: SimpleIndexedFile, head: int, hashed: bytes, keep: int) -> int:
+def _recent_low(
+    blocks: SimpleIndexedFile[Any, Any, Any], head: int, hashed: bytes, keep: int
+) -> int:
     """The lowest of the last ``keep`` levels reachable from the head; ``head + 1`` if none."""
     level = head
     while level > head - keep and level >= 0:
@@ -418,7 +424,10 @@ def verify(
 
 
 def _verify_chain(
-    block_store: SimpleIndexedFile, levels: IndexableStore, head: int, progress: Progress
+    block_store: SimpleIndexedFile[Any, Any, Any],
+    levels: IndexableStore[Any, Any],
+    head: int,
+    progress: Progress,
 ) -> tuple[str | None, int]:
     """Walk back from the head while blocks are found; (problem, lowest level walked)."""
     level, hashed = head, block_hash(head)
@@ -444,7 +453,7 @@ def _verify_chain(
 
 
 def _verify_window(
-    block_store: SimpleIndexedFile,
+    block_store: SimpleIndexedFile[Any, Any, Any],
     head: int,
     low: int,
     stored: int,
@@ -469,7 +478,7 @@ def _verify_window(
 
 
 def _verify_levels(
-    levels: IndexableStore, head: int, low: int, keep: int, floor: int | None
+    levels: IndexableStore[Any, Any], head: int, low: int, keep: int, floor: int | None
 ) -> str | None:
     """levels_to_hashes binds a contiguous range of levels up to the head, each to its block."""
     bound = dict(levels.items())
@@ -488,7 +497,7 @@ def _verify_levels(
     return None
 
 
-def _verify_pending(pending: IndexableStore, head: int) -> str | None:
+def _verify_pending(pending: IndexableStore[Any, Any], head: int) -> str | None:
     """The pending messages are exactly those of the last ten levels."""
     expected = {message_hash(level): level for level in range(max(0, head - 9), head + 1)}
     found = dict(pending.items())

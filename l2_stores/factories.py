@@ -27,26 +27,26 @@ def _bind(
     return type(f"{class_name or 'Store'}{base.__name__}", (base,), attributes)
 
 
-def make_singleton(name: str, value_codec: Any) -> type[SingletonStore]:
+def make_singleton(name: str, value_codec: Any) -> type[SingletonStore[Any]]:
     """A singleton store class holding one value of ``value_codec``."""
     return _bind(SingletonStore, name, value=(value_codec, False))
 
 
-def make_indexable(name: str, key_codec: Any, value_codec: Any) -> type[IndexableStore]:
+def make_indexable(name: str, key_codec: Any, value_codec: Any) -> type[IndexableStore[Any, Any]]:
     """An indexable store class; both codecs must be fixed-size."""
     return _bind(IndexableStore, name, key=(key_codec, True), value=(value_codec, True))
 
 
 def make_indexable_removable(
     name: str, key_codec: Any, value_codec: Any
-) -> type[IndexableRemovableStore]:
+) -> type[IndexableRemovableStore[Any, Any]]:
     """An indexable store class with ``remove``; both codecs must be fixed-size."""
     return _bind(IndexableRemovableStore, name, key=(key_codec, True), value=(value_codec, True))
 
 
 def make_indexed_file(
     name: str, key_codec: Any, value_codec: Any, header_codec: Any
-) -> type[IndexedFile]:
+) -> type[IndexedFile[Any, Any, Any]]:
     """An indexed-file store class: fixed-size keys and headers, values of any size."""
     return _bind(
         IndexedFile,
@@ -63,7 +63,7 @@ def make_simple_indexed_file(
     value_codec: Any,
     header_codec: Any,
     header_of: Callable[[Any], Any],
-) -> type[SimpleIndexedFile]:
+) -> type[SimpleIndexedFile[Any, Any, Any]]:
     """An indexed-file store class whose headers are ``header_of(value)``."""
     if not callable(header_of):
         raise TypeError(f"header_of must be callable, got {header_of!r}")

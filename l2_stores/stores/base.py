@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from types import TracebackType
-from typing import Any, ClassVar, NoReturn, Self, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, Self, TypeVar, overload
 
 from .. import batches
 from ..codecs import Codec
@@ -39,6 +39,12 @@ class WouldBlock:
 WOULD_BLOCK = WouldBlock()
 
 T = TypeVar("T")
+#: A store's decoded keys, values and headers, and what its point reads return.
+K = TypeVar("K")
+V = TypeVar("V")
+H = TypeVar("H")
+R = TypeVar("R")
+D = TypeVar("D")
 
 #: The stores open in this process (not their views), for ``open_stores``.
 _open: weakref.WeakSet[Store] = weakref.WeakSet()
@@ -265,44 +271,51 @@ class Store:
             raise self._decoding_error(error) from error
 
 
-class MappingReads:
+class MappingReads(Generic[K, R]):
     """The mapping protocol (``iter``, ``in``, ``[]``, ``get``) on a kind's own reads: a
-    store's, or a batch's or a snapshot's view of one."""
+    store's, or a batch's or a snapshot's view of one. ``K`` is the decoded key, ``R``
+    what a point read returns (a value; an indexed file's ``(value, header)``)."""
 
-    def mem(self, key: Any) -> bool:
+    def mem(self, key: K) -> bool:
         """True when ``key`` is bound."""
         raise NotImplementedError
 
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+    def keys(
+        self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
+    ) -> Iterator[K]:
         """The keys bound now with ``start <= key < stop`` (None: open), in key order."""
         raise NotImplementedError
 
-    def _point_read(self, key: Any) -> Any:
+    def _point_read(self, key: K) -> R | None:
         """What ``store[key]`` answers (the kind's ``find`` or ``read``), None when unbound."""
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[K]:
         """The keys, in key order."""
         return self.keys()
 
-    def __contains__(self, key: Any) -> bool:
+    def __contains__(self, key: object) -> bool:
         """``mem``."""
-        return self.mem(key)
+        return self.mem(key)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: K) -> R:
         """The kind's ``find`` (indexed files: ``read``); KeyError when ``key`` is not bound."""
         found = self._point_read(key)
         if found is None:
             raise KeyError(key)
         return found
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    @overload
+    def get(self, key: K) -> R | None: ...
+    @overload
+    def get(self, key: K, default: D) -> R | D: ...
+    def get(self, key: K, default: Any = None) -> Any:
         """The kind's ``find`` (indexed files: ``read``), or ``default`` when not bound."""
         found = self._point_read(key)
         return default if found is None else found
 
 
-class EngineStore(Store, MappingReads):
+class EngineStore(Store, MappingReads[K, R]):
     """A store kept in an engine (see ``engine.interface``): flush, sync, snapshots."""
 
     _engine: Engine
@@ -515,7 +528,7 @@ class EngineStore(Store, MappingReads):
         raise NotImplementedError
 
 
-class EngineSnapshotView(MappingReads):
+class EngineSnapshotView(MappingReads[Any, Any]):
     """An engine store as it was when a snapshot was taken (``snapshots``): what every
     kind's snapshot view shares; the kind adds its point reads."""
 

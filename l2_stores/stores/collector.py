@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from ..codecs import Codec
 from ..errors import CodecError, GcFailed
 from ..gc import Chain, Retain
-from .base import EngineStore
+from .base import EngineStore, K, R
 
 logger = logging.getLogger("l2_stores.gc")
 
@@ -63,7 +63,7 @@ class _Plan:
         self.keys = keys
 
 
-class Collectable(EngineStore):
+class Collectable(EngineStore[K, R]):
     """An engine-backed store that can be garbage-collected (``gc``)."""
 
     _gc: _GcState

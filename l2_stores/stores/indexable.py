@@ -19,13 +19,13 @@ from ..engine.interface import Snapshot as EngineSnapshot
 from ..errors import CodecError, DecodingError
 from ..idle_waiter import task_read
 from ..mode import Mode
-from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
+from .base import WOULD_BLOCK, EngineSnapshotView, K, MappingReads, V, WouldBlock
 from .collector import Collectable
 
 DEFAULT_INDEX_BUFFER_SIZE = 10_000
 
 
-class IndexableStore(Collectable):
+class IndexableStore(Collectable[K, V]):
     """Fixed-size keys bound to fixed-size values (``Make_indexable``).
 
     ``path`` is a directory. Loading ``READ_WRITE`` creates it and takes the
@@ -121,14 +121,15 @@ class IndexableStore(Collectable):
             MethodType(IndexableStore.find, weakref.proxy(self)),
         )
         if fast is not None:
-            self.find = fast  # type: ignore[method-assign]
+            self.find = fast  # type: ignore[method-assign,assignment]
 
     # -- reads (shared tasks)
 
-    def find(self, key: Any) -> Any | None:
+    def find(self, key: K) -> V | None:
         """The value bound to ``key``, or None."""
-        if type(key) is bytes and len(key) == self._bytes_key_size:
-            encoded = key
+        raw_key: Any = key  # as given: the codec decides what it takes
+        if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+            encoded = raw_key
         else:
             encoded = self._encode(self._key, key)
         waiter = self._waiter
@@ -140,16 +141,18 @@ class IndexableStore(Collectable):
         finally:
             waiter.exit_task()
         if raw is None or self._bytes_value_size >= 0:
-            return raw
+            return raw  # type: ignore[return-value]  # (a Bytes(n) codec: V is bytes)
         try:
-            return self._value.decode(raw)
+            value: V = self._value.decode(raw)
         except DecodingError as error:
             raise self._decoding_error(error) from error
+        return value
 
-    def mem(self, key: Any) -> bool:
+    def mem(self, key: K) -> bool:
         """True when ``key`` is bound."""
-        if type(key) is bytes and len(key) == self._bytes_key_size:
-            encoded = key
+        raw_key: Any = key  # as given: the codec decides what it takes
+        if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+            encoded = raw_key
         else:
             encoded = self._encode(self._key, key)
         waiter = self._waiter
@@ -184,14 +187,16 @@ class IndexableStore(Collectable):
             engine.can_put_at_once, partial(engine.put, encoded_key, encoded_value, flush=flush)
         )
 
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+    def keys(
+        self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
+    ) -> Iterator[K]:
         """The keys bound now with ``start <= key < stop`` (None: open), in key order
         (``reverse``: descending), each once."""
         return self._decoded(self._snapshot(start, stop, reverse), with_values=False)
 
     def items(
-        self, start: Any = None, stop: Any = None, *, reverse: bool = False
-    ) -> Iterator[tuple[Any, Any]]:
+        self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[K, V]]:
         """The ``(key, value)`` pairs bound now with ``start <= key < stop``, as ``keys``."""
         return self._decoded(self._snapshot(start, stop, reverse), with_values=True)
 
@@ -211,7 +216,7 @@ class IndexableStore(Collectable):
             return snapshot
         return self._decoded(snapshot, with_values=True)
 
-    def _point_read(self, key: Any) -> Any:
+    def _point_read(self, key: K) -> V | None:
         return self.find(key)  # (the instance's: its C fast path when bound)
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
@@ -233,20 +238,22 @@ class IndexableStore(Collectable):
 
     # -- writes (exclusive sections)
 
-    def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
+    def add(self, key: K, value: V, *, flush: bool = True) -> None:
         """Bind ``key`` to ``value``, replacing any earlier binding.
 
         With ``flush`` (the default) the binding survives a kill once this returns.
         """
+        raw_key: Any = key  # as given: the codecs decide what they take
+        raw_value: Any = value
         if not self._writable:
             self._check_writable("add")
         try:
-            if type(key) is bytes and len(key) == self._bytes_key_size:
-                encoded_key = key
+            if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+                encoded_key = raw_key
             else:
                 encoded_key = self._key.encode(key)
-            if type(value) is bytes and len(value) == self._bytes_value_size:
-                encoded_value = value
+            if type(raw_value) is bytes and len(raw_value) == self._bytes_value_size:
+                encoded_value = raw_value
             else:
                 encoded_value = self._value.encode(value)
         except CodecError as error:
@@ -264,12 +271,12 @@ class IndexableStore(Collectable):
             waiter.exit_exclusive()
 
 
-class IndexableRemovableStore(IndexableStore):
+class IndexableRemovableStore(IndexableStore[K, V]):
     """An indexable store whose bindings can also be removed."""
 
     _kind = "indexable_removable"
 
-    def remove(self, key: Any, *, flush: bool = True) -> None:
+    def remove(self, key: K, *, flush: bool = True) -> None:
         """Unbind ``key``; a no-op when it is not bound."""
         self._check_writable("remove")
         try:
@@ -310,7 +317,7 @@ class IndexableRemovableStore(IndexableStore):
 class _DecodedViewReads:
     """``keys`` and ``items`` of an indexable store's views, decoded from their ``_pairs``."""
 
-    _store: IndexableStore
+    _store: IndexableStore[Any, Any]
     #: The view's encoded pairs with ``start <= key < stop``, in key order (the view's own).
     _pairs: Callable[[Any, Any, bool], Iterator[tuple[bytes, bytes]]]
 
@@ -325,13 +332,13 @@ class _DecodedViewReads:
         return self._store._decoded(self._pairs(start, stop, reverse), with_values=True)
 
 
-class IndexableBatchView(_DecodedViewReads, batches.BatchView, MappingReads):
+class IndexableBatchView(_DecodedViewReads, batches.BatchView, MappingReads[Any, Any]):
     """An indexable store inside a batch: its writes held by the batch, its reads the
     store's as committed at the moment of the read with the batch's writes over them."""
 
-    _store: IndexableStore
+    _store: IndexableStore[Any, Any]
 
-    def __init__(self, batch: batches.Batch, store: IndexableStore) -> None:
+    def __init__(self, batch: batches.Batch, store: IndexableStore[Any, Any]) -> None:
         super().__init__(batch, store)
         #: The batch's last write to each key (None: a removal), encoded.
         self._writes: dict[bytes, bytes | None] = {}
@@ -404,10 +411,10 @@ class IndexableRemovableBatchView(IndexableBatchView):
 class IndexableSnapshotView(_DecodedViewReads, EngineSnapshotView):
     """An indexable store as it was when a snapshot was taken: every read, no write."""
 
-    _store: IndexableStore
+    _store: IndexableStore[Any, Any]
 
     def __init__(
-        self, snapshot: snapshots.Snapshot, store: IndexableStore, engine: EngineSnapshot
+        self, snapshot: snapshots.Snapshot, store: IndexableStore[Any, Any], engine: EngineSnapshot
     ) -> None:
         super().__init__(snapshot, store, engine)
         if store._bytes_key_size >= 0:  # the store's C fast path, on the snapshot

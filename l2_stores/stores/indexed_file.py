@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..idle_waiter import exclusive_write
 from ..mode import Mode
-from .base import WOULD_BLOCK, EngineSnapshotView, MappingReads, WouldBlock
+from .base import WOULD_BLOCK, EngineSnapshotView, H, K, MappingReads, V, WouldBlock
 from .collector import Collectable, Lookup
 from .indexable import DEFAULT_INDEX_BUFFER_SIZE
 from .layout import IDENTITY, INDEX_DIRECTORY
@@ -63,7 +63,7 @@ def _file_order(item: tuple[bytes, bytes]) -> tuple[int, int]:
     return number, offset
 
 
-class IndexedFileBase(Collectable):
+class IndexedFileBase(Collectable[K, tuple[V, H]]):
     """What both indexed-file kinds share: everything but ``append``."""
 
     key_codec: ClassVar[Any]
@@ -284,17 +284,18 @@ class IndexedFileBase(Collectable):
 
     # -- reads
 
-    def mem(self, key: Any) -> bool:
+    def mem(self, key: K) -> bool:
         """True when ``key`` has a value."""
         encoded = self._encode(self._key, key)
         with self._waiter.task():
             self._check_open()
             return self._engine.get(encoded) is not None
 
-    def header(self, key: Any) -> Any | None:
+    def header(self, key: K) -> H | None:
         """The header of ``key``'s value, or None; never reads the value."""
-        if type(key) is bytes and len(key) == self._bytes_key_size:
-            encoded = key
+        raw_key: Any = key  # as given: the codec decides what it takes
+        if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+            encoded = raw_key
         else:
             encoded = self._encode(self._key, key)
         waiter = self._waiter
@@ -308,14 +309,16 @@ class IndexedFileBase(Collectable):
         if entry is None:
             return None
         try:
-            return self._header.decode(entry[POINTER.size :])
+            header: H = self._header.decode(entry[POINTER.size :])
         except DecodingError as error:
             raise self._decoding_error(error) from error
+        return header
 
-    def read(self, key: Any) -> tuple[Any, Any] | None:
+    def read(self, key: K) -> tuple[V, H] | None:
         """The ``(value, header)`` of ``key``, or None."""
-        if type(key) is bytes and len(key) == self._bytes_key_size:
-            encoded = key
+        raw_key: Any = key  # as given: the codec decides what it takes
+        if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+            encoded = raw_key
         else:
             encoded = self._encode(self._key, key)
         cache = self._cache
@@ -372,7 +375,9 @@ class IndexedFileBase(Collectable):
         offset, length, number = POINTER.unpack_from(entry)
         return self._values.read(number, offset, length, key), entry[POINTER.size :]
 
-    def keys(self, start: Any = None, stop: Any = None, *, reverse: bool = False) -> Iterator[Any]:
+    def keys(
+        self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
+    ) -> Iterator[K]:
         """The keys with a value now and ``start <= key < stop`` (None: open), in key order
         (``reverse``: descending), each once."""
         return self._keys(self._snapshot(start, stop, reverse))
@@ -382,8 +387,8 @@ class IndexedFileBase(Collectable):
             yield self._decode(self._key, key)
 
     def items(
-        self, start: Any = None, stop: Any = None, *, reverse: bool = False
-    ) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+        self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[K, tuple[V, H]]]:
         """The ``(key, (value, header))`` pairs now with ``start <= key < stop``, as ``keys``."""
         # the values files pinned: readable even after a GC deleted them
         return self._items(*self._raw_items(start, stop, reverse))
@@ -406,7 +411,7 @@ class IndexedFileBase(Collectable):
         snapshot, pinned = taken
         return self._items(snapshot, pinned)
 
-    def _point_read(self, key: Any) -> Any:
+    def _point_read(self, key: K) -> tuple[V, H] | None:
         return self.read(key)
 
     def _items(
@@ -419,21 +424,24 @@ class IndexedFileBase(Collectable):
 
     # -- writes
 
-    def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+    def append(self, key: K, value: V, header: H, *, flush: bool = True) -> None:
         """Append ``value`` with ``header`` for ``key``; a later append for the key wins."""
+        raw_key: Any = key  # as given: the codecs decide what they take
+        raw_value: Any = value
+        raw_header: Any = header
         if not self._writable:
             self._check_writable("append")
         try:
-            if type(key) is bytes and len(key) == self._bytes_key_size:
-                encoded_key = key
+            if type(raw_key) is bytes and len(raw_key) == self._bytes_key_size:
+                encoded_key = raw_key
             else:
                 encoded_key = self._key.encode(key)
-            if type(value) is bytes and self._greedy_bytes_value:
-                encoded_value = value
+            if type(raw_value) is bytes and self._greedy_bytes_value:
+                encoded_value = raw_value
             else:
                 encoded_value = self._value.encode(value)
-            if type(header) is bytes and len(header) == self._bytes_header_size:
-                encoded_header = header
+            if type(raw_header) is bytes and len(raw_header) == self._bytes_header_size:
+                encoded_header = raw_header
             else:
                 encoded_header = self._header.encode(header)
         except CodecError as error:
@@ -644,7 +652,7 @@ def _decode_part(data: bytes, key_size: int, header_size: int) -> list[tuple[byt
     return writes
 
 
-class IndexedFile(IndexedFileBase):
+class IndexedFile(IndexedFileBase[K, V, H]):
     """Keys to values with a header given at each append (``Make_indexed_file``)."""
 
     _kind = "indexed_file"
@@ -652,25 +660,25 @@ class IndexedFile(IndexedFileBase):
     # append(key, value, header, *, flush=True) is IndexedFileBase.append
 
 
-class SimpleIndexedFile(IndexedFileBase):
+class SimpleIndexedFile(IndexedFileBase[K, V, H]):
     """Keys to values whose header is derived from the value (``Make_simple_indexed_file``)."""
 
     _kind = "simple_indexed_file"
 
     header_of: ClassVar[Callable[[Any], Any]]
 
-    def append(self, key: Any, value: Any, *, flush: bool = True) -> None:  # type: ignore[override]
+    def append(self, key: K, value: V, *, flush: bool = True) -> None:  # type: ignore[override]
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
         self._append(key, value, type(self).header_of(value), flush=flush)
 
 
-class IndexedFileBatchView(batches.BatchView, MappingReads):
+class IndexedFileBatchView(batches.BatchView, MappingReads[Any, Any]):
     """An indexed file inside a batch: its appends held by the batch, its reads the
     store's as committed at the moment of the read with the batch's appends over them."""
 
-    _store: IndexedFileBase
+    _store: IndexedFileBase[Any, Any, Any]
 
-    def __init__(self, batch: batches.Batch, store: IndexedFileBase) -> None:
+    def __init__(self, batch: batches.Batch, store: IndexedFileBase[Any, Any, Any]) -> None:
         super().__init__(batch, store)
         #: The batch's last append of each key: (value, header), encoded.
         self._writes: dict[bytes, tuple[bytes, bytes]] = {}
@@ -769,12 +777,12 @@ class IndexedFileSnapshotView(EngineSnapshotView):
     """An indexed file as it was when a snapshot was taken: every read, no write. It
     pins the values files of that moment (readable even after a GC deleted them)."""
 
-    _store: IndexedFileBase
+    _store: IndexedFileBase[Any, Any, Any]
 
     def __init__(
         self,
         snapshot: snapshots.Snapshot,
-        store: IndexedFileBase,
+        store: IndexedFileBase[Any, Any, Any],
         engine: EngineSnapshot,
         pinned: dict[int, Any],
     ) -> None:

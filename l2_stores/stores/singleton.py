@@ -38,7 +38,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Iterator
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self
 
 from .. import batches, snapshots
 from ..codecs import Codec
@@ -47,7 +47,7 @@ from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_c
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
-from .base import Store
+from .base import Store, V
 from .layout import SINGLETON_MAGIC as MAGIC
 from .layout import Kind, identity_path
 from .stats import StoreStats
@@ -78,7 +78,7 @@ class _Cache:
         self.value: Any | None = None
 
 
-class SingletonStore(Store):
+class SingletonStore(Store, Generic[V]):
     """One value, or none, kept in one file and cached in memory."""
 
     value_codec: ClassVar[Any]
@@ -203,7 +203,7 @@ class SingletonStore(Store):
             bytes_written=written,
         )
 
-    def read(self) -> Any | None:
+    def read(self) -> V | None:
         """The value, or None when nothing was written or after ``delete``."""
         with self._waiter.task():
             self._check_open()
@@ -212,7 +212,7 @@ class SingletonStore(Store):
     def _read_nowait(self) -> Any:
         return self._in_task_nowait(lambda: self._cache.value)
 
-    def write(self, value: Any) -> None:
+    def write(self, value: V) -> None:
         """Replace the value, atomically (and durably with ``fsync``)."""
         self._check_writable("write")
         encoded = self._encode(self._value, value)
@@ -433,7 +433,7 @@ def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
 class _PreparedValue:
     """A singleton's part, not taken yet."""
 
-    def __init__(self, store: SingletonStore, encoded: bytes | None, decoded: Any) -> None:
+    def __init__(self, store: SingletonStore[Any], encoded: bytes | None, decoded: Any) -> None:
         self._store = store
         self._encoded = encoded
         self._decoded = decoded
@@ -452,9 +452,9 @@ class SingletonBatchView(batches.BatchView):
     """A singleton inside a batch: its write or delete held by the batch, its read the
     store's value unless the batch wrote one."""
 
-    _store: SingletonStore
+    _store: SingletonStore[Any]
 
-    def __init__(self, batch: batches.Batch, store: SingletonStore) -> None:
+    def __init__(self, batch: batches.Batch, store: SingletonStore[Any]) -> None:
         super().__init__(batch, store)
         self._written: bytes | None = None  # encoded; None with _deleted: a delete
         self._deleted = False
@@ -489,7 +489,9 @@ class SingletonBatchView(batches.BatchView):
 class SingletonSnapshotView:
     """A singleton's value when a snapshot was taken."""
 
-    def __init__(self, snapshot: snapshots.Snapshot, store: SingletonStore, value: Any) -> None:
+    def __init__(
+        self, snapshot: snapshots.Snapshot, store: SingletonStore[Any], value: Any
+    ) -> None:
         self._snapshot = snapshot
         self._store = store
         self._value = value
