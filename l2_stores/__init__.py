@@ -49,9 +49,9 @@ __version__ = "0.1.0"
 accelerated: bool = _accel.in_use()
 if not accelerated and not _accel.pure_python_requested():
     _logging.getLogger("l2_stores").warning(
-        "the C accelerator is not in use, stores run on their pure-Python paths "
-        "(several times slower): %s",
-        "; ".join(_accel.missing.values()),
+        "the C accelerator is not in use (%s): stores run on their pure-Python paths, "
+        "several times slower; install a wheel, or build with a C compiler",
+        ", ".join(_accel.missing.values()),
     )
 
 __all__ = [

@@ -246,6 +246,23 @@ def attach(link_path: str, name: str, store_path: str) -> Membership | None:
         raise
 
 
+def retire(link_path: str, name: str, store_path: str, parts: int) -> None:
+    """Retire the store whose link file is ``link_path`` from its journal (it took
+    ``parts`` parts and its files hold them durably; it will take no more), if linked."""
+    link = read_link(link_path, name)
+    if link is None:
+        return
+    directory = link.journal_directory()
+    if directory is None:
+        return  # its journal is gone: nothing keeps its records
+    group = _open_group(directory, create=False)
+    try:
+        if group.journal.id == link.journal_id:
+            group.journal.retire(link.participant, parts)
+    finally:
+        _release_group(group)
+
+
 # ------------------------------------------------------------------- batches
 
 

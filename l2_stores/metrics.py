@@ -8,7 +8,8 @@
     metrics.register()          # in prometheus_client's default registry
     start_http_server(9100)
 
-Each metric has the labels ``store`` (its name), ``path`` and ``kind``;
+Each metric has the labels ``store`` (its name), ``path``, ``kind`` and ``mode``
+(``read_write`` or ``read_only``: one store may be loaded both ways at once);
 ``l2_stores_disk_bytes`` has ``file`` too (``runs``, ``logs``, ``values``,
 ``value``, ``other``). Counters count since the store was loaded.
 """
@@ -26,7 +27,7 @@ from .stores.stats import StoreStats
 
 __all__ = ["StoresCollector", "register"]
 
-_LABELS = ["store", "path", "kind"]
+_LABELS = ["store", "path", "kind", "mode"]
 #: StoreStats field -> (metric name, help, counter?)
 _FIELDS = {
     "bindings": ("l2_stores_bindings", "Live bindings.", False),
@@ -52,7 +53,7 @@ class StoresCollector(Collector):
             try:
                 figures.append(store.stats())
             except StoreError:
-                continue  # closed meanwhile
+                continue  # closed meanwhile, or its files gone: the others are scraped
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for field, (name, documentation, counter) in _FIELDS.items():
             kind = CounterMetricFamily if counter else GaugeMetricFamily
@@ -61,7 +62,7 @@ class StoresCollector(Collector):
             "l2_stores_disk_bytes", "Bytes on disk, by kind of file.", labels=[*_LABELS, "file"]
         )
         for stats in figures:
-            labels = [stats.name, stats.path, stats.kind]
+            labels = [stats.name, stats.path, stats.kind, stats.mode]
             for field, family in families.items():
                 family.add_metric(labels, float(getattr(stats, field)))
             for file, size in stats.disk_bytes.items():

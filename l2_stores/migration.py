@@ -22,11 +22,13 @@ old one after the switch) that the next ``migrate`` deletes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import batches
 from .engine import filesystem
 from .engine.lock import WriterLock
 from .errors import CannotLoadStore, CannotWriteToStore
@@ -36,15 +38,16 @@ from .stores import identity
 from .stores.base import Store
 from .stores.indexable import IndexableStore
 from .stores.indexed_file import IndexedFileBase, SimpleIndexedFile
-from .stores.layout import Kind, identity_path
+from .stores.layout import MIGRATION_STAGING as STAGING
+from .stores.layout import MIGRATION_SWITCHING, Kind, identity_path
 from .stores.singleton import SingletonStore
 
 __all__ = ["MigrationSummary", "migrate"]
 
-STAGING = ".migrate-tmp"
-#: Beside a singleton's staging: its switch has begun (a kill then rolls forward); it
-#: holds ``value`` or ``none``: whether the new store's value file is to replace the old.
-SWITCHING = ".switching"
+#: Beside a singleton's staging, the marker of a switch begun (a kill then rolls forward:
+#: the singleton refuses to load until then); it holds ``value`` or ``none``: whether the
+#: new store's value file is to replace the old.
+SWITCHING = MIGRATION_SWITCHING
 
 #: ``convert(key, value) -> (key, value) | None``: None drops the binding. An indexed
 #: file's value is ``(value, header)``; a singleton's key is None.
@@ -107,34 +110,72 @@ def migrate(
             "function (an indexed file's value is (value, header))"
         )
     staging = directory + STAGING
-    if os.path.exists(staging + SWITCHING):  # a singleton's switch cut short: finish it
-        lock = WriterLock(directory + ".lock", new.name, directory)
-        try:
-            _switch_singleton(staging, directory)
-        finally:
-            lock.release()
-    _remove(staging, new)
+    try:
+        if os.path.exists(staging + SWITCHING):  # a singleton's switch cut short: finish it
+            lock = WriterLock(directory + ".lock", new.name, directory)
+            try:
+                _switch_singleton(staging, directory)
+            finally:
+                lock.release()
+        _remove(staging, new)
+    except OSError as error:
+        raise CannotWriteToStore(
+            f"cannot finish an earlier migration: {error}", name=new.name, path=directory
+        ) from error
     if _already_done(old, new, directory):
         return MigrationSummary(0, 0, False)
+    if not any(map(os.path.lexists, (directory, identity_path(directory, _files(old))))):
+        raise CannotLoadStore("no store there to migrate", name=old.name, path=directory)
     source: Any = old.load(directory, Mode.READ_WRITE)  # type: ignore[attr-defined]
     try:
         read, written = _copy(source, new, staging, convert, progress)
-        filesystem.fsync_tree(staging)
-        if _files(new) is Kind.SINGLETON:
-            filesystem.fsync_tree(identity_path(staging, Kind.SINGLETON))
+        for built in (staging, identity_path(staging, Kind.SINGLETON)):
+            if os.path.exists(built):  # (a singleton that holds no value has no file)
+                filesystem.fsync_tree(built)
     except BaseException:
         source.close()
         _remove(staging, new)
         raise
-    lock_path = _lock_path(source)
+    lock_path, link_path, parts = _lock_path(source), source._link_path(), source._part_count()
     source.close()
-    lock = WriterLock(lock_path, old.name, directory)  # no writer between the close and the switch
+    # The writer lock, bare, from the close to the switch. Taking it cannot wait, so a
+    # writer may have loaded the store in between: its files must be as the close left them.
+    closed = _fingerprint(directory, lock_path)
+    lock = WriterLock(lock_path, old.name, directory)
     try:
+        if _fingerprint(directory, lock_path) != closed:
+            _remove(staging, new)
+            raise CannotWriteToStore(
+                "a writer loaded the store while it was migrated: nothing changed, run "
+                "migrate again once it is stopped",
+                name=old.name,
+                path=directory,
+            )
+        # The old store's batch parts are all in its files (its close made them durable):
+        # its journal need not keep them for it any more.
+        batches.retire(link_path, old.name, directory, parts)
         _switch(new, staging, directory)
     finally:
         lock.release()
     _remove(staging, old)
     return MigrationSummary(read, written, True)
+
+
+def _fingerprint(path: str, lock_path: str) -> list[tuple[str, int, int]]:
+    """Every file of the store at ``path`` (and its singleton's side files) but its lock:
+    name, size and modification time."""
+    found = []
+    candidates = [path] if os.path.isdir(path) else [path, path + ".batch"]
+    for root in candidates:
+        for folder, _, names in os.walk(root) if os.path.isdir(root) else [("", [], [root])]:
+            for name in names:
+                full = os.path.join(folder, name)
+                if full == lock_path:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    status = os.stat(full)
+                    found.append((full, status.st_size, status.st_mtime_ns))
+    return sorted(found)
 
 
 def _already_done(old: type[Store], new: type[Store], directory: str) -> bool:
@@ -233,6 +274,7 @@ def _switch_singleton(staging: str, directory: str) -> None:
         holds_value = marker.read() == b"value"
     if os.path.exists(new_identity):  # else the last step is done
         filesystem.remove_tree(identity_path(directory, Kind.SINGLETON))
+        filesystem.remove_tree(directory + ".batch")  # the old store's (retired) link
         filesystem.fsync_directory(parent)
         if os.path.exists(staging):
             filesystem.rename(staging, directory)

@@ -106,6 +106,25 @@ def test_journal_segments_are_trimmed_once_their_parts_are_durable(
     journal.close()
 
 
+def test_a_retired_participant_does_not_hold_the_journal_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 200)
+    journal = Journal(str(tmp_path / "j"), create=True)
+    for n in range(1, 11):
+        journal.append([Part(1, n, b"p" * 50), Part(2, n, b"q")], fsync=False)
+    assert journal.trim({1: 10}) == 0  # participant 2 unknown: nothing goes
+    journal.retire(2, 6)  # its store is gone, holding 6 parts
+    assert journal.trim({1: 10}) >= 1
+    journal.close()
+    again = Journal(str(tmp_path / "j"), create=False)  # the retirement is durable
+    assert again.retired == {2: 6}
+    again.retire(2, 10)
+    again.trim({1: 10})
+    assert len(again.segments) == 1
+    again.close()
+
+
 def test_records_across_the_room_allocated_ahead_read_back_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,14 +17,17 @@ import pytest
 
 from l2_stores import (
     CannotLoadStore,
+    CannotReadFromStore,
     Mode,
     StoreLockedError,
+    batch,
     make_indexable,
     make_indexable_removable,
     make_indexed_file,
     make_simple_indexed_file,
     migrate,
 )
+from l2_stores.engine.journal import read_link
 from tests.helpers import migrating
 from tests.helpers.child import Child
 
@@ -123,28 +126,34 @@ def test_a_failing_convert_leaves_the_old_store(tmp_path: Path) -> None:
     )
 
 
+#: Where the kills land, beside random moments: at each step of the switch.
+KILL_POINTS = {
+    "indexable": ["switching", "switched"],
+    "indexed": ["switching", "switched"],
+    "singleton": ["renaming singleton", "renamed singleton", "renaming singleton.identity"],
+}
+
+
 @pytest.mark.parametrize("kind", ["indexable", "indexed", "singleton"])
 def test_a_kill_at_any_moment_leaves_the_old_or_the_new_store(tmp_path: Path, kind: str) -> None:
     rng = random.Random(f"migration kills {kind}")
+    points: list[str | None] = [*KILL_POINTS[kind], None, None, None, None]
     seen = set()
-    for attempt in range(10):
+    for attempt, point in enumerate(points):
         root = tmp_path / str(attempt)
         path = root / kind
         migrating.build(kind, path)
         child = Child(SCRIPT, [kind, path], tmp_path / "stderr")
         assert child.wait_for(partial(child.seen, "migrating")), child.stderr()
-        time.sleep(rng.uniform(0, 0.5))
+        if point is None:
+            time.sleep(rng.uniform(0, 0.5))
+        else:
+            assert child.wait_for(partial(child.seen, point)), (point, child.lines)
         child.kill()
-        try:
-            found = migrating.read(migrating.NEW[kind], path)
-            assert found == migrating.new_state(kind), attempt
-            seen.add("new")
-        except CannotLoadStore:
-            assert migrating.read(migrating.OLD[kind], path) == migrating.old_state(kind), attempt
-            seen.add("old")
-        for name in os.listdir(root):  # nothing but the store and perhaps a leftover
+        seen.add(_what_loads(kind, path))
+        for name in os.listdir(root):  # nothing but the store and perhaps leftovers
             assert name.startswith(kind), name
-        done = migrate(
+        migrate(
             migrating.OLD[kind],
             migrating.NEW[kind],
             path,
@@ -152,8 +161,73 @@ def test_a_kill_at_any_moment_leaves_the_old_or_the_new_store(tmp_path: Path, ki
             progress=False,
         )
         assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
-        assert not [name for name in os.listdir(root) if "migrate" in name], done
-    print(f"kills left: {sorted(seen)}")
+        assert not [name for name in os.listdir(root) if "migrate" in name]
+    assert {"old", "new"} <= seen, seen
+
+
+def _what_loads(kind: str, path: Path) -> str:
+    """Which store a kill left: the old, the new (each whole), or, mid-way through a
+    singleton's switch, none until the next migrate finishes it."""
+    loads = {}
+    for which, cls in (("old", migrating.OLD[kind]), ("new", migrating.NEW[kind])):
+        try:
+            loads[which] = migrating.read(cls, path)
+        except CannotLoadStore:
+            continue
+    assert len(loads) <= 1, loads  # never both: one of them would read wrong values
+    if not loads:
+        assert kind == "singleton" and os.path.exists(f"{path}.migrate-tmp.switching")
+        return "switching"
+    ((which, found),) = loads.items()
+    expected = migrating.old_state(kind) if which == "old" else migrating.new_state(kind)
+    assert found == expected, which
+    return which
+
+
+def test_a_store_in_a_batch_journal_is_retired_from_it(tmp_path: Path) -> None:
+    levels_cls, head_cls = migrating.OLD["indexable"], migrating.OLD["singleton"]
+    with levels_cls.load(tmp_path / "levels") as levels, head_cls.load(tmp_path / "head") as head:
+        for level in range(1, 4):
+            with batch(levels, head) as (levels_b, head_b):
+                levels_b.add(level, bytes(8))
+                head_b.write(level)
+    links = [tmp_path / "levels" / "batch", tmp_path / "head.batch"]
+    participants = {read_link(str(link), "x").participant for link in links}  # type: ignore[union-attr]
+    migrate(levels_cls, migrating.NEW["indexable"], tmp_path / "levels", progress=False)
+    migrate(head_cls, migrating.NEW["singleton"], tmp_path / "head", progress=False)
+    assert not any(link.exists() for link in links)  # the new stores are in no journal yet
+    journal = tmp_path / "l2_stores.journal"
+    retired = {int(p.name.split(".")[1]) for p in journal.glob("retired.*")}
+    assert retired == participants
+    with migrating.NEW["singleton"].load(tmp_path / "head") as head:
+        assert head.read() == 3  # not the journal's old parts again, under the new codec
+    with migrating.NEW["indexable"].load(tmp_path / "levels") as levels:
+        assert list(levels.keys()) == [1, 2, 3]
+
+
+def test_an_empty_singleton_migrates(tmp_path: Path) -> None:
+    old, new = migrating.OLD["singleton"], migrating.NEW["singleton"]
+    old.load(tmp_path / "head").close()  # never written: an identity, no value
+    assert migrate(old, new, tmp_path / "head", progress=False).switched
+    with new.load(tmp_path / "head") as head:
+        assert head.read() is None
+    with old.load(tmp_path / "h2") as head:
+        head.write(5)
+    migrate(old, new, tmp_path / "h2", lambda key, value: None, progress=False)
+    with new.load(tmp_path / "h2") as head:
+        assert head.read() is None
+    with pytest.raises(CannotLoadStore, match="no store there"):
+        migrate(old, new, tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_read_only_reader_refuses_a_migrated_store(tmp_path: Path) -> None:
+    migrating.build("indexable", tmp_path / "levels")
+    old = migrating.OLD["indexable"]
+    with old.load(tmp_path / "levels", Mode.READ_ONLY) as reader:
+        migrate(old, migrating.NEW["indexable"], tmp_path / "levels", progress=False)
+        with pytest.raises(CannotReadFromStore, match="replaced"):
+            reader.sync()
 
 
 def test_the_command_line_migrates(tmp_path: Path) -> None:

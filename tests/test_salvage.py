@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,15 @@ import pytest
 from l2_stores import (
     CannotWriteToStore,
     Mode,
+    batch,
     make_indexable_removable,
     make_indexed_file,
     make_singleton,
     salvage,
 )
+from l2_stores.engine.framing import HEADER_SIZE
 from l2_stores.stores import identity
+from tests.helpers.child import Child
 
 Levels = make_indexable_removable("levels", construct.Int32ub, construct.Bytes(16))
 Blocks = make_indexed_file("blocks", construct.Int32ub, construct.GreedyBytes, construct.Bytes(4))
@@ -174,27 +178,6 @@ def test_the_command_line_salvages(tmp_path: Path) -> None:
     assert len(read(Levels, tmp_path / "out")) == 99
 
 
-SALVAGING_CHILD = """
-import sys, time
-from l2_stores import salvage
-from l2_stores.engine import filesystem
-
-class Slow(filesystem.OsFileSystem):  # widens the window of the kills
-    def fsync(self, fd):
-        time.sleep(0.01)
-        super().fsync(fd)
-
-    def rename(self, source, target):
-        time.sleep(0.05)
-        super().rename(source, target)
-
-print("salvaging", flush=True)
-with filesystem.installed(Slow()):
-    salvage(sys.argv[1], sys.argv[2])
-print("done", flush=True)
-"""
-
-
 def test_a_kill_leaves_no_target_or_the_whole_of_it(tmp_path: Path) -> None:
     rng = random.Random("salvage kills")
     source = tmp_path / "d"
@@ -203,16 +186,14 @@ def test_a_kill_leaves_no_target_or_the_whole_of_it(tmp_path: Path) -> None:
     outcomes = set()
     for attempt in range(6):
         target = tmp_path / f"out{attempt}"
-        child = subprocess.Popen(
-            [sys.executable, "-c", SALVAGING_CHILD, str(source), str(target)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.stdout is not None and child.stdout.readline() == "salvaging\n"
-        time.sleep(rng.uniform(0.2, 1.0))
+        child = Child(Path(__file__).parent / "helpers" / "salvaging.py", [source, target],
+                      tmp_path / "stderr")  # fmt: skip
+        assert child.wait_for(partial(child.seen, "salvaging")), child.stderr()
+        if attempt == 0:  # right after the target is in place
+            assert child.wait_for(partial(child.seen, f"renamed {target.name}")), child.lines
+        else:
+            time.sleep(rng.uniform(0, 0.6))
         child.kill()
-        child.wait()
-        child.stdout.close()
         if target.exists():
             outcomes.add("whole")
             assert read(Levels, target / "levels") == state
@@ -222,4 +203,51 @@ def test_a_kill_leaves_no_target_or_the_whole_of_it(tmp_path: Path) -> None:
             salvage(source, target)
             assert read(Levels, target / "levels") == state
         assert not [name for name in os.listdir(tmp_path) if "salvage" in name]
-    print(f"kills left: {sorted(outcomes)}")
+    assert outcomes == {"whole", "none"}, outcomes
+
+
+def test_a_damaged_record_inside_a_batch_part_loses_the_whole_part(tmp_path: Path) -> None:
+    """Never a mix: the part's other records do not come back as loose writes."""
+    small = make_indexable_removable("small", construct.Int32ub, construct.Bytes(4))
+    with small.load(tmp_path / "levels") as levels, Head.load(tmp_path / "head") as head:
+        for key in (1, 2, 3):
+            levels.add(key, b"old%d" % key)
+        with batch(levels, head) as (levels_b, head_b):
+            for key in (1, 2, 3):
+                levels_b.add(key, b"new%d" % key)
+            head_b.write(b"h" * 8)
+        levels.add(4, b"aft4")  # after the part: kept
+    log = tmp_path / "levels" / "log.00000000"
+    size = 1 + 4 + 4 + 4
+    data = bytearray(log.read_bytes())
+    ops = [data[at] & 0x7F for at in range(HEADER_SIZE, len(data) - size + 1, size)]
+    begin = ops.index(5)  # the part's begin; its records: sets of 1, 2, 3, then its end
+    data[HEADER_SIZE + (begin + 2) * size + 6] ^= 0xFF  # the set of key 2
+    log.write_bytes(bytes(data))
+    report = salvage(tmp_path / "levels", tmp_path / "out")
+    assert read(small, tmp_path / "out") == {1: b"old1", 2: b"old2", 3: b"old3", 4: b"aft4"}
+    reasons = " / ".join(finding.what for finding in report.stores[0].lost)
+    assert "unreadable" in reasons and "not taken" in reasons, reasons
+
+
+SINGLETON_IN_A_BATCH = """
+import os, sys, construct, l2_stores
+from l2_stores import make_indexable, make_singleton
+root = sys.argv[1]
+levels = make_indexable("levels", construct.Int32ub, construct.Bytes(4)).load(root + "/levels")
+head = make_singleton("head", construct.Bytes(8)).load(root + "/head")
+head.write(b"1" * 8)
+with l2_stores.batch(levels, head) as (levels_b, head_b):
+    levels_b.add(1, b"new1")
+    head_b.write(b"9" * 8)
+os._exit(0)  # killed: the batch's value is in the journal only
+"""
+
+
+def test_a_singleton_value_only_the_journal_holds_is_salvaged(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-c", SINGLETON_IN_A_BATCH, str(tmp_path)], check=True)
+    salvage(tmp_path / "head", tmp_path / "out")
+    with Head.load(tmp_path / "out", Mode.READ_ONLY) as head:
+        assert head.read() == b"9" * 8
+    with Head.load(tmp_path / "head") as head:
+        assert head.read() == b"9" * 8  # what a load gives

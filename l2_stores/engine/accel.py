@@ -41,7 +41,8 @@ def load_extension(name: str, importer: Callable[[], ModuleType]) -> ModuleType 
     try:
         return importer()
     except ImportError as error:
-        missing[name] = f"{name} was not built, or not for this Python ({error})"
+        absent = isinstance(error, ModuleNotFoundError) or str(error).startswith("cannot import")
+        missing[name] = f"{name} is not built" if absent else f"{name} does not load ({error})"
         return None
 
 

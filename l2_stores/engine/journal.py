@@ -33,6 +33,12 @@ bytes after it were never fsynced, what a kill or a power loss cut short
 (the writer's open cuts them off), unless a SYNCED record follows, which
 makes it corruption (``CannotLoadStore`` with file and offset).
 
+A participant that will never take parts again (a store migrated to a new
+one, see ``migration``) is retired: a file ``retired.<participant>`` holds
+the parts it took (u64, then the crc32 of those 8 bytes), written
+durably; ``trim`` counts them as held durably, so the records of a store
+that is gone do not keep the journal from shrinking.
+
 Link file (``<index directory>/batch``, or ``<singleton file>.batch``): the
 common file header (magic ``L2SLINK\\0``, count = the participant id, tag =
 the journal's id), then u16 n, the journal's path relative to the link's
@@ -86,6 +92,8 @@ LOCK = "lock"
 #: The link file's name in an index directory (a singleton's is ``<file>.batch``).
 LINK = "batch"
 _SEGMENT = re.compile(r"journal\.(\d{8})")
+_RETIRED = re.compile(r"retired\.(\d+)")
+RETIRED_PARTS = struct.Struct("<Q")
 _LINK_PATH = struct.Struct("<H")
 
 
@@ -302,6 +310,8 @@ class Journal:
             self._allocated = size
         #: Segments started since the journal was opened (the batches trim after each).
         self.rotations = 0
+        #: Retired participants and the parts they took (see ``retire``).
+        self.retired = self._read_retired()
         #: Where the bytes known durable end in the last segment.
         self._synced_end = self._segments[-1].end
         self._synced_seq = self.last_seq
@@ -411,9 +421,10 @@ class Journal:
 
     def _trim(self, durable: Mapping[int, int]) -> int:
         gone = []
+        retired = self.retired
         for segment in self._segments[:-1]:
             if any(
-                ordinal > durable.get(participant, 0)
+                ordinal > max(durable.get(participant, 0), retired.get(participant, 0))
                 for participant, ordinal in segment.ordinals.items()
             ):
                 break
@@ -424,6 +435,34 @@ class Journal:
             filesystem.fsync_directory(self.directory)
             del self._segments[: len(gone)]
         return len(gone)
+
+    def retire(self, participant: int, parts: int) -> None:
+        """Record, durably, that ``participant`` took ``parts`` parts and will take no
+        more (its store is gone): ``trim`` then treats them as held."""
+        path = os.path.join(self.directory, f"retired.{participant}")
+        temporary = path + ".tmp"
+        fd = filesystem.open_file(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            pwrite_all(fd, with_crc(RETIRED_PARTS.pack(parts)), 0)
+            filesystem.fsync(fd)
+        finally:
+            os.close(fd)
+        filesystem.rename(temporary, path)
+        filesystem.fsync_directory(self.directory)
+        with self._io:
+            self.retired[participant] = parts
+
+    def _read_retired(self) -> dict[int, int]:
+        """The retired participants (a damaged file retires nothing: its records stay)."""
+        retired = {}
+        for name in os.listdir(self.directory):
+            if (match := _RETIRED.fullmatch(name)) is None:
+                continue
+            with open(os.path.join(self.directory, name), "rb") as file:
+                data = file.read()
+            if len(data) == RETIRED_PARTS.size + CRC_SIZE and crc_ok(data):
+                (retired[int(match.group(1))],) = RETIRED_PARTS.unpack_from(data)
+        return retired
 
     # ------------------------------------------------------------ reading
 

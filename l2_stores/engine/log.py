@@ -794,8 +794,13 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
 
 def salvage_log(path: str, name: str, lost: list[Finding]) -> dict[bytes, bytes | None]:
     """The bindings of the log at ``path`` (None: removed), replayed past damaged records:
-    each record whose checksum verifies counts, in order, whole batch parts at their end;
-    what cannot be read is added to ``lost``. For salvage: not a store's load path."""
+    each record whose checksum verifies counts, in order, a batch's part at its end only;
+    what cannot be read is added to ``lost``. For salvage: not a store's load path.
+
+    After a damaged record, the records that follow are held until it is known whether
+    they were in a part: an end record drops them (the part lost its begin or a record),
+    a begin, mark or seal applies them (they were not), the log's end drops them.
+    """
     bindings: dict[bytes, bytes | None] = {}
     try:
         with open(path, "rb") as file:
@@ -805,25 +810,53 @@ def salvage_log(path: str, name: str, lost: list[Finding]) -> dict[bytes, bytes 
         offset = getattr(error, "offset", None) or 0
         lost.append(Finding(path, offset, f"log not read: {getattr(error, 'reason', error)}"))
         return bindings
-    size = 1 + header.key_size + header.value_size + CRC_SIZE
+    key_end = 1 + header.key_size
+    size = key_end + header.value_size + CRC_SIZE
     complete = len(buffer) - len(buffer) % size
-    at = 0
     view = memoryview(buffer)[:complete]
+    at = 0
     while at < complete:
         replayed = _replay_in_python(view[at:], size, header.key_size, bindings)
         if replayed.sealed:
             break
-        at += replayed.valid_end
-        if at < complete and not any(buffer[at:complete]):
-            break  # zeros: never written
-        if replayed.valid_end > replayed.position:  # a part cut short by what follows
+        if replayed.valid_end > replayed.position:
             lost.append(
-                Finding(path, HEADER_SIZE + at - replayed.valid_end + replayed.position,
+                Finding(path, HEADER_SIZE + at + replayed.position,
                         "a batch's part without its end: not taken")
             )  # fmt: skip
-        if at < complete:
-            lost.append(Finding(path, HEADER_SIZE + at, "log record unreadable"))
+        at += replayed.valid_end
+        if at >= complete or not any(view[at:complete]):
+            break  # the end, or zeros never written
+        lost.append(Finding(path, HEADER_SIZE + at, "log record unreadable"))
+        at += size
+        held: list[bytes] = []  # records after the damage, until their part is known
+        while at < complete and any(view[at:complete]):  # (zeros: never written)
+            record = bytes(view[at : at + size])
+            op = record[0] & OP_MASK
+            if crc32(record) != CRC_RESIDUE or not OP_SET <= op <= OP_END:
+                lost.append(Finding(path, HEADER_SIZE + at, "log record unreadable"))
+            elif op == OP_END:
+                lost.append(
+                    Finding(path, HEADER_SIZE + at,
+                            f"the end of a batch's part that lost records: {len(held)} "
+                            "records before it not taken")
+                )  # fmt: skip
+                held = []
+                at += size
+                break
+            elif op <= OP_REMOVE:
+                held.append(record)
+            else:  # a begin, mark or seal: the held records were in no part
+                break
             at += size
+        else:
+            if held:
+                lost.append(Finding(path, HEADER_SIZE + at, f"{len(held)} records after "
+                                    "damage, perhaps of a part cut short: not taken"))  # fmt: skip
+            break
+        for record in held:
+            value = record[key_end : size - CRC_SIZE] if record[0] & OP_MASK == OP_SET else None
+            bindings[record[1:key_end]] = value
     return bindings
 
 

@@ -141,6 +141,8 @@ class ValueFiles:
         self._follower: Callable[[ValuesFile], object] | None = None
         #: The target at the load, and its size then (see ``bytes_written``).
         self._loaded: tuple[int, int] = (-1, 0)
+        #: What ``bytes_written`` counted of the files a GC deleted since.
+        self._retired = 0
         try:
             if readonly:
                 self.refresh(floor)
@@ -196,18 +198,20 @@ class ValueFiles:
 
     def bytes_written(self) -> int:
         """The bytes appended to the values files since the load (GC copies included)."""
+        return self._retired + sum(
+            self._growth(number) for number in list_values(self.directory)[0]
+        )
+
+    def _growth(self, number: int) -> int:
+        """The bytes values file ``number`` gained since the load (0 if older, or gone)."""
         loaded, size_then = self._loaded
-        if loaded < 0:
+        if loaded < 0 or number < loaded:
             return 0
-        written = 0
-        for number in list_values(self.directory)[0]:
-            if number >= loaded:
-                try:
-                    size = os.path.getsize(self._path(number))
-                except FileNotFoundError:
-                    continue  # deleted by a GC meanwhile
-                written += size - size_then if number == loaded else size
-        return written
+        try:
+            size = os.path.getsize(self._path(number))
+        except FileNotFoundError:
+            return 0
+        return size - size_then if number == loaded else size
 
     @property
     def target(self) -> ValuesFile | None:
@@ -348,6 +352,7 @@ class ValueFiles:
             dead = [self._files.pop(n) for n in sorted(self._files) if n < floor]
         for file in dead:
             freed += file.end
+            self._retired += self._growth(file.number)
             with contextlib.suppress(FileNotFoundError):
                 filesystem.unlink(file.path)
         if dead:

@@ -17,7 +17,13 @@ from ..engine import journal
 from ..engine.files import index_bytes
 from ..engine.interface import Engine, Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
-from ..errors import CodecError, DecodingError, ReadOnlyError, StoreClosedError
+from ..errors import (
+    CannotReadFromStore,
+    CodecError,
+    DecodingError,
+    ReadOnlyError,
+    StoreClosedError,
+)
 from ..idle_waiter import IdleWaiter
 from ..mode import Mode
 from . import identity
@@ -139,6 +145,11 @@ class Store:
         """Before a load touches anything: refuse a store of another identity; True when
         the store has none recorded yet."""
         return self._checks_identity and identity.check(self.path, self._identity(), self.name)
+
+    def _check_identity_unchanged(self) -> None:
+        """At a sync: refuse when another store replaced this one's files (a migration)."""
+        if self._checks_identity:
+            identity.check_unchanged(self.path, self._identity(), self.name)
 
     def _record_identity(self, pending: bool) -> None:
         """At a ``READ_WRITE`` load, holding the lock: record the identity if ``pending``."""
@@ -352,6 +363,8 @@ class EngineStore(Store, MappingReads[K, R]):
         """``READ_ONLY``: pick up what the writer flushed since the last load or sync."""
         with self._waiter.force_idle():
             self._check_open()
+            if self.mode is Mode.READ_ONLY:
+                self._check_identity_unchanged()
             self._engine.sync()
             self._after_sync()
 
@@ -362,12 +375,19 @@ class EngineStore(Store, MappingReads[K, R]):
             self._check_open()
             engine = self._engine.stats()
             bindings = self._engine.live_count()
+        try:
+            disk = self._disk_bytes()
+        except OSError as error:
+            raise CannotReadFromStore(
+                f"cannot list the store's files: {error}", name=self.name, path=self.path
+            ) from error
         return StoreStats(
             name=self.name,
             path=self.path,
             kind=self._kind,
+            mode=self.mode.value,
             bindings=bindings,
-            disk_bytes=self._disk_bytes(),
+            disk_bytes=disk,
             runs=engine.runs,
             merges=engine.merges,
             merge_seconds=engine.merge_seconds,

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,8 @@ import construct
 
 from ..engine import filesystem
 from ..engine.framing import Finding, crc_ok, pwrite_all, with_crc
-from ..errors import CannotLoadStore
-from .layout import Kind, classify, identity_path
+from ..errors import CannotLoadStore, CannotReadFromStore
+from .layout import Kind, classify, identity_path, migration_switching
 
 MAGIC = b"L2SIDNT\0"
 IDENTITY_VERSION = 1
@@ -89,12 +90,13 @@ def _describe(codec: Any, depth: int) -> Description:
         order, char = _ORDERS.get(codec.fmtstr[0]), codec.fmtstr[1]
         if order is not None and char in _INT_FORMATS:
             bits, signed = _INT_FORMATS[char]
-            return {"type": "int", "bits": bits, "signed": signed, "order": order}
+            return {"type": "int", "bits": bits, "signed": signed, "order": _order(order, bits)}
         if order is not None and char in _FLOAT_FORMATS:
-            return {"type": "float", "bits": _FLOAT_FORMATS[char], "order": order}
+            bits = _FLOAT_FORMATS[char]
+            return {"type": "float", "bits": bits, "order": _order(order, bits)}
     if kind is construct.BytesInteger and _plain(codec.length) and _plain(codec.swapped):
-        order = "big" if codec.length == 1 or not codec.swapped else "little"
         bits, signed = 8 * codec.length, bool(codec.signed)
+        order = _order("little" if codec.swapped else "big", bits)
         return {"type": "int", "bits": bits, "signed": signed, "order": order}
     if kind is construct.Bytes and type(codec.length) is int:
         return {"type": "bytes", "size": codec.length}
@@ -105,17 +107,25 @@ def _describe(codec: Any, depth: int) -> Description:
                 {"name": sub.name, "codec": _describe(sub, depth + 1)} for sub in codec.subcons
             ],
         }
-    described: dict[str, Any] = {"type": kind.__name__.lstrip("_")}
+    described: dict[str, Any] = {"type": _class_name(kind)}
     for attribute, value in sorted(vars(codec).items()):
-        if attribute in _NOT_DESCRIBED or attribute.startswith("_"):
-            continue
-        found = _attribute(value, depth)
-        if found is not _UNDESCRIBED:
-            described[attribute] = found
+        if attribute not in _NOT_DESCRIBED and not attribute.startswith("_"):
+            described[attribute] = _attribute(value, depth)
     return described
 
 
-_UNDESCRIBED = object()
+def _order(order: str, bits: int) -> str:
+    """A byte order as stored: native resolved to this machine's; one byte has none."""
+    if bits == 8:
+        return "big"
+    return sys.byteorder if order == "native" else order
+
+
+def _class_name(kind: type) -> str:
+    """A construct class by name; another package's (a user's Adapter) with its module."""
+    if kind.__module__.split(".")[0] == "construct":
+        return kind.__name__.lstrip("_")
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _attribute(value: Any, depth: int) -> Any:
@@ -128,14 +138,16 @@ def _attribute(value: Any, depth: int) -> Any:
     if isinstance(value, bytes):
         return {"bytes": value.hex()}
     if isinstance(value, (list, tuple)):
-        items = [_attribute(item, depth) for item in value]
-        return _UNDESCRIBED if _UNDESCRIBED in items else items
+        return [_attribute(item, depth) for item in value]
     if isinstance(value, dict):
         pairs = [(_attribute(k, depth), _attribute(v, depth)) for k, v in value.items()]
-        if any(_UNDESCRIBED in pair for pair in pairs):
-            return _UNDESCRIBED
         return sorted(([str(k), v] for k, v in pairs), key=lambda pair: json.dumps(pair))
-    return _UNDESCRIBED  # functions and the like: nothing to compare
+    if isinstance(value, construct.expr.ExprMixin):  # this.n * 2
+        return {"expression": repr(value)}
+    if callable(value):  # a function's behaviour is unknown: its name at least
+        module = getattr(value, "__module__", None) or "?"
+        return {"function": f"{module}.{getattr(value, '__qualname__', repr(type(value)))}"}
+    return {"object": _class_name(type(value))}
 
 
 def _plain(value: Any) -> bool:
@@ -174,6 +186,8 @@ def render(description: Description) -> str:
         return f"Struct({', '.join(fields)})"
     if set(description) == {"bytes"}:
         return f"0x{description['bytes']}"
+    if len(description) == 1 and set(description) <= {"expression", "function", "object"}:
+        return str(next(iter(description.values())))
     arguments = [render(description["subcon"])] if "subcon" in description else []
     arguments += [
         f"{attribute}={_render_value(value)}"
@@ -430,6 +444,12 @@ def check(path: str, expected: Identity, name: str) -> bool:
 
     Raises :class:`CannotLoadStore` (see :func:`mismatch`) otherwise.
     """
+    if expected.files is Kind.SINGLETON and os.path.exists(migration_switching(path)):
+        raise CannotLoadStore(
+            "a migration's switch was cut short: run the migration again to finish it",
+            name=name,
+            path=path,
+        )
     try:
         found = found_at(path, expected.files, name)
     except OSError as error:
@@ -441,6 +461,20 @@ def check(path: str, expected: Identity, name: str) -> bool:
     if not found.same_as(expected):
         raise mismatch(expected.show(), found.show(), name=name, path=path)
     return False
+
+
+def check_unchanged(path: str, expected: Identity, name: str) -> None:
+    """At a ``READ_ONLY`` store's sync: refuse when the files at ``path`` are now another
+    store's (a migration switched them) or a singleton's switch is under way."""
+    switching = expected.files is Kind.SINGLETON and os.path.exists(migration_switching(path))
+    recorded = None if switching else read(identity_path(path, expected.files), name, path)
+    if switching or (recorded is not None and not recorded.same_as(expected)):
+        found = "a store being switched" if recorded is None else recorded.show()
+        raise CannotReadFromStore(
+            f"the store was replaced by {found} (migrated?): load it with its new class",
+            name=name,
+            path=path,
+        )
 
 
 def record(path: str, expected: Identity, name: str) -> None:

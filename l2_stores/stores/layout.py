@@ -27,6 +27,15 @@ from ..engine.value_files import list_values
 SINGLETON_MAGIC = b"L2SSING\0"
 INDEX_DIRECTORY = "index"
 IDENTITY = "identity"
+#: Where ``migrate`` builds a store's successor (``<path>.migrate-tmp``), and the marker
+#: of a singleton's switch under way beside it (see ``migration``).
+MIGRATION_STAGING = ".migrate-tmp"
+MIGRATION_SWITCHING = ".switching"
+
+
+def migration_switching(path: str) -> str:
+    """The marker that a migration's switch of the singleton at ``path`` is under way."""
+    return path + MIGRATION_STAGING + MIGRATION_SWITCHING
 
 
 class Kind(enum.Enum):

@@ -198,6 +198,7 @@ class SingletonStore(Store, Generic[V]):
             name=self.name,
             path=self.path,
             kind=self._kind,
+            mode=self.mode.value,
             bindings=bindings,
             disk_bytes=disk,
             bytes_written=written,
@@ -357,6 +358,8 @@ class SingletonStore(Store, Generic[V]):
         """``READ_ONLY``: read the value the writer last wrote."""
         with self._waiter.force_idle():
             self._check_open()
+            if self.mode is Mode.READ_ONLY:
+                self._check_identity_unchanged()
             self._cache.value = self._read_file()
 
     def _close_resources(self) -> None:

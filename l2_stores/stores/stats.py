@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(frozen=True)
 class StoreStats:
     """What ``store.stats()`` tells: counts since the store was loaded (in this process)
-    and sizes now.
+    and sizes now. ``mode`` is ``read_write`` or ``read_only``.
 
     ``disk_bytes`` splits the store's bytes on disk by kind of file: ``runs``
     (sorted runs), ``logs``, ``values`` (an indexed file's values files),
@@ -22,6 +22,7 @@ class StoreStats:
     name: str
     path: str
     kind: str
+    mode: str
     bindings: int
     disk_bytes: dict[str, int] = field(default_factory=dict)
     runs: int = 0

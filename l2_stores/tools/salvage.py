@@ -30,6 +30,7 @@ from typing import Any
 from ..engine import layout
 from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree, rename
 from ..engine.framing import FORMAT_VERSION, HEADER_SIZE, Expected, Finding, parse_header
+from ..engine.journal import LINK
 from ..engine.levels import Span, TilingError, live_and_superseded
 from ..engine.log import LOG_VERSIONS, salvage_log
 from ..engine.log import MAGIC as LOG_MAGIC
@@ -70,8 +71,8 @@ class SalvageReport:
 
     @property
     def complete(self) -> bool:
-        """True when every record of every store could be read."""
-        return not any(store.lost for store in self.stores)
+        """True when every record of every store could be read (notes aside)."""
+        return not any(finding.problem for store in self.stores for finding in store.lost)
 
 
 def salvage(
@@ -139,6 +140,11 @@ def _salvage_store(store: StoreOnDisk, destination: str, done: StoreSalvage) -> 
         sizes = _sizes(store, directory, done)
         if sizes is None:
             return
+        if os.path.exists(os.path.join(directory, LINK)):
+            done.lost.append(
+                Finding(os.path.join(directory, LINK), 0,
+                        "in a batch journal, which salvage does not read: a batch that a "
+                        "power loss took from the journal may be copied", False))  # fmt: skip
         if store.kind is Kind.INDEXABLE:
             cls: Any = raw_class(store.name, Kind.INDEXABLE, sizes)
             with cls.load(destination, Mode.READ_WRITE) as copy:
@@ -155,11 +161,20 @@ def _salvage_singleton(store: StoreOnDisk, destination: str, done: StoreSalvage)
     except CannotLoadStore as error:
         done.lost.append(Finding(store.path, error.offset or 0, error.reason))
         return
-    if found is None or found[1] is None:
+    if found is None:
         return
     value_size, encoded, _ = found
     sizes = Sizes(None, None if value_size == VARIABLE_SIZE else value_size)
     cls: Any = raw_class(store.name, Kind.SINGLETON, sizes)
+    try:  # as a load reads it: with the batches only its journal holds yet
+        with cls.load(store.path, Mode.READ_ONLY) as loaded:
+            encoded = loaded.read()
+    except StoreError as error:
+        done.lost.append(
+            Finding(error.path or store.path, error.offset or 0,
+                    f"{error.reason}: the file's own value is taken"))  # fmt: skip
+    if encoded is None:
+        return
     with cls.load(destination, Mode.READ_WRITE) as copy:
         copy.write(encoded)
     with contextlib.suppress(FileNotFoundError):

@@ -32,12 +32,13 @@ OLD: dict[str, Any] = {
     "indexed": make_indexable("blocks", construct.Int32ub, construct.Bytes(8)),
     "singleton": make_singleton("head", construct.Int32ul),
 }
+# (a singleton of the same size: a value read by the other class would be wrong, not refused)
 NEW: dict[str, Any] = {
     "indexable": make_indexable("levels", construct.Int32ub, construct.Bytes(8)),
     "indexed": make_indexed_file(
         "blocks", construct.Int32ub, construct.GreedyBytes, construct.Bytes(2)
     ),
-    "singleton": make_singleton("head", construct.Int64ub),
+    "singleton": make_singleton("head", construct.Int32ub),
 }
 
 
@@ -87,22 +88,21 @@ def read(cls: Any, path: Path) -> dict[Any, Any]:
 
 
 class SlowSwitch(filesystem.OsFileSystem):
-    """Widens the instants of the switch, so that random kills land in them."""
+    """Says when the switch's steps come (the parent may kill at one) and widens them."""
 
     def exchange(self, first: str, second: str) -> None:
         print("switching", flush=True)
         time.sleep(0.02)
         super().exchange(first, second)
+        print("switched", flush=True)
         time.sleep(0.02)
 
     def rename(self, source: str, target: str) -> None:
+        print(f"renaming {Path(target).name}", flush=True)
         time.sleep(0.01)
         super().rename(source, target)
+        print(f"renamed {Path(target).name}", flush=True)
         time.sleep(0.01)
-
-    def fsync_directory(self, path: str) -> None:
-        time.sleep(0.005)
-        super().fsync_directory(path)
 
 
 def main(kind: str, path: str) -> None:
