@@ -890,7 +890,9 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path: Path) -> None:
     names = sorted(os.listdir(directory))
     assert {n.split(".")[0] for n in names} == {"identity", "run", "lock", "log"}, names
     log = only(directory, "log.")
-    assert log.stat().st_size == HEADER_SIZE + 4 * RECORD  # and the close's mark
+    # the last ops (as many as the merges, on their threads, left there) and the close's mark
+    assert (log.stat().st_size - HEADER_SIZE) % RECORD == 0
+    assert log.stat().st_size >= HEADER_SIZE + 4 * RECORD
     assert log.read_bytes()[-RECORD] == 0x83
     probes = ABSENT | {sorted(state)[0][:31] + b"\x00"}
     rng = random.Random("sweep flips")
