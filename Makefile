@@ -81,6 +81,11 @@ check-packaging: $(DEV_STAMP)
 		2> sdist-stderr.txt; status=$$?; cat sdist-stderr.txt; \
 		grep -q "C accelerator is not in use" sdist-stderr.txt \
 		|| (echo "no warning shown without the accelerator"; exit 1); exit $$status
+	# mypy, run on a user's code outside the tree, finds the editable install of .venv
+	printf '[mypy]\nstrict = True\n[mypy-construct.*]\nignore_missing_imports = True\n' \
+		> .packaging/mypy.ini
+	cd .packaging && $(CURDIR)/$(VENV)/bin/python -m mypy --config-file mypy.ini \
+		--no-incremental $(CURDIR)/tests/typing/typed_ok.py
 	rm -rf .packaging
 
 # The guide, warnings as errors: open doc/_build/html/index.html

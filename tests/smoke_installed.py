@@ -101,7 +101,10 @@ def main() -> None:
     arguments.add_argument("--accelerated", choices=["yes", "no"], required=True)
     expected = arguments.parse_args().accelerated == "yes"
     location = Path(l2_stores.__file__).resolve()
-    assert SOURCE_TREE not in location.parents, f"imported from the source tree: {location}"
+    assert location.parent != SOURCE_TREE / "l2_stores", (
+        f"imported from the source tree: {location}"
+    )
+    assert "site-packages" in location.parts, f"not an installed package: {location}"
     assert l2_stores.accelerated is expected, f"accelerated is {l2_stores.accelerated}"
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
