@@ -45,8 +45,8 @@ from .stores.singleton import SingletonStore
 __all__ = ["MigrationSummary", "migrate"]
 
 #: Beside a singleton's staging, the marker of a switch begun (a kill then rolls forward:
-#: the singleton refuses to load until then); it holds ``value`` or ``none``: whether the
-#: new store's value file is to replace the old.
+#: the singleton refuses to load until then); it holds ``value`` or ``none`` (whether
+#: the new store's value file replaces the old), a comma, and ``identity`` or ``-``.
 SWITCHING = MIGRATION_SWITCHING
 
 #: ``convert(key, value) -> (key, value) | None``: None drops the binding. An indexed
@@ -114,7 +114,7 @@ def migrate(
         if os.path.exists(staging + SWITCHING):  # a singleton's switch cut short: finish it
             lock = WriterLock(directory + ".lock", new.name, directory)
             try:
-                _switch_singleton(staging, directory)
+                finish_singleton_switch(staging, directory)
             finally:
                 lock.release()
         _remove(staging, new)
@@ -246,43 +246,54 @@ def _put(target: Any, key: Any, value: Any) -> None:
 
 def _switch(new: type[Store], staging: str, directory: str) -> None:
     """Put the store built at ``staging`` in place of the one at ``directory``."""
-    parent = os.path.dirname(os.path.abspath(directory))
     try:
         if _files(new) is Kind.SINGLETON:
-            fd = filesystem.open_file(staging + SWITCHING, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            try:  # whether the new store holds a value: its file is then to be moved
-                os.write(fd, b"value" if os.path.exists(staging) else b"none")
-                filesystem.fsync(fd)
-            finally:
-                os.close(fd)
-            filesystem.fsync_directory(parent)
-            _switch_singleton(staging, directory)
+            switch_singleton(staging, directory)
         else:
             filesystem.exchange(staging, directory)
-            filesystem.fsync_directory(parent)
+            filesystem.fsync_directory(os.path.dirname(os.path.abspath(directory)))
     except OSError as error:
         raise CannotWriteToStore(
             f"cannot switch to the migrated store: {error}", name=new.name, path=directory
         ) from error
 
 
-def _switch_singleton(staging: str, directory: str) -> None:
-    """The singleton's switch, from wherever a kill left it (``SWITCHING`` is there)."""
+def switch_singleton(staging: str, directory: str) -> None:
+    """Put the singleton built at ``staging`` (``<directory>.migrate-tmp``: its value file
+    if it holds one, its identity file if it has one) in place of the one at ``directory``:
+    the marker first, durably, then the steps of ``finish_singleton_switch``."""
+    marker = staging + SWITCHING
+    fd = filesystem.open_file(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:  # what the new store has: a value file to move, an identity file to move
+        value = b"value" if os.path.exists(staging) else b"none"
+        has = b"identity" if os.path.exists(identity_path(staging, Kind.SINGLETON)) else b"-"
+        os.write(fd, value + b"," + has)
+        filesystem.fsync(fd)
+    finally:
+        os.close(fd)
+    filesystem.fsync_directory(os.path.dirname(os.path.abspath(directory)))
+    finish_singleton_switch(staging, directory)
+
+
+def finish_singleton_switch(staging: str, directory: str) -> None:
+    """A singleton's switch, from wherever a kill left it (its marker is there); each step
+    is done again only if it was not."""
     parent = os.path.dirname(os.path.abspath(directory))
     new_identity = identity_path(staging, Kind.SINGLETON)
     with open(staging + SWITCHING, "rb") as marker:
-        holds_value = marker.read() == b"value"
-    if os.path.exists(new_identity):  # else the last step is done
+        holds_value, _, has_identity = marker.read().partition(b",")
+    if has_identity != b"identity" or os.path.exists(new_identity):  # else all is done
         filesystem.remove_tree(identity_path(directory, Kind.SINGLETON))
         filesystem.remove_tree(directory + ".batch")  # the old store's (retired) link
         filesystem.fsync_directory(parent)
         if os.path.exists(staging):
             filesystem.rename(staging, directory)
-        elif not holds_value:
+        elif holds_value != b"value":
             filesystem.remove_tree(directory)
         filesystem.fsync_directory(parent)
-        filesystem.rename(new_identity, identity_path(directory, Kind.SINGLETON))
-        filesystem.fsync_directory(parent)
+        if has_identity == b"identity":
+            filesystem.rename(new_identity, identity_path(directory, Kind.SINGLETON))
+            filesystem.fsync_directory(parent)
     filesystem.remove_tree(staging + SWITCHING)
 
 

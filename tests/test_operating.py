@@ -17,6 +17,7 @@ from l2_stores import (
     CannotLoadStore,
     Mode,
     StoreError,
+    batch,
     export_archive,
     import_archive,
     make_indexable,
@@ -24,6 +25,8 @@ from l2_stores import (
     make_indexed_file,
     make_singleton,
 )
+from l2_stores.engine import filesystem
+from tests.helpers.faults import FailingFileSystem
 from tests.helpers.runs import run_names
 
 Levels = make_indexable("levels", construct.Int32ub, construct.Bytes(32))
@@ -133,3 +136,46 @@ def test_dump_of_a_damaged_store_prints_what_it_can_and_names_salvage(tmp_path: 
     proc = cli("dump", damaged)
     assert proc.returncode == 1 and "salvage" in proc.stderr
     assert 0 < len(proc.stdout.splitlines()) < 250
+
+
+def test_an_import_over_a_singleton_in_a_batch_does_not_bring_back_its_batches(
+    tmp_path: Path,
+) -> None:
+    head_cls = KINDS[0]
+    node = tmp_path / "node"
+    with head_cls.load(node / "head") as head, Levels.load(node / "levels") as levels:
+        head.write(b"1" * 8)
+        levels.add(1, bytes(32))
+        export_archive(node, tmp_path / "backup.tar")
+        for n in (2, 3):
+            with batch(head, levels) as (head_b, levels_b):
+                head_b.write(str(n).encode() * 8)
+                levels_b.add(n, bytes(32))
+    import_archive(tmp_path / "backup.tar", node, force=True)
+    assert not (node / "head.batch").exists()
+    journal = node / "l2_stores.journal"
+    assert list(journal.glob("retired.*")), "the replaced head still holds the journal back"
+    with head_cls.load(node / "head") as head:
+        assert head.read() == b"1" * 8  # not the replaced store's batches again
+
+
+def test_an_import_cut_short_in_a_singleton_switch_is_finished_by_the_next(
+    tmp_path: Path,
+) -> None:
+    old = make_singleton("head", construct.Int64ub)
+    new = make_singleton("head", construct.Int64ul)  # same size: a wrong read, not a refusal
+    with new.load(tmp_path / "source" / "head") as head:
+        head.write(7)
+    export_archive(tmp_path / "source", tmp_path / "backup.tar")
+    with old.load(tmp_path / "node" / "head") as head:
+        head.write(5)
+    failing = FailingFileSystem("rename")
+    failing.failures, failing.passes = 1, 3  # the new identity's rename: the switch's last step
+    with filesystem.installed(failing), pytest.raises(StoreError):
+        import_archive(tmp_path / "backup.tar", tmp_path / "node", force=True)
+    for cls in (old, new):  # mid-switch: neither class may read the value
+        with pytest.raises(CannotLoadStore, match="cut short"):
+            cls.load(tmp_path / "node" / "head", Mode.READ_ONLY)
+    import_archive(tmp_path / "backup.tar", tmp_path / "node", force=True)
+    with new.load(tmp_path / "node" / "head") as head:
+        assert head.read() == 7

@@ -31,12 +31,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .. import batches
 from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
+from ..migration import finish_singleton_switch, switch_singleton
 from ..mode import Mode
 from ..stores import identity
-from ..stores.layout import Kind, identity_path
+from ..stores.layout import MIGRATION_STAGING, Kind, identity_path, migration_switching
+from ..stores.singleton import read_singleton_file
 from .on_disk import Sizes, StoreOnDisk, find_stores, raw_class
 
 FORMAT = "l2_stores-snapshot"
@@ -251,6 +254,11 @@ def import_archive(
             for built, target, entry in zip(staged, targets, entries, strict=True):
                 _move_into_place(built, target, entry)
             staged.clear()
+        except OSError as error:
+            raise CannotWriteToStore(
+                f"import cut short: {error} (the next import finishes or undoes it)",
+                path=directory,
+            ) from error
         finally:
             for leftover in staged:
                 remove_tree(leftover.path)
@@ -460,18 +468,25 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
     """Put the store built at ``built.path`` in place of ``target`` (the caller holds its lock).
 
     A kill between the two renames of a replacement leaves the old store at
-    ``target + _ASIDE``; the next import puts it back first. A singleton's
-    identity is dropped before its value is replaced and recorded after: a
-    kill between leaves a store with no identity, which gains it at its next
-    load.
+    ``target + _ASIDE``; the next import puts it back first. A singleton (a
+    value file and an identity file) switches as ``migrate`` switches one: a
+    marker, then its files, rolled forward by the next import (or migrate);
+    the singleton it replaces leaves its batch journal.
     """
     if built.kind is Kind.SINGLETON:
-        remove_tree(identity_path(target, Kind.SINGLETON))
-        fsync_directory(os.path.dirname(os.path.abspath(target)))
-        os.replace(built.path, target)
-        fsync_directory(os.path.dirname(os.path.abspath(target)))
+        staging = target + MIGRATION_STAGING
+        for path in (staging, identity_path(staging, Kind.SINGLETON)):
+            remove_tree(path)
         if entry.get("identity") is not None:
-            _record(entry, target, built.kind)
+            _record(entry, built.path, built.kind)
+        if os.path.exists(built.path):
+            os.rename(built.path, staging)
+        if os.path.exists(identity_path(built.path, Kind.SINGLETON)):
+            os.rename(
+                identity_path(built.path, Kind.SINGLETON), identity_path(staging, Kind.SINGLETON)
+            )
+        _retire_singleton(target)
+        switch_singleton(staging, target)
     elif os.path.lexists(target):
         aside = target + _ASIDE
         remove_tree(aside)
@@ -484,8 +499,19 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
     fsync_directory(os.path.dirname(os.path.abspath(target)))
 
 
+def _retire_singleton(target: str) -> None:
+    """The singleton at ``target``, about to be replaced, leaves its batch journal."""
+    with contextlib.suppress(CannotLoadStore):  # damaged: its journal keeps its records
+        found = read_singleton_file(target)
+        if found is not None:
+            batches.retire(target + ".batch", os.path.basename(target), target, found[2])
+
+
 def _finish_interrupted_import(target: str) -> None:
-    """Undo what a killed import left at ``target``: put the old store back, drop staging."""
+    """Undo what a killed import left at ``target``: put the old store back, drop staging;
+    finish a singleton's switch."""
+    if os.path.exists(migration_switching(target)):
+        finish_singleton_switch(target + MIGRATION_STAGING, target)
     aside = target + _ASIDE
     if os.path.lexists(aside):
         if os.path.lexists(target):
