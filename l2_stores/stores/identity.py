@@ -446,7 +446,8 @@ def check(path: str, expected: Identity, name: str) -> bool:
     """
     if expected.files is Kind.SINGLETON and os.path.exists(migration_switching(path)):
         raise CannotLoadStore(
-            "a migration's switch was cut short: run the migration again to finish it",
+            "its replacement (by migrate or a snapshot import) was cut short: run it again "
+            "to finish it",
             name=name,
             path=path,
         )
