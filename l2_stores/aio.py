@@ -27,13 +27,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Self, TypeVar, cast, overload
 
 from . import batches, snapshots
 from .gc import Chain, Retain
 from .idle_waiter import IdleWaiter
 from .mode import Mode
-from .stores.base import WOULD_BLOCK, Store
+from .stores.base import WOULD_BLOCK, H, K, Store, V
 from .stores.indexable import IndexableRemovableStore, IndexableStore
 from .stores.indexed_file import INLINE_VALUE_SIZE, IndexedFile, SimpleIndexedFile
 from .stores.singleton import SingletonStore
@@ -178,17 +178,17 @@ class AsyncStore(Generic[S]):
         return f"<async {self._store!r}>"
 
 
-class AsyncSingletonStore(AsyncStore[SingletonStore[Any]]):
+class AsyncSingletonStore(AsyncStore[SingletonStore[Any]], Generic[V]):
     """The asyncio face of a :class:`~l2_stores.SingletonStore`."""
 
-    async def read(self) -> Any | None:
+    async def read(self) -> V | None:
         """The value, or None."""
         value = self._store._read_nowait()
         if value is WOULD_BLOCK:
             return await _in_thread(self._store.read)
-        return value
+        return value  # type: ignore[no-any-return]
 
-    async def write(self, value: Any) -> None:
+    async def write(self, value: V) -> None:
         """Replace the value, atomically and durably (fsync: in a worker thread)."""
         await _in_thread(self._store.write, value)
 
@@ -261,84 +261,84 @@ class _Collectable(AsyncStore[S]):
         return result
 
 
-class AsyncIndexableStore(_Collectable[IndexableStore[Any, Any]]):
+class AsyncIndexableStore(_Collectable[IndexableStore[Any, Any]], Generic[K, V]):
     """The asyncio face of an :class:`~l2_stores.IndexableStore`."""
 
-    async def mem(self, key: Any) -> bool:
+    async def mem(self, key: K) -> bool:
         """True when ``key`` is bound."""
         found = self._store._mem_nowait(key)
         if found is WOULD_BLOCK:
             return await _in_thread(self._store.mem, key)
         return bool(found)
 
-    async def find(self, key: Any) -> Any | None:
+    async def find(self, key: K) -> V | None:
         """The value bound to ``key``, or None."""
         value = self._store._find_nowait(key)
         if value is WOULD_BLOCK:
             return await _in_thread(self._store.find, key)
-        return value
+        return value  # type: ignore[no-any-return]
 
-    async def get(self, key: Any, default: Any = None) -> Any:
+    async def get(self, key: K, default: Any = None) -> V | Any:
         """The value bound to ``key``, or ``default``."""
         value = await self.find(key)
         return default if value is None else value
 
-    async def add(self, key: Any, value: Any, *, flush: bool = True) -> None:
+    async def add(self, key: K, value: V, *, flush: bool = True) -> None:
         """Bind ``key`` to ``value``; durable on return with ``flush``."""
         if not self._store._add_nowait(key, value, flush):
             await _in_thread(self._store.add, key, value, flush=flush)
 
 
-class AsyncIndexableRemovableStore(AsyncIndexableStore):
+class AsyncIndexableRemovableStore(AsyncIndexableStore[K, V]):
     """The asyncio face of an :class:`~l2_stores.IndexableRemovableStore`."""
 
-    async def remove(self, key: Any, *, flush: bool = True) -> None:
+    async def remove(self, key: K, *, flush: bool = True) -> None:
         """Unbind ``key``; a no-op when it is not bound."""
         store = cast(IndexableRemovableStore[Any, Any], self._store)
         if not store._remove_nowait(key, flush):
             await _in_thread(store.remove, key, flush=flush)
 
 
-class AsyncIndexedFile(_Collectable[IndexedFile[Any, Any, Any]]):
+class AsyncIndexedFile(_Collectable[IndexedFile[Any, Any, Any]], Generic[K, V, H]):
     """The asyncio face of an :class:`~l2_stores.IndexedFile`."""
 
-    async def mem(self, key: Any) -> bool:
+    async def mem(self, key: K) -> bool:
         """True when ``key`` has a value."""
         found = self._store._mem_nowait(key)
         if found is WOULD_BLOCK:
             return await _in_thread(self._store.mem, key)
         return bool(found)
 
-    async def header(self, key: Any) -> Any | None:
+    async def header(self, key: K) -> H | None:
         """The header of ``key``'s value, or None."""
         header = self._store._header_nowait(key)
         if header is WOULD_BLOCK:
             return await _in_thread(self._store.header, key)
-        return header
+        return header  # type: ignore[no-any-return]
 
-    async def read(self, key: Any) -> tuple[Any, Any] | None:
+    async def read(self, key: K) -> tuple[V, H] | None:
         """The ``(value, header)`` of ``key``, or None (large values: in a worker thread)."""
         found = self._store._read_nowait(key)
         if found is WOULD_BLOCK:
             return await _in_thread(self._store.read, key)
         return found  # type: ignore[no-any-return]
 
-    async def get(self, key: Any, default: Any = None) -> Any:
+    async def get(self, key: K, default: Any = None) -> tuple[V, H] | Any:
         """The ``(value, header)`` of ``key``, or ``default``."""
         found = await self.read(key)
         return default if found is None else found
 
-    async def append(self, key: Any, value: Any, header: Any, *, flush: bool = True) -> None:
+    async def append(self, key: K, value: V, header: H, *, flush: bool = True) -> None:
         """Append ``value`` with ``header`` for ``key``; a later append wins."""
         if _looks_large(value) or not self._store._append_nowait(key, value, header, flush):
             await _in_thread(self._store.append, key, value, header, flush=flush)
 
 
-class AsyncSimpleIndexedFile(AsyncIndexedFile):
+class AsyncSimpleIndexedFile(AsyncIndexedFile[K, V, H]):
     """The asyncio face of a :class:`~l2_stores.SimpleIndexedFile`."""
 
     async def append(  # type: ignore[override]
-        self, key: Any, value: Any, *, flush: bool = True
+        self, key: K, value: V, *, flush: bool = True
     ) -> None:
         """Append ``value`` for ``key`` with the header ``header_of(value)``."""
         store = cast(SimpleIndexedFile[Any, Any, Any], self._store)
@@ -433,6 +433,18 @@ _FACES: list[tuple[type[Store], type[AsyncStore[Any]]]] = [
 ]
 
 
+@overload
+def wrap(store: SimpleIndexedFile[K, V, H]) -> AsyncSimpleIndexedFile[K, V, H]: ...
+@overload
+def wrap(store: IndexedFile[K, V, H]) -> AsyncIndexedFile[K, V, H]: ...
+@overload
+def wrap(store: IndexableRemovableStore[K, V]) -> AsyncIndexableRemovableStore[K, V]: ...
+@overload
+def wrap(store: IndexableStore[K, V]) -> AsyncIndexableStore[K, V]: ...
+@overload
+def wrap(store: SingletonStore[V]) -> AsyncSingletonStore[V]: ...
+@overload
+def wrap(store: Store) -> Any: ...
 def wrap(store: Store) -> Any:
     """The asyncio face of the open ``store``."""
     for kind, face in _FACES:
@@ -441,6 +453,31 @@ def wrap(store: Store) -> Any:
     raise TypeError(f"not an l2_stores store: {store!r}")
 
 
+_Path = str | os.PathLike[str]
+
+
+@overload
+async def load(
+    cls: type[SimpleIndexedFile[K, V, H]], path: _Path, mode: Mode = ..., **options: Any
+) -> AsyncSimpleIndexedFile[K, V, H]: ...
+@overload
+async def load(
+    cls: type[IndexedFile[K, V, H]], path: _Path, mode: Mode = ..., **options: Any
+) -> AsyncIndexedFile[K, V, H]: ...
+@overload
+async def load(
+    cls: type[IndexableRemovableStore[K, V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AsyncIndexableRemovableStore[K, V]: ...
+@overload
+async def load(
+    cls: type[IndexableStore[K, V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AsyncIndexableStore[K, V]: ...
+@overload
+async def load(
+    cls: type[SingletonStore[V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AsyncSingletonStore[V]: ...
+@overload
+async def load(cls: type[Store], path: _Path, mode: Mode = ..., **options: Any) -> Any: ...
 async def load(
     cls: type[Store], path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE, **options: Any
 ) -> Any:

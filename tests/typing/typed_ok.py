@@ -6,6 +6,7 @@ from l2_stores import (
     IndexableStore,
     IndexedFile,
     SingletonStore,
+    aio,
     make_indexable,
     make_indexed_file,
     make_singleton,
@@ -37,3 +38,11 @@ def header_of(blocks: IndexedFile[bytes, bytes, int], key: bytes) -> int | None:
 def level_of(head: SingletonStore[int]) -> int | None:
     head.write(3)
     return head.read()
+
+
+async def async_level(path: str) -> bytes | None:
+    levels = await aio.load(Levels, path)
+    await levels.add(1, b"x" * 32)
+    found: bytes | None = await levels.find(1)
+    await levels.close()
+    return found

@@ -4,7 +4,7 @@
 
 import construct
 
-from l2_stores import IndexableStore, SingletonStore, make_indexable, make_singleton
+from l2_stores import IndexableStore, SingletonStore, aio, make_indexable, make_singleton
 
 Levels: type[IndexableStore[int, bytes]] = make_indexable(
     "levels", construct.Int32ub, construct.Bytes(32)
@@ -16,3 +16,8 @@ def mistakes(levels: IndexableStore[int, bytes], head: SingletonStore[int]) -> s
     levels.add("not an int", 5)  # wrong twice: the key and the value
     head.write("x")  # wrong: the head is an int
     return levels.find(1)  # wrong: a value is bytes
+
+
+async def async_mistake(path: str) -> None:
+    levels = await aio.load(Levels, path)
+    await levels.add(1, "not bytes")  # wrong: the value is bytes
