@@ -80,7 +80,7 @@ check-packaging: $(DEV_STAMP)
 	cd .packaging && sdist/bin/python $(CURDIR)/tests/smoke_installed.py --accelerated no \
 		2> sdist-stderr.txt; status=$$?; cat sdist-stderr.txt; \
 		grep -q "C accelerator is not in use" sdist-stderr.txt \
-		|| (echo "no warning shown without the accelerator"; exit 1); exit $$status
+		|| { echo "no warning shown without the accelerator"; exit 1; }; exit $$status
 	# mypy, run on a user's code outside the tree, finds the editable install of .venv
 	printf '[mypy]\nstrict = True\n[mypy-construct.*]\nignore_missing_imports = True\n' \
 		> .packaging/mypy.ini

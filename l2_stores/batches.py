@@ -246,6 +246,36 @@ def attach(link_path: str, name: str, store_path: str) -> Membership | None:
         raise
 
 
+class Retirements:
+    """The journals of stores about to be replaced, opened (and so locked) up front; once
+    the stores are replaced, ``retire`` retires them (see ``retire``)."""
+
+    def __init__(self, link_paths: Sequence[str]) -> None:
+        self._held: list[tuple[_Group, Link]] = []
+        try:
+            for path in link_paths:
+                link = read_link(path, os.path.basename(path))
+                directory = None if link is None else link.journal_directory()
+                if link is not None and directory is not None:
+                    self._held.append((_open_group(directory, create=False), link))
+        except BaseException:
+            self.release()
+            raise
+
+    def retire(self) -> None:
+        """Retire every store: gone for good, whatever the journals still hold of them."""
+        for group, link in self._held:
+            if group.journal.id == link.journal_id:
+                held = max(group.journal.parts_of(link.participant), default=0)
+                group.journal.retire(link.participant, held)
+
+    def release(self) -> None:
+        """Let go of the journals."""
+        held, self._held = self._held, []
+        for group, _ in held:
+            _release_group(group)
+
+
 def retire(link_path: str, name: str, store_path: str, parts: int) -> None:
     """Retire the store whose link file is ``link_path`` from its journal (it took
     ``parts`` parts and its files hold them durably; it will take no more), if linked."""
@@ -258,7 +288,10 @@ def retire(link_path: str, name: str, store_path: str, parts: int) -> None:
     group = _open_group(directory, create=False)
     try:
         if group.journal.id == link.journal_id:
-            group.journal.retire(link.participant, parts)
+            # gone for good: what the journal holds of it need not be kept either (a
+            # singleton's file may lag the parts the journal holds, after a kill)
+            held = max(group.journal.parts_of(link.participant), default=0)
+            group.journal.retire(link.participant, max(parts, held))
     finally:
         _release_group(group)
 

@@ -48,6 +48,7 @@ __all__ = ["MigrationSummary", "migrate"]
 #: the singleton refuses to load until then); it holds ``value`` or ``none`` (whether
 #: the new store's value file replaces the old), a comma, and ``identity`` or ``-``.
 SWITCHING = MIGRATION_SWITCHING
+_MARKERS = {b"value,identity", b"value,-", b"none,identity", b"none,-"}
 
 #: ``convert(key, value) -> (key, value) | None``: None drops the binding. An indexed
 #: file's value is ``(value, header)``; a singleton's key is None.
@@ -263,7 +264,8 @@ def switch_singleton(staging: str, directory: str) -> None:
     if it holds one, its identity file if it has one) in place of the one at ``directory``:
     the marker first, durably, then the steps of ``finish_singleton_switch``."""
     marker = staging + SWITCHING
-    fd = filesystem.open_file(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    temporary = marker + ".tmp"  # the marker appears whole, or not at all
+    fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:  # what the new store has: a value file to move, an identity file to move
         value = b"value" if os.path.exists(staging) else b"none"
         has = b"identity" if os.path.exists(identity_path(staging, Kind.SINGLETON)) else b"-"
@@ -271,6 +273,7 @@ def switch_singleton(staging: str, directory: str) -> None:
         filesystem.fsync(fd)
     finally:
         os.close(fd)
+    filesystem.rename(temporary, marker)
     filesystem.fsync_directory(os.path.dirname(os.path.abspath(directory)))
     finish_singleton_switch(staging, directory)
 
@@ -281,7 +284,11 @@ def finish_singleton_switch(staging: str, directory: str) -> None:
     parent = os.path.dirname(os.path.abspath(directory))
     new_identity = identity_path(staging, Kind.SINGLETON)
     with open(staging + SWITCHING, "rb") as marker:
-        holds_value, _, has_identity = marker.read().partition(b",")
+        content = marker.read()
+    if content not in _MARKERS:  # not one this code wrote whole: no switch began
+        filesystem.remove_tree(staging + SWITCHING)
+        return
+    holds_value, _, has_identity = content.partition(b",")
     if has_identity != b"identity" or os.path.exists(new_identity):  # else all is done
         filesystem.remove_tree(identity_path(directory, Kind.SINGLETON))
         filesystem.remove_tree(directory + ".batch")  # the old store's (retired) link
@@ -302,6 +309,7 @@ def _remove(staging: str, cls: type[Store]) -> None:
     paths = [staging]
     if _files(cls) is Kind.SINGLETON:
         paths += [staging + ".lock", identity_path(staging, Kind.SINGLETON), staging + ".tmp"]
+        paths.append(staging + SWITCHING + ".tmp")
     if any(os.path.lexists(path) for path in paths):
         for path in paths:
             filesystem.remove_tree(path)

@@ -130,7 +130,13 @@ def test_a_failing_convert_leaves_the_old_store(tmp_path: Path) -> None:
 KILL_POINTS = {
     "indexable": ["switching", "switched"],
     "indexed": ["switching", "switched"],
-    "singleton": ["renaming singleton", "renamed singleton", "renaming singleton.identity"],
+    "singleton": [
+        "renamed singleton.migrate-tmp",  # the new value written: the old store stays
+        "renaming singleton.migrate-tmp.switching",  # the marker, not yet in place
+        "renaming singleton",
+        "renamed singleton",
+        "renaming singleton.identity",
+    ],
 }
 
 
@@ -266,3 +272,14 @@ def test_the_command_line_migrates(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 1 and "nowhere" in bad.stderr
+
+
+def test_a_marker_cut_short_means_no_switch_began(tmp_path: Path) -> None:
+    """A kill as the marker was written leaves it empty: the next migrate must not take
+    it for a switch under way (it would move the value without its identity)."""
+    path = tmp_path / "singleton"
+    migrating.build("singleton", path)
+    Path(f"{path}.migrate-tmp.switching").write_bytes(b"")
+    migrate(migrating.OLD["singleton"], migrating.NEW["singleton"], path,
+            lambda k, v: migrating.convert("singleton", k, v), progress=False)  # fmt: skip
+    assert migrating.read(migrating.NEW["singleton"], path) == migrating.new_state("singleton")

@@ -33,13 +33,19 @@ from typing import IO, Any
 
 from .. import batches
 from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree
+from ..engine.journal import LINK
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..migration import finish_singleton_switch, switch_singleton
 from ..mode import Mode
 from ..stores import identity
-from ..stores.layout import MIGRATION_STAGING, Kind, identity_path, migration_switching
-from ..stores.singleton import read_singleton_file
+from ..stores.layout import (
+    INDEX_DIRECTORY,
+    MIGRATION_STAGING,
+    Kind,
+    identity_path,
+    migration_switching,
+)
 from .on_disk import Sizes, StoreOnDisk, find_stores, raw_class
 
 FORMAT = "l2_stores-snapshot"
@@ -229,8 +235,13 @@ def import_archive(
     with tar:
         entries = _checked_manifest(tar, archive)
         targets = [os.path.join(directory, os.path.normpath(entry["path"])) for entry in entries]
-        for target in targets:
-            _finish_interrupted_import(target)
+        try:
+            for target in targets:
+                _finish_interrupted_import(target)
+        except OSError as error:
+            raise CannotWriteToStore(
+                f"cannot finish an earlier import: {error}", path=directory
+            ) from error
         existing = [target for target in targets if os.path.lexists(target)]
         if existing and not force:
             raise CannotWriteToStore(
@@ -241,6 +252,16 @@ def import_archive(
         kinds = [Kind(entry["kind"]) for entry in entries]
         locks = _lock_existing(targets, kinds)  # refuses a store a writer holds, up front
         staged: list[StoreOnDisk] = []
+        # The journals of the stores replaced, up front too (another process may hold one):
+        # once replaced, they leave them (their batches must not come back, nor keep the
+        # journals from shrinking).
+        replaced = [_link_path(target, kind) for target, kind in zip(targets, kinds, strict=True)]
+        try:
+            retirements = batches.Retirements(replaced)
+        except BaseException:
+            for lock in locks:
+                lock.release()
+            raise
         try:
             total = 0
             for entry, target, kind in zip(entries, targets, kinds, strict=True):
@@ -254,6 +275,7 @@ def import_archive(
             for built, target, entry in zip(staged, targets, entries, strict=True):
                 _move_into_place(built, target, entry)
             staged.clear()
+            retirements.retire()
         except OSError as error:
             raise CannotWriteToStore(
                 f"import cut short: {error} (the next import finishes or undoes it)",
@@ -264,6 +286,7 @@ def import_archive(
                 remove_tree(leftover.path)
                 if leftover.kind is Kind.SINGLETON:
                     remove_tree(leftover.lock_path)
+            retirements.release()
             for lock in locks:
                 lock.release()
     return ArchiveSummary(len(entries), total, os.path.getsize(archive))
@@ -485,7 +508,6 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
             os.rename(
                 identity_path(built.path, Kind.SINGLETON), identity_path(staging, Kind.SINGLETON)
             )
-        _retire_singleton(target)
         switch_singleton(staging, target)
     elif os.path.lexists(target):
         aside = target + _ASIDE
@@ -499,19 +521,24 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
     fsync_directory(os.path.dirname(os.path.abspath(target)))
 
 
-def _retire_singleton(target: str) -> None:
-    """The singleton at ``target``, about to be replaced, leaves its batch journal."""
-    with contextlib.suppress(CannotLoadStore):  # damaged: its journal keeps its records
-        found = read_singleton_file(target)
-        if found is not None:
-            batches.retire(target + ".batch", os.path.basename(target), target, found[2])
+def _link_path(target: str, kind: Kind) -> str:
+    """Where the store of ``kind`` at ``target`` keeps its batch link."""
+    if kind is Kind.SINGLETON:
+        return target + "." + LINK
+    if kind is Kind.INDEXED_FILE:
+        return os.path.join(target, INDEX_DIRECTORY, LINK)
+    return os.path.join(target, LINK)
 
 
 def _finish_interrupted_import(target: str) -> None:
     """Undo what a killed import left at ``target``: put the old store back, drop staging;
     finish a singleton's switch."""
     if os.path.exists(migration_switching(target)):
-        finish_singleton_switch(target + MIGRATION_STAGING, target)
+        lock = WriterLock(target + ".lock", os.path.basename(target), target)
+        try:
+            finish_singleton_switch(target + MIGRATION_STAGING, target)
+        finally:
+            lock.release()
     aside = target + _ASIDE
     if os.path.lexists(aside):
         if os.path.lexists(target):
