@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast, overload
 
@@ -486,11 +486,41 @@ async def load(
     return wrap(store)
 
 
-@asynccontextmanager
-async def open(
+@overload
+def open(
+    cls: type[SimpleIndexedFile[K, V, H]], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[AsyncSimpleIndexedFile[K, V, H]]: ...
+@overload
+def open(
+    cls: type[IndexedFile[K, V, H]], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[AsyncIndexedFile[K, V, H]]: ...
+@overload
+def open(
+    cls: type[IndexableRemovableStore[K, V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[AsyncIndexableRemovableStore[K, V]]: ...
+@overload
+def open(
+    cls: type[IndexableStore[K, V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[AsyncIndexableStore[K, V]]: ...
+@overload
+def open(
+    cls: type[SingletonStore[V]], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[AsyncSingletonStore[V]]: ...
+@overload
+def open(
+    cls: type[Store], path: _Path, mode: Mode = ..., **options: Any
+) -> AbstractAsyncContextManager[Any]: ...
+def open(
     cls: type[Store], path: str | os.PathLike[str], mode: Mode = Mode.READ_WRITE, **options: Any
+) -> AbstractAsyncContextManager[Any]:
+    """Load the store as :func:`load` does, and close it on exit (``async with``)."""
+    return _opened(cls, path, mode, **options)
+
+
+@asynccontextmanager
+async def _opened(
+    cls: type[Store], path: str | os.PathLike[str], mode: Mode, **options: Any
 ) -> AsyncIterator[Any]:
-    """Load the store as :func:`load` does, and close it on exit."""
     store = await load(cls, path, mode, **options)
     try:
         yield store

@@ -46,3 +46,9 @@ async def async_level(path: str) -> bytes | None:
     found: bytes | None = await levels.find(1)
     await levels.close()
     return found
+
+
+async def async_header(path: str) -> int | None:
+    async with aio.open(Blocks, path) as blocks:
+        await blocks.append(b"k" * 32, b"value", 7)
+        return await blocks.header(b"k" * 32)

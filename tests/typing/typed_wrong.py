@@ -21,3 +21,8 @@ def mistakes(levels: IndexableStore[int, bytes], head: SingletonStore[int]) -> s
 async def async_mistake(path: str) -> None:
     levels = await aio.load(Levels, path)
     await levels.add(1, "not bytes")  # wrong: the value is bytes
+
+
+async def async_open_mistake(path: str) -> None:
+    async with aio.open(Head, path) as head:
+        await head.write("x")  # wrong: the head is an int
