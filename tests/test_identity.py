@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -28,6 +27,7 @@ from l2_stores.engine.filesystem import installed
 from l2_stores.stores import identity
 from tests.helpers import format1
 from tests.helpers.faults import FailingFileSystem
+from tests.helpers.tree import tree
 
 K = construct.Int32ub
 V = construct.Bytes(8)
@@ -54,18 +54,6 @@ def fill(cls: Any, path: Path) -> None:
             store.append(1, b"value")
         else:
             store.add(1, b"v" * 8)
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Every file and directory under ``root`` with its bytes (None: a directory)."""
-    found: dict[str, bytes | None] = {}
-    for folder, directories, files in os.walk(root):
-        for name in directories:
-            found[os.path.relpath(os.path.join(folder, name), root)] = None
-        for name in files:
-            full = os.path.join(folder, name)
-            found[os.path.relpath(full, root)] = Path(full).read_bytes()
-    return found
 
 
 def refused(cls: Any, path: Path, mode: Mode, root: Path) -> CannotLoadStore:

@@ -30,19 +30,9 @@ from l2_stores import (
 from l2_stores.engine.journal import read_link
 from tests.helpers import migrating
 from tests.helpers.child import Child
+from tests.helpers.tree import tree
 
 SCRIPT = Path(migrating.__file__)
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    found: dict[str, bytes | None] = {}
-    for folder, directories, files in os.walk(root):
-        for name in directories:
-            found[os.path.relpath(os.path.join(folder, name), root)] = None
-        for name in files:
-            full = os.path.join(folder, name)
-            found[os.path.relpath(full, root)] = Path(full).read_bytes()
-    return found
 
 
 @pytest.mark.parametrize("kind", ["indexable", "indexed", "singleton"])
