@@ -182,6 +182,20 @@ def test_dense_counters_agree(
     assert_agree(c, python, probes, model)
 
 
+def test_unevenly_spread_keys_agree(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Keys far from evenly spread within a fence (cubes, tight clusters beside wide gaps):
+    the C search's guess from the fence keys lands far off and it bisects the fence."""
+    rng = random.Random(12)
+    keys = [(i**3).to_bytes(8, "big") for i in range(3_000)]
+    for centre in rng.sample(range(1 << 62), 40):
+        keys += [(centre + rng.randrange(64)).to_bytes(8, "big") for _ in range(60)]
+    model: Model = {key: key[::-1] for key in keys}
+    c, python = round_trip(tmp_path / "run", opened, Expected("uneven", 8, 8), model)
+    assert_agree(c, python, [rng.randbytes(8) for _ in range(2_000)], model)
+
+
 def test_long_shared_prefix_agrees(
     tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
 ) -> None:
@@ -979,6 +993,47 @@ def test_merge_cursor_raises_a_damaged_row_at_its_place_every_time(tmp_path: Pat
         assert read_error.value.path == str(path) and read_error.value.offset == offset
         assert read_error.value.__suppress_context__
     run.close()
+
+
+def test_merge_cursor_reads_a_run_s_rows_only_once_the_merge_reaches_them(
+    tmp_path: Path,
+) -> None:
+    """Runs of a counter enter the merge by their headers' bounds: a seek reads the rows of
+    the run holding its start only. A damaged first row of a later run (reverse: last row
+    of an earlier one) raises when the merge reaches it, at every later step, never before
+    and never a wrong row."""
+    expected = Expected("bounds", 16, 8)
+    opened_runs: list[Run] = []
+    for number in range(5):
+        model: Model = {i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 700, number * 700 + 700)}
+        path = tmp_path / f"counter{number}"
+        write(path, expected, model)
+        opened_runs.insert(0, Run(str(path), expected))
+    offsets: dict[int, int] = {}
+    for number, row in ((3, 0), (1, 699)):  # damaged once open: a load checks the bound rows
+        run = opened_runs[4 - number]
+        offsets[number] = run.geometry.rows + row * run.geometry.row_size
+        with open(run.path, "r+b") as file:
+            file.seek(offsets[number] + 20)
+            damaged = file.read(1)[0] ^ 4
+            file.seek(offsets[number] + 20)
+            file.write(bytes([damaged]))
+    forward = cursor([], opened_runs, start=(1400).to_bytes(16, "big"))
+    assert [int.from_bytes(next(forward)[0], "big") for _ in range(700)] == list(range(1400, 2100))
+    for _ in range(2):
+        with pytest.raises(_runs.RunCorrupt) as caught:
+            next(forward)
+        assert caught.value.args == (runs.ROW_MISMATCH, offsets[3]) and caught.value.index == 1
+    backward = cursor([], opened_runs, stop=(2100).to_bytes(16, "big"), reverse=True)
+    assert [int.from_bytes(next(backward)[0], "big") for _ in range(700)] == list(
+        range(2099, 1399, -1)
+    )
+    for _ in range(2):
+        with pytest.raises(_runs.RunCorrupt) as caught:
+            next(backward)
+        assert caught.value.args == (runs.ROW_MISMATCH, offsets[1]) and caught.value.index == 3
+    for run in opened_runs:
+        run.close()
 
 
 def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(

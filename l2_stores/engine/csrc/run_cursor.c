@@ -34,6 +34,8 @@ typedef struct {
     Py_ssize_t limit;     /* the index past the last one to read (reverse: before) */
     const unsigned char *head; /* the head's key, NULL when done */
     int state;            /* a run head's: 1 a value, 2 a removal */
+    int unread;           /* a run head at the run's first (reverse: last) row, its key
+                             the header's bound: the row is read when it reaches the root */
 } source;
 
 /* The sources with a head are in a binary heap, the next key at its root
@@ -42,7 +44,10 @@ typedef struct {
    next step (so that a failing row fails that step, and again any later
    one). A root whose key is the last key given is an older row of it: it
    is skipped the same way. Keys merged from disjoint runs (a counter) cost
-   about three comparisons a step. */
+   about three comparisons a step. A run whose range starts at or after the
+   start (reverse: ends at or before it) enters the heap with its bound key
+   from its header, and its row is read only if it reaches the root: a seek
+   among disjoint runs reads the rows of one run, not of every run. */
 typedef struct {
     PyObject_HEAD
     PyObject *readers; /* the tuple given, held */
@@ -188,13 +193,41 @@ sift_down(MergeCursor *self, Py_ssize_t at)
     heap[at] = moving;
 }
 
-/* Read every head and build the heap: 0, or -1 with an error set. */
+/* Read the row of a head taken from its run's bound, checked against it: 0,
+   or -1 with RunCorrupt set (naming the reader). */
+static int
+read_bound_row(MergeCursor *self, Py_ssize_t at)
+{
+    source *s = &self->sources[at];
+    const unsigned char *bound = s->head;
+    if (read_row(self, at) < 0)
+        return -1;
+    if (key_order(s->head, bound, self->key_size) != 0) { /* (the header disagrees) */
+        row_mismatch(s->reader, s->position);
+        note_reader(at - self->log_count);
+        return -1;
+    }
+    s->unread = 0;
+    return 0;
+}
+
+/* Take every head (a run's bound row by its header's key) and build the
+   heap: 0, or -1 with an error set. */
 static int
 start(MergeCursor *self)
 {
-    for (Py_ssize_t i = 0; i < self->count; i++)
-        if (read_head(self, i) < 0)
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        source *s = &self->sources[i];
+        RunReader *reader = s->reader;
+        if (reader != NULL && s->position != s->limit &&
+            s->position == (self->step > 0 ? 0 : reader->count - 1)) {
+            s->head = (const unsigned char *)PyBytes_AS_STRING(
+                self->step > 0 ? reader->first_key : reader->last_key);
+            s->unread = 1;
+        } else if (read_head(self, i) < 0) {
             return -1;
+        }
+    }
     self->heap_size = 0;
     for (Py_ssize_t i = 0; i < self->count; i++)
         if (self->sources[i].head != NULL)
@@ -237,6 +270,8 @@ next_pair(MergeCursor *self)
         if (self->heap_size == 0)
             return NULL; /* StopIteration */
         source *winner = &self->sources[self->heap[0]];
+        if (winner->unread && read_bound_row(self, self->heap[0]) < 0)
+            return NULL;
         const unsigned char *key = winner->head;
         if (self->given && key_order(key, self->key, key_size) == 0) {
             winner->position += self->step; /* shadowed by a newer source's row */
