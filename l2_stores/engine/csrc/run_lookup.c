@@ -148,7 +148,7 @@ bucket_of(const RunReader *self, const unsigned char *key, Py_ssize_t length)
    of a key with first key <= key <= last key. 0, or -1 with RunCorrupt set. */
 static int
 rows_of_key(RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssize_t *low_row,
-            Py_ssize_t *high_row, Py_ssize_t *fence_of_key)
+            Py_ssize_t *high_row)
 {
     const unsigned char *run = run_bytes(self);
     uint64_t bucket = bucket_of(self, key, length);
@@ -186,14 +186,10 @@ rows_of_key(RunReader *self, const unsigned char *key, Py_ssize_t length, Py_ssi
         return -1;
     }
     Py_ssize_t end = (fence + 1) * self->fence_rows;
-    *fence_of_key = fence;
     *low_row = fence * self->fence_rows;
     *high_row = end < self->count ? end : self->count;
     return 0;
 }
-
-/* Rows on each side of search_rows's guess that it reads first. */
-#define SEARCH_WINDOW 8
 
 /* Ask for rows low .. high (a fence's: 4 KiB at most, unless one row is
    more) to be brought into the cache at once, not one after the other. */
@@ -227,51 +223,6 @@ bisect_keys(const RunReader *self, const unsigned char *key, Py_ssize_t length, 
             high = middle;
     }
     return low;
-}
-
-/* bisect_keys over the rows low .. high of fence (first key <= key <= last
-   key), started where the keys around it put key: the fence's own key and
-   the next one's (the last key for the last fence) bound its rows, and keys
-   spread evenly over them (counters, hashes) put it within a few rows of the
-   guess. Only the rows around the guess are brought into the cache; when
-   the rows at the window's ends enclose key (compared as bisect_keys
-   compares, no checksum) the answer is among them, else the whole fence is
-   bisected. The same answer as bisect_keys, in a few cache lines instead
-   of a page. */
-static Py_ssize_t
-search_rows(const RunReader *self, const unsigned char *key, Py_ssize_t length,
-            Py_ssize_t fence, Py_ssize_t low, Py_ssize_t high)
-{
-    const unsigned char *run = run_bytes(self);
-    Py_ssize_t key_size = self->key_size, last_row = high, guess;
-    const unsigned char *next_key;
-    if (fence + 1 < self->fences) {
-        next_key = run + self->fence_at + (fence + 1) * key_size;
-    } else {
-        next_key = last_key(self);
-        last_row = high - 1;
-    }
-    uint64_t from = normalized(run + self->fence_at + fence * key_size, key_size, self->prefix);
-    uint64_t to = normalized(next_key, key_size, self->prefix);
-    uint64_t at = normalized(key, length, self->prefix);
-    if (high - low > 4 * SEARCH_WINDOW && to > from && at >= from) {
-        guess = at >= to ? last_row
-                         : low + (Py_ssize_t)((double)(at - from) / (double)(to - from) *
-                                                  (double)(last_row - low) +
-                                              0.5);
-        Py_ssize_t first = guess - SEARCH_WINDOW, past = guess + SEARCH_WINDOW;
-        if (first < low)
-            first = low;
-        if (past > high)
-            past = high;
-        prefetch_rows(self, first > low ? first - 1 : low, past < high ? past + 1 : high);
-        if ((first == low ||
-             compare(run + row_offset(self, first - 1), key_size, key, length) < 0) &&
-            (past == high || compare(run + row_offset(self, past), key_size, key, length) >= 0))
-            return bisect_keys(self, key, length, first, past);
-    }
-    prefetch_rows(self, low, high);
-    return bisect_keys(self, key, length, low, high);
 }
 
 /* Run._decide: what rows index - 1 and index prove of key, checking both
@@ -360,10 +311,11 @@ lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filte
     int maybe = may_contain(self, probes);
     if (maybe <= 0)
         return maybe;
-    Py_ssize_t low, high, fence, index, seen;
-    if (rows_of_key(self, key, length, &low, &high, &fence) < 0)
+    Py_ssize_t low, high, index, seen;
+    if (rows_of_key(self, key, length, &low, &high) < 0)
         return -1;
-    index = search_rows(self, key, length, fence, low, high);
+    prefetch_rows(self, low, high);
+    index = bisect_keys(self, key, length, low, high);
     int state = decide(self, key, length, index);
     if (state < 0) {
         int seen_state = 0;
@@ -417,11 +369,12 @@ reader_seek_key(RunReader *self, const unsigned char *key, Py_ssize_t length)
         return 0;
     if (compare(key, length, last_key(self), key_size) > 0)
         return self->count;
-    Py_ssize_t low, high, fence, index, seen;
+    Py_ssize_t low, high, index, seen;
     int seen_state;
-    if (rows_of_key(self, key, length, &low, &high, &fence) < 0)
+    if (rows_of_key(self, key, length, &low, &high) < 0)
         return -1;
-    index = search_rows(self, key, length, fence, low, high);
+    prefetch_rows(self, low, high);
+    index = bisect_keys(self, key, length, low, high);
     if (bound_proven(self, key, length, index))
         return index;
     if (lower_bound(self, key, length, low, high, &index, &seen, &seen_state) < 0)
