@@ -1005,7 +1005,9 @@ def test_merge_cursor_reads_a_run_s_rows_only_once_the_merge_reaches_them(
     expected = Expected("bounds", 16, 8)
     opened_runs: list[Run] = []
     for number in range(5):
-        model: Model = {i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 700, number * 700 + 700)}
+        model: Model = {
+            i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 700, number * 700 + 700)
+        }
         path = tmp_path / f"counter{number}"
         write(path, expected, model)
         opened_runs.insert(0, Run(str(path), expected))
@@ -1032,6 +1034,51 @@ def test_merge_cursor_reads_a_run_s_rows_only_once_the_merge_reaches_them(
         with pytest.raises(_runs.RunCorrupt) as caught:
             next(backward)
         assert caught.value.args == (runs.ROW_MISMATCH, offsets[1]) and caught.value.index == 3
+    for run in opened_runs:
+        run.close()
+
+
+def test_merge_cursor_refuses_a_sound_bound_row_with_another_key_every_time(
+    tmp_path: Path,
+) -> None:
+    """A first (reverse: last) row rewritten, its checksum sound, with a key other than
+    the one its header gives: the step that reaches it raises, and so does every later
+    one; the row is never given, nor anything after it."""
+    expected = Expected("forged", 16, 8)
+    opened_runs: list[Run] = []
+    for number in range(3):
+        model: Model = {
+            i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 100, number * 100 + 100)
+        }
+        write(tmp_path / f"run{number}", expected, model)
+        opened_runs.insert(0, Run(str(tmp_path / f"run{number}"), expected))
+    middle = opened_runs[1]
+    for reverse, row, forged_key in ((False, 0, 250), (True, 99, 50)):
+        offset = middle.geometry.rows + row * middle.geometry.row_size
+        body = forged_key.to_bytes(16, "big") + b"FORGED!!"
+        with open(middle.path, "r+b") as file:  # once open: a load checks the bound rows
+            file.seek(offset)
+            original = file.read(middle.geometry.row_size)
+            file.seek(offset)
+            file.write(body + zlib.crc32(body).to_bytes(4, "little"))
+        merge = cursor([], opened_runs, reverse=reverse)
+        before = list(range(0, 100)) if not reverse else list(range(299, 199, -1))
+        assert [int.from_bytes(next(merge)[0], "big") for _ in before] == before
+        for _ in range(3):
+            with pytest.raises(_runs.RunCorrupt) as caught:
+                next(merge)
+            assert caught.value.args[1] == offset and caught.value.index == 1
+            assert "header" in caught.value.args[0]
+        translated = cursor([], opened_runs, reverse=reverse, on_corrupt=middle.corruption_error)
+        for _ in before:
+            next(translated)
+        for _ in range(2):
+            with pytest.raises(CannotReadFromStore) as read_error:
+                next(translated)
+            assert read_error.value.path == middle.path and read_error.value.offset == offset
+        with open(middle.path, "r+b") as file:
+            file.seek(offset)
+            file.write(original)
     for run in opened_runs:
         run.close()
 

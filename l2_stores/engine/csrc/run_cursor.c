@@ -11,9 +11,11 @@
    dicts, key lists and readers; the engine never changes a dict or a key
    list an iterator holds (it copies the active dict first), and a run's
    rows never change. Every run row is checked (its CRC) when it becomes a
-   source's head, before its key is compared. Each step runs with the GIL
-   held; a reader released meanwhile (the store closed) is seen at the next
-   step, before its rows are read, and raises ValueError. A step reads the
+   source's head, before its key is compared; a head taken from its run's
+   header (below) is compared by the header's key until its row, checked,
+   must show the same. Each step runs with the GIL held; a reader released
+   meanwhile (the store closed) is seen at the next step, before its rows
+   are read, and raises ValueError. A step reads the
    runs' rows before it allocates any object the garbage collector tracks
    (the result's tuple comes last), so no finalizer runs between. */
 
@@ -202,8 +204,9 @@ read_bound_row(MergeCursor *self, Py_ssize_t at)
     const unsigned char *bound = s->head;
     if (read_row(self, at) < 0)
         return -1;
-    if (key_order(s->head, bound, self->key_size) != 0) { /* (the header disagrees) */
-        row_mismatch(s->reader, s->position);
+    if (key_order(s->head, bound, self->key_size) != 0) {
+        s->head = bound; /* still unread: the next step fails the same way */
+        bound_mismatch(s->reader, s->position);
         note_reader(at - self->log_count);
         return -1;
     }

@@ -41,6 +41,7 @@ static const char PAGE_MISMATCH[] = "run index page checksum mismatch";
 static const char ROW_MISMATCH[] = "run row checksum mismatch";
 static const char RADIX_RANGE[] = "run radix entry out of range";
 static const char FENCES_SHORT[] = "run fences do not cover their rows";
+static const char BOUND_MISMATCH[] = "run row key differs from the header's first or last key";
 
 
 /* ------------------------------------------------------------------ bytes */
@@ -119,6 +120,12 @@ void
 row_mismatch(const RunReader *self, Py_ssize_t index)
 {
     corrupt(ROW_MISMATCH, row_offset(self, index));
+}
+
+void
+bound_mismatch(const RunReader *self, Py_ssize_t index)
+{
+    corrupt(BOUND_MISMATCH, row_offset(self, index));
 }
 
 /* Run.may_contain: 1, 0, or -1 with RunCorrupt set. */

@@ -112,6 +112,10 @@ RUNS_INTERNAL Py_ssize_t reader_seek_key(RunReader *self, const unsigned char *k
 /* Raise RunCorrupt for row index, whose checksum failed (run.py's text and offset). */
 RUNS_INTERNAL void row_mismatch(const RunReader *self, Py_ssize_t index);
 
+/* Raise RunCorrupt for row index (the first or last), sound but not holding
+   the key the run's header gives for it. */
+RUNS_INTERNAL void bound_mismatch(const RunReader *self, Py_ssize_t index);
+
 /* Name the reader (its place in its tuple) on the RunCorrupt being raised. */
 RUNS_INTERNAL void note_reader(Py_ssize_t index);
 
