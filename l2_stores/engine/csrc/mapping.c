@@ -5,6 +5,7 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -64,4 +65,42 @@ mapping_release(unsigned char *map, size_t size)
 {
     if (map != NULL)
         munmap(map, size);
+}
+
+/* Ahead of each buffer: its whole size, and whether it is a mapping (16
+   bytes, so that the buffer keeps malloc's alignment). */
+#define BUFFER_HEADER 16
+#define BUFFER_MAPPED_FROM ((size_t)128 * 1024)
+
+void *
+buffer_allocate(size_t size)
+{
+    size_t total = size + BUFFER_HEADER;
+    if (total < size)
+        return NULL;
+    unsigned char *block;
+    size_t mapped = total >= BUFFER_MAPPED_FROM;
+    if (mapped) {
+        void *map = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        block = map == MAP_FAILED ? NULL : (unsigned char *)map;
+    } else {
+        block = calloc(1, total);
+    }
+    if (block == NULL)
+        return NULL;
+    ((size_t *)block)[0] = total;
+    ((size_t *)block)[1] = mapped;
+    return block + BUFFER_HEADER;
+}
+
+void
+buffer_release(void *buffer)
+{
+    if (buffer == NULL)
+        return;
+    unsigned char *block = (unsigned char *)buffer - BUFFER_HEADER;
+    if (((size_t *)block)[1])
+        munmap(block, ((size_t *)block)[0]);
+    else
+        free(block);
 }

@@ -24,4 +24,16 @@ L2_INTERNAL unsigned char *mapping_allocate(int fd, off_t offset, size_t length)
 /* Unmap what mapping_allocate mapped for offset + length bytes. */
 L2_INTERNAL void mapping_release(unsigned char *map, size_t size);
 
+/* A transient buffer of size zeroed bytes, or NULL: from an anonymous
+   mapping when it is as large as malloc's default mmap threshold (128 KiB),
+   else from malloc. A mapping goes back to the system when released; a
+   large block malloc itself had mapped would, once freed, raise glibc's
+   threshold to its size, and every later block of that size would come
+   from the heap and stay resident after its release (about 10 MB of a
+   10M-binding store's private memory, the merges' and flushes' buffers). */
+L2_INTERNAL void *buffer_allocate(size_t size);
+
+/* Give back what buffer_allocate gave (NULL: nothing). */
+L2_INTERNAL void buffer_release(void *buffer);
+
 #endif

@@ -32,6 +32,7 @@
 #include "crc32.h"
 #include "filter.h"
 #include "format.h"
+#include "mapping.h"
 #include "run_lookup.h"
 
 PyObject *RunCorrupt = NULL;
@@ -879,10 +880,10 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     }
     Py_ssize_t key_size = ((RunReader *)PyTuple_GET_ITEM(readers, 0))->key_size;
     /* the keys copied (the dict is not read without the GIL), then whether each is bound */
-    unsigned char *keys = PyMem_Malloc((size_t)(count * key_size) + 1);
+    unsigned char *keys = buffer_allocate((size_t)(count * key_size) + 1);
     unsigned char *bound = PyMem_Malloc((size_t)count + 1);
     if (keys == NULL || bound == NULL) {
-        PyMem_Free(keys);
+        buffer_release(keys);
         PyMem_Free(bound);
         return PyErr_NoMemory();
     }
@@ -890,7 +891,7 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     PyObject *key, *value;
     while (PyDict_Next(bindings, &position, &key, &value)) {
         if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_size) {
-            PyMem_Free(keys);
+            buffer_release(keys);
             PyMem_Free(bound);
             PyErr_SetString(PyExc_ValueError, "count_changes: a key of another size");
             return NULL;
@@ -920,7 +921,7 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
             release_buffer(reader);
         }
     }
-    PyMem_Free(keys);
+    buffer_release(keys);
     PyMem_Free(bound);
     if (failed >= 0) {
         corrupt(fault.what, fault.offset);

@@ -337,9 +337,9 @@ builder_add_bindings(RunBuilder *self, PyObject *const *args, Py_ssize_t nargs)
                      self->count, self->capacity);
         return NULL;
     }
-    binding *bindings = PyMem_Malloc(((size_t)n + 1) * sizeof(binding));
+    binding *bindings = buffer_allocate(((size_t)n + 1) * sizeof(binding));
     /* the keys and values, referenced until the rows are written */
-    PyObject **held = PyMem_Malloc(((size_t)n * 2 + 1) * sizeof(PyObject *));
+    PyObject **held = buffer_allocate(((size_t)n * 2 + 1) * sizeof(PyObject *));
     Py_ssize_t holding = 0, position = 0, i = 0;
     PyObject *key_object, *value_object, *result = NULL;
     if (bindings == NULL || held == NULL) {
@@ -384,8 +384,8 @@ done:
     if (held != NULL)
         for (Py_ssize_t j = 0; j < holding; j++)
             Py_DECREF(held[j]);
-    PyMem_Free(held);
-    PyMem_Free(bindings);
+    buffer_release(held);
+    buffer_release(bindings);
     return result;
 }
 
@@ -657,7 +657,7 @@ finish_bytes(RunBuilder *self, radix_fields *fields)
             return error;
     }
     Py_ssize_t pages = (self->index_size + RUN_PAGE - 1) / RUN_PAGE;
-    unsigned char *crcs = PyMem_RawMalloc((size_t)pages * RUN_CRC_SIZE + 1);
+    unsigned char *crcs = buffer_allocate((size_t)pages * RUN_CRC_SIZE + 1);
     if (crcs == NULL)
         return ENOMEM;
     for (Py_ssize_t page = 0; page < pages; page++) {
@@ -667,7 +667,7 @@ finish_bytes(RunBuilder *self, radix_fields *fields)
     }
     error = pwrite_all(self->fd, crcs, pages * RUN_CRC_SIZE,
                        self->rows_at + self->count * self->row_size);
-    PyMem_RawFree(crcs);
+    buffer_release(crcs);
     return error;
 }
 
@@ -700,9 +700,9 @@ builder_free_state(RunBuilder *self)
     if (self->map != NULL)
         mapping_release(self->map, (size_t)self->rows_at);
     else
-        PyMem_RawFree(self->index);
+        buffer_release(self->index);
     self->map = NULL;
-    PyMem_RawFree(self->pending);
+    buffer_release(self->pending);
     PyMem_RawFree(self->first);
     PyMem_RawFree(self->last);
     self->index = self->pending = self->first = self->last = NULL;
@@ -807,8 +807,8 @@ builder_init(RunBuilder *self, PyObject *args, PyObject *kwds)
         }
     }
     if (self->index == NULL)
-        self->index = PyMem_RawCalloc((size_t)self->index_size, 1);
-    self->pending = PyMem_RawMalloc((size_t)self->pending_capacity);
+        self->index = buffer_allocate((size_t)self->index_size);
+    self->pending = buffer_allocate((size_t)self->pending_capacity);
     self->first = PyMem_RawMalloc((size_t)key_size);
     self->last = PyMem_RawMalloc((size_t)key_size);
     if (self->index == NULL || self->pending == NULL || self->first == NULL ||
