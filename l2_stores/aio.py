@@ -418,8 +418,15 @@ class _BatchedIterator(AsyncIterator[Any]):
             return
         fetching, self._fetching = self._fetching, None
         if fetching is not None and not fetching.done():
-            # A cancelled step's fetch still runs the generator in a worker thread.
-            fetching.add_done_callback(lambda _: close())
+            # A cancelled step's fetch still runs the generator in a worker thread: the
+            # generator is closed when it returns, and nobody awaits what it ended with
+            # (a batch, or the store's close met meanwhile).
+            def finish(done: asyncio.Future[list[Any]]) -> None:
+                if not done.cancelled():
+                    done.exception()  # seen: not logged as never retrieved
+                close()
+
+            fetching.add_done_callback(finish)
         else:
             close()
 

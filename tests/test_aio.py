@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import logging
 import os
 import threading
 import time
@@ -1024,9 +1025,12 @@ GatedCls = make_indexed_file(
 )
 
 
-def test_aclose_while_a_cancelled_step_still_fetches(tmp_path: Path) -> None:
+def test_aclose_while_a_cancelled_step_still_fetches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """aclose() right after a step was cancelled, its batch still being fetched in a
-    worker thread: no error, the iterator ends, nothing stays held."""
+    worker thread: no error, the iterator ends, and once that fetch ends (it may meet the
+    store closed) nothing stays held and nothing is logged."""
 
     async def main() -> None:
         astore = await aio.load(GatedCls, str(tmp_path / "gated"), cache_size=0)
@@ -1041,6 +1045,8 @@ def test_aclose_while_a_cancelled_step_still_fetches(tmp_path: Path) -> None:
             step.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await step
+            fetching = iterator._fetching
+            assert fetching is not None and not fetching.done()
             await iterator.aclose()
             GATE.set()
             with pytest.raises(StopAsyncIteration):
@@ -1048,12 +1054,16 @@ def test_aclose_while_a_cancelled_step_still_fetches(tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 await astore.append(key(0), b"w", 0)
                 await astore.close()
+            await until(fetching.done, "the cancelled step's fetch to end")
+            await asyncio.sleep(0)  # its done callbacks
             assert astore.unwrap()._waiter.is_idle()
         finally:
             GATE.set()
             await astore.close()
 
-    run(main())
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 def test_cancelled_gc_wait_keeps_the_failure_and_timeouts_report_false(tmp_path: Path) -> None:
