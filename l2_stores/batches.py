@@ -250,11 +250,12 @@ class Retirements:
     """The journals of stores about to be replaced, opened (and so locked) up front; once
     the stores are replaced, ``retire`` retires them (see ``retire``)."""
 
-    def __init__(self, link_paths: Sequence[str]) -> None:
+    def __init__(self, links: Sequence[tuple[str, str]]) -> None:
+        """``links``: each store's link file and name."""
         self._held: list[tuple[_Group, Link]] = []
         try:
-            for path in link_paths:
-                link = read_link(path, os.path.basename(path))
+            for path, name in links:
+                link = read_link(path, name)
                 directory = None if link is None else link.journal_directory()
                 if link is not None and directory is not None:
                     self._held.append((_open_group(directory, create=False), link))
@@ -265,9 +266,7 @@ class Retirements:
     def retire(self) -> None:
         """Retire every store: gone for good, whatever the journals still hold of them."""
         for group, link in self._held:
-            if group.journal.id == link.journal_id:
-                held = max(group.journal.parts_of(link.participant), default=0)
-                group.journal.retire(link.participant, held)
+            _retire_from(group, link, 0)
 
     def release(self) -> None:
         """Let go of the journals."""
@@ -287,13 +286,18 @@ def retire(link_path: str, name: str, store_path: str, parts: int) -> None:
         return  # its journal is gone: nothing keeps its records
     group = _open_group(directory, create=False)
     try:
-        if group.journal.id == link.journal_id:
-            # gone for good: what the journal holds of it need not be kept either (a
-            # singleton's file may lag the parts the journal holds, after a kill)
-            held = max(group.journal.parts_of(link.participant), default=0)
-            group.journal.retire(link.participant, max(parts, held))
+        _retire_from(group, link, parts)
     finally:
         _release_group(group)
+
+
+def _retire_from(group: _Group, link: Link, parts: int) -> None:
+    """Retire the store of ``link`` from the journal of ``group`` if it is the one it names:
+    gone for good, so what the journal holds of it need not be kept either (a singleton's
+    file may lag the parts the journal holds, after a kill), nor ``parts`` it took."""
+    if group.journal.id == link.journal_id:
+        held = max(group.journal.parts_of(link.participant), default=0)
+        group.journal.retire(link.participant, max(parts, held))
 
 
 # ------------------------------------------------------------------- batches

@@ -39,7 +39,7 @@ from .stores.base import Store
 from .stores.indexable import IndexableStore
 from .stores.indexed_file import IndexedFileBase, SimpleIndexedFile
 from .stores.layout import MIGRATION_STAGING as STAGING
-from .stores.layout import MIGRATION_SWITCHING, Kind, identity_path
+from .stores.layout import MIGRATION_SWITCHING, Kind, identity_path, link_path
 from .stores.singleton import SingletonStore
 
 __all__ = ["MigrationSummary", "migrate"]
@@ -166,7 +166,7 @@ def _fingerprint(path: str, lock_path: str) -> list[tuple[str, int, int]]:
     """Every file of the store at ``path`` (and its singleton's side files) but its lock:
     name, size and modification time."""
     found = []
-    candidates = [path] if os.path.isdir(path) else [path, path + ".batch"]
+    candidates = [path] if os.path.isdir(path) else [path, link_path(path, Kind.SINGLETON)]
     for root in candidates:
         for folder, _, names in os.walk(root) if os.path.isdir(root) else [("", [], [root])]:
             for name in names:
@@ -291,7 +291,7 @@ def finish_singleton_switch(staging: str, directory: str) -> None:
     holds_value, _, has_identity = content.partition(b",")
     if has_identity != b"identity" or os.path.exists(new_identity):  # else all is done
         filesystem.remove_tree(identity_path(directory, Kind.SINGLETON))
-        filesystem.remove_tree(directory + ".batch")  # the old store's (retired) link
+        filesystem.remove_tree(link_path(directory, Kind.SINGLETON))  # the old (retired) one
         filesystem.fsync_directory(parent)
         if os.path.exists(staging):
             filesystem.rename(staging, directory)
@@ -308,8 +308,12 @@ def _remove(staging: str, cls: type[Store]) -> None:
     """Delete a store at ``staging`` (of ``cls``'s files), if there, durably."""
     paths = [staging]
     if _files(cls) is Kind.SINGLETON:
-        paths += [staging + ".lock", identity_path(staging, Kind.SINGLETON), staging + ".tmp"]
-        paths.append(staging + SWITCHING + ".tmp")
+        paths += [
+            staging + ".lock",
+            identity_path(staging, Kind.SINGLETON),
+            staging + ".tmp",
+            staging + SWITCHING + ".tmp",
+        ]
     if any(os.path.lexists(path) for path in paths):
         for path in paths:
             filesystem.remove_tree(path)

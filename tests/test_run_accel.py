@@ -948,18 +948,37 @@ def test_merge_cursor_agrees_with_a_dict_witness(tmp_path: Path, seed: int) -> N
         run.close()
 
 
-def test_merge_cursor_over_disjoint_runs_and_no_sources(tmp_path: Path) -> None:
-    """Runs of a counter (each a range of its own, as levels are) and the empty cases."""
-    expected = Expected("counter", 16, 8)
-    runs_model: list[Model] = []
+def counter_runs(
+    tmp_path: Path, expected: Expected, count: int, width: int
+) -> tuple[list[Run], list[Model]]:
+    """``count`` runs of a 16-byte counter, ``width`` keys each and each a range of its own
+    (as levels are), opened, with their models: newest (highest keys) first."""
     opened_runs: list[Run] = []
-    for number in range(5):
-        levels = range(number * 700, number * 700 + 700)
+    runs_model: list[Model] = []
+    for number in range(count):
+        levels = range(number * width, (number + 1) * width)
         model: Model = {i.to_bytes(16, "big"): i.to_bytes(8, "big") for i in levels}
         path = tmp_path / f"counter{number}"
         write(path, expected, model)
         runs_model.insert(0, model)
         opened_runs.insert(0, Run(str(path), expected))
+    return opened_runs, runs_model
+
+
+def overwrite(path: str, offset: int, data: bytes) -> bytes:
+    """Write ``data`` at ``offset`` of the file at ``path`` in place (a run already open
+    sees it: a load would check its bound rows); return the bytes it replaced."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        replaced = file.read(len(data))
+        file.seek(offset)
+        file.write(data)
+    return replaced
+
+
+def test_merge_cursor_over_disjoint_runs_and_no_sources(tmp_path: Path) -> None:
+    """Runs of a counter (each a range of its own, as levels are) and the empty cases."""
+    opened_runs, runs_model = counter_runs(tmp_path, Expected("counter", 16, 8), 5, 700)
     log: Log = {(3500 + i).to_bytes(16, "big"): b"x" * 8 for i in range(10)}
     for reverse in (False, True):
         got = list(cursor([log], opened_runs, reverse=reverse))
@@ -1002,24 +1021,15 @@ def test_merge_cursor_reads_a_run_s_rows_only_once_the_merge_reaches_them(
     the run holding its start only. A damaged first row of a later run (reverse: last row
     of an earlier one) raises when the merge reaches it, at every later step, never before
     and never a wrong row."""
-    expected = Expected("bounds", 16, 8)
-    opened_runs: list[Run] = []
-    for number in range(5):
-        model: Model = {
-            i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 700, number * 700 + 700)
-        }
-        path = tmp_path / f"counter{number}"
-        write(path, expected, model)
-        opened_runs.insert(0, Run(str(path), expected))
+    opened_runs, _ = counter_runs(tmp_path, Expected("bounds", 16, 8), 5, 700)
     offsets: dict[int, int] = {}
     for number, row in ((3, 0), (1, 699)):  # damaged once open: a load checks the bound rows
         run = opened_runs[4 - number]
         offsets[number] = run.geometry.rows + row * run.geometry.row_size
-        with open(run.path, "r+b") as file:
+        with open(run.path, "rb") as file:
             file.seek(offsets[number] + 20)
             damaged = file.read(1)[0] ^ 4
-            file.seek(offsets[number] + 20)
-            file.write(bytes([damaged]))
+        overwrite(run.path, offsets[number] + 20, bytes([damaged]))
     forward = cursor([], opened_runs, start=(1400).to_bytes(16, "big"))
     assert [int.from_bytes(next(forward)[0], "big") for _ in range(700)] == list(range(1400, 2100))
     for _ in range(2):
@@ -1044,23 +1054,12 @@ def test_merge_cursor_refuses_a_sound_bound_row_with_another_key_every_time(
     """A first (reverse: last) row rewritten, its checksum sound, with a key other than
     the one its header gives: the step that reaches it raises, and so does every later
     one; the row is never given, nor anything after it."""
-    expected = Expected("forged", 16, 8)
-    opened_runs: list[Run] = []
-    for number in range(3):
-        model: Model = {
-            i.to_bytes(16, "big"): b"v" * 8 for i in range(number * 100, number * 100 + 100)
-        }
-        write(tmp_path / f"run{number}", expected, model)
-        opened_runs.insert(0, Run(str(tmp_path / f"run{number}"), expected))
+    opened_runs, _ = counter_runs(tmp_path, Expected("forged", 16, 8), 3, 100)
     middle = opened_runs[1]
     for reverse, row, forged_key in ((False, 0, 250), (True, 99, 50)):
         offset = middle.geometry.rows + row * middle.geometry.row_size
         body = forged_key.to_bytes(16, "big") + b"FORGED!!"
-        with open(middle.path, "r+b") as file:  # once open: a load checks the bound rows
-            file.seek(offset)
-            original = file.read(middle.geometry.row_size)
-            file.seek(offset)
-            file.write(body + zlib.crc32(body).to_bytes(4, "little"))
+        original = overwrite(middle.path, offset, body + zlib.crc32(body).to_bytes(4, "little"))
         merge = cursor([], opened_runs, reverse=reverse)
         before = list(range(0, 100)) if not reverse else list(range(299, 199, -1))
         assert [int.from_bytes(next(merge)[0], "big") for _ in before] == before
@@ -1076,9 +1075,7 @@ def test_merge_cursor_refuses_a_sound_bound_row_with_another_key_every_time(
             with pytest.raises(CannotReadFromStore) as read_error:
                 next(translated)
             assert read_error.value.path == middle.path and read_error.value.offset == offset
-        with open(middle.path, "r+b") as file:
-            file.seek(offset)
-            file.write(original)
+        overwrite(middle.path, offset, original)
     for run in opened_runs:
         run.close()
 

@@ -22,6 +22,7 @@ import enum
 import os
 
 from ..engine.files import holds_index
+from ..engine.journal import LINK
 from ..engine.value_files import list_values
 
 SINGLETON_MAGIC = b"L2SSING\0"
@@ -54,6 +55,15 @@ class Kind(enum.Enum):
 def identity_path(path: str, kind: Kind) -> str:
     """The identity file of the store of ``kind`` at ``path``."""
     return path + "." + IDENTITY if kind is Kind.SINGLETON else os.path.join(path, IDENTITY)
+
+
+def link_path(path: str, kind: Kind) -> str:
+    """The batch link of the store of ``kind`` at ``path`` (there once it is in a batch)."""
+    if kind is Kind.SINGLETON:
+        return path + "." + LINK
+    if kind is Kind.INDEXED_FILE:
+        return os.path.join(path, INDEX_DIRECTORY, LINK)
+    return os.path.join(path, LINK)
 
 
 def classify(path: str) -> Kind | None:

@@ -42,14 +42,14 @@ from typing import Any, ClassVar, Generic, Self
 
 from .. import batches, snapshots
 from ..codecs import Codec
-from ..engine import filesystem, journal
+from ..engine import filesystem
 from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_crc
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store, V
 from .layout import SINGLETON_MAGIC as MAGIC
-from .layout import Kind, identity_path
+from .layout import Kind, identity_path, link_path
 from .stats import StoreStats
 
 VARIABLE_SIZE = 0xFFFFFFFF
@@ -312,7 +312,7 @@ class SingletonStore(Store, Generic[V]):
     # -- batches (see ``batches``)
 
     def _link_path(self) -> str:
-        return self.path + "." + journal.LINK
+        return link_path(self.path, Kind.SINGLETON)
 
     def _part_count(self) -> int:
         return self._parts

@@ -33,17 +33,16 @@ from typing import IO, Any
 
 from .. import batches
 from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree
-from ..engine.journal import LINK
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
 from ..migration import finish_singleton_switch, switch_singleton
 from ..mode import Mode
 from ..stores import identity
 from ..stores.layout import (
-    INDEX_DIRECTORY,
     MIGRATION_STAGING,
     Kind,
     identity_path,
+    link_path,
     migration_switching,
 )
 from .on_disk import Sizes, StoreOnDisk, find_stores, raw_class
@@ -255,7 +254,10 @@ def import_archive(
         # The journals of the stores replaced, up front too (another process may hold one):
         # once replaced, they leave them (their batches must not come back, nor keep the
         # journals from shrinking).
-        replaced = [_link_path(target, kind) for target, kind in zip(targets, kinds, strict=True)]
+        replaced = [
+            (link_path(target, kind), os.path.basename(target))
+            for target, kind in zip(targets, kinds, strict=True)
+        ]
         try:
             retirements = batches.Retirements(replaced)
         except BaseException:
@@ -519,15 +521,6 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
     else:
         os.rename(built.path, target)
     fsync_directory(os.path.dirname(os.path.abspath(target)))
-
-
-def _link_path(target: str, kind: Kind) -> str:
-    """Where the store of ``kind`` at ``target`` keeps its batch link."""
-    if kind is Kind.SINGLETON:
-        return target + "." + LINK
-    if kind is Kind.INDEXED_FILE:
-        return os.path.join(target, INDEX_DIRECTORY, LINK)
-    return os.path.join(target, LINK)
 
 
 def _finish_interrupted_import(target: str) -> None:

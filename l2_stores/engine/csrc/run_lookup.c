@@ -881,10 +881,10 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     Py_ssize_t key_size = ((RunReader *)PyTuple_GET_ITEM(readers, 0))->key_size;
     /* the keys copied (the dict is not read without the GIL), then whether each is bound */
     unsigned char *keys = buffer_allocate((size_t)(count * key_size) + 1);
-    unsigned char *bound = PyMem_Malloc((size_t)count + 1);
+    unsigned char *bound = buffer_allocate((size_t)count + 1);
     if (keys == NULL || bound == NULL) {
         buffer_release(keys);
-        PyMem_Free(bound);
+        buffer_release(bound);
         return PyErr_NoMemory();
     }
     Py_ssize_t position = 0, i = 0, live = 0;
@@ -892,7 +892,7 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     while (PyDict_Next(bindings, &position, &key, &value)) {
         if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != key_size) {
             buffer_release(keys);
-            PyMem_Free(bound);
+            buffer_release(bound);
             PyErr_SetString(PyExc_ValueError, "count_changes: a key of another size");
             return NULL;
         }
@@ -922,7 +922,7 @@ runs_count_changes(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         }
     }
     buffer_release(keys);
-    PyMem_Free(bound);
+    buffer_release(bound);
     if (failed >= 0) {
         corrupt(fault.what, fault.offset);
         note_reader(failed);
