@@ -291,6 +291,23 @@ def test_a_failed_record_refuses_the_load_and_the_next_load_records(tmp_path: Pa
     assert identity.read(str(path / "identity")) == cls._identity()
 
 
+def test_a_load_failing_on_a_descriptor_names_the_file(tmp_path: Path) -> None:
+    cls = KINDS["indexed_file"]
+    path = tmp_path / "store"
+    fill(cls, path)
+    (values,) = path.glob("values.*")
+    with values.open("ab") as file:
+        file.write(b"torn")  # the load cuts it, then fsyncs the file
+    failing = FailingFileSystem("fsync")
+    failing.failures = 1
+    with installed(failing), pytest.raises(CannotLoadStore) as caught:
+        cls.load(path)
+    assert failing.failures == 0
+    assert caught.value.path == str(path) and str(values) in str(caught.value)
+    with cls.load(path) as store:
+        assert store.read(1) == (b"value", b"h" * 8)
+
+
 def test_descriptions_render_what_construct_tells() -> None:
     cases = {
         construct.Int64ub: "Int64ub",

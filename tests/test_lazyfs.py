@@ -306,7 +306,9 @@ def test_power_loss_on_lazyfs(tmp_path: Path, kind: str, fsync: bool, fault: str
             fs.start()
             report = check(fs, kind, fsync)
             where = f"round {number} (seed {seed}, acked {progress.acked})"
-            assert "error" not in report, f"{where}: {report['error']}"
+            assert "error" not in report, (
+                f"{where}: {report['error']}\n{report['traceback']}\nfiles: {report['files']}"
+            )
             assert report["read_only"] == report["read_write"], f"{where}: the loads differ"
             assert report["problems"] == [], f"{where}: verify: {report['problems']}"
             found = as_bytes(report["read_write"])

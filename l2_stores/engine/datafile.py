@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CannotLoadStore, CannotReadFromStore
+from . import filesystem
 from .framing import (
     CRC_RESIDUE,
     CRC_SIZE,
@@ -121,7 +122,7 @@ class DataFile:
         self._expected = expected
         self._key_size = expected.key_size
         self._row_size = self.row_size = row_size(expected)
-        with open(path, "rb") as file:
+        with open(path, "rb") as file, filesystem.naming(path):
             header = decode_header(file.read(HEADER_SIZE), MAGIC, path, expected)
             self.generation = header.generation
             self.count = header.count
@@ -254,7 +255,7 @@ def check_data_file(path: str, name: str = "") -> Iterator[Finding]:
 
     Stops after ``MAX_FINDINGS`` problems.
     """
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, filesystem.naming(path):
         try:
             header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)
         except CannotLoadStore as error:

@@ -27,6 +27,17 @@ from contextlib import contextmanager
 from typing import Any
 
 
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Give ``path`` to the OSErrors raised inside that name no file (calls on a descriptor)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            error.filename = path
+        raise
+
+
 class FileSystem:
     """The operations that change what a power loss leaves; each as its ``os`` namesake."""
 

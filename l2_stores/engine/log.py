@@ -232,7 +232,7 @@ def part_spans(path: str, expected: Expected, end: int) -> list[tuple[int, int]]
     size = record_size(expected)
     spans = []
     begin = None
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, filesystem.naming(path):
         records = os.pread(file.fileno(), end - HEADER_SIZE, HEADER_SIZE)
     for at in range(0, len(records) - len(records) % size, size):
         op = records[at] & OP_MASK
@@ -323,7 +323,7 @@ def read_log(
     after the records is read. ``limit``: the records end there, whatever
     follows (a load cutting the log at a point in time).
     """
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, filesystem.naming(path):
         if scan is None:
             head = file.read(HEADER_SIZE)
             header = decode_header(head, MAGIC, path, expected, LOG_VERSIONS)
@@ -573,13 +573,14 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         """
         fd = os.open(path, os.O_RDWR)
         try:
-            size = record_size(expected)
-            last_op = os.pread(fd, 1, scan.end - size) if scan.end > HEADER_SIZE else b""
-            if scan.torn_bytes or scan.free_bytes:
-                os.ftruncate(fd, scan.end)
-                if scan.torn_bytes or fsync:
-                    filesystem.fsync(fd)
-            allocated = allocate_ahead(fd, scan.end, ahead) if scan.version >= 2 else 0
+            with filesystem.naming(path):
+                size = record_size(expected)
+                last_op = os.pread(fd, 1, scan.end - size) if scan.end > HEADER_SIZE else b""
+                if scan.torn_bytes or scan.free_bytes:
+                    os.ftruncate(fd, scan.end)
+                    if scan.torn_bytes or fsync:
+                        filesystem.fsync(fd)
+                allocated = allocate_ahead(fd, scan.end, ahead) if scan.version >= 2 else 0
         except BaseException:
             os.close(fd)
             raise
@@ -803,7 +804,7 @@ def salvage_log(path: str, name: str, lost: list[Finding]) -> dict[bytes, bytes 
     """
     bindings: dict[bytes, bytes | None] = {}
     try:
-        with open(path, "rb") as file:
+        with open(path, "rb") as file, filesystem.naming(path):
             header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name, LOG_VERSIONS)
             buffer = file.read()
     except (CannotLoadStore, OSError) as error:
@@ -867,7 +868,7 @@ def check_log(path: str, name: str = "") -> Iterator[Finding]:
     last fsync) is a note, not a problem; a damaged record with a SYNCED one
     after it is.
     """
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, filesystem.naming(path):
         try:
             header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name, LOG_VERSIONS)
         except CannotLoadStore as error:

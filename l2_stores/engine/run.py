@@ -280,8 +280,9 @@ class Run:
         self._name = expected.name
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, FILTER_OFFSET, 0)
+            with filesystem.naming(path):
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, FILTER_OFFSET, 0)
             header = decode_header(head, MAGIC, path, expected)
             if len(head) < FILTER_OFFSET or not crc_ok(head[HEADER_SIZE:FILTER_OFFSET]):
                 raise self._load_error("run header checksum mismatch", HEADER_SIZE)

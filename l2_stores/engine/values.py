@@ -125,10 +125,11 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         self._reserved = HEADER_SIZE
         #: Whether blocks past the end may be allocated (a reserve was asked).
         self._holds_reserve = False
-        if readonly:
-            self._open_readonly()
-        else:
-            self._open_writer()
+        with filesystem.naming(path):
+            if readonly:
+                self._open_readonly()
+            else:
+                self._open_writer()
 
     # -- opening
 
@@ -167,11 +168,12 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         overhead = RECORD_OVERHEAD + self._key_size
         if self.end < HEADER_SIZE + overhead:
             return None
-        (length,) = LENGTH.unpack(os.pread(self._fd, LENGTH.size, self.end - 8))
-        start = self.end - overhead - length
-        if start < HEADER_SIZE:
-            return None
-        record = os.pread(self._fd, overhead + length, start)
+        with filesystem.naming(self.path):
+            (length,) = LENGTH.unpack(os.pread(self._fd, LENGTH.size, self.end - 8))
+            start = self.end - overhead - length
+            if start < HEADER_SIZE:
+                return None
+            record = os.pread(self._fd, overhead + length, start)
         if crc32(record) != CRC_RESIDUE or LENGTH.unpack_from(record)[0] != length:
             return None
         return start, record[LENGTH.size : LENGTH.size + self._key_size], length
@@ -187,8 +189,9 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         after a power loss, by the old bytes they replaced.
         """
         self._map = None
-        os.ftruncate(self._fd, end)
-        filesystem.fsync(self._fd)
+        with filesystem.naming(self.path):
+            os.ftruncate(self._fd, end)
+            filesystem.fsync(self._fd)
         self.end = end
         self._reserved = min(self._reserved, end)
         self._holds_reserve = False
@@ -373,7 +376,7 @@ def check_values_file(
     tail (the last record cut short, or zero-filled) is a note; a break in
     the chain of records followed by a whole record is a problem.
     """
-    with open(path, "rb") as file:
+    with open(path, "rb") as file, filesystem.naming(path):
         fd = file.fileno()
         try:
             header = parse_header(file.read(HEADER_SIZE), MAGIC, path, name)

@@ -10,7 +10,9 @@ fails.
 """
 
 import json
+import os
 import sys
+import traceback
 
 from power_workload import load, store_content, store_path
 
@@ -38,7 +40,15 @@ def main() -> None:
             stores = []
         report["problems"] = [str(finding) for finding in verify(stores).problems]
     except StoreError as error:
-        report = {"error": f"{type(error).__name__}: {error}"}
+        report = {
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(),
+            "files": sorted(
+                os.path.relpath(os.path.join(top, name), path)
+                for top, _, names in os.walk(path)
+                for name in names
+            ),
+        }
     print(json.dumps(report))
 
 
