@@ -1,6 +1,7 @@
 """Power loss for real: the stores on LazyFS, which loses what was not fsynced (opt-in).
 
-LazyFS (github: dsrhaslab/lazyfs, built with ``../shared/tools/lazyfs/``)
+LazyFS (github: dsrhaslab/lazyfs, built with ``../shared/tools/lazyfs/``
+after ``git apply tests/helpers/lazyfs-truncate.patch`` in its checkout)
 is a FUSE file system that keeps written data in a cache of its own until it
 is fsynced, and drops that cache on demand: a power loss. Jepsen uses it.
 Each round runs the workload of ``tests/helpers/power_workload.py`` in a
@@ -26,6 +27,13 @@ number of rounds per scenario, ``L2_STORES_LAZYFS_ROUNDS`` (default 5)::
         .venv/bin/python -m pytest -q -s tests/test_lazyfs.py
 
 Needs ``/dev/fuse``, ``fusermount3`` and the right to mount (root here).
+
+The patch: LazyFS (at a47a5ba) returns a ``truncate`` of a file whose
+pages it caches with an uninitialized result, so now and then a shrinking
+``ftruncate`` that it did carry out fails with the errno of an earlier call
+(ENOENT, say). A load that cuts a torn tail then fails: about once in 30
+rounds of ``indexed-no-fsync-torn-op`` unpatched; patched, none in 180 rounds of it
+(168 with the tear fired) nor in 180 of ``indexed-fsync-torn-seq``.
 """
 
 from __future__ import annotations
@@ -333,12 +341,16 @@ def test_power_loss_on_lazyfs(tmp_path: Path, kind: str, fsync: bool, fault: str
 def test_batches_on_lazyfs(tmp_path: Path, fsync: bool) -> None:
     """A child commits blocks as batches over four stores, is killed at a random moment,
     LazyFS drops what was not fsynced; remounted, every batch is whole or absent, in
-    order, and with fsync every acknowledged one is there."""
+    order, and with fsync every acknowledged one is there.
+
+    A LazyFS that dies on its own meanwhile (it segfaulted once in some thousand
+    batches) loses what was not fsynced, as a power loss does: the child's writes
+    fail from then on, and the check after the remount is the same."""
     from helpers import batch_writer
     from helpers.child import Child
 
     rng = random.Random(f"lazyfs batches {fsync}")
-    acked = 0
+    acked = died = 0
     with lazyfs() as fs:
         for number in range(ROUNDS):
             args = [fs.mount, number, rng.choice([8, 50, 1000]), 2000, "none"]
@@ -351,11 +363,17 @@ def test_batches_on_lazyfs(tmp_path: Path, fsync: bool) -> None:
             wanted = rng.randrange(1, 150)
             child.wait_for(lambda c=child, w=wanted: c.acks >= w or c.eof)
             child.kill()
-            assert "Traceback" not in child.stderr(), child.stderr()
             acks = [int(line.split()[1]) for line in child.lines if line.startswith("ack ")]
-            fs.clear_cache()
+            if fs.alive:
+                assert "Traceback" not in child.stderr(), child.stderr()
+                fs.clear_cache()
+            else:
+                died += 1
             fs.stop()
             fs.start()
             found = batch_writer.check(str(fs.mount), max(acks, default=0) if fsync else 0)
             acked = max(acked, found)
-    print(f"\nlazyfs batches fsync={fsync}: {ROUNDS} rounds passed, {acked} batches at most")
+    detail = f" (LazyFS died on its own in {died})" if died else ""
+    print(
+        f"\nlazyfs batches fsync={fsync}: {ROUNDS} rounds passed{detail}, {acked} batches at most"
+    )
