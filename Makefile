@@ -57,6 +57,8 @@ test: $(DEV_STAMP)
 test-pythons:
 	@set -e; for version in $(OTHER_PYTHONS); do \
 		python=$$(.ci/python $$version); \
+		if [ -z "$$python" ] && [ -n "$(REQUIRE_PYTHONS)" ]; then \
+			echo "no Python $$version here, and REQUIRE_PYTHONS is set" >&2; exit 1; fi; \
 		if [ -z "$$python" ]; then echo "no Python $$version here: skipped"; continue; fi; \
 		echo "Python $$version: $$python"; \
 		$$python -m venv .venv-$$version; \

@@ -73,8 +73,14 @@ def _dump(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(row))
             elif args.decode and "decoded" in row:
-                decoded = row["decoded"]
-                print(" ".join(f"{k}={json.dumps(decoded[k])}" for k in decoded))
+                decoded = row["decoded"]  # a role whose codec cannot be rebuilt: in hex
+                print(
+                    " ".join(
+                        f"{k}={json.dumps(decoded[k])}" if k in decoded else f"{k}={row[k]}"
+                        for k in ("key", "header", "value")
+                        if k in row
+                    )
+                )
             else:
                 print(" ".join(row[k] for k in ("key", "header", "value") if k in row))
     except CannotReadFromStore as error:

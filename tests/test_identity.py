@@ -25,6 +25,7 @@ from l2_stores import (
 )
 from l2_stores.engine.filesystem import installed
 from l2_stores.stores import identity
+from l2_stores.tools.on_disk import find_stores
 from tests.helpers import format1
 from tests.helpers.faults import FailingFileSystem
 from tests.helpers.tree import tree
@@ -273,6 +274,10 @@ def test_a_damaged_identity_file_refuses_the_load(tmp_path: Path, kind: str) -> 
         [sys.executable, "-m", "l2_stores", "verify", str(path)], capture_output=True, text=True
     )
     assert proc.returncode != 0 and "identity" in proc.stdout + proc.stderr
+    (found,) = find_stores(str(path))
+    with pytest.raises(CannotLoadStore) as caught:
+        found.identity()  # the tools name it by its directory: no name is recorded
+    assert caught.value.name == "store" and "store 'store'" in str(caught.value)
 
 
 def test_a_failed_record_refuses_the_load_and_the_next_load_records(tmp_path: Path) -> None:

@@ -131,6 +131,14 @@ def test_dump_decodes_with_the_recorded_codecs(tmp_path: Path) -> None:
     assert row["decoded"] == {"key": 5, "value": "00" * 32} and row["key"] == "00000005"
 
 
+def test_dump_decode_prints_in_hex_what_it_cannot_decode(tmp_path: Path) -> None:
+    names = make_indexable("names", construct.Int32ub, construct.PaddedString(4, "utf8"))
+    with names.load(tmp_path / "names") as store:
+        store.add(5, "ab")
+    proc = cli("dump", "--decode", tmp_path / "names")
+    assert proc.returncode == 0 and proc.stdout.strip() == "key=5 value=61620000", proc
+
+
 def test_dump_of_a_damaged_store_prints_what_it_can_and_names_salvage(tmp_path: Path) -> None:
     _, damaged = healthy_and_damaged(tmp_path / "d")
     proc = cli("dump", damaged)

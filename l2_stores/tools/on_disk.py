@@ -42,8 +42,11 @@ class StoreOnDisk:
             recorded = self.identity()
         except CannotLoadStore:
             recorded = None
-        if recorded is not None:
-            return recorded.name
+        return recorded.name if recorded is not None else self._path_name
+
+    @property
+    def _path_name(self) -> str:
+        """The last component of the store's path: its name where none is recorded."""
         return os.path.basename(os.path.normpath(self.path)) or self.path
 
     def identity(self) -> identity.Identity | None:
@@ -51,7 +54,7 @@ class StoreOnDisk:
 
         Raises :class:`CannotLoadStore` when its file is damaged.
         """
-        return identity.read(identity_path(self.path, self.kind))
+        return identity.read(identity_path(self.path, self.kind), self._path_name, self.path)
 
     @property
     def index_directory(self) -> str | None:
