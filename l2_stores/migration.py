@@ -13,7 +13,8 @@ taken back bare, and the two swap places in one step:
   identity file is removed, the new value file renamed over the old one
   (or the old one removed), and the new identity file put in place. A kill after the first
   marker leaves the old or the new value without an identity: the next
-  ``migrate`` finishes the switch (run it before loading the store).
+  ``READ_WRITE`` load of the new class (or the next ``migrate``) finishes the switch;
+  until then the old class and ``READ_ONLY`` loads are refused.
 
 A kill at any moment leaves the old store or the new one at ``<path>``, and
 perhaps a leftover at ``<path>.migrate-tmp`` (a new store cut short, or the
@@ -45,7 +46,7 @@ from .stores.singleton import SingletonStore
 __all__ = ["MigrationSummary", "migrate"]
 
 #: Beside a singleton's staging, the marker of a switch begun (a kill then rolls forward:
-#: the singleton refuses to load until then); it holds ``value`` or ``none`` (whether
+#: the singleton refuses other loads until then); it holds ``value`` or ``none`` (whether
 #: the new store's value file replaces the old), a comma, and ``identity`` or ``-``.
 SWITCHING = MIGRATION_SWITCHING
 _MARKERS = {b"value,identity", b"value,-", b"none,identity", b"none,-"}
@@ -302,6 +303,38 @@ def finish_singleton_switch(staging: str, directory: str) -> None:
             filesystem.rename(new_identity, identity_path(directory, Kind.SINGLETON))
             filesystem.fsync_directory(parent)
     filesystem.remove_tree(staging + SWITCHING)
+
+
+def finish_cut_short_switch(cls: type[SingletonStore[Any]], directory: str) -> None:
+    """At a ``READ_WRITE`` load of ``cls``: finish the switch a kill cut short at the
+    singleton ``directory``, when the singleton it puts in place is one of ``cls`` (or
+    has no identity); else leave it: the load is refused, nothing changed."""
+    staging = directory + STAGING
+    target = _switch_target(staging, directory, cls.name)  # (a switch moves it, whole)
+    if target is not None and not target.same_as(cls._identity()):
+        return
+    lock = WriterLock(directory + ".lock", cls.name, directory)
+    try:
+        if os.path.exists(staging + SWITCHING):  # else finished meanwhile
+            finish_singleton_switch(staging, directory)
+    finally:
+        lock.release()
+
+
+def _switch_target(staging: str, directory: str, name: str) -> identity.Identity | None:
+    """The identity of the singleton that the switch under way puts in place: None when
+    it has none, or its marker is not one a switch wrote (or is gone)."""
+    try:
+        with open(staging + SWITCHING, "rb") as marker:
+            content = marker.read()
+    except FileNotFoundError:
+        return None
+    if content not in _MARKERS or not content.endswith(b",identity"):
+        return None
+    staged = identity.read(identity_path(staging, Kind.SINGLETON), name, directory)
+    if staged is not None:
+        return staged
+    return identity.read(identity_path(directory, Kind.SINGLETON), name, directory)
 
 
 def _remove(staging: str, cls: type[Store]) -> None:

@@ -159,11 +159,13 @@ def test_a_kill_at_any_moment_leaves_the_old_or_the_new_store(tmp_path: Path, ki
         assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
         assert not [name for name in os.listdir(root) if "migrate" in name]
     assert {"old", "new"} <= seen, seen
+    assert (kind == "singleton") == ("switched by a load" in seen), seen
 
 
 def _what_loads(kind: str, path: Path) -> str:
     """Which store a kill left: the old, the new (each whole), or, mid-way through a
-    singleton's switch, none until the next migrate finishes it."""
+    singleton's switch, the new one once a READ_WRITE load of its class finishes it (the
+    old class, and READ_ONLY loads until then, are refused with nothing changed)."""
     loads = {}
     for which, cls in (("old", migrating.OLD[kind]), ("new", migrating.NEW[kind])):
         try:
@@ -172,8 +174,17 @@ def _what_loads(kind: str, path: Path) -> str:
             continue
     assert len(loads) <= 1, loads  # never both: one of them would read wrong values
     if not loads:
-        assert kind == "singleton" and os.path.exists(f"{path}.migrate-tmp.switching")
-        return "switching"
+        marker = Path(f"{path}.migrate-tmp.switching")
+        assert kind == "singleton" and marker.exists()
+        before = tree(path.parent)
+        with pytest.raises(CannotLoadStore, match="cut short"):
+            migrating.OLD[kind].load(path)
+        assert tree(path.parent) == before
+        with migrating.NEW[kind].load(path) as store:
+            assert {None: store.read()} == migrating.new_state(kind)
+        assert not marker.exists()
+        assert migrating.read(migrating.NEW[kind], path) == migrating.new_state(kind)
+        return "switched by a load"
     ((which, found),) = loads.items()
     expected = migrating.old_state(kind) if which == "old" else migrating.new_state(kind)
     assert found == expected, which

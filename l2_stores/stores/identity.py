@@ -446,8 +446,8 @@ def check(path: str, expected: Identity, name: str) -> bool:
     """
     if expected.files is Kind.SINGLETON and os.path.exists(migration_switching(path)):
         raise CannotLoadStore(
-            "its replacement (by migrate or a snapshot import) was cut short: run it again "
-            "to finish it",
+            "its replacement (by migrate or a snapshot import) was cut short: a READ_WRITE "
+            "load of the new class, or running it again, finishes it",
             name=name,
             path=path,
         )

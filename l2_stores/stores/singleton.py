@@ -49,7 +49,7 @@ from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store, V
 from .layout import SINGLETON_MAGIC as MAGIC
-from .layout import Kind, identity_path, link_path
+from .layout import Kind, identity_path, link_path, migration_switching
 from .stats import StoreStats
 
 VARIABLE_SIZE = 0xFFFFFFFF
@@ -119,6 +119,8 @@ class SingletonStore(Store, Generic[V]):
             raise TypeError(f"mode must be a Mode, got {mode!r}")
         store = cls(os.fspath(path), mode)
         store._fsync = bool(fsync)
+        if mode is Mode.READ_WRITE and cls._checks_identity:
+            store._finish_cut_short_switch()
         unrecorded = store._check_identity()
         if mode is Mode.READ_WRITE:
             directory = os.path.dirname(os.path.abspath(store.path))
@@ -151,6 +153,21 @@ class SingletonStore(Store, Generic[V]):
             store._release()
             raise
         return store._loaded()
+
+    def _finish_cut_short_switch(self) -> None:
+        """Finish a migration's (or an import's) switch to this class that a kill cut short."""
+        if not os.path.exists(migration_switching(self.path)):
+            return
+        from ..migration import finish_cut_short_switch  # (here: migration builds on stores)
+
+        try:
+            finish_cut_short_switch(type(self), self.path)
+        except OSError as error:
+            raise CannotLoadStore(
+                f"cannot finish the switch a migration began: {error}",
+                name=self.name,
+                path=self.path,
+            ) from error
 
     @property
     def _value_size(self) -> int:
