@@ -25,6 +25,7 @@ from l2_stores import (
 )
 from l2_stores.engine.filesystem import installed
 from l2_stores.stores import identity
+from l2_stores.tools.info import describe
 from l2_stores.tools.on_disk import find_stores
 from tests.helpers import format1
 from tests.helpers.faults import FailingFileSystem
@@ -278,6 +279,9 @@ def test_a_damaged_identity_file_refuses_the_load(tmp_path: Path, kind: str) -> 
     with pytest.raises(CannotLoadStore) as caught:
         found.identity()  # the tools name it by its directory: no name is recorded
     assert caught.value.name == "store" and "store 'store'" in str(caught.value)
+    described = describe(found)  # what info prints
+    assert described.identity_damaged and described.problem is not None
+    assert any("identity file is damaged" in line for line in described.lines())
 
 
 def test_a_failed_record_refuses_the_load_and_the_next_load_records(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ class StoreInfo:
     #: tells only its files) and its codecs in words; None for a store made before them.
     created_as: str | None = None
     codecs: dict[str, str] | None = None
+    #: Whether the identity file is there but cannot be read (see ``problem``).
+    identity_damaged: bool = False
     #: Why the store could not be read whole (its other fields are what could be).
     problem: str | None = None
 
@@ -51,7 +53,9 @@ class StoreInfo:
         if self.created_as is not None:
             kind = self.created_as.replace("_", " ")
         rows = [("kind", kind), ("format version", str(self.format_version))]
-        if self.codecs is None:
+        if self.identity_damaged:
+            rows.append(("codecs", "unknown (the identity file is damaged)"))
+        elif self.codecs is None:
             rows.append(("codecs", "not recorded (made before identities)"))
         else:
             rows += [(role, codec) for role, codec in self.codecs.items()]
@@ -93,7 +97,11 @@ def describe(store: StoreOnDisk) -> StoreInfo:
         files=store.files(),
     )
     try:
-        recorded = store.identity()
+        try:
+            recorded = store.identity()
+        except StoreError:
+            found.identity_damaged = True
+            raise
         if recorded is not None:
             found.created_as = recorded.kind
             found.codecs = {role: render(codec) for role, codec in recorded.codecs.items()}
