@@ -14,7 +14,7 @@ taken back bare, and the two swap places in one step:
   (or the old one removed), and the new identity file put in place. A kill after the first
   marker leaves the old or the new value without an identity: the next
   ``READ_WRITE`` load of the new class (or the next ``migrate``) finishes the switch;
-  until then the old class and ``READ_ONLY`` loads are refused.
+  until then loads of another class and ``READ_ONLY`` loads are refused.
 
 A kill at any moment leaves the old store or the new one at ``<path>``, and
 perhaps a leftover at ``<path>.migrate-tmp`` (a new store cut short, or the
@@ -307,15 +307,21 @@ def finish_singleton_switch(staging: str, directory: str) -> None:
 
 def finish_cut_short_switch(cls: type[SingletonStore[Any]], directory: str) -> None:
     """At a ``READ_WRITE`` load of ``cls``: finish the switch a kill cut short at the
-    singleton ``directory``, when the singleton it puts in place is one of ``cls`` (or
-    has no identity); else leave it: the load is refused, nothing changed."""
+    singleton ``directory``, when the singleton it puts in place is one of ``cls``, or has
+    no identity (a snapshot of a store made before identities: any class may load it, as
+    any such store); else leave it: the load is refused, nothing changed."""
     staging = directory + STAGING
-    target = _switch_target(staging, directory, cls.name)  # (a switch moves it, whole)
-    if target is not None and not target.same_as(cls._identity()):
-        return
+    expected = cls._identity()
+
+    def ours() -> bool:  # (read without the lock too: a switch moves the identity whole)
+        target = _switch_target(staging, directory, cls.name)
+        return target is None or target.same_as(expected)
+
+    if not ours():
+        return  # (no lock taken: nothing changes)
     lock = WriterLock(directory + ".lock", cls.name, directory)
-    try:
-        if os.path.exists(staging + SWITCHING):  # else finished meanwhile
+    try:  # again: another switch may have begun meanwhile
+        if os.path.exists(staging + SWITCHING) and ours():
             finish_singleton_switch(staging, directory)
     finally:
         lock.release()

@@ -373,6 +373,7 @@ def test_batches_on_lazyfs(tmp_path: Path, fsync: bool) -> None:
             fs.start()
             found = batch_writer.check(str(fs.mount), max(acks, default=0) if fsync else 0)
             acked = max(acked, found)
+    assert died < ROUNDS, "LazyFS died on its own in every round"
     detail = f" (LazyFS died on its own in {died})" if died else ""
     print(
         f"\nlazyfs batches fsync={fsync}: {ROUNDS} rounds passed{detail}, {acked} batches at most"

@@ -25,9 +25,12 @@ from l2_stores import (
     make_indexable_removable,
     make_indexed_file,
     make_simple_indexed_file,
+    make_singleton,
     migrate,
 )
+from l2_stores.engine import filesystem
 from l2_stores.engine.journal import read_link
+from l2_stores.migration import finish_singleton_switch
 from tests.helpers import migrating
 from tests.helpers.child import Child
 from tests.helpers.tree import tree
@@ -273,6 +276,44 @@ def test_the_command_line_migrates(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 1 and "nowhere" in bad.stderr
+
+
+def _cut_short_switch_to(cls: Any, path: Path, value: int) -> None:
+    """What a migration to ``cls`` killed right after its marker leaves at ``path``."""
+    staging = Path(f"{path}.migrate-tmp")
+    with cls.load(staging) as store:
+        store.write(value)
+    Path(f"{staging}.lock").unlink()
+    Path(f"{staging}.switching").write_bytes(b"value,identity")
+
+
+def test_a_switch_begun_while_a_load_waits_for_the_lock_is_not_finished_by_it(
+    tmp_path: Path,
+) -> None:
+    """The load of class X saw a switch to X; before it holds the lock, another process
+    finishes it and a migration to Y is cut short: the load must leave Y's switch alone."""
+    w_cls, x_cls, y_cls = (make_singleton("s", codec) for codec in (
+        construct.Int16ub, construct.Int32ub, construct.Int64ub))  # fmt: skip
+    path = tmp_path / "s"
+    with w_cls.load(path) as store:
+        store.write(1)
+    _cut_short_switch_to(x_cls, path, 2)
+
+    class Racing(filesystem.OsFileSystem):
+        raced = False
+
+        def open(self, name: str, flags: int, mode: int = 0o644) -> int:
+            if name == f"{path}.lock" and not Racing.raced:
+                Racing.raced = True
+                finish_singleton_switch(f"{path}.migrate-tmp", str(path))
+                _cut_short_switch_to(y_cls, path, 3)
+            return super().open(name, flags, mode)
+
+    with filesystem.installed(Racing()), pytest.raises(CannotLoadStore, match="cut short"):
+        x_cls.load(path)
+    assert Racing.raced and Path(f"{path}.migrate-tmp.switching").exists()
+    with y_cls.load(path) as store:  # Y's switch, whole, finished by Y's load
+        assert store.read() == 3
 
 
 def test_a_marker_cut_short_means_no_switch_began(tmp_path: Path) -> None:

@@ -125,11 +125,10 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         self._reserved = HEADER_SIZE
         #: Whether blocks past the end may be allocated (a reserve was asked).
         self._holds_reserve = False
-        with filesystem.naming(path):
-            if readonly:
-                self._open_readonly()
-            else:
-                self._open_writer()
+        if readonly:
+            self._open_readonly()
+        else:
+            self._open_writer()
 
     # -- opening
 
@@ -139,8 +138,9 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         except FileNotFoundError:
             return  # nothing appended yet: opened on a later sync()
         try:
-            self._check_header(fd)
-            self.end = os.fstat(fd).st_size
+            with filesystem.naming(self.path):
+                self._check_header(fd)
+                self.end = os.fstat(fd).st_size
         except BaseException:
             os.close(fd)
             raise
@@ -151,8 +151,9 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
             self._create()
         fd = os.open(self.path, os.O_RDWR)
         try:
-            self._check_header(fd)
-            status = os.fstat(fd)
+            with filesystem.naming(self.path):
+                self._check_header(fd)
+                status = os.fstat(fd)
             self.end = status.st_size
             if status.st_blocks * 512 > status.st_size + status.st_blksize:
                 # blocks past the end: a reservation a kill left, given back
@@ -204,8 +205,9 @@ class ValuesFile(ValuesTailBase):  # type: ignore[misc]
         temporary = self.path + ".tmp"
         fd = filesystem.open_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            pwrite_all(fd, header.encode(), 0)
-            filesystem.fsync(fd)
+            with filesystem.naming(temporary):
+                pwrite_all(fd, header.encode(), 0)
+                filesystem.fsync(fd)
         finally:
             os.close(fd)
         filesystem.rename(temporary, self.path)

@@ -44,8 +44,8 @@ def main() -> None:
             "error": f"{type(error).__name__}: {error}",
             "traceback": traceback.format_exc(),
             "files": sorted(
-                os.path.relpath(os.path.join(top, name), path)
-                for top, _, names in os.walk(path)
+                os.path.relpath(os.path.join(top, name), root)
+                for top, _, names in os.walk(root)
                 for name in names
             ),
         }
