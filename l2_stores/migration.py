@@ -113,12 +113,7 @@ def migrate(
         )
     staging = directory + STAGING
     try:
-        if os.path.exists(staging + SWITCHING):  # a singleton's switch cut short: finish it
-            lock = WriterLock(directory + ".lock", new.name, directory)
-            try:
-                finish_singleton_switch(staging, directory)
-            finally:
-                lock.release()
+        finish_cut_short_switch(directory, new.name)  # a singleton's, if a kill left one
         _remove(staging, new)
     except OSError as error:
         raise CannotWriteToStore(
@@ -305,23 +300,29 @@ def finish_singleton_switch(staging: str, directory: str) -> None:
     filesystem.remove_tree(staging + SWITCHING)
 
 
-def finish_cut_short_switch(cls: type[SingletonStore[Any]], directory: str) -> None:
-    """At a ``READ_WRITE`` load of ``cls``: finish the switch a kill cut short at the
-    singleton ``directory``, when the singleton it puts in place is one of ``cls``, or has
-    no identity (a snapshot of a store made before identities: any class may load it, as
-    any such store); else leave it: the load is refused, nothing changed."""
+def finish_cut_short_switch(
+    directory: str, name: str, expected: identity.Identity | None = None
+) -> None:
+    """Finish, under its writer lock, the switch a kill cut short at the singleton
+    ``directory`` (none there: nothing to do). With ``expected`` (a load of that
+    identity), only when the singleton it puts in place is of that identity, or has none
+    (a snapshot of a store made before identities: any class may load it, as any such
+    store); else nothing changes, not even the lock file, and the load is refused."""
     staging = directory + STAGING
-    expected = cls._identity()
 
-    def ours() -> bool:  # (read without the lock too: a switch moves the identity whole)
-        target = _switch_target(staging, directory, cls.name)
+    def wanted() -> bool:  # (read without the lock too: a switch moves the identity whole)
+        if not os.path.exists(staging + SWITCHING):
+            return False
+        if expected is None:
+            return True
+        target = _switch_target(staging, directory, name)
         return target is None or target.same_as(expected)
 
-    if not ours():
-        return  # (no lock taken: nothing changes)
-    lock = WriterLock(directory + ".lock", cls.name, directory)
-    try:  # again: another switch may have begun meanwhile
-        if os.path.exists(staging + SWITCHING) and ours():
+    if not wanted():
+        return
+    lock = WriterLock(directory + ".lock", name, directory)
+    try:  # again: the switch may have ended, or another begun, meanwhile
+        if wanted():
             finish_singleton_switch(staging, directory)
     finally:
         lock.release()

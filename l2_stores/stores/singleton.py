@@ -49,7 +49,7 @@ from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
 from .base import Store, V
 from .layout import SINGLETON_MAGIC as MAGIC
-from .layout import Kind, identity_path, link_path, migration_switching
+from .layout import Kind, identity_path, link_path
 from .stats import StoreStats
 
 VARIABLE_SIZE = 0xFFFFFFFF
@@ -156,12 +156,10 @@ class SingletonStore(Store, Generic[V]):
 
     def _finish_cut_short_switch(self) -> None:
         """Finish a migration's (or an import's) switch to this class that a kill cut short."""
-        if not os.path.exists(migration_switching(self.path)):
-            return
         from ..migration import finish_cut_short_switch  # (here: migration builds on stores)
 
         try:
-            finish_cut_short_switch(type(self), self.path)
+            finish_cut_short_switch(self.path, self.name, self._identity())
         except OSError as error:
             raise CannotLoadStore(
                 f"cannot finish the switch a migration began: {error}",

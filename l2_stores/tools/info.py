@@ -97,14 +97,14 @@ def describe(store: StoreOnDisk) -> StoreInfo:
         files=store.files(),
     )
     try:
-        try:
-            recorded = store.identity()
-        except StoreError:
-            found.identity_damaged = True
-            raise
-        if recorded is not None:
-            found.created_as = recorded.kind
-            found.codecs = {role: render(codec) for role, codec in recorded.codecs.items()}
+        recorded = store.identity()
+    except StoreError as error:
+        found.identity_damaged, found.problem = True, str(error)
+        return found
+    if recorded is not None:
+        found.created_as = recorded.kind
+        found.codecs = {role: render(codec) for role, codec in recorded.codecs.items()}
+    try:
         sizes = store.sizes()
         found.key_size, found.value_size, found.header_size = sizes.key, sizes.value, sizes.header
         opened = store.open()

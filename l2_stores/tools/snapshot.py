@@ -35,7 +35,7 @@ from .. import batches
 from ..engine.filesystem import fsync_directory, fsync_tree, remove_tree
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore
-from ..migration import finish_singleton_switch, switch_singleton
+from ..migration import finish_cut_short_switch, switch_singleton
 from ..mode import Mode
 from ..stores import identity
 from ..stores.layout import (
@@ -43,7 +43,6 @@ from ..stores.layout import (
     Kind,
     identity_path,
     link_path,
-    migration_switching,
 )
 from .on_disk import Sizes, StoreOnDisk, find_stores, raw_class
 
@@ -526,12 +525,7 @@ def _move_into_place(built: StoreOnDisk, target: str, entry: dict[str, Any]) -> 
 def _finish_interrupted_import(target: str) -> None:
     """Undo what a killed import left at ``target``: put the old store back, drop staging;
     finish a singleton's switch."""
-    if os.path.exists(migration_switching(target)):
-        lock = WriterLock(target + ".lock", os.path.basename(target), target)
-        try:
-            finish_singleton_switch(target + MIGRATION_STAGING, target)
-        finally:
-            lock.release()
+    finish_cut_short_switch(target, os.path.basename(target))
     aside = target + _ASIDE
     if os.path.lexists(aside):
         if os.path.lexists(target):
