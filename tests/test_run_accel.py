@@ -1093,6 +1093,21 @@ def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
     next(live)
     with pytest.raises(TypeError):
         _runs.MergeCursor([], (reader,), 16, None, None, False, None, None, None)
+    with pytest.raises(TypeError, match="nine positional"):
+        _runs.MergeCursor((), (reader,), 16, None, None, False, None, None)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="nine positional"):
+        _runs.MergeCursor(
+            (), (reader,), 16, None, None, False, None, None, on_closed=None  # type: ignore[call-arg]
+        )
+    with pytest.raises(TypeError):
+        _runs.MergeCursor((), (reader,), "16", None, None, False, None, None, None)  # type: ignore[arg-type]
+    # the type's __new__ (a call from Python without vectorcall) makes the same cursor
+    made = _runs.MergeCursor.__new__(
+        _runs.MergeCursor, (), (reader,), 16, None, None, True, None, None, None
+    )
+    assert next(made)[0] == (99).to_bytes(16, "big")
+    with pytest.raises(TypeError, match="nine positional"):
+        _runs.MergeCursor.__new__(_runs.MergeCursor, (), (reader,))  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         _runs.MergeCursor(((({}, [])),), ("reader",), 16, None, None, False, None, None, None)
     with pytest.raises(TypeError):

@@ -169,10 +169,18 @@ class PreparedPart:
         self._ops = ops
         self._end_at = end_at
 
-    def finish(self) -> None:
-        """Write the part's end (the batch committed): it binds, in the file and here."""
+    def end(self) -> None:
+        """Write the part's end in the log (the batch committed): it binds there."""
         self._log.end_part(self._end_at)
+
+    def take(self) -> None:
+        """Bind the part here, after ``end``."""
         self._index._part_taken(self._log, self._ops)
+
+    def finish(self) -> None:
+        """``end`` then ``take``."""
+        self.end()
+        self.take()
 
     def cancel(self) -> None:
         """Take the part back (the batch gave up before its commit point)."""
@@ -284,6 +292,10 @@ class Index:
         #: The sorted keys of the log dicts last iterated, of those the index still
         #: holds: (dict, keys, how many of the dict's keys the list holds).
         self._key_orders: tuple[tuple[dict[bytes, bytes | None], list[bytes], int], ...] = ()
+        #: The log dicts with their keys in order as ``items`` last gave them, newest
+        #: first, and the active one's size then (until ``_hand_over``).
+        self._logs_in_order: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...] | None = None
+        self._logs_in_order_size = 0
         self._stack = RunStack()
         self._log: LogWriter | None = None
         #: Bytes of records a new log allocates ahead, for the C put to write
@@ -385,11 +397,15 @@ class Index:
         if not self._shared:
             self._shared = True
             self._hand_over()
-        logs: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...] = (
-            ((active, self._sorted_keys(active)),)  # newest first
-            if frozen is None
-            else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
-        )
+        logs = self._logs_in_order
+        if logs is None or len(active) != self._logs_in_order_size:
+            logs = (
+                ((active, self._sorted_keys(active)),)  # newest first
+                if frozen is None
+                else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
+            )
+            # (the same dicts until _hand_over: a shared one only grows, see _sorted_keys)
+            self._logs_in_order, self._logs_in_order_size = logs, len(active)
         return stack.live_rows(
             logs,
             self._expected.key_size,
@@ -471,6 +487,7 @@ class Index:
     def _hand_over(self) -> None:
         """Hand the C read path and the C put the current state (after any change of
         the log, the dicts, the runs, ``_merging`` or ``_touched``)."""
+        self._logs_in_order = None
         if self._layers is not None:
             stack = self._stack
             self._layers.set(

@@ -15,6 +15,7 @@ import itertools
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 from ..errors import CannotLoadStore, CannotReadFromStore
@@ -182,6 +183,13 @@ def _aged(source: Iterable[Row], age: int) -> Iterator[tuple[bytes, int, bytes |
         yield key, age, value
 
 
+def _corruption_error_of(newest_first: Sequence[Source], error: RunCorrupt) -> CannotReadFromStore:
+    """The error of the run whose C reader (``error.index`` in ``newest_first``) met damage."""
+    run = newest_first[error.index]
+    assert isinstance(run, Run)  # every run has a C reader
+    return run.corruption_error(error)
+
+
 class RunStack:
     """The runs of a store, oldest first."""
 
@@ -195,6 +203,12 @@ class RunStack:
         self.readers: tuple[Any, ...] | None = None
         if accelerated_find_first is not None and readers and None not in readers:
             self.readers = tuple(readers)
+        #: The C merge cursor's readers and damage handler, when it serves these runs
+        #: (bound once: a seek is a few microseconds).
+        self._cursor_readers: tuple[Any, ...] | None = None
+        if AcceleratedMergeCursor is not None and (self.readers is not None or not self.runs):
+            self._cursor_readers = self.readers or ()
+            self._on_cursor_corrupt = partial(_corruption_error_of, self._newest_first)
 
     def find(self, key: bytes) -> bytes | None:
         """The value the newest run that knows ``key`` holds, or None."""
@@ -244,16 +258,16 @@ class RunStack:
         The C merge cursor when every run has a C reader; else a merge of each
         source's rows. A damaged row raises its run's ``CannotReadFromStore``.
         """
-        if AcceleratedMergeCursor is not None and (self.readers is not None or not self.runs):
+        if self._cursor_readers is not None:
             try:
-                return AcceleratedMergeCursor(
+                return AcceleratedMergeCursor(  # type: ignore[misc]
                     logs,
-                    self.readers or (),
+                    self._cursor_readers,
                     key_size,
                     start,
                     stop,
                     reverse,
-                    self._corruption_error,
+                    self._on_cursor_corrupt,
                     closed,
                     on_closed,
                 )
@@ -267,12 +281,6 @@ class RunStack:
         if closed is None or on_closed is None:
             return rows
         return _until_closed(rows, closed, on_closed)
-
-    def _corruption_error(self, error: RunCorrupt) -> CannotReadFromStore:
-        """The error of the run whose C reader (``error.index``, newest first) met damage."""
-        run = self._newest_first[error.index]
-        assert isinstance(run, Run)  # every run has a C reader
-        return run.corruption_error(error)
 
     @property
     def parts(self) -> int:

@@ -443,21 +443,24 @@ run_range(RunReader *reader, const char *start, Py_ssize_t start_length, const c
     return *high < 0 ? -1 : 0;
 }
 
-/* MergeCursor(logs, readers, key_size, start, stop, reverse, on_corrupt, closed,
-               on_closed, /) */
+/* The cursor of MergeCursor's nine arguments (logs, readers, key_size, start,
+   stop, reverse, on_corrupt, closed, on_closed), for a call (vectorcall: a
+   seek is a few microseconds) and for tp_new alike. */
 static PyObject *
-cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
+cursor_make(PyTypeObject *type, PyObject *const *args)
 {
-    PyObject *logs, *readers, *start_object, *stop_object, *on_corrupt, *closed, *on_closed;
-    Py_ssize_t key_size;
-    int reverse;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
-        PyErr_SetString(PyExc_TypeError, "MergeCursor takes no keyword arguments");
+    PyObject *logs = args[0], *readers = args[1], *start_object = args[3],
+             *stop_object = args[4], *on_corrupt = args[6], *closed = args[7],
+             *on_closed = args[8];
+    if (!PyTuple_Check(logs) || !PyTuple_Check(readers)) {
+        PyErr_SetString(PyExc_TypeError, "MergeCursor: logs and readers are tuples");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!nOOpOOO:MergeCursor", &PyTuple_Type, &logs, &PyTuple_Type,
-                          &readers, &key_size, &start_object, &stop_object, &reverse,
-                          &on_corrupt, &closed, &on_closed))
+    Py_ssize_t key_size = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (key_size == -1 && PyErr_Occurred())
+        return NULL;
+    int reverse = PyObject_IsTrue(args[5]);
+    if (reverse < 0)
         return NULL;
     if (closed != Py_None &&
         (!PyByteArray_CheckExact(closed) || PyByteArray_GET_SIZE(closed) < 1 ||
@@ -554,6 +557,31 @@ cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+#define CURSOR_ARGUMENTS 9
+
+static PyObject *
+cursor_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) ||
+        PyVectorcall_NARGS(nargsf) != CURSOR_ARGUMENTS) {
+        PyErr_SetString(PyExc_TypeError,
+                        "MergeCursor takes nine positional arguments, and no keyword argument");
+        return NULL;
+    }
+    return cursor_make((PyTypeObject *)type, args);
+}
+
+static PyObject *
+cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds)) || PyTuple_GET_SIZE(args) != CURSOR_ARGUMENTS) {
+        PyErr_SetString(PyExc_TypeError,
+                        "MergeCursor takes nine positional arguments, and no keyword argument");
+        return NULL;
+    }
+    return cursor_make(type, &PyTuple_GET_ITEM(args, 0));
+}
+
 PyTypeObject MergeCursorType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "l2_stores.engine._runs.MergeCursor",
@@ -569,6 +597,7 @@ PyTypeObject MergeCursorType = {
               "bytearray, or None) is set, each step raises what on_closed() returns. A\n"
               "released reader raises ValueError.",
     .tp_new = cursor_create,
+    .tp_vectorcall = cursor_vectorcall,
     .tp_dealloc = (destructor)cursor_dealloc,
     .tp_traverse = (traverseproc)cursor_traverse,
     .tp_clear = (inquiry)cursor_clear,
