@@ -41,6 +41,8 @@ typedef struct {
     Py_ssize_t tasks_waiting; /* tasks waiting for the exclusive section to end */
     uint64_t owner;           /* holder of the exclusive section, when has_owner */
     int has_owner;
+    int tasks_in;             /* the exclusive section lets tasks run beside it */
+    int draining;             /* its owner waits for the running tasks to end */
     unsigned long long task_gen; /* bumped to admit the waiting tasks */
     uint64_t next_ticket;
     uint64_t *queue;          /* tickets of waiting exclusive callers, oldest first */
@@ -48,7 +50,7 @@ typedef struct {
 } Core;
 
 static PyObject *str_wait_exclusive, *str_enter_task_slow, *str_notify_tasks,
-    *str_notify_exclusive;
+    *str_notify_exclusive, *str_drain_tasks;
 
 /* The owner id of the calling thread, or of the given owner (an int). */
 static int
@@ -182,8 +184,10 @@ core_enter_task(Core *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 exit_task(Core *self)
 {
-    if (--self->tasks == 0 && self->queue_len)
+    if (--self->tasks == 0 && (self->queue_len || self->draining)) {
+        self->draining = 0; /* (the owner waits for no task any more: none will start) */
         return call_slow((PyObject *)self, str_notify_exclusive);
+    }
     Py_RETURN_NONE;
 }
 
@@ -256,7 +260,7 @@ core_abandon_task_wait(Core *self, PyObject *arg)
         Py_RETURN_FALSE;
     }
     self->tasks--;
-    return PyBool_FromLong(self->tasks == 0 && self->queue_len);
+    return PyBool_FromLong(self->tasks == 0 && (self->queue_len || self->draining));
 }
 
 /* -- exclusive sections */
@@ -288,10 +292,23 @@ parse_exclusive(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int 
     return 0;
 }
 
+/* RuntimeError when the owner enters again while tasks run beside it. */
+static int
+refuse_nesting(Core *self)
+{
+    if (!self->tasks_in)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError,
+                    "the exclusive section lets tasks in: it cannot be nested now");
+    return -1;
+}
+
 static PyObject *
 enter_exclusive(Core *self, uint64_t me, PyObject *owner, int force)
 {
     if (owned_by(self, me)) {
+        if (refuse_nesting(self) < 0)
+            return NULL;
         self->depth++;
         Py_RETURN_NONE;
     }
@@ -338,7 +355,11 @@ exit_exclusive(Core *self, uint64_t me)
     if (--self->depth)
         Py_RETURN_NONE;
     self->has_owner = 0;
-    self->blocked--;
+    self->draining = 0;
+    if (self->tasks_in)
+        self->tasks_in = 0; /* (tasks were let in: they were not held back) */
+    else
+        self->blocked--;
     if (admit_waiting_tasks(self))
         return call_slow((PyObject *)self, str_notify_tasks);
     if (self->queue_len && !self->tasks)
@@ -362,6 +383,8 @@ core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, Py
     if (owner_argument(args, nargs, kwnames, "try_enter_exclusive", &me) < 0)
         return NULL;
     if (owned_by(self, me)) {
+        if (refuse_nesting(self) < 0)
+            return NULL;
         self->depth++;
         Py_RETURN_TRUE;
     }
@@ -372,6 +395,76 @@ core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, Py
     self->has_owner = 1;
     self->depth = 1;
     Py_RETURN_TRUE;
+}
+
+/* let_tasks_in(owner=None), by the owner of the section: tasks run beside it
+   from now on (blocked no longer counts it); exclusive callers still wait.
+   False, nothing changed, when the section is nested. */
+static PyObject *
+core_let_tasks_in(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    uint64_t me;
+    if (owner_argument(args, nargs, kwnames, "let_tasks_in", &me) < 0)
+        return NULL;
+    if (!owned_by(self, me)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "let_tasks_in() by a thread not holding the exclusive section");
+        return NULL;
+    }
+    if (self->tasks_in) {
+        PyErr_SetString(PyExc_RuntimeError, "let_tasks_in() twice");
+        return NULL;
+    }
+    if (self->depth != 1)
+        Py_RETURN_FALSE; /* nested: an outer level counts on running alone */
+    self->tasks_in = 1;
+    self->blocked--;
+    if (admit_waiting_tasks(self)) {
+        PyObject *notified = call_slow((PyObject *)self, str_notify_tasks);
+        if (notified == NULL)
+            return NULL;
+        Py_DECREF(notified);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* keep_tasks_out(owner=None), after let_tasks_in: new tasks are held back
+   again; while tasks still run, _drain_tasks() waits for them (the last
+   one's exit notifies the exclusive callers' condition, draining being set). */
+static PyObject *
+core_keep_tasks_out(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    uint64_t me;
+    if (owner_argument(args, nargs, kwnames, "keep_tasks_out", &me) < 0)
+        return NULL;
+    if (!owned_by(self, me)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "keep_tasks_out() by a thread not holding the exclusive section");
+        return NULL;
+    }
+    if (!self->tasks_in) {
+        PyErr_SetString(PyExc_RuntimeError, "keep_tasks_out() without let_tasks_in()");
+        return NULL;
+    }
+    self->tasks_in = 0;
+    self->blocked++;
+    if (!self->tasks)
+        Py_RETURN_NONE;
+    self->draining = 1;
+    return call_slow((PyObject *)self, str_drain_tasks);
+}
+
+/* Under the Python lock, when _drain_tasks is interrupted: tasks in again
+   (the caller leaves the section); True when waiting tasks were admitted. */
+static PyObject *
+core_undo_keep_out(Core *self, PyObject *Py_UNUSED(ignored))
+{
+    self->draining = 0;
+    if (!self->tasks_in) {
+        self->tasks_in = 1;
+        self->blocked--;
+    }
+    return PyBool_FromLong(admit_waiting_tasks(self));
 }
 
 /* Under the Python lock: _enqueue_exclusive(force, owner, pending) takes a
@@ -512,6 +605,13 @@ static PyMethodDef core_methods[] = {
     {"try_enter_exclusive", (PyCFunction)(void (*)(void))core_try_enter_exclusive,
      METH_FASTCALL | METH_KEYWORDS,
      "Low-level: enter the exclusive section if that needs no wait."},
+    {"let_tasks_in", (PyCFunction)(void (*)(void))core_let_tasks_in,
+     METH_FASTCALL | METH_KEYWORDS,
+     "Low-level, by the exclusive section's holder: let tasks run beside it."},
+    {"keep_tasks_out", (PyCFunction)(void (*)(void))core_keep_tasks_out,
+     METH_FASTCALL | METH_KEYWORDS,
+     "Low-level, after let_tasks_in: hold tasks back again, wait for the running ones."},
+    {"_undo_keep_out", (PyCFunction)core_undo_keep_out, METH_NOARGS, NULL},
     {"is_idle", (PyCFunction)core_is_idle, METH_NOARGS,
      "Whether nothing runs or waits: no task, no exclusive section."},
     {"_register_task", (PyCFunction)core_register_task, METH_O, NULL},
@@ -1028,7 +1128,9 @@ PyInit__idle_core(void)
     str_enter_task_slow = PyUnicode_InternFromString("_enter_task_slow");
     str_notify_tasks = PyUnicode_InternFromString("_notify_tasks");
     str_notify_exclusive = PyUnicode_InternFromString("_notify_exclusive");
-    if (!str_wait_exclusive || !str_enter_task_slow || !str_notify_tasks || !str_notify_exclusive)
+    str_drain_tasks = PyUnicode_InternFromString("_drain_tasks");
+    if (!str_wait_exclusive || !str_enter_task_slow || !str_notify_tasks ||
+        !str_notify_exclusive || !str_drain_tasks)
         return NULL;
     PyObject *module = PyModule_Create(&idle_core_module);
     if (module == NULL)

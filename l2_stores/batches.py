@@ -2,8 +2,10 @@
 
 A batch holds its writes, one dict per store, until it commits. A commit
 writes every store's part into one record of a batch journal
-(``engine.journal``): that record is the commit point. Each store then takes
-its part (``Index.apply_part``) in its own exclusive section. A store that
+(``engine.journal``): that record is the commit point. Each store then ends
+its part in its files, then binds it in memory. The commit holds every
+store's exclusive section throughout, and lets the stores' readers in while
+the journal and the parts' ends are written (see ``doc/design.md``). A store that
 loads after a crash takes from the journal the parts it lacks, and drops a
 part that a power loss left in its log without the journal's record (see
 ``doc/design.md``, "Batches").
@@ -417,7 +419,7 @@ class Batch:
             for store in stores:
                 store._before_exclusive()
             with contextlib.ExitStack() as sections:
-                for store in stores:  # every store alone, from its part's write to its end
+                for store in stores:  # every store's writers out, from its part to its end
                     sections.enter_context(store._waiter.force_idle())
                     store._check_open()
                 self._commit(group, stores, parts, fsync)
@@ -433,32 +435,54 @@ class Batch:
         self, group: _Group, stores: Sequence[Any], parts: Sequence[Part], fsync: bool
     ) -> None:
         """Write the parts, then the journal's record (the commit point), then the parts'
-        ends; every store's exclusive section held."""
+        ends, then bind them in memory; every store's exclusive section held, with its
+        readers let in while the journal and the ends are written (nothing they read
+        changes then: only the files do)."""
         prepared: list[Any] = []
+        let_in: list[Any] = []
         try:
             for store, part in zip(stores, parts, strict=True):
                 prepared.append(store._prepare_part(part.data))
+            for store in stores:
+                if store._waiter.let_tasks_in():  # (False: this thread nests the section)
+                    let_in.append(store._waiter)
             group.journal.append(parts, fsync=fsync)  # the commit point
         except BaseException:
-            for written in prepared:
-                try:
-                    written.cancel()
-                except (OSError, StoreError):
-                    logger.exception("a batch's part could not be taken back")
+            self._take_back(prepared)
             raise
         self._state = "committed"
-        self.hooks.run("journal_written")
+        ended: list[Any] = []  # each store's part once its end is written (None: failed)
+        taken = 0
         failed: tuple[Any, BaseException] | None = None
-        for store, written in zip(stores, prepared, strict=True):
-            try:
-                written.finish()
-            except (OSError, StoreError) as error:
-                # Committed: the store's next load takes the part from the journal. Until
-                # then its part count lags the journal's, so it takes no other batch.
+        try:
+            self.hooks.run("journal_written")
+            for store, written in zip(stores, prepared, strict=True):
+                try:
+                    written.end()
+                except (OSError, StoreError) as error:
+                    # Committed: the store's next load takes the part from the journal. Until
+                    # then its part count lags the journal's, so it takes no other batch.
+                    store._batch.missed = True
+                    failed = failed or (store, error)
+                    ended.append(None)
+                    continue
+                ended.append(written)
+                self.hooks.run("part_ended")
+            for waiter in let_in:
+                waiter.keep_tasks_out()
+            for written in ended:
+                if written is not None:
+                    written.take()
+                    self.hooks.run("part_taken")
+                taken += 1
+        except BaseException:
+            # Interrupted after the commit point (Ctrl-C while the readers drain): as for
+            # an EIO, a part without its end is taken back from the log, and the stores
+            # that did not take theirs take it from the journal at their next load.
+            self._take_back(prepared[len(ended) :])
+            for store in stores[taken:]:
                 store._batch.missed = True
-                failed = failed or (store, error)
-                continue
-            self.hooks.run("part_taken")
+            raise
         if failed is not None:
             missed, cause = failed
             raise CannotWriteToStore(
@@ -467,6 +491,15 @@ class Batch:
                 name=missed.name,
                 path=missed.path,
             ) from cause
+
+    @staticmethod
+    def _take_back(prepared: Sequence[Any]) -> None:
+        """Cancel the parts written before the commit point gave up."""
+        for written in prepared:
+            try:
+                written.cancel()
+            except (OSError, StoreError):
+                logger.exception("a batch's part could not be taken back")
 
     def _link(self, stores: Sequence[Any]) -> _Group:
         """The group of the batch's journal, every store linked to it (once, durably)."""

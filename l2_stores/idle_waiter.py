@@ -90,6 +90,7 @@ class PyIdleWaiter:
         "_acquire",
         "_blocked",
         "_depth",
+        "_draining",
         "_excl_cv",
         "_exclusive_section",
         "_lock",
@@ -100,6 +101,7 @@ class PyIdleWaiter:
         "_task_cv",
         "_task_gen",
         "_tasks",
+        "_tasks_in",
         "_tasks_waiting",
     )
 
@@ -125,6 +127,10 @@ class PyIdleWaiter:
         # Tasks waiting for an exclusive section to end; bumping _task_gen admits them.
         self._tasks_waiting = 0
         self._task_gen = 0
+        # The exclusive section lets tasks run beside it (let_tasks_in), and its
+        # owner waits for them to end (keep_tasks_out).
+        self._tasks_in = False
+        self._draining = False
         self._exclusive_section = _ExclusiveSection(self)
 
     # -- public API ----------------------------------------------------------
@@ -167,7 +173,7 @@ class PyIdleWaiter:
         try:
             n = self._tasks - 1
             self._tasks = n
-            if not n and self._queue:
+            if not n and (self._queue or self._draining):
                 self._excl_cv.notify_all()
         finally:
             self._release()
@@ -185,7 +191,7 @@ class PyIdleWaiter:
         try:
             n = self._tasks - 1
             self._tasks = n
-            if not n and self._queue:
+            if not n and (self._queue or self._draining):
                 self._excl_cv.notify_all()
         finally:
             self._release()
@@ -213,6 +219,7 @@ class PyIdleWaiter:
         me = _get_ident() if owner is None else owner
         with self._lock:
             if self._owner == me:
+                self._check_nestable()
                 self._depth += 1
                 return True
             if self._owner is not None or self._tasks or self._queue or self._blocked:
@@ -234,6 +241,7 @@ class PyIdleWaiter:
         me = _get_ident() if owner is None else owner
         with self._lock:
             if self._owner == me:
+                self._check_nestable()
                 self._depth += 1
                 return
             if force:
@@ -269,9 +277,58 @@ class PyIdleWaiter:
             if self._depth:
                 return
             self._owner = None
-            self._blocked -= 1
+            self._draining = False
+            if self._tasks_in:
+                self._tasks_in = False  # (tasks were let in: they were not held back)
+            else:
+                self._blocked -= 1
             if not self._admit_waiting_tasks() and self._queue and not self._tasks:
                 self._excl_cv.notify_all()
+
+    def let_tasks_in(self, owner: int | None = None) -> bool:
+        """Low-level, by the holder of the exclusive section: let tasks run beside it,
+        while other exclusive callers still wait; pair with :meth:`keep_tasks_out`, or
+        leave the section. False (nothing changed) when the owner entered the section
+        more than once: an outer level of it counts on running alone."""
+        with self._lock:
+            self._check_owner(_get_ident() if owner is None else owner, "let_tasks_in")
+            if self._tasks_in:
+                raise RuntimeError("let_tasks_in() twice")
+            if self._depth != 1:
+                return False
+            self._tasks_in = True
+            self._blocked -= 1
+            self._admit_waiting_tasks()
+            return True
+
+    def keep_tasks_out(self, owner: int | None = None) -> None:
+        """Low-level, after :meth:`let_tasks_in`: hold new tasks back again and wait
+        until the running ones end; the section is exclusive once this returns."""
+        with self._lock:
+            self._check_owner(_get_ident() if owner is None else owner, "keep_tasks_out")
+            if not self._tasks_in:
+                raise RuntimeError("keep_tasks_out() without let_tasks_in()")
+            self._tasks_in = False
+            self._blocked += 1
+            self._draining = True
+            try:
+                while self._tasks:
+                    self._excl_cv.wait()
+            except BaseException:
+                self._blocked -= 1  # tasks in again; the caller leaves the section
+                self._tasks_in = True
+                self._admit_waiting_tasks()
+                raise
+            finally:
+                self._draining = False
+
+    def _check_owner(self, me: int, what: str) -> None:
+        if self._owner != me:
+            raise RuntimeError(f"{what}() by a thread not holding the exclusive section")
+
+    def _check_nestable(self) -> None:
+        if self._tasks_in:
+            raise RuntimeError("the exclusive section lets tasks in: it cannot be nested now")
 
     # -- introspection -------------------------------------------------------
 
@@ -323,7 +380,7 @@ class PyIdleWaiter:
                 else:
                     # Already admitted and counted as running: give the slot back.
                     self._tasks -= 1
-                    if not self._tasks and self._queue:
+                    if not self._tasks and (self._queue or self._draining):
                         self._excl_cv.notify_all()
                 raise
             # Admitted by _admit_waiting_tasks, which already counted us in _tasks.
@@ -417,6 +474,16 @@ if _core_is_built():
                     if pending and self._cancel_exclusive(pending[0], force, owner):
                         self._task_cv.notify_all()
                     self._excl_cv.notify_all()
+                    raise
+
+        def _drain_tasks(self) -> None:
+            with self._lock:
+                try:
+                    while self.running_tasks:
+                        self._excl_cv.wait()
+                except BaseException:
+                    if self._undo_keep_out():  # tasks in again; the caller leaves the section
+                        self._task_cv.notify_all()
                     raise
 
         def _notify_tasks(self) -> None:

@@ -426,7 +426,7 @@ def test_batches_survive_sigkill(tmp_path: Path, seed: int, fsync: bool) -> None
     directory = tmp_path / "node"
     acked = 0
     for round_ in range(4):
-        mode = rng.choice(["none", "journal", "part"])
+        mode = rng.choice(["none", "journal", "ended", "part"])
         kill = "none" if mode == "none" else f"{mode}:{acked + rng.randrange(1, 30)}"
         args = [directory, seed, rng.choice([8, 50, 1000]), 400, kill]
         child = Child(
@@ -789,9 +789,9 @@ def test_a_read_only_snapshot_hides_a_batch_its_writer_left_half_applied(
     batch.views[1].add(2, b"message2")
 
     def die() -> None:
-        raise KeyboardInterrupt  # the writer stops here: levels took its part, messages not
+        raise KeyboardInterrupt  # the writer stops here: levels ended its part, messages not
 
-    batch.hooks.add("part_taken", die)
+    batch.hooks.add("part_ended", die)
     with pytest.raises(KeyboardInterrupt):
         batch.commit()
     levels_r = Levels.load(tmp_path / "levels", Mode.READ_ONLY)
@@ -944,3 +944,106 @@ print(c._batch.group.journal.directory)
     assert out.stdout.strip() == str(tmp_path / f"{JOURNAL_DIRECTORY}.2"), out.stderr
     a.close()
     b.close()
+
+
+def test_readers_run_while_a_commit_writes_its_journal_and_writers_wait(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    levels.add(1, value(1))
+    seen: dict[str, object] = {}
+    writer_done = threading.Event()
+
+    def writer() -> None:
+        levels.add(3, value(3))
+        writer_done.set()
+
+    def beside_the_commit() -> None:  # another thread, while the commit is at its point
+        def reads() -> None:
+            seen["find"] = (levels.find(1), levels.find(2), messages.find(2))
+            seen["keys"] = (list(levels.keys()), len(messages), 2 in levels)
+
+        reader = threading.Thread(target=reads)
+        reader.start()
+        reader.join(10)
+        seen["reader_finished"] = not reader.is_alive()
+        seen["writer"] = threading.Thread(target=writer)
+        seen["writer"].start()  # type: ignore[attr-defined]
+        time.sleep(0.05)
+        seen["writer_waited"] = not writer_done.is_set()
+
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(2, value(2))
+    batch.views[1].add(2, b"message2")
+    batch.hooks.add("journal_written", beside_the_commit)
+    batch.commit()
+    seen["writer"].join(10)  # type: ignore[attr-defined]
+    assert seen["reader_finished"], "a reader waited for the commit's journal write"
+    assert seen["find"] == (value(1), None, None)  # nothing of the batch before it binds
+    assert seen["keys"] == ([1], 0, False)
+    assert seen["writer_waited"], "a plain write ran inside the commit"
+    assert writer_done.is_set()
+    assert list(levels.items()) == [(1, value(1)), (2, value(2)), (3, value(3))]
+    assert messages.find(2) == b"message2"
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    assert list(levels.keys()) == [1, 2, 3]
+    levels.close()
+
+
+def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
+    tmp_path: Path,
+) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(1, value(1))
+    batch.views[1].add(1, b"message1")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the readers drain, say
+
+    batch.hooks.add("part_ended", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    assert levels.find(1) is None  # committed, not taken in memory
+    with (
+        pytest.raises(l2_stores.CannotWriteToStore, match="load it again"),
+        l2_stores.batch(levels, messages) as views,
+    ):
+        views[0].add(2, value(2))  # no second part with the same ordinal
+    assert levels.find(1) is None and messages.find(1) is None
+    levels.add(3, value(3))  # plain writes go on
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    assert list(levels.keys()) == [1, 3] and messages.find(1) == b"message1"
+    with l2_stores.batch(levels, messages) as (levels_b, messages_b):
+        levels_b.add(4, value(4))
+        messages_b.add(4, b"message4")
+    assert levels.find(4) == value(4) and levels._part_count() == 2
+    levels.close()
+    messages.close()
+
+
+def test_a_commit_inside_a_participants_section_runs_alone_there(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    seen: list[bool] = []
+
+    def probe() -> None:  # is levels still closed to readers of other threads?
+        seen.append(levels._waiter.try_enter_task(owner=-1))
+        if seen[-1]:
+            levels._waiter.exit_task()
+
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(1, value(1))
+    batch.views[1].add(1, b"message1")
+    batch.hooks.add("journal_written", probe)
+    with levels._waiter.force_idle():  # this thread holds levels' section already
+        batch.commit()
+    assert seen == [False]
+    assert levels.find(1) == value(1) and messages.find(1) == b"message1"
+    levels.close()
+    messages.close()

@@ -861,3 +861,177 @@ def test_c_waiter_task_started_at_once_then_interrupted_is_given_back() -> None:
         w._enter_task_slow()
     assert w.running_tasks == 0
     assert w.is_idle()
+
+
+# -- an exclusive section that lets tasks in (a batch's commit writing its files) --
+
+
+def test_a_section_that_lets_tasks_in_keeps_other_writers_out() -> None:
+    w = IdleWaiter()
+    w.enter_exclusive()
+    w.let_tasks_in()
+    assert w.exclusive_running
+    assert w.try_enter_task()  # a task starts at once beside the section
+    w.exit_task()
+    assert not w.try_enter_exclusive(owner=-7)  # another writer does not
+    writer_in = threading.Event()
+
+    def writer() -> None:
+        with w.force_idle():
+            writer_in.set()
+
+    queued = Runner(writer, "queued writer")
+    wait_until(lambda: pending_is(w, 1), "the writer in line")
+    assert not writer_in.is_set()
+    w.keep_tasks_out()
+    w.exit_exclusive()
+    queued.join()
+    assert writer_in.is_set()
+    assert w.is_idle()
+
+
+def test_keep_tasks_out_waits_for_the_running_tasks_and_holds_new_ones_back() -> None:
+    w = IdleWaiter()
+    w.enter_exclusive()
+    w.let_tasks_in()
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)  # a task running beside the section
+    kept_out = threading.Event()
+
+    def owner_side() -> None:
+        w.keep_tasks_out(owner=owner)
+        kept_out.set()
+
+    owner = threading.get_ident()
+    keeper = Runner(owner_side, "keeper")
+
+    def held_back() -> bool:
+        if w.try_enter_task(owner=-99):  # (not the owner's: it would always start)
+            w.exit_task()
+            return False
+        return True
+
+    wait_until(held_back, "tasks held back")
+    assert not kept_out.is_set()  # the running task has not ended
+    late = Runner(lambda: w.task().__enter__(), "late task")  # waits: tasks are held back
+    wait_until(lambda: w.waiting_tasks == 1, "the late task waiting")
+    release.set()
+    holder.join()
+    keeper.join()
+    assert kept_out.is_set() and w.running_tasks == 0
+    w.exit_exclusive()
+    late.join()  # admitted once the section ended
+    assert w.running_tasks == 1
+    w.exit_task()
+    assert w.is_idle()
+
+
+def test_a_section_may_end_while_tasks_are_in() -> None:
+    w = IdleWaiter()
+    w.enter_exclusive()
+    w.let_tasks_in()
+    assert w.try_enter_task()
+    w.exit_exclusive()  # (a commit giving up before its end)
+    assert not w.exclusive_running and w.running_tasks == 1
+    w.exit_task()
+    assert w.is_idle()
+    with w.force_idle():  # the counts are whole: the next section runs alone
+        assert not w.try_enter_task(owner=-99)
+    assert w.is_idle()
+
+
+def test_letting_tasks_in_is_refused_out_of_turn() -> None:
+    w = IdleWaiter()
+    with pytest.raises(RuntimeError, match="not holding"):
+        w.let_tasks_in()
+    with pytest.raises(RuntimeError, match="not holding"):
+        w.keep_tasks_out()
+    w.enter_exclusive()
+    with pytest.raises(RuntimeError, match="without let_tasks_in"):
+        w.keep_tasks_out()
+    w.enter_exclusive()  # nested: the outer level counts on running alone
+    assert w.let_tasks_in() is False
+    assert not w.try_enter_task(owner=-99)
+    w.exit_exclusive()
+    assert w.let_tasks_in() is True
+    with pytest.raises(RuntimeError, match="twice"):
+        w.let_tasks_in()
+    with pytest.raises(RuntimeError, match="cannot be nested"):
+        w.enter_exclusive()  # tasks run beside it: entering again would not be alone
+    with pytest.raises(RuntimeError, match="cannot be nested"):
+        w.try_enter_exclusive()
+    with pytest.raises(RuntimeError, match="not holding"):
+        w.let_tasks_in(owner=-3)
+    w.keep_tasks_out()
+    w.exit_exclusive()
+    assert w.is_idle()
+
+
+def test_keep_tasks_out_interrupted_lets_the_tasks_in_again() -> None:
+    w = IdleWaiter()
+    w._excl_cv = InterruptOnce(w._excl_cv)  # type: ignore[assignment]
+    w.enter_exclusive()
+    w.let_tasks_in()
+    entered, release = threading.Event(), threading.Event()
+    holder = hold_task(w, entered, release)
+    with pytest.raises(Interrupted):
+        w.keep_tasks_out()
+    assert w.try_enter_task()  # tasks in again, as before the call
+    w.exit_task()
+    w.exit_exclusive()
+    release.set()
+    holder.join()
+    assert w.is_idle()
+    with w.force_idle():
+        pass
+    assert w.is_idle()
+
+
+def test_sections_letting_tasks_in_against_a_model(fast_switch: None) -> None:
+    """Readers never overlap the section's closed parts; writers never overlap it at all."""
+    w = IdleWaiter()
+    state = {"closed": 0, "open": 0, "writers": 0, "readers": 0}
+    lock = threading.Lock()
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def note(key: str, delta: int) -> None:
+        with lock:
+            state[key] += delta
+            if state["readers"] and state["closed"]:
+                errors.append(f"a reader beside a closed section: {state}")
+            if state["writers"] and (state["closed"] or state["open"] or state["writers"] > 1):
+                errors.append(f"a writer not alone: {state}")
+
+    def committer() -> None:
+        for _ in range(200):
+            with w.force_idle():
+                note("closed", 1)
+                note("closed", -1)
+                w.let_tasks_in()
+                note("open", 1)
+                time.sleep(0)
+                note("open", -1)
+                w.keep_tasks_out()
+                note("closed", 1)
+                note("closed", -1)
+
+    def writer() -> None:
+        while not stop.is_set():
+            with w.force_idle():
+                note("writers", 1)
+                note("writers", -1)
+
+    def reader() -> None:
+        while not stop.is_set():
+            with w.task():
+                note("readers", 1)
+                note("readers", -1)
+
+    others = [Runner(writer, "writer")] + [Runner(reader, f"reader {i}") for i in range(3)]
+    Runner(committer, "committer").join()
+    stop.set()
+    for runner in others:
+        runner.join()
+    assert not errors, errors[:3]
+    assert w.is_idle()

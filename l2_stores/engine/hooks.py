@@ -24,8 +24,9 @@ from typing import Literal, get_args
 #: ``merge_write``: a run merge's thread, before it writes the merged run;
 #: ``delete``: before superseded files are deleted (outside the exclusive section).
 #: A batch's commit (``batches.Batch.hooks``): ``journal_written``: its record
-#: is in the journal, no store has taken its part; ``part_taken``: after each
-#: store takes its part.
+#: is in the journal, no store has ended its part; ``part_ended``: after each
+#: store writes its part's end in its files (readers still in); ``part_taken``:
+#: after each store binds its part in memory.
 Point = Literal[
     "create_log",
     "prepare_spare",
@@ -34,6 +35,7 @@ Point = Literal[
     "merge_write",
     "delete",
     "journal_written",
+    "part_ended",
     "part_taken",
 ]
 POINTS: tuple[Point, ...] = get_args(Point)

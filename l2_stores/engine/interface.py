@@ -166,10 +166,18 @@ class Batched(Protocol):
 
 
 class Prepared(Protocol):
-    """A part written but not bound: finished once the batch commits, else cancelled."""
+    """A part written but not bound: finished once the batch commits (``end`` then
+    ``take``, or ``finish``), else cancelled."""
+
+    def end(self) -> None:
+        """Write what makes the part bind in the files (no state a reader reads changes:
+        readers may run meanwhile)."""
+
+    def take(self) -> None:
+        """Bind the part in memory, after ``end`` (in the exclusive section)."""
 
     def finish(self) -> None:
-        """Bind the part."""
+        """``end`` then ``take``."""
 
     def cancel(self) -> None:
         """Take the part back."""

@@ -620,10 +620,17 @@ class _PreparedAppends:
         self._cache = cache
         self._writes = writes
 
-    def finish(self) -> None:
-        self._index_part.finish()
+    def end(self) -> None:
+        self._index_part.end()
+
+    def take(self) -> None:
+        self._index_part.take()
         for key, value, header in self._writes:
             self._cache.put(key, (value, header))
+
+    def finish(self) -> None:
+        self.end()
+        self.take()
 
     def cancel(self) -> None:
         self._index_part.cancel()  # the values stay, referenced by nothing

@@ -456,11 +456,17 @@ class _PreparedValue:
         self._encoded = encoded
         self._decoded = decoded
 
-    def finish(self) -> None:
+    def end(self) -> None:
+        pass  # (the journal holds the value until a checkpoint writes it)
+
+    def take(self) -> None:
         store = self._store
         store._cache.value = self._decoded
         store._parts += 1
         store._behind = (self._encoded,)
+
+    def finish(self) -> None:
+        self.take()
 
     def cancel(self) -> None:
         pass

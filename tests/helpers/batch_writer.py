@@ -111,7 +111,7 @@ def main() -> None:
     for n in range(start, start + int(n_batches)):
         batch = l2_stores.batch(*stores)
         if mode != "none" and n == int(at):
-            point = "journal_written" if mode == "journal" else "part_taken"
+            point = {"journal": "journal_written", "ended": "part_ended"}.get(mode, "part_taken")
             batch.hooks.add(point, lambda: os.kill(os.getpid(), signal.SIGKILL))
         commit_block(batch, n)
         print(f"ack {n}", flush=True)
