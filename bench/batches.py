@@ -18,7 +18,10 @@ subprocess:
 Reported: µs per block, blocks per second, and for l2_stores the fsyncs per
 block (file and directory syncs counted at the engine's file-system seam).
 Then snapshots: µs to take a snapshot of the 4 stores, and µs per ``find``
-of a level through the snapshot and through the store (their ratio).
+of a level through the snapshot and through the store (their ratio). Then
+how long a commit keeps ``levels``' readers out (its exclusive section, less
+the time it lets them in while it writes its journal record and its parts'
+ends), median over more blocks, beside a plain ``levels.add``'s whole call.
 """
 
 from __future__ import annotations
@@ -188,8 +191,71 @@ def run_row(row: str, directory: str, blocks: int, fsync: bool) -> dict[str, Any
         result["fsyncs_per_block"] = (counting.count - before) / blocks
     if row == "l2_stores batch":
         result.update(snapshot_figures(stores, blocks))
+        result.update(readers_held_figures(stores, block, blocks, min(blocks, 2000)))
     close()
     return result
+
+
+class ReadersHeld:
+    """A store's idle-waiter, timing how long each exclusive section keeps readers out
+    (from its entry to its end, less the time it lets them in)."""
+
+    def __init__(self, waiter: Any) -> None:
+        self.waiter = waiter
+        self.held: list[int] = []
+        self._since = 0
+        self._out = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.waiter, name)
+
+    def force_idle(self) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def section() -> Any:
+            with self.waiter.force_idle():
+                self._out, self._since = 0, time.perf_counter_ns()
+                try:
+                    yield
+                finally:
+                    self.held.append(self._out + time.perf_counter_ns() - self._since)
+
+        return section()
+
+    def let_tasks_in(self) -> bool:
+        let_in = bool(self.waiter.let_tasks_in())
+        if let_in:
+            self._out += time.perf_counter_ns() - self._since
+        return let_in
+
+    def keep_tasks_out(self) -> None:
+        self.waiter.keep_tasks_out()
+        self._since = time.perf_counter_ns()
+
+
+def readers_held_figures(
+    stores: Any, block: Callable[[int], None], blocks: int, rounds: int
+) -> dict[str, Any]:
+    """The median time a commit keeps ``levels``' readers out, over ``rounds`` more
+    blocks, and the median whole call of as many plain ``levels.add``."""
+    levels = stores[1]
+    timing = ReadersHeld(levels._waiter)
+    levels._waiter = timing
+    try:
+        for n in range(blocks + 1, blocks + rounds + 1):
+            block(n)
+    finally:
+        levels._waiter = timing.waiter
+    adds = []
+    for n in range(10 * blocks, 10 * blocks + rounds):
+        start = time.perf_counter_ns()
+        levels.add(n, bytes(32))
+        adds.append(time.perf_counter_ns() - start)
+    return {
+        "commit_holds_readers_us": sorted(timing.held)[len(timing.held) // 2] / 1e3,
+        "plain_add_us": sorted(adds)[len(adds) // 2] / 1e3,
+    }
 
 
 def snapshot_figures(stores: Any, blocks: int) -> dict[str, Any]:
@@ -262,6 +328,11 @@ def main() -> None:
         f"snapshot of 4 stores: {batch['snapshot_us']:.1f} µs (target <= 50); find through "
         f"it {batch['snapshot_find_us']:.2f} µs, on the store {batch['store_find_us']:.2f} µs: "
         f"{batch['snapshot_find_ratio']:.2f} (target <= 1.2)"
+    )
+    print(
+        f"a commit keeps levels' readers out {batch['commit_holds_readers_us']:.1f} µs "
+        f"(median), a plain levels.add takes {batch['plain_add_us']:.1f} µs whole: "
+        f"{batch['commit_holds_readers_us'] / batch['plain_add_us']:.1f} (target <= 1)"
     )
 
 
