@@ -1093,12 +1093,11 @@ def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
     next(live)
     with pytest.raises(TypeError):
         _runs.MergeCursor([], (reader,), 16, None, None, False, None, None, None)
+    eight: tuple[Any, ...] = ((), (reader,), 16, None, None, False, None, None)
     with pytest.raises(TypeError, match="nine positional"):
-        _runs.MergeCursor((), (reader,), 16, None, None, False, None, None)  # type: ignore[call-arg]
+        _runs.MergeCursor(*eight)
     with pytest.raises(TypeError, match="nine positional"):
-        _runs.MergeCursor(
-            (), (reader,), 16, None, None, False, None, None, on_closed=None  # type: ignore[call-arg]
-        )
+        _runs.MergeCursor(*eight, on_closed=None)
     with pytest.raises(TypeError):
         _runs.MergeCursor((), (reader,), "16", None, None, False, None, None, None)  # type: ignore[arg-type]
     # the type's __new__ (a call from Python without vectorcall) makes the same cursor
@@ -1144,6 +1143,31 @@ def test_merge_cursor_stops_at_a_released_reader_and_refuses_bad_arguments(
         next(live)
     with pytest.raises(ValueError, match="released"):
         cursor([], [run])
+
+
+def test_merge_cursor_sees_a_release_of_any_of_its_readers_at_its_next_step(
+    tmp_path: Path,
+) -> None:
+    """The cursor looks at its readers again whenever some reader let go of its
+    buffer: one elsewhere leaves it going, one of its own stops it before a read."""
+    expected = Expected("released", 16, 8)
+    opened = []
+    for number in range(3):
+        path = tmp_path / f"run{number}"
+        keys = range(number, 300, 3)  # interleaved: every step moves to another run
+        write(path, expected, {i.to_bytes(16, "big"): b"v" * 8 for i in keys})
+        opened.append(Run(str(path), expected))
+    elsewhere = opened.pop()
+    live = cursor([], opened)
+    assert [next(live)[0] for _ in range(4)] == [i.to_bytes(16, "big") for i in (0, 1, 3, 4)]
+    elsewhere.close()  # another run's reader goes: this cursor's are all still held
+    assert next(live)[0] == (6).to_bytes(16, "big")
+    opened[1].close()  # one of its own: stopped before its rows are read
+    with pytest.raises(ValueError, match="released"):
+        next(live)
+    with pytest.raises(ValueError, match="released"):
+        next(live)
+    opened[0].close()
 
 
 def test_merge_cursor_holds_its_log_keys_and_refuses_what_is_not_bytes(tmp_path: Path) -> None:

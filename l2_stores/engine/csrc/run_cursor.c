@@ -68,6 +68,7 @@ typedef struct {
     int root_moved;       /* the root's head is to be read at its new position */
     int given;            /* key holds the last key given (a removal's too) */
     int pinned;           /* the readers' cursors counts include this one */
+    uint64_t released_seen; /* readers_released when every reader was last seen held */
     unsigned char *key;
 } MergeCursor;
 
@@ -259,12 +260,16 @@ static PyObject *
 next_pair(MergeCursor *self)
 {
     Py_ssize_t key_size = self->key_size;
-    /* every reader still held (a closed store releases them) before a head is read */
-    for (Py_ssize_t i = self->log_count; i < self->count; i++)
-        if (!self->sources[i].reader->held) {
-            PyErr_SetString(PyExc_ValueError, "RunReader is released");
-            return NULL;
-        }
+    /* every reader still held (a closed store releases them) before a head is read or
+       compared: looked at again only after some reader anywhere let go of its buffer */
+    if (self->released_seen != readers_released) {
+        for (Py_ssize_t i = self->log_count; i < self->count; i++)
+            if (!self->sources[i].reader->held) {
+                PyErr_SetString(PyExc_ValueError, "RunReader is released");
+                return NULL;
+            }
+        self->released_seen = readers_released;
+    }
     if (!self->started && start(self) < 0)
         return NULL;
     for (;;) {
@@ -527,6 +532,7 @@ cursor_make(PyTypeObject *type, PyObject *const *args)
     for (Py_ssize_t i = 0; i < run_count; i++)
         ((RunReader *)PyTuple_GET_ITEM(readers, i))->cursors++;
     self->pinned = 1;
+    self->released_seen = readers_released; /* every reader held, just seen */
     for (Py_ssize_t i = 0; i < self->count; i++) {
         source *s = &self->sources[i];
         Py_ssize_t low, high;

@@ -392,12 +392,15 @@ reader_seek_key(RunReader *self, const unsigned char *key, Py_ssize_t length)
 
 /* ------------------------------------------------------------ the type */
 
+uint64_t readers_released = 0;
+
 /* Let go of the run's buffer (the mapping can then be closed). */
 static void
 release_buffer(RunReader *self)
 {
     if (self->held) {
         self->held = 0;
+        readers_released++;
         PyBuffer_Release(&self->buffer);
     }
 }

@@ -116,6 +116,10 @@ RUNS_INTERNAL void row_mismatch(const RunReader *self, Py_ssize_t index);
    the key the run's header gives for it. */
 RUNS_INTERNAL void bound_mismatch(const RunReader *self, Py_ssize_t index);
 
+/* How many readers let go of their buffer so far (with the GIL held): a
+   MergeCursor checks its readers again only when this changed. */
+RUNS_INTERNAL extern uint64_t readers_released;
+
 /* Name the reader (its place in its tuple) on the RunCorrupt being raised. */
 RUNS_INTERNAL void note_reader(Py_ssize_t index);
 
