@@ -476,12 +476,13 @@ class Batch:
                     self.hooks.run("part_taken")
                 taken += 1
         except BaseException:
-            # Interrupted after the commit point (Ctrl-C while the readers drain): as for
-            # an EIO, a part without its end is taken back from the log, and the stores
-            # that did not take theirs take it from the journal at their next load.
-            self._take_back(prepared[len(ended) :])
+            # Interrupted after the commit point (Ctrl-C while the readers drain): the
+            # stores that did not take their part take it from the journal at their next
+            # load (marked first: a second interrupt may come during what follows), and,
+            # as for an EIO, a part without its end is taken back from the log.
             for store in stores[taken:]:
                 store._batch.missed = True
+            self._take_back(prepared[len(ended) :])
             raise
         if failed is not None:
             missed, cause = failed

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import construct
 import pytest
@@ -1045,5 +1046,54 @@ def test_a_commit_inside_a_participants_section_runs_alone_there(tmp_path: Path)
         batch.commit()
     assert seen == [False]
     assert levels.find(1) == value(1) and messages.find(1) == b"message1"
+    levels.close()
+    messages.close()
+
+
+class _CancelInterrupted(Messages):  # type: ignore[misc, valid-type]
+    """Messages whose batch part, when taken back, is interrupted (a second Ctrl-C)."""
+
+    def _prepare_part(self, data: bytes) -> Any:
+        prepared = super()._prepare_part(data)
+
+        class Interrupted:
+            end, take, finish = prepared.end, prepared.take, prepared.finish
+
+            def cancel(self) -> None:
+                prepared.cancel()
+                raise KeyboardInterrupt
+
+        return Interrupted()
+
+
+def test_a_second_interrupt_during_the_take_back_still_leaves_the_part_to_the_next_load(
+    tmp_path: Path,
+) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = _CancelInterrupted.load(tmp_path / "messages")
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(1, value(1))
+    batch.views[1].add(1, b"message1")
+    fired: list[bool] = []
+
+    def interrupt() -> None:  # after levels' end, before messages'
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    batch.hooks.add("part_ended", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    assert levels._batch.missed and messages._batch.missed
+    with (
+        pytest.raises(l2_stores.CannotWriteToStore, match="load it again"),
+        l2_stores.batch(messages) as (messages_b,),
+    ):
+        messages_b.add(2, b"message2")  # would take the committed batch's ordinal
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    assert list(levels.keys()) == [1] and list(messages.keys()) == [1]
     levels.close()
     messages.close()
