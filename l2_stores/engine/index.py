@@ -606,11 +606,9 @@ class Index:
     def _part_taken(self, log: LogWriter, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         if self._shared:
             self._unshare()
-        active = self._active
-        for key, value in ops:
-            active[key] = value
         if self._touched is not None:
             self._touched.update(key for key, _ in ops)
+        self._active.update(ops)  # one call: an interrupt leaves all of the part or none
         self._parts += 1
         self._unsynced_values = True
         self._after_append(log)
