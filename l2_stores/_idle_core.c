@@ -397,20 +397,31 @@ core_try_enter_exclusive(Core *self, PyObject *const *args, Py_ssize_t nargs, Py
     Py_RETURN_TRUE;
 }
 
+/* The owner argument of a call only the section's holder may make: 0, or -1
+   with TypeError (the arguments) or RuntimeError (not the holder). */
+static int
+holder_argument(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                const char *what)
+{
+    uint64_t me;
+    if (owner_argument(args, nargs, kwnames, what, &me) < 0)
+        return -1;
+    if (!owned_by(self, me)) {
+        PyErr_Format(PyExc_RuntimeError, "%s() by a thread not holding the exclusive section",
+                     what);
+        return -1;
+    }
+    return 0;
+}
+
 /* let_tasks_in(owner=None), by the owner of the section: tasks run beside it
    from now on (blocked no longer counts it); exclusive callers still wait.
    False, nothing changed, when the section is nested. */
 static PyObject *
 core_let_tasks_in(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    uint64_t me;
-    if (owner_argument(args, nargs, kwnames, "let_tasks_in", &me) < 0)
+    if (holder_argument(self, args, nargs, kwnames, "let_tasks_in") < 0)
         return NULL;
-    if (!owned_by(self, me)) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "let_tasks_in() by a thread not holding the exclusive section");
-        return NULL;
-    }
     if (self->tasks_in) {
         PyErr_SetString(PyExc_RuntimeError, "let_tasks_in() twice");
         return NULL;
@@ -434,14 +445,8 @@ core_let_tasks_in(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
 static PyObject *
 core_keep_tasks_out(Core *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    uint64_t me;
-    if (owner_argument(args, nargs, kwnames, "keep_tasks_out", &me) < 0)
+    if (holder_argument(self, args, nargs, kwnames, "keep_tasks_out") < 0)
         return NULL;
-    if (!owned_by(self, me)) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "keep_tasks_out() by a thread not holding the exclusive section");
-        return NULL;
-    }
     if (!self->tasks_in) {
         PyErr_SetString(PyExc_RuntimeError, "keep_tasks_out() without let_tasks_in()");
         return NULL;

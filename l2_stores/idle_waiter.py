@@ -271,8 +271,7 @@ class PyIdleWaiter:
     def exit_exclusive(self, owner: int | None = None) -> None:
         """Low-level: leave the exclusive section entered by :meth:`enter_exclusive`."""
         with self._lock:
-            if self._owner != (_get_ident() if owner is None else owner):
-                raise RuntimeError("exit_exclusive() by a thread not holding the exclusive section")
+            self._check_owner(_get_ident() if owner is None else owner, "exit_exclusive")
             self._depth -= 1
             if self._depth:
                 return

@@ -23,7 +23,7 @@ from l2_stores import (
     make_simple_indexed_file,
     make_singleton,
 )
-from l2_stores.batches import JOURNAL_DIRECTORY
+from l2_stores.batches import JOURNAL_DIRECTORY, Batch
 from l2_stores.engine import filesystem
 from l2_stores.engine import journal as journal_module
 from l2_stores.engine.framing import Expected
@@ -47,6 +47,14 @@ Messages = make_indexable_removable("messages", construct.Int32ub, construct.Byt
 
 def value(n: int) -> bytes:
     return n.to_bytes(4, "big") * 8
+
+
+def first_block(levels: Any, messages: Any) -> Batch:
+    """A batch binding 1 in ``levels`` and in ``messages``, not committed yet."""
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(1, value(1))
+    batch.views[1].add(1, b"message1")
+    return batch
 
 
 # ------------------------------------------------------------------ journal
@@ -887,9 +895,7 @@ def test_a_store_that_missed_its_part_refuses_batches_until_loaded_again(
 ) -> None:
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
-    batch = l2_stores.batch(levels, messages)
-    batch.views[0].add(1, value(1))
-    batch.views[1].add(1, b"message1")
+    batch = first_block(levels, messages)
     log = levels._engine._log
     saved = [log._fd]
 
@@ -997,9 +1003,7 @@ def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
 ) -> None:
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
-    batch = l2_stores.batch(levels, messages)
-    batch.views[0].add(1, value(1))
-    batch.views[1].add(1, b"message1")
+    batch = first_block(levels, messages)
 
     def interrupt() -> None:
         raise KeyboardInterrupt  # Ctrl-C while the readers drain, say
@@ -1038,9 +1042,7 @@ def test_a_commit_inside_a_participants_section_runs_alone_there(tmp_path: Path)
         if seen[-1]:
             levels._waiter.exit_task()
 
-    batch = l2_stores.batch(levels, messages)
-    batch.views[0].add(1, value(1))
-    batch.views[1].add(1, b"message1")
+    batch = first_block(levels, messages)
     batch.hooks.add("journal_written", probe)
     with levels._waiter.force_idle():  # this thread holds levels' section already
         batch.commit()
@@ -1071,9 +1073,7 @@ def test_a_second_interrupt_during_the_take_back_still_leaves_the_part_to_the_ne
 ) -> None:
     levels = Levels.load(tmp_path / "levels")
     messages = _CancelInterrupted.load(tmp_path / "messages")
-    batch = l2_stores.batch(levels, messages)
-    batch.views[0].add(1, value(1))
-    batch.views[1].add(1, b"message1")
+    batch = first_block(levels, messages)
     fired: list[bool] = []
 
     def interrupt() -> None:  # after levels' end, before messages'

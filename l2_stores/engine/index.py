@@ -59,7 +59,7 @@ from .counters import Counters, EngineStats
 from .datafile import DataFile
 from .framing import CRC_SIZE, HEADER_SIZE, Expected
 from .hooks import Hooks
-from .interface import ReferencedValues
+from .interface import Prepared, ReferencedValues
 from .levels import Span, TilingError, live_and_superseded, merged, merges
 from .lock import WriterLock, loaded_writer
 from .log import (
@@ -154,7 +154,7 @@ def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: st
         return None
 
 
-class PreparedPart:
+class PreparedPart(Prepared):
     """A batch's part written to an index's log without its end (``Index.prepare_part``)."""
 
     def __init__(
@@ -176,11 +176,6 @@ class PreparedPart:
     def take(self) -> None:
         """Bind the part here, after ``end``."""
         self._index._part_taken(self._log, self._ops)
-
-    def finish(self) -> None:
-        """``end`` then ``take``."""
-        self.end()
-        self.take()
 
     def cancel(self) -> None:
         """Take the part back (the batch gave up before its commit point)."""
@@ -293,9 +288,8 @@ class Index:
         #: holds: (dict, keys, how many of the dict's keys the list holds).
         self._key_orders: tuple[tuple[dict[bytes, bytes | None], list[bytes], int], ...] = ()
         #: The log dicts with their keys in order as ``items`` last gave them, newest
-        #: first, and the active one's size then (until ``_hand_over``).
+        #: first (until ``_hand_over``).
         self._logs_in_order: tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...] | None = None
-        self._logs_in_order_size = 0
         self._stack = RunStack()
         self._log: LogWriter | None = None
         #: Bytes of records a new log allocates ahead, for the C put to write
@@ -398,14 +392,14 @@ class Index:
             self._shared = True
             self._hand_over()
         logs = self._logs_in_order
-        if logs is None or len(active) != self._logs_in_order_size:
+        if logs is None or len(logs[0][1]) != len(active):
             logs = (
                 ((active, self._sorted_keys(active)),)  # newest first
                 if frozen is None
                 else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
             )
             # (the same dicts until _hand_over: a shared one only grows, see _sorted_keys)
-            self._logs_in_order, self._logs_in_order_size = logs, len(active)
+            self._logs_in_order = logs
         return stack.live_rows(
             logs,
             self._expected.key_size,

@@ -177,7 +177,9 @@ class Prepared(Protocol):
         """Bind the part in memory, after ``end`` (in the exclusive section)."""
 
     def finish(self) -> None:
-        """``end`` then ``take``."""
+        """``end`` then ``take`` (the implementations subclass this protocol for it)."""
+        self.end()
+        self.take()
 
     def cancel(self) -> None:
         """Take the part back."""

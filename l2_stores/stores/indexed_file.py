@@ -610,7 +610,7 @@ class IndexedFileBase(Collectable[K, tuple[V, H]]):
 _VALUE_LENGTH = struct.Struct("<I")
 
 
-class _PreparedAppends:
+class _PreparedAppends(Prepared):
     """A part's values appended and its index part written, not bound yet."""
 
     def __init__(
@@ -627,10 +627,6 @@ class _PreparedAppends:
         self._index_part.take()
         for key, value, header in self._writes:
             self._cache.put(key, (value, header))
-
-    def finish(self) -> None:
-        self.end()
-        self.take()
 
     def cancel(self) -> None:
         self._index_part.cancel()  # the values stay, referenced by nothing

@@ -44,6 +44,7 @@ from .. import batches, snapshots
 from ..codecs import Codec
 from ..engine import filesystem
 from ..engine.framing import FORMAT_VERSION, Finding, crc_ok, pwrite_all, with_crc
+from ..engine.interface import Prepared
 from ..engine.lock import WriterLock
 from ..errors import CannotLoadStore, CannotWriteToStore, ReadOnlyError
 from ..mode import Mode
@@ -448,7 +449,7 @@ def check_singleton_file(path: str, name: str = "") -> Iterator[Finding]:
         yield Finding(path, error.offset or 0, error.reason.split(" (file ", 1)[0])
 
 
-class _PreparedValue:
+class _PreparedValue(Prepared):
     """A singleton's part, not taken yet."""
 
     def __init__(self, store: SingletonStore[Any], encoded: bytes | None, decoded: Any) -> None:
@@ -464,9 +465,6 @@ class _PreparedValue:
         store._cache.value = self._decoded
         store._parts += 1
         store._behind = (self._encoded,)
-
-    def finish(self) -> None:
-        self.take()
 
     def cancel(self) -> None:
         pass

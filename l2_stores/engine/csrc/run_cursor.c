@@ -564,14 +564,14 @@ cursor_make(PyTypeObject *type, PyObject *const *args)
 }
 
 #define CURSOR_ARGUMENTS 9
+#define CURSOR_USAGE "MergeCursor takes nine positional arguments, and no keyword argument"
 
 static PyObject *
 cursor_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     if ((kwnames != NULL && PyTuple_GET_SIZE(kwnames)) ||
         PyVectorcall_NARGS(nargsf) != CURSOR_ARGUMENTS) {
-        PyErr_SetString(PyExc_TypeError,
-                        "MergeCursor takes nine positional arguments, and no keyword argument");
+        PyErr_SetString(PyExc_TypeError, CURSOR_USAGE);
         return NULL;
     }
     return cursor_make((PyTypeObject *)type, args);
@@ -581,8 +581,7 @@ static PyObject *
 cursor_create(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     if ((kwds != NULL && PyDict_GET_SIZE(kwds)) || PyTuple_GET_SIZE(args) != CURSOR_ARGUMENTS) {
-        PyErr_SetString(PyExc_TypeError,
-                        "MergeCursor takes nine positional arguments, and no keyword argument");
+        PyErr_SetString(PyExc_TypeError, CURSOR_USAGE);
         return NULL;
     }
     return cursor_make(type, &PyTuple_GET_ITEM(args, 0));
