@@ -205,6 +205,7 @@ class ReadersHeld:
         self.held: list[int] = []
         self._since = 0
         self._out = 0
+        self._tasks_in = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.waiter, name)
@@ -216,10 +217,13 @@ class ReadersHeld:
         def section() -> Any:
             with self.waiter.force_idle():
                 self._out, self._since = 0, time.perf_counter_ns()
+                self._tasks_in = False
                 try:
                     yield
                 finally:
-                    self.held.append(self._out + time.perf_counter_ns() - self._since)
+                    if not self._tasks_in:
+                        self._out += time.perf_counter_ns() - self._since
+                    self.held.append(self._out)
 
         return section()
 
@@ -227,11 +231,13 @@ class ReadersHeld:
         let_in = bool(self.waiter.let_tasks_in())
         if let_in:
             self._out += time.perf_counter_ns() - self._since
+            self._tasks_in = True
         return let_in
 
     def keep_tasks_out(self) -> None:
         self.waiter.keep_tasks_out()
         self._since = time.perf_counter_ns()
+        self._tasks_in = False
 
 
 def readers_held_figures(

@@ -4,8 +4,9 @@ A batch holds its writes, one dict per store, until it commits. A commit
 writes every store's part into one record of a batch journal
 (``engine.journal``): that record is the commit point. Each store then ends
 its part in its files, then binds it in memory. The commit holds every
-store's exclusive section throughout, and lets the stores' readers in while
-the journal and the parts' ends are written (see ``doc/design.md``). A store that
+store's exclusive section throughout, and keeps each store's readers out
+only while it makes room for its part and while it binds it (see
+``doc/design.md``). A store that
 loads after a crash takes from the journal the parts it lacks, and drops a
 part that a power loss left in its log without the journal's record (see
 ``doc/design.md``, "Batches").
@@ -76,8 +77,8 @@ class Member(Protocol):
         """Take a committed part (encoded by the store's batch view), alone."""
 
     def _prepare_part(self, data: bytes) -> Any:
-        """Write a part without binding it (its exclusive section held): ``finish()``
-        binds it, ``cancel()`` takes it back."""
+        """A part (encoded by the store's batch view), touching nothing yet: an
+        ``engine.interface.Prepared``, whose steps run in the store's exclusive section."""
 
     def _before_exclusive(self) -> None:
         """Wait, before its exclusive section, until a write need not wait inside it."""
@@ -365,8 +366,8 @@ class Batch:
         _journal_of(stores)
         self._stores = tuple(stores)
         self._state = "open"
-        #: Named points of the commit where tests step in (``journal_written``,
-        #: ``part_taken``; see ``engine.hooks``).
+        #: Named points of the commit where tests step in (``part_written``,
+        #: ``journal_written``, ``part_ended``, ``part_taken``; see ``engine.hooks``).
         self.hooks = Hooks()
         #: One batch view per store, in the order given.
         self.views: tuple[Any, ...] = tuple(store._batch_view(self) for store in stores)
@@ -418,11 +419,20 @@ class Batch:
             fsync = any(store._batch_fsync() for store in stores)
             for store in stores:
                 store._before_exclusive()
+            ready = [
+                store._prepare_part(part.data) for store, part in zip(stores, parts, strict=True)
+            ]
             with contextlib.ExitStack() as sections:
-                for store in stores:  # every store's writers out, from its part to its end
+                let_in: list[Any] = []  # each store's waiter if it let its readers in
+                for store, prepared in zip(stores, ready, strict=True):
+                    # Every store's writers out until it took its part; its readers out
+                    # only while it makes room for it, and while it takes it.
                     sections.enter_context(store._waiter.force_idle())
                     store._check_open()
-                self._commit(group, stores, parts, fsync)
+                    prepared.make_room()
+                    waiter = store._waiter
+                    let_in.append(waiter if waiter.let_tasks_in() else None)  # (False: nested)
+                self._commit(group, stores, parts, ready, let_in, fsync)
             if group.journal.rotations != group.trimmed_at:  # a segment just ended
                 group.trimmed_at = group.journal.rotations
                 try:  # the batch is committed: what follows only frees space
@@ -432,23 +442,26 @@ class Batch:
                     logger.warning("cannot trim the batch journal", exc_info=True)
 
     def _commit(
-        self, group: _Group, stores: Sequence[Any], parts: Sequence[Part], fsync: bool
+        self,
+        group: _Group,
+        stores: Sequence[Any],
+        parts: Sequence[Part],
+        ready: Sequence[Any],
+        let_in: Sequence[Any],
+        fsync: bool,
     ) -> None:
         """Write the parts, then the journal's record (the commit point), then the parts'
-        ends, then bind them in memory; every store's exclusive section held, with its
-        readers let in while the journal and the ends are written (nothing they read
-        changes then: only the files do)."""
-        prepared: list[Any] = []
-        let_in: list[Any] = []
+        ends, with the stores' readers let in (nothing they read changes: only the files
+        do); then each store keeps its readers out while it binds its part in memory."""
+        written: list[Any] = []
         try:
-            for store, part in zip(stores, parts, strict=True):
-                prepared.append(store._prepare_part(part.data))
-            for store in stores:
-                if store._waiter.let_tasks_in():  # (False: this thread nests the section)
-                    let_in.append(store._waiter)
+            for prepared in ready:
+                prepared.write()
+                written.append(prepared)
+                self.hooks.run("part_written")
             group.journal.append(parts, fsync=fsync)  # the commit point
         except BaseException:
-            self._take_back(prepared)
+            self._take_back(written)
             raise
         self._state = "committed"
         ended: list[Any] = []  # each store's part once its end is written (None: failed)
@@ -456,9 +469,9 @@ class Batch:
         failed: tuple[Any, BaseException] | None = None
         try:
             self.hooks.run("journal_written")
-            for store, written in zip(stores, prepared, strict=True):
+            for store, prepared in zip(stores, written, strict=True):
                 try:
-                    written.end()
+                    prepared.end()
                 except (OSError, StoreError) as error:
                     # Committed: the store's next load takes the part from the journal. Until
                     # then its part count lags the journal's, so it takes no other batch.
@@ -466,13 +479,15 @@ class Batch:
                     failed = failed or (store, error)
                     ended.append(None)
                     continue
-                ended.append(written)
+                ended.append(prepared)
                 self.hooks.run("part_ended")
-            for waiter in let_in:
-                waiter.keep_tasks_out()
-            for written in ended:
-                if written is not None:
-                    written.take()
+            for prepared, waiter in zip(ended, let_in, strict=True):
+                if prepared is not None:
+                    if waiter is not None:
+                        waiter.keep_tasks_out()
+                    prepared.take()
+                    if waiter is not None:
+                        waiter.let_tasks_in()
                     self.hooks.run("part_taken")
                 taken += 1
         except BaseException:
@@ -482,7 +497,7 @@ class Batch:
             # as for an EIO, a part without its end is taken back from the log.
             for store in stores[taken:]:
                 store._batch.missed = True
-            self._take_back(prepared[len(ended) :])
+            self._take_back(written[len(ended) :])
             raise
         if failed is not None:
             missed, cause = failed

@@ -27,6 +27,7 @@ from l2_stores.batches import JOURNAL_DIRECTORY, Batch
 from l2_stores.engine import filesystem
 from l2_stores.engine import journal as journal_module
 from l2_stores.engine.framing import Expected
+from l2_stores.engine.hooks import Point
 from l2_stores.engine.journal import Journal, Part, read_link
 from l2_stores.engine.log import read_log
 from l2_stores.tools.on_disk import find_stores
@@ -953,7 +954,10 @@ print(c._batch.group.journal.directory)
     b.close()
 
 
-def test_readers_run_while_a_commit_writes_its_journal_and_writers_wait(tmp_path: Path) -> None:
+@pytest.mark.parametrize("point", ["part_written", "journal_written", "part_ended"])
+def test_readers_run_while_a_commit_writes_its_files_and_writers_wait(
+    tmp_path: Path, point: Point
+) -> None:
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
     levels.add(1, value(1))
@@ -981,10 +985,17 @@ def test_readers_run_while_a_commit_writes_its_journal_and_writers_wait(tmp_path
     batch = l2_stores.batch(levels, messages)
     batch.views[0].add(2, value(2))
     batch.views[1].add(2, b"message2")
-    batch.hooks.add("journal_written", beside_the_commit)
+    fired: list[bool] = []
+
+    def once() -> None:  # (the point may be reached once per store)
+        if not fired:
+            fired.append(True)
+            beside_the_commit()
+
+    batch.hooks.add(point, once)
     batch.commit()
     seen["writer"].join(10)  # type: ignore[attr-defined]
-    assert seen["reader_finished"], "a reader waited for the commit's journal write"
+    assert seen["reader_finished"], f"a reader waited for the commit at {point}"
     assert seen["find"] == (value(1), None, None)  # nothing of the batch before it binds
     assert seen["keys"] == ([1], 0, False)
     assert seen["writer_waited"], "a plain write ran inside the commit"
@@ -1052,6 +1063,35 @@ def test_a_commit_inside_a_participants_section_runs_alone_there(tmp_path: Path)
     messages.close()
 
 
+def test_a_part_that_fails_to_write_gives_the_batch_up_and_takes_back_the_others(
+    tmp_path: Path,
+) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    batch = first_block(levels, messages)
+    written: list[int] = []
+
+    def second_fails() -> None:  # levels' part is written; messages' write "fails"
+        written.append(len(written))
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+
+    batch.hooks.add("part_written", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        batch.commit()
+    assert levels.find(1) is None and messages.find(1) is None
+    with l2_stores.batch(levels, messages) as (levels_b, messages_b):  # still usable
+        levels_b.add(2, value(2))
+        messages_b.add(2, b"message2")
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    assert list(levels.keys()) == [2] and list(messages.keys()) == [2]
+    levels.close()
+    messages.close()
+
+
 class _CancelInterrupted(Messages):  # type: ignore[misc, valid-type]
     """Messages whose batch part, when taken back, is interrupted (a second Ctrl-C)."""
 
@@ -1059,7 +1099,8 @@ class _CancelInterrupted(Messages):  # type: ignore[misc, valid-type]
         prepared = super()._prepare_part(data)
 
         class Interrupted:
-            end, take, finish = prepared.end, prepared.take, prepared.finish
+            make_room, write, end = prepared.make_room, prepared.write, prepared.end
+            take, finish = prepared.take, prepared.finish
 
             def cancel(self) -> None:
                 prepared.cancel()

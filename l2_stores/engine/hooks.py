@@ -23,7 +23,9 @@ from typing import Literal, get_args
 #: place, before it opens it; an action that raises is a run that cannot be opened;
 #: ``merge_write``: a run merge's thread, before it writes the merged run;
 #: ``delete``: before superseded files are deleted (outside the exclusive section).
-#: A batch's commit (``batches.Batch.hooks``): ``journal_written``: its record
+#: A batch's commit (``batches.Batch.hooks``): ``part_written``: after each store
+#: writes its part without its end (readers in; an action that raises is a failed
+#: write: the batch gives up); ``journal_written``: its record
 #: is in the journal, no store has ended its part; ``part_ended``: after each
 #: store writes its part's end in its files (readers still in); ``part_taken``:
 #: after each store binds its part in memory.
@@ -34,6 +36,7 @@ Point = Literal[
     "flush_renamed",
     "merge_write",
     "delete",
+    "part_written",
     "journal_written",
     "part_ended",
     "part_taken",

@@ -155,30 +155,40 @@ def _flushed_live(stack: RunStack, bindings: dict[bytes, bytes | None], name: st
 
 
 class PreparedPart(Prepared):
-    """A batch's part written to an index's log without its end (``Index.prepare_part``)."""
+    """A batch's part for an index's log (``Index.prepare_part``).
 
-    def __init__(
-        self,
-        index: Index,
-        log: LogWriter,
-        ops: Sequence[tuple[bytes, bytes | None]],
-        end_at: int,
-    ) -> None:
+    ``ops`` may change until ``write`` (an indexed file's entries point at values it
+    appends then)."""
+
+    def __init__(self, index: Index, ops: list[tuple[bytes, bytes | None]]) -> None:
         self._index = index
-        self._log = log
-        self._ops = ops
-        self._end_at = end_at
+        self.ops = ops
+        self._log: LogWriter | None = None
+        self._end_at = -1
+
+    def make_room(self) -> None:
+        """Make room in the log for the part: a full log (or one of an older version,
+        which takes no part) is handed over to a merge."""
+        self._log = self._index._log_for_part()
+
+    def write(self) -> None:
+        """Write the part without its end (``LogWriter.open_part``)."""
+        assert self._log is not None
+        self._end_at = self._log.open_part(self.ops)
 
     def end(self) -> None:
         """Write the part's end in the log (the batch committed): it binds there."""
+        assert self._log is not None
         self._log.end_part(self._end_at)
 
     def take(self) -> None:
         """Bind the part here, after ``end``."""
-        self._index._part_taken(self._log, self._ops)
+        assert self._log is not None
+        self._index._part_taken(self._log, self.ops)
 
     def cancel(self) -> None:
         """Take the part back (the batch gave up before its commit point)."""
+        assert self._log is not None
         self._log.cancel_part()
 
 
@@ -587,15 +597,18 @@ class Index:
         self.prepare_part(ops).finish()
 
     def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> PreparedPart:
-        """Write a batch's part without its end (``LogWriter.open_part``), before the
-        batch's commit point: a part the disk refuses fails here, where the batch can
-        still give up. Called, like its ``finish`` or ``cancel``, in the exclusive
-        section, which the caller holds from this call to that one."""
+        """A batch's part, touching nothing yet: its steps (``Prepared``) run in the
+        exclusive section, which the caller holds from ``make_room`` to ``take`` or
+        ``cancel``. A part the disk refuses fails at ``write``, before the batch's commit
+        point, where the batch can still give up."""
+        return PreparedPart(self, list(ops))
+
+    def _log_for_part(self) -> LogWriter:
         log = self._writable_log()
         if log.version < PARTS_VERSION:  # a log of an older version takes no part
             self._make_room()
             log = self._writable_log()
-        return PreparedPart(self, log, ops, log.open_part(ops))
+        return log
 
     def _part_taken(self, log: LogWriter, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         if self._shared:

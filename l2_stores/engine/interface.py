@@ -158,16 +158,25 @@ class Batched(Protocol):
     def apply_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Take one part: ``(key, value)`` writes (None: a removal), at once."""
 
-    def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> Prepared:
-        """Write one part without binding it yet (before a batch's commit point)."""
+    def prepare_part(self, ops: Sequence[tuple[bytes, bytes | None]]) -> EnginePart:
+        """One part, touching nothing yet (see ``Prepared``)."""
 
     def limit_parts(self, parts: int) -> bool:
         """Read-only: show only the first ``parts`` parts; False when it cannot."""
 
 
 class Prepared(Protocol):
-    """A part written but not bound: finished once the batch commits (``end`` then
-    ``take``, or ``finish``), else cancelled."""
+    """A batch's part, for one store: ``make_room`` and ``take`` run with the store's
+    readers out, ``write`` and ``end`` may run beside them (they write files only);
+    ``finish`` does all four, in order, once the batch committed; ``cancel`` takes back
+    what ``write`` wrote."""
+
+    def make_room(self) -> None:
+        """Make room for the part (what readers read may change: a full log handed over)."""
+
+    def write(self) -> None:
+        """Write the part without what makes it bind (no state a reader reads changes:
+        readers may run meanwhile). If this raises, nothing of it binds, ever."""
 
     def end(self) -> None:
         """Write what makes the part bind in the files (no state a reader reads changes:
@@ -177,12 +186,22 @@ class Prepared(Protocol):
         """Bind the part in memory, after ``end`` (in the exclusive section)."""
 
     def finish(self) -> None:
-        """``end`` then ``take`` (the implementations subclass this protocol for it)."""
+        """``make_room``, ``write``, ``end`` then ``take`` (the implementations subclass
+        this protocol for it)."""
+        self.make_room()
+        self.write()
         self.end()
         self.take()
 
     def cancel(self) -> None:
-        """Take the part back."""
+        """Take back the part ``write`` wrote."""
+
+
+class EnginePart(Prepared, Protocol):
+    """An engine's part: its ``(key, value)`` writes (None: a removal), which may change
+    until ``write``."""
+
+    ops: list[tuple[bytes, bytes | None]]
 
 
 class Measured(Protocol):

@@ -534,7 +534,8 @@ class EngineStore(Store, MappingReads[K, R]):
             self._engine.reserve()
 
     def _prepare_part(self, data: bytes) -> Prepared:
-        """Write a part (encoded by the kind's batch view) without binding it (exclusive)."""
+        """A part (encoded by the kind's batch view), touching nothing yet: its steps
+        (``Prepared``) run in the exclusive section."""
         raise NotImplementedError
 
     def _take_part(self, data: bytes) -> None:

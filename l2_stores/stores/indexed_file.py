@@ -29,7 +29,7 @@ from ..engine.accel import AcceleratedIndexedAppend
 from ..engine.files import index_bytes, index_header, stored_generation
 from ..engine.framing import HEADER_SIZE, Expected
 from ..engine.index import GcMergeRenamed, Index
-from ..engine.interface import Prepared
+from ..engine.interface import EnginePart, Prepared
 from ..engine.interface import Snapshot as EngineSnapshot
 from ..engine.run import sorted_in_steps
 from ..engine.value_files import ValueFiles, ValuesOnDisk, list_values, values_name
@@ -530,15 +530,10 @@ class IndexedFileBase(Collectable[K, tuple[V, H]]):
             )
 
     def _prepare_part(self, data: bytes) -> Prepared:
-        """Append a part's values, then write its index entries as the engine's part."""
+        """A part whose ``write`` appends its values, then writes its index entries as the
+        engine's part."""
         writes = _decode_part(data, self._key.size or 0, self._header.size or 0)
-        target = self._values.target
-        assert target is not None
-        entries = target.append_entries(writes)
-        ops: list[tuple[bytes, bytes | None]] = [
-            (key, entry) for (key, _, _), entry in zip(writes, entries, strict=True)
-        ]
-        return _PreparedAppends(self._engine.prepare_part(ops), self._cache, writes)
+        return _PreparedAppends(self._engine.prepare_part(()), self._values, self._cache, writes)
 
     def _raw_items(
         self, start: Any, stop: Any, reverse: bool
@@ -614,11 +609,29 @@ class _PreparedAppends(Prepared):
     """A part's values appended and its index part written, not bound yet."""
 
     def __init__(
-        self, index_part: Prepared, cache: Cache, writes: list[tuple[bytes, bytes, bytes]]
+        self,
+        index_part: EnginePart,
+        values: ValueFiles,
+        cache: Cache,
+        writes: list[tuple[bytes, bytes, bytes]],
     ) -> None:
         self._index_part = index_part
+        self._values = values
         self._cache = cache
         self._writes = writes
+
+    def make_room(self) -> None:
+        self._index_part.make_room()
+
+    def write(self) -> None:
+        writes = self._writes
+        target = self._values.target
+        assert target is not None
+        entries = target.append_entries(writes)
+        self._index_part.ops[:] = [
+            (key, entry) for (key, _, _), entry in zip(writes, entries, strict=True)
+        ]
+        self._index_part.write()
 
     def end(self) -> None:
         self._index_part.end()

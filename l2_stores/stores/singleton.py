@@ -457,8 +457,14 @@ class _PreparedValue(Prepared):
         self._encoded = encoded
         self._decoded = decoded
 
-    def end(self) -> None:
+    def make_room(self) -> None:
+        pass
+
+    def write(self) -> None:
         pass  # (the journal holds the value until a checkpoint writes it)
+
+    def end(self) -> None:
+        pass
 
     def take(self) -> None:
         store = self._store
