@@ -1092,6 +1092,38 @@ def test_a_part_that_fails_to_write_gives_the_batch_up_and_takes_back_the_others
     messages.close()
 
 
+class _PutInterrupted:
+    """An indexed file's cache whose puts are interrupted (a Ctrl-C in a commit's take)."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+    def put(self, key: bytes, entry: Any) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_commit_interrupted_in_an_indexed_files_take_leaves_no_stale_cached_value(
+    tmp_path: Path,
+) -> None:
+    blocks = Blocks.load(tmp_path / "blocks")
+    blocks.append(b"blockkey", b"old", 1)
+    assert blocks.read(b"blockkey") == (b"old", 1)  # cached
+    batch = l2_stores.batch(blocks)
+    batch.views[0].append(b"blockkey", b"new", 2)
+    blocks._cache = _PutInterrupted(blocks._cache)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    blocks._cache = blocks._cache._cache
+    assert blocks.read(b"blockkey") == (b"new", 2) and blocks.header(b"blockkey") == 2
+    blocks.close()
+    blocks = Blocks.load(tmp_path / "blocks")
+    assert blocks.read(b"blockkey") == (b"new", 2)
+    blocks.close()
+
+
 class _CancelInterrupted(Messages):  # type: ignore[misc, valid-type]
     """Messages whose batch part, when taken back, is interrupted (a second Ctrl-C)."""
 

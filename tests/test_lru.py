@@ -66,6 +66,7 @@ OPERATIONS = st.lists(
     st.one_of(
         st.tuples(st.just("get"), KEYS),
         st.tuples(st.just("put"), KEYS, st.integers(0, 1000), st.integers(0, 40)),
+        st.tuples(st.just("discard"), KEYS),
         st.tuples(st.just("clear")),
     ),
     max_size=80,
@@ -89,6 +90,9 @@ def test_cache_follows_the_model(
             entry = (str(operation[2]).encode(), b"v" * operation[3])
             cache.put(operation[1], entry)
             model.put(operation[1], entry)
+        elif operation[0] == "discard":
+            cache.discard(operation[1])
+            model._take(operation[1])
         else:
             cache.clear()
             model.items.clear()

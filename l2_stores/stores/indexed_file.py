@@ -637,9 +637,12 @@ class _PreparedAppends(Prepared):
         self._index_part.end()
 
     def take(self) -> None:
+        cache = self._cache
+        for key, _, _ in self._writes:  # first: an interrupt below leaves no stale entry
+            cache.discard(key)
         self._index_part.take()
         for key, value, header in self._writes:
-            self._cache.put(key, (value, header))
+            cache.put(key, (value, header))
 
     def cancel(self) -> None:
         self._index_part.cancel()  # the values stay, referenced by nothing

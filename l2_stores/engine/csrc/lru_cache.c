@@ -293,6 +293,18 @@ lru_slot_of(LruCache *self, PyObject *key)
     return PyLong_AsSsize_t(slot);
 }
 
+/* Take slot out and release its key and entry; -1 on error. */
+static int
+lru_drop(LruCache *self, Py_ssize_t slot)
+{
+    PyObject *old_key = self->keys[slot], *old_entry = self->entries[slot];
+    if (lru_detach(self, slot) < 0)
+        return -1;
+    Py_DECREF(old_key);
+    Py_DECREF(old_entry);
+    return 0;
+}
+
 static PyObject *
 lru_get(LruCache *self, PyObject *key)
 {
@@ -326,11 +338,8 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t weight = lru_weight(entry);
     int kept = self->capacity > 0 && weight <= self->max_bytes;
     if (slot >= 0 && !kept) { /* the cached entry is stale, and its successor is not kept */
-        PyObject *old_key = self->keys[slot], *old_entry = self->entries[slot];
-        if (lru_detach(self, slot) < 0)
+        if (lru_drop(self, slot) < 0)
             return NULL;
-        Py_DECREF(old_key);
-        Py_DECREF(old_entry);
         Py_RETURN_NONE;
     }
     if (slot >= 0) { /* a newer entry for a cached key */
@@ -378,6 +387,17 @@ lru_put(LruCache *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+lru_discard(LruCache *self, PyObject *key)
+{
+    if (!lru_ready(self))
+        return NULL;
+    Py_ssize_t slot = lru_slot_of(self, key);
+    if (slot == -2 || (slot >= 0 && lru_drop(self, slot) < 0))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 lru_clear_method(LruCache *self, PyObject *Py_UNUSED(ignored))
 {
     if (!lru_ready(self))
@@ -420,6 +440,7 @@ static PyMethodDef lru_methods[] = {
      "get(key) -> entry | None: the cached entry of key, now the newest."},
     {"put", (PyCFunction)(void (*)(void))lru_put, METH_FASTCALL,
      "put(key, entry): cache entry as the newest; the oldest go past the limits."},
+    {"discard", (PyCFunction)lru_discard, METH_O, "discard(key): drop key's entry, if cached."},
     {"clear", (PyCFunction)lru_clear_method, METH_NOARGS, "clear(): drop every entry."},
     {"keys", (PyCFunction)lru_keys, METH_NOARGS, "keys() -> list: the cached keys, oldest first."},
     {NULL, NULL, 0, NULL},
