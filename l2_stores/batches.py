@@ -46,6 +46,9 @@ logger = logging.getLogger("l2_stores.batches")
 #: The journal directory a first batch creates in the directory that holds its stores.
 JOURNAL_DIRECTORY = "l2_stores.journal"
 
+#: Why a store that missed its part of a committed batch refuses writes.
+MISSED_PART = "the store missed its part of a committed batch: load it again"
+
 
 class Member(Protocol):
     """What a store kind gives the batches (``EngineStore`` and its kinds implement it)."""
@@ -82,6 +85,9 @@ class Member(Protocol):
 
     def _before_exclusive(self) -> None:
         """Wait, before its exclusive section, until a write need not wait inside it."""
+
+    def _refuse_writes(self, reason: str) -> None:
+        """Raise CannotWriteToStore(``reason``) at every write from now on."""
 
     def _limit_parts(self, parts: int) -> bool:
         """``READ_ONLY``: show only the first ``parts`` parts; False when it cannot."""
@@ -182,6 +188,13 @@ class Membership:
     def participant(self) -> int:
         """The store's id in the journal."""
         return self.link.participant
+
+    def miss(self, store: Member) -> None:
+        """The store could not take the part of a committed batch, which the journal
+        holds: it refuses every write until it is loaded again (its load takes the part;
+        a later write would come before it then, and lose to it)."""
+        self.missed = True
+        store._refuse_writes(MISSED_PART)
 
     def committed(self, ordinal: int) -> bool:
         """Whether the journal holds the store's part ``ordinal`` (at load)."""
@@ -456,8 +469,8 @@ class Batch:
         written: list[Any] = []
         try:
             for prepared in ready:
+                written.append(prepared)  # first: an interrupt just after its write takes it back
                 prepared.write()
-                written.append(prepared)
                 self.hooks.run("part_written")
             group.journal.append(parts, fsync=fsync)  # the commit point
         except BaseException:
@@ -474,8 +487,8 @@ class Batch:
                     prepared.end()
                 except (OSError, StoreError) as error:
                     # Committed: the store's next load takes the part from the journal. Until
-                    # then its part count lags the journal's, so it takes no other batch.
-                    store._batch.missed = True
+                    # then it takes no write (see Membership.miss).
+                    store._batch.miss(store)
                     failed = failed or (store, error)
                     ended.append(None)
                     continue
@@ -496,14 +509,14 @@ class Batch:
             # load (marked first: a second interrupt may come during what follows), and,
             # as for an EIO, a part without its end is taken back from the log.
             for store in stores[taken:]:
-                store._batch.missed = True
+                store._batch.miss(store)
             self._take_back(written[len(ended) :])
             raise
         if failed is not None:
             missed, cause = failed
             raise CannotWriteToStore(
                 f"the batch is committed, but the store could not take its part now "
-                f"({cause}): load it again to take it (it refuses batches until then)",
+                f"({cause}): load it again to take it (it refuses writes until then)",
                 name=missed.name,
                 path=missed.path,
             ) from cause
@@ -524,7 +537,7 @@ class Batch:
             for store in stores:
                 if store._batch is not None and store._batch.missed:
                     raise CannotWriteToStore(
-                        "the store missed the part of a committed batch: load it again",
+                        MISSED_PART,
                         name=store.name,
                         path=store.path,
                     )

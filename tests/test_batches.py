@@ -582,6 +582,55 @@ def test_snapshots_never_show_part_of_a_batch(tmp_path: Path) -> None:
         store.close()
 
 
+def test_readers_beside_commits_see_each_store_with_all_of_a_part_or_none(
+    tmp_path: Path,
+) -> None:
+    """Plain readers (no snapshot) run beside the commits' writes; a commit's take of a
+    part of two keys per store never shows one of them alone, while small logs make
+    the commits hand logs over to merges as they go."""
+    levels = Levels.load(tmp_path / "levels", index_buffer_size=4)
+    blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=4)
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def commit_blocks() -> None:
+        try:
+            for n in range(1, 201):
+                with l2_stores.batch(levels, blocks) as (levels_b, blocks_b):
+                    levels_b.add(n, value(n))
+                    levels_b.add(100_000 + n, value(n))
+                    blocks_b.append(value(n)[:8], b"x" * n, n)
+                    blocks_b.append(value(100_000 + n)[:8], b"y" * n, n)
+        except BaseException as error:  # reported by the test
+            failures.append(error)
+        finally:
+            done.set()
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                keys = list(levels.keys())
+                assert len(keys) % 2 == 0 and len(levels) % 2 == 0, keys
+                assert keys[len(keys) // 2 :] == [100_000 + key for key in keys[: len(keys) // 2]]
+                assert len(list(blocks.keys())) % 2 == 0
+                top = len(keys) // 2
+                if top:
+                    assert blocks.read(value(top)[:8]) == (b"x" * top, top)
+        except BaseException as error:  # reported by the test
+            failures.append(error)
+
+    threads = [threading.Thread(target=commit_blocks)]
+    threads += [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert len(levels) == 400 and len(blocks) == 400
+    levels.close()
+    blocks.close()
+
+
 def test_asyncio_batches_and_snapshots(tmp_path: Path) -> None:
     import asyncio
 
@@ -958,8 +1007,10 @@ print(c._batch.group.journal.directory)
 def test_readers_run_while_a_commit_writes_its_files_and_writers_wait(
     tmp_path: Path, point: Point
 ) -> None:
+    blocks = Blocks.load(tmp_path / "blocks")
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
+    head = Head.load(tmp_path / "head")
     levels.add(1, value(1))
     seen: dict[str, object] = {}
     writer_done = threading.Event()
@@ -972,6 +1023,7 @@ def test_readers_run_while_a_commit_writes_its_files_and_writers_wait(
         def reads() -> None:
             seen["find"] = (levels.find(1), levels.find(2), messages.find(2))
             seen["keys"] = (list(levels.keys()), len(messages), 2 in levels)
+            seen["others"] = (blocks.read(b"block002"), len(blocks), head.read())
 
         reader = threading.Thread(target=reads)
         reader.start()
@@ -982,9 +1034,11 @@ def test_readers_run_while_a_commit_writes_its_files_and_writers_wait(
         time.sleep(0.05)
         seen["writer_waited"] = not writer_done.is_set()
 
-    batch = l2_stores.batch(levels, messages)
-    batch.views[0].add(2, value(2))
-    batch.views[1].add(2, b"message2")
+    batch = l2_stores.batch(blocks, levels, messages, head)  # (blocks' values first)
+    batch.views[0].append(b"block002", b"content", 2)
+    batch.views[1].add(2, value(2))
+    batch.views[2].add(2, b"message2")
+    batch.views[3].write(2)
     fired: list[bool] = []
 
     def once() -> None:  # (the point may be reached once per store)
@@ -997,13 +1051,14 @@ def test_readers_run_while_a_commit_writes_its_files_and_writers_wait(
     seen["writer"].join(10)  # type: ignore[attr-defined]
     assert seen["reader_finished"], f"a reader waited for the commit at {point}"
     assert seen["find"] == (value(1), None, None)  # nothing of the batch before it binds
-    assert seen["keys"] == ([1], 0, False)
+    assert seen["keys"] == ([1], 0, False) and seen["others"] == (None, 0, None)
     assert seen["writer_waited"], "a plain write ran inside the commit"
     assert writer_done.is_set()
     assert list(levels.items()) == [(1, value(1)), (2, value(2)), (3, value(3))]
-    assert messages.find(2) == b"message2"
-    levels.close()
-    messages.close()
+    assert messages.find(2) == b"message2" and blocks.read(b"block002") == (b"content", 2)
+    assert head.read() == 2
+    for store in (blocks, levels, messages, head):
+        store.close()
     levels = Levels.load(tmp_path / "levels")
     assert list(levels.keys()) == [1, 2, 3]
     levels.close()
@@ -1014,7 +1069,16 @@ def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
 ) -> None:
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
-    batch = first_block(levels, messages)
+    blocks = Blocks.load(tmp_path / "blocks")
+    head = Head.load(tmp_path / "head")
+    messages.add(9, b"message9")
+    batch = Batch([levels, messages, blocks, head])
+    levels_b, messages_b, blocks_b, head_b = batch.views
+    levels_b.add(1, value(1))
+    messages_b.add(1, b"message1")
+    messages_b.remove(9)
+    blocks_b.append(b"block001", b"content", 1)
+    head_b.write(1)
 
     def interrupt() -> None:
         raise KeyboardInterrupt  # Ctrl-C while the readers drain, say
@@ -1022,23 +1086,80 @@ def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
     batch.hooks.add("part_ended", interrupt)
     with pytest.raises(KeyboardInterrupt):
         batch.commit()
-    assert levels.find(1) is None  # committed, not taken in memory
+    assert levels.find(1) is None and head.read() is None  # committed, not taken in memory
     with (
         pytest.raises(l2_stores.CannotWriteToStore, match="load it again"),
         l2_stores.batch(levels, messages) as views,
     ):
         views[0].add(2, value(2))  # no second part with the same ordinal
-    assert levels.find(1) is None and messages.find(1) is None
-    levels.add(3, value(3))  # plain writes go on
-    levels.close()
-    messages.close()
+    # Nor a plain write: the part, taken at the next load, would come after it.
+    for write in (
+        lambda: levels.add(1, value(7)),
+        lambda: levels.add(3, value(3), flush=False),
+        lambda: messages.remove(1),
+        lambda: blocks.append(b"block001", b"later", 7),
+        lambda: head.write(7),
+        lambda: head.delete(),
+    ):
+        with pytest.raises(l2_stores.CannotWriteToStore, match=r"missed its part.*load it again"):
+            write()
+    assert levels.find(1) is None and messages.find(9) == b"message9"
+    for store in (levels, messages, blocks, head):
+        store.close()
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
-    assert list(levels.keys()) == [1, 3] and messages.find(1) == b"message1"
+    blocks = Blocks.load(tmp_path / "blocks")
+    head = Head.load(tmp_path / "head")
+    assert list(levels.items()) == [(1, value(1))] and head.read() == 1
+    assert list(messages.keys()) == [1] and blocks.read(b"block001") == (b"content", 1)
+    levels.add(1, value(7))  # the last write wins from now on
+    head.write(7)
     with l2_stores.batch(levels, messages) as (levels_b, messages_b):
         levels_b.add(4, value(4))
         messages_b.add(4, b"message4")
     assert levels.find(4) == value(4) and levels._part_count() == 2
+    for store in (levels, messages, blocks, head):
+        store.close()
+    levels = Levels.load(tmp_path / "levels")
+    head = Head.load(tmp_path / "head")
+    assert levels.find(1) == value(7) and head.read() == 7
+    levels.close()
+    head.close()
+
+
+class _InterruptedAfterWrite(Messages):  # type: ignore[misc, valid-type]
+    """Messages whose batch part is interrupted just after its write (a Ctrl-C)."""
+
+    def _prepare_part(self, data: bytes) -> Any:
+        prepared = super()._prepare_part(data)
+
+        class Interrupted:
+            make_room, end, take, cancel = (
+                prepared.make_room,
+                prepared.end,
+                prepared.take,
+                prepared.cancel,
+            )
+
+            def write(self) -> None:
+                prepared.write()
+                raise KeyboardInterrupt
+
+        return Interrupted()
+
+
+def test_a_commit_interrupted_just_after_a_parts_write_takes_it_back(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = _InterruptedAfterWrite.load(tmp_path / "messages")
+    with pytest.raises(KeyboardInterrupt):
+        first_block(levels, messages).commit()
+    levels.add(2, value(2))
+    messages.add(2, b"message2")  # after the place the part took
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    assert list(levels.keys()) == [2] and list(messages.keys()) == [2]
     levels.close()
     messages.close()
 

@@ -338,6 +338,8 @@ class Index:
         self._run_merges_changed = threading.Condition()
         # GC state: keys written since begin_gc(), until collect() freezes the log
         self._touched: set[bytes] | None = None
+        #: Why writes are refused (``refuse_writes``); None: they are not.
+        self._refusal: str | None = None
         # The C read path and the C put, handed the state above by _hand_over
         # whenever it changes (the log, the dicts, the runs, merging, touched).
         self._layers = AcceleratedLayers() if AcceleratedLayers is not None else None
@@ -497,9 +499,15 @@ class Index:
             self._layers.set(
                 self._active, self._frozen, stack.readers, stack.find if stack.runs else None
             )
-        if self._writer is not None:
+        self._hand_over_to_writer()
+
+    def _hand_over_to_writer(self) -> None:
+        if self._writer is not None:  # (no log: every put goes to _put_in_python)
             self._writer.set(
-                self._log, self._active, self._merging, self._touched is not None or self._shared
+                self._log if self._refusal is None else None,
+                self._active,
+                self._merging,
+                self._touched is not None or self._shared,
             )
 
     @property
@@ -536,7 +544,7 @@ class Index:
         """Bind ``key`` to ``value`` (the C writer replaces it per instance)."""
         # The hot path of every add: _writable_log and _after_append only when needed.
         log = self._log
-        if log is None or log.records >= self._buffer_size:
+        if log is None or log.records >= self._buffer_size or self._refusal is not None:
             log = self._writable_log()
         log.append_set(key, value, flush)
         if self._shared:
@@ -679,10 +687,23 @@ class Index:
                     return [*scans[:position], cut], ordinal
         return scans, None
 
+    def refuse_writes(self, reason: str) -> None:
+        """Raise CannotWriteToStore(``reason``) at every write from now on."""
+        self._refusal = reason
+        self._hand_over_to_writer()
+
+    def check_writable(self) -> None:
+        """Raise CannotWriteToStore if a write would (refused, or read-only)."""
+        if self._refusal is not None:
+            raise CannotWriteToStore(self._refusal, name=self._name, path=self.directory)
+        if self._log is None:
+            raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
+
     def _writable_log(self) -> LogWriter:
         log = self._log
-        if log is None:
-            raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
+        if log is None or self._refusal is not None:
+            self.check_writable()
+        assert log is not None
         records = log.records
         if records >= self._buffer_size and (not self._merging or records >= self._log_cap):
             self._make_room()

@@ -164,6 +164,13 @@ class Batched(Protocol):
     def limit_parts(self, parts: int) -> bool:
         """Read-only: show only the first ``parts`` parts; False when it cannot."""
 
+    def refuse_writes(self, reason: str) -> None:
+        """Raise CannotWriteToStore(``reason``) at every write from now on (flushes and
+        the close go on)."""
+
+    def check_writable(self) -> None:
+        """Raise CannotWriteToStore if a write would (refused, or read-only)."""
+
 
 class Prepared(Protocol):
     """A batch's part, for one store: ``make_room`` and ``take`` run with the store's

@@ -663,14 +663,19 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
                 records.append(framed(_OP_SET_BYTE, key, value))
         records.append(bytes(record_size(self._expected)))
         data = pending + b"".join(records)
+        start = self._end
+        # Recorded before the write, so that an interrupt just after it leaves the part
+        # to cancel_part (which takes back nothing while the end has not moved).
+        self._open_part = start + len(pending)
+        self.records += len(records)
+        self._end = start + len(data)
         try:
-            pwrite_all(self._fd, data, self._end)
+            pwrite_all(self._fd, data, start)
         except OSError as error:
+            self._open_part, self._end = -1, start
+            self.records -= len(records)
             raise self._failed_write(error) from error
         self._pending.clear()
-        self._end += len(data)
-        self.records += len(records)
-        self._open_part = self._end - len(data) + len(pending)
         return self._end - len(records[-1])
 
     def end_part(self, at: int) -> None:
@@ -687,7 +692,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
     def cancel_part(self) -> None:
         """Take back the part :meth:`open_part` wrote (zeros over it: free space again)."""
         start, self._open_part = self._open_part, -1
-        if start < 0:
+        if start < 0 or start >= self._end:  # none, or not written yet
             return
         size = record_size(self._expected)
         self.records -= (self._end - start) // size

@@ -528,6 +528,9 @@ class EngineStore(Store, MappingReads[K, R]):
     def _checkpoint(self) -> None:
         """Nothing: an engine store's parts are in its logs (the runs make them durable)."""
 
+    def _refuse_writes(self, reason: str) -> None:
+        self._engine.refuse_writes(reason)
+
     def _before_exclusive(self) -> None:
         """Before a batch takes the store's exclusive section: wait for room, as writes do."""
         if self._engine.pacing:

@@ -292,8 +292,10 @@ class IndexableRemovableStore(IndexableStore[K, V]):
                 self._raise_closed()
             if self._engine.get(encoded_key) is not None:
                 self._engine.remove(encoded_key, flush=flush)
-            elif flush:
-                self._engine.flush()
+            else:  # a no-op, unless writes are refused
+                self._engine.check_writable()
+                if flush:
+                    self._engine.flush()
         finally:
             waiter.exit_exclusive()
 

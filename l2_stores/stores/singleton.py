@@ -99,6 +99,8 @@ class SingletonStore(Store, Generic[V]):
         #: The parts the file holds (it may lag: a batch's part is taken in memory).
         self._file_parts = 0
         self._batch: batches.Membership | None = None
+        #: Why writes are refused (``_refuse_writes``); None: they are not.
+        self._refusal: str | None = None
         #: A rename or unlink not made durable yet (``fsync=False``).
         self._unsynced = False
         #: What the file lacks: the encoded value (None: deleted) of the parts taken since
@@ -236,6 +238,7 @@ class SingletonStore(Store, Generic[V]):
         decoded = self._decode(self._value, encoded)
         with self._waiter.force_idle():
             self._check_open()
+            self._check_not_refused()
             self._replace(encoded, decoded, self._parts, "write")
             if self._fsync:
                 self._fsync_directory("write")
@@ -245,6 +248,7 @@ class SingletonStore(Store, Generic[V]):
         self._check_writable("delete")
         with self._waiter.force_idle():
             self._check_open()
+            self._check_not_refused()
             if self._parts or self._batch is not None:  # the file keeps the parts' count
                 self._replace(None, None, self._parts, "delete")
                 if self._fsync:
@@ -352,6 +356,13 @@ class SingletonStore(Store, Generic[V]):
 
     def _before_exclusive(self) -> None:
         pass
+
+    def _refuse_writes(self, reason: str) -> None:
+        self._refusal = reason
+
+    def _check_not_refused(self) -> None:
+        if self._refusal is not None:
+            raise CannotWriteToStore(self._refusal, name=self.name, path=self.path)
 
     def _limit_parts(self, parts: int) -> bool:
         with self._waiter.force_idle():
