@@ -532,6 +532,14 @@ class Batch:
 
     def _link(self, stores: Sequence[Any]) -> _Group:
         """The group of the batch's journal, every store linked to it (once, durably)."""
+        first: Membership | None = stores[0]._batch
+        if first is not None and all(  # the common case: linked already, to one journal
+            store._batch is not None
+            and store._batch.group is first.group
+            and not store._batch.missed
+            for store in stores
+        ):
+            return first.group  # (held by its members)
         with _groups_lock:
             group = _journal_of(stores)  # again: a commit meanwhile may have linked one
             for store in stores:
