@@ -34,6 +34,7 @@ from l2_stores.tools.on_disk import find_stores
 from l2_stores.tools.verify import verify
 from tests.helpers import batch_writer
 from tests.helpers.child import Child
+from tests.helpers.interrupts import interrupt_at
 from tests.helpers.power_loss import PowerLossFileSystem, choose_modes
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -1127,6 +1128,54 @@ def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
     head.close()
 
 
+def test_a_store_that_missed_its_part_refuses_a_gc_until_its_next_load(tmp_path: Path) -> None:
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    levels.add(5, value(5))
+    batch = first_block(levels, messages)
+    batch.hooks.add("part_ended", _raise_keyboard_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+    with pytest.raises(l2_stores.GcFailed) as failed:
+        levels.gc(l2_stores.Retain([5]), background=False)  # the part would undo it
+    assert "load it again" in str(failed.value.__cause__)
+    assert list(levels.keys()) == [5]
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    assert list(levels.keys()) == [1, 5]
+    levels.gc(l2_stores.Retain([5]), background=False)
+    assert list(levels.keys()) == [5]
+    levels.close()
+
+
+def test_a_store_that_missed_its_part_refuses_an_asyncio_remove_of_an_absent_key(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from l2_stores import aio
+
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    batch = first_block(levels, messages)
+    batch.hooks.add("part_ended", _raise_keyboard_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
+
+    async def remove() -> None:
+        await aio.wrap(messages).remove(1)  # absent here; bound by the part at the load
+
+    with pytest.raises(l2_stores.CannotWriteToStore, match="load it again"):
+        asyncio.run(remove())
+    levels.close()
+    messages.close()
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 class _InterruptedAfterWrite(Messages):  # type: ignore[misc, valid-type]
     """Messages whose batch part is interrupted just after its write (a Ctrl-C)."""
 
@@ -1160,6 +1209,38 @@ def test_a_commit_interrupted_just_after_a_parts_write_takes_it_back(tmp_path: P
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
     assert list(levels.keys()) == [2] and list(messages.keys()) == [2]
+    levels.close()
+    messages.close()
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
+def test_a_commit_interrupted_at_a_parts_pwrite_leaves_the_log_whole(
+    tmp_path: Path, after: bool
+) -> None:
+    """A Ctrl-C just before or just after the ``pwrite`` of the first part (which carries
+    the records of earlier ``flush=False`` writes): the batch is not applied, those
+    writes and later ones load again."""
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    first_block(levels, messages).commit()  # linked: the next commit's first pwrite is its part
+    levels.add(5, value(5), flush=False)
+    levels.add(6, value(6), flush=False)
+    batch = l2_stores.batch(levels, messages)
+    batch.views[0].add(2, value(2))
+    batch.views[1].add(2, b"message2")
+    with (
+        interrupt_at(os.pwrite, "open_part", after=after) as fired,
+        pytest.raises(KeyboardInterrupt),
+    ):
+        batch.commit()
+    assert fired and levels.find(2) is None
+    levels.add(7, value(7))
+    messages.add(7, b"message7")
+    levels.close()
+    messages.close()
+    levels = Levels.load(tmp_path / "levels")
+    messages = Messages.load(tmp_path / "messages")
+    assert list(levels.keys()) == [1, 5, 6, 7] and list(messages.keys()) == [1, 7]
     levels.close()
     messages.close()
 

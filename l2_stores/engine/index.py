@@ -1092,8 +1092,7 @@ class Index:
         it holds a copy of the active log's bindings and the frozen log and
         data file of this moment.
         """
-        if self._log is None:
-            raise CannotWriteToStore("store is read-only", name=self._name, path=self.directory)
+        self.check_writable()  # (a GC is a write: refused when writes are)
         self._touched = set()
         self._hand_over()
         active = dict(self._active)

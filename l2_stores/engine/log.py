@@ -671,10 +671,16 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         self._end = start + len(data)
         try:
             pwrite_all(self._fd, data, start)
-        except OSError as error:
-            self._open_part, self._end = -1, start
+        except BaseException as error:
+            self._open_part, self._end = -1, start  # the pending records stay pending
             self.records -= len(records)
-            raise self._failed_write(error) from error
+            if isinstance(error, OSError):
+                raise self._failed_write(error) from error
+            with contextlib.suppress(OSError):  # interrupted: none of what it wrote stays
+                pwrite_all(self._fd, bytes(len(data)), start)
+                if not self._allocated:
+                    os.ftruncate(self._fd, start)
+            raise
         self._pending.clear()
         return self._end - len(records[-1])
 

@@ -290,14 +290,20 @@ class IndexableRemovableStore(IndexableStore[K, V]):
         try:
             if self._lifetime.closed:
                 self._raise_closed()
-            if self._engine.get(encoded_key) is not None:
-                self._engine.remove(encoded_key, flush=flush)
-            else:  # a no-op, unless writes are refused
-                self._engine.check_writable()
-                if flush:
-                    self._engine.flush()
+            self._remove_encoded(encoded_key, flush)
         finally:
             waiter.exit_exclusive()
+
+    def _remove_encoded(self, encoded_key: bytes, flush: bool) -> None:
+        """Unbind ``encoded_key`` in the exclusive section; if it is absent, only flush (or
+        raise, when writes are refused)."""
+        engine = self._engine
+        if engine.get(encoded_key) is not None:
+            engine.remove(encoded_key, flush=flush)
+        else:
+            engine.check_writable()
+            if flush:
+                engine.flush()
 
     def _batch_view(self, batch: batches.Batch) -> IndexableRemovableBatchView:
         return IndexableRemovableBatchView(batch, self)
@@ -305,15 +311,9 @@ class IndexableRemovableStore(IndexableStore[K, V]):
     def _remove_nowait(self, key: Any, flush: bool) -> bool:
         self._check_writable("remove")
         encoded_key = self._encode(self._key, key)
-        engine = self._engine
-
-        def remove() -> None:
-            if engine.get(encoded_key) is not None:
-                engine.remove(encoded_key, flush=flush)
-            elif flush:
-                engine.flush()
-
-        return self._exclusive_nowait(engine.can_put_at_once, remove)
+        return self._exclusive_nowait(
+            self._engine.can_put_at_once, partial(self._remove_encoded, encoded_key, flush)
+        )
 
 
 class _DecodedViewReads:
