@@ -5,8 +5,8 @@ writes every store's part into one record of a batch journal
 (``engine.journal``): that record is the commit point. Each store then ends
 its part in its files, then binds it in memory. The commit holds every
 store's exclusive section throughout, and keeps each store's readers out
-only while it makes room for its part and while it binds it (see
-``doc/design.md``). A store that
+only while it makes room for its part and while the stores bind their
+parts (see ``doc/design.md``). A store that
 loads after a crash takes from the journal the parts it lacks, and drops a
 part that a power loss left in its log without the journal's record (see
 ``doc/design.md``, "Batches").
@@ -439,7 +439,7 @@ class Batch:
                 let_in: list[Any] = []  # each store's waiter if it let its readers in
                 for store, prepared in zip(stores, ready, strict=True):
                     # Every store's writers out until it took its part; its readers out
-                    # only while it makes room for it, and while it takes it.
+                    # only while it makes room for it, and while the stores take theirs.
                     sections.enter_context(store._waiter.force_idle())
                     store._check_open()
                     prepared.make_room()
@@ -465,7 +465,8 @@ class Batch:
     ) -> None:
         """Write the parts, then the journal's record (the commit point), then the parts'
         ends, with the stores' readers let in (nothing they read changes: only the files
-        do); then each store keeps its readers out while it binds its part in memory."""
+        do); then keep every store's readers out while the stores bind their parts in
+        memory."""
         written: list[Any] = []
         try:
             for prepared in ready:
@@ -494,13 +495,14 @@ class Batch:
                     continue
                 ended.append(prepared)
                 self.hooks.run("part_ended")
-            for prepared, waiter in zip(ended, let_in, strict=True):
+            # Every store's readers out until the last take (the sections end then): a
+            # reader who saw the batch in one store sees it in any other it reads after.
+            for waiter in let_in:
+                if waiter is not None:
+                    waiter.keep_tasks_out()
+            for prepared in ended:
                 if prepared is not None:
-                    if waiter is not None:
-                        waiter.keep_tasks_out()
                     prepared.take()
-                    if waiter is not None:
-                        waiter.let_tasks_in()
                     self.hooks.run("part_taken")
                 taken += 1
         except BaseException:

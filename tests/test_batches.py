@@ -587,8 +587,9 @@ def test_readers_beside_commits_see_each_store_with_all_of_a_part_or_none(
     tmp_path: Path,
 ) -> None:
     """Plain readers (no snapshot) run beside the commits' writes; a commit's take of a
-    part of two keys per store never shows one of them alone, while small logs make
-    the commits hand logs over to merges as they go."""
+    part of two keys per store never shows one of them alone, and a reader who saw a
+    batch in ``levels`` finds it in ``blocks`` after, while small logs make the commits
+    hand logs over to merges as they go."""
     levels = Levels.load(tmp_path / "levels", index_buffer_size=4)
     blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=4)
     failures: list[BaseException] = []
