@@ -6,6 +6,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,18 @@ def first_block(levels: Any, messages: Any) -> Batch:
     batch.views[0].add(1, value(1))
     batch.views[1].add(1, b"message1")
     return batch
+
+
+def commit_interrupted_after_its_point(batch: Batch) -> None:
+    """Commit ``batch`` with a Ctrl-C after its commit point, before any store took its
+    part: every store misses its part (the next load takes it from the journal)."""
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    batch.hooks.add("part_ended", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.commit()
 
 
 # ------------------------------------------------------------------ journal
@@ -544,40 +557,23 @@ def test_snapshots_never_show_part_of_a_batch(tmp_path: Path) -> None:
     levels = Levels.load(tmp_path / "levels", index_buffer_size=8)
     blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=8)
     head = Head.load(tmp_path / "head")
-    failures: list[BaseException] = []
-    done = threading.Event()
 
     def commit_blocks() -> None:
-        try:
-            for n in range(1, 301):
-                with l2_stores.batch(levels, blocks, head) as (levels_b, blocks_b, head_b):
-                    levels_b.add(n, value(n))
-                    blocks_b.append(value(n)[:8], b"x" * n, n)
-                    head_b.write(n)
-        except BaseException as error:  # reported by the test
-            failures.append(error)
-        finally:
-            done.set()
+        for n in range(1, 301):
+            with l2_stores.batch(levels, blocks, head) as (levels_b, blocks_b, head_b):
+                levels_b.add(n, value(n))
+                blocks_b.append(value(n)[:8], b"x" * n, n)
+                head_b.write(n)
 
-    def read_snapshots() -> None:
-        try:
-            while not done.is_set():
-                with l2_stores.snapshot(levels, blocks, head) as (levels_s, blocks_s, head_s):
-                    top = head_s.read() or 0
-                    assert len(levels_s) == top == len(blocks_s)
-                    assert levels_s.find(top + 1) is None
-                    if top:
-                        assert blocks_s.read(value(top)[:8]) == (b"x" * top, top)
-        except BaseException as error:  # reported by the test
-            failures.append(error)
+    def read_snapshot() -> None:
+        with l2_stores.snapshot(levels, blocks, head) as (levels_s, blocks_s, head_s):
+            top = head_s.read() or 0
+            assert len(levels_s) == top == len(blocks_s)
+            assert levels_s.find(top + 1) is None
+            if top:
+                assert blocks_s.read(value(top)[:8]) == (b"x" * top, top)
 
-    threads = [threading.Thread(target=commit_blocks)]
-    threads += [threading.Thread(target=read_snapshots) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not failures, failures
+    run_with_readers(commit_blocks, read_snapshot)
     assert head.read() == 300 and len(levels) == 300
     for store in (levels, blocks, head):
         store.close()
@@ -592,45 +588,58 @@ def test_readers_beside_commits_see_each_store_with_all_of_a_part_or_none(
     hand logs over to merges as they go."""
     levels = Levels.load(tmp_path / "levels", index_buffer_size=4)
     blocks = Blocks.load(tmp_path / "blocks", index_buffer_size=4)
+
+    def commit_blocks() -> None:
+        for n in range(1, 201):
+            with l2_stores.batch(levels, blocks) as (levels_b, blocks_b):
+                levels_b.add(n, value(n))
+                levels_b.add(100_000 + n, value(n))
+                blocks_b.append(value(n)[:8], b"x" * n, n)
+                blocks_b.append(value(100_000 + n)[:8], b"y" * n, n)
+
+    def read() -> None:
+        keys = list(levels.keys())
+        assert len(keys) % 2 == 0 and len(levels) % 2 == 0, keys
+        assert keys[len(keys) // 2 :] == [100_000 + key for key in keys[: len(keys) // 2]]
+        assert len(list(blocks.keys())) % 2 == 0
+        top = len(keys) // 2
+        if top:
+            assert blocks.read(value(top)[:8]) == (b"x" * top, top)
+
+    run_with_readers(commit_blocks, read)
+    assert len(levels) == 400 and len(blocks) == 400
+    levels.close()
+    blocks.close()
+
+
+def run_with_readers(write: Callable[[], None], read: Callable[[], None], readers: int = 3) -> None:
+    """Run ``write`` in a thread, and ``read`` again and again in ``readers`` others until
+    it ends; fail with what any of them raised."""
     failures: list[BaseException] = []
     done = threading.Event()
 
-    def commit_blocks() -> None:
+    def writer() -> None:
         try:
-            for n in range(1, 201):
-                with l2_stores.batch(levels, blocks) as (levels_b, blocks_b):
-                    levels_b.add(n, value(n))
-                    levels_b.add(100_000 + n, value(n))
-                    blocks_b.append(value(n)[:8], b"x" * n, n)
-                    blocks_b.append(value(100_000 + n)[:8], b"y" * n, n)
-        except BaseException as error:  # reported by the test
+            write()
+        except BaseException as error:  # reported below
             failures.append(error)
         finally:
             done.set()
 
-    def read() -> None:
+    def reader() -> None:
         try:
             while not done.is_set():
-                keys = list(levels.keys())
-                assert len(keys) % 2 == 0 and len(levels) % 2 == 0, keys
-                assert keys[len(keys) // 2 :] == [100_000 + key for key in keys[: len(keys) // 2]]
-                assert len(list(blocks.keys())) % 2 == 0
-                top = len(keys) // 2
-                if top:
-                    assert blocks.read(value(top)[:8]) == (b"x" * top, top)
-        except BaseException as error:  # reported by the test
+                read()
+        except BaseException as error:  # reported below
             failures.append(error)
 
-    threads = [threading.Thread(target=commit_blocks)]
-    threads += [threading.Thread(target=read) for _ in range(3)]
+    threads = [threading.Thread(target=writer)]
+    threads += [threading.Thread(target=reader) for _ in range(readers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     assert not failures, failures
-    assert len(levels) == 400 and len(blocks) == 400
-    levels.close()
-    blocks.close()
 
 
 def test_asyncio_batches_and_snapshots(tmp_path: Path) -> None:
@@ -1081,13 +1090,7 @@ def test_a_commit_interrupted_after_its_point_leaves_the_part_to_the_next_load(
     messages_b.remove(9)
     blocks_b.append(b"block001", b"content", 1)
     head_b.write(1)
-
-    def interrupt() -> None:
-        raise KeyboardInterrupt  # Ctrl-C while the readers drain, say
-
-    batch.hooks.add("part_ended", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        batch.commit()
+    commit_interrupted_after_its_point(batch)  # a Ctrl-C while the readers drain, say
     assert levels.find(1) is None and head.read() is None  # committed, not taken in memory
     with (
         pytest.raises(l2_stores.CannotWriteToStore, match="load it again"),
@@ -1133,10 +1136,7 @@ def test_a_store_that_missed_its_part_refuses_a_gc_until_its_next_load(tmp_path:
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
     levels.add(5, value(5))
-    batch = first_block(levels, messages)
-    batch.hooks.add("part_ended", _raise_keyboard_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        batch.commit()
+    commit_interrupted_after_its_point(first_block(levels, messages))
     with pytest.raises(l2_stores.GcFailed) as failed:
         levels.gc(l2_stores.Retain([5]), background=False)  # the part would undo it
     assert "load it again" in str(failed.value.__cause__)
@@ -1159,10 +1159,7 @@ def test_a_store_that_missed_its_part_refuses_an_asyncio_remove_of_an_absent_key
 
     levels = Levels.load(tmp_path / "levels")
     messages = Messages.load(tmp_path / "messages")
-    batch = first_block(levels, messages)
-    batch.hooks.add("part_ended", _raise_keyboard_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        batch.commit()
+    commit_interrupted_after_its_point(first_block(levels, messages))
 
     async def remove() -> None:
         await aio.wrap(messages).remove(1)  # absent here; bound by the part at the load
@@ -1171,10 +1168,6 @@ def test_a_store_that_missed_its_part_refuses_an_asyncio_remove_of_an_absent_key
         asyncio.run(remove())
     levels.close()
     messages.close()
-
-
-def _raise_keyboard_interrupt() -> None:
-    raise KeyboardInterrupt
 
 
 class _InterruptedAfterWrite(Messages):  # type: ignore[misc, valid-type]

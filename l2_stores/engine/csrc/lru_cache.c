@@ -151,18 +151,26 @@ lru_detach(LruCache *self, Py_ssize_t slot)
     return 0;
 }
 
-/* Drop the oldest entries until the weight fits; -1 on error. Each is
-   released with the cache consistent, so what its release runs may use it. */
+/* Take slot out and release its key and entry, the cache consistent (so what
+   their release runs may use it); -1 on error. */
+static int
+lru_drop(LruCache *self, Py_ssize_t slot)
+{
+    PyObject *old_key = self->keys[slot], *old_entry = self->entries[slot];
+    if (lru_detach(self, slot) < 0)
+        return -1;
+    Py_DECREF(old_key);
+    Py_DECREF(old_entry);
+    return 0;
+}
+
+/* Drop the oldest entries until the weight fits; -1 on error. */
 static int
 lru_fit(LruCache *self)
 {
     while (self->bytes > (unsigned long long)self->max_bytes && self->oldest >= 0) {
-        Py_ssize_t slot = self->oldest;
-        PyObject *key = self->keys[slot], *entry = self->entries[slot];
-        if (lru_detach(self, slot) < 0)
+        if (lru_drop(self, self->oldest) < 0)
             return -1;
-        Py_DECREF(key);
-        Py_DECREF(entry);
     }
     return 0;
 }
@@ -291,18 +299,6 @@ lru_slot_of(LruCache *self, PyObject *key)
     if (slot == NULL)
         return PyErr_Occurred() ? -2 : -1;
     return PyLong_AsSsize_t(slot);
-}
-
-/* Take slot out and release its key and entry; -1 on error. */
-static int
-lru_drop(LruCache *self, Py_ssize_t slot)
-{
-    PyObject *old_key = self->keys[slot], *old_entry = self->entries[slot];
-    if (lru_detach(self, slot) < 0)
-        return -1;
-    Py_DECREF(old_key);
-    Py_DECREF(old_entry);
-    return 0;
 }
 
 static PyObject *
