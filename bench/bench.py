@@ -438,8 +438,9 @@ def run_o(slug: str, directory: str, n: int, seed: int, keys: str = "sequential"
     step = 1_000_000
     for at in range(0, n, step):
         chunk = blob[at * KEY_SIZE : min(n, at + step) * KEY_SIZE]
+        values = random_bytes(rng, len(chunk))  # not the keys again (see run_a)
         pairs = [
-            (chunk[i : i + KEY_SIZE], chunk[i : i + KEY_SIZE])
+            (chunk[i : i + KEY_SIZE], values[i : i + VALUE_SIZE])
             for i in range(0, len(chunk), KEY_SIZE)
         ]
         if keys == "random":
