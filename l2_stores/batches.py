@@ -440,10 +440,10 @@ class Batch:
                 for store, prepared in zip(stores, ready, strict=True):
                     # Every store's writers out until it took its part; its readers out
                     # only while it makes room for it, and while the stores take theirs.
-                    sections.enter_context(store._waiter.force_idle())
+                    waiter = store._waiter
+                    sections.enter_context(waiter.force_idle())
                     store._check_open()
                     prepared.make_room()
-                    waiter = store._waiter
                     let_in.append(waiter if waiter.let_tasks_in() else None)  # (False: nested)
                 self._commit(group, stores, parts, ready, let_in, fsync)
             if group.journal.rotations != group.trimmed_at:  # a segment just ended

@@ -677,9 +677,7 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
             if isinstance(error, OSError):
                 raise self._failed_write(error) from error
             with contextlib.suppress(OSError):  # interrupted: none of what it wrote stays
-                pwrite_all(self._fd, bytes(len(data)), start)
-                if not self._allocated:
-                    os.ftruncate(self._fd, start)
+                self._free(start, len(data))
             raise
         self._pending.clear()
         return self._end - len(records[-1])
@@ -703,11 +701,16 @@ class LogWriter(LogTailBase):  # type: ignore[misc]
         size = record_size(self._expected)
         self.records -= (self._end - start) // size
         try:
-            pwrite_all(self._fd, bytes(self._end - start), start)
-            if not self._allocated:
-                os.ftruncate(self._fd, start)
+            self._free(start, self._end - start)
         finally:
             self._end = start
+
+    def _free(self, start: int, size: int) -> None:
+        """Zeros over ``size`` bytes at ``start``: free space again (the file cut there,
+        unless it was allocated ahead)."""
+        pwrite_all(self._fd, bytes(size), start)
+        if not self._allocated:
+            os.ftruncate(self._fd, start)
 
     def seal(self) -> None:
         """End the log, after its pending records, with a seal: it is frozen for a merge."""
