@@ -858,6 +858,9 @@ def sweep_store(directory: Path) -> dict[bytes, bytes]:
                 key = rng.randbytes(32)
             state[key] = rng.randbytes(32)
             store.add(key, state[key])
+    # (closed: every merge done, so that the log holds ops 29..31 alone whatever
+    # the merge threads' pace; a longer one would be merged by a READ_WRITE close)
+    with Removable.load(directory, Mode.READ_WRITE, index_buffer_size=4) as store:
         store.remove(sorted(state)[1])  # ops 29..31 land in the log
         del state[sorted(state)[1]]
         key = sorted(state)[2]
