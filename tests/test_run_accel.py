@@ -182,6 +182,70 @@ def test_dense_counters_agree(
     assert_agree(c, python, probes, model)
 
 
+def test_dense_runs_guess_rows_alike_and_search_where_the_guess_fails(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Even Int32ub keys (a counter of step 2): C and Python take the same step, and
+    answer alike through it; ten keys moved off the step between two sampled fences
+    (the run still looks dense) are found by the usual search, absent keys beside
+    them proven absent."""
+    expected = Expected("dense", 4, 4)
+    numbers = [2 * i + (1 if 100 <= i < 110 else 0) for i in range(20_000)]
+    model: Model = {struct.pack(">I", n): struct.pack(">I", n) for n in numbers}
+    c, python = round_trip(tmp_path / "run", opened, expected, model)
+    assert c.reader is not None
+    # the first and last keys share two bytes: the radix coordinate is the rest, << 48
+    assert python.dense_step == c.reader.dense_step() == 2 << 48
+    probes = [struct.pack(">I", n) for n in [*range(150, 260), *range(0, 40_010, 7)]]
+    assert_agree(c, python, probes, model)
+
+
+def test_a_dense_run_s_lookups_read_no_fence_and_no_radix(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Present and absent keys of a counter's run, found and sought through its step:
+    the index pages read (checked) are the filter's alone, in C and Python alike."""
+    expected = Expected("dense", 32, 4)  # 64 rows a fence: 313 fences of 32 bytes
+    model: Model = {(2 * n).to_bytes(32, "big"): b"vvvv" for n in range(20_000)}
+    write(tmp_path / "run", expected, model)
+    c, python = opened(tmp_path / "run", expected)
+    assert c.reader is not None
+    g = c.geometry
+    for number in range(0, 40_000, 3):
+        key = number.to_bytes(32, "big")
+        for run in (c, python):
+            assert run.find(key) == model.get(key)
+            assert run.seek(key) == (number + 1) // 2
+    past_filter = [page for page in range(g.pages) if g.page_bounds(page)[0] >= g.fence]
+    assert len(past_filter) >= 2  # the fences' and the radix's own pages
+    checked = [page for page in range(g.pages) if c.reader.page_checked(page)]
+    assert checked == [page for page in range(g.pages) if python._checked[page]]
+    assert checked and not set(checked) & set(past_filter)
+
+
+def test_runs_off_a_step_take_none(
+    tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
+) -> None:
+    """Random keys, a counter whose last key breaks the step, one whose sampled fence
+    does: no step, in C and Python alike."""
+    rng = random.Random(5)
+    expected = Expected("steps", 4, 4)
+    counter = [3 * i for i in range(5_000)]
+    off_fence = [*counter]
+    off_fence[2_560] += 1  # a fence row (256 rows a fence), and the sampled 10th fence
+    for number, keys in enumerate(
+        [
+            [rng.randrange(1 << 32) for _ in range(5_000)],
+            [*counter[:-1], counter[-1] + 1],
+            off_fence,
+        ]
+    ):
+        model: Model = {struct.pack(">I", n): b"vvvv" for n in keys}
+        c, python = round_trip(tmp_path / f"run{number}", opened, expected, model)
+        assert c.reader is not None
+        assert python.dense_step == c.reader.dense_step() == 0, number
+
+
 def test_unevenly_spread_keys_agree(
     tmp_path: Path, opened: Callable[[Path, Expected], tuple[Run, Run]]
 ) -> None:
@@ -399,10 +463,16 @@ def corrupt_and_compare(
     "section", ["file header", "run header", "filter", "fences", "radix", "rows", "page checksums"]
 )
 @pytest.mark.parametrize("seed", range(4))
-def test_corruption_same_errors_never_wrong_data(tmp_path: Path, section: str, seed: int) -> None:
+@pytest.mark.parametrize("keys", ["random", "dense"])
+def test_corruption_same_errors_never_wrong_data(
+    tmp_path: Path, section: str, seed: int, keys: str
+) -> None:
     rng = random.Random(f"{section}{seed}")
     expected = Expected("corrupt", 8, 8)
-    model = random_model(rng, 2000, 8, 8)
+    if keys == "random":
+        model = random_model(rng, 2000, 8, 8)
+    else:  # a counter's run: lookups guess rows by its step
+        model = {(5 * n).to_bytes(8, "big"): rng.randbytes(8) for n in range(2000)}
     path = tmp_path / "run"
     write(path, expected, model, 2100)
     run = Run(str(path), expected)
@@ -462,12 +532,14 @@ def test_radix_out_of_range_and_fences_short(tmp_path: Path) -> None:
     """The two index errors that page checksums cannot catch, at run.py's offsets."""
     expected = Expected("short", 4, 4)
     model: Model = {struct.pack(">I", 7 * n): b"vvvv" for n in range(5000)}
+    model[struct.pack(">I", 7 * 5000 + 1)] = b"vvvv"  # off the step: lookups take the radix
     path = tmp_path / "run"
     write(path, expected, model)
     g = Run(str(path), expected, accelerated=False).geometry
     clean = bytearray(path.read_bytes())
     key = struct.pack(">I", 7 * 2500)
     python = Run(str(path), expected, accelerated=False)
+    assert python.dense_step == 0
     bucket = (runs._normalized(key, python._prefix) - python._base) >> python._shift
     python.close()
     entry = g.radix + bucket * runs.RADIX_ENTRY

@@ -182,6 +182,33 @@ def _normalized(key: bytes, prefix: int) -> int:
     return int.from_bytes(key[prefix : prefix + 8].ljust(8, b"\0"), "big")
 
 
+DENSE_SAMPLES = 16  # fences past the first that dense_step checks
+
+
+def dense_step(
+    first: bytes, last: bytes, count: int, prefix: int, g: Geometry, fences: Sequence[bytes]
+) -> int:
+    """A dense run's key spacing, else 0: the step by which the radix coordinate of
+    row ``i`` is the first row's plus ``i * step``, at the first and last rows and at
+    ``DENSE_SAMPLES + 1`` fences (read unchecked: the step only tells a lookup where to
+    look first, and the rows it finds there must prove the answer)."""
+    if count < 2 or prefix >= g.key_size:
+        return 0
+    base = _normalized(first, prefix)
+    span = _normalized(last, prefix) - base
+    if span <= 0 or span % (count - 1):
+        return 0
+    step = span // (count - 1)
+    for i in range(DENSE_SAMPLES + 1):
+        fence = (g.fences - 1) * i // DENSE_SAMPLES
+        key = fences[fence]
+        if key[:prefix] != first[:prefix] or _normalized(key, prefix) - base != (
+            fence * g.fence_rows * step
+        ):
+            return 0
+    return step
+
+
 def _common_prefix(first: bytes, last: bytes) -> int:
     """The radix's prefix: the length of the prefix common to both keys, at most
     ``MAX_PREFIX`` (keys sharing more only share more of their normalized bytes)."""
@@ -322,6 +349,10 @@ class Run:
         self._reader: RunReader[Removed] | None = None
         try:
             self._check_bounds()
+            #: A dense run's key spacing: where lookups look first (see ``dense_step``).
+            self.dense_step = dense_step(
+                self.first_key, self.last_key, self.count, self._prefix, g, self._fences
+            )
             if accelerated and AcceleratedRunReader is not None:
                 self._reader = self._accelerated_reader()
         except BaseException:
@@ -544,6 +575,10 @@ class Run:
             return None
         if not self.may_contain(crc32(key) if key_hash is None else key_hash):
             return None
+        if self.dense_step:
+            decided = self._decide(key, self._guess_row(key))
+            if decided is not UNDECIDED:
+                return decided  # type: ignore[return-value]
         low, high = self._rows_of_fence(self._fence_of(key))
         decided = self._decide(key, bisect_left(self._row_keys, key, low, high))
         if decided is not UNDECIDED:
@@ -566,11 +601,21 @@ class Run:
             return 0
         if key > self.last_key:
             return self.count
+        if self.dense_step:
+            index = self._guess_row(key)
+            if self._bound_proven(key, index):
+                return index
         low, high = self._rows_of_fence(self._fence_of(key))
         index = bisect_left(self._row_keys, key, low, high)
         if self._bound_proven(key, index):
             return index
         return self._lower_bound(key, low, high)
+
+    def _guess_row(self, key: bytes) -> int:
+        """In a dense run, the row ``key`` (first key <= key <= last key) would have,
+        or the first one above it."""
+        offset: int = _normalized(key, self._prefix) - self._base
+        return min(-(-offset // self.dense_step), self.count - 1)
 
     def _bound_proven(self, key: bytes, index: int) -> bool:
         """Whether rows ``index - 1`` and ``index``, both sound, prove ``index`` the first

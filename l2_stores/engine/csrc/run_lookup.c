@@ -307,6 +307,45 @@ within_bounds(const RunReader *self, const unsigned char *key, Py_ssize_t length
            compare(key, length, last_key(self), self->key_size) <= 0;
 }
 
+/* A dense run (a counter's keys: the radix coordinate of row i is base +
+   i * step) is found without its radix and fences: the row a key would
+   have is computed, then proven (decide, bound_proven: two sound rows
+   enclosing it) or, when the run is not as dense as it looked, searched
+   for the usual way. The guess is a hint, never an answer. */
+static inline Py_ssize_t
+guess_row(const RunReader *self, const unsigned char *key, Py_ssize_t length)
+{
+    uint64_t offset = normalized(key, length, self->prefix) - self->base;
+    uint64_t row = offset / self->step + (offset % self->step != 0);
+    return row < (uint64_t)self->count ? (Py_ssize_t)row : self->count - 1;
+}
+
+/* The step of a run whose sampled fences (up to 17, both ends included)
+   all sit where step puts them, else 0. Reads fence keys unchecked: the
+   step only chooses where a lookup looks first. */
+static uint64_t
+dense_step(const RunReader *self)
+{
+    if (self->count < 2 || self->prefix >= self->key_size)
+        return 0;
+    uint64_t span = normalized((const unsigned char *)PyBytes_AS_STRING(self->last_key),
+                               self->key_size, self->prefix) - self->base;
+    if (span == 0 || span % (uint64_t)(self->count - 1))
+        return 0;
+    uint64_t step = span / (uint64_t)(self->count - 1);
+    const unsigned char *first = (const unsigned char *)PyBytes_AS_STRING(self->first_key);
+    const Py_ssize_t samples = 16;
+    for (Py_ssize_t i = 0; i <= samples; i++) {
+        Py_ssize_t fence = (self->fences - 1) * i / samples;
+        const unsigned char *fence_key = run_bytes(self) + self->fence_at + fence * self->key_size;
+        uint64_t row = (uint64_t)(fence * self->fence_rows);
+        if ((self->prefix && memcmp(fence_key, first, (size_t)self->prefix) != 0) ||
+            normalized(fence_key, self->key_size, self->prefix) - self->base != row * step)
+            return 0;
+    }
+    return step;
+}
+
 /* Run.find's steps, without allocating: 1 the run holds key's value (at
    row *found), 2 its removal, 0 nothing of key, -1 corruption (reported by
    corrupt). Needs no GIL when corrupt records (count_changes). */
@@ -320,6 +359,14 @@ lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filte
     if (maybe <= 0)
         return maybe;
     Py_ssize_t low, high, index, seen;
+    if (self->step) {
+        index = guess_row(self, key, length);
+        int state = decide(self, key, length, index);
+        if (state > 0)
+            *found = index;
+        if (state >= 0)
+            return state;
+    }
     if (rows_of_key(self, key, length, &low, &high) < 0)
         return -1;
     prefetch_rows(self, low, high);
@@ -379,6 +426,11 @@ reader_seek_key(RunReader *self, const unsigned char *key, Py_ssize_t length)
         return self->count;
     Py_ssize_t low, high, index, seen;
     int seen_state;
+    if (self->step) {
+        index = guess_row(self, key, length);
+        if (bound_proven(self, key, length, index))
+            return index;
+    }
     if (rows_of_key(self, key, length, &low, &high) < 0)
         return -1;
     prefetch_rows(self, low, high);
@@ -414,6 +466,7 @@ reader_clear_state(RunReader *self)
     Py_CLEAR(self->last_key);
     PyMem_Free(self->checked);
     self->checked = NULL;
+    self->step = 0;
 }
 
 static int
@@ -552,6 +605,7 @@ reader_init(RunReader *self, PyObject *args, PyObject *kwds)
     self->shift = shift;
     self->base = base;
     self->pages = pages;
+    self->step = dense_step(self);
     return 0;
 }
 
@@ -701,6 +755,14 @@ reader_page_checked(RunReader *self, PyObject *page_object)
 }
 
 static PyObject *
+reader_dense_step(RunReader *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!usable(self))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(self->step);
+}
+
+static PyObject *
 reader_release(RunReader *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->in_use) /* count_changes reads it without the GIL: it releases it */
@@ -724,6 +786,8 @@ static PyMethodDef reader_methods[] = {
      "check_pages(start, end, /): check once every index page holding bytes start .. end."},
     {"page_checked", (PyCFunction)reader_page_checked, METH_O,
      "page_checked(page, /) -> bool: whether index page's checksum was checked."},
+    {"dense_step", (PyCFunction)reader_dense_step, METH_NOARGS,
+     "dense_step() -> int: the key spacing lookups guess rows by (Run.dense_step), or 0."},
     {"release", (PyCFunction)reader_release, METH_NOARGS,
      "Let go of the buffer (the run's mapping can then be closed); calls raise ValueError."},
     {NULL, NULL, 0, NULL},

@@ -27,6 +27,7 @@ typedef struct {
     Py_ssize_t prefix;             /* the radix's prefix length */
     Py_ssize_t shift;
     uint64_t base;
+    uint64_t step;          /* a dense run's key spacing (see guess_row), or 0 */
     Py_ssize_t pages;       /* index pages: filter, fences and radix */
     unsigned char *checked; /* one bit a page, set once its checksum held (atomically:
                                count_changes looks up without the GIL) */
