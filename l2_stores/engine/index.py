@@ -223,7 +223,6 @@ class EngineSnapshot:
         self,
         start: bytes | None = None,
         stop: bytes | None = None,
-        *,
         reverse: bool = False,
         closed: bytearray | None = None,
         on_closed: Callable[[], BaseException] | None = None,
@@ -267,6 +266,7 @@ class Index:
         #: The records the active log held when this index took it (a load's reopened log).
         self._log_records_from = 0
         self._expected = expected
+        self._key_size = expected.key_size
         self._name = expected.name
         self._readonly = readonly
         self._buffer_size = buffer_size
@@ -386,7 +386,6 @@ class Index:
         self,
         start: bytes | None = None,
         stop: bytes | None = None,
-        *,
         reverse: bool = False,
         closed: bytearray | None = None,
         on_closed: Callable[[], BaseException] | None = None,
@@ -399,28 +398,25 @@ class Index:
         frozen one never changes; the active one is copied by the next write, see
         ``_shared``), their keys in order, and the run stack.
         """
-        active, frozen, stack = self._active, self._frozen, self._stack
+        logs = self._logs_in_order
+        if logs is None or not self._shared or len(logs[0][1]) != len(self._active):
+            logs = self._logs_to_iterate()
+        return self._stack.live_rows(logs, self._key_size, start, stop, reverse, closed, on_closed)
+
+    def _logs_to_iterate(self) -> tuple[tuple[dict[bytes, bytes | None], list[bytes]], ...]:
+        """The log dicts with their keys in order, newest first, shared from now on."""
         if not self._shared:
             self._shared = True
             self._hand_over()
-        logs = self._logs_in_order
-        if logs is None or len(logs[0][1]) != len(active):
-            logs = (
-                ((active, self._sorted_keys(active)),)  # newest first
-                if frozen is None
-                else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
-            )
-            # (the same dicts until _hand_over: a shared one only grows, see _sorted_keys)
-            self._logs_in_order = logs
-        return stack.live_rows(
-            logs,
-            self._expected.key_size,
-            start,
-            stop,
-            reverse,
-            closed,
-            on_closed,
+        active, frozen = self._active, self._frozen
+        logs = (
+            ((active, self._sorted_keys(active)),)
+            if frozen is None
+            else ((active, self._sorted_keys(active)), (frozen, self._sorted_keys(frozen)))
         )
+        # (the same dicts until _hand_over: a shared one only grows, see _sorted_keys)
+        self._logs_in_order = logs
+        return logs
 
     def stats(self) -> EngineStats:
         """The runs, merges and bytes written since the load, and the bindings not yet in a run."""

@@ -341,6 +341,8 @@ class EngineStore(Store, MappingReads[K, R]):
     _bytes_header_size: ClassVar[int] = -1
     # True for a ``GreedyBytes`` value codec: encoding exact bytes is the identity.
     _greedy_bytes_value: ClassVar[bool] = False
+    # Both key and value ``Bytes(n)``: the engine's pairs are the store's.
+    _bytes_pairs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -351,6 +353,7 @@ class EngineStore(Store, MappingReads[K, R]):
                 setattr(cls, f"_bytes_{role}_size", size)
                 if role == "value":
                     cls._greedy_bytes_value = codec.kind == "greedy_bytes"
+        cls._bytes_pairs = cls._bytes_key_size >= 0 and cls._bytes_value_size >= 0
 
     def flush(self) -> None:
         """Make every earlier ``flush=False`` write survive a kill."""
@@ -417,18 +420,18 @@ class EngineStore(Store, MappingReads[K, R]):
         """The engine's snapshot of the bindings with ``start <= key < stop`` (decoded keys,
         None: open) in key order, taken now; StoreClosedError once the store is closed."""
         low, high = self._bounds(start, stop)
+        lifetime = self._lifetime
         with self._waiter:  # (its task(), one call less: a seek is a few microseconds)
-            if self._lifetime.closed:
+            if lifetime.closed:
                 self._raise_closed()
-            return self._ordered(low, high, reverse)
+            # (_ordered's call, one call less again)
+            return self._engine.items(low, high, reverse, lifetime.flag, self._closed_error)
 
     def _ordered(
         self, low: bytes | None, high: bytes | None, reverse: bool
     ) -> Iterator[tuple[bytes, bytes]]:
         """The engine's ordered reads, stopped by the store's close (in a task)."""
-        return self._engine.items(
-            low, high, reverse=reverse, closed=self._lifetime.flag, on_closed=self._closed_error
-        )
+        return self._engine.items(low, high, reverse, self._lifetime.flag, self._closed_error)
 
     def _bounds(self, start: Any, stop: Any) -> tuple[bytes | None, bytes | None]:
         """``start`` and ``stop`` encoded (None stays None)."""

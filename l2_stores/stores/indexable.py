@@ -192,13 +192,17 @@ class IndexableStore(Collectable[K, V]):
     ) -> Iterator[K]:
         """The keys bound now with ``start <= key < stop`` (None: open), in key order
         (``reverse``: descending), each once."""
-        return self._decoded(self._snapshot(start, stop, reverse), with_values=False)
+        snapshot = self._snapshot(start, stop, reverse)
+        if self._bytes_pairs:  # (_decoded's first case, one call less: a seek is short)
+            return map(itemgetter(0), snapshot)
+        return self._decoded(snapshot, with_values=False)
 
     def items(
         self, start: K | None = None, stop: K | None = None, *, reverse: bool = False
     ) -> Iterator[tuple[K, V]]:
         """The ``(key, value)`` pairs bound now with ``start <= key < stop``, as ``keys``."""
-        return self._decoded(self._snapshot(start, stop, reverse), with_values=True)
+        snapshot: Iterator[Any] = self._snapshot(start, stop, reverse)
+        return snapshot if self._bytes_pairs else self._decoded(snapshot, with_values=True)
 
     def _keys_nowait(
         self, start: Any = None, stop: Any = None, reverse: bool = False
@@ -221,7 +225,7 @@ class IndexableStore(Collectable[K, V]):
 
     def _decoded(self, snapshot: Iterator[tuple[bytes, bytes]], with_values: bool) -> Iterator[Any]:
         """``snapshot`` decoded (bytes codecs decode what the engine holds to itself)."""
-        if self._bytes_key_size >= 0 and self._bytes_value_size >= 0:
+        if self._bytes_pairs:
             return snapshot if with_values else map(itemgetter(0), snapshot)
         return self._decoding(snapshot, with_values)
 
