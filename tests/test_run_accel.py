@@ -9,6 +9,7 @@ never returning data its checksums do not vouch for.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 import zlib
@@ -429,10 +430,15 @@ def test_find_first_names_the_corrupt_reader(tmp_path: Path) -> None:
 
 
 def corrupt_and_compare(
-    path: Path, expected: Expected, data: bytes, model: Model, absent: int = 200
+    path: Path,
+    expected: Expected,
+    data: bytes,
+    model: Model,
+    absent: int = 200,
+    probes: list[bytes] = [],  # noqa: B006 (never changed)
 ) -> bool:
     """Write ``data`` at ``path``; open it through C and Python and compare everything
-    (the model's keys and ``absent`` others). True when the run loaded."""
+    (the model's keys, ``absent`` random others and ``probes``). True when the run loaded."""
     path.write_bytes(data)
     loaded: list[Run] = []
     errors = []
@@ -448,7 +454,7 @@ def corrupt_and_compare(
     c, python = loaded
     try:
         rng = random.Random(len(data))
-        probes = [*model, *(rng.randbytes(expected.key_size) for _ in range(absent))]
+        probes = [*model, *(rng.randbytes(expected.key_size) for _ in range(absent)), *probes]
         assert_agree(c, python, probes, model)
         c_check = [(finding.offset, finding.what) for finding in runs._check_open_run(c)]
         python_check = [(finding.offset, finding.what) for finding in runs._check_open_run(python)]
@@ -469,19 +475,21 @@ def test_corruption_same_errors_never_wrong_data(
 ) -> None:
     rng = random.Random(f"{section}{seed}")
     expected = Expected("corrupt", 8, 8)
+    between: list[bytes] = []
     if keys == "random":
         model = random_model(rng, 2000, 8, 8)
-    else:  # a counter's run: lookups guess rows by its step
-        model = {(5 * n).to_bytes(8, "big"): rng.randbytes(8) for n in range(2000)}
+    else:  # a counter's run, 24 fences (17 sampled): lookups guess rows by its step
+        model = {(5 * n).to_bytes(8, "big"): rng.randbytes(8) for n in range(3000)}
+        between = [(5 * n + k).to_bytes(8, "big") for n in range(0, 3000, 11) for k in (1, 4)]
     path = tmp_path / "run"
-    write(path, expected, model, 2100)
+    write(path, expected, model, len(model) + 100)
     run = Run(str(path), expected)
     low, high = run_sections(run.geometry)[section]
     run.close()
     data = bytearray(path.read_bytes())
     for _ in range(1 + seed):
         data[rng.randrange(low, high)] ^= 1 << rng.randrange(8)
-    corrupt_and_compare(path, expected, bytes(data), model)
+    corrupt_and_compare(path, expected, bytes(data), model, probes=between)
 
 
 def with_page_crcs(data: bytearray, g: runs.Geometry) -> bytes:
@@ -495,13 +503,19 @@ def with_page_crcs(data: bytearray, g: runs.Geometry) -> bytes:
 
 @pytest.mark.parametrize("section", ["filter", "fences", "radix"])
 @pytest.mark.parametrize("seed", range(8))
-def test_wrong_index_with_valid_page_checksums(tmp_path: Path, section: str, seed: int) -> None:
+@pytest.mark.parametrize("keys", ["random", "dense"])
+def test_wrong_index_with_valid_page_checksums(
+    tmp_path: Path, section: str, seed: int, keys: str
+) -> None:
     """An index section gone wrong under valid page checksums (a writer's bug): the
     radix's range check and the fences' cover, and the answers, alike in C and Python
     (a wrong index may lose keys, but a value found is the key's)."""
     rng = random.Random(f"{section}{seed}")
-    expected = Expected("index", 4, 4)  # 512 rows a fence, 20 fences
-    model = random_model(rng, 10_000, 4, 4)
+    expected = Expected("index", 4, 4)  # 256 rows a fence, 40 fences
+    if keys == "random":
+        model = random_model(rng, 10_000, 4, 4)
+    else:  # a counter's run: its lookups guess rows first
+        model = {struct.pack(">I", 3 * n): b"vvvv" for n in range(10_000)}
     path = tmp_path / "run"
     write(path, expected, model)
     g = Run(str(path), expected, accelerated=False).geometry
@@ -519,13 +533,36 @@ def test_wrong_index_with_valid_page_checksums(tmp_path: Path, section: str, see
     c = Run(str(path), expected)
     python = Run(str(path), expected, accelerated=False)
     try:
-        for key in [*model, *(rng.randbytes(4) for _ in range(2000))]:
+        between = [struct.pack(">I", 3 * n + 1) for n in range(0, 10_000, 5)]
+        for key in [*model, *(rng.randbytes(4) for _ in range(2000)), *between]:
             found = same(c, python, Run.find, key)
             assert found[0] == "error" or found[1] in (None, model.get(key))
             same(c, python, Run.seek, key)
     finally:
         c.close()
         python.close()
+
+
+def test_verify_finds_a_dense_run_s_wrong_radix(tmp_path: Path) -> None:
+    """A counter's run whose radix sends every key to fence 0, under valid page
+    checksums: its lookups still answer through the step, and ``verify`` (which
+    checks the radix itself) reports the first row the radix misses."""
+    expected = Expected("dense", 4, 4)
+    model: Model = {struct.pack(">I", 3 * n): b"vvvv" for n in range(20_000)}
+    path = tmp_path / "run"
+    write(path, expected, model)
+    with contextlib.closing(Run(str(path), expected, accelerated=False)) as clean:
+        g = clean.geometry
+        assert clean.dense_step and not list(runs._check_open_run(clean))
+    data = bytearray(path.read_bytes())
+    data[g.radix : g.rows] = (1).to_bytes(4, "little") * ((g.rows - g.radix) // 4)
+    path.write_bytes(with_page_crcs(data, g))
+    for accelerated in (True, False):
+        with contextlib.closing(Run(str(path), expected, accelerated=accelerated)) as run:
+            assert run.dense_step
+            assert all(run.find(key) == value for key, value in list(model.items())[::97])
+            findings = [(finding.offset, finding.what) for finding in runs._check_open_run(run)]
+            assert findings == [(g.radix, f"index does not find row {g.fence_rows}")]
 
 
 def test_radix_out_of_range_and_fences_short(tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ FENCE_BYTES = 4096  # rows per fence: the power of two of rows closest below thi
 RADIX_ENTRY = 4
 MAX_RADIX_BITS = 22
 MAX_PREFIX = 255  # the radix's prefix length is a byte of the run header
+DENSE_SAMPLES = 16  # fences past the first that dense_step checks (not a format's: a reader's)
 REMOVAL_MASK = 0xFFFFFFFF
 REMOVAL_RESIDUE = zlib.crc32(b"l2" + (zlib.crc32(b"l2") ^ REMOVAL_MASK).to_bytes(4, "little"))
 assert REMOVAL_RESIDUE != CRC_RESIDUE
@@ -131,6 +132,7 @@ FORMAT: Final = {
     "RADIX_ENTRY": RADIX_ENTRY,
     "MAX_RADIX_BITS": MAX_RADIX_BITS,
     "MAX_PREFIX": MAX_PREFIX,
+    "DENSE_SAMPLES": DENSE_SAMPLES,
 }
 check_runs_format("run", FORMAT)
 
@@ -180,9 +182,6 @@ def radix_bits_for(fences: int) -> int:
 
 def _normalized(key: bytes, prefix: int) -> int:
     return int.from_bytes(key[prefix : prefix + 8].ljust(8, b"\0"), "big")
-
-
-DENSE_SAMPLES = 16  # fences past the first that dense_step checks
 
 
 def dense_step(
@@ -1020,7 +1019,8 @@ def _check_sections(run: Run) -> Iterator[Finding]:
         if not run.may_contain(crc32(key)):
             yield Finding(run.path, g.filter, f"filter lacks the key of row {index}")
             return
-        if run.seek(key) != index:
+        # (the radix itself: a dense run's seek guesses past it)
+        if run._fence_of(key) != index // g.fence_rows or run.seek(key) != index:
             yield Finding(run.path, g.radix, f"index does not find row {index}")
             return
         removals += value is REMOVED

@@ -36,6 +36,7 @@
 #define RUN_RADIX_ENTRY 4
 #define RUN_MAX_RADIX_BITS 22
 #define RUN_MAX_PREFIX 255
+#define RUN_DENSE_SAMPLES 16            /* fences past the first a reader samples (no format's) */
 
 /* filter.py */
 #define FILTER_BLOCK_BYTES 64
@@ -59,6 +60,7 @@
     X("RADIX_ENTRY", RUN_RADIX_ENTRY)                  \
     X("MAX_RADIX_BITS", RUN_MAX_RADIX_BITS)            \
     X("MAX_PREFIX", RUN_MAX_PREFIX)                    \
+    X("DENSE_SAMPLES", RUN_DENSE_SAMPLES)              \
     X("BLOCK_BYTES", FILTER_BLOCK_BYTES)               \
     X("PROBES", FILTER_PROBES)                         \
     X("PROBE_BITS", FILTER_PROBE_BITS)                 \

@@ -320,7 +320,7 @@ guess_row(const RunReader *self, const unsigned char *key, Py_ssize_t length)
     return row < (uint64_t)self->count ? (Py_ssize_t)row : self->count - 1;
 }
 
-/* The step of a run whose sampled fences (up to 17, both ends included)
+/* The step of a run whose sampled fences (RUN_DENSE_SAMPLES + 1, both ends)
    all sit where step puts them, else 0. Reads fence keys unchecked: the
    step only chooses where a lookup looks first. */
 static uint64_t
@@ -334,9 +334,8 @@ dense_step(const RunReader *self)
         return 0;
     uint64_t step = span / (uint64_t)(self->count - 1);
     const unsigned char *first = (const unsigned char *)PyBytes_AS_STRING(self->first_key);
-    const Py_ssize_t samples = 16;
-    for (Py_ssize_t i = 0; i <= samples; i++) {
-        Py_ssize_t fence = (self->fences - 1) * i / samples;
+    for (Py_ssize_t i = 0; i <= RUN_DENSE_SAMPLES; i++) {
+        Py_ssize_t fence = (self->fences - 1) * i / RUN_DENSE_SAMPLES;
         const unsigned char *fence_key = run_bytes(self) + self->fence_at + fence * self->key_size;
         uint64_t row = (uint64_t)(fence * self->fence_rows);
         if ((self->prefix && memcmp(fence_key, first, (size_t)self->prefix) != 0) ||
