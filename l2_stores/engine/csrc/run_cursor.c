@@ -533,6 +533,10 @@ cursor_make(PyTypeObject *type, PyObject *const *args)
         ((RunReader *)PyTuple_GET_ITEM(readers, i))->cursors++;
     self->pinned = 1;
     self->released_seen = readers_released; /* every reader held, just seen */
+    if (start != NULL)
+        prefetch_seeks(readers, (const unsigned char *)start, start_length);
+    if (stop != NULL)
+        prefetch_seeks(readers, (const unsigned char *)stop, stop_length);
     for (Py_ssize_t i = 0; i < self->count; i++) {
         source *s = &self->sources[i];
         Py_ssize_t low, high;

@@ -110,6 +110,11 @@ normalized(const unsigned char *key, Py_ssize_t length, Py_ssize_t prefix)
 RUNS_INTERNAL Py_ssize_t reader_seek_key(RunReader *self, const unsigned char *key,
                                          Py_ssize_t length);
 
+/* Prefetch, for every usable reader of the tuple readers, what its seek of
+   key will read (run_cursor.c, before its sources' seeks). */
+RUNS_INTERNAL void prefetch_seeks(PyObject *readers, const unsigned char *key,
+                                  Py_ssize_t length);
+
 /* Raise RunCorrupt for row index, whose checksum failed (run.py's text and offset). */
 RUNS_INTERNAL void row_mismatch(const RunReader *self, Py_ssize_t index);
 
