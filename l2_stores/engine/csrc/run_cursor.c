@@ -149,27 +149,6 @@ log_value(source *s)
     return value;
 }
 
-/* memcmp's sign for two keys of size bytes, eight bytes at a time (libc's
-   memcmp is a call: it was a third of a step). */
-static inline int
-key_order(const unsigned char *a, const unsigned char *b, Py_ssize_t size)
-{
-    Py_ssize_t at = 0;
-#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    for (; at + 8 <= size; at += 8) {
-        uint64_t x, y;
-        memcpy(&x, a + at, 8);
-        memcpy(&y, b + at, 8);
-        if (x != y)
-            return __builtin_bswap64(x) < __builtin_bswap64(y) ? -1 : 1;
-    }
-#endif
-    for (; at < size; at++)
-        if (a[at] != b[at])
-            return a[at] < b[at] ? -1 : 1;
-    return 0;
-}
-
 /* Whether source a's head comes before source b's. */
 static inline int
 before(const MergeCursor *self, Py_ssize_t a, Py_ssize_t b)

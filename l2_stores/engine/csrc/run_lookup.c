@@ -349,11 +349,9 @@ dense_step(const RunReader *self)
    row *found), 2 its removal, 0 nothing of key, -1 corruption (reported by
    corrupt). Needs no GIL when corrupt records (count_changes). */
 static int
-lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes,
-             Py_ssize_t *found)
+lookup_within(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes,
+              Py_ssize_t *found)
 {
-    if (!self->count || !within_bounds(self, key, length))
-        return 0;
     int maybe = may_contain(self, probes);
     if (maybe <= 0)
         return maybe;
@@ -388,6 +386,15 @@ lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filte
         return 0;
     *found = index;
     return state;
+}
+
+static int
+lookup_state(RunReader *self, const unsigned char *key, Py_ssize_t length, filter_probes probes,
+             Py_ssize_t *found)
+{
+    if (!self->count || !within_bounds(self, key, length))
+        return 0;
+    return lookup_within(self, key, length, probes, found);
 }
 
 /* What lookup_state's state and row answer: a new reference to the value,
@@ -941,16 +948,23 @@ static int
 first_state(PyObject *readers, const unsigned char *key, Py_ssize_t length, Py_ssize_t *at,
             Py_ssize_t *row)
 {
+    enum { REMEMBERED = 64 }; /* runs whose bounds test is kept for the second pass */
+    unsigned char inside[REMEMBERED];
     Py_ssize_t n = PyTuple_GET_SIZE(readers);
     filter_probes probes = filter_probes_of(crc32_of(key, length));
     for (Py_ssize_t i = 0; i < n; i++) {
         RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
-        if (reader->count && within_bounds(reader, key, length))
+        int in = reader->count && within_bounds(reader, key, length);
+        if (i < REMEMBERED)
+            inside[i] = (unsigned char)in;
+        if (in)
             filter_prefetch(run_bytes(reader) + reader->filter_at, reader->filter_blocks, probes);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        int state = lookup_state((RunReader *)PyTuple_GET_ITEM(readers, i), key, length, probes,
-                                 row);
+        RunReader *reader = (RunReader *)PyTuple_GET_ITEM(readers, i);
+        int state = i < REMEMBERED ? (inside[i] ? lookup_within(reader, key, length, probes, row)
+                                                : 0)
+                                   : lookup_state(reader, key, length, probes, row);
         if (state != 0) {
             *at = i;
             return state;
