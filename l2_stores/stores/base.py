@@ -419,6 +419,8 @@ class EngineStore(Store, MappingReads[K, R]):
     ) -> Iterator[tuple[bytes, bytes]]:
         """The engine's snapshot of the bindings with ``start <= key < stop`` (decoded keys,
         None: open) in key order, taken now; StoreClosedError once the store is closed."""
+        low: bytes | None
+        high: bytes | None
         if stop is None and type(start) is bytes and len(start) == self._bytes_key_size:
             low, high = start, None  # (_bounds' answer, one call less: a seek is short)
         else:
