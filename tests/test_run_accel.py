@@ -13,7 +13,7 @@ import contextlib
 import random
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +435,7 @@ def corrupt_and_compare(
     data: bytes,
     model: Model,
     absent: int = 200,
-    probes: list[bytes] = [],  # noqa: B006 (never changed)
+    probes: Sequence[bytes] = (),
 ) -> bool:
     """Write ``data`` at ``path``; open it through C and Python and compare everything
     (the model's keys, ``absent`` random others and ``probes``). True when the run loaded."""

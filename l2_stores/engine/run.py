@@ -348,12 +348,17 @@ class Run:
         self._reader: RunReader[Removed] | None = None
         try:
             self._check_bounds()
-            #: A dense run's key spacing: where lookups look first (see ``dense_step``).
-            self.dense_step = dense_step(
-                self.first_key, self.last_key, self.count, self._prefix, g, self._fences
-            )
             if accelerated and AcceleratedRunReader is not None:
                 self._reader = self._accelerated_reader()
+            #: A dense run's key spacing: where lookups look first (see ``dense_step``);
+            #: the C reader's when there is one (it samples the same fences at its init).
+            self.dense_step = (
+                self._reader.dense_step()
+                if self._reader is not None
+                else dense_step(
+                    self.first_key, self.last_key, self.count, self._prefix, g, self._fences
+                )
+            )
         except BaseException:
             self.close()
             raise
